@@ -1,0 +1,99 @@
+/* config.h: mxproxy's configuration, parsed from an INI file with inih.
+ *
+ * A struct config is immutable once loaded and shared by every worker thread;
+ * sessions hold a reference (config_ref/config_unref) so a SIGHUP reload can
+ * swap it while open sessions keep the one they started with.
+ */
+#ifndef MXPROXY_CONFIG_H
+#define MXPROXY_CONFIG_H
+
+#include <netinet/in.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/socket.h>
+
+#define CONFIG_NAME_MAX 64      /* listener names, bytes including NUL */
+#define CONFIG_ADDR_TEXT_MAX 64 /* "[v6addr]:port" as text, bytes including NUL */
+#define CONFIG_ERR_MAX 512      /* "FILE:LINE: message", bytes including NUL */
+
+enum config_log_format {
+    CONFIG_LOG_LOGFMT = 0, /* key=value pairs (default) */
+    CONFIG_LOG_JSON,       /* one JSON object per line, same keys */
+};
+
+enum config_log_level {
+    CONFIG_LOG_DEBUG = 0,
+    CONFIG_LOG_INFO, /* default */
+    CONFIG_LOG_WARN,
+    CONFIG_LOG_ERROR,
+};
+
+enum config_mode {
+    CONFIG_MODE_TCP = 0, /* opaque byte relay (default) */
+    CONFIG_MODE_SMTP,    /* SMTP-aware relay: accepted by the parser, see issue 4 */
+};
+
+/* One resolved socket address plus the text it was written as. */
+struct config_addr {
+    struct sockaddr_storage sa;     /* AF_INET or AF_INET6, port set */
+    socklen_t salen;                /* sizeof(sockaddr_in) or sizeof(sockaddr_in6) */
+    char text[CONFIG_ADDR_TEXT_MAX]; /* canonical "1.2.3.4:25" or "[::1]:25" */
+};
+
+/* Counters that outlive a reload: a listener of the same name in the next
+ * config shares this object, so max_connections holds across SIGHUP. */
+struct config_listener_shared {
+    atomic_uint refs;   /* configs pointing here */
+    atomic_uint active; /* open sessions of this listener, all workers */
+};
+
+struct config_listener {
+    char name[CONFIG_NAME_MAX];     /* from "[listener NAME]" */
+    int line;                       /* line of the section header, for messages */
+    struct config_addr listen;      /* "listen", required */
+    struct config_addr *backends;   /* "backend", required, n_backends >= 1 */
+    size_t n_backends;
+    enum config_mode mode;          /* "mode", default tcp */
+    unsigned connect_timeout_ms;    /* "connect_timeout", default 5 s */
+    unsigned idle_timeout_ms;       /* "idle_timeout", default 300 s */
+    unsigned max_connections;       /* "max_connections", 0 = unlimited (default) */
+    struct config_listener_shared *shared; /* never NULL in a loaded config */
+};
+
+struct config {
+    atomic_uint refs;                /* starts at 1 for the loader */
+    char *path;                      /* file it was read from ("<string>" for tests) */
+    unsigned workers;                /* "workers", default = online cores, 1..256 */
+    enum config_log_format log_format; /* "log_format", default logfmt */
+    enum config_log_level log_level; /* "log_level", default info */
+    unsigned drain_timeout_ms;       /* "drain_timeout", default 30 s */
+    struct config_listener *listeners; /* in file order */
+    size_t n_listeners;              /* >= 1 in a loaded config */
+};
+
+/* Parses the INI file at path. On success returns 0 and stores a config with
+ * one reference in *out. On failure returns a negative errno-style code,
+ * leaves *out NULL and writes "FILE:LINE: message" (or "FILE: message" when no
+ * line applies, e.g. the file cannot be opened) into err. */
+int config_load_file(const char *path, struct config **out, char *err, size_t errlen);
+
+/* The same for INI text held in memory; name stands in for FILE in messages. */
+int config_load_string(const char *text, const char *name, struct config **out, char *err,
+                       size_t errlen);
+
+/* Makes next share the config_listener_shared objects of prev's listeners that
+ * have the same name, so counters survive a reload. prev may be NULL. */
+void config_inherit_shared(struct config *next, const struct config *prev);
+
+/* Finds the listener called name, or NULL. */
+const struct config_listener *config_find_listener(const struct config *c, const char *name);
+
+/* Reference counting, safe across threads. config_unref frees on the last
+ * reference; both accept NULL. */
+struct config *config_ref(struct config *c);
+void config_unref(struct config *c);
+
+const char *config_mode_name(enum config_mode m);
+
+#endif /* MXPROXY_CONFIG_H */
