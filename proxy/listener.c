@@ -1,0 +1,71 @@
+/* listener.c: SO_REUSEPORT listening sockets; see listener.h. */
+#include "listener.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+
+#include "config.h"
+#include "log.h"
+#include "session.h"
+#include "worker.h"
+
+#define LISTENER_BACKLOG 4096 /* the kernel caps it at net.core.somaxconn */
+
+static void listener_on_connection(uv_stream_t *server, int status)
+{
+    struct listener *l = server->data;
+
+    if (status < 0) {
+        /* EMFILE and friends: log and keep listening, libuv retries. */
+        log_msg(LOG_ERROR, "accept_error", "listener %s: %s", l->cl->name, uv_strerror(status));
+        return;
+    }
+    session_accept(l);
+}
+
+static void listener_on_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+int listener_open(struct worker *w, const struct config_listener *cl, struct listener **out)
+{
+    const struct sockaddr *sa = (const struct sockaddr *)&cl->listen.sa;
+    struct listener *l = calloc(1, sizeof(*l));
+    uv_os_fd_t fd;
+    int one = 1;
+    int rc;
+
+    *out = NULL;
+    if (l == NULL)
+        return UV_ENOMEM;
+    l->w = w;
+    l->cl = cl;
+    /* Creates the socket now, so SO_REUSEPORT can be set before bind. */
+    rc = uv_tcp_init_ex(&w->loop, &l->handle, sa->sa_family);
+    if (rc != 0) {
+        free(l);
+        return rc;
+    }
+    l->handle.data = l;
+    rc = uv_fileno((uv_handle_t *)&l->handle, &fd);
+    if (rc == 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)
+        rc = -errno;
+    if (rc == 0)
+        rc = uv_tcp_bind(&l->handle, sa, 0);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&l->handle, LISTENER_BACKLOG, listener_on_connection);
+    if (rc != 0) {
+        uv_close((uv_handle_t *)&l->handle, listener_on_closed);
+        return rc;
+    }
+    *out = l;
+    return 0;
+}
+
+void listener_close(struct listener *l)
+{
+    /* uv_close closes the fd at once: new connects are refused from here on. */
+    uv_close((uv_handle_t *)&l->handle, listener_on_closed);
+}

@@ -1,0 +1,398 @@
+/* log.c: line builder, escaping and the asynchronous writer thread. */
+#include "log.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define LOG_QUEUE_SIZE (1u << 20) /* bytes of pending lines before dropping */
+
+static const char *const log_level_names[] = {"debug", "info", "warn", "error"};
+
+/* A ring of bytes; head and tail grow without wrapping, index with % size. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    pthread_t thread;
+    bool running;
+    bool stopping;
+    int fd;
+    size_t head;        /* next byte to write out */
+    size_t tail;        /* next byte to fill */
+    uint64_t dropped;   /* lines refused since the last report */
+    char ring[LOG_QUEUE_SIZE];
+} log_q = {
+    .lock = PTHREAD_MUTEX_INITIALIZER,
+    .wake = PTHREAD_COND_INITIALIZER,
+    .fd = 2,
+};
+
+static atomic_int log_min_level = LOG_INFO;
+static atomic_int log_cur_format = LOG_FORMAT_LOGFMT;
+
+static void log_write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return; /* nowhere to report a broken stderr */
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+/* Copies a finished line into the ring, or counts it as dropped. */
+static void log_enqueue(const char *p, size_t n)
+{
+    pthread_mutex_lock(&log_q.lock);
+    if (!log_q.running) {
+        pthread_mutex_unlock(&log_q.lock);
+        log_write_all(log_q.fd, p, n); /* before log_open or after log_close */
+        return;
+    }
+    if (LOG_QUEUE_SIZE - (log_q.tail - log_q.head) < n) {
+        log_q.dropped++;
+    } else {
+        size_t off = log_q.tail % LOG_QUEUE_SIZE;
+        size_t first = LOG_QUEUE_SIZE - off < n ? LOG_QUEUE_SIZE - off : n;
+        memcpy(log_q.ring + off, p, first);
+        memcpy(log_q.ring, p + first, n - first);
+        log_q.tail += n;
+        pthread_cond_signal(&log_q.wake);
+    }
+    pthread_mutex_unlock(&log_q.lock);
+}
+
+static void *log_writer_main(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&log_q.lock);
+    for (;;) {
+        while (log_q.head == log_q.tail && log_q.dropped == 0 && !log_q.stopping)
+            pthread_cond_wait(&log_q.wake, &log_q.lock);
+        if (log_q.head == log_q.tail && log_q.dropped == 0)
+            break; /* stopping and drained */
+
+        size_t off = log_q.head % LOG_QUEUE_SIZE;
+        size_t n = log_q.tail - log_q.head;
+        if (n > LOG_QUEUE_SIZE - off)
+            n = LOG_QUEUE_SIZE - off;
+        uint64_t dropped = log_q.dropped;
+        log_q.dropped = 0;
+        pthread_mutex_unlock(&log_q.lock);
+
+        /* The ring bytes [off, off+n) are ours until head moves past them. */
+        log_write_all(log_q.fd, log_q.ring + off, n);
+        if (dropped > 0) {
+            struct log_line l;
+            log_begin(&l, LOG_WARN, "log_dropped");
+            log_uint(&l, "lines", dropped);
+            l.buf[l.len++] = '\n';
+            log_write_all(log_q.fd, l.buf, l.len);
+        }
+
+        pthread_mutex_lock(&log_q.lock);
+        log_q.head += n;
+    }
+    pthread_mutex_unlock(&log_q.lock);
+    return NULL;
+}
+
+int log_open(int fd, enum log_format fmt, enum log_level min)
+{
+    log_configure(fmt, min);
+    pthread_mutex_lock(&log_q.lock);
+    log_q.fd = fd;
+    log_q.stopping = false;
+    int rc = pthread_create(&log_q.thread, NULL, log_writer_main, NULL);
+    log_q.running = rc == 0;
+    pthread_mutex_unlock(&log_q.lock);
+    return -rc;
+}
+
+void log_close(void)
+{
+    pthread_mutex_lock(&log_q.lock);
+    if (!log_q.running) {
+        pthread_mutex_unlock(&log_q.lock);
+        return;
+    }
+    log_q.stopping = true;
+    pthread_cond_signal(&log_q.wake);
+    pthread_mutex_unlock(&log_q.lock);
+    pthread_join(log_q.thread, NULL);
+    pthread_mutex_lock(&log_q.lock);
+    log_q.running = false;
+    pthread_mutex_unlock(&log_q.lock);
+}
+
+void log_configure(enum log_format fmt, enum log_level min)
+{
+    atomic_store(&log_cur_format, (int)fmt);
+    atomic_store(&log_min_level, (int)min);
+}
+
+bool log_enabled(enum log_level lvl)
+{
+    return (int)lvl >= atomic_load_explicit(&log_min_level, memory_order_relaxed);
+}
+
+/* Room left for fields; the reserve holds log_end's trunc marker, brace and newline. */
+#define LOG_RESERVE 16
+
+static size_t log_room(const struct log_line *l)
+{
+    return sizeof(l->buf) - LOG_RESERVE - l->len;
+}
+
+static void log_raw(struct log_line *l, const char *s, size_t n)
+{
+    if (n > log_room(l)) {
+        l->truncated = true;
+        n = log_room(l);
+    }
+    memcpy(l->buf + l->len, s, n);
+    l->len += n;
+}
+
+/* Starts "key=" or ,"key": according to the format. Returns false, and marks
+ * the line truncated, when the key and a short value would not fit: fields are
+ * added whole or not at all, so a cut line still parses. */
+static bool log_key(struct log_line *l, const char *key)
+{
+    size_t klen = strlen(key);
+    if (log_room(l) < klen + 32) {
+        l->truncated = true;
+        return false;
+    }
+    if (l->json) {
+        log_raw(l, ",\"", 2);
+        log_raw(l, key, klen);
+        log_raw(l, "\":", 2);
+    } else {
+        log_raw(l, " ", 1);
+        log_raw(l, key, klen);
+        log_raw(l, "=", 1);
+    }
+    return true;
+}
+
+/* Length of the valid UTF-8 sequence at p (1..4), or 0 when invalid. */
+static size_t log_utf8_len(const unsigned char *p, size_t n)
+{
+    unsigned char c = p[0];
+    size_t need;
+    uint32_t cp;
+
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xc2 && c <= 0xdf) {
+        need = 2;
+        cp = c & 0x1f;
+    } else if (c >= 0xe0 && c <= 0xef) {
+        need = 3;
+        cp = c & 0x0f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        need = 4;
+        cp = c & 0x07;
+    } else {
+        return 0;
+    }
+    if (n < need)
+        return 0;
+    for (size_t i = 1; i < need; i++) {
+        if ((p[i] & 0xc0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (p[i] & 0x3f);
+    }
+    if ((need == 3 && cp < 0x800) || (need == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+        (cp >= 0xd800 && cp <= 0xdfff))
+        return 0; /* overlong, out of range or a surrogate */
+    return need;
+}
+
+static bool log_needs_quotes(const char *v, size_t n)
+{
+    if (n == 0)
+        return true;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)v[i];
+        if (c <= ' ' || c == '"' || c == '=' || c == '\\' || c >= 0x7f)
+            return true;
+    }
+    return false;
+}
+
+size_t log_escape(char *out, size_t cap, const char *value, size_t len, bool json)
+{
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *v = (const unsigned char *)value;
+    bool quote = json || log_needs_quotes(value, len);
+    size_t o = 0;
+
+    if (cap == 0)
+        return 0;
+    cap--; /* keep room for the NUL */
+#define LOG_PUT(ch)                                                                                \
+    do {                                                                                           \
+        if (o < cap)                                                                               \
+            out[o++] = (char)(ch);                                                                 \
+    } while (0)
+    if (quote)
+        LOG_PUT('"');
+    for (size_t i = 0; i < len && o + 7 < cap; i++) {
+        unsigned char c = v[i];
+        if (c == '"' || c == '\\') {
+            LOG_PUT('\\');
+            LOG_PUT(c);
+        } else if (c == '\n') {
+            LOG_PUT('\\');
+            LOG_PUT('n');
+        } else if (c == '\r') {
+            LOG_PUT('\\');
+            LOG_PUT('r');
+        } else if (c == '\t') {
+            LOG_PUT('\\');
+            LOG_PUT('t');
+        } else if (c < 0x20 || c == 0x7f) {
+            if (json) {
+                LOG_PUT('\\');
+                LOG_PUT('u');
+                LOG_PUT('0');
+                LOG_PUT('0');
+            } else {
+                LOG_PUT('\\');
+                LOG_PUT('x');
+            }
+            LOG_PUT(hex[c >> 4]);
+            LOG_PUT(hex[c & 15]);
+        } else if (c < 0x80) {
+            LOG_PUT(c);
+        } else {
+            size_t n = log_utf8_len(v + i, len - i);
+            if (n == 0) {
+                /* Invalid UTF-8 is shown as the text \xHH, valid in both formats. */
+                if (json)
+                    LOG_PUT('\\');
+                LOG_PUT('\\');
+                LOG_PUT('x');
+                LOG_PUT(hex[c >> 4]);
+                LOG_PUT(hex[c & 15]);
+            } else {
+                for (size_t k = 0; k < n; k++)
+                    LOG_PUT(v[i + k]);
+                i += n - 1;
+            }
+        }
+    }
+    if (quote)
+        LOG_PUT('"');
+#undef LOG_PUT
+    out[o] = '\0';
+    return o;
+}
+
+void log_begin(struct log_line *l, enum log_level lvl, const char *ev)
+{
+    struct timespec ts;
+    struct tm tm;
+    char head[96];
+    int n;
+
+    l->len = 0;
+    l->truncated = false;
+    l->json = atomic_load_explicit(&log_cur_format, memory_order_relaxed) == LOG_FORMAT_JSON;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    n = snprintf(head, sizeof(head),
+                 l->json ? "{\"ts\":\"%04d-%02d-%02dT%02d:%02d:%02d.%06ldZ\",\"lvl\":\"%s\""
+                         : "ts=%04d-%02d-%02dT%02d:%02d:%02d.%06ldZ lvl=%s",
+                 tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                 ts.tv_nsec / 1000, log_level_names[lvl]);
+    log_raw(l, head, (size_t)n);
+    log_str(l, "ev", ev);
+}
+
+void log_sid(struct log_line *l, uint64_t sid)
+{
+    char v[24];
+    int n = snprintf(v, sizeof(v), l->json ? "\"%016" PRIx64 "\"" : "%016" PRIx64, sid);
+    if (log_key(l, "sid"))
+        log_raw(l, v, (size_t)n);
+}
+
+void log_strn(struct log_line *l, const char *key, const char *value, size_t len)
+{
+    size_t n;
+
+    if (!log_key(l, key))
+        return;
+    /* log_escape always closes its quotes, so a value cut to fit stays well formed. */
+    n = log_escape(l->buf + l->len, log_room(l) + 1, value, len, l->json);
+    if (log_room(l) - n < 8)
+        l->truncated = true;
+    l->len += n;
+}
+
+void log_str(struct log_line *l, const char *key, const char *value)
+{
+    log_strn(l, key, value, strlen(value));
+}
+
+void log_uint(struct log_line *l, const char *key, uint64_t value)
+{
+    char v[24];
+    int n = snprintf(v, sizeof(v), "%" PRIu64, value);
+    if (log_key(l, key))
+        log_raw(l, v, (size_t)n);
+}
+
+void log_ms(struct log_line *l, const char *key, uint64_t ns)
+{
+    char v[32];
+    uint64_t us = ns / 1000;
+    int n = snprintf(v, sizeof(v), "%" PRIu64 ".%03" PRIu64, us / 1000, us % 1000);
+    if (log_key(l, key))
+        log_raw(l, v, (size_t)n);
+}
+
+void log_end(struct log_line *l)
+{
+    if (l->truncated) {
+        /* The reserve always has room for this marker. */
+        static const char mark_logfmt[] = " trunc=1", mark_json[] = ",\"trunc\":1";
+        const char *m = l->json ? mark_json : mark_logfmt;
+        size_t n = l->json ? sizeof(mark_json) - 1 : sizeof(mark_logfmt) - 1;
+        memcpy(l->buf + l->len, m, n);
+        l->len += n;
+    }
+    if (l->json)
+        l->buf[l->len++] = '}';
+    l->buf[l->len++] = '\n';
+    log_enqueue(l->buf, l->len);
+}
+
+void log_msg(enum log_level lvl, const char *ev, const char *fmt, ...)
+{
+    struct log_line l;
+    char msg[1024];
+    va_list ap;
+
+    if (!log_enabled(lvl))
+        return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    log_begin(&l, lvl, ev);
+    log_str(&l, "msg", msg);
+    log_end(&l);
+}

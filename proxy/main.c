@@ -1,0 +1,238 @@
+/* main.c: command line, signals, workers, reload and drain. */
+#include <getopt.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <uv.h>
+
+#include "config.h"
+#include "log.h"
+#include "worker.h"
+
+/* State of the main thread; the workers reach it only through on_* hooks
+ * that bump an atomic counter and wake the main loop. */
+static struct {
+    uv_loop_t *loop;
+    uv_signal_t sighup, sigterm, sigint;
+    uv_async_t wake;                  /* a worker closed its listeners or exited */
+    struct config *cfg;               /* current config, owned reference */
+    const char *path;                 /* -c FILE */
+    struct worker *workers;
+    unsigned n_workers;
+    bool draining;                    /* SIGTERM/SIGINT seen once */
+    bool drain_logged;                /* ev=drain written */
+    atomic_uint listeners_closed;     /* workers that closed their listeners */
+    atomic_uint exited;               /* workers whose loop ended */
+} mx;
+
+static void main_usage(FILE *out)
+{
+    fprintf(out, "usage: mxproxy -c FILE     run in the foreground, logging to stderr\n"
+                 "       mxproxy -t -c FILE  check FILE and exit (0: valid, 1: invalid)\n"
+                 "       mxproxy -V          print the version\n");
+}
+
+static void main_apply_logging(const struct config *c)
+{
+    log_configure(c->log_format == CONFIG_LOG_JSON ? LOG_FORMAT_JSON : LOG_FORMAT_LOGFMT,
+                  (enum log_level)c->log_level);
+}
+
+static unsigned main_active_sessions(void)
+{
+    unsigned n = 0;
+    for (unsigned i = 0; i < mx.n_workers; i++)
+        n += atomic_load(&mx.workers[i].n_sessions);
+    return n;
+}
+
+static void main_reload(void)
+{
+    char err[CONFIG_ERR_MAX];
+    struct config *next;
+    struct log_line l;
+
+    if (config_load_file(mx.path, &next, err, sizeof(err)) != 0) {
+        log_begin(&l, LOG_ERROR, "reload_error");
+        log_str(&l, "error", err);
+        log_end(&l);
+        return;
+    }
+    config_inherit_shared(next, mx.cfg);
+    if (next->workers != mx.n_workers)
+        log_msg(LOG_WARN, "reload_warning",
+                "workers changed from %u to %u: takes effect after a restart", mx.n_workers,
+                next->workers);
+    main_apply_logging(next);
+    for (unsigned i = 0; i < mx.n_workers; i++)
+        worker_post_config(&mx.workers[i], next);
+    config_unref(mx.cfg);
+    mx.cfg = next;
+    log_begin(&l, LOG_INFO, "reload");
+    log_str(&l, "config", mx.path);
+    log_uint(&l, "listeners", next->n_listeners);
+    log_end(&l);
+}
+
+static void main_on_signal(uv_signal_t *h, int signum)
+{
+    (void)h;
+    if (signum == SIGHUP) {
+        if (!mx.draining)
+            main_reload();
+        return;
+    }
+    if (!mx.draining) {
+        mx.draining = true;
+        for (unsigned i = 0; i < mx.n_workers; i++)
+            worker_post_drain(&mx.workers[i], mx.cfg->drain_timeout_ms);
+        return;
+    }
+    /* A second SIGTERM/SIGINT: stop waiting for sessions. */
+    log_msg(LOG_WARN, "drain_cut", "second signal: closing %u sessions now",
+            main_active_sessions());
+    for (unsigned i = 0; i < mx.n_workers; i++)
+        worker_post_cut(&mx.workers[i]);
+}
+
+static void main_on_wake(uv_async_t *a)
+{
+    (void)a;
+    if (!mx.drain_logged && atomic_load(&mx.listeners_closed) == mx.n_workers) {
+        struct log_line l;
+        mx.drain_logged = true;
+        /* Logged once every listener is closed: connects from here on are refused. */
+        log_begin(&l, LOG_INFO, "drain");
+        log_uint(&l, "sessions", main_active_sessions());
+        log_uint(&l, "timeout_ms", mx.cfg->drain_timeout_ms);
+        log_end(&l);
+    }
+    if (atomic_load(&mx.exited) == mx.n_workers) {
+        uv_close((uv_handle_t *)&mx.sighup, NULL);
+        uv_close((uv_handle_t *)&mx.sigterm, NULL);
+        uv_close((uv_handle_t *)&mx.sigint, NULL);
+        uv_close((uv_handle_t *)&mx.wake, NULL);
+    }
+}
+
+static void main_on_worker_listeners_closed(struct worker *w)
+{
+    (void)w;
+    atomic_fetch_add(&mx.listeners_closed, 1);
+    uv_async_send(&mx.wake);
+}
+
+static void main_on_worker_exit(struct worker *w)
+{
+    (void)w;
+    atomic_fetch_add(&mx.exited, 1);
+    uv_async_send(&mx.wake);
+}
+
+/* Each session holds two sockets: take every descriptor the hard limit allows. */
+static void main_raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        (void)setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+static int main_run(void)
+{
+    struct log_line l;
+
+    mx.loop = uv_default_loop();
+    uv_async_init(mx.loop, &mx.wake, main_on_wake);
+    mx.n_workers = mx.cfg->workers;
+    mx.workers = calloc(mx.n_workers, sizeof(*mx.workers));
+    if (mx.workers == NULL) {
+        fprintf(stderr, "mxproxy: out of memory\n");
+        return 1;
+    }
+    for (unsigned i = 0; i < mx.n_workers; i++) {
+        struct worker *w = &mx.workers[i];
+        w->on_listeners_closed = main_on_worker_listeners_closed;
+        w->on_exit = main_on_worker_exit;
+        if (worker_start(w, i, mx.cfg) != 0) {
+            log_close(); /* the listen_error line says which address failed */
+            return 1;
+        }
+    }
+    uv_signal_init(mx.loop, &mx.sighup);
+    uv_signal_init(mx.loop, &mx.sigterm);
+    uv_signal_init(mx.loop, &mx.sigint);
+    uv_signal_start(&mx.sighup, main_on_signal, SIGHUP);
+    uv_signal_start(&mx.sigterm, main_on_signal, SIGTERM);
+    uv_signal_start(&mx.sigint, main_on_signal, SIGINT);
+
+    log_begin(&l, LOG_INFO, "start");
+    log_str(&l, "version", MXPROXY_VERSION);
+    log_uint(&l, "workers", mx.n_workers);
+    log_str(&l, "config", mx.path);
+    log_end(&l);
+
+    uv_run(mx.loop, UV_RUN_DEFAULT);
+
+    for (unsigned i = 0; i < mx.n_workers; i++)
+        worker_join(&mx.workers[i]);
+    free(mx.workers);
+    mx.workers = NULL;
+    log_msg(LOG_INFO, "stop", "all sessions closed");
+    config_unref(mx.cfg);
+    mx.cfg = NULL;
+    uv_loop_close(mx.loop);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    char err[CONFIG_ERR_MAX];
+    bool test_only = false;
+    int opt;
+
+    while ((opt = getopt(argc, argv, "c:thV")) != -1) {
+        switch (opt) {
+        case 'c':
+            mx.path = optarg;
+            break;
+        case 't':
+            test_only = true;
+            break;
+        case 'V':
+            printf("mxproxy %s\n", MXPROXY_VERSION);
+            return 0;
+        case 'h':
+            main_usage(stdout);
+            return 0;
+        default:
+            main_usage(stderr);
+            return 2;
+        }
+    }
+    if (mx.path == NULL || optind != argc) {
+        main_usage(stderr);
+        return 2;
+    }
+    if (config_load_file(mx.path, &mx.cfg, err, sizeof(err)) != 0) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    if (test_only) {
+        printf("%s: configuration is valid\n", mx.path);
+        config_unref(mx.cfg);
+        return 0;
+    }
+
+    signal(SIGPIPE, SIG_IGN);
+    main_raise_nofile();
+    log_open(2, mx.cfg->log_format == CONFIG_LOG_JSON ? LOG_FORMAT_JSON : LOG_FORMAT_LOGFMT,
+             (enum log_level)mx.cfg->log_level);
+    int rc = main_run();
+    log_close();
+    return rc;
+}

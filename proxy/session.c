@@ -1,0 +1,403 @@
+/* session.c: accept, connect to a backend at once, relay, close. */
+#include "session.h"
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "config.h"
+#include "listener.h"
+#include "log.h"
+#include "relay.h"
+#include "sockaddr.h"
+#include "worker.h"
+
+#define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+
+struct session {
+    uv_tcp_t client;               /* accepted socket; data -> up (relay) */
+    uv_tcp_t backend;              /* outgoing socket; data -> down (relay) */
+    uv_timer_t timer;              /* connect timeout, then idle timeout */
+    uv_connect_t connect_req;      /* the backend connect in flight */
+    struct relay_dir up;           /* client -> backend */
+    struct relay_dir down;         /* backend -> client */
+    struct worker *w;              /* owning worker; sessions never migrate */
+    struct config *cfg;            /* reference held for the session's life */
+    const struct config_listener *cl; /* this session's listener, inside cfg */
+    struct session *prev, *next;   /* w->sessions list */
+    uint64_t id;                   /* sid= */
+    uint64_t t_accept;             /* uv_hrtime() at accept */
+    uint64_t t_connect;            /* uv_hrtime() when the current connect began */
+    uint64_t connected_at;         /* uv_now() when the backend connected */
+    unsigned flags;                /* SESSION_F_* */
+    unsigned open_handles;         /* uv handles not yet through their close_cb */
+    unsigned rr_start;             /* first backend index tried */
+    unsigned tries;                /* backends tried so far */
+    int last_error;                /* last connect error, for end=connect_failed */
+    enum session_end first_close;  /* who closed first, valid with SESSION_F_FIRST_CLOSE */
+    char client_addr[SOCKADDR_TEXT_MAX]; /* client= */
+};
+
+#define SESSION_F_CLOSING 0x01u     /* session_close ran: only close callbacks remain */
+#define SESSION_F_CONNECTED 0x02u   /* the backend connected; relays set up */
+#define SESSION_F_BACKEND 0x04u     /* backend handle initialised and not yet closed */
+#define SESSION_F_FIRST_CLOSE 0x08u /* first_close records the side that closed first */
+#define SESSION_F_COUNTED 0x10u     /* counted in the listener's active sessions */
+#define SESSION_F_TIMED_OUT 0x20u   /* the current connect attempt timed out */
+
+static const char *const session_end_names[] = {
+    [SESSION_END_CLIENT_EOF] = "client_eof",
+    [SESSION_END_CLIENT_RESET] = "client_reset",
+    [SESSION_END_BACKEND_CLOSED] = "backend_closed",
+    [SESSION_END_BACKEND_RESET] = "backend_reset",
+    [SESSION_END_CONNECT_FAILED] = "connect_failed",
+    [SESSION_END_IDLE_TIMEOUT] = "idle_timeout",
+    [SESSION_END_DRAIN] = "drain",
+    [SESSION_END_LIMIT] = "limit",
+};
+
+const char *session_end_name(enum session_end end)
+{
+    return session_end_names[end];
+}
+
+/* Unique within the process: a random 32-bit prefix set once, so ids from
+ * two runs rarely collide in aggregated logs, then a counter. */
+static atomic_uint_fast64_t session_ids;
+static uv_once_t session_ids_once = UV_ONCE_INIT;
+
+static void session_ids_seed(void)
+{
+    uint64_t seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 16) ^ uv_hrtime();
+    seed ^= seed >> 33;
+    seed *= 0xff51afd7ed558ccdULL;
+    seed ^= seed >> 33;
+    atomic_store(&session_ids, (seed & 0xffffffff00000000ULL));
+}
+
+static uint64_t session_next_id(void)
+{
+    uv_once(&session_ids_once, session_ids_seed);
+    return atomic_fetch_add(&session_ids, 1) + 1;
+}
+
+static void session_maybe_free(struct session *s)
+{
+    if (s->open_handles > 0)
+        return;
+    struct worker *w = s->w;
+    if (s->prev != NULL)
+        s->prev->next = s->next;
+    else
+        w->sessions = s->next;
+    if (s->next != NULL)
+        s->next->prev = s->prev;
+    atomic_fetch_sub(&w->n_sessions, 1);
+    config_unref(s->cfg);
+    free(s);
+    worker_session_gone(w);
+}
+
+static void session_on_client_closed(uv_handle_t *h)
+{
+    struct session *s = container_of(h, struct session, client);
+    s->open_handles--;
+    session_maybe_free(s);
+}
+
+static void session_on_timer_closed(uv_handle_t *h)
+{
+    struct session *s = container_of(h, struct session, timer);
+    s->open_handles--;
+    session_maybe_free(s);
+}
+
+static void session_connect_next(struct session *s);
+static void session_close(struct session *s, enum session_end end, const char *error);
+
+static void session_on_backend_closed(uv_handle_t *h)
+{
+    struct session *s = container_of(h, struct session, backend);
+    s->open_handles--;
+    s->flags &= ~SESSION_F_BACKEND;
+    if (s->flags & SESSION_F_CLOSING) {
+        session_maybe_free(s);
+        return;
+    }
+    /* A failed attempt: try the next backend at once, or give up. */
+    if (s->tries < s->cl->n_backends) {
+        session_connect_next(s);
+        return;
+    }
+    session_close(s, SESSION_END_CONNECT_FAILED,
+                  s->last_error == UV_ETIMEDOUT ? "connect timeout" : uv_strerror(s->last_error));
+}
+
+static const struct config_addr *session_backend(const struct session *s)
+{
+    return &s->cl->backends[(s->rr_start + s->tries - 1) % s->cl->n_backends];
+}
+
+/* Ends this connect attempt; session_on_backend_closed moves on. */
+static void session_connect_failed(struct session *s, int status)
+{
+    struct log_line l;
+
+    s->last_error = status;
+    if (log_enabled(LOG_WARN)) {
+        log_begin(&l, LOG_WARN, "connect_error");
+        log_sid(&l, s->id);
+        log_str(&l, "backend", session_backend(s)->text);
+        log_str(&l, "error", status == UV_ETIMEDOUT ? "timeout" : uv_strerror(status));
+        log_end(&l);
+    }
+    uv_timer_stop(&s->timer);
+    if (!uv_is_closing((uv_handle_t *)&s->backend))
+        uv_close((uv_handle_t *)&s->backend, session_on_backend_closed);
+}
+
+static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int status)
+{
+    struct session *s = d->owner;
+    bool up = d == &s->up;
+
+    if (s->flags & SESSION_F_CLOSING)
+        return;
+    switch (ev) {
+    case RELAY_EV_EOF:
+        if (!(s->flags & SESSION_F_FIRST_CLOSE)) {
+            s->flags |= SESSION_F_FIRST_CLOSE;
+            s->first_close = up ? SESSION_END_CLIENT_EOF : SESSION_END_BACKEND_CLOSED;
+        }
+        return;
+    case RELAY_EV_DONE:
+        if ((s->up.flags & RELAY_F_DONE) && (s->down.flags & RELAY_F_DONE))
+            session_close(s, s->first_close, NULL);
+        return;
+    case RELAY_EV_READ_ERR:
+        session_close(s,
+                      (s->flags & SESSION_F_FIRST_CLOSE)
+                          ? s->first_close
+                          : (up ? SESSION_END_CLIENT_RESET : SESSION_END_BACKEND_RESET),
+                      uv_strerror(status));
+        return;
+    case RELAY_EV_WRITE_ERR:
+        /* up writes to the backend, down writes to the client. */
+        session_close(s,
+                      (s->flags & SESSION_F_FIRST_CLOSE)
+                          ? s->first_close
+                          : (up ? SESSION_END_BACKEND_RESET : SESSION_END_CLIENT_RESET),
+                      uv_strerror(status));
+        return;
+    }
+    abort(); /* every relay_event is handled above */
+}
+
+static void session_on_timer(uv_timer_t *t)
+{
+    struct session *s = container_of(t, struct session, timer);
+
+    if (!(s->flags & SESSION_F_CONNECTED)) {
+        s->flags |= SESSION_F_TIMED_OUT;
+        session_connect_failed(s, UV_ETIMEDOUT);
+        return;
+    }
+    /* Reads only stamp last_read; the timer checks lazily, so the hot path
+     * never touches the timer heap. */
+    uint64_t now = uv_now(t->loop);
+    uint64_t last = s->connected_at;
+    if (s->up.last_read > last)
+        last = s->up.last_read;
+    if (s->down.last_read > last)
+        last = s->down.last_read;
+    uint64_t idle = s->cl->idle_timeout_ms;
+    if (now - last >= idle) {
+        session_close(s, SESSION_END_IDLE_TIMEOUT, NULL);
+        return;
+    }
+    uv_timer_start(t, session_on_timer, idle - (now - last), 0);
+}
+
+static void session_on_connect(uv_connect_t *req, int status)
+{
+    struct session *s = container_of(req, struct session, connect_req);
+    struct log_line l;
+    int rc;
+
+    if (s->flags & (SESSION_F_CLOSING | SESSION_F_TIMED_OUT))
+        return; /* UV_ECANCELED from our own uv_close */
+    if (status < 0) {
+        session_connect_failed(s, status);
+        return;
+    }
+    s->flags |= SESSION_F_CONNECTED;
+    s->connected_at = uv_now(s->backend.loop);
+    if (log_enabled(LOG_INFO)) {
+        log_begin(&l, LOG_INFO, "connect");
+        log_sid(&l, s->id);
+        log_str(&l, "backend", session_backend(s)->text);
+        log_ms(&l, "ms", uv_hrtime() - s->t_connect);
+        log_end(&l);
+    }
+    relay_init(&s->up, (uv_stream_t *)&s->client, (uv_stream_t *)&s->backend, &s->w->pool,
+               session_on_relay_event, s);
+    relay_init(&s->down, (uv_stream_t *)&s->backend, (uv_stream_t *)&s->client, &s->w->pool,
+               session_on_relay_event, s);
+    /* The backend first: its greeting is forwarded the moment it arrives. */
+    rc = relay_start(&s->down);
+    if (rc == 0)
+        rc = relay_start(&s->up);
+    if (rc != 0) {
+        session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
+        return;
+    }
+    uv_timer_start(&s->timer, session_on_timer, s->cl->idle_timeout_ms, 0);
+}
+
+static void session_connect_next(struct session *s)
+{
+    const struct config_addr *b;
+    int rc;
+
+    s->tries++;
+    s->flags &= ~SESSION_F_TIMED_OUT;
+    b = session_backend(s);
+    uv_tcp_init(&s->w->loop, &s->backend);
+    s->open_handles++;
+    s->flags |= SESSION_F_BACKEND;
+    s->t_connect = uv_hrtime();
+    uv_tcp_nodelay(&s->backend, 1);
+    rc = uv_tcp_connect(&s->connect_req, &s->backend, (const struct sockaddr *)&b->sa,
+                        session_on_connect);
+    if (rc != 0) {
+        session_connect_failed(s, rc);
+        return;
+    }
+    uv_timer_start(&s->timer, session_on_timer, s->cl->connect_timeout_ms, 0);
+}
+
+/* Logs ev=close once and closes every handle; the session is freed when the
+ * last close callback has run. Idempotent. */
+static void session_close(struct session *s, enum session_end end, const char *error)
+{
+    struct log_line l;
+
+    if (s->flags & SESSION_F_CLOSING)
+        return;
+    s->flags |= SESSION_F_CLOSING;
+    if (s->flags & SESSION_F_CONNECTED) {
+        relay_stop(&s->up);
+        relay_stop(&s->down);
+    }
+    if (s->flags & SESSION_F_COUNTED)
+        atomic_fetch_sub(&s->cl->shared->active, 1);
+
+    if (log_enabled(LOG_INFO)) {
+        log_begin(&l, LOG_INFO, "close");
+        log_sid(&l, s->id);
+        log_str(&l, "listener", s->cl->name);
+        log_str(&l, "end", session_end_name(end));
+        log_uint(&l, "bytes_up", s->up.bytes);
+        log_uint(&l, "bytes_down", s->down.bytes);
+        log_ms(&l, "ms", uv_hrtime() - s->t_accept);
+        log_str(&l, "client", s->client_addr);
+        if (s->tries > 0 && end != SESSION_END_CONNECT_FAILED && end != SESSION_END_LIMIT)
+            log_str(&l, "backend", session_backend(s)->text);
+        if (error != NULL)
+            log_str(&l, "error", error);
+        log_end(&l);
+    }
+
+    uv_close((uv_handle_t *)&s->client, session_on_client_closed);
+    uv_close((uv_handle_t *)&s->timer, session_on_timer_closed);
+    if ((s->flags & SESSION_F_BACKEND) && !uv_is_closing((uv_handle_t *)&s->backend))
+        uv_close((uv_handle_t *)&s->backend, session_on_backend_closed);
+}
+
+static void session_on_dropped_closed(uv_handle_t *h)
+{
+    free(h);
+}
+
+/* Out of memory: accept and close the pending connection so the listener
+ * does not stall on it. If even that fails, libuv keeps it queued. */
+static void session_drop_pending(struct listener *l)
+{
+    uv_tcp_t *tmp = malloc(sizeof(*tmp));
+
+    log_msg(LOG_ERROR, "accept_error", "out of memory");
+    if (tmp == NULL)
+        return;
+    uv_tcp_init(&l->w->loop, tmp);
+    (void)uv_accept((uv_stream_t *)&l->handle, (uv_stream_t *)tmp);
+    uv_close((uv_handle_t *)tmp, session_on_dropped_closed);
+}
+
+void session_accept(struct listener *l)
+{
+    struct worker *w = l->w;
+    struct session *s = calloc(1, sizeof(*s));
+    struct sockaddr_storage peer;
+    int peerlen = sizeof(peer);
+    struct log_line ll;
+
+    if (s == NULL) {
+        session_drop_pending(l);
+        return;
+    }
+    s->w = w;
+    s->cfg = config_ref(w->cfg);
+    s->cl = l->cl;
+    s->id = session_next_id();
+    s->t_accept = uv_hrtime();
+    s->rr_start = (unsigned)(l->rr++ % s->cl->n_backends);
+    uv_tcp_init(&w->loop, &s->client);
+    uv_timer_init(&w->loop, &s->timer);
+    s->open_handles = 2;
+    s->next = w->sessions;
+    if (w->sessions != NULL)
+        w->sessions->prev = s;
+    w->sessions = s;
+    atomic_fetch_add(&w->n_sessions, 1);
+
+    int rc = uv_accept((uv_stream_t *)&l->handle, (uv_stream_t *)&s->client);
+    if (rc == 0 && uv_tcp_getpeername(&s->client, (struct sockaddr *)&peer, &peerlen) == 0)
+        sockaddr_format((const struct sockaddr *)&peer, s->client_addr, sizeof(s->client_addr));
+    else
+        strcpy(s->client_addr, "-");
+
+    if (log_enabled(LOG_INFO)) {
+        log_begin(&ll, LOG_INFO, "open");
+        log_sid(&ll, s->id);
+        log_str(&ll, "listener", s->cl->name);
+        log_str(&ll, "client", s->client_addr);
+        log_end(&ll);
+    }
+    if (rc != 0) {
+        session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
+        return;
+    }
+    s->flags |= SESSION_F_COUNTED;
+    unsigned active = atomic_fetch_add(&s->cl->shared->active, 1) + 1;
+    if (s->cl->max_connections > 0 && active > s->cl->max_connections) {
+        session_close(s, SESSION_END_LIMIT, NULL);
+        return;
+    }
+    uv_tcp_nodelay(&s->client, 1);
+    session_connect_next(s);
+}
+
+void session_close_all(struct worker *w)
+{
+    struct session *s = w->sessions;
+    while (s != NULL) {
+        struct session *next = s->next; /* s stays linked until its close callbacks run */
+        session_close(s, SESSION_END_DRAIN, NULL);
+        s = next;
+    }
+}

@@ -1,0 +1,36 @@
+/* session.h: one client connection and its backend connection.
+ *
+ * A session accepts the client, connects to a backend at once (trying the
+ * next one on failure), and relays both directions with relay.c, so the
+ * backend's greeting reaches the client the moment it is sent. It ends in
+ * session_close(), which logs the one ev=close line and frees the session in
+ * the last handle's close callback.
+ */
+#ifndef MXPROXY_SESSION_H
+#define MXPROXY_SESSION_H
+
+struct listener;
+struct worker;
+
+/* Why a session ended: the end= field. Names never change once shipped. */
+enum session_end {
+    SESSION_END_CLIENT_EOF = 0, /* the client closed first */
+    SESSION_END_CLIENT_RESET,   /* the client reset, or writing to it failed */
+    SESSION_END_BACKEND_CLOSED, /* the backend closed first */
+    SESSION_END_BACKEND_RESET,  /* the backend reset, or writing to it failed */
+    SESSION_END_CONNECT_FAILED, /* no backend could be reached */
+    SESSION_END_IDLE_TIMEOUT,   /* nothing read from either side for idle_timeout */
+    SESSION_END_DRAIN,          /* still open when the drain timeout expired */
+    SESSION_END_LIMIT,          /* refused: max_connections reached */
+};
+
+const char *session_end_name(enum session_end end);
+
+/* Accepts one pending connection on l and starts its session. Errors are
+ * logged; a session that cannot start is closed. */
+void session_accept(struct listener *l);
+
+/* Closes every session of w with end=drain. */
+void session_close_all(struct worker *w);
+
+#endif /* MXPROXY_SESSION_H */

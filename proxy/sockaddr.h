@@ -1,0 +1,18 @@
+/* sockaddr.h: socket addresses as log and config text. */
+#ifndef MXPROXY_SOCKADDR_H
+#define MXPROXY_SOCKADDR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/socket.h>
+
+#define SOCKADDR_TEXT_MAX 64 /* "[ffff:...:ffff%scope]:65535" with NUL */
+
+/* Writes "1.2.3.4:25" or "[::1]:25" into out (cap bytes, NUL-terminated).
+ * Other families give "-". Returns out. */
+char *sockaddr_format(const struct sockaddr *sa, char *out, size_t cap);
+
+/* True when a and b are the same family, address and port. */
+bool sockaddr_equal(const struct sockaddr *a, const struct sockaddr *b);
+
+#endif /* MXPROXY_SOCKADDR_H */

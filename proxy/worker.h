@@ -1,0 +1,67 @@
+/* worker.h: one event loop per thread, owning its listeners and sessions.
+ *
+ * The main thread talks to a worker only through worker_post_*(), which
+ * store a request under the worker's mutex and wake its loop with an
+ * uv_async_t; everything else in a worker runs on its own thread.
+ */
+#ifndef MXPROXY_WORKER_H
+#define MXPROXY_WORKER_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <uv.h>
+
+#include "relay.h"
+
+struct config;
+struct listener;
+struct session;
+
+struct worker {
+    unsigned id;                /* 0..workers-1; worker 0 logs per-process events */
+    uv_thread_t thread;
+    uv_loop_t loop;
+    uv_async_t wake;            /* main -> worker requests */
+    uv_timer_t drain_timer;     /* cuts sessions left at drain_timeout */
+    uv_mutex_t lock;            /* guards the pending_* fields */
+    struct config *pending_cfg; /* next config to apply, owned reference */
+    bool pending_drain;         /* stop accepting, then finish sessions */
+    unsigned pending_drain_ms;  /* drain_timeout for pending_drain */
+    bool pending_cut;           /* close every session now (second signal) */
+
+    struct config *cfg;         /* config for new sessions, owned reference */
+    struct listener *listeners; /* singly linked, this worker's sockets */
+    struct session *sessions;   /* doubly linked list of open sessions */
+    atomic_uint n_sessions;     /* read by the main thread for ev=drain */
+    bool draining;              /* listeners closed, waiting for sessions */
+    int start_error;            /* first listener error at start, for main */
+    struct relay_pool pool;     /* read/write blocks for every session here */
+    void (*on_listeners_closed)(struct worker *w); /* called on the worker thread */
+    void (*on_exit)(struct worker *w);             /* called on the worker thread */
+};
+
+/* Initialises w and binds the listeners of cfg on the calling thread's
+ * behalf, then runs the loop on a new thread. Returns 0 or a negative UV_E*
+ * code (the first listener that failed to bind; its error is logged). The
+ * worker takes its own reference to cfg. */
+int worker_start(struct worker *w, unsigned id, struct config *cfg);
+
+/* Asks the worker to use cfg for new sessions and to add or remove
+ * listeners to match it. Takes a new reference to cfg. */
+void worker_post_config(struct worker *w, struct config *cfg);
+
+/* Asks the worker to close its listeners and finish its sessions within
+ * drain_ms, then exit its loop. */
+void worker_post_drain(struct worker *w, unsigned drain_ms);
+
+/* Asks the worker to close every session at once (end=drain). */
+void worker_post_cut(struct worker *w);
+
+/* Waits for the worker's thread and frees what it owns. */
+void worker_join(struct worker *w);
+
+/* Called by session.c on the worker thread after a session is freed, so a
+ * draining worker can exit once the last one is gone. */
+void worker_session_gone(struct worker *w);
+
+#endif /* MXPROXY_WORKER_H */

@@ -1,0 +1,132 @@
+/* test_log.c: escaping and line building of log.c. */
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "test.h"
+
+static void expect_escape(const char *in, size_t len, int json, const char *want)
+{
+    char out[256];
+    size_t n = log_escape(out, sizeof(out), in, len, json != 0);
+    ASSERT_EQ(n, strlen(want));
+    ASSERT_STREQ(out, want);
+}
+
+static void test_escape_logfmt(void)
+{
+    expect_escape("plain", 5, 0, "plain");
+    expect_escape("127.0.0.1:25", 12, 0, "127.0.0.1:25");
+    expect_escape("", 0, 0, "\"\"");
+    expect_escape("two words", 9, 0, "\"two words\"");
+    expect_escape("a=b", 3, 0, "\"a=b\"");
+    expect_escape("say \"hi\"", 8, 0, "\"say \\\"hi\\\"\"");
+    expect_escape("back\\slash", 10, 0, "\"back\\\\slash\"");
+    expect_escape("cr\r\nlf", 6, 0, "\"cr\\r\\nlf\"");
+    expect_escape("nul\0x", 5, 0, "\"nul\\x00x\"");
+    expect_escape("caf\xc3\xa9", 5, 0, "\"caf\xc3\xa9\"");    /* valid UTF-8 kept */
+    expect_escape("bad\xff", 4, 0, "\"bad\\xff\"");            /* invalid byte escaped */
+    expect_escape("\xc0\xaf", 2, 0, "\"\\xc0\\xaf\"");         /* overlong '/' */
+    expect_escape("\xed\xa0\x80", 3, 0, "\"\\xed\\xa0\\x80\""); /* surrogate */
+    expect_escape("\xe2\x82", 2, 0, "\"\\xe2\\x82\"");         /* truncated sequence */
+}
+
+static void test_escape_json(void)
+{
+    expect_escape("plain", 5, 1, "\"plain\"");
+    expect_escape("q\"b\\", 4, 1, "\"q\\\"b\\\\\"");
+    expect_escape("\x01\x7f", 2, 1, "\"\\u0001\\u007f\"");
+    expect_escape("bad\xff", 4, 1, "\"bad\\\\xff\"");
+    expect_escape("\xf0\x9f\x93\xa7", 4, 1, "\"\xf0\x9f\x93\xa7\"");
+}
+
+static void test_escape_bounded(void)
+{
+    char big[1000], out[32];
+    memset(big, '"', sizeof(big));
+    size_t n = log_escape(out, sizeof(out), big, sizeof(big), false);
+    ASSERT(n < sizeof(out));
+    ASSERT_EQ(out[0], '"');
+    ASSERT_EQ(out[n - 1], '"'); /* quotes are closed even when the value is cut */
+    ASSERT_EQ(out[n], '\0');
+}
+
+/* Reads what the writer thread wrote to a pipe. */
+static size_t read_pipe(int fd, char *buf, size_t cap)
+{
+    size_t n = 0;
+    ssize_t r;
+    while (n < cap && (r = read(fd, buf + n, cap - n)) > 0)
+        n += (size_t)r;
+    return n;
+}
+
+static void test_lines(void)
+{
+    int fds[2];
+    char out[LOG_LINE_MAX * 2 + 256];
+    struct log_line l;
+
+    ASSERT_OK(pipe(fds));
+    ASSERT_OK(log_open(fds[1], LOG_FORMAT_LOGFMT, LOG_INFO));
+    ASSERT(!log_enabled(LOG_DEBUG));
+    ASSERT(log_enabled(LOG_WARN));
+    log_begin(&l, LOG_INFO, "close");
+    log_sid(&l, 0x2aULL);
+    log_str(&l, "end", "client_eof");
+    log_uint(&l, "bytes_up", 1234);
+    log_ms(&l, "ms", 1234567);
+    log_str(&l, "error", "connection refused");
+    log_end(&l);
+
+    log_configure(LOG_FORMAT_JSON, LOG_DEBUG);
+    log_begin(&l, LOG_DEBUG, "open");
+    log_sid(&l, 1);
+    log_str(&l, "client", "[::1]:25");
+    log_uint(&l, "n", 7);
+    log_end(&l);
+
+    /* A line whose value cannot fit is cut at a field and says so. */
+    static char huge[LOG_LINE_MAX * 2];
+    memset(huge, 'x', sizeof(huge));
+    log_configure(LOG_FORMAT_JSON, LOG_INFO);
+    log_begin(&l, LOG_INFO, "big");
+    log_strn(&l, "v", huge, sizeof(huge));
+    log_uint(&l, "after", 1);
+    log_end(&l);
+    log_close();
+    close(fds[1]);
+
+    size_t n = read_pipe(fds[0], out, sizeof(out) - 1);
+    out[n] = '\0';
+    close(fds[0]);
+
+    char *line1 = out, *line2 = strchr(line1, '\n') + 1, *line3 = strchr(line2, '\n') + 1;
+    /* ts=YYYY-MM-DDTHH:MM:SS.uuuuuuZ: Z is the 30th byte. */
+    ASSERT(strncmp(line1, "ts=", 3) == 0);
+    ASSERT_EQ(line1[29], 'Z');
+    ASSERT_MEMEQ(line1 + 30, line2 - line1 - 30,
+                 " lvl=info ev=close sid=000000000000002a end=client_eof bytes_up=1234 "
+                 "ms=1.234 error=\"connection refused\"\n",
+                 strlen(" lvl=info ev=close sid=000000000000002a end=client_eof bytes_up=1234 "
+                        "ms=1.234 error=\"connection refused\"\n"));
+    ASSERT(strncmp(line2, "{\"ts\":\"", 7) == 0);
+    const char *rest2 = strchr(line2, 'Z') + 2;
+    const char *want2 = ",\"lvl\":\"debug\",\"ev\":\"open\",\"sid\":\"0000000000000001\","
+                        "\"client\":\"[::1]:25\",\"n\":7}\n";
+    ASSERT_MEMEQ(rest2, line3 - rest2, want2, strlen(want2));
+    size_t len3 = strlen(line3);
+    ASSERT(len3 <= LOG_LINE_MAX);
+    ASSERT(strstr(line3, "\"trunc\":1}\n") != NULL);
+    ASSERT_EQ(line3[len3 - 1], '\n');
+}
+
+int main(void)
+{
+    test_escape_logfmt();
+    test_escape_json();
+    test_escape_bounded();
+    test_lines();
+    printf("test_log: ok\n");
+    return 0;
+}
