@@ -30,9 +30,9 @@ static void relay_block_put(struct relay_pool *pool, struct relay_block *b)
 }
 
 /* The block that owns a read buffer handed out by relay_on_alloc. */
-static struct relay_block *relay_block_of(char *base)
+static struct relay_block *relay_block_of(const uv_buf_t *buf)
 {
-    return (struct relay_block *)(base - offsetof(struct relay_block, data));
+    return (struct relay_block *)(buf->base - offsetof(struct relay_block, data));
 }
 
 void relay_pool_drain(struct relay_pool *pool)
@@ -88,7 +88,7 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
 
     if (nread <= 0) {
         if (buf->base != NULL)
-            relay_block_put(d->pool, relay_block_of(buf->base));
+            relay_block_put(d->pool, relay_block_of(buf));
         if (nread == 0)
             return; /* EAGAIN */
         uv_read_stop(src);
@@ -110,7 +110,7 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
         return;
     }
 
-    struct relay_block *b = relay_block_of(buf->base);
+    struct relay_block *b = relay_block_of(buf);
     uv_buf_t out = uv_buf_init(buf->base, (unsigned)nread);
     d->bytes += (uint64_t)nread;
     d->last_read = uv_now(src->loop);
