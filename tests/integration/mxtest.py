@@ -1,0 +1,939 @@
+"""Shared harness for mxproxy's integration tests.
+
+Every test_*.py file imports this module, runs mxproxy on 127.0.0.1 in front of
+real SMTP servers (smtp-sink) or small scripted Python backends, drives it with
+real clients and asserts on exact bytes and on exact log fields.
+
+Rules the harness enforces for every test:
+  - only 127.0.0.0/8 is bound, ports come from the kernel (bind port 0);
+  - every wait is bounded by a timeout, and polls instead of sleeping;
+  - processes are started in their own process group and stopped by pid;
+  - mxproxy must exit 0 when stopped, with no sanitizer report on stderr.
+
+Run a file alone: /usr/bin/python3 tests/integration/test_relay.py build/mxproxy
+"""
+
+import base64
+import hashlib
+import json
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+HOST = "127.0.0.1"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMTP_SINK = "/usr/sbin/smtp-sink"
+SINK_GREETING = b"220 smtp-sink ESMTP\r\n"
+SINK_BYE = b"221 Bye\r\n"
+
+# Filled in by main() from argv[1], else $MXPROXY, else build/mxproxy.
+BINARY = None
+
+TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+SID_RE = re.compile(r"^[0-9a-f]{16}$")
+SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                   "ThreadSanitizer", "SUMMARY: UndefinedBehaviorSanitizer")
+
+
+def binary():
+    if BINARY:
+        return BINARY
+    return os.environ.get("MXPROXY") or os.path.join(REPO, "build", "mxproxy")
+
+
+# --------------------------------------------------------------------------
+# Log parsing
+
+
+class LogParseError(ValueError):
+    pass
+
+
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\", "0": "\0",
+            "a": "\a", "b": "\b", "f": "\f", "v": "\v", "e": "\x1b"}
+
+
+def parse_logfmt(line):
+    """Parses one logfmt line into a dict that keeps key order.
+
+    key=value pairs separated by single spaces; a value is either bare (no
+    space, quote, '=' or control char) or double-quoted with backslash escapes
+    (\\n \\r \\t \\" \\\\ \\xHH \\uHHHH)."""
+    line = line.rstrip("\n")
+    out = {}
+    i, n = 0, len(line)
+    while i < n:
+        eq = line.find("=", i)
+        if eq <= i:
+            raise LogParseError("expected key= at column %d: %r" % (i, line))
+        key = line[i:eq]
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", key):
+            raise LogParseError("bad key %r in %r" % (key, line))
+        if key in out:
+            raise LogParseError("duplicate key %r in %r" % (key, line))
+        i = eq + 1
+        if i < n and line[i] == '"':
+            i += 1
+            val = []
+            while True:
+                if i >= n:
+                    raise LogParseError("unterminated quote in %r" % line)
+                c = line[i]
+                if c == '"':
+                    i += 1
+                    break
+                if c == "\\":
+                    if i + 1 >= n:
+                        raise LogParseError("dangling backslash in %r" % line)
+                    e = line[i + 1]
+                    if e in _ESCAPES:
+                        val.append(_ESCAPES[e])
+                        i += 2
+                    elif e == "x" and re.fullmatch(r"[0-9a-fA-F]{2}", line[i + 2:i + 4]):
+                        val.append(chr(int(line[i + 2:i + 4], 16)))
+                        i += 4
+                    elif e == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", line[i + 2:i + 6]):
+                        val.append(chr(int(line[i + 2:i + 6], 16)))
+                        i += 6
+                    else:
+                        raise LogParseError("bad escape \\%s in %r" % (e, line))
+                    continue
+                if ord(c) < 0x20:
+                    raise LogParseError("raw control char in quoted value: %r" % line)
+                val.append(c)
+                i += 1
+            out[key] = "".join(val)
+            if i < n and line[i] != " ":
+                raise LogParseError("junk after quoted value at %d: %r" % (i, line))
+        else:
+            sp = line.find(" ", i)
+            if sp < 0:
+                sp = n
+            val = line[i:sp]
+            if '"' in val or "=" in val or any(ord(c) < 0x20 for c in val):
+                raise LogParseError("unquoted value needs quotes: %r in %r" % (val, line))
+            out[key] = val
+            i = sp
+        if i < n:
+            i += 1  # the single separating space
+            if i >= n or line[i] == " ":
+                raise LogParseError("double or trailing space in %r" % line)
+    return out
+
+
+def parse_json_line(line):
+    """Parses one JSON log line into a dict that keeps key order."""
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise LogParseError("not JSON: %r (%s)" % (line, e))
+    if not isinstance(obj, dict):
+        raise LogParseError("not a JSON object: %r" % line)
+    return obj
+
+
+def parse_line(line, fmt=None):
+    """fmt 'logfmt', 'json' or None (guess from the first char)."""
+    if fmt is None:
+        fmt = "json" if line.lstrip().startswith("{") else "logfmt"
+    return parse_json_line(line) if fmt == "json" else parse_logfmt(line)
+
+
+def check_header(ev):
+    """Asserts the fixed leading keys: ts, lvl, ev, then sid when present."""
+    keys = list(ev.keys())
+    if keys[:3] != ["ts", "lvl", "ev"]:
+        raise AssertionError("log line must start with ts, lvl, ev: %r" % (ev,))
+    if not TS_RE.match(str(ev["ts"])):
+        raise AssertionError("bad ts %r" % (ev["ts"],))
+    if ev["lvl"] not in ("debug", "info", "warn", "error"):
+        raise AssertionError("bad lvl %r" % (ev["lvl"],))
+    if "sid" in ev:
+        if keys[3] != "sid":
+            raise AssertionError("sid must be the 4th key: %r" % (keys,))
+        if not SID_RE.match(str(ev["sid"])):
+            raise AssertionError("bad sid %r" % (ev["sid"],))
+
+
+# --------------------------------------------------------------------------
+# Ports, sockets, processes
+
+
+def free_port():
+    """A port the kernel just handed out on 127.0.0.1 and that is closed now."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def wait_port(port, timeout=10.0, proc=None):
+    """Polls until something accepts on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError("process exited with %s before port %d opened"
+                                 % (proc.returncode, port))
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError("nothing listens on %s:%d after %.1fs"
+                                     % (HOST, port, timeout))
+            time.sleep(0.01)
+
+
+def raise_nofile(n=None):
+    """Raises RLIMIT_NOFILE of this process to n (default: the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if n is None else min(n, hard)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _preexec_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def stop_process(proc, sig=signal.SIGTERM, timeout=10.0):
+    """Signals proc's pid, waits, then kills its process group. Returns the exit code."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+        return None
+    return proc.returncode
+
+
+def connect_refused(port, timeout=1.0):
+    """True when a connect to 127.0.0.1:port is refused."""
+    s = socket.socket()
+    s.settimeout(timeout)
+    try:
+        s.connect((HOST, port))
+        return False
+    except ConnectionRefusedError:
+        return True
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------
+# A client with a receive buffer
+
+
+class Client:
+    """A TCP client that reads SMTP replies, exact byte counts or EOF, each
+    with a timeout."""
+
+    def __init__(self, port, timeout=5.0, host=HOST):
+        self.t_connect = time.monotonic()
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.t_connected = time.monotonic()
+        self.local_port = self.sock.getsockname()[1]  # still known after close()
+        self.buf = b""
+        self.received = b""      # everything ever read, for byte accounting
+        self.sent = 0
+        self.eof = False
+
+    def send(self, data):
+        self.sock.sendall(data)
+        self.sent += len(data)
+
+    def _fill(self, deadline):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self.sock.settimeout(left)
+        data = self.sock.recv(65536)
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        self.received += data
+        return True
+
+    def recv_until(self, term, timeout=5.0):
+        """Returns the buffer up to and including term."""
+        deadline = time.monotonic() + timeout
+        while term not in self.buf:
+            try:
+                if not self._fill(deadline):
+                    raise AssertionError("EOF before %r; got %r" % (term, self.buf))
+            except socket.timeout:
+                raise AssertionError("no %r within %.2fs; got %r" % (term, timeout, self.buf))
+        i = self.buf.index(term) + len(term)
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out
+
+    def recv_exact(self, n, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while len(self.buf) < n:
+            try:
+                if not self._fill(deadline):
+                    raise AssertionError("EOF after %d of %d bytes" % (len(self.buf), n))
+            except socket.timeout:
+                raise AssertionError("only %d of %d bytes within %.2fs"
+                                     % (len(self.buf), n, timeout))
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def read_reply(self, timeout=5.0):
+        """One whole SMTP reply (all lines of a multi-line reply), raw bytes."""
+        deadline = time.monotonic() + timeout
+        out = b""
+        while True:
+            line = self.recv_until(b"\r\n", max(0.0, deadline - time.monotonic()))
+            out += line
+            if len(line) < 4 or line[3:4] != b"-":
+                return out
+
+    def cmd(self, line, timeout=5.0):
+        self.send(line + b"\r\n")
+        return self.read_reply(timeout)
+
+    def wait_closed(self, timeout=5.0):
+        """Waits for EOF or reset. Returns ('eof'|'reset', bytes received first)."""
+        deadline = time.monotonic() + timeout
+        got = b""
+        while True:
+            try:
+                if not self._fill(deadline):
+                    got, self.buf = got + self.buf, b""
+                    return "eof", got
+                got, self.buf = got + self.buf, b""
+            except ConnectionResetError:
+                got, self.buf = got + self.buf, b""
+                return "reset", got
+            except socket.timeout:
+                raise AssertionError("still open after %.2fs (got %r)" % (timeout, got))
+
+    def assert_open(self, wait=0.0):
+        """Asserts nothing arrives and the peer has not closed within wait seconds."""
+        r, _, _ = select.select([self.sock], [], [], wait)
+        if r:
+            try:
+                data = self.sock.recv(65536, socket.MSG_PEEK)
+            except ConnectionResetError:
+                raise AssertionError("connection was reset")
+            if not data:
+                raise AssertionError("connection was closed by the peer")
+            raise AssertionError("unexpected data %r" % data)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------
+# Scripted backends
+
+
+class ConnRecord:
+    """What a backend saw on one accepted connection."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.peer = sock.getpeername()
+        self.t_accept = time.monotonic()
+        self.rx = 0            # bytes received
+        self.tx = 0            # bytes sent
+        self.received = bytearray()  # kept only when the backend says so
+        self.commands = []     # SMTP command lines, CRLF stripped
+        self.messages = []     # (size, sha256 hex) per DATA
+        self.eof = threading.Event()
+        self.closed = threading.Event()
+        self.t_eof = None
+        self.error = None
+
+
+class TcpBackend:
+    """A threaded TCP server on 127.0.0.1; handler(backend, rec) runs per connection."""
+
+    def __init__(self, name="backend", backlog=128, keep_bytes=False):
+        self.name = name
+        self.keep_bytes = keep_bytes
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind((HOST, 0))
+        self.lsock.listen(backlog)
+        self.port = self.lsock.getsockname()[1]
+        self.addr = "%s:%d" % (HOST, self.port)
+        self.conns = []
+        self.cond = threading.Condition()
+        self.stopping = threading.Event()
+        self.threads = []
+        t = threading.Thread(target=self._accept_loop, name="accept-" + name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _accept_loop(self):
+        while not self.stopping.is_set():
+            r, _, _ = select.select([self.lsock], [], [], 0.05)
+            if not r:
+                continue
+            try:
+                sock, _ = self.lsock.accept()
+            except OSError:
+                continue
+            rec = ConnRecord(sock)
+            with self.cond:
+                self.conns.append(rec)
+                self.cond.notify_all()
+            t = threading.Thread(target=self._run, args=(rec,), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _run(self, rec):
+        try:
+            self.handle(rec)
+        except (OSError, ConnectionError) as e:
+            rec.error = e
+        except Exception as e:  # a handler bug must show, not hang the test
+            rec.error = e
+            print("backend %s handler error: %r" % (self.name, e), file=sys.stderr)
+        finally:
+            try:
+                rec.sock.close()
+            except OSError:
+                pass
+            rec.closed.set()
+            with self.cond:
+                self.cond.notify_all()
+
+    # helpers for handlers
+    def send(self, rec, data):
+        rec.sock.sendall(data)
+        rec.tx += len(data)
+
+    def recv(self, rec, n=262144):
+        """Returns b'' on EOF, None when the backend is stopping."""
+        while not self.stopping.is_set():
+            r, _, _ = select.select([rec.sock], [], [], 0.05)
+            if r:
+                data = rec.sock.recv(n)
+                rec.rx += len(data)
+                if self.keep_bytes:
+                    rec.received += data
+                if not data:
+                    rec.t_eof = time.monotonic()
+                    rec.eof.set()
+                return data
+        return None
+
+    def handle(self, rec):
+        raise NotImplementedError
+
+    def wait_conns(self, n, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while len(self.conns) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError("%s: %d connections, wanted %d within %.1fs"
+                                         % (self.name, len(self.conns), n, timeout))
+                self.cond.wait(left)
+            return self.conns[n - 1]
+
+    def close(self):
+        self.stopping.set()
+        try:
+            self.lsock.close()
+        except OSError:
+            pass
+        for rec in list(self.conns):
+            try:
+                rec.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self.threads:
+            t.join(2)
+
+
+class SmtpBackend(TcpBackend):
+    """Speaks just enough SMTP: greeting (optionally delayed or multi-line),
+    EHLO/HELO/MAIL/RCPT/RSET/NOOP, DATA hashed with SHA-256, QUIT.
+
+    Replies name the backend, so a client can tell which one it reached:
+        220 NAME ESMTP / 250 2.0.0 NAME ok / 250 2.0.0 NAME queued SIZE SHA256
+    After QUIT it answers 221 and waits for the client to close first, so the
+    proxy's close reason is deterministic (client_eof)."""
+
+    def __init__(self, name="backend", greeting=None, greeting_delay=0.0, greeting_parts=None,
+                 part_delay=0.0, **kw):
+        self.greeting = greeting if greeting is not None else b"220 %s ESMTP\r\n" % name.encode()
+        self.greeting_delay = greeting_delay
+        self.greeting_parts = greeting_parts
+        self.part_delay = part_delay
+        super().__init__(name, **kw)
+
+    def greet(self, rec):
+        if self.greeting_delay and self.stopping.wait(self.greeting_delay):
+            return
+        if self.greeting_parts:
+            for i, part in enumerate(self.greeting_parts):
+                if i and self.part_delay:
+                    time.sleep(self.part_delay)
+                self.send(rec, part)
+        else:
+            self.send(rec, self.greeting)
+
+    def handle(self, rec):
+        self.greet(rec)
+        name = self.name.encode()
+        buf = b""
+        while True:
+            while b"\r\n" not in buf:
+                data = self.recv(rec)
+                if not data:
+                    return
+                buf += data
+            line, buf = buf.split(b"\r\n", 1)
+            rec.commands.append(line)
+            verb = line.split(b" ", 1)[0].upper()
+            if verb == b"EHLO":
+                self.send(rec, b"250-%s\r\n250-PIPELINING\r\n250 8BITMIME\r\n" % name)
+            elif verb == b"HELO":
+                self.send(rec, b"250 %s\r\n" % name)
+            elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                self.send(rec, b"250 2.0.0 %s ok\r\n" % name)
+            elif verb == b"DATA":
+                self.send(rec, b"354 go ahead\r\n")
+                buf = self._data(rec, buf)
+                if buf is None:
+                    return
+                size, digest = rec.messages[-1]
+                self.send(rec, b"250 2.0.0 %s queued %d %s\r\n" % (name, size, digest.encode()))
+            elif verb == b"QUIT":
+                self.send(rec, b"221 2.0.0 %s bye\r\n" % name)
+                while True:  # the client closes first
+                    data = self.recv(rec)
+                    if not data:
+                        return
+            else:
+                self.send(rec, b"502 5.5.2 %s unknown\r\n" % name)
+
+    def _data(self, rec, buf):
+        """Hashes the message up to and including the CRLF before the final '.'.
+        Returns the bytes after the terminator, or None on EOF."""
+        h = hashlib.sha256()
+        size = 0
+        pending = b"\r\n" + buf  # a message may end right away with ".\r\n"
+        first = True
+        while True:
+            i = pending.find(b"\r\n.\r\n")
+            if i >= 0:
+                body = pending[:i + 2]
+                if first:
+                    body = body[2:]
+                h.update(body)
+                size += len(body)
+                rec.messages.append((size, h.hexdigest()))
+                return pending[i + 5:]
+            if len(pending) > 4:
+                body = pending[:-4]
+                if first:
+                    body = body[2:]
+                    first = False
+                h.update(body)
+                size += len(body)
+                pending = pending[-4:]
+            data = self.recv(rec)
+            if not data:
+                return None
+            pending += data
+
+
+class HalfCloseBackend(TcpBackend):
+    """Sends a greeting, reads until EOF, then replies with what it got and closes."""
+
+    GREETING = b"220 halfclose ready\r\n"
+
+    def handle(self, rec):
+        self.send(rec, self.GREETING)
+        h = hashlib.sha256()
+        while True:
+            data = self.recv(rec)
+            if data is None:
+                return
+            if not data:
+                break
+            h.update(data)
+        rec.digest = h.hexdigest()
+        self.send(rec, b"250 got %d bytes %s\r\n" % (rec.rx, rec.digest.encode()))
+
+
+class Blackhole:
+    """An address whose SYNs go unanswered: a listener with backlog 0 that never
+    accepts, its accept queue filled first. On Linux a full accept queue drops
+    new SYNs, so a connect() there hangs until the caller gives up."""
+
+    def __init__(self):
+        self.lsock = socket.socket()
+        self.lsock.bind((HOST, 0))
+        self.lsock.listen(0)
+        self.port = self.lsock.getsockname()[1]
+        self.addr = "%s:%d" % (HOST, self.port)
+        self.fillers = []
+        for _ in range(8):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex((HOST, self.port))
+            self.fillers.append(s)
+            _, w, _ = select.select([], [s], [], 0.3)
+            if not w:
+                return  # this SYN was dropped: the queue is full
+        raise AssertionError("could not fill the accept queue of %s" % self.addr)
+
+    def close(self):
+        for s in self.fillers:
+            s.close()
+        self.lsock.close()
+
+
+class SmtpSink:
+    """/usr/sbin/smtp-sink on 127.0.0.1:PORT in its own process group."""
+
+    def __init__(self, max_conns=256, backlog=256, extra=()):
+        self.port = free_port()
+        self.addr = "%s:%d" % (HOST, self.port)
+        args = [SMTP_SINK]
+        if os.geteuid() == 0:
+            args += ["-u", "nobody"]
+        args += ["-m", str(max_conns)] + list(extra) + [self.addr, str(backlog)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_preexec_nofile)
+        try:
+            wait_port(self.port, 10, self.proc)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        stop_process(self.proc, signal.SIGTERM, 5)
+
+
+# --------------------------------------------------------------------------
+# Configuration
+
+
+def listener(name, listen, backends, **opts):
+    """One [listener NAME] section. backends: list of 'ip:port' or one string."""
+    if not isinstance(backends, str):
+        backends = ",".join(backends)
+    lines = ["[listener %s]" % name, "listen = %s" % listen, "backend = %s" % backends]
+    for k, v in opts.items():
+        lines.append("%s = %s" % (k, v))
+    return "\n".join(lines) + "\n"
+
+
+def config(*listeners, **glob):
+    """INI text: [global] with glob (workers=1, drain_timeout=2s unless given)
+    followed by the listener sections."""
+    g = {"workers": 1, "log_level": "info", "drain_timeout": "2s"}
+    g.update(glob)
+    lines = ["[global]"] + ["%s = %s" % (k, v) for k, v in g.items() if v is not None]
+    return "\n".join(lines) + "\n\n" + "\n".join(listeners)
+
+
+# --------------------------------------------------------------------------
+# The proxy under test
+
+
+class Proxy:
+    """mxproxy -c FILE in the foreground; stderr parsed line by line into events.
+
+    Each event is the parsed dict plus '_t' (monotonic arrival time) and '_raw'.
+    Lines that do not parse are kept in self.bad_lines and fail the test."""
+
+    def __init__(self, conf_text, tmpdir, log_format="logfmt", env=None, preexec_fn=None,
+                 name="mxproxy.conf"):
+        self.tmpdir = tmpdir
+        self.path = os.path.join(tmpdir, name)
+        self.fmt = log_format
+        self.write_config(conf_text)
+        self.events = []
+        self.raw = []
+        self.bad_lines = []
+        self.cond = threading.Condition()
+        self.closed_stderr = False
+        e = dict(os.environ)
+        e.setdefault("ASAN_OPTIONS", "detect_leaks=1")
+        e.setdefault("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")
+        if env:
+            e.update(env)
+        self.proc = subprocess.Popen([binary(), "-c", self.path], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True, env=e, preexec_fn=preexec_fn)
+        self.pid = self.proc.pid
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.rc = None
+
+    def write_config(self, text):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.path)
+
+    def _read(self):
+        for bline in self.proc.stderr:
+            t = time.monotonic()
+            line = bline.decode("utf-8", "replace").rstrip("\n")
+            with self.cond:
+                self.raw.append(line)
+                if any(m in line for m in SANITIZER_MARKS):
+                    self.bad_lines.append(line)
+                try:
+                    ev = parse_line(line, self.fmt)
+                    check_header(ev)
+                except (LogParseError, AssertionError) as e:
+                    if line.strip():
+                        self.bad_lines.append("%s  [%s]" % (line, e))
+                    ev = None
+                if ev is not None:
+                    ev["_t"] = t
+                    ev["_raw"] = line
+                    self.events.append(ev)
+                self.cond.notify_all()
+        with self.cond:
+            self.closed_stderr = True
+            self.cond.notify_all()
+
+    @staticmethod
+    def _match(ev, fields):
+        for k, v in fields.items():
+            if k not in ev or str(ev[k]) != str(v):
+                return False
+        return True
+
+    def find(self, **fields):
+        with self.cond:
+            return [e for e in self.events if self._match(e, fields)]
+
+    def wait_event(self, timeout=5.0, start=0, **fields):
+        """The first event at index >= start whose fields equal the given ones."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for e in self.events[start:]:
+                    if self._match(e, fields):
+                        return e
+                left = deadline - time.monotonic()
+                if left <= 0 or self.closed_stderr:
+                    raise AssertionError("no log event %r within %.1fs; log tail:\n%s"
+                                         % (fields, timeout, self.tail()))
+                self.cond.wait(left)
+
+    def wait_count(self, n, timeout=5.0, **fields):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                got = [e for e in self.events if self._match(e, fields)]
+                if len(got) >= n:
+                    return got
+                left = deadline - time.monotonic()
+                if left <= 0 or self.closed_stderr:
+                    raise AssertionError("%d of %d log events %r within %.1fs; log tail:\n%s"
+                                         % (len(got), n, fields, timeout, self.tail()))
+                self.cond.wait(left)
+
+    def mark(self):
+        with self.cond:
+            return len(self.events)
+
+    def tail(self, n=30):
+        return "\n".join(self.raw[-n:])
+
+    def wait_started(self, timeout=10.0):
+        try:
+            return self.wait_event(timeout, ev="start")
+        except AssertionError:
+            raise AssertionError("mxproxy did not log ev=start (exit %s); stderr:\n%s"
+                                 % (self.proc.poll(), self.tail()))
+
+    def sid_of(self, client, timeout=5.0):
+        """The session id of the ev=open whose client= is this client's address."""
+        port = client if isinstance(client, int) else client.local_port
+        return self.wait_event(timeout, ev="open", client="%s:%d" % (HOST, port))["sid"]
+
+    def close_of(self, sid, timeout=5.0):
+        return self.wait_event(timeout, ev="close", sid=sid)
+
+    def signal(self, sig):
+        os.kill(self.pid, sig)
+
+    def reload(self, text):
+        """Rewrites the config, sends SIGHUP and returns the index to search from."""
+        m = self.mark()
+        self.write_config(text)
+        self.signal(signal.SIGHUP)
+        return m
+
+    def fd_count(self):
+        return len(os.listdir("/proc/%d/fd" % self.pid))
+
+    def wait_exit(self, timeout):
+        try:
+            self.rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("mxproxy still running after %.1fs; log tail:\n%s"
+                                 % (timeout, self.tail()))
+        self.reader.join(5)
+        return self.rc
+
+    def stop(self, timeout=10.0):
+        if self.proc.poll() is None:
+            self.rc = stop_process(self.proc, signal.SIGTERM, timeout)
+        else:
+            self.rc = self.proc.returncode
+        self.reader.join(5)
+        return self.rc
+
+
+class ProxyTestCase(unittest.TestCase):
+    """Starts and always stops what a test creates. tearDown fails the test
+    when mxproxy did not exit 0 or printed a sanitizer report or a line that is
+    not a well-formed log line."""
+
+    def setUp(self):
+        self.tmpdir = tempfile.mkdtemp(prefix="mxtest-")
+        self._proxies = []
+        self._cleanups_objs = []
+
+    def track(self, obj):
+        self._cleanups_objs.append(obj)
+        return obj
+
+    def smtp_backend(self, name="backend", **kw):
+        return self.track(SmtpBackend(name, **kw))
+
+    def sink(self, **kw):
+        return self.track(SmtpSink(**kw))
+
+    def client(self, port, timeout=5.0):
+        return self.track(Client(port, timeout))
+
+    def start_proxy(self, conf_text, log_format="logfmt", **kw):
+        if not os.access(binary(), os.X_OK):
+            self.fail("mxproxy binary not found or not executable: %s" % binary())
+        p = Proxy(conf_text, self.tmpdir, log_format=log_format, **kw)
+        self._proxies.append(p)
+        p.wait_started()
+        return p
+
+    def tearDown(self):
+        problems = []
+        for obj in reversed(self._cleanups_objs):
+            try:
+                obj.close()
+            except Exception as e:
+                problems.append("cleanup %r: %r" % (obj, e))
+        for p in self._proxies:
+            rc = p.stop()
+            if rc != 0:
+                problems.append("mxproxy exited with %r (expected 0); log tail:\n%s"
+                                % (rc, p.tail()))
+            if p.bad_lines:
+                problems.append("mxproxy wrote bad stderr lines:\n" + "\n".join(p.bad_lines[:20]))
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        if problems:
+            self.fail("\n".join(problems))
+
+    # assertions shared by the files
+    def assertWithin(self, value, lo, hi, what):
+        if not lo <= value <= hi:
+            self.fail("%s: %.3fs not within [%.2f, %.2f]" % (what, value, lo, hi))
+
+
+def message_body(approx):
+    """About approx bytes of 76-char base64 lines ending in CRLF: no line starts
+    with '.', so the body needs no dot-stuffing."""
+    raw = os.urandom(approx * 57 // 78)
+    return base64.encodebytes(raw).replace(b"\n", b"\r\n")
+
+
+# --------------------------------------------------------------------------
+# Runner
+
+
+class _Result(unittest.TextTestResult):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.rows = []
+        self._t0 = {}
+
+    def startTest(self, test):
+        self._t0[test.id()] = time.monotonic()
+        super().startTest(test)
+
+    def _row(self, test, status):
+        self.rows.append((status, time.monotonic() - self._t0.get(test.id(), time.monotonic()),
+                          test.id()))
+
+    def addSuccess(self, test):
+        super().addSuccess(test)
+        self._row(test, "PASS")
+
+    def addFailure(self, test, err):
+        super().addFailure(test, err)
+        self._row(test, "FAIL")
+
+    def addError(self, test, err):
+        super().addError(test, err)
+        self._row(test, "ERROR")
+
+    def addSkip(self, test, reason):
+        super().addSkip(test, reason)
+        self._row(test, "SKIP")
+
+
+def main():
+    """Entry point of every test file: argv[1] is the mxproxy binary."""
+    global BINARY
+    argv = list(sys.argv)
+    if len(argv) > 1 and ("/" in argv[1] or os.path.isfile(argv[1])):
+        BINARY = os.path.abspath(argv.pop(1))
+    raise_nofile()
+    t0 = time.monotonic()
+    runner = unittest.TextTestRunner(verbosity=2, resultclass=_Result)
+    prog = unittest.main(argv=argv, testRunner=runner, exit=False)
+    res = prog.result
+    print("\n==== %s summary (binary %s, %.1fs) ====" % (os.path.basename(argv[0]), binary(),
+                                                      time.monotonic() - t0))
+    for status, secs, name in getattr(res, "rows", []):
+        print("%-5s %6.2fs  %s" % (status, secs, name))
+    ok = res.wasSuccessful()
+    print("RESULT: %s (%d run, %d failed, %d errors, %d skipped)"
+          % ("PASS" if ok else "FAIL", res.testsRun, len(res.failures), len(res.errors),
+             len(res.skipped)))
+    sys.exit(0 if ok else 1)

@@ -1,0 +1,160 @@
+"""SIGHUP reload (backends, invalid config, listeners) and SIGTERM/SIGINT drain."""
+
+import hashlib
+import signal
+import smtplib
+import subprocess
+import time
+
+import mxtest
+from mxtest import HOST, config, listener, free_port
+
+
+class ReloadTest(mxtest.ProxyTestCase):
+
+    def test_sighup_switches_backend_and_keeps_old_on_error(self):
+        x = self.smtp_backend("x")
+        y = self.smtp_backend("y")
+        port = free_port()
+        listen = "%s:%d" % (HOST, port)
+        p = self.start_proxy(config(listener("smtp", listen, x.addr)))
+        pid = p.pid
+        a = self.client(port)
+        self.assertEqual(a.recv_until(b"\r\n"), b"220 x ESMTP\r\n")
+
+        t_hup = time.monotonic()
+        m = p.reload(config(listener("smtp", listen, y.addr)))
+        reached = None
+        while reached != b"220 y ESMTP\r\n":
+            self.assertLess(time.monotonic() - t_hup, 1.0, "new sessions still reach x after 1s")
+            c = self.client(port)
+            reached = c.recv_until(b"\r\n", timeout=1)
+            self.assertIn(reached, (b"220 x ESMTP\r\n", b"220 y ESMTP\r\n"))
+            c.close()
+        ev = p.wait_event(start=m, ev="reload")
+        self.assertEqual(ev["config"], p.path)
+        self.assertEqual(ev["lvl"], "info")
+        # The open session keeps its backend.
+        self.assertEqual(a.cmd(b"NOOP"), b"250 2.0.0 x ok\r\n")
+        n_x = len(x.conns)
+
+        # An invalid config is refused with FILE:LINE: message; y stays.
+        bad = config(listener("smtp", listen, y.addr, bogus_key="1"))
+        bad_line = bad.splitlines().index("bogus_key = 1") + 1
+        m = p.reload(bad)
+        err = p.wait_event(start=m, ev="reload_error")
+        self.assertEqual(err["lvl"], "error")
+        self.assertTrue(err["error"].startswith("%s:%d: " % (p.path, bad_line)), err["error"])
+        self.assertIn("bogus_key", err["error"])
+        check = subprocess.run([mxtest.binary(), "-t", "-c", p.path], capture_output=True,
+                               timeout=10)
+        self.assertEqual(check.returncode, 1)
+        self.assertEqual(err["error"] + "\n", check.stderr.decode(), "same message as -t")
+        for _ in range(3):
+            c = self.client(port)
+            self.assertEqual(c.recv_until(b"\r\n", timeout=2), b"220 y ESMTP\r\n")
+            c.close()
+        self.assertEqual(len(x.conns), n_x)
+        self.assertEqual(a.cmd(b"NOOP"), b"250 2.0.0 x ok\r\n")
+        self.assertEqual(p.proc.poll(), None)
+        self.assertEqual(p.pid, pid)
+        self.assertEqual(len(p.find(ev="start")), 1, "reload must not restart the process")
+
+    def test_sighup_adds_and_removes_listener(self):
+        b = self.smtp_backend("mx")
+        port1, port2 = free_port(), free_port()
+        l1 = listener("one", "%s:%d" % (HOST, port1), b.addr)
+        l2 = listener("two", "%s:%d" % (HOST, port2), b.addr)
+        p = self.start_proxy(config(l1))
+        self.assertTrue(mxtest.connect_refused(port2))
+
+        m = p.reload(config(l1, l2))
+        p.wait_event(start=m, ev="reload")
+        ev = p.wait_event(start=m, ev="listen", listener="two")
+        self.assertEqual((ev["addr"], ev["mode"]), ("%s:%d" % (HOST, port2), "tcp"))
+        c = self.client(port2)
+        self.assertEqual(c.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
+        self.assertEqual(p.wait_event(ev="open", sid=p.sid_of(c))["listener"], "two")
+        c1 = self.client(port1)
+        self.assertEqual(c1.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
+
+        m = p.reload(config(l1))
+        p.wait_event(start=m, ev="reload")
+        deadline = time.monotonic() + 1.0
+        while not mxtest.connect_refused(port2):
+            self.assertLess(time.monotonic(), deadline, "removed listener still accepts after 1s")
+            time.sleep(0.02)
+        # The session opened on the removed listener keeps working.
+        self.assertEqual(c.cmd(b"NOOP"), b"250 2.0.0 mx ok\r\n")
+        c3 = self.client(port1)
+        self.assertEqual(c3.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
+        self.assertEqual(p.proc.poll(), None)
+        self.assertEqual(len(p.find(ev="start")), 1)
+
+
+class DrainTest(mxtest.ProxyTestCase):
+
+    def test_sigterm_drains_then_exits_0(self):
+        b = self.smtp_backend("mx")
+        port = free_port()
+        p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port), b.addr),
+                                    workers=2, drain_timeout=2))
+        s = smtplib.SMTP(HOST, port, local_hostname="client.example", timeout=5)
+        self.track(s)
+        self.assertEqual(s.ehlo()[0], 250)
+        self.assertEqual(s.mail("a@example.com")[0], 250)
+        self.assertEqual(s.rcpt("b@example.com")[0], 250)
+        self.assertEqual(s.docmd("DATA")[0], 354)
+        part1 = b"Subject: drain\r\n\r\nfirst half\r\n"
+        s.send(part1)
+        idle = self.client(port)
+        self.assertEqual(idle.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
+        b.wait_conns(2)
+
+        m = p.mark()
+        p.signal(signal.SIGTERM)
+        drain = p.wait_event(start=m, ev="drain")
+        self.assertTrue(mxtest.connect_refused(port), "listener still open after ev=drain")
+        self.assertEqual(drain["sessions"], "2")
+
+        part2 = b"second half\r\n"
+        s.send(part2 + b".\r\n")
+        code, text = s.getreply()
+        msg = part1 + part2
+        self.assertEqual(code, 250, text)
+        digest = hashlib.sha256(msg).hexdigest().encode()
+        self.assertEqual(text, b"2.0.0 mx queued %d %s" % (len(msg), digest))
+        self.assertEqual(s.quit()[0], 221)
+        s.close()
+
+        how, got = idle.wait_closed(4)
+        self.assertEqual(got, b"")
+        self.assertWithin(time.monotonic() - drain["_t"], 1.8, 2.8, "idle session cut")
+        close = p.close_of(p.sid_of(idle))
+        self.assertEqual(close["end"], "drain")
+        rc = p.wait_exit(2)
+        self.assertEqual(rc, 0)
+        self.assertEqual(p.events[-1]["ev"], "stop")
+        closes = p.find(ev="close")
+        self.assertEqual(sorted(e["end"] for e in closes), ["client_eof", "drain"])
+
+    def test_sigint_without_sessions_exits_at_once(self):
+        b = self.smtp_backend("mx")
+        port = free_port()
+        p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port), b.addr),
+                                    drain_timeout=30))
+        c = self.client(port)
+        self.assertEqual(c.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
+        sid = p.sid_of(c)
+        c.close()
+        p.close_of(sid)
+        t0 = time.monotonic()
+        p.signal(signal.SIGINT)
+        self.assertEqual(p.wait_exit(3), 0)
+        self.assertLess(time.monotonic() - t0, 1.0, "nothing to drain: exit at once")
+        self.assertEqual(p.find(ev="drain")[0]["sessions"], "0")
+        self.assertEqual(p.events[-1]["ev"], "stop")
+
+
+if __name__ == "__main__":
+    mxtest.main()

@@ -1,0 +1,43 @@
+"""max_connections: the connection over the limit is closed at once."""
+
+import mxtest
+from mxtest import HOST, config, listener, free_port
+
+
+class LimitsTest(mxtest.ProxyTestCase):
+
+    def test_max_connections(self):
+        b = self.smtp_backend("mx")
+        port = free_port()
+        # Two workers: the limit holds for the listener as a whole.
+        p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port), b.addr,
+                                             max_connections=2), workers=2))
+        c1 = self.client(port)
+        c2 = self.client(port)
+        for c in (c1, c2):
+            self.assertEqual(c.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
+        c3 = self.client(port)
+        how, got = c3.wait_closed(0.5)
+        self.assertEqual((how, got), ("eof", b""), "third connection must be closed at once")
+        sid3 = p.sid_of(c3)
+        close3 = p.close_of(sid3)
+        self.assertEqual(close3["end"], "limit")
+        self.assertEqual((close3["bytes_up"], close3["bytes_down"]), ("0", "0"))
+        self.assertEqual(p.find(ev="connect", sid=sid3), [])
+        self.assertEqual(len(b.conns), 2, "no backend connection for a refused session")
+        # Both sessions still work.
+        self.assertEqual(c2.cmd(b"NOOP"), b"250 2.0.0 mx ok\r\n")
+        # One ends: the next is accepted.
+        self.assertEqual(c1.cmd(b"QUIT"), b"221 2.0.0 mx bye\r\n")
+        sid1 = p.sid_of(c1)
+        c1.close()
+        self.assertEqual(p.close_of(sid1)["end"], "client_eof")
+        c4 = self.client(port)
+        self.assertEqual(c4.recv_until(b"\r\n", timeout=2), b"220 mx ESMTP\r\n")
+        self.assertEqual(c4.cmd(b"NOOP"), b"250 2.0.0 mx ok\r\n")
+        self.assertEqual(len(b.conns), 3)
+        self.assertEqual(len(p.find(ev="close", end="limit")), 1)
+
+
+if __name__ == "__main__":
+    mxtest.main()
