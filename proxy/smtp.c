@@ -1,0 +1,765 @@
+/* smtp.c: PURE SMTP framing (see smtp.h for the contract). */
+#include "smtp.h"
+
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Client parser states. */
+enum {
+    SMTP_CS_CMD = 0,   /* reading command lines */
+    SMTP_CS_SKIP,      /* dropping the rest of an overlong line, then skip_next */
+    SMTP_CS_WAIT,      /* holding bytes until the reply to wait_cmd */
+    SMTP_CS_AUTH_LINE, /* reading one AUTH credential line */
+    SMTP_CS_BODY,      /* DATA body */
+    SMTP_CS_SWALLOW,   /* DATA body after a smuggling pattern: drop up to CRLF.CRLF */
+    SMTP_CS_BDAT,      /* BDAT chunk, size = bytes still expected */
+    SMTP_CS_BDAT_END,  /* chunk complete, SMTP_EV_BDAT_END not yet reported */
+    SMTP_CS_BARRIER,   /* after STARTTLS, dropping bytes until its reply */
+};
+
+/* Body: the delimiter that precedes the next byte. */
+enum {
+    SMTP_BOL_NONE = 0, /* inside a line */
+    SMTP_BOL_CRLF,
+    SMTP_BOL_LF,
+    SMTP_BOL_CR,
+};
+
+/* Verbs that change how the parser reads what follows. */
+#define SMTP_VERB_F_WAIT 0x01u    /* hold later bytes until the reply */
+#define SMTP_VERB_F_BARRIER 0x02u /* drop later bytes until the reply */
+
+static const struct smtp_verb {
+    char name[9];
+    unsigned char len;
+    enum smtp_cmd cmd;
+    unsigned flags;
+} smtp_verbs[] = {
+    {"HELO", 4, SMTP_CMD_HELO, 0},
+    {"EHLO", 4, SMTP_CMD_EHLO, 0},
+    {"MAIL", 4, SMTP_CMD_MAIL, 0},
+    {"RCPT", 4, SMTP_CMD_RCPT, 0},
+    {"DATA", 4, SMTP_CMD_DATA, SMTP_VERB_F_WAIT},
+    {"BDAT", 4, SMTP_CMD_BDAT, 0},
+    {"RSET", 4, SMTP_CMD_RSET, 0},
+    {"NOOP", 4, SMTP_CMD_NOOP, 0},
+    {"QUIT", 4, SMTP_CMD_QUIT, 0},
+    {"VRFY", 4, SMTP_CMD_VRFY, 0},
+    {"EXPN", 4, SMTP_CMD_EXPN, 0},
+    {"HELP", 4, SMTP_CMD_HELP, 0},
+    {"AUTH", 4, SMTP_CMD_AUTH, SMTP_VERB_F_WAIT},
+    {"STARTTLS", 8, SMTP_CMD_STARTTLS, SMTP_VERB_F_BARRIER},
+    {"XCLIENT", 7, SMTP_CMD_XCLIENT, SMTP_VERB_F_WAIT},
+};
+
+static const char *const smtp_cmd_names[] = {
+    [SMTP_CMD_NONE] = "",           [SMTP_CMD_UNKNOWN] = "UNKNOWN",
+    [SMTP_CMD_HELO] = "HELO",       [SMTP_CMD_EHLO] = "EHLO",
+    [SMTP_CMD_MAIL] = "MAIL",       [SMTP_CMD_RCPT] = "RCPT",
+    [SMTP_CMD_DATA] = "DATA",       [SMTP_CMD_BDAT] = "BDAT",
+    [SMTP_CMD_RSET] = "RSET",       [SMTP_CMD_NOOP] = "NOOP",
+    [SMTP_CMD_QUIT] = "QUIT",       [SMTP_CMD_VRFY] = "VRFY",
+    [SMTP_CMD_EXPN] = "EXPN",       [SMTP_CMD_HELP] = "HELP",
+    [SMTP_CMD_AUTH] = "AUTH",       [SMTP_CMD_STARTTLS] = "STARTTLS",
+    [SMTP_CMD_XCLIENT] = "XCLIENT", [SMTP_CMD_DOT] = ".",
+};
+
+/* Smuggling pattern names, [before][after] by SMTP_BOL_* (NONE unused). */
+static const char *const smtp_patterns[4][4] = {
+    [SMTP_BOL_CRLF] =
+        {[SMTP_BOL_CRLF] = "CRLF.CRLF", [SMTP_BOL_LF] = "CRLF.LF", [SMTP_BOL_CR] = "CRLF.CR"},
+    [SMTP_BOL_LF] = {[SMTP_BOL_CRLF] = "LF.CRLF", [SMTP_BOL_LF] = "LF.LF", [SMTP_BOL_CR] = "LF.CR"},
+    [SMTP_BOL_CR] = {[SMTP_BOL_CRLF] = "CR.CRLF", [SMTP_BOL_LF] = "CR.LF", [SMTP_BOL_CR] = "CR.CR"},
+};
+
+static const char smtp_crlf[] = "\r\n";
+static const char smtp_dotdot[] = "..";
+static const char smtp_cancel[] = "*\r\n";
+
+const char *smtp_cmd_name(enum smtp_cmd cmd)
+{
+    if ((unsigned)cmd >= sizeof(smtp_cmd_names) / sizeof(smtp_cmd_names[0]))
+        return "";
+    return smtp_cmd_names[cmd];
+}
+
+void smtp_client_init(struct smtp_client *p, const struct smtp_client_opts *opts)
+{
+    memset(p, 0, sizeof(*p));
+    if (opts != NULL) {
+        p->max_line = opts->max_line_length;
+        p->smuggling = opts->smuggling;
+    }
+}
+
+static void smtp_ev_reset(struct smtp_event *ev, enum smtp_ev type)
+{
+    memset(ev, 0, sizeof(*ev));
+    ev->type = type;
+}
+
+static char smtp_upper(char c) { return (c >= 'a' && c <= 'z') ? (char)(c - 'a' + 'A') : c; }
+
+/* Case-insensitive prefix match of an upper-case ASCII word. */
+static bool smtp_prefix(const char *s, size_t n, const char *word)
+{
+    size_t wl = strlen(word);
+
+    if (n < wl)
+        return false;
+    for (size_t i = 0; i < wl; i++)
+        if (smtp_upper(s[i]) != word[i])
+            return false;
+    return true;
+}
+
+static size_t smtp_skip_sp(const char *s, size_t i, size_t n)
+{
+    while (i < n && s[i] == ' ')
+        i++;
+    return i;
+}
+
+static const struct smtp_verb *smtp_verb_find(const char *s, size_t n)
+{
+    for (size_t i = 0; i < sizeof(smtp_verbs) / sizeof(smtp_verbs[0]); i++) {
+        const struct smtp_verb *v = &smtp_verbs[i];
+        if (n == v->len && smtp_prefix(s, n, v->name))
+            return v;
+    }
+    return NULL;
+}
+
+/* "MAIL FROM:<addr> ..." / "RCPT TO:<addr> ...": sets ev->arg to addr, or flags bad args. */
+static void smtp_parse_path(const char *s, size_t i, size_t n, const char *kw,
+                            struct smtp_event *ev)
+{
+    i = smtp_skip_sp(s, i, n);
+    if (!smtp_prefix(s + i, n - i, kw)) {
+        ev->flags |= SMTP_EV_F_BAD_ARGS;
+        return;
+    }
+    i = smtp_skip_sp(s, i + strlen(kw), n);
+    if (i < n && s[i] == '<') {
+        const char *end = memchr(s + i + 1, '>', n - i - 1);
+        if (end == NULL) {
+            ev->flags |= SMTP_EV_F_BAD_ARGS;
+            return;
+        }
+        ev->arg = s + i + 1;
+        ev->arg_len = (size_t)(end - (s + i + 1));
+        return;
+    }
+    size_t b = i;
+    while (i < n && s[i] != ' ')
+        i++;
+    if (i == b) {
+        ev->flags |= SMTP_EV_F_BAD_ARGS;
+        return;
+    }
+    ev->arg = s + b;
+    ev->arg_len = i - b;
+}
+
+/* "BDAT <size> [LAST]". Returns false when the arguments do not parse. */
+static bool smtp_parse_bdat(const char *s, size_t i, size_t n, struct smtp_event *ev)
+{
+    uint64_t v = 0;
+    size_t b;
+
+    i = smtp_skip_sp(s, i, n);
+    b = i;
+    while (i < n && s[i] >= '0' && s[i] <= '9') {
+        unsigned d = (unsigned)(s[i] - '0');
+        if (v > (UINT64_MAX - d) / 10)
+            return false;
+        v = v * 10 + d;
+        i++;
+    }
+    if (i == b)
+        return false;
+    if (i < n && s[i] != ' ')
+        return false;
+    i = smtp_skip_sp(s, i, n);
+    if (i < n) {
+        if (!smtp_prefix(s + i, n - i, "LAST"))
+            return false;
+        i = smtp_skip_sp(s, i + 4, n);
+        if (i < n)
+            return false;
+        ev->flags |= SMTP_EV_F_LAST;
+    }
+    ev->size = v;
+    return true;
+}
+
+/* Fills ev for the command line s[0, n) (CRLF excluded) and moves the parser to the state
+ * that reads what follows it. */
+static void smtp_command(struct smtp_client *p, const char *s, size_t n, struct smtp_event *ev)
+{
+    size_t vl = 0, i;
+    const struct smtp_verb *v;
+
+    while (vl < n && s[vl] != ' ')
+        vl++;
+    v = smtp_verb_find(s, vl);
+    ev->cmd = v != NULL ? v->cmd : SMTP_CMD_UNKNOWN;
+    ev->line = s;
+    ev->line_len = n;
+    switch (ev->cmd) {
+    case SMTP_CMD_HELO:
+    case SMTP_CMD_EHLO: {
+        size_t e = n;
+        i = smtp_skip_sp(s, vl, n);
+        while (e > i && s[e - 1] == ' ')
+            e--;
+        ev->arg = s + i;
+        ev->arg_len = e - i;
+        break;
+    }
+    case SMTP_CMD_MAIL:
+        smtp_parse_path(s, vl, n, "FROM:", ev);
+        break;
+    case SMTP_CMD_RCPT:
+        smtp_parse_path(s, vl, n, "TO:", ev);
+        break;
+    case SMTP_CMD_BDAT:
+        if (!smtp_parse_bdat(s, vl, n, ev)) {
+            ev->flags |= SMTP_EV_F_BAD_ARGS;
+            ev->flags &= ~SMTP_EV_F_LAST;
+            ev->size = 0;
+            break;
+        }
+        p->chunk = ev->size;
+        p->chunk_last = (ev->flags & SMTP_EV_F_LAST) != 0;
+        p->size = ev->size;
+        p->state = ev->size > 0 ? SMTP_CS_BDAT : SMTP_CS_BDAT_END;
+        break;
+    case SMTP_CMD_AUTH: {
+        size_t b = smtp_skip_sp(s, vl, n), e = b;
+        while (e < n && s[e] != ' ')
+            e++;
+        ev->arg = s + b;
+        ev->arg_len = e - b;
+        /* Whatever follows the mechanism is a credential: keep it out of the log text. */
+        ev->line_len = e;
+        if (smtp_skip_sp(s, e, n) < n)
+            ev->flags |= SMTP_EV_F_AUTH_INITIAL;
+        break;
+    }
+    default:
+        break;
+    }
+    if (v != NULL && (v->flags & SMTP_VERB_F_WAIT)) {
+        p->state = SMTP_CS_WAIT;
+        p->wait_cmd = v->cmd;
+    } else if (v != NULL && (v->flags & SMTP_VERB_F_BARRIER)) {
+        p->state = SMTP_CS_BARRIER;
+        p->wait_cmd = v->cmd;
+    }
+}
+
+/* Outcome of looking for the end of a line. */
+enum smtp_line {
+    SMTP_LINE_MORE, /* no LF yet and still under the limit */
+    SMTP_LINE_OK,   /* buf[0, *end) is a line ending in CRLF */
+    SMTP_LINE_BAD,  /* buf[0, *end) is a line ending in LF with a fault in it */
+    SMTP_LINE_LONG, /* over the limit: drop buf[0, *end), then skip up to the LF */
+};
+
+static enum smtp_line smtp_find_line(struct smtp_client *p, const char *buf, size_t len,
+                                     size_t *end)
+{
+    size_t i = p->scan <= len ? p->scan : 0;
+
+    if (i == 0)
+        p->bad = NULL;
+    for (; i < len; i++) {
+        char c = buf[i];
+        if (c == '\n')
+            break;
+        if (c == '\r') {
+            /* A CR is fine only right before the LF; at the end of the input, wait. */
+            if (i + 1 == len)
+                break;
+            if (buf[i + 1] != '\n' && p->bad == NULL)
+                p->bad = "bare CR";
+        } else if (c == '\0' && p->bad == NULL) {
+            p->bad = "NUL";
+        }
+    }
+    p->scan = 0;
+    /* An overlong line always costs exactly max_line bytes here and the rest is skipped, so
+     * the events do not depend on how the line was split into reads. */
+    if (i >= p->max_line || (i == len && len >= p->max_line)) {
+        *end = p->max_line;
+        return SMTP_LINE_LONG;
+    }
+    if (i == len || buf[i] != '\n') {
+        p->scan = i;
+        return SMTP_LINE_MORE;
+    }
+    *end = i + 1;
+    if ((i == 0 || buf[i - 1] != '\r') && p->bad == NULL)
+        p->bad = "bare LF";
+    return p->bad != NULL ? SMTP_LINE_BAD : SMTP_LINE_OK;
+}
+
+/* Command or credential line states. */
+static size_t smtp_line(struct smtp_client *p, const char *buf, size_t len, struct smtp_event *ev)
+{
+    bool auth = p->state == SMTP_CS_AUTH_LINE;
+    size_t end = 0;
+    unsigned next = auth ? SMTP_CS_WAIT : SMTP_CS_CMD;
+
+    switch (smtp_find_line(p, buf, len, &end)) {
+    case SMTP_LINE_MORE:
+        smtp_ev_reset(ev, SMTP_EV_AGAIN);
+        return 0;
+    case SMTP_LINE_LONG:
+        smtp_ev_reset(ev, SMTP_EV_TOO_LONG);
+        ev->reason = "line too long";
+        p->skip_next = next;
+        p->state = SMTP_CS_SKIP;
+        break;
+    case SMTP_LINE_BAD:
+        smtp_ev_reset(ev, SMTP_EV_INVALID);
+        ev->reason = p->bad;
+        p->state = next;
+        break;
+    case SMTP_LINE_OK:
+        if (auth) {
+            smtp_ev_reset(ev, SMTP_EV_AUTH_RESPONSE);
+            ev->cmd = SMTP_CMD_AUTH;
+            ev->fwd = buf;
+            ev->fwd_len = end;
+            if (end == 3 && buf[0] == '*')
+                ev->flags |= SMTP_EV_F_CANCEL;
+            p->state = SMTP_CS_WAIT;
+            return end;
+        }
+        smtp_ev_reset(ev, SMTP_EV_COMMAND);
+        ev->fwd = buf;
+        ev->fwd_len = end;
+        smtp_command(p, buf, end - 2, ev);
+        return end;
+    }
+    p->bad = NULL;
+    if (auth) {
+        /* The server still expects a credential line: cancel the exchange instead. */
+        ev->cmd = SMTP_CMD_AUTH;
+        ev->fwd = smtp_cancel;
+        ev->fwd_len = 3;
+        ev->flags |= SMTP_EV_F_CANCEL;
+    }
+    return end;
+}
+
+/* Emits the body span buf[0, n) (n > 0) as DATA, or as DISCARD when swallowing. */
+static size_t smtp_body_span(struct smtp_client *p, const char *buf, size_t n,
+                             struct smtp_event *ev)
+{
+    if (p->state == SMTP_CS_SWALLOW) {
+        smtp_ev_reset(ev, SMTP_EV_DISCARD);
+        ev->size = n;
+    } else {
+        smtp_ev_reset(ev, SMTP_EV_DATA);
+        ev->fwd = buf;
+        ev->fwd_len = n;
+    }
+    p->size += n;
+    return n;
+}
+
+/* Emits a normalize-mode replacement for n consumed bytes. */
+static size_t smtp_body_replace(struct smtp_client *p, enum smtp_ev type, const char *with,
+                                size_t wlen, size_t n, struct smtp_event *ev)
+{
+    smtp_ev_reset(ev, type);
+    ev->fwd = with;
+    ev->fwd_len = wlen;
+    p->size += n;
+    return n;
+}
+
+/* DATA body, in BODY or SWALLOW state. Stops before every byte that needs an event of its own
+ * (replacement, dot decision, end), so that p->bol always describes the first unconsumed byte;
+ * holds at most the two bytes ".\r" or the byte "\r" while the next byte is unknown. */
+static size_t smtp_body(struct smtp_client *p, const char *buf, size_t len, struct smtp_event *ev)
+{
+    bool swallow = p->state == SMTP_CS_SWALLOW;
+    bool normalize = !swallow && p->smuggling == SMTP_SMUGGLING_NORMALIZE;
+    unsigned bol = p->bol;
+    size_t i = 0;
+
+    while (i < len) {
+        char c = buf[i];
+
+        if (c == '\r' || c == '\n') {
+            unsigned delim;
+            size_t dl;
+            if (c == '\n') {
+                delim = SMTP_BOL_LF;
+                dl = 1;
+            } else if (i + 1 == len) {
+                break;
+            } else if (buf[i + 1] == '\n') {
+                delim = SMTP_BOL_CRLF;
+                dl = 2;
+            } else {
+                delim = SMTP_BOL_CR;
+                dl = 1;
+            }
+            if (normalize && delim != SMTP_BOL_CRLF) {
+                if (i > 0)
+                    break;
+                p->bol = delim;
+                return smtp_body_replace(p, SMTP_EV_DATA, smtp_crlf, 2, 1, ev);
+            }
+            bol = delim;
+            i += dl;
+            continue;
+        }
+        if (c == '.' && bol != SMTP_BOL_NONE) {
+            unsigned after;
+            if (i + 1 == len)
+                break;
+            if (buf[i + 1] == '\n') {
+                after = SMTP_BOL_LF;
+            } else if (buf[i + 1] != '\r') {
+                after = SMTP_BOL_NONE;
+            } else if (i + 2 == len) {
+                break;
+            } else {
+                after = buf[i + 2] == '\n' ? SMTP_BOL_CRLF : SMTP_BOL_CR;
+            }
+            bool end = bol == SMTP_BOL_CRLF && after == SMTP_BOL_CRLF;
+            bool detect = !swallow && p->smuggling != SMTP_SMUGGLING_OFF;
+            if (after != SMTP_BOL_NONE && (end || detect)) {
+                if (i > 0)
+                    break;
+                if (end) {
+                    smtp_ev_reset(ev, SMTP_EV_DATA_END);
+                    ev->size = p->size;
+                    if (swallow) {
+                        ev->flags |= SMTP_EV_F_SMUGGLING;
+                    } else {
+                        ev->fwd = buf;
+                        ev->fwd_len = 3;
+                    }
+                    p->state = SMTP_CS_CMD;
+                    p->bol = SMTP_BOL_NONE;
+                    p->size = 0;
+                    return 3;
+                }
+                smtp_ev_reset(ev, SMTP_EV_SMUGGLING);
+                ev->reason = smtp_patterns[bol][after];
+                if (normalize) {
+                    p->bol = SMTP_BOL_NONE;
+                    ev->fwd = smtp_dotdot;
+                    ev->fwd_len = 2;
+                    p->size += 1;
+                    return 1;
+                }
+                p->state = SMTP_CS_SWALLOW;
+                return 0;
+            }
+        }
+        /* Inside a line: nothing matters until the next CR or LF. */
+        bol = SMTP_BOL_NONE;
+        i++;
+        while (i < len && buf[i] != '\r' && buf[i] != '\n')
+            i++;
+    }
+    p->bol = bol;
+    if (i == 0) {
+        smtp_ev_reset(ev, SMTP_EV_AGAIN);
+        return 0;
+    }
+    return smtp_body_span(p, buf, i, ev);
+}
+
+size_t smtp_client_parse(struct smtp_client *p, const char *buf, size_t len, struct smtp_event *ev)
+{
+    if (p->max_line == 0)
+        p->max_line = SMTP_DEFAULT_MAX_LINE;
+    else if (p->max_line < SMTP_MIN_MAX_LINE)
+        p->max_line = SMTP_MIN_MAX_LINE;
+    if (buf == NULL)
+        len = 0;
+
+    switch (p->state) {
+    case SMTP_CS_CMD:
+    case SMTP_CS_AUTH_LINE:
+        return smtp_line(p, buf, len, ev);
+    case SMTP_CS_SKIP: {
+        const char *lf = len > 0 ? memchr(buf, '\n', len) : NULL;
+        size_t n = lf != NULL ? (size_t)(lf - buf) + 1 : len;
+        if (n == 0) {
+            smtp_ev_reset(ev, SMTP_EV_AGAIN);
+            return 0;
+        }
+        smtp_ev_reset(ev, SMTP_EV_DISCARD);
+        ev->size = n;
+        if (lf != NULL)
+            p->state = p->skip_next;
+        return n;
+    }
+    case SMTP_CS_WAIT:
+        smtp_ev_reset(ev, SMTP_EV_WAIT);
+        ev->cmd = p->wait_cmd;
+        return 0;
+    case SMTP_CS_BODY:
+    case SMTP_CS_SWALLOW:
+        return smtp_body(p, buf, len, ev);
+    case SMTP_CS_BDAT: {
+        size_t n = p->size < len ? (size_t)p->size : len;
+        if (n == 0) {
+            smtp_ev_reset(ev, SMTP_EV_AGAIN);
+            return 0;
+        }
+        smtp_ev_reset(ev, SMTP_EV_BDAT_DATA);
+        ev->fwd = buf;
+        ev->fwd_len = n;
+        p->size -= n;
+        if (p->size == 0)
+            p->state = SMTP_CS_BDAT_END;
+        return n;
+    }
+    case SMTP_CS_BDAT_END:
+        smtp_ev_reset(ev, SMTP_EV_BDAT_END);
+        ev->cmd = SMTP_CMD_BDAT;
+        ev->size = p->chunk;
+        if (p->chunk_last)
+            ev->flags |= SMTP_EV_F_LAST;
+        p->state = SMTP_CS_CMD;
+        return 0;
+    case SMTP_CS_BARRIER:
+        if (len == 0) {
+            smtp_ev_reset(ev, SMTP_EV_AGAIN);
+            return 0;
+        }
+        smtp_ev_reset(ev, SMTP_EV_INJECTED);
+        ev->size = len;
+        p->injected += len;
+        return len;
+    default:
+        abort();
+    }
+}
+
+void smtp_client_on_reply(struct smtp_client *p, enum smtp_cmd cmd, int code)
+{
+    if (p->state == SMTP_CS_BARRIER && cmd == SMTP_CMD_STARTTLS) {
+        p->state = SMTP_CS_CMD;
+        p->scan = 0;
+        p->bad = NULL;
+        return;
+    }
+    if (p->state != SMTP_CS_WAIT || cmd != p->wait_cmd)
+        return;
+    p->scan = 0;
+    p->bad = NULL;
+    if (cmd == SMTP_CMD_DATA && code == 354) {
+        p->state = SMTP_CS_BODY;
+        p->bol = SMTP_BOL_CRLF;
+        p->size = 0;
+    } else if (cmd == SMTP_CMD_AUTH && code == 334) {
+        p->state = SMTP_CS_AUTH_LINE;
+    } else {
+        p->state = SMTP_CS_CMD;
+    }
+}
+
+/* --- server replies ------------------------------------------------------------------- */
+
+/* Server parser states. */
+enum {
+    SMTP_SS_CODE0 = 0, /* start of a line: first code digit */
+    SMTP_SS_CODE1,
+    SMTP_SS_CODE2,
+    SMTP_SS_SEP,  /* ' ', '-' or the line end after the code */
+    SMTP_SS_TEXT, /* rest of the line up to LF */
+};
+
+#define SMTP_SS_F_LAST 0x100 /* added to the state when the line is the reply's last one */
+
+static void smtp_reply_add_text(struct smtp_reply *r, char c)
+{
+    if (r->text_len < SMTP_REPLY_TEXT_MAX)
+        r->text[r->text_len++] = c;
+    else
+        r->truncated = true;
+}
+
+/* Splits an enhanced status code off the first line's text, when the class (2, 4, 5) matches
+ * the code's and the form is class.subject.detail with 1-3 digit subject and detail. */
+static void smtp_reply_esc(struct smtp_reply *r)
+{
+    const char *t = r->text;
+    size_t n = r->text_len, i = 1;
+    char cls = (char)('0' + r->code / 100);
+
+    if (n < 5 || t[0] != cls || (cls != '2' && cls != '4' && cls != '5') || t[1] != '.')
+        return;
+    for (int part = 0; part < 2; part++) {
+        size_t b = ++i;
+        while (i < n && i - b < 4 && t[i] >= '0' && t[i] <= '9')
+            i++;
+        if (i == b || i - b > 3)
+            return;
+        if (part == 0 && (i >= n || t[i] != '.'))
+            return;
+    }
+    if (i < n && t[i] != ' ')
+        return;
+    memcpy(r->esc, t, i);
+    r->esc[i] = '\0';
+    while (i < n && t[i] == ' ')
+        i++;
+    memmove(r->text, t + i, n - i);
+    r->text_len = n - i;
+    r->text[r->text_len] = '\0';
+}
+
+/* The current line is not a reply line: from here on it is only counted, and its start (the
+ * st code digits already read, then c) is kept as the garbage text for the log. */
+static void smtp_server_bad(struct smtp_server *p, unsigned st, char c)
+{
+    struct smtp_reply *r = &p->cur;
+    char digits[3];
+
+    p->bad = true;
+    p->pending_cr = false;
+    r->lines = 0;
+    r->text_len = 0;
+    r->truncated = false;
+    for (unsigned k = 0, v = (unsigned)p->line_code; k < st && k < 3; k++, v /= 10)
+        digits[st - 1 - k] = (char)('0' + v % 10);
+    for (unsigned k = 0; k < st && k < 3; k++)
+        smtp_reply_add_text(r, digits[k]);
+    if (c != '\r' && c != '\n')
+        smtp_reply_add_text(r, c);
+}
+
+/* A bad line ended: it ends whatever reply was in progress too. */
+static void smtp_server_garbage(struct smtp_server *p, struct smtp_server_event *ev)
+{
+    struct smtp_reply *r = &p->cur;
+
+    r->code = 0;
+    r->esc[0] = '\0';
+    r->lines = 1;
+    r->text[r->text_len] = '\0';
+    p->done = *r;
+    memset(r, 0, sizeof(*r));
+    p->state = SMTP_SS_CODE0;
+    p->bad = false;
+    ev->type = SMTP_SEV_GARBAGE;
+    ev->reply = &p->done;
+}
+
+size_t smtp_server_parse(struct smtp_server *p, const char *buf, size_t len, uint64_t now_ns,
+                         struct smtp_server_event *ev)
+{
+    struct smtp_reply *r = &p->cur;
+    size_t i = 0;
+
+    ev->type = SMTP_SEV_AGAIN;
+    ev->reply = NULL;
+    if (buf == NULL)
+        len = 0;
+    while (i < len) {
+        char c = buf[i++];
+        unsigned st = p->state & 0xffu;
+        bool first = r->lines == 0;
+
+        if (r->size == 0)
+            r->t_first = now_ns;
+        if (r->size != UINT64_MAX)
+            r->size++;
+        if (p->bad) {
+            if (c != '\n') {
+                /* Keep the start of a garbage line for the log; the rest is only counted. */
+                if (c != '\r')
+                    smtp_reply_add_text(r, c);
+                continue;
+            }
+            smtp_server_garbage(p, ev);
+            return i;
+        }
+        switch (st) {
+        case SMTP_SS_CODE0:
+        case SMTP_SS_CODE1:
+        case SMTP_SS_CODE2:
+            if (c < '0' || c > '9' || (st == SMTP_SS_CODE0 && (c < '1' || c > '5'))) {
+                smtp_server_bad(p, st, c);
+                if (c == '\n') {
+                    smtp_server_garbage(p, ev);
+                    return i;
+                }
+                break;
+            }
+            if (st == SMTP_SS_CODE0)
+                p->line_code = 0;
+            p->line_code = p->line_code * 10 + (c - '0');
+            p->state = st + 1;
+            break;
+        case SMTP_SS_SEP:
+            if ((!first && p->line_code != r->code) ||
+                (c != ' ' && c != '-' && c != '\r' && c != '\n')) {
+                smtp_server_bad(p, st, c);
+                if (c == '\n') {
+                    smtp_server_garbage(p, ev);
+                    return i;
+                }
+                break;
+            }
+            if (first)
+                r->code = p->line_code;
+            if (c == '-') {
+                p->state = SMTP_SS_TEXT;
+                break;
+            }
+            /* ' ', or a line end right after the code: "250\r\n" is a last line. */
+            p->state = SMTP_SS_TEXT | SMTP_SS_F_LAST;
+            if (c != '\n')
+                break;
+            /* fallthrough */
+        case SMTP_SS_TEXT:
+            if (c == '\n') {
+                if (first)
+                    smtp_reply_esc(r);
+                p->pending_cr = false;
+                if (r->lines < UINT_MAX)
+                    r->lines++;
+                r->text[r->text_len] = '\0';
+                if (p->state & SMTP_SS_F_LAST) {
+                    p->state = SMTP_SS_CODE0;
+                    p->done = *r;
+                    memset(r, 0, sizeof(*r));
+                    ev->type = SMTP_SEV_REPLY;
+                    ev->reply = &p->done;
+                    return i;
+                }
+                p->state = SMTP_SS_CODE0;
+                break;
+            }
+            if (!first)
+                break;
+            if (p->pending_cr) {
+                smtp_reply_add_text(r, '\r');
+                p->pending_cr = false;
+            }
+            if (c == '\r')
+                p->pending_cr = true;
+            else
+                smtp_reply_add_text(r, c);
+            break;
+        default:
+            abort();
+        }
+    }
+    return i;
+}
