@@ -16,6 +16,11 @@
 #define CONFIG_NAME_MAX 64      /* listener names, bytes including NUL */
 #define CONFIG_ADDR_TEXT_MAX 64 /* "[v6addr]:port" as text, bytes including NUL */
 #define CONFIG_ERR_MAX 512      /* "FILE:LINE: message", bytes including NUL */
+#define CONFIG_BACKENDS_MAX 64  /* "backend" entries per listener */
+
+/* Longest duration a key accepts, in ms (2^31 - 1, about 24.8 days), so any
+ * timeout fits a signed 32-bit millisecond count. */
+#define CONFIG_DURATION_MAX_MS 2147483647u
 
 enum config_log_format {
     CONFIG_LOG_LOGFMT = 0, /* key=value pairs (default) */
@@ -36,8 +41,8 @@ enum config_mode {
 
 /* One resolved socket address plus the text it was written as. */
 struct config_addr {
-    struct sockaddr_storage sa;     /* AF_INET or AF_INET6, port set */
-    socklen_t salen;                /* sizeof(sockaddr_in) or sizeof(sockaddr_in6) */
+    struct sockaddr_storage sa;      /* AF_INET or AF_INET6, port set */
+    socklen_t salen;                 /* sizeof(sockaddr_in) or sizeof(sockaddr_in6) */
     char text[CONFIG_ADDR_TEXT_MAX]; /* canonical "1.2.3.4:25" or "[::1]:25" */
 };
 
@@ -49,36 +54,39 @@ struct config_listener_shared {
 };
 
 struct config_listener {
-    char name[CONFIG_NAME_MAX];     /* from "[listener NAME]" */
-    int line;                       /* line of the section header, for messages */
-    struct config_addr listen;      /* "listen", required */
-    struct config_addr *backends;   /* "backend", required, n_backends >= 1 */
-    size_t n_backends;
-    enum config_mode mode;          /* "mode", default tcp */
-    unsigned connect_timeout_ms;    /* "connect_timeout", default 5 s */
-    unsigned idle_timeout_ms;       /* "idle_timeout", default 300 s */
-    unsigned max_connections;       /* "max_connections", 0 = unlimited (default) */
+    char name[CONFIG_NAME_MAX];            /* from "[listener NAME]" */
+    int line;                              /* line of the section header, for messages */
+    struct config_addr listen;             /* "listen", required */
+    struct config_addr *backends;          /* "backend", required, in file order; names resolved */
+    size_t n_backends;                     /* 1..CONFIG_BACKENDS_MAX */
+    enum config_mode mode;                 /* "mode", default tcp */
+    unsigned connect_timeout_ms;           /* "connect_timeout", default 5 s */
+    unsigned idle_timeout_ms;              /* "idle_timeout", default 300 s */
+    unsigned max_connections;              /* "max_connections", 0 = unlimited (default) */
     struct config_listener_shared *shared; /* never NULL in a loaded config */
 };
 
 struct config {
-    atomic_uint refs;                /* starts at 1 for the loader */
-    char *path;                      /* file it was read from ("<string>" for tests) */
-    unsigned workers;                /* "workers", default = online cores, 1..256 */
+    atomic_uint refs;                  /* starts at 1 for the loader */
+    char *path;                        /* file it was read from ("<string>" for tests) */
+    unsigned workers;                  /* "workers", default = online cores, 1..256 */
     enum config_log_format log_format; /* "log_format", default logfmt */
-    enum config_log_level log_level; /* "log_level", default info */
-    unsigned drain_timeout_ms;       /* "drain_timeout", default 30 s */
+    enum config_log_level log_level;   /* "log_level", default info */
+    unsigned drain_timeout_ms;         /* "drain_timeout", default 30 s */
     struct config_listener *listeners; /* in file order */
-    size_t n_listeners;              /* >= 1 in a loaded config */
+    size_t n_listeners;                /* >= 1 in a loaded config */
 };
 
 /* Parses the INI file at path. On success returns 0 and stores a config with
  * one reference in *out. On failure returns a negative errno-style code,
  * leaves *out NULL and writes "FILE:LINE: message" (or "FILE: message" when no
- * line applies, e.g. the file cannot be opened) into err. */
+ * line applies, e.g. the file cannot be opened) into err, which may be NULL.
+ * Only the first error is reported. Backend host names are resolved here, so
+ * this may block on DNS. */
 int config_load_file(const char *path, struct config **out, char *err, size_t errlen);
 
-/* The same for INI text held in memory; name stands in for FILE in messages. */
+/* The same for INI text held in memory; name stands in for FILE in messages
+ * and is stored in config->path ("<string>" when name is NULL). */
 int config_load_string(const char *text, const char *name, struct config **out, char *err,
                        size_t errlen);
 

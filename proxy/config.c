@@ -1,0 +1,1136 @@
+/* config.c: INI text -> struct config, with "FILE:LINE: message" errors.
+ *
+ * inih does the tokenising, but mxproxy hands it the text one line at a time
+ * through config_read_line(). That reader is what makes the messages exact:
+ * Debian builds inih without INI_HANDLER_LINENO, so the reader's counter is
+ * the only way the key handler learns its line; inih never reports section
+ * headers (so an empty [listener x] would vanish) and cuts section names at
+ * 50 bytes; and a line longer than inih's buffer would silently be split in
+ * two. The reader also strips leading blanks, so indentation is cosmetic and
+ * never turns a key into a continuation of the previous value.
+ */
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <ini.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define CONFIG_FILE_MAX (1024 * 1024) /* bigger files are refused, not truncated */
+#define CONFIG_WORKERS_MAX 256
+#define CONFIG_MAX_CONNECTIONS_MAX 1000000
+#define CONFIG_HOST_MAX 253 /* longest DNS name, without the trailing dot */
+
+enum config_section {
+    CONFIG_SECTION_NONE = 0, /* before the first header */
+    CONFIG_SECTION_GLOBAL,   /* [global], possibly given several times */
+    CONFIG_SECTION_LISTENER, /* [listener NAME]; parser->listener says which */
+    CONFIG_SECTION_BAD,      /* header rejected; its error is already stored */
+};
+
+/* Parse state shared by the line reader and the key handler. */
+struct config_parser {
+    const char *name;            /* FILE in messages */
+    const char *next;            /* text not yet handed to inih */
+    int lineno;                  /* line most recently handed to inih, from 1 */
+    enum config_section section; /* section the current line belongs to */
+    size_t listener;             /* index in cfg->listeners when in a listener */
+    uint32_t global_seen;        /* one bit per config_keys[] row set in [global] */
+    uint32_t listener_seen;      /* the same for the current listener */
+    struct config *cfg;          /* being built; freed by the caller on error */
+    int err_code;                /* 0, or the negative errno of the first error */
+    int err_line;                /* line of the first error, 0 when none applies */
+    char err[CONFIG_ERR_MAX];    /* first message, without "FILE:LINE: " */
+};
+
+/* One accepted word of an enumerated key. */
+struct config_word {
+    const char *name;
+    int value;
+};
+
+static const struct config_word config_log_formats[] = {
+    {"logfmt", CONFIG_LOG_LOGFMT},
+    {"json", CONFIG_LOG_JSON},
+    {NULL, 0},
+};
+
+static const struct config_word config_log_levels[] = {
+    {"debug", CONFIG_LOG_DEBUG},
+    {"info", CONFIG_LOG_INFO},
+    {"warn", CONFIG_LOG_WARN},
+    {"error", CONFIG_LOG_ERROR},
+    {NULL, 0},
+};
+
+static const struct config_word config_modes[] = {
+    {"tcp", CONFIG_MODE_TCP},
+    {"smtp", CONFIG_MODE_SMTP},
+    {NULL, 0},
+};
+
+struct config_key;
+typedef int (*config_parse_fn)(struct config_parser *p, const struct config_key *k,
+                               const char *value);
+
+#define CONFIG_KEY_F_REPEAT 0x1u /* may be given again in a section; values add up */
+
+/* One row per key: where it may appear, how its value is parsed, where it goes. */
+struct config_key {
+    const char *name;
+    config_parse_fn parse;
+    size_t offset; /* of an unsigned field in struct config or config_listener */
+    enum config_section section;
+    unsigned min; /* integers and durations: smallest value accepted */
+    unsigned max; /* largest value accepted */
+    unsigned flags;
+};
+
+static int config_parse_uint(struct config_parser *p, const struct config_key *k,
+                             const char *value);
+static int config_parse_duration(struct config_parser *p, const struct config_key *k,
+                                 const char *value);
+static int config_parse_log_format(struct config_parser *p, const struct config_key *k,
+                                   const char *value);
+static int config_parse_log_level(struct config_parser *p, const struct config_key *k,
+                                  const char *value);
+static int config_parse_mode(struct config_parser *p, const struct config_key *k,
+                             const char *value);
+static int config_parse_listen(struct config_parser *p, const struct config_key *k,
+                               const char *value);
+static int config_parse_backend(struct config_parser *p, const struct config_key *k,
+                                const char *value);
+
+#define CONFIG_G(field) offsetof(struct config, field)
+#define CONFIG_L(field) offsetof(struct config_listener, field)
+
+static const struct config_key config_keys[] = {
+    {.name = "workers",
+     .section = CONFIG_SECTION_GLOBAL,
+     .parse = config_parse_uint,
+     .offset = CONFIG_G(workers),
+     .min = 1,
+     .max = CONFIG_WORKERS_MAX},
+    {.name = "log_format", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_log_format},
+    {.name = "log_level", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_log_level},
+    {.name = "drain_timeout",
+     .section = CONFIG_SECTION_GLOBAL,
+     .parse = config_parse_duration,
+     .offset = CONFIG_G(drain_timeout_ms),
+     .min = 0,
+     .max = CONFIG_DURATION_MAX_MS},
+    {.name = "listen", .section = CONFIG_SECTION_LISTENER, .parse = config_parse_listen},
+    {.name = "backend",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_backend,
+     .flags = CONFIG_KEY_F_REPEAT},
+    {.name = "mode", .section = CONFIG_SECTION_LISTENER, .parse = config_parse_mode},
+    {.name = "connect_timeout",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_duration,
+     .offset = CONFIG_L(connect_timeout_ms),
+     .min = 1,
+     .max = CONFIG_DURATION_MAX_MS},
+    {.name = "idle_timeout",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_duration,
+     .offset = CONFIG_L(idle_timeout_ms),
+     .min = 1,
+     .max = CONFIG_DURATION_MAX_MS},
+    {.name = "max_connections",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_uint,
+     .offset = CONFIG_L(max_connections),
+     .min = 0,
+     .max = CONFIG_MAX_CONNECTIONS_MAX},
+};
+
+_Static_assert(sizeof(config_keys) / sizeof(config_keys[0]) <= 32,
+               "config_parser.*_seen hold one bit per key");
+
+/* Stores the first error only; later calls are ignored so the message always
+ * names the earliest problem. */
+__attribute__((format(printf, 4, 5))) static void config_fail(struct config_parser *p, int code,
+                                                              int line, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (p->err_code != 0)
+        return;
+    p->err_code = code;
+    p->err_line = line;
+    va_start(ap, fmt);
+    vsnprintf(p->err, sizeof(p->err), fmt, ap);
+    va_end(ap);
+}
+
+static void config_fail_nomem(struct config_parser *p)
+{
+    config_fail(p, -ENOMEM, 0, "out of memory");
+}
+
+static void config_shared_put(struct config_listener_shared *s)
+{
+    if (s != NULL && atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) == 1)
+        free(s);
+}
+
+static struct config_listener_shared *config_shared_new(void)
+{
+    struct config_listener_shared *s = malloc(sizeof(*s));
+
+    if (s == NULL)
+        return NULL;
+    atomic_init(&s->refs, 1);
+    atomic_init(&s->active, 0);
+    return s;
+}
+
+static void config_free(struct config *c)
+{
+    for (size_t i = 0; i < c->n_listeners; i++) {
+        free(c->listeners[i].backends);
+        c->listeners[i].backends = NULL;
+        config_shared_put(c->listeners[i].shared);
+        c->listeners[i].shared = NULL;
+    }
+    free(c->listeners);
+    c->listeners = NULL;
+    free(c->path);
+    c->path = NULL;
+    free(c);
+}
+
+static unsigned config_default_workers(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+    if (n < 1)
+        return 1;
+    if (n > CONFIG_WORKERS_MAX)
+        return CONFIG_WORKERS_MAX;
+    return (unsigned)n;
+}
+
+static struct config *config_new(const char *path)
+{
+    struct config *c = calloc(1, sizeof(*c));
+
+    if (c == NULL)
+        return NULL;
+    c->path = strdup(path);
+    if (c->path == NULL) {
+        free(c);
+        return NULL;
+    }
+    atomic_init(&c->refs, 1);
+    c->workers = config_default_workers();
+    c->log_format = CONFIG_LOG_LOGFMT;
+    c->log_level = CONFIG_LOG_INFO;
+    c->drain_timeout_ms = 30 * 1000;
+    return c;
+}
+
+static struct config_listener *config_cur_listener(struct config_parser *p)
+{
+    return &p->cfg->listeners[p->listener];
+}
+
+/* "[global]" or "[listener NAME]", for messages about the current section. */
+static const char *config_section_label(struct config_parser *p, char *buf, size_t len)
+{
+    if (p->section == CONFIG_SECTION_LISTENER)
+        snprintf(buf, len, "[listener %s]", config_cur_listener(p)->name);
+    else
+        snprintf(buf, len, "[global]");
+    return buf;
+}
+
+static bool config_is_blank(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+static bool config_is_digit(char c)
+{
+    return c >= '0' && c <= '9';
+}
+
+static bool config_is_name_char(char c)
+{
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || config_is_digit(c) || c == '_' ||
+           c == '.' || c == '-';
+}
+
+/* ---- section headers ---- */
+
+static void config_open_listener(struct config_parser *p, const char *name, size_t len)
+{
+    struct config *c = p->cfg;
+    struct config_listener *grown;
+    struct config_listener *l;
+    bool valid = len > 0 && len < CONFIG_NAME_MAX;
+
+    for (size_t i = 0; i < len; i++)
+        valid = valid && config_is_name_char(name[i]);
+    if (!valid) {
+        config_fail(
+            p, -EINVAL, p->lineno,
+            "invalid listener name '%.*s': expected 1 to %d characters of A-Z a-z 0-9 _ . -",
+            (int)len, name, CONFIG_NAME_MAX - 1);
+        return;
+    }
+    for (size_t i = 0; i < c->n_listeners; i++) {
+        if (strlen(c->listeners[i].name) == len && memcmp(c->listeners[i].name, name, len) == 0) {
+            config_fail(p, -EINVAL, p->lineno,
+                        "duplicate listener name '%s' (first defined at line %d)",
+                        c->listeners[i].name, c->listeners[i].line);
+            return;
+        }
+    }
+    grown = realloc(c->listeners, (c->n_listeners + 1) * sizeof(*c->listeners));
+    if (grown == NULL) {
+        config_fail_nomem(p);
+        return;
+    }
+    c->listeners = grown;
+    l = &c->listeners[c->n_listeners];
+    *l = (struct config_listener){
+        .line = p->lineno,
+        .mode = CONFIG_MODE_TCP,
+        .connect_timeout_ms = 5 * 1000,
+        .idle_timeout_ms = 300 * 1000,
+        .max_connections = 0,
+    };
+    memcpy(l->name, name, len);
+    l->name[len] = '\0';
+    l->shared = config_shared_new();
+    if (l->shared == NULL) {
+        config_fail_nomem(p);
+        return;
+    }
+    p->listener = c->n_listeners++;
+    p->listener_seen = 0;
+    p->section = CONFIG_SECTION_LISTENER;
+}
+
+/* line starts with '[' and has no leading blanks. */
+static void config_open_section(struct config_parser *p, const char *line)
+{
+    const char *close = strchr(line, ']');
+    const char *start = line + 1;
+    const char *end;
+    const char *rest;
+    size_t len;
+
+    p->section = CONFIG_SECTION_BAD;
+    if (close == NULL) {
+        config_fail(p, -EINVAL, p->lineno, "syntax error");
+        return;
+    }
+    for (rest = close + 1; config_is_blank(*rest); rest++)
+        ;
+    if (*rest != '\0' && *rest != ';' && *rest != '#') {
+        config_fail(p, -EINVAL, p->lineno, "unexpected text after ']': '%s'", rest);
+        return;
+    }
+    while (start < close && config_is_blank(*start))
+        start++;
+    for (end = close; end > start && config_is_blank(end[-1]); end--)
+        ;
+    len = (size_t)(end - start);
+
+    if (len == 6 && memcmp(start, "global", 6) == 0) {
+        p->section = CONFIG_SECTION_GLOBAL;
+        return;
+    }
+    if (len >= 8 && memcmp(start, "listener", 8) == 0 && (len == 8 || config_is_blank(start[8]))) {
+        const char *name = start + 8;
+
+        while (name < end && config_is_blank(*name))
+            name++;
+        if (name == end) {
+            config_fail(p, -EINVAL, p->lineno,
+                        "section [listener] needs a name: expected [listener NAME]");
+            return;
+        }
+        config_open_listener(p, name, (size_t)(end - name));
+        return;
+    }
+    config_fail(p, -EINVAL, p->lineno, "unknown section [%.*s]", (int)len, start);
+}
+
+/* inih's ini_reader: copies the next line into buf (at most size - 1 bytes)
+ * without its leading blanks and line terminator, and tracks the section.
+ * Returns NULL at the end of the text or once an error is stored, which
+ * makes inih stop: nothing after the first error is worth parsing. */
+static char *config_read_line(char *buf, int size, void *stream)
+{
+    struct config_parser *p = stream;
+    const char *line = p->next;
+    size_t len;
+
+    if (p->err_code != 0 || *line == '\0' || size < 2)
+        return NULL;
+    len = strcspn(line, "\n");
+    p->next = line + len + (line[len] == '\n');
+    p->lineno++;
+    if (p->lineno == 1 && len >= 3 && memcmp(line, "\xEF\xBB\xBF", 3) == 0) {
+        line += 3;
+        len -= 3;
+    }
+    while (len > 0 && config_is_blank(*line)) {
+        line++;
+        len--;
+    }
+    while (len > 0 && (config_is_blank(line[len - 1]) || line[len - 1] == '\r'))
+        len--;
+    if (len > (size_t)size - 1) {
+        config_fail(p, -EINVAL, p->lineno, "line longer than %d characters", size - 1);
+        len = 0;
+    }
+    memcpy(buf, line, len);
+    buf[len] = '\0';
+    if (buf[0] == '[')
+        config_open_section(p, buf);
+    return buf;
+}
+
+/* ---- values ---- */
+
+static unsigned *config_field(struct config_parser *p, const struct config_key *k)
+{
+    char *obj =
+        k->section == CONFIG_SECTION_GLOBAL ? (char *)p->cfg : (char *)config_cur_listener(p);
+
+    return (unsigned *)(void *)(obj + k->offset);
+}
+
+/* Accepts decimal digits only: no sign, no blanks, no base prefix. Returns 0
+ * and stores the number, or -1 if value is not one or exceeds max. */
+static int config_strtou(const char *value, unsigned max, unsigned *out)
+{
+    uint64_t n = 0;
+
+    if (*value == '\0')
+        return -1;
+    for (const char *s = value; *s != '\0'; s++) {
+        if (!config_is_digit(*s))
+            return -1;
+        n = n * 10 + (uint64_t)(*s - '0');
+        if (n > max)
+            return -1;
+    }
+    *out = (unsigned)n;
+    return 0;
+}
+
+static int config_parse_uint(struct config_parser *p, const struct config_key *k, const char *value)
+{
+    unsigned n;
+
+    if (config_strtou(value, k->max, &n) != 0 || n < k->min) {
+        config_fail(p, -EINVAL, p->lineno,
+                    "invalid value '%s' for '%s': expected an integer from %u to %u", value,
+                    k->name, k->min, k->max);
+        return -1;
+    }
+    *config_field(p, k) = n;
+    return 0;
+}
+
+enum config_duration_err {
+    CONFIG_DURATION_OK = 0,
+    CONFIG_DURATION_SYNTAX, /* not NUMBER[ms|s|m|h] */
+    CONFIG_DURATION_FINE,   /* not a whole number of milliseconds */
+    CONFIG_DURATION_RANGE,  /* above CONFIG_DURATION_MAX_MS */
+};
+
+/* "5", "0.5", "250ms", "2m", "1h": a decimal number and an optional unit,
+ * seconds when there is none. Exact integer arithmetic, no strtod. */
+static enum config_duration_err config_strtoms(const char *s, unsigned *out)
+{
+    static const struct {
+        const char *suffix;
+        uint64_t ms;
+    } units[] = {{"", 1000}, {"ms", 1}, {"s", 1000}, {"m", 60 * 1000}, {"h", 3600 * 1000}};
+    uint64_t whole = 0, frac = 0, scale = 1, mult = 0, ms;
+    const char *digits = s;
+    bool big = false, fine = false;
+
+    for (; config_is_digit(*s); s++) {
+        whole = whole * 10 + (uint64_t)(*s - '0');
+        if (whole > CONFIG_DURATION_MAX_MS) {
+            whole = CONFIG_DURATION_MAX_MS;
+            big = true;
+        }
+    }
+    if (s == digits)
+        return CONFIG_DURATION_SYNTAX;
+    if (*s == '.') {
+        digits = ++s;
+        for (; config_is_digit(*s); s++) {
+            /* A non-zero eleventh fraction digit is finer than 1 ms in any
+             * unit (1 h = 2^7 * 3^2 * 5^5 ms), so ten digits are enough. */
+            if (scale < UINT64_C(10000000000)) {
+                frac = frac * 10 + (uint64_t)(*s - '0');
+                scale *= 10;
+            } else if (*s != '0') {
+                fine = true;
+            }
+        }
+        if (s == digits)
+            return CONFIG_DURATION_SYNTAX;
+    }
+    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+        if (strcmp(s, units[i].suffix) == 0) {
+            mult = units[i].ms;
+            break;
+        }
+    }
+    if (mult == 0)
+        return CONFIG_DURATION_SYNTAX;
+    if (big)
+        return CONFIG_DURATION_RANGE;
+    if (fine || (frac * mult) % scale != 0)
+        return CONFIG_DURATION_FINE;
+    ms = whole * mult + frac * mult / scale;
+    if (ms > CONFIG_DURATION_MAX_MS)
+        return CONFIG_DURATION_RANGE;
+    *out = (unsigned)ms;
+    return CONFIG_DURATION_OK;
+}
+
+static int config_parse_duration(struct config_parser *p, const struct config_key *k,
+                                 const char *value)
+{
+    unsigned ms = 0;
+
+    switch (config_strtoms(value, &ms)) {
+    case CONFIG_DURATION_OK:
+        break;
+    case CONFIG_DURATION_SYNTAX:
+        config_fail(p, -EINVAL, p->lineno,
+                    "invalid value '%s' for '%s': expected a duration such as 30s, 250ms, 2m or 1h",
+                    value, k->name);
+        return -1;
+    case CONFIG_DURATION_FINE:
+        config_fail(p, -EINVAL, p->lineno, "invalid value '%s' for '%s': finer than a millisecond",
+                    value, k->name);
+        return -1;
+    case CONFIG_DURATION_RANGE:
+        config_fail(p, -EINVAL, p->lineno,
+                    "invalid value '%s' for '%s': longer than %ums (about 24 days)", value, k->name,
+                    (unsigned)CONFIG_DURATION_MAX_MS);
+        return -1;
+    default:
+        abort();
+    }
+    if (ms < k->min) {
+        config_fail(p, -EINVAL, p->lineno, "invalid value '%s' for '%s': must be more than 0",
+                    value, k->name);
+        return -1;
+    }
+    *config_field(p, k) = ms;
+    return 0;
+}
+
+/* Looks value up in words; on failure stores a message listing them all. */
+static int config_parse_word(struct config_parser *p, const struct config_key *k, const char *value,
+                             const struct config_word *words, int *out)
+{
+    char expected[128] = "";
+    size_t n = 0, used = 0;
+
+    for (const struct config_word *w = words; w->name != NULL; w++) {
+        if (strcmp(w->name, value) == 0) {
+            *out = w->value;
+            return 0;
+        }
+        n++;
+    }
+    for (size_t i = 0; i < n && used < sizeof(expected); i++) {
+        const char *sep = i == 0 ? "" : i + 1 == n ? " or " : ", ";
+        int r = snprintf(expected + used, sizeof(expected) - used, "%s%s", sep, words[i].name);
+
+        if (r < 0)
+            break;
+        used += (size_t)r;
+    }
+    config_fail(p, -EINVAL, p->lineno, "invalid value '%s' for '%s': expected %s", value, k->name,
+                expected);
+    return -1;
+}
+
+static int config_parse_log_format(struct config_parser *p, const struct config_key *k,
+                                   const char *value)
+{
+    int v;
+
+    if (config_parse_word(p, k, value, config_log_formats, &v) != 0)
+        return -1;
+    p->cfg->log_format = (enum config_log_format)v;
+    return 0;
+}
+
+static int config_parse_log_level(struct config_parser *p, const struct config_key *k,
+                                  const char *value)
+{
+    int v;
+
+    if (config_parse_word(p, k, value, config_log_levels, &v) != 0)
+        return -1;
+    p->cfg->log_level = (enum config_log_level)v;
+    return 0;
+}
+
+static int config_parse_mode(struct config_parser *p, const struct config_key *k, const char *value)
+{
+    int v;
+
+    if (config_parse_word(p, k, value, config_modes, &v) != 0)
+        return -1;
+    config_cur_listener(p)->mode = (enum config_mode)v;
+    return 0;
+}
+
+/* Fills addr->text from addr->sa. */
+static void config_addr_format(struct config_addr *addr)
+{
+    char host[INET6_ADDRSTRLEN] = "?";
+
+    if (addr->sa.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&addr->sa;
+
+        inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host));
+        snprintf(addr->text, sizeof(addr->text), "[%s]:%u", host, ntohs(sin6->sin6_port));
+    } else {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)&addr->sa;
+
+        inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host));
+        snprintf(addr->text, sizeof(addr->text), "%s:%u", host, ntohs(sin->sin_port));
+    }
+}
+
+/* Stores a numeric address; host is the text inside the brackets for IPv6. */
+static int config_addr_numeric(struct config_addr *addr, const char *host, bool v6, unsigned port)
+{
+    memset(addr, 0, sizeof(*addr));
+    if (v6) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&addr->sa;
+
+        if (inet_pton(AF_INET6, host, &sin6->sin6_addr) != 1)
+            return -1;
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        addr->salen = sizeof(*sin6);
+    } else {
+        struct sockaddr_in *sin = (struct sockaddr_in *)&addr->sa;
+
+        if (inet_pton(AF_INET, host, &sin->sin_addr) != 1)
+            return -1;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        addr->salen = sizeof(*sin);
+    }
+    config_addr_format(addr);
+    return 0;
+}
+
+enum config_hostport_err {
+    CONFIG_HOSTPORT_OK = 0,
+    CONFIG_HOSTPORT_FORM, /* not HOST:PORT or [HOST]:PORT */
+    CONFIG_HOSTPORT_PORT, /* a port, but not 1..65535 */
+};
+
+/* Splits "host:port" or "[v6]:port" held in s (modified in place). On
+ * success *host points into s and *bracketed says which form it was; on
+ * CONFIG_HOSTPORT_PORT *host is the port text, for the message. */
+static enum config_hostport_err config_split_hostport(char *s, char **host, bool *bracketed,
+                                                      unsigned *port)
+{
+    char *colon;
+
+    if (s[0] == '[') {
+        char *close = strchr(s, ']');
+
+        if (close == NULL || close[1] != ':')
+            return CONFIG_HOSTPORT_FORM;
+        *close = '\0';
+        colon = close + 1;
+        *host = s + 1;
+        *bracketed = true;
+    } else {
+        colon = strrchr(s, ':');
+        if (colon == NULL)
+            return CONFIG_HOSTPORT_FORM;
+        *colon = '\0';
+        *host = s;
+        *bracketed = false;
+        if (strchr(s, ':') != NULL) /* IPv6 without brackets: where is the port? */
+            return CONFIG_HOSTPORT_FORM;
+    }
+    if (**host == '\0' || colon[1] == '\0')
+        return CONFIG_HOSTPORT_FORM;
+    if (config_strtou(colon + 1, 65535, port) != 0 || *port == 0) {
+        *host = colon + 1;
+        return CONFIG_HOSTPORT_PORT;
+    }
+    return CONFIG_HOSTPORT_OK;
+}
+
+static int config_parse_listen(struct config_parser *p, const struct config_key *k,
+                               const char *value)
+{
+    struct config_listener *l = config_cur_listener(p);
+    char buf[CONFIG_ADDR_TEXT_MAX];
+    char *host;
+    bool v6;
+    unsigned port;
+    enum config_hostport_err e = CONFIG_HOSTPORT_FORM;
+
+    if (strlen(value) < sizeof(buf)) {
+        memcpy(buf, value, strlen(value) + 1);
+        e = config_split_hostport(buf, &host, &v6, &port);
+    }
+    if (e == CONFIG_HOSTPORT_PORT) {
+        config_fail(p, -EINVAL, p->lineno, "invalid port '%s' in '%s'", host, k->name);
+        return -1;
+    }
+    if (e != CONFIG_HOSTPORT_OK || config_addr_numeric(&l->listen, host, v6, port) != 0) {
+        config_fail(p, -EINVAL, p->lineno,
+                    "invalid value '%s' for '%s': expected IPv4:port or [IPv6]:port", value,
+                    k->name);
+        return -1;
+    }
+    return 0;
+}
+
+/* A backend host without brackets: a dotted quad, or a plausible DNS name
+ * resolved now to its first address. Returns 0, or -1 with the error stored. */
+static int config_backend_host(struct config_parser *p, struct config_addr *addr, const char *entry,
+                               const char *host, unsigned port)
+{
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_family = AF_UNSPEC};
+    struct addrinfo *res = NULL;
+    size_t len = strlen(host);
+    bool dotted = true;
+    bool name = len <= CONFIG_HOST_MAX;
+    int rc;
+
+    for (const char *s = host; *s != '\0'; s++) {
+        dotted = dotted && (config_is_digit(*s) || *s == '.');
+        name = name && config_is_name_char(*s);
+    }
+    /* getaddrinfo() would take "127.1" as 127.0.0.1; an address must be whole. */
+    if (dotted || !name) {
+        if (dotted && config_addr_numeric(addr, host, false, port) == 0)
+            return 0;
+        config_fail(p, -EINVAL, p->lineno,
+                    "invalid value '%s' for 'backend': expected host:port or [IPv6]:port", entry);
+        return -1;
+    }
+    rc = getaddrinfo(host, NULL, &hints, &res);
+    if (rc != 0 || res == NULL) {
+        config_fail(p, -EINVAL, p->lineno, "cannot resolve '%s': %s", host,
+                    rc != 0 ? gai_strerror(rc) : "no address");
+        return -1;
+    }
+    memset(addr, 0, sizeof(*addr));
+    if (res->ai_addrlen > sizeof(addr->sa) ||
+        (res->ai_family != AF_INET && res->ai_family != AF_INET6)) {
+        freeaddrinfo(res);
+        config_fail(p, -EINVAL, p->lineno, "cannot resolve '%s': no IPv4 or IPv6 address", host);
+        return -1;
+    }
+    memcpy(&addr->sa, res->ai_addr, res->ai_addrlen);
+    addr->salen = (socklen_t)res->ai_addrlen;
+    freeaddrinfo(res);
+    if (addr->sa.ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)&addr->sa)->sin6_port = htons((uint16_t)port);
+    else
+        ((struct sockaddr_in *)&addr->sa)->sin_port = htons((uint16_t)port);
+    config_addr_format(addr);
+    return 0;
+}
+
+static int config_backend_entry(struct config_parser *p, struct config_addr *addr,
+                                const char *entry, size_t len)
+{
+    char buf[CONFIG_HOST_MAX + 16];
+    char shown[CONFIG_HOST_MAX + 16];
+    char *host;
+    bool v6;
+    unsigned port;
+    enum config_hostport_err e = CONFIG_HOSTPORT_FORM;
+
+    snprintf(shown, sizeof(shown), "%.*s", (int)len, entry);
+    if (len < sizeof(buf)) {
+        memcpy(buf, entry, len);
+        buf[len] = '\0';
+        e = config_split_hostport(buf, &host, &v6, &port);
+    }
+    if (e == CONFIG_HOSTPORT_PORT) {
+        config_fail(p, -EINVAL, p->lineno, "invalid port '%s' in 'backend'", host);
+        return -1;
+    }
+    if (e == CONFIG_HOSTPORT_OK && v6) {
+        if (config_addr_numeric(addr, host, true, port) == 0)
+            return 0;
+        e = CONFIG_HOSTPORT_FORM;
+    }
+    if (e != CONFIG_HOSTPORT_OK) {
+        config_fail(p, -EINVAL, p->lineno,
+                    "invalid value '%s' for 'backend': expected host:port or [IPv6]:port", shown);
+        return -1;
+    }
+    return config_backend_host(p, addr, shown, host, port);
+}
+
+/* "a:1, b:2": appends every entry, so a long list may be spread over
+ * several backend lines (inih caps a line at 199 bytes). */
+static int config_parse_backend(struct config_parser *p, const struct config_key *k,
+                                const char *value)
+{
+    struct config_listener *l = config_cur_listener(p);
+    struct config_addr *grown;
+    size_t n = 1;
+    const char *s = value;
+
+    for (const char *c = value; *c != '\0'; c++)
+        n += *c == ',';
+    if (l->n_backends + n > CONFIG_BACKENDS_MAX) {
+        config_fail(p, -EINVAL, p->lineno, "more than %d entries in '%s' of [listener %s]",
+                    CONFIG_BACKENDS_MAX, k->name, l->name);
+        return -1;
+    }
+    grown = realloc(l->backends, (l->n_backends + n) * sizeof(*l->backends));
+    if (grown == NULL) {
+        config_fail_nomem(p);
+        return -1;
+    }
+    l->backends = grown;
+    for (size_t i = 0; i < n; i++) {
+        size_t len = strcspn(s, ",");
+        size_t end = len;
+
+        while (config_is_blank(*s)) {
+            s++;
+            len--;
+            end--;
+        }
+        while (end > 0 && config_is_blank(s[end - 1]))
+            end--;
+        if (end == 0) {
+            config_fail(p, -EINVAL, p->lineno, "invalid value '%s' for '%s': empty entry", value,
+                        k->name);
+            return -1;
+        }
+        if (config_backend_entry(p, &l->backends[l->n_backends], s, end) != 0)
+            return -1;
+        l->n_backends++;
+        s += len + (s[len] == ',');
+    }
+    return 0;
+}
+
+/* inih's handler: one name = value line. Returns 1 to go on, 0 on error. */
+static int config_on_key(void *user, const char *section, const char *name, const char *value)
+{
+    struct config_parser *p = user;
+    const struct config_key *k = NULL;
+    uint32_t *seen;
+    uint32_t bit;
+    char label[CONFIG_NAME_MAX + 16];
+
+    (void)section; /* config_read_line() tracks sections, with their lines */
+    if (p->err_code != 0 || p->section == CONFIG_SECTION_BAD)
+        return 0;
+    if (p->section == CONFIG_SECTION_NONE) {
+        config_fail(p, -EINVAL, p->lineno, "key '%s' outside a section", name);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof(config_keys) / sizeof(config_keys[0]); i++) {
+        if (config_keys[i].section == p->section && strcmp(config_keys[i].name, name) == 0) {
+            k = &config_keys[i];
+            break;
+        }
+    }
+    if (k == NULL) {
+        config_fail(p, -EINVAL, p->lineno, "unknown key '%s' in %s", name,
+                    config_section_label(p, label, sizeof(label)));
+        return 0;
+    }
+    seen = p->section == CONFIG_SECTION_GLOBAL ? &p->global_seen : &p->listener_seen;
+    bit = UINT32_C(1) << (k - config_keys);
+    if ((*seen & bit) != 0 && (k->flags & CONFIG_KEY_F_REPEAT) == 0) {
+        config_fail(p, -EINVAL, p->lineno, "duplicate key '%s' in %s", name,
+                    config_section_label(p, label, sizeof(label)));
+        return 0;
+    }
+    *seen |= bit;
+    if (*value == '\0') {
+        config_fail(p, -EINVAL, p->lineno, "empty value for '%s'", name);
+        return 0;
+    }
+    return k->parse(p, k, value) == 0;
+}
+
+/* ---- after the last line ---- */
+
+static bool config_addr_is_any(const struct config_addr *a)
+{
+    if (a->sa.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&a->sa;
+
+        return IN6_IS_ADDR_UNSPECIFIED(&sin6->sin6_addr);
+    }
+    return ((const struct sockaddr_in *)&a->sa)->sin_addr.s_addr == htonl(INADDR_ANY);
+}
+
+static bool config_addr_equal(const struct config_addr *a, const struct config_addr *b)
+{
+    if (a->sa.ss_family != b->sa.ss_family)
+        return false;
+    if (a->sa.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *x = (const struct sockaddr_in6 *)&a->sa;
+        const struct sockaddr_in6 *y = (const struct sockaddr_in6 *)&b->sa;
+
+        return x->sin6_port == y->sin6_port &&
+               memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
+    }
+    const struct sockaddr_in *x = (const struct sockaddr_in *)&a->sa;
+    const struct sockaddr_in *y = (const struct sockaddr_in *)&b->sa;
+
+    return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+}
+
+static bool config_addr_overlaps(const struct config_addr *a, const struct config_addr *b)
+{
+    if (a->sa.ss_family != b->sa.ss_family)
+        return false;
+    if (a->sa.ss_family == AF_INET6) {
+        if (((const struct sockaddr_in6 *)&a->sa)->sin6_port !=
+            ((const struct sockaddr_in6 *)&b->sa)->sin6_port)
+            return false;
+    } else if (((const struct sockaddr_in *)&a->sa)->sin_port !=
+               ((const struct sockaddr_in *)&b->sa)->sin_port) {
+        return false;
+    }
+    return config_addr_is_any(a) || config_addr_is_any(b);
+}
+
+/* Checks what no single line can: required keys and listen addresses that
+ * collide. Messages carry the line of the offending section header. */
+static void config_check(struct config_parser *p)
+{
+    const struct config *c = p->cfg;
+
+    if (c->n_listeners == 0) {
+        config_fail(p, -EINVAL, 0, "no [listener NAME] section");
+        return;
+    }
+    for (size_t i = 0; i < c->n_listeners; i++) {
+        const struct config_listener *l = &c->listeners[i];
+
+        if (l->listen.salen == 0) {
+            config_fail(p, -EINVAL, l->line, "listener '%s' has no 'listen'", l->name);
+            return;
+        }
+        if (l->n_backends == 0) {
+            config_fail(p, -EINVAL, l->line, "listener '%s' has no 'backend'", l->name);
+            return;
+        }
+        for (size_t j = 0; j < i; j++) {
+            const struct config_listener *o = &c->listeners[j];
+
+            if (config_addr_equal(&l->listen, &o->listen)) {
+                config_fail(p, -EINVAL, l->line,
+                            "listener '%s' listens on %s, already used by listener '%s' (line %d)",
+                            l->name, l->listen.text, o->name, o->line);
+                return;
+            }
+            if (config_addr_overlaps(&l->listen, &o->listen)) {
+                config_fail(p, -EINVAL, l->line,
+                            "listener '%s' listens on %s, which overlaps %s of listener '%s' "
+                            "(line %d)",
+                            l->name, l->listen.text, o->listen.text, o->name, o->line);
+                return;
+            }
+        }
+    }
+}
+
+static void config_write_err(const struct config_parser *p, char *err, size_t errlen)
+{
+    if (err == NULL || errlen == 0)
+        return;
+    if (p->err_line > 0)
+        snprintf(err, errlen, "%s:%d: %s", p->name, p->err_line, p->err);
+    else
+        snprintf(err, errlen, "%s: %s", p->name, p->err);
+}
+
+static int config_load_text(const char *text, const char *name, struct config **out, char *err,
+                            size_t errlen)
+{
+    struct config_parser p = {.name = name, .next = text};
+    int rc;
+
+    p.cfg = config_new(name);
+    if (p.cfg == NULL) {
+        config_fail_nomem(&p);
+        config_write_err(&p, err, errlen);
+        return p.err_code;
+    }
+    rc = ini_parse_stream(config_read_line, &p, config_on_key, &p);
+    /* inih reports lines it cannot split (no '=') only through rc; the
+     * handler never sees them, so an earlier rc means an earlier error. */
+    if (rc > 0 && (p.err_code == 0 || (p.err_line > 0 && rc < p.err_line))) {
+        p.err_code = 0;
+        config_fail(&p, -EINVAL, rc, "syntax error");
+    } else if (rc < 0) {
+        config_fail_nomem(&p);
+    }
+    if (p.err_code == 0)
+        config_check(&p);
+    if (p.err_code != 0) {
+        config_write_err(&p, err, errlen);
+        config_free(p.cfg);
+        return p.err_code;
+    }
+    *out = p.cfg;
+    return 0;
+}
+
+int config_load_string(const char *text, const char *name, struct config **out, char *err,
+                       size_t errlen)
+{
+    *out = NULL;
+    if (name == NULL)
+        name = "<string>";
+    return config_load_text(text, name, out, err, errlen);
+}
+
+/* Reads the whole file, so the same line reader serves files and strings.
+ * Returns 0 and a NUL-terminated malloc'd copy, or a negative errno with a
+ * message in err. */
+static int config_slurp(const char *path, char **text, char *err, size_t errlen)
+{
+    char why[128];
+    FILE *f = fopen(path, "r");
+    char *buf = NULL;
+    size_t len = 0;
+    int rc;
+
+    if (f == NULL) {
+        rc = -errno;
+        snprintf(err, errlen, "%s: cannot open: %s", path, strerror_r(-rc, why, sizeof(why)));
+        return rc;
+    }
+    buf = malloc(CONFIG_FILE_MAX + 1);
+    if (buf == NULL) {
+        snprintf(err, errlen, "%s: out of memory", path);
+        rc = -ENOMEM;
+        goto out_close;
+    }
+    len = fread(buf, 1, CONFIG_FILE_MAX + 1, f);
+    if (ferror(f)) {
+        rc = errno != 0 ? -errno : -EIO;
+        snprintf(err, errlen, "%s: cannot read: %s", path, strerror_r(-rc, why, sizeof(why)));
+        goto out_free;
+    }
+    if (len > CONFIG_FILE_MAX) {
+        snprintf(err, errlen, "%s: larger than %d bytes", path, CONFIG_FILE_MAX);
+        rc = -EFBIG;
+        goto out_free;
+    }
+    buf[len] = '\0';
+    if (strlen(buf) != len) {
+        snprintf(err, errlen, "%s: contains a NUL byte, not a text file", path);
+        rc = -EINVAL;
+        goto out_free;
+    }
+    *text = buf;
+    fclose(f);
+    return 0;
+
+out_free:
+    free(buf);
+out_close:
+    fclose(f);
+    return rc;
+}
+
+int config_load_file(const char *path, struct config **out, char *err, size_t errlen)
+{
+    char scratch[CONFIG_ERR_MAX];
+    char *text = NULL;
+    int rc;
+
+    *out = NULL;
+    if (err == NULL || errlen == 0) {
+        err = scratch;
+        errlen = sizeof(scratch);
+    }
+    errno = 0;
+    rc = config_slurp(path, &text, err, errlen);
+    if (rc != 0)
+        return rc;
+    rc = config_load_text(text, path, out, err, errlen);
+    free(text);
+    return rc;
+}
+
+void config_inherit_shared(struct config *next, const struct config *prev)
+{
+    if (next == NULL || prev == NULL)
+        return;
+    for (size_t i = 0; i < next->n_listeners; i++) {
+        struct config_listener *l = &next->listeners[i];
+        const struct config_listener *old = config_find_listener(prev, l->name);
+
+        if (old == NULL || old->shared == l->shared)
+            continue;
+        atomic_fetch_add_explicit(&old->shared->refs, 1, memory_order_relaxed);
+        config_shared_put(l->shared);
+        l->shared = old->shared;
+    }
+}
+
+const struct config_listener *config_find_listener(const struct config *c, const char *name)
+{
+    for (size_t i = 0; c != NULL && i < c->n_listeners; i++) {
+        if (strcmp(c->listeners[i].name, name) == 0)
+            return &c->listeners[i];
+    }
+    return NULL;
+}
+
+struct config *config_ref(struct config *c)
+{
+    if (c != NULL)
+        atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+    return c;
+}
+
+void config_unref(struct config *c)
+{
+    if (c != NULL && atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) == 1)
+        config_free(c);
+}
+
+const char *config_mode_name(enum config_mode m)
+{
+    for (const struct config_word *w = config_modes; w->name != NULL; w++) {
+        if (w->value == (int)m)
+            return w->name;
+    }
+    abort(); /* not a value of enum config_mode */
+}
