@@ -52,8 +52,10 @@ int listener_open(struct worker *w, const struct config_listener *cl, struct lis
     rc = uv_fileno((uv_handle_t *)&l->handle, &fd);
     if (rc == 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)
         rc = -errno;
+    /* IPv6 listeners take IPv6 only: [::]:25 beside 0.0.0.0:25 must not
+     * silently split IPv4 traffic between two listeners. */
     if (rc == 0)
-        rc = uv_tcp_bind(&l->handle, sa, 0);
+        rc = uv_tcp_bind(&l->handle, sa, sa->sa_family == AF_INET6 ? UV_TCP_IPV6ONLY : 0);
     if (rc == 0)
         rc = uv_listen((uv_stream_t *)&l->handle, LISTENER_BACKLOG, listener_on_connection);
     if (rc != 0) {
