@@ -441,6 +441,7 @@ static size_t smtp_body(struct smtp_client *p, const char *buf, size_t len, stru
                     break;
                 if (end) {
                     smtp_ev_reset(ev, SMTP_EV_DATA_END);
+                    ev->cmd = SMTP_CMD_DOT;
                     ev->size = p->size;
                     if (swallow) {
                         ev->flags |= SMTP_EV_F_SMUGGLING;
