@@ -149,6 +149,12 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(max_connections),
      .min = 0,
      .max = CONFIG_MAX_CONNECTIONS_MAX},
+    {.name = "fail_timeout",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_duration,
+     .offset = CONFIG_L(fail_timeout_ms),
+     .min = 0,
+     .max = CONFIG_DURATION_MAX_MS},
 };
 
 _Static_assert(sizeof(config_keys) / sizeof(config_keys[0]) <= 32,
@@ -196,6 +202,7 @@ static void config_free(struct config *c)
 {
     for (size_t i = 0; i < c->n_listeners; i++) {
         free(c->listeners[i].backends);
+        free(c->listeners[i].backend_retry_at);
         c->listeners[i].backends = NULL;
         config_shared_put(c->listeners[i].shared);
         c->listeners[i].shared = NULL;
@@ -307,6 +314,7 @@ static void config_open_listener(struct config_parser *p, const char *name, size
         .connect_timeout_ms = 5 * 1000,
         .idle_timeout_ms = 300 * 1000,
         .max_connections = 0,
+        .fail_timeout_ms = 10 * 1000,
     };
     memcpy(l->name, name, len);
     l->name[len] = '\0';
@@ -977,6 +985,20 @@ static void config_write_err(const struct config_parser *p, char *err, size_t er
         snprintf(err, errlen, "%s: %s", p->name, p->err);
 }
 
+/* Allocates the per-backend state sessions update at run time. */
+static void config_alloc_runtime(struct config_parser *p)
+{
+    for (size_t i = 0; i < p->cfg->n_listeners; i++) {
+        struct config_listener *l = &p->cfg->listeners[i];
+
+        l->backend_retry_at = calloc(l->n_backends, sizeof(*l->backend_retry_at));
+        if (l->backend_retry_at == NULL) {
+            config_fail_nomem(p);
+            return;
+        }
+    }
+}
+
 static int config_load_text(const char *text, const char *name, struct config **out, char *err,
                             size_t errlen)
 {
@@ -1000,6 +1022,8 @@ static int config_load_text(const char *text, const char *name, struct config **
     }
     if (p.err_code == 0)
         config_check(&p);
+    if (p.err_code == 0)
+        config_alloc_runtime(&p);
     if (p.err_code != 0) {
         config_write_err(&p, err, errlen);
         config_free(p.cfg);

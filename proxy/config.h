@@ -11,6 +11,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/socket.h>
 
 #define CONFIG_NAME_MAX 64      /* listener names, bytes including NUL */
@@ -63,6 +64,11 @@ struct config_listener {
     unsigned connect_timeout_ms;           /* "connect_timeout", default 5 s */
     unsigned idle_timeout_ms;              /* "idle_timeout", default 300 s */
     unsigned max_connections;              /* "max_connections", 0 = unlimited (default) */
+    unsigned fail_timeout_ms;              /* "fail_timeout", default 10 s, 0 = off */
+    /* The one mutable part of a loaded config, shared by all workers: per
+     * backend, the time (uv_hrtime() in ms) until which new sessions try it
+     * only after every other backend; set after a failed connect. */
+    _Atomic uint64_t *backend_retry_at;
     struct config_listener_shared *shared; /* never NULL in a loaded config */
 };
 

@@ -1,6 +1,7 @@
 /* session.c: accept, connect to a backend at once, relay, close. */
 #include "session.h"
 
+#include <assert.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -16,6 +17,8 @@
 #include "relay.h"
 #include "sockaddr.h"
 #include "worker.h"
+
+static_assert(CONFIG_BACKENDS_MAX <= 64, "session.tried holds one bit per backend");
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
 
@@ -36,8 +39,10 @@ struct session {
     uint64_t connected_at;         /* uv_now() when the backend connected */
     unsigned flags;                /* SESSION_F_* */
     unsigned open_handles;         /* uv handles not yet through their close_cb */
-    unsigned rr_start;             /* first backend index tried */
+    unsigned rr_start;             /* round-robin position: where the search starts */
+    unsigned cur;                  /* index of the backend tried last, with tries > 0 */
     unsigned tries;                /* backends tried so far */
+    uint64_t tried;                /* bit i: backend i was tried */
     int last_error;                /* last connect error, for end=connect_failed */
     enum session_end first_close;  /* who closed first, valid with SESSION_F_FIRST_CLOSE */
     char client_addr[SOCKADDR_TEXT_MAX]; /* client= */
@@ -140,7 +145,53 @@ static void session_on_backend_closed(uv_handle_t *h)
 
 static const struct config_addr *session_backend(const struct session *s)
 {
-    return &s->cl->backends[(s->rr_start + s->tries - 1) % s->cl->n_backends];
+    return &s->cl->backends[s->cur];
+}
+
+static uint64_t session_clock_ms(void)
+{
+    return uv_hrtime() / 1000000;
+}
+
+/* The next backend to try: in round-robin order from rr_start, the first one
+ * not tried yet that has not failed within fail_timeout; if every untried
+ * one has, the first untried one anyway (never give up without trying). */
+static unsigned session_pick_backend(const struct session *s)
+{
+    const struct config_listener *cl = s->cl;
+    uint64_t now = session_clock_ms();
+    unsigned fallback = UINT32_MAX;
+
+    for (unsigned k = 0; k < cl->n_backends; k++) {
+        unsigned i = (s->rr_start + k) % (unsigned)cl->n_backends;
+        if (s->tried & (UINT64_C(1) << i))
+            continue;
+        if (atomic_load_explicit(&cl->backend_retry_at[i], memory_order_relaxed) <= now)
+            return i;
+        if (fallback == UINT32_MAX)
+            fallback = i;
+    }
+    return fallback;
+}
+
+/* Puts the current backend last for fail_timeout; logs when it was fine. */
+static void session_mark_backend_failed(const struct session *s)
+{
+    const struct config_listener *cl = s->cl;
+    struct log_line l;
+
+    if (cl->fail_timeout_ms == 0)
+        return;
+    uint64_t now = session_clock_ms();
+    uint64_t prev = atomic_exchange_explicit(&cl->backend_retry_at[s->cur],
+                                             now + cl->fail_timeout_ms, memory_order_relaxed);
+    if (prev <= now && log_enabled(LOG_WARN)) {
+        log_begin(&l, LOG_WARN, "backend_down");
+        log_str(&l, "listener", cl->name);
+        log_str(&l, "backend", session_backend(s)->text);
+        log_uint(&l, "for_ms", cl->fail_timeout_ms);
+        log_end(&l);
+    }
 }
 
 /* Ends this connect attempt; session_on_backend_closed moves on. */
@@ -149,6 +200,7 @@ static void session_connect_failed(struct session *s, int status)
     struct log_line l;
 
     s->last_error = status;
+    session_mark_backend_failed(s);
     if (log_enabled(LOG_WARN)) {
         log_begin(&l, LOG_WARN, "connect_error");
         log_sid(&l, s->id);
@@ -237,6 +289,8 @@ static void session_on_connect(uv_connect_t *req, int status)
     }
     s->flags |= SESSION_F_CONNECTED;
     s->connected_at = uv_now(s->backend.loop);
+    if (atomic_load_explicit(&s->cl->backend_retry_at[s->cur], memory_order_relaxed) != 0)
+        atomic_store_explicit(&s->cl->backend_retry_at[s->cur], 0, memory_order_relaxed);
     if (log_enabled(LOG_INFO)) {
         log_begin(&l, LOG_INFO, "connect");
         log_sid(&l, s->id);
@@ -264,6 +318,8 @@ static void session_connect_next(struct session *s)
     const struct config_addr *b;
     int rc;
 
+    s->cur = session_pick_backend(s);
+    s->tried |= UINT64_C(1) << s->cur;
     s->tries++;
     s->flags &= ~SESSION_F_TIMED_OUT;
     b = session_backend(s);

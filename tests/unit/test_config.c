@@ -86,6 +86,9 @@ static void test_defaults(void)
     ASSERT_EQ(l->connect_timeout_ms, 5000);
     ASSERT_EQ(l->idle_timeout_ms, 300000);
     ASSERT_EQ(l->max_connections, 0);
+    ASSERT_EQ(l->fail_timeout_ms, 10000);
+    ASSERT(l->backend_retry_at != NULL);
+    ASSERT_EQ(atomic_load(&l->backend_retry_at[0]), 0);
     ASSERT(l->shared != NULL);
     ASSERT_EQ(atomic_load(&l->shared->refs), 1);
     ASSERT_EQ(atomic_load(&l->shared->active), 0);
@@ -113,6 +116,7 @@ static void test_every_key(void)
                                "    connect_timeout = 250ms\n"
                                "    idle_timeout = 1h\n"
                                "    max_connections = 1000000\n"
+                               "    fail_timeout = 0\n"
                                "[global]\n"
                                "log_level: error\n"
                                "[listener b_2]\n"
@@ -140,10 +144,11 @@ static void test_every_key(void)
     ASSERT_EQ(l->connect_timeout_ms, 250);
     ASSERT_EQ(l->idle_timeout_ms, 3600000);
     ASSERT_EQ(l->max_connections, 1000000);
+    ASSERT_EQ(l->fail_timeout_ms, 0);
 
     l = &c->listeners[1];
     ASSERT_STREQ(l->name, "b_2");
-    ASSERT_EQ(l->line, 17);
+    ASSERT_EQ(l->line, 18);
     ASSERT_STREQ(l->listen.text, "0.0.0.0:26");
     ASSERT_STREQ(l->backends[0].text, "127.0.0.1:27");
     ASSERT(l->shared != c->listeners[0].shared);
@@ -619,6 +624,7 @@ static void test_example_file(void)
     ASSERT_EQ(c->listeners[0].connect_timeout_ms, d->listeners[0].connect_timeout_ms);
     ASSERT_EQ(c->listeners[0].idle_timeout_ms, d->listeners[0].idle_timeout_ms);
     ASSERT_EQ(c->listeners[0].max_connections, d->listeners[0].max_connections);
+    ASSERT_EQ(c->listeners[0].fail_timeout_ms, d->listeners[0].fail_timeout_ms);
     config_unref(d);
     config_unref(c);
 }
