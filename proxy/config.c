@@ -10,6 +10,7 @@
  * never turns a key into a continuation of the previous value.
  */
 #include "config.h"
+#include "sockaddr.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -611,19 +612,7 @@ static int config_parse_mode(struct config_parser *p, const struct config_key *k
 /* Fills addr->text from addr->sa. */
 static void config_addr_format(struct config_addr *addr)
 {
-    char host[INET6_ADDRSTRLEN] = "?";
-
-    if (addr->sa.ss_family == AF_INET6) {
-        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&addr->sa;
-
-        inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host));
-        snprintf(addr->text, sizeof(addr->text), "[%s]:%u", host, ntohs(sin6->sin6_port));
-    } else {
-        const struct sockaddr_in *sin = (const struct sockaddr_in *)&addr->sa;
-
-        inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host));
-        snprintf(addr->text, sizeof(addr->text), "%s:%u", host, ntohs(sin->sin_port));
-    }
+    sockaddr_format((const struct sockaddr *)&addr->sa, addr->text, sizeof(addr->text));
 }
 
 /* Stores a numeric address; host is the text inside the brackets for IPv6. */
@@ -904,19 +893,7 @@ static bool config_addr_is_any(const struct config_addr *a)
 
 static bool config_addr_equal(const struct config_addr *a, const struct config_addr *b)
 {
-    if (a->sa.ss_family != b->sa.ss_family)
-        return false;
-    if (a->sa.ss_family == AF_INET6) {
-        const struct sockaddr_in6 *x = (const struct sockaddr_in6 *)&a->sa;
-        const struct sockaddr_in6 *y = (const struct sockaddr_in6 *)&b->sa;
-
-        return x->sin6_port == y->sin6_port &&
-               memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
-    }
-    const struct sockaddr_in *x = (const struct sockaddr_in *)&a->sa;
-    const struct sockaddr_in *y = (const struct sockaddr_in *)&b->sa;
-
-    return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    return sockaddr_equal((const struct sockaddr *)&a->sa, (const struct sockaddr *)&b->sa);
 }
 
 static bool config_addr_overlaps(const struct config_addr *a, const struct config_addr *b)
