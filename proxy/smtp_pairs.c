@@ -270,6 +270,9 @@ static void smtp_pairs_judge(struct smtp_pairs *pp, struct smtp_pair *out)
     }
     if (out->code != 421 && !smtp_pairs_counts(out->cmd, out->code))
         return;
+    /* The client gave up on AUTH itself: the refusal that follows fails nothing. */
+    if (out->code != 421 && (out->flags & SMTP_PAIR_F_CANCELLED))
+        return;
     if (pp->sum.has_primary)
         return;
     out->flags |= SMTP_PAIR_F_PRIMARY;
