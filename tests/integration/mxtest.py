@@ -23,6 +23,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -589,6 +590,50 @@ class HalfCloseBackend(TcpBackend):
             h.update(data)
         rec.digest = h.hexdigest()
         self.send(rec, b"250 got %d bytes %s\r\n" % (rec.rx, rec.digest.encode()))
+
+
+class DownloadBackend(TcpBackend):
+    """Greets, then answers 'GET N' with N bytes of random data (1 MB block
+    repeated) and records their SHA-256 in rec.digest."""
+
+    GREETING = b"220 download ready\r\n"
+
+    def handle(self, rec):
+        self.send(rec, self.GREETING)
+        buf = b""
+        while b"\r\n" not in buf:
+            data = self.recv(rec)
+            if not data:
+                return
+            buf += data
+        n = int(buf.split(b"\r\n")[0].split()[1])
+        block = os.urandom(1024 * 1024)
+        h = hashlib.sha256()
+        left = n
+        while left > 0:
+            chunk = block[:left]
+            rec.sock.sendall(chunk)
+            rec.tx += len(chunk)
+            h.update(chunk)
+            left -= len(chunk)
+        rec.digest = h.hexdigest()
+        rec.done = True
+        while self.recv(rec):
+            pass
+
+
+def reset_close(sock):
+    """Closes sock with an RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def rss_kb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS for pid %d" % pid)
 
 
 class Blackhole:

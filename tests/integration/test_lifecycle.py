@@ -91,6 +91,41 @@ class ReloadTest(mxtest.ProxyTestCase):
         self.assertEqual(p.proc.poll(), None)
         self.assertEqual(len(p.find(ev="start")), 1)
 
+    def test_open_session_keeps_its_idle_timeout(self):
+        b = self.smtp_backend("mx")
+        port = free_port()
+        listen = "%s:%d" % (HOST, port)
+        p = self.start_proxy(config(listener("smtp", listen, b.addr, idle_timeout=1)))
+        a = self.client(port)
+        self.assertEqual(a.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
+        t_a = time.monotonic()
+        m = p.reload(config(listener("smtp", listen, b.addr, idle_timeout=30)))
+        p.wait_event(start=m, ev="reload")
+        n = self.client(port)
+        self.assertEqual(n.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
+        t_n = time.monotonic()
+        self.assertEqual(a.wait_closed(2), ("eof", b""))
+        self.assertWithin(time.monotonic() - t_a, 0.9, 1.6, "old session's idle_timeout")
+        self.assertEqual(p.close_of(p.sid_of(a))["end"], "idle_timeout")
+        # The new session runs under idle_timeout=30.
+        n.assert_open(wait=max(0.0, 1.5 - (time.monotonic() - t_n)))
+        self.assertEqual(n.cmd(b"NOOP"), b"250 2.0.0 mx ok\r\n")
+
+    def test_sighup_moves_a_listener(self):
+        b = self.smtp_backend("mx")
+        port1, port2 = free_port(), free_port()
+        p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port1), b.addr)))
+        m = p.reload(config(listener("smtp", "%s:%d" % (HOST, port2), b.addr)))
+        p.wait_event(start=m, ev="reload")
+        self.assertEqual(p.wait_event(start=m, ev="listen", listener="smtp")["addr"],
+                         "%s:%d" % (HOST, port2))
+        c = self.client(port2)
+        self.assertEqual(c.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
+        deadline = time.monotonic() + 1.0
+        while not mxtest.connect_refused(port1):
+            self.assertLess(time.monotonic(), deadline, "old address still accepts after 1s")
+            time.sleep(0.02)
+
 
 class DrainTest(mxtest.ProxyTestCase):
 
@@ -137,6 +172,29 @@ class DrainTest(mxtest.ProxyTestCase):
         self.assertEqual(p.events[-1]["ev"], "stop")
         closes = p.find(ev="close")
         self.assertEqual(sorted(e["end"] for e in closes), ["client_eof", "drain"])
+
+    def test_exits_when_last_session_ends_before_drain_timeout(self):
+        b = self.smtp_backend("mx")
+        port = free_port()
+        p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port), b.addr),
+                                    drain_timeout=30))
+        c = self.client(port)
+        self.assertEqual(c.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
+        m = p.mark()
+        p.signal(signal.SIGTERM)
+        self.assertEqual(p.wait_event(start=m, ev="drain")["sessions"], "1")
+        self.assertIsNone(p.proc.poll())
+        # The session still works while draining.
+        c.assert_open(wait=0.3)
+        self.assertEqual(c.cmd(b"NOOP"), b"250 2.0.0 mx ok\r\n")
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 mx bye\r\n")
+        sid = p.sid_of(c)
+        c.close()
+        t0 = time.monotonic()
+        self.assertEqual(p.wait_exit(3), 0)
+        self.assertLess(time.monotonic() - t0, 1.0, "exit once the last session ended")
+        self.assertEqual(p.find(ev="close", sid=sid)[0]["end"], "client_eof")
+        self.assertEqual(p.events[-1]["ev"], "stop")
 
     def test_sigint_without_sessions_exits_at_once(self):
         b = self.smtp_backend("mx")

@@ -38,6 +38,46 @@ class LimitsTest(mxtest.ProxyTestCase):
         self.assertEqual(len(b.conns), 3)
         self.assertEqual(len(p.find(ev="close", end="limit")), 1)
 
+    def test_burst_over_two_workers(self):
+        b = self.smtp_backend("mx")
+        port = free_port()
+        p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port), b.addr,
+                                             max_connections=3), workers=2))
+        clients = [self.client(port) for _ in range(12)]
+        ends = p.wait_count(9, timeout=5, ev="close", end="limit")
+        limited = {e["sid"] for e in ends}
+        kept = 0
+        for c in clients:
+            sid = p.sid_of(c)
+            if sid in limited:
+                self.assertEqual(c.wait_closed(1), ("eof", b""))
+            else:
+                self.assertEqual(c.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
+                kept += 1
+        self.assertEqual(kept, 3)
+        self.assertEqual(len(b.conns), 3)
+
+    def test_limit_holds_across_reload(self):
+        x = self.smtp_backend("x")
+        y = self.smtp_backend("y")
+        port = free_port()
+        listen = "%s:%d" % (HOST, port)
+        p = self.start_proxy(config(listener("smtp", listen, x.addr, max_connections=1)))
+        a = self.client(port)
+        self.assertEqual(a.recv_until(b"\r\n"), b"220 x ESMTP\r\n")
+        m = p.reload(config(listener("smtp", listen, y.addr, max_connections=1)))
+        p.wait_event(start=m, ev="reload")
+        # a, opened under the old config, still counts against the listener.
+        b = self.client(port)
+        self.assertEqual(b.wait_closed(0.5), ("eof", b""))
+        self.assertEqual(p.close_of(p.sid_of(b))["end"], "limit")
+        sid_a = p.sid_of(a)
+        a.close()
+        p.close_of(sid_a)
+        c = self.client(port)
+        self.assertEqual(c.recv_until(b"\r\n", timeout=2), b"220 y ESMTP\r\n")
+        self.assertEqual(len(y.conns), 1)
+
 
 if __name__ == "__main__":
     mxtest.main()

@@ -137,5 +137,97 @@ class RelayTest(mxtest.ProxyTestCase):
         self.assertEqual(close["bytes_down"], str(len(b"554 5.3.2 go away\r\n")))
 
 
+
+class RelayEndsTest(mxtest.ProxyTestCase):
+    """Client data before the greeting, resets, and backpressure downstream."""
+
+    def proxy_to(self, backend_addr, **opts):
+        port = free_port()
+        p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port), backend_addr,
+                                             **opts)))
+        return p, port
+
+    def test_client_data_before_greeting_is_kept(self):
+        b = self.smtp_backend("late", greeting_delay=0.5)
+        p, port = self.proxy_to(b.addr)
+        c = self.client(port)
+        c.send(b"EHLO early\r\n")
+        self.assertEqual(c.read_reply(2), b"220 late ESMTP\r\n")
+        self.assertEqual(c.read_reply(2), b"250-late\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        self.assertEqual(b.wait_conns(1).commands, [b"EHLO early"])
+
+    def test_client_reset(self):
+        b = self.smtp_backend("mx")
+        p, port = self.proxy_to(b.addr)
+        c = self.client(port)
+        self.assertEqual(c.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
+        self.assertEqual(c.cmd(b"NOOP"), b"250 2.0.0 mx ok\r\n")
+        mxtest.reset_close(c.sock)
+        close = p.close_of(p.sid_of(c))
+        self.assertEqual(close["end"], "client_reset")
+        self.assertEqual(close["error"], "connection reset by peer")
+        self.assertEqual((close["bytes_up"], close["bytes_down"]), ("6", str(len(c.received))))
+        self.assertTrue(b.wait_conns(1).closed.wait(2), "backend connection left open")
+
+    def test_backend_reset(self):
+        class Resetter(mxtest.TcpBackend):
+            def handle(self, rec):
+                self.send(rec, b"220 short-lived\r\n")
+                self.recv(rec)  # one command, then RST
+                mxtest.reset_close(rec.sock)
+        b = self.track(Resetter("rst"))
+        p, port = self.proxy_to(b.addr)
+        c = self.client(port)
+        self.assertEqual(c.recv_until(b"\r\n"), b"220 short-lived\r\n")
+        c.send(b"NOOP\r\n")
+        how, got = c.wait_closed(2)
+        self.assertEqual(got, b"")
+        close = p.close_of(p.sid_of(c))
+        self.assertEqual(close["end"], "backend_reset")
+        self.assertEqual(close["error"], "connection reset by peer")
+        self.assertEqual((close["bytes_up"], close["bytes_down"]), ("6", "17"))
+
+    def test_download_with_slow_reader_is_bounded_and_exact(self):
+        b = self.track(mxtest.DownloadBackend("dl"))
+        p, port = self.proxy_to(b.addr)
+        warm = self.client(port)
+        self.assertEqual(warm.recv_until(b"\r\n"), mxtest.DownloadBackend.GREETING)
+        warm.close()
+        base = mxtest.rss_kb(p.pid)
+        n = 64 * 1024 * 1024
+        c = self.client(port)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        self.assertEqual(c.recv_until(b"\r\n"), mxtest.DownloadBackend.GREETING)
+        c.send(b"GET %d\r\n" % n)
+        rec = b.wait_conns(2)
+        # The client does not read: the backend must stall once the proxy stops reading.
+        last, still = -1, 0
+        deadline = time.monotonic() + 10
+        while still < 3:
+            self.assertLess(time.monotonic(), deadline, "backend never stalled")
+            time.sleep(0.1)
+            still = still + 1 if rec.tx == last else 0
+            last = rec.tx
+        self.assertLess(rec.tx, n, "64 MB went through to a client that reads nothing")
+        grown = mxtest.rss_kb(p.pid) - base
+        self.assertLess(grown, 16 * 1024, "mxproxy buffered %d kB for one slow reader" % grown)
+        h = hashlib.sha256()
+        got = 0
+        c.sock.settimeout(30)
+        while got < n:
+            data = c.sock.recv(1 << 20)
+            self.assertTrue(data, "EOF after %d of %d bytes" % (got, n))
+            h.update(data)
+            got += len(data)
+        self.assertEqual(got, n)
+        self.assertEqual(h.hexdigest(), rec.digest)
+        sid = p.sid_of(c)
+        c.close()
+        close = p.close_of(sid, timeout=10)
+        self.assertEqual(close["end"], "client_eof")
+        self.assertEqual(close["bytes_down"], str(n + len(mxtest.DownloadBackend.GREETING)))
+        self.assertEqual(close["bytes_up"], str(len(b"GET %d\r\n" % n)))
+
+
 if __name__ == "__main__":
     mxtest.main()

@@ -52,7 +52,16 @@ class ScaleTest(mxtest.ProxyTestCase):
         sid = p.sid_of(c)
         c.close()
         p.close_of(sid)
-        baseline = p.fd_count()
+        # ev=close is written before the sockets are closed: wait until the
+        # count has stayed put for 0.3 s.
+        baseline, since = p.fd_count(), time.monotonic()
+        deadline = since + 5
+        while time.monotonic() - since < 0.3:
+            self.assertLess(time.monotonic(), deadline, "fd count never settled")
+            time.sleep(0.02)
+            n = p.fd_count()
+            if n != baseline:
+                baseline, since = n, time.monotonic()
 
         t0 = time.monotonic()
         errors, greetings, byes, local_ports = asyncio.run(_run(port, N, 30))
