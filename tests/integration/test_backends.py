@@ -38,7 +38,7 @@ class BackendsTest(mxtest.ProxyTestCase):
     def test_dead_then_live_every_session_reaches_live(self):
         dead = "%s:%d" % (HOST, free_port())
         live = self.smtp_backend("live")
-        p, port = self.proxy_to([dead, live.addr])
+        p, port = self.proxy_to([dead, live.addr], fail_timeout=0)
         for i in range(10):
             c = self.client(port)
             self.assertEqual(c.recv_until(b"\r\n", timeout=2), b"220 live ESMTP\r\n",
@@ -50,10 +50,42 @@ class BackendsTest(mxtest.ProxyTestCase):
             self.assertEqual(p.close_of(sid)["end"], "client_eof")
             self.assertEqual(p.wait_event(ev="connect", sid=sid)["backend"], live.addr)
         self.assertEqual(len(live.conns), 10)
+        # Round robin starts every other session at the dead one, which (with
+        # fail_timeout=0) is tried each time and fails over at once.
         errors = p.find(ev="connect_error")
-        self.assertGreaterEqual(len(errors), 1, "round robin never tried the dead backend")
+        self.assertEqual(len(errors), 5, [e["_raw"] for e in errors])
         for e in errors:
             self.assertEqual((e["backend"], e["error"]), (dead, "connection refused"))
+        self.assertEqual(p.find(ev="backend_down"), [])
+
+    def test_fail_timeout_skips_a_failed_backend(self):
+        dead = "%s:%d" % (HOST, free_port())
+        live = self.smtp_backend("live")
+        p, port = self.proxy_to([dead, live.addr], fail_timeout="1s")
+
+        def sessions(n):
+            for i in range(n):
+                c = self.client(port)
+                self.assertEqual(c.recv_until(b"\r\n", timeout=2), b"220 live ESMTP\r\n")
+                sid = p.sid_of(c)
+                c.close()
+                p.close_of(sid)
+
+        t0 = time.monotonic()
+        sessions(6)
+        self.assertLess(time.monotonic() - t0, 0.9, "too slow to stay within fail_timeout")
+        errors = p.find(ev="connect_error")
+        self.assertEqual(len(errors), 1, "a failed backend is tried again within fail_timeout")
+        down = p.find(ev="backend_down")
+        self.assertEqual(len(down), 1)
+        self.assertEqual((down[0]["lvl"], down[0]["listener"], down[0]["backend"],
+                          down[0]["for_ms"]), ("warn", "smtp", dead, "1000"))
+        # After fail_timeout the dead backend gets its turn again.
+        time.sleep(max(0.0, 1.1 - (time.monotonic() - down[0]["_t"])))
+        sessions(2)
+        self.assertEqual(len(p.find(ev="connect_error")), 2)
+        self.assertEqual(len(p.find(ev="backend_down")), 2)
+        self.assertEqual(len(live.conns), 8)
 
     def test_round_robin_alternates(self):
         b1 = self.smtp_backend("one")
