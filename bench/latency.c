@@ -1,0 +1,306 @@
+/* latency.c: the bench's small SMTP client, two modes.
+ *
+ *   latency greet HOST PORT N [WARMUP]
+ *       N times, one after the other: connect, time from the start of
+ *       connect() to the first byte of the server's greeting, then send QUIT
+ *       and read to EOF so the server side closes first (no TIME_WAIT piles
+ *       up on the client's ephemeral ports) and the previous session is torn
+ *       down before the next one is timed. WARMUP sessions (default 100) go
+ *       first and are not counted. Prints one JSON object:
+ *       {"n":..,"errors":..,"median_us":..,"p99_us":..,"mean_us":..,"min_us":..,"max_us":..}
+ *
+ *   latency idle HOST PORT N
+ *       Opens N connections one after the other and reads each greeting
+ *       line, keeps them all open and idle, prints "ready OK ERRORS" and
+ *       waits until a line (or EOF) arrives on stdin, then closes them all
+ *       and prints "closed".
+ *
+ *   latency discard HOST PORT
+ *       A server for the raw relay test: for each connection (one child
+ *       process each) it sends a 220 greeting, reads and discards everything
+ *       until EOF, then answers "250 BYTES" and closes.
+ *
+ *   latency blast HOST PORT BYTES
+ *       Connects, reads the greeting, writes BYTES in 256 KiB chunks, shuts
+ *       down its sending side and waits for the "250 BYTES" answer, so the
+ *       time covers every byte arriving at the far end. Prints
+ *       {"bytes":..,"elapsed_s":..,"mb_per_s":..}.
+ *
+ * Built by bench/run with cc -O2; needs nothing but libc.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+static struct sockaddr_in target;
+
+static long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static int cmp_ll(const void *a, const void *b)
+{
+    long long x = *(const long long *)a, y = *(const long long *)b;
+    return (x > y) - (x < y);
+}
+
+static void set_timeouts(int fd, int seconds)
+{
+    struct timeval tv = {.tv_sec = seconds, .tv_usec = 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+/* One timed session. Returns the greeting latency in ns, or -1. */
+static long long one_session(void)
+{
+    char buf[4096];
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0)
+        return -1;
+    set_timeouts(fd, 10);
+    long long t0 = now_ns();
+    if (connect(fd, (struct sockaddr *)&target, sizeof target) < 0) {
+        close(fd);
+        return -1;
+    }
+    ssize_t n = read(fd, buf, sizeof buf);
+    long long t1 = now_ns();
+    if (n <= 0 || buf[0] != '2') {
+        close(fd);
+        return -1;
+    }
+    /* Finish the greeting line if it came in pieces, then say goodbye. */
+    while (!memchr(buf, '\n', (size_t)n)) {
+        n = read(fd, buf, sizeof buf);
+        if (n <= 0) {
+            close(fd);
+            return -1;
+        }
+    }
+    static const char quit[] = "QUIT\r\n";
+    if (write(fd, quit, sizeof quit - 1) != (ssize_t)(sizeof quit - 1)) {
+        close(fd);
+        return -1;
+    }
+    while ((n = read(fd, buf, sizeof buf)) > 0)
+        ;
+    close(fd);
+    return t1 - t0;
+}
+
+static int mode_greet(int count, int warmup)
+{
+    long long *s = calloc((size_t)count, sizeof *s);
+    if (!s)
+        return 1;
+    int errors = 0;
+    for (int i = 0; i < warmup; i++)
+        if (one_session() < 0)
+            errors++;
+    if (errors > warmup / 2) {
+        fprintf(stderr, "latency: warm-up failed (%d/%d errors)\n", errors, warmup);
+        return 1;
+    }
+    errors = 0;
+    int n = 0;
+    for (int i = 0; i < count; i++) {
+        long long v = one_session();
+        if (v < 0)
+            errors++;
+        else
+            s[n++] = v;
+    }
+    if (n == 0) {
+        printf("{\"n\":0,\"errors\":%d}\n", errors);
+        return 1;
+    }
+    qsort(s, (size_t)n, sizeof *s, cmp_ll);
+    double sum = 0;
+    for (int i = 0; i < n; i++)
+        sum += (double)s[i];
+    double med = n % 2 ? (double)s[n / 2] : ((double)s[n / 2 - 1] + (double)s[n / 2]) / 2;
+    int p99i = (int)((double)n * 0.99 + 0.5) - 1;
+    if (p99i < 0)
+        p99i = 0;
+    if (p99i >= n)
+        p99i = n - 1;
+    printf("{\"n\":%d,\"errors\":%d,\"median_us\":%.1f,\"p99_us\":%.1f,\"mean_us\":%.1f,"
+           "\"min_us\":%.1f,\"max_us\":%.1f}\n",
+           n, errors, med / 1e3, (double)s[p99i] / 1e3, sum / n / 1e3, (double)s[0] / 1e3,
+           (double)s[n - 1] / 1e3);
+    free(s);
+    return errors ? 2 : 0;
+}
+
+static int mode_idle(int count)
+{
+    int *fds = calloc((size_t)count, sizeof *fds);
+    if (!fds)
+        return 1;
+    int ok = 0, errors = 0;
+    char buf[1024];
+    for (int i = 0; i < count; i++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0) {
+            errors++;
+            continue;
+        }
+        set_timeouts(fd, 10);
+        if (connect(fd, (struct sockaddr *)&target, sizeof target) < 0) {
+            close(fd);
+            errors++;
+            continue;
+        }
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n <= 0 || buf[0] != '2') {
+            close(fd);
+            errors++;
+            continue;
+        }
+        fds[ok++] = fd;
+    }
+    printf("ready %d %d\n", ok, errors);
+    fflush(stdout);
+    if (!fgets(buf, sizeof buf, stdin)) {
+        /* EOF: close all the same */
+    }
+    for (int i = 0; i < ok; i++)
+        close(fds[i]);
+    printf("closed\n");
+    fflush(stdout);
+    free(fds);
+    return 0;
+}
+
+#define CHUNK (256 * 1024)
+
+static int mode_discard(void)
+{
+    signal(SIGCHLD, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+    int ls = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(ls, (struct sockaddr *)&target, sizeof target) < 0 || listen(ls, 1024) < 0) {
+        perror("latency discard: bind/listen");
+        return 1;
+    }
+    for (;;) {
+        int fd = accept(ls, NULL, NULL);
+        if (fd < 0) {
+            if (errno == EINTR)
+                continue;
+            perror("latency discard: accept");
+            return 1;
+        }
+        pid_t pid = fork();
+        if (pid == 0) {
+            close(ls);
+            static char buf[CHUNK];
+            static const char hello[] = "220 discard ready\r\n";
+            if (write(fd, hello, sizeof hello - 1) < 0)
+                _exit(1);
+            long long total = 0;
+            ssize_t n;
+            while ((n = read(fd, buf, sizeof buf)) > 0)
+                total += n;
+            int len = snprintf(buf, 64, "250 %lld\r\n", total);
+            if (write(fd, buf, (size_t)len) < 0)
+                _exit(1);
+            _exit(0);
+        }
+        close(fd);
+    }
+}
+
+static int mode_blast(long long bytes)
+{
+    signal(SIGPIPE, SIG_IGN);
+    static char buf[CHUNK];
+    memset(buf, 'x', sizeof buf);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    set_timeouts(fd, 60);
+    if (connect(fd, (struct sockaddr *)&target, sizeof target) < 0) {
+        perror("latency blast: connect");
+        return 1;
+    }
+    char in[256];
+    ssize_t n = read(fd, in, sizeof in - 1);
+    if (n <= 0 || in[0] != '2') {
+        fprintf(stderr, "latency blast: no greeting\n");
+        return 1;
+    }
+    long long t0 = now_ns(), left = bytes;
+    while (left > 0) {
+        size_t want = left < CHUNK ? (size_t)left : CHUNK;
+        ssize_t w = write(fd, buf, want);
+        if (w <= 0) {
+            perror("latency blast: write");
+            return 1;
+        }
+        left -= w;
+    }
+    shutdown(fd, SHUT_WR);
+    size_t got = 0;
+    while (got < sizeof in - 1 && (n = read(fd, in + got, sizeof in - 1 - got)) > 0)
+        got += (size_t)n;
+    long long t1 = now_ns();
+    in[got] = 0;
+    long long echoed = -1;
+    if (sscanf(in, "250 %lld", &echoed) != 1 || echoed != bytes) {
+        fprintf(stderr, "latency blast: far end counted %lld of %lld bytes (%s)\n", echoed, bytes, in);
+        return 1;
+    }
+    double el = (double)(t1 - t0) / 1e9;
+    printf("{\"bytes\":%lld,\"elapsed_s\":%.4f,\"mb_per_s\":%.1f}\n", bytes, el, (double)bytes / el / 1e6);
+    close(fd);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 4 || (argc < 5 && strcmp(argv[1], "discard") != 0)) {
+        fprintf(stderr, "usage: %s greet|idle|blast HOST PORT N [WARMUP] | discard HOST PORT\n", argv[0]);
+        return 64;
+    }
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    memset(&target, 0, sizeof target);
+    target.sin_family = AF_INET;
+    target.sin_port = htons((unsigned short)atoi(argv[3]));
+    if (inet_pton(AF_INET, argv[2], &target.sin_addr) != 1) {
+        fprintf(stderr, "latency: bad IPv4 address %s\n", argv[2]);
+        return 64;
+    }
+    if (strcmp(argv[1], "discard") == 0)
+        return mode_discard();
+    if (strcmp(argv[1], "blast") == 0)
+        return mode_blast(atoll(argv[4]));
+    int count = atoi(argv[4]);
+    if (count <= 0)
+        return 64;
+    if (strcmp(argv[1], "greet") == 0)
+        return mode_greet(count, argc > 5 ? atoi(argv[5]) : 100);
+    if (strcmp(argv[1], "idle") == 0)
+        return mode_idle(count);
+    fprintf(stderr, "latency: unknown mode %s\n", argv[1]);
+    return 64;
+}
