@@ -122,6 +122,12 @@ static void session_on_timer_closed(uv_handle_t *h)
     session_maybe_free(s);
 }
 
+/* The error= text of a failed connect, the same on ev=connect_error and ev=close. */
+static const char *session_connect_error_text(int status)
+{
+    return status == UV_ETIMEDOUT ? "connect timeout" : uv_strerror(status);
+}
+
 static void session_connect_next(struct session *s);
 static void session_close(struct session *s, enum session_end end, const char *error);
 
@@ -139,8 +145,7 @@ static void session_on_backend_closed(uv_handle_t *h)
         session_connect_next(s);
         return;
     }
-    session_close(s, SESSION_END_CONNECT_FAILED,
-                  s->last_error == UV_ETIMEDOUT ? "connect timeout" : uv_strerror(s->last_error));
+    session_close(s, SESSION_END_CONNECT_FAILED, session_connect_error_text(s->last_error));
 }
 
 static const struct config_addr *session_backend(const struct session *s)
@@ -205,7 +210,7 @@ static void session_connect_failed(struct session *s, int status)
         log_begin(&l, LOG_WARN, "connect_error");
         log_sid(&l, s->id);
         log_str(&l, "backend", session_backend(s)->text);
-        log_str(&l, "error", status == UV_ETIMEDOUT ? "timeout" : uv_strerror(status));
+        log_str(&l, "error", session_connect_error_text(status));
         log_end(&l);
     }
     uv_timer_stop(&s->timer);

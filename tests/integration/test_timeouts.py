@@ -68,7 +68,7 @@ class TimeoutsTest(mxtest.ProxyTestCase):
         self.assertEqual(len(errors), 1, errors)
         self.assertEqual(errors[0]["backend"], hole.addr)
         self.assertEqual(errors[0]["lvl"], "warn")
-        self.assertEqual(errors[0]["error"], "timeout")
+        self.assertEqual(errors[0]["error"], "connect timeout")
 
     def test_connect_timeout_then_next_backend(self):
         hole = self.track(mxtest.Blackhole())
