@@ -1,13 +1,16 @@
 /* latency.c: the bench's small SMTP client, two modes.
  *
- *   latency greet HOST PORT N [WARMUP]
- *       N times, one after the other: connect, time from the start of
- *       connect() to the first byte of the server's greeting, then send QUIT
- *       and read to EOF so the server side closes first (no TIME_WAIT piles
- *       up on the client's ephemeral ports) and the previous session is torn
- *       down before the next one is timed. WARMUP sessions (default 100) go
- *       first and are not counted. Prints one JSON object:
- *       {"n":..,"errors":..,"median_us":..,"p99_us":..,"mean_us":..,"min_us":..,"max_us":..}
+ *   latency greet HOST PORT[,PORT...] N [WARMUP]
+ *       N times per port, one session after the other: connect, time from
+ *       the start of connect() to the first byte of the server's greeting,
+ *       then send QUIT and read to EOF so the server side closes first (no
+ *       TIME_WAIT piles up on the client's ephemeral ports) and the previous
+ *       session is torn down before the next one is timed. With several
+ *       ports the sessions alternate between them (p1, p2, p3, p1, ...), so
+ *       a busy moment of the machine hits every target alike. WARMUP
+ *       sessions per port (default 100) go first and are not counted.
+ *       Prints one JSON object per port, one per line, in argument order:
+ *       {"port":..,"n":..,"errors":..,"median_us":..,"p99_us":..,"mean_us":..,"min_us":..,"max_us":..}
  *
  *   latency idle HOST PORT N
  *       Opens N connections one after the other and reads each greeting
@@ -45,6 +48,8 @@
 
 static struct sockaddr_in target;
 
+#define MAX_PORTS 16
+
 static long long now_ns(void)
 {
     struct timespec ts;
@@ -66,8 +71,9 @@ static void set_timeouts(int fd, int seconds)
 }
 
 /* One timed session. Returns the greeting latency in ns, or -1. */
-static long long one_session(void)
+static long long one_session(unsigned short port)
 {
+    target.sin_port = htons(port);
     char buf[4096];
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0)
@@ -103,31 +109,11 @@ static long long one_session(void)
     return t1 - t0;
 }
 
-static int mode_greet(int count, int warmup)
+static void report(unsigned short port, long long *s, int n, int errors)
 {
-    long long *s = calloc((size_t)count, sizeof *s);
-    if (!s)
-        return 1;
-    int errors = 0;
-    for (int i = 0; i < warmup; i++)
-        if (one_session() < 0)
-            errors++;
-    if (errors > warmup / 2) {
-        fprintf(stderr, "latency: warm-up failed (%d/%d errors)\n", errors, warmup);
-        return 1;
-    }
-    errors = 0;
-    int n = 0;
-    for (int i = 0; i < count; i++) {
-        long long v = one_session();
-        if (v < 0)
-            errors++;
-        else
-            s[n++] = v;
-    }
     if (n == 0) {
-        printf("{\"n\":0,\"errors\":%d}\n", errors);
-        return 1;
+        printf("{\"port\":%u,\"n\":0,\"errors\":%d}\n", port, errors);
+        return;
     }
     qsort(s, (size_t)n, sizeof *s, cmp_ll);
     double sum = 0;
@@ -139,12 +125,54 @@ static int mode_greet(int count, int warmup)
         p99i = 0;
     if (p99i >= n)
         p99i = n - 1;
-    printf("{\"n\":%d,\"errors\":%d,\"median_us\":%.1f,\"p99_us\":%.1f,\"mean_us\":%.1f,"
+    printf("{\"port\":%u,\"n\":%d,\"errors\":%d,\"median_us\":%.1f,\"p99_us\":%.1f,\"mean_us\":%.1f,"
            "\"min_us\":%.1f,\"max_us\":%.1f}\n",
-           n, errors, med / 1e3, (double)s[p99i] / 1e3, sum / n / 1e3, (double)s[0] / 1e3,
+           port, n, errors, med / 1e3, (double)s[p99i] / 1e3, sum / n / 1e3, (double)s[0] / 1e3,
            (double)s[n - 1] / 1e3);
-    free(s);
-    return errors ? 2 : 0;
+}
+
+static int mode_greet(const char *portlist, int count, int warmup)
+{
+    unsigned short ports[MAX_PORTS];
+    int np = 0;
+    char *copy = strdup(portlist), *save = NULL;
+    for (char *t = strtok_r(copy, ",", &save); t && np < MAX_PORTS; t = strtok_r(NULL, ",", &save))
+        ports[np++] = (unsigned short)atoi(t);
+    free(copy);
+    if (np == 0)
+        return 64;
+    long long *s[MAX_PORTS];
+    int n[MAX_PORTS] = {0}, errors[MAX_PORTS] = {0};
+    for (int p = 0; p < np; p++)
+        if (!(s[p] = calloc((size_t)count, sizeof **s)))
+            return 1;
+    for (int i = 0; i < warmup; i++)
+        for (int p = 0; p < np; p++)
+            if (one_session(ports[p]) < 0)
+                errors[p]++;
+    for (int p = 0; p < np; p++) {
+        if (errors[p] > warmup / 2) {
+            fprintf(stderr, "latency: warm-up of port %u failed (%d/%d errors)\n", ports[p], errors[p], warmup);
+            return 1;
+        }
+        errors[p] = 0;
+    }
+    for (int i = 0; i < count; i++)
+        for (int p = 0; p < np; p++) {
+            long long v = one_session(ports[p]);
+            if (v < 0)
+                errors[p]++;
+            else
+                s[p][n[p]++] = v;
+        }
+    int rc = 0;
+    for (int p = 0; p < np; p++) {
+        report(ports[p], s[p], n[p], errors[p]);
+        if (errors[p])
+            rc = 2;
+        free(s[p]);
+    }
+    return rc;
 }
 
 static int mode_idle(int count)
@@ -298,7 +326,7 @@ int main(int argc, char **argv)
     if (count <= 0)
         return 64;
     if (strcmp(argv[1], "greet") == 0)
-        return mode_greet(count, argc > 5 ? atoi(argv[5]) : 100);
+        return mode_greet(argv[3], count, argc > 5 ? atoi(argv[5]) : 100);
     if (strcmp(argv[1], "idle") == 0)
         return mode_idle(count);
     fprintf(stderr, "latency: unknown mode %s\n", argv[1]);
