@@ -315,241 +315,78 @@ static void test_v1_encode(void)
 
 /* --- v2 encoder ------------------------------------------------------------------------------ */
 
+/* Headers written by hand from doc/proxy-protocol.txt, laid out as the spec describes them. */
+/* clang-format off */
 static const unsigned char V2_TCP4[] = {
     0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a, /* signature */
-    0x21,                                                                   /* v2, PROXY */
-    0x11,                                                                   /* INET, STREAM */
-    0x00, 0x0c,                                                             /* 12 bytes */
-    192,  0,    2,    1,                                                    /* src */
-    198,  51,   100,  2,                                                    /* dst */
-    0xdc, 0x04,                                                             /* 56324 */
-    0x00, 0x19,                                                             /* 25 */
+    0x21,                   /* version 2, PROXY */
+    0x11,                   /* INET, STREAM */
+    0x00, 0x0c,             /* 12 address bytes */
+    192, 0, 2, 1,           /* src 192.0.2.1 */
+    198, 51, 100, 2,        /* dst 198.51.100.2 */
+    0xdc, 0x04,             /* sport 56324 */
+    0x00, 0x19,             /* dport 25 */
 };
 
 static const unsigned char V2_TCP6[] = {
-    0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a, 0x21, 0x21, /* INET6,
-                                                                                           STREAM */
-    0x00, 0x24, /* 36 bytes */
-    0x20, 0x01, 0x0d, 0xb8, 0,    0,    0,    0,    0,    0,    0,    0,    0,    0,    0,
-    0x01, /* 2001:db8::1 */
-    0x20, 0x01, 0x0d, 0xb8, 0,    0,    0,    0x01, 0,    0,    0,    0,    0,    0,    0,
-    0x25,       /* 2001:db8:0:1::25 */
-    0x9c, 0x40, /* 40000 */
-    0x02, 0x4b, /* 587 */
+    0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a,
+    0x21,                   /* version 2, PROXY */
+    0x21,                   /* INET6, STREAM */
+    0x00, 0x24,             /* 36 address bytes */
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0,    0, 0, 0, 0, 0, 0, 0, 0x01, /* 2001:db8::1 */
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x25, /* 2001:db8:0:1::25 */
+    0x9c, 0x40,             /* sport 40000 */
+    0x02, 0x4b,             /* dport 587 */
 };
 
-static const unsigned char V2_UNSPEC[] = {0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51,
-                                          0x55, 0x49, 0x54, 0x0a, 0x21, 0x00, 0x00, 0x00};
+static const unsigned char V2_UNSPEC[] = {
+    0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a,
+    0x21, 0x00, 0x00, 0x00, /* PROXY, UNSPEC, no address */
+};
 
-static const unsigned char V2_LOCAL[] = {0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51,
-                                         0x55, 0x49, 0x54, 0x0a, 0x20, 0x00, 0x00, 0x00};
+static const unsigned char V2_LOCAL[] = {
+    0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a,
+    0x20, 0x00, 0x00, 0x00, /* LOCAL, UNSPEC, no address */
+};
 
 /* TCP4 with AUTHORITY, SSL (client cert on this connection, verified; version and cipher),
  * UNIQUE_ID and CRC32C. The checksum was computed separately over the header with it zeroed. */
 static const unsigned char V2_TLVS[] = {
-    0x0d,
-    0x0a,
-    0x0d,
-    0x0a,
-    0x00,
-    0x0d,
-    0x0a,
-    0x51,
-    0x55,
-    0x49,
-    0x54,
-    0x0a,
-    0x21,
-    0x11,
-    0x00,
-    0x56, /* 86 = 12 + 17 + 43 + 7 + 7 */
-    192,
-    0,
-    2,
-    1,
-    198,
-    51,
-    100,
-    2,
-    0xdc,
-    0x04,
-    0x00,
-    0x19,
+    0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a,
+    0x21, 0x11,
+    0x00, 0x56,             /* 86 = 12 + 17 + 43 + 7 + 7 */
+    192, 0, 2, 1,  198, 51, 100, 2,  0xdc, 0x04,  0x00, 0x19,
     /* PP2_TYPE_AUTHORITY, 14 */
-    0x02,
-    0x00,
-    0x0e,
-    'm',
-    'x',
-    '.',
-    'e',
-    'x',
-    'a',
-    'm',
-    'p',
-    'l',
-    'e',
-    '.',
-    'c',
-    'o',
-    'm',
+    0x02, 0x00, 0x0e, 'm', 'x', '.', 'e', 'x', 'a', 'm', 'p', 'l', 'e', '.', 'c', 'o', 'm',
     /* PP2_TYPE_SSL, 40: client = SSL | CERT_CONN, verify = 0 */
-    0x20,
-    0x00,
-    0x28,
-    0x03,
-    0x00,
-    0x00,
-    0x00,
-    0x00,
-    /* PP2_SUBTYPE_SSL_VERSION, 7 */
-    0x21,
-    0x00,
-    0x07,
-    'T',
-    'L',
-    'S',
-    'v',
-    '1',
-    '.',
-    '3',
-    /* PP2_SUBTYPE_SSL_CIPHER, 22 */
-    0x23,
-    0x00,
-    0x16,
-    'T',
-    'L',
-    'S',
-    '_',
-    'A',
-    'E',
-    'S',
-    '_',
-    '2',
-    '5',
-    '6',
-    '_',
-    'G',
-    'C',
-    'M',
-    '_',
-    'S',
-    'H',
-    'A',
-    '3',
-    '8',
-    '4',
+    0x20, 0x00, 0x28,  0x03,  0x00, 0x00, 0x00, 0x00,
+    /*   PP2_SUBTYPE_SSL_VERSION, 7 */
+    0x21, 0x00, 0x07, 'T', 'L', 'S', 'v', '1', '.', '3',
+    /*   PP2_SUBTYPE_SSL_CIPHER, 22 */
+    0x23, 0x00, 0x16, 'T', 'L', 'S', '_', 'A', 'E', 'S', '_', '2', '5', '6', '_',
+                      'G', 'C', 'M', '_', 'S', 'H', 'A', '3', '8', '4',
     /* PP2_TYPE_UNIQUE_ID, 4 */
-    0x05,
-    0x00,
-    0x04,
-    0x01,
-    0x02,
-    0x03,
-    0x04,
+    0x05, 0x00, 0x04, 0x01, 0x02, 0x03, 0x04,
     /* PP2_TYPE_CRC32C, 4 */
-    0x03,
-    0x00,
-    0x04,
-    0x87,
-    0x67,
-    0x6b,
-    0xac,
+    0x03, 0x00, 0x04, 0x87, 0x67, 0x6b, 0xac,
 };
 
 /* TCP6 with SSL only: certificate seen in the session, not verified (verify = 1), CN. */
 static const unsigned char V2_SSL_CN[] = {
-    0x0d,
-    0x0a,
-    0x0d,
-    0x0a,
-    0x00,
-    0x0d,
-    0x0a,
-    0x51,
-    0x55,
-    0x49,
-    0x54,
-    0x0a,
-    0x21,
-    0x21,
-    0x00,
-    0x47, /* 71 = 36 + 35 */
-    0x20,
-    0x01,
-    0x0d,
-    0xb8,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0x01,
-    0x20,
-    0x01,
-    0x0d,
-    0xb8,
-    0,
-    0,
-    0,
-    0x01,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0x25,
-    0x9c,
-    0x40,
-    0x02,
-    0x4b,
+    0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a,
+    0x21, 0x21,
+    0x00, 0x47,             /* 71 = 36 + 35 */
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0,    0, 0, 0, 0, 0, 0, 0, 0x01,
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x25,
+    0x9c, 0x40,  0x02, 0x4b,
     /* PP2_TYPE_SSL, 32: client = SSL | CERT_SESS, verify = 1 */
-    0x20,
-    0x00,
-    0x20,
-    0x05,
-    0x00,
-    0x00,
-    0x00,
-    0x01,
-    /* PP2_SUBTYPE_SSL_VERSION, 7 */
-    0x21,
-    0x00,
-    0x07,
-    'T',
-    'L',
-    'S',
-    'v',
-    '1',
-    '.',
-    '2',
-    /* PP2_SUBTYPE_SSL_CN, 14 */
-    0x22,
-    0x00,
-    0x0e,
-    'c',
-    'l',
-    'i',
-    'e',
-    'n',
-    't',
-    '.',
-    'e',
-    'x',
-    'a',
-    'm',
-    'p',
-    'l',
-    'e',
+    0x20, 0x00, 0x20,  0x05,  0x00, 0x00, 0x00, 0x01,
+    /*   PP2_SUBTYPE_SSL_VERSION, 7 */
+    0x21, 0x00, 0x07, 'T', 'L', 'S', 'v', '1', '.', '2',
+    /*   PP2_SUBTYPE_SSL_CN, 14 */
+    0x22, 0x00, 0x0e, 'c', 'l', 'i', 'e', 'n', 't', '.', 'e', 'x', 'a', 'm', 'p', 'l', 'e',
 };
+/* clang-format on */
 
 static void test_crc32c(void)
 {
