@@ -3,6 +3,7 @@
 
 #include <assert.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* relay_on_write finds the block from its request. */
 static_assert(offsetof(struct relay_block, req) == 0, "req must lead struct relay_block");
@@ -13,13 +14,24 @@ static struct relay_block *relay_block_get(struct relay_pool *pool)
     if (b != NULL) {
         pool->free = b->next;
         pool->n_free--;
-        return b;
+    } else {
+        b = malloc(sizeof(*b));
+        if (b == NULL)
+            return NULL;
     }
-    return malloc(sizeof(*b));
+    b->refs = 1;
+    return b;
 }
 
-static void relay_block_put(struct relay_pool *pool, struct relay_block *b)
+void relay_block_ref(struct relay_block *b)
 {
+    b->refs++;
+}
+
+void relay_block_unref(struct relay_pool *pool, struct relay_block *b)
+{
+    if (b == NULL || --b->refs > 0)
+        return;
     if (pool->n_free >= RELAY_POOL_KEEP) {
         free(b);
         return;
@@ -29,10 +41,32 @@ static void relay_block_put(struct relay_pool *pool, struct relay_block *b)
     pool->n_free++;
 }
 
-/* The block that owns a read buffer handed out by relay_on_alloc. */
-static struct relay_block *relay_block_of(const uv_buf_t *buf)
+static struct relay_wreq *relay_wreq_get(struct relay_pool *pool)
 {
-    return (struct relay_block *)(buf->base - offsetof(struct relay_block, data));
+    struct relay_wreq *w = pool->wfree;
+    if (w != NULL) {
+        pool->wfree = w->next;
+        pool->n_wfree--;
+        return w;
+    }
+    return malloc(sizeof(*w));
+}
+
+static void relay_wreq_put(struct relay_pool *pool, struct relay_wreq *w)
+{
+    if (pool->n_wfree >= RELAY_POOL_KEEP * 4) {
+        free(w);
+        return;
+    }
+    w->next = pool->wfree;
+    pool->wfree = w;
+    pool->n_wfree++;
+}
+
+/* The block that owns a read buffer handed out by relay_on_alloc. */
+static struct relay_block *relay_block_of(const uv_buf_t *buf, size_t carried)
+{
+    return (struct relay_block *)(buf->base - carried - offsetof(struct relay_block, data));
 }
 
 void relay_pool_drain(struct relay_pool *pool)
@@ -43,7 +77,18 @@ void relay_pool_drain(struct relay_pool *pool)
         free(b);
     }
     pool->n_free = 0;
+    while (pool->wfree != NULL) {
+        struct relay_wreq *w = pool->wfree;
+        pool->wfree = w->next;
+        free(w);
+    }
+    pool->n_wfree = 0;
 }
+
+/* Carried bytes placed at the start of the block handed out last; libuv
+ * calls the read callback right after the alloc callback, so one slot per
+ * thread is enough. */
+static _Thread_local size_t relay_carried;
 
 static void relay_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
@@ -51,8 +96,16 @@ static void relay_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     struct relay_block *b = relay_block_get(d->pool);
 
     (void)suggested;
-    /* A NULL base makes libuv report UV_ENOBUFS to relay_on_read. */
-    *buf = uv_buf_init(b != NULL ? b->data : NULL, b != NULL ? RELAY_BLOCK_SIZE : 0);
+    relay_carried = 0;
+    if (b == NULL) {
+        *buf = uv_buf_init(NULL, 0); /* libuv reports UV_ENOBUFS to relay_on_read */
+        return;
+    }
+    if (d->carry_len > 0) {
+        memcpy(b->data, d->carry, d->carry_len);
+        relay_carried = d->carry_len;
+    }
+    *buf = uv_buf_init(b->data + relay_carried, (unsigned)(RELAY_BLOCK_SIZE - relay_carried));
 }
 
 static void relay_on_shutdown(uv_shutdown_t *req, int status)
@@ -64,17 +117,20 @@ static void relay_on_shutdown(uv_shutdown_t *req, int status)
     d->on_event(d, RELAY_EV_DONE, 0);
 }
 
-static void relay_on_write(uv_write_t *req, int status)
+int relay_shutdown_dst(struct relay_dir *d)
 {
-    struct relay_dir *d = req->data;
-    struct relay_block *b = (struct relay_block *)req; /* req is the first member */
-
-    relay_block_put(d->pool, b);
-    if (status < 0) {
-        if (status != UV_ECANCELED)
-            d->on_event(d, RELAY_EV_WRITE_ERR, status);
-        return;
+    d->shutdown_req.data = d;
+    int rc = uv_shutdown(&d->shutdown_req, d->dst, relay_on_shutdown);
+    if (rc != 0) {
+        d->flags |= RELAY_F_DONE;
+        d->on_event(d, RELAY_EV_DONE, 0);
     }
+    return rc;
+}
+
+/* Resumes reading on the crossing below the low-water mark. */
+static void relay_after_write(struct relay_dir *d)
+{
     if ((d->flags & (RELAY_F_PAUSED | RELAY_F_STOPPED)) == RELAY_F_PAUSED &&
         uv_stream_get_write_queue_size(d->dst) <= RELAY_LOWAT) {
         d->flags &= ~RELAY_F_PAUSED;
@@ -82,15 +138,89 @@ static void relay_on_write(uv_write_t *req, int status)
     }
 }
 
+/* Stops reading while the other side has too much queued. */
+static void relay_check_hiwat(struct relay_dir *d)
+{
+    if (uv_stream_get_write_queue_size(d->dst) > RELAY_HIWAT) {
+        if (d->flags & RELAY_F_READING)
+            uv_read_stop(d->src);
+        d->flags = (d->flags & ~RELAY_F_READING) | RELAY_F_PAUSED;
+    }
+}
+
+static void relay_on_write(uv_write_t *req, int status)
+{
+    struct relay_dir *d = req->data;
+
+    relay_block_unref(d->pool, (struct relay_block *)req); /* req is the first member */
+    if (status < 0) {
+        if (status != UV_ECANCELED)
+            d->on_event(d, RELAY_EV_WRITE_ERR, status);
+        return;
+    }
+    relay_after_write(d);
+}
+
+static void relay_on_send(uv_write_t *req, int status)
+{
+    struct relay_wreq *w = (struct relay_wreq *)req;
+    struct relay_dir *d = req->data;
+
+    relay_block_unref(d->pool, w->blk);
+    relay_wreq_put(d->pool, w);
+    if (status < 0) {
+        if (status != UV_ECANCELED)
+            d->on_event(d, RELAY_EV_WRITE_ERR, status);
+        return;
+    }
+    relay_after_write(d);
+}
+
+int relay_send(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs, unsigned n)
+{
+    struct relay_wreq *w = relay_wreq_get(d->pool);
+
+    if (w == NULL)
+        return UV_ENOMEM;
+    w->req.data = d;
+    w->blk = b;
+    int rc = uv_write(&w->req, d->dst, bufs, n, relay_on_send);
+    if (rc != 0) {
+        relay_wreq_put(d->pool, w);
+        return rc;
+    }
+    if (b != NULL)
+        relay_block_ref(b);
+    relay_check_hiwat(d);
+    return 0;
+}
+
+int relay_send_copy(struct relay_dir *d, const char *p, size_t len)
+{
+    struct relay_block *b = relay_block_get(d->pool);
+
+    if (b == NULL)
+        return UV_ENOMEM;
+    if (len > RELAY_BLOCK_SIZE)
+        len = RELAY_BLOCK_SIZE;
+    memcpy(b->data, p, len);
+    uv_buf_t buf = uv_buf_init(b->data, (unsigned)len);
+    int rc = relay_send(d, b, &buf, 1);
+    relay_block_unref(d->pool, b); /* relay_send holds its own reference */
+    return rc;
+}
+
 static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
 {
     struct relay_dir *d = src->data;
+    size_t carried = relay_carried;
 
+    relay_carried = 0;
     if (nread <= 0) {
         if (buf->base != NULL)
-            relay_block_put(d->pool, relay_block_of(buf));
+            relay_block_unref(d->pool, relay_block_of(buf, carried));
         if (nread == 0)
-            return; /* EAGAIN */
+            return; /* EAGAIN; the carry stays with the owner for the next read */
         uv_read_stop(src);
         d->flags &= ~RELAY_F_READING;
         if (nread != UV_EOF) {
@@ -98,33 +228,30 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
             return;
         }
         d->flags |= RELAY_F_EOF;
-        d->shutdown_req.data = d;
-        /* The FIN goes out after every queued write: half-close is exact. */
-        if (uv_shutdown(&d->shutdown_req, d->dst, relay_on_shutdown) != 0) {
-            d->flags |= RELAY_F_DONE;
-            d->on_event(d, RELAY_EV_EOF, 0);
-            d->on_event(d, RELAY_EV_DONE, 0);
-            return;
-        }
         d->on_event(d, RELAY_EV_EOF, 0);
+        /* The FIN goes out after every queued write: half-close is exact. */
+        if (!(d->flags & (RELAY_F_NO_FIN | RELAY_F_STOPPED)))
+            relay_shutdown_dst(d);
         return;
     }
 
-    struct relay_block *b = relay_block_of(buf);
-    uv_buf_t out = uv_buf_init(buf->base, (unsigned)nread);
+    struct relay_block *b = relay_block_of(buf, carried);
     d->bytes += (uint64_t)nread;
     d->last_read = uv_now(src->loop);
+    if (d->on_data != NULL) {
+        d->carry_len = 0; /* delivered: the owner may reuse its carry buffer */
+        d->on_data(d, b, carried + (size_t)nread);
+        return;
+    }
+    uv_buf_t out = uv_buf_init(buf->base, (unsigned)nread);
     b->req.data = d;
     int rc = uv_write(&b->req, d->dst, &out, 1, relay_on_write);
     if (rc != 0) {
-        relay_block_put(d->pool, b);
+        relay_block_unref(d->pool, b);
         d->on_event(d, RELAY_EV_WRITE_ERR, rc);
         return;
     }
-    if (uv_stream_get_write_queue_size(d->dst) > RELAY_HIWAT) {
-        uv_read_stop(src);
-        d->flags = (d->flags & ~RELAY_F_READING) | RELAY_F_PAUSED;
-    }
+    relay_check_hiwat(d);
 }
 
 void relay_init(struct relay_dir *d, uv_stream_t *src, uv_stream_t *dst, struct relay_pool *pool,
@@ -142,7 +269,8 @@ void relay_init(struct relay_dir *d, uv_stream_t *src, uv_stream_t *dst, struct 
 
 int relay_start(struct relay_dir *d)
 {
-    if (d->flags & (RELAY_F_READING | RELAY_F_EOF | RELAY_F_STOPPED))
+    if (d->flags &
+        (RELAY_F_READING | RELAY_F_EOF | RELAY_F_STOPPED | RELAY_F_HELD | RELAY_F_PAUSED))
         return 0;
     int rc = uv_read_start(d->src, relay_on_alloc, relay_on_read);
     if (rc == 0)
@@ -156,4 +284,19 @@ void relay_stop(struct relay_dir *d)
     d->flags &= ~RELAY_F_READING;
     if (!uv_is_closing((uv_handle_t *)d->src))
         uv_read_stop(d->src);
+}
+
+void relay_hold(struct relay_dir *d)
+{
+    d->flags |= RELAY_F_HELD;
+    if (d->flags & RELAY_F_READING) {
+        uv_read_stop(d->src);
+        d->flags &= ~RELAY_F_READING;
+    }
+}
+
+int relay_release(struct relay_dir *d)
+{
+    d->flags &= ~RELAY_F_HELD;
+    return relay_start(d);
 }

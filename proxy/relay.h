@@ -1,12 +1,18 @@
 /* relay.h: the byte pump between two libuv streams, one direction at a time.
  *
  * A relay_dir reads from src and writes what it read to dst without copying:
- * the read buffer is a block from the worker's pool whose uv_write_t travels
- * with it. Memory is bounded by watermarks: reading stops while dst's write
- * queue is above RELAY_HIWAT and resumes on the crossing below RELAY_LOWAT.
+ * the read buffer is a block from the worker's pool, written to dst by the
+ * uv_write_t embedded in it. Memory is bounded by watermarks: reading stops
+ * while dst's write queue is above RELAY_HIWAT and resumes on the crossing
+ * below RELAY_LOWAT.
  *
- * The owner (the session) learns about EOF, errors and activity through the
- * on_event callback; a relay_dir never closes handles itself.
+ * A direction may instead hand every read to its owner (on_data), which
+ * inspects the bytes and sends what it chooses with relay_send(): SMTP mode
+ * does so. Blocks are then reference counted, since one read may turn into
+ * several writes, interleaved with bytes the owner makes up itself.
+ *
+ * The owner (the session) learns about EOF, errors and the end of a
+ * direction through on_event; a relay_dir never closes handles itself.
  */
 #ifndef MXPROXY_RELAY_H
 #define MXPROXY_RELAY_H
@@ -16,22 +22,33 @@
 #include <stdint.h>
 #include <uv.h>
 
-#define RELAY_BLOCK_SIZE (64 * 1024)  /* one read, one write */
-#define RELAY_HIWAT (256 * 1024)      /* stop reading above this many queued bytes */
-#define RELAY_LOWAT (64 * 1024)       /* resume at or below this */
-#define RELAY_POOL_KEEP 64            /* idle blocks a pool keeps per worker */
+#define RELAY_BLOCK_SIZE (64 * 1024) /* one read, one write */
+#define RELAY_HIWAT (256 * 1024)     /* stop reading above this many queued bytes */
+#define RELAY_LOWAT (64 * 1024)      /* resume at or below this */
+#define RELAY_POOL_KEEP 64           /* idle blocks a pool keeps per worker */
+#define RELAY_SEND_MAX_BUFS 16       /* uv_buf_t per relay_send() call */
 
 /* A read buffer and the write request that carries it to the other side. */
 struct relay_block {
-    uv_write_t req;              /* req.data -> the relay_dir that wrote it */
-    struct relay_block *next;    /* pool free list link */
+    uv_write_t req;           /* for the plain path; req.data -> the relay_dir */
+    struct relay_block *next; /* pool free list link */
+    unsigned refs;            /* owners: the reader, queued relay_send()s, held input */
     char data[RELAY_BLOCK_SIZE];
 };
 
-/* Per-worker free list of blocks; all-zero is an empty pool. */
+/* A write request for relay_send(): keeps its block alive until written. */
+struct relay_wreq {
+    uv_write_t req;           /* req.data -> the relay_dir */
+    struct relay_block *blk;  /* referenced until the write completes; may be NULL */
+    struct relay_wreq *next;  /* pool free list link */
+};
+
+/* Per-worker free lists; all-zero is an empty pool. */
 struct relay_pool {
-    struct relay_block *free;   /* singly linked free blocks */
-    unsigned n_free;            /* length of the free list */
+    struct relay_block *free;  /* singly linked free blocks */
+    unsigned n_free;           /* length of the free list */
+    struct relay_wreq *wfree;  /* free write requests */
+    unsigned n_wfree;          /* length of wfree */
 };
 
 enum relay_event {
@@ -44,36 +61,68 @@ enum relay_event {
 struct relay_dir;
 typedef void (*relay_event_cb)(struct relay_dir *d, enum relay_event ev, int status);
 
+/* Takes one reference to b, whose data[0, len) holds the carry (see
+ * relay_dir.carry) followed by the bytes just read. The callee must drop the
+ * reference with relay_block_unref() once it no longer needs the bytes. */
+typedef void (*relay_data_cb)(struct relay_dir *d, struct relay_block *b, size_t len);
+
 struct relay_dir {
-    uv_stream_t *src;          /* read from here */
-    uv_stream_t *dst;          /* write to here */
-    struct relay_pool *pool;   /* the worker's block pool */
-    relay_event_cb on_event;   /* owner's callback */
-    void *owner;               /* for the owner, e.g. its session */
-    uint64_t bytes;            /* payload bytes read from src */
-    uint64_t last_read;        /* uv_now() of the last read, for idle timeouts */
-    unsigned flags;            /* RELAY_F_* */
+    uv_stream_t *src;           /* read from here */
+    uv_stream_t *dst;           /* write to here */
+    struct relay_pool *pool;    /* the worker's block pool */
+    relay_event_cb on_event;    /* owner's callback */
+    relay_data_cb on_data;      /* NULL: forward reads as they are */
+    void *owner;                /* for the owner, e.g. its session */
+    const char *carry;          /* on_data mode: bytes to put before the next read */
+    size_t carry_len;           /* their length; set to 0 once delivered in a block */
+    uint64_t bytes;             /* payload bytes read from src */
+    uint64_t last_read;         /* uv_now() of the last read, for idle timeouts */
+    unsigned flags;             /* RELAY_F_* */
     uv_shutdown_t shutdown_req; /* shuts dst down after src's EOF */
 };
 
-#define RELAY_F_READING 0x01u  /* uv_read_start is in effect on src */
-#define RELAY_F_PAUSED 0x02u   /* stopped by backpressure, restart on LOWAT */
-#define RELAY_F_EOF 0x04u      /* src sent EOF */
-#define RELAY_F_DONE 0x08u     /* dst shut down after EOF: nothing more will flow */
-#define RELAY_F_STOPPED 0x10u  /* the owner stopped the direction; never restart */
+#define RELAY_F_READING 0x01u /* uv_read_start is in effect on src */
+#define RELAY_F_PAUSED 0x02u  /* stopped by backpressure, restart on LOWAT */
+#define RELAY_F_EOF 0x04u     /* src sent EOF */
+#define RELAY_F_DONE 0x08u    /* dst shut down after EOF: nothing more will flow */
+#define RELAY_F_STOPPED 0x10u /* the owner stopped the direction; never restart */
+#define RELAY_F_HELD 0x20u    /* the owner holds reading (relay_hold) */
+#define RELAY_F_NO_FIN 0x40u  /* on EOF, do not shut dst down (the owner will) */
 
-/* Prepares d; src and dst must be initialised libuv streams whose data
- * fields point at their owner. Does not start reading. */
+/* Prepares d; src and dst must be initialised libuv streams. Sets
+ * src->data = d. Does not start reading. */
 void relay_init(struct relay_dir *d, uv_stream_t *src, uv_stream_t *dst, struct relay_pool *pool,
                 relay_event_cb on_event, void *owner);
 
-/* Starts reading src. Returns 0 or a negative UV_E* code. */
+/* Starts reading src unless held, paused, stopped or at EOF. Returns 0 or a
+ * negative UV_E* code. */
 int relay_start(struct relay_dir *d);
 
 /* Stops reading for good (the session is closing). Idempotent. */
 void relay_stop(struct relay_dir *d);
 
-/* Frees every block the pool keeps. */
+/* The owner stops reading src until relay_release(); independent of
+ * backpressure. Both are idempotent. */
+void relay_hold(struct relay_dir *d);
+int relay_release(struct relay_dir *d);
+
+/* Writes bufs to d->dst in order after everything queued before; b (may be
+ * NULL when the bytes are static) gets a reference until the write is done.
+ * Applies backpressure to d->src like the plain path. Returns 0 or a
+ * negative UV_E* code (nothing was queued; on_event is not called). */
+int relay_send(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs, unsigned n);
+
+/* Queues a copy of len bytes (at most RELAY_BLOCK_SIZE) for d->dst. */
+int relay_send_copy(struct relay_dir *d, const char *p, size_t len);
+
+/* Shuts d->dst down after the queued writes, as EOF does; on_event gets
+ * RELAY_EV_DONE when it completes. */
+int relay_shutdown_dst(struct relay_dir *d);
+
+void relay_block_ref(struct relay_block *b);
+void relay_block_unref(struct relay_pool *pool, struct relay_block *b);
+
+/* Frees every block and request the pool keeps. */
 void relay_pool_drain(struct relay_pool *pool);
 
 #endif /* MXPROXY_RELAY_H */
