@@ -198,7 +198,7 @@ static bool smtp_parse_bdat(const char *s, size_t i, size_t n, struct smtp_event
  * that reads what follows it. */
 static void smtp_command(struct smtp_client *p, const char *s, size_t n, struct smtp_event *ev)
 {
-    size_t vl = 0, i;
+    size_t vl = 0;
     const struct smtp_verb *v;
 
     while (vl < n && s[vl] != ' ')
@@ -210,8 +210,7 @@ static void smtp_command(struct smtp_client *p, const char *s, size_t n, struct 
     switch (ev->cmd) {
     case SMTP_CMD_HELO:
     case SMTP_CMD_EHLO: {
-        size_t e = n;
-        i = smtp_skip_sp(s, vl, n);
+        size_t e = n, i = smtp_skip_sp(s, vl, n);
         while (e > i && s[e - 1] == ' ')
             e--;
         ev->arg = s + i;
@@ -292,7 +291,7 @@ static enum smtp_line smtp_find_line(struct smtp_client *p, const char *buf, siz
     p->scan = 0;
     /* An overlong line always costs exactly max_line bytes here and the rest is skipped, so
      * the events do not depend on how the line was split into reads. */
-    if (i >= p->max_line || (i == len && len >= p->max_line)) {
+    if (i >= p->max_line) {
         *end = p->max_line;
         return SMTP_LINE_LONG;
     }
