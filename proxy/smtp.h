@@ -85,7 +85,8 @@ enum smtp_smuggling {
 };
 
 struct smtp_client_opts {
-    size_t max_line_length;        /* command line limit incl. CRLF; 0 = 4096 */
+    size_t max_line_length;        /* command and AUTH line limit incl. CRLF; 0 = 4096. RFC 4954
+                                      allows 12288-byte AUTH lines (large GSSAPI tokens) */
     enum smtp_smuggling smuggling; /* DATA body policy */
 };
 

@@ -18,7 +18,11 @@
  *                 smtp_client_on_reply(cp, pair.cmd, pair.code) (this may end a WAIT: parse
  *                 the held client bytes again), log pair unless the result is
  *                 SMTP_PAIRS_INTERMEDIATE, and drain local answers as above.
+ *                 A 421 (matched or SMTP_PAIRS_UNSOLICITED) means the server is closing: treat
+ *                 it like "backend gone" below once it has been forwarded. SMTP_SEV_GARBAGE is
+ *                 a protocol error: mxproxy answers 421 and closes, as for "backend gone".
  *  backend gone:  while (smtp_pairs_abort(pp, &pair)) log pair; answer the first one with 421.
+ *  session end:   smtp_pairs_summary(pp) gives helo=, mail_from=, counts and primary_error=.
  *
  * A zero-initialised struct smtp_pairs is ready to use (it expects the greeting first).
  */

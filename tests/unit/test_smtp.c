@@ -640,6 +640,55 @@ static void test_verbs(void)
     ASSERT_STREQ(smtp_cmd_name((enum smtp_cmd)999), "");
 }
 
+/* 100 MB without a newline, with NULs and invalid UTF-8, as a command line and as a DATA body:
+ * the caller never holds more than one line, and nothing of the command line goes out. */
+static void test_client_bounded(void)
+{
+    enum { CHUNK = 1 << 16, TOTAL = 100 << 20 };
+    char *chunk = malloc(CHUNK + SMTP_DEFAULT_MAX_LINE);
+    struct smtp_client p = {0};
+    size_t held = 0;
+    uint64_t dropped = 0, forwarded = 0;
+
+    ASSERT(chunk != NULL);
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+            /* A body this time. */
+            struct smtp_event ev;
+            smtp_client_init(&p, NULL);
+            ASSERT_EQ(smtp_client_parse(&p, "DATA\r\n", 6, &ev), 6);
+            smtp_client_on_reply(&p, ev.cmd, 354);
+            held = 0;
+        }
+        for (size_t done = 0; done < TOTAL; done += CHUNK) {
+            for (size_t i = 0; i < CHUNK; i++)
+                chunk[held + i] = (char)("\0\xff\xc3"
+                                         "A"[i % 4]);
+            size_t len = held + CHUNK, off = 0;
+            for (;;) {
+                struct smtp_event ev;
+                size_t n = smtp_client_parse(&p, chunk + off, len - off, &ev);
+                if (ev.type == SMTP_EV_AGAIN)
+                    break;
+                ASSERT(ev.type == SMTP_EV_TOO_LONG || ev.type == SMTP_EV_DISCARD ||
+                       ev.type == SMTP_EV_DATA);
+                if (ev.type == SMTP_EV_DATA)
+                    forwarded += ev.fwd_len;
+                else
+                    dropped += n;
+                ASSERT_EQ(pass == 1, ev.type == SMTP_EV_DATA);
+                off += n;
+            }
+            held = len - off;
+            ASSERT(held <= SMTP_DEFAULT_MAX_LINE);
+            memmove(chunk, chunk + off, held);
+        }
+    }
+    ASSERT_EQ(dropped, (uint64_t)TOTAL);
+    ASSERT_EQ(forwarded, (uint64_t)TOTAL);
+    free(chunk);
+}
+
 /* --- server cases ------------------------------------------------------------------------------
  */
 
@@ -796,6 +845,7 @@ int main(void)
     test_starttls();
     test_xclient();
     test_verbs();
+    test_client_bounded();
     test_server_replies();
     test_server_garbage();
     test_server_timing();
