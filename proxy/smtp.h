@@ -26,7 +26,9 @@
  *         if (ev.fwd_len > 0)
  *             forward_to_backend(ev.fwd, ev.fwd_len);
  *         smtp_pairs_on_client_event(pairs, &ev, now_ns);
- *         ...                                         // react: 500 for TOO_LONG, 554+421, ...
+ *         while (smtp_pairs_take_local(pairs, now_ns, &pair))
+ *             answer_client(&pair);                   // 500 for TOO_LONG/INVALID, 554(+421)
+ *         ...                                         // count INJECTED, log SMUGGLING, ...
  *     }
  *     keep buf[off, len) and present it again, followed by the next read
  *
@@ -105,12 +107,12 @@ enum smtp_ev {
     /* One AUTH credential line (the server answered 334). ev.fwd is the line with CRLF:
      * forward it, never log it; ev.line and ev.arg are NULL. SMTP_EV_F_CANCEL if it is "*". */
     SMTP_EV_AUTH_RESPONSE,
-    /* A command line longer than max_line_length. The bytes seen so far are consumed and
-     * dropped; the parser drops the rest of the line up to and including the next LF without
-     * further events. Nothing of the line is forwarded: the caller answers "500 5.5.2" (through
-     * smtp_pairs, which keeps that answer in order with pipelined replies). Exception: inside
-     * an AUTH exchange ev.fwd is "*\r\n", a cancel line for the server, and SMTP_EV_F_CANCEL is
-     * set; forward it and do not answer, the server will. */
+    /* A command line longer than max_line_length. Its first max_line_length bytes are consumed
+     * and dropped; the rest, up to and including the next LF, follows as SMTP_EV_DISCARD
+     * events (however the line was split into reads). Nothing of the line is forwarded: the caller
+     * answers "500 5.5.2" (through smtp_pairs, which keeps that answer in order with pipelined
+     * replies). Exception: inside an AUTH exchange ev.fwd is "*\r\n", a cancel line for the server,
+     * and SMTP_EV_F_CANCEL is set; forward it and do not answer, the server will. */
     SMTP_EV_TOO_LONG,
     /* A complete command line with a bare LF, a bare CR or a NUL in it, consumed up to and
      * including its LF and dropped. ev.reason names the fault. Answered as SMTP_EV_TOO_LONG. */
@@ -135,7 +137,8 @@ enum smtp_ev {
      * SMTP_EV_F_LAST is copied from the command. Comes right after SMTP_EV_COMMAND for
      * "BDAT 0". */
     SMTP_EV_BDAT_END,
-    /* Consumed and dropped bytes (rest of a smuggling message). ev.size is their number. */
+    /* Consumed and dropped bytes: the rest of an overlong line, or of a message with a
+     * smuggling pattern (reject mode). ev.size is their number. */
     SMTP_EV_DISCARD,
     /* Bytes after a STARTTLS line, before its reply: consumed and dropped so that they are
      * never executed inside TLS (command injection). ev.size is their number. */
@@ -146,9 +149,9 @@ enum smtp_ev {
 #define SMTP_EV_F_AUTH_INITIAL 0x02u /* AUTH: an initial response follows the mechanism */
 #define SMTP_EV_F_CANCEL 0x04u       /* AUTH line is "*", or replaced by "*\r\n" */
 #define SMTP_EV_F_SMUGGLING 0x08u    /* DATA_END of a message that had a smuggling pattern */
-#define SMTP_EV_F_BAD_ARGS                                                                         \
-    0x10u /* MAIL/RCPT/BDAT arguments not understood (ev.arg empty;                                \
-             a BDAT so flagged is not followed by a chunk) */
+/* MAIL/RCPT/BDAT arguments not understood: ev.arg is NULL, and a BDAT so flagged is not
+ * followed by a chunk (the server will refuse it too). */
+#define SMTP_EV_F_BAD_ARGS 0x10u
 
 /* One result of smtp_client_parse(). Pointers are borrowed: into the buf passed to that call
  * (valid while the caller keeps those bytes unchanged) or to static storage. ev.line and ev.arg
@@ -157,7 +160,8 @@ struct smtp_event {
     enum smtp_ev type;
     const char *fwd; /* bytes to send to the backend, NULL when fwd_len == 0 */
     size_t fwd_len;
-    enum smtp_cmd cmd; /* COMMAND, WAIT, BDAT_END, AUTH_RESPONSE; else SMTP_CMD_NONE */
+    enum smtp_cmd cmd; /* COMMAND, WAIT: the command; BDAT_END: BDAT; DATA_END: DOT;
+                          AUTH_RESPONSE and AUTH cancels: AUTH; else SMTP_CMD_NONE */
     const char *line;  /* COMMAND: loggable command text without CRLF; for AUTH only
                           "AUTH <mechanism>" (see SMTP_EV_F_AUTH_INITIAL). NULL otherwise */
     size_t line_len;
