@@ -76,11 +76,26 @@ static const struct config_word config_modes[] = {
     {NULL, 0},
 };
 
+static const struct config_word config_smugglings[] = {
+    {"reject", CONFIG_SMUGGLING_REJECT},
+    {"normalize", CONFIG_SMUGGLING_NORMALIZE},
+    {"off", CONFIG_SMUGGLING_OFF},
+    {NULL, 0},
+};
+
+static const struct config_word config_transcripts[] = {
+    {"off", CONFIG_TRANSCRIPT_OFF},
+    {"pairs", CONFIG_TRANSCRIPT_PAIRS},
+    {"full", CONFIG_TRANSCRIPT_FULL},
+    {NULL, 0},
+};
+
 struct config_key;
 typedef int (*config_parse_fn)(struct config_parser *p, const struct config_key *k,
                                const char *value);
 
 #define CONFIG_KEY_F_REPEAT 0x1u /* may be given again in a section; values add up */
+#define CONFIG_KEY_F_SMTP 0x2u   /* only meaningful with mode = smtp */
 
 /* One row per key: where it may appear, how its value is parsed, where it goes. */
 struct config_key {
@@ -105,6 +120,10 @@ static int config_parse_mode(struct config_parser *p, const struct config_key *k
                              const char *value);
 static int config_parse_listen(struct config_parser *p, const struct config_key *k,
                                const char *value);
+static int config_parse_smuggling(struct config_parser *p, const struct config_key *k,
+                                  const char *value);
+static int config_parse_transcript(struct config_parser *p, const struct config_key *k,
+                                   const char *value);
 static int config_parse_backend(struct config_parser *p, const struct config_key *k,
                                 const char *value);
 
@@ -156,6 +175,21 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(fail_timeout_ms),
      .min = 0,
      .max = CONFIG_DURATION_MAX_MS},
+    {.name = "max_line_length",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_uint,
+     .offset = CONFIG_L(max_line_length),
+     .min = CONFIG_LINE_LENGTH_MIN,
+     .max = CONFIG_LINE_LENGTH_MAX,
+     .flags = CONFIG_KEY_F_SMTP},
+    {.name = "smuggling",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_smuggling,
+     .flags = CONFIG_KEY_F_SMTP},
+    {.name = "transcript",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_transcript,
+     .flags = CONFIG_KEY_F_SMTP},
 };
 
 _Static_assert(sizeof(config_keys) / sizeof(config_keys[0]) <= 32,
@@ -316,6 +350,9 @@ static void config_open_listener(struct config_parser *p, const char *name, size
         .idle_timeout_ms = 300 * 1000,
         .max_connections = 0,
         .fail_timeout_ms = 10 * 1000,
+        .max_line_length = 4096,
+        .smuggling = CONFIG_SMUGGLING_REJECT,
+        .transcript = CONFIG_TRANSCRIPT_PAIRS,
     };
     memcpy(l->name, name, len);
     l->name[len] = '\0';
@@ -609,6 +646,28 @@ static int config_parse_mode(struct config_parser *p, const struct config_key *k
     return 0;
 }
 
+static int config_parse_smuggling(struct config_parser *p, const struct config_key *k,
+                                  const char *value)
+{
+    int v;
+
+    if (config_parse_word(p, k, value, config_smugglings, &v) != 0)
+        return -1;
+    config_cur_listener(p)->smuggling = (enum config_smuggling)v;
+    return 0;
+}
+
+static int config_parse_transcript(struct config_parser *p, const struct config_key *k,
+                                   const char *value)
+{
+    int v;
+
+    if (config_parse_word(p, k, value, config_transcripts, &v) != 0)
+        return -1;
+    config_cur_listener(p)->transcript = (enum config_transcript)v;
+    return 0;
+}
+
 /* Fills addr->text from addr->sa. */
 static void config_addr_format(struct config_addr *addr)
 {
@@ -876,6 +935,10 @@ static int config_on_key(void *user, const char *section, const char *name, cons
         config_fail(p, -EINVAL, p->lineno, "empty value for '%s'", name);
         return 0;
     }
+    if ((k->flags & CONFIG_KEY_F_SMTP) && config_cur_listener(p)->smtp_key == NULL) {
+        config_cur_listener(p)->smtp_key = k->name; /* checked against mode at the end */
+        config_cur_listener(p)->smtp_key_line = p->lineno;
+    }
     return k->parse(p, k, value) == 0;
 }
 
@@ -930,6 +993,11 @@ static void config_check(struct config_parser *p)
         }
         if (l->n_backends == 0) {
             config_fail(p, -EINVAL, l->line, "listener '%s' has no 'backend'", l->name);
+            return;
+        }
+        if (l->smtp_key != NULL && l->mode != CONFIG_MODE_SMTP) {
+            config_fail(p, -EINVAL, l->smtp_key_line, "'%s' needs mode = smtp in [listener %s]",
+                        l->smtp_key, l->name);
             return;
         }
         for (size_t j = 0; j < i; j++) {
@@ -1127,11 +1195,26 @@ void config_unref(struct config *c)
         config_free(c);
 }
 
-const char *config_mode_name(enum config_mode m)
+static const char *config_word_name(const struct config_word *words, int value)
 {
-    for (const struct config_word *w = config_modes; w->name != NULL; w++) {
-        if (w->value == (int)m)
+    for (const struct config_word *w = words; w->name != NULL; w++) {
+        if (w->value == value)
             return w->name;
     }
-    abort(); /* not a value of enum config_mode */
+    abort(); /* not a value of the enum the table lists */
+}
+
+const char *config_mode_name(enum config_mode m)
+{
+    return config_word_name(config_modes, (int)m);
+}
+
+const char *config_smuggling_name(enum config_smuggling m)
+{
+    return config_word_name(config_smugglings, (int)m);
+}
+
+const char *config_transcript_name(enum config_transcript t)
+{
+    return config_word_name(config_transcripts, (int)t);
 }

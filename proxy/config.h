@@ -16,6 +16,8 @@
 
 #define CONFIG_NAME_MAX 64      /* listener names, bytes including NUL */
 #define CONFIG_ADDR_TEXT_MAX 64 /* "[v6addr]:port" as text, bytes including NUL */
+#define CONFIG_LINE_LENGTH_MIN 512       /* max_line_length bounds, bytes */
+#define CONFIG_LINE_LENGTH_MAX 32768
 #define CONFIG_ERR_MAX 512      /* "FILE:LINE: message", bytes including NUL */
 #define CONFIG_BACKENDS_MAX 64  /* "backend" entries per listener */
 
@@ -38,6 +40,20 @@ enum config_log_level {
 enum config_mode {
     CONFIG_MODE_TCP = 0, /* opaque byte relay (default) */
     CONFIG_MODE_SMTP,    /* SMTP-aware relay: accepted by the parser, see issue 4 */
+};
+
+/* What to do with a lone "." next to a bare CR or LF inside DATA (mode smtp). */
+enum config_smuggling {
+    CONFIG_SMUGGLING_REJECT = 0, /* answer 554, never let the backend see an end (default) */
+    CONFIG_SMUGGLING_NORMALIZE,  /* bare CR/LF become CRLF, the lone dot is dot-stuffed */
+    CONFIG_SMUGGLING_OFF,        /* byte-exact */
+};
+
+/* How much of the SMTP dialogue is logged (mode smtp). */
+enum config_transcript {
+    CONFIG_TRANSCRIPT_PAIRS = 0, /* one ev=pair line per command/reply pair (default) */
+    CONFIG_TRANSCRIPT_OFF,       /* only the open/connect/close lines */
+    CONFIG_TRANSCRIPT_FULL,      /* pairs, plus one ev=line per line each way */
 };
 
 /* One resolved socket address plus the text it was written as. */
@@ -65,6 +81,11 @@ struct config_listener {
     unsigned idle_timeout_ms;              /* "idle_timeout", default 300 s */
     unsigned max_connections;              /* "max_connections", 0 = unlimited (default) */
     unsigned fail_timeout_ms;              /* "fail_timeout", default 10 s, 0 = off */
+    unsigned max_line_length;              /* "max_line_length", mode smtp, default 4096 */
+    enum config_smuggling smuggling;       /* "smuggling", mode smtp, default reject */
+    enum config_transcript transcript;     /* "transcript", mode smtp, default pairs */
+    const char *smtp_key;                  /* first mode-smtp-only key given, or NULL */
+    int smtp_key_line;                     /* its line, for "needs mode = smtp" */
     /* The one mutable part of a loaded config, shared by all workers: per
      * backend, the time (uv_hrtime() in ms) until which new sessions try it
      * only after every other backend; set after a failed connect. */
@@ -109,5 +130,7 @@ struct config *config_ref(struct config *c);
 void config_unref(struct config *c);
 
 const char *config_mode_name(enum config_mode m);
+const char *config_smuggling_name(enum config_smuggling m);
+const char *config_transcript_name(enum config_transcript t);
 
 #endif /* MXPROXY_CONFIG_H */

@@ -87,6 +87,10 @@ static void test_defaults(void)
     ASSERT_EQ(l->idle_timeout_ms, 300000);
     ASSERT_EQ(l->max_connections, 0);
     ASSERT_EQ(l->fail_timeout_ms, 10000);
+    ASSERT_EQ(l->max_line_length, 4096);
+    ASSERT_EQ(l->smuggling, CONFIG_SMUGGLING_REJECT);
+    ASSERT_EQ(l->transcript, CONFIG_TRANSCRIPT_PAIRS);
+    ASSERT(l->smtp_key == NULL);
     ASSERT(l->backend_retry_at != NULL);
     ASSERT_EQ(atomic_load(&l->backend_retry_at[0]), 0);
     ASSERT(l->shared != NULL);
@@ -117,6 +121,9 @@ static void test_every_key(void)
                                "    idle_timeout = 1h\n"
                                "    max_connections = 1000000\n"
                                "    fail_timeout = 0\n"
+                               "    max_line_length = 32768\n"
+                               "    smuggling = normalize\n"
+                               "    transcript = full\n"
                                "[global]\n"
                                "log_level: error\n"
                                "[listener b_2]\n"
@@ -145,10 +152,15 @@ static void test_every_key(void)
     ASSERT_EQ(l->idle_timeout_ms, 3600000);
     ASSERT_EQ(l->max_connections, 1000000);
     ASSERT_EQ(l->fail_timeout_ms, 0);
+    ASSERT_EQ(l->max_line_length, 32768);
+    ASSERT_EQ(l->smuggling, CONFIG_SMUGGLING_NORMALIZE);
+    ASSERT_EQ(l->transcript, CONFIG_TRANSCRIPT_FULL);
+    ASSERT_STREQ(config_smuggling_name(l->smuggling), "normalize");
+    ASSERT_STREQ(config_transcript_name(l->transcript), "full");
 
     l = &c->listeners[1];
     ASSERT_STREQ(l->name, "b_2");
-    ASSERT_EQ(l->line, 18);
+    ASSERT_EQ(l->line, 21);
     ASSERT_STREQ(l->listen.text, "0.0.0.0:26");
     ASSERT_STREQ(l->backends[0].text, "127.0.0.1:27");
     ASSERT(l->shared != c->listeners[0].shared);
@@ -400,6 +412,18 @@ static void test_errors(void)
                "t.ini:4: duplicate key 'listen' in [listener smtp]");
     expect_err("[global]\nworkers = 2\n" LISTENER "[global]\nworkers = 2\n",
                "t.ini:7: duplicate key 'workers' in [global]");
+    expect_err(LISTENER "transcript = full\n",
+               "t.ini:4: 'transcript' needs mode = smtp in [listener smtp]");
+    expect_err(LISTENER "mode = tcp\nsmuggling = off\nmax_line_length = 1000\n",
+               "t.ini:5: 'smuggling' needs mode = smtp in [listener smtp]");
+    expect_err(LISTENER "mode = smtp\nsmuggling = strip\n",
+               "t.ini:5: invalid value 'strip' for 'smuggling': expected reject, normalize or "
+               "off");
+    expect_err(LISTENER "mode = smtp\ntranscript = some\n",
+               "t.ini:5: invalid value 'some' for 'transcript': expected off, pairs or full");
+    expect_err(LISTENER "mode = smtp\nmax_line_length = 511\n",
+               "t.ini:5: invalid value '511' for 'max_line_length': expected an integer from "
+               "512 to 32768");
     expect_err(LISTENER "mode = tcp\nmode = tcp\n",
                "t.ini:5: duplicate key 'mode' in [listener smtp]");
     expect_err("[listener smtp]\nlisten =\n", "t.ini:2: empty value for 'listen'");
