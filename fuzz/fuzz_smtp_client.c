@@ -42,6 +42,7 @@ struct fuzz_ev {
 struct fuzz_run {
     struct smtp_client cp;
     struct smtp_pairs pp;
+    struct smtp_pairs_entry fifo[SMTP_PAIRS_CAP]; /* pp's storage */
     enum smtp_smuggling mode;
     uint32_t seed;
     unsigned waits; /* WAITs answered so far: picks the reply */
@@ -259,6 +260,7 @@ static void fuzz_run(struct fuzz_run *r, const struct smtp_client_opts *o, uint3
     FUZZ_CHECK(hold != NULL);
     memset(&r->cp, 0, sizeof(r->cp));
     memset(&r->pp, 0, sizeof(r->pp));
+    smtp_pairs_attach(&r->pp, r->fifo);
     smtp_client_init(&r->cp, o);
     smtp_pairs_on_reply(&r->pp, &greeting, &pair);
     r->mode = o->smuggling;

@@ -121,11 +121,13 @@ static size_t fuzz_run(const char *in, size_t len, uint32_t seed, bool split, ch
 {
     struct smtp_server sp = {0};
     struct smtp_pairs *pp = calloc(1, sizeof(*pp));
+    struct smtp_pairs_entry *fifo = calloc(SMTP_PAIRS_CAP, sizeof(*fifo));
     uint32_t cut = seed ^ (uint32_t)len, cmds = seed;
     size_t pos = 0, olen = 0;
     uint64_t sizes = 0;
 
-    FUZZ_CHECK(pp != NULL);
+    FUZZ_CHECK(pp != NULL && fifo != NULL);
+    smtp_pairs_attach(pp, fifo);
     while (pos < len) {
         size_t n = len - pos, off = 0;
         if (split) {
@@ -176,6 +178,7 @@ static size_t fuzz_run(const char *in, size_t len, uint32_t seed, bool split, ch
     }
     FUZZ_CHECK(memmem(pp->q, sizeof(pp->q), fuzz_secret, sizeof(fuzz_secret) - 1) == NULL);
     fuzz_check_pair(&smtp_pairs_summary(pp)->primary);
+    free(fifo);
     free(pp);
     return olen;
 }

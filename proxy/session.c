@@ -1,5 +1,7 @@
 /* session.c: accept, connect to a backend at once, relay, close. */
 #include "session.h"
+#include "session-t.h"
+#include "session_smtp.h"
 
 #include <assert.h>
 #include <stdatomic.h>
@@ -18,43 +20,6 @@
 #include "sockaddr.h"
 #include "worker.h"
 
-static_assert(CONFIG_BACKENDS_MAX <= 64, "session.tried holds one bit per backend");
-
-#define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
-
-struct session {
-    uv_tcp_t client;               /* accepted socket; data -> up (relay) */
-    uv_tcp_t backend;              /* outgoing socket; data -> down (relay) */
-    uv_timer_t timer;              /* connect timeout, then idle timeout */
-    uv_connect_t connect_req;      /* the backend connect in flight */
-    struct relay_dir up;           /* client -> backend */
-    struct relay_dir down;         /* backend -> client */
-    struct worker *w;              /* owning worker; sessions never migrate */
-    struct config *cfg;            /* reference held for the session's life */
-    const struct config_listener *cl; /* this session's listener, inside cfg */
-    struct session *prev, *next;   /* w->sessions list */
-    uint64_t id;                   /* sid= */
-    uint64_t t_accept;             /* uv_hrtime() at accept */
-    uint64_t t_connect;            /* uv_hrtime() when the current connect began */
-    uint64_t connected_at;         /* uv_now() when the backend connected */
-    unsigned flags;                /* SESSION_F_* */
-    unsigned open_handles;         /* uv handles not yet through their close_cb */
-    unsigned rr_start;             /* round-robin position: where the search starts */
-    unsigned cur;                  /* index of the backend tried last, with tries > 0 */
-    unsigned tries;                /* backends tried so far */
-    uint64_t tried;                /* bit i: backend i was tried */
-    int last_error;                /* last connect error, for end=connect_failed */
-    enum session_end first_close;  /* who closed first, valid with SESSION_F_FIRST_CLOSE */
-    char client_addr[SOCKADDR_TEXT_MAX]; /* client= */
-};
-
-#define SESSION_F_CLOSING 0x01u     /* session_close ran: only close callbacks remain */
-#define SESSION_F_CONNECTED 0x02u   /* the backend connected; relays set up */
-#define SESSION_F_BACKEND 0x04u     /* backend handle initialised and not yet closed */
-#define SESSION_F_FIRST_CLOSE 0x08u /* first_close records the side that closed first */
-#define SESSION_F_COUNTED 0x10u     /* counted in the listener's active sessions */
-#define SESSION_F_TIMED_OUT 0x20u   /* the current connect attempt timed out */
-
 static const char *const session_end_names[] = {
     [SESSION_END_CLIENT_EOF] = "client_eof",
     [SESSION_END_CLIENT_RESET] = "client_reset",
@@ -64,6 +29,9 @@ static const char *const session_end_names[] = {
     [SESSION_END_IDLE_TIMEOUT] = "idle_timeout",
     [SESSION_END_DRAIN] = "drain",
     [SESSION_END_LIMIT] = "limit",
+    [SESSION_END_QUIT] = "quit",
+    [SESSION_END_CLIENT_EOF_WITHOUT_QUIT] = "client_eof_without_quit",
+    [SESSION_END_SMUGGLING] = "smuggling",
 };
 
 const char *session_end_name(enum session_end end)
@@ -103,6 +71,7 @@ static void session_maybe_free(struct session *s)
     if (s->next != NULL)
         s->next->prev = s->prev;
     atomic_fetch_sub(&w->n_sessions, 1);
+    session_smtp_free(s);
     config_unref(s->cfg);
     free(s);
     worker_session_gone(w);
@@ -129,20 +98,26 @@ static const char *session_connect_error_text(int status)
 }
 
 static void session_connect_next(struct session *s);
-static void session_close(struct session *s, enum session_end end, const char *error);
 
 static void session_on_backend_closed(uv_handle_t *h)
 {
     struct session *s = container_of(h, struct session, backend);
     s->open_handles--;
     s->flags &= ~SESSION_F_BACKEND;
-    if (s->flags & SESSION_F_CLOSING) {
+    if (s->flags & (SESSION_F_CLOSING | SESSION_F_NO_BACKEND)) {
         session_maybe_free(s);
         return;
     }
     /* A failed attempt: try the next backend at once, or give up. */
     if (s->tries < s->cl->n_backends) {
         session_connect_next(s);
+        return;
+    }
+    if (s->smtp != NULL) {
+        /* A server-first client waits for a reply: give it a 421, not a bare close. */
+        session_smtp_connect_failed(s, session_connect_error_text(s->last_error));
+        session_close_after_flush(s, SESSION_END_CONNECT_FAILED,
+                                  session_connect_error_text(s->last_error));
         return;
     }
     session_close(s, SESSION_END_CONNECT_FAILED, session_connect_error_text(s->last_error));
@@ -218,6 +193,18 @@ static void session_connect_failed(struct session *s, int status)
         uv_close((uv_handle_t *)&s->backend, session_on_backend_closed);
 }
 
+/* Ends the session the way its protocol expects: in mode smtp the client
+ * first gets a 421, in mode tcp the connection just closes. */
+static void session_end_now(struct session *s, enum session_end end)
+{
+    if (s->smtp != NULL && (s->flags & SESSION_F_CONNECTED) && !(s->flags & SESSION_F_FLUSHING)) {
+        session_smtp_goodbye(s, end);
+        session_close_after_flush(s, end, NULL);
+        return;
+    }
+    session_close(s, end, NULL);
+}
+
 static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int status)
 {
     struct session *s = d->owner;
@@ -227,12 +214,21 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         return;
     switch (ev) {
     case RELAY_EV_EOF:
+        if (!up && s->smtp != NULL) {
+            session_smtp_on_backend_eof(s);
+            return;
+        }
         if (!(s->flags & SESSION_F_FIRST_CLOSE)) {
             s->flags |= SESSION_F_FIRST_CLOSE;
             s->first_close = up ? SESSION_END_CLIENT_EOF : SESSION_END_BACKEND_CLOSED;
         }
         return;
     case RELAY_EV_DONE:
+        if (s->flags & SESSION_F_FLUSHING) {
+            if (!up)
+                session_close(s, s->pending_end, s->pending_error);
+            return;
+        }
         if ((s->up.flags & RELAY_F_DONE) && (s->down.flags & RELAY_F_DONE))
             session_close(s, s->first_close, NULL);
         return;
@@ -259,6 +255,11 @@ static void session_on_timer(uv_timer_t *t)
 {
     struct session *s = container_of(t, struct session, timer);
 
+    if (s->flags & SESSION_F_FLUSHING) {
+        /* The client does not take our last bytes: close anyway. */
+        session_close(s, s->pending_end, s->pending_error);
+        return;
+    }
     if (!(s->flags & SESSION_F_CONNECTED)) {
         s->flags |= SESSION_F_TIMED_OUT;
         session_connect_failed(s, UV_ETIMEDOUT);
@@ -274,7 +275,7 @@ static void session_on_timer(uv_timer_t *t)
         last = s->down.last_read;
     uint64_t idle = s->cl->idle_timeout_ms;
     if (now - last >= idle) {
-        session_close(s, SESSION_END_IDLE_TIMEOUT, NULL);
+        session_end_now(s, SESSION_END_IDLE_TIMEOUT);
         return;
     }
     uv_timer_start(t, session_on_timer, idle - (now - last), 0);
@@ -307,6 +308,8 @@ static void session_on_connect(uv_connect_t *req, int status)
                session_on_relay_event, s);
     relay_init(&s->down, (uv_stream_t *)&s->backend, (uv_stream_t *)&s->client, &s->w->pool,
                session_on_relay_event, s);
+    if (s->smtp != NULL)
+        session_smtp_on_connected(s);
     /* The backend first: its greeting is forwarded the moment it arrives. */
     rc = relay_start(&s->down);
     if (rc == 0)
@@ -342,15 +345,15 @@ static void session_connect_next(struct session *s)
     uv_timer_start(&s->timer, session_on_timer, s->cl->connect_timeout_ms, 0);
 }
 
-/* Logs ev=close once and closes every handle; the session is freed when the
- * last close callback has run. Idempotent. */
-static void session_close(struct session *s, enum session_end end, const char *error)
+void session_close(struct session *s, enum session_end end, const char *error)
 {
     struct log_line l;
 
     if (s->flags & SESSION_F_CLOSING)
         return;
     s->flags |= SESSION_F_CLOSING;
+    if (s->smtp != NULL)
+        end = session_smtp_end(s, end);
     if (s->flags & SESSION_F_CONNECTED) {
         relay_stop(&s->up);
         relay_stop(&s->down);
@@ -371,12 +374,42 @@ static void session_close(struct session *s, enum session_end end, const char *e
             log_str(&l, "backend", session_backend(s)->text);
         if (error != NULL)
             log_str(&l, "error", error);
+        if (s->smtp != NULL)
+            session_smtp_log_close(s, &l);
         log_end(&l);
     }
 
     uv_close((uv_handle_t *)&s->client, session_on_client_closed);
     uv_close((uv_handle_t *)&s->timer, session_on_timer_closed);
     if ((s->flags & SESSION_F_BACKEND) && !uv_is_closing((uv_handle_t *)&s->backend))
+        uv_close((uv_handle_t *)&s->backend, session_on_backend_closed);
+}
+
+#define SESSION_FLUSH_GRACE_MS 1000 /* how long a last reply may take to leave */
+
+void session_close_after_flush(struct session *s, enum session_end end, const char *error)
+{
+    if (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING))
+        return;
+    s->flags |= SESSION_F_FLUSHING;
+    s->pending_end = end;
+    s->pending_error = error;
+    relay_hold(&s->up);
+    if (s->flags & SESSION_F_CONNECTED)
+        relay_stop(&s->down);
+    uv_timer_start(&s->timer, session_on_timer, SESSION_FLUSH_GRACE_MS, 0);
+    /* The FIN follows every queued write; RELAY_EV_DONE then closes. */
+    relay_shutdown_dst(&s->down);
+}
+
+void session_drop_backend(struct session *s)
+{
+    if (!(s->flags & SESSION_F_BACKEND) || (s->flags & SESSION_F_NO_BACKEND))
+        return;
+    s->flags |= SESSION_F_NO_BACKEND;
+    relay_stop(&s->down);
+    if (!uv_is_closing((uv_handle_t *)&s->backend) &&
+        uv_tcp_close_reset(&s->backend, session_on_backend_closed) != 0)
         uv_close((uv_handle_t *)&s->backend, session_on_backend_closed);
 }
 
@@ -420,6 +453,12 @@ void session_accept(struct listener *l)
     uv_tcp_init(&w->loop, &s->client);
     uv_timer_init(&w->loop, &s->timer);
     s->open_handles = 2;
+    /* Ready before connecting, so mode smtp can answer a client whose
+     * backends are all down; reset once the backend connects. */
+    relay_init(&s->up, (uv_stream_t *)&s->client, (uv_stream_t *)&s->backend, &w->pool,
+               session_on_relay_event, s);
+    relay_init(&s->down, (uv_stream_t *)&s->backend, (uv_stream_t *)&s->client, &w->pool,
+               session_on_relay_event, s);
     s->next = w->sessions;
     if (w->sessions != NULL)
         w->sessions->prev = s;
@@ -449,6 +488,10 @@ void session_accept(struct listener *l)
         session_close(s, SESSION_END_LIMIT, NULL);
         return;
     }
+    if (s->cl->mode == CONFIG_MODE_SMTP && session_smtp_new(s) != 0) {
+        session_close(s, SESSION_END_CLIENT_RESET, "out of memory");
+        return;
+    }
     uv_tcp_nodelay(&s->client, 1);
     session_connect_next(s);
 }
@@ -458,7 +501,7 @@ void session_close_all(struct worker *w)
     struct session *s = w->sessions;
     while (s != NULL) {
         struct session *next = s->next; /* s stays linked until its close callbacks run */
-        session_close(s, SESSION_END_DRAIN, NULL);
+        session_end_now(s, SESSION_END_DRAIN);
         s = next;
     }
 }

@@ -22,6 +22,9 @@ enum session_end {
     SESSION_END_IDLE_TIMEOUT,   /* nothing read from either side for idle_timeout */
     SESSION_END_DRAIN,          /* still open when the drain timeout expired */
     SESSION_END_LIMIT,          /* refused: max_connections reached */
+    SESSION_END_QUIT,           /* mode smtp: the client sent QUIT and got the reply */
+    SESSION_END_CLIENT_EOF_WITHOUT_QUIT, /* mode smtp: the client closed without QUIT */
+    SESSION_END_SMUGGLING,      /* mode smtp: SMTP smuggling rejected, then 421 */
 };
 
 const char *session_end_name(enum session_end end);

@@ -20,7 +20,29 @@ static const struct smtp_pairs_local_answer {
                               "."},
 };
 
-size_t smtp_pairs_room(const struct smtp_pairs *pp) { return SMTP_PAIRS_CAP - pp->count; }
+size_t smtp_pairs_room(const struct smtp_pairs *pp)
+{
+    return pp->q != NULL ? SMTP_PAIRS_CAP - pp->count : 0;
+}
+
+void smtp_pairs_attach(struct smtp_pairs *pp, struct smtp_pairs_entry *q)
+{
+    if (pp->q == NULL) {
+        pp->q = q;
+        pp->head = 0;
+    }
+}
+
+struct smtp_pairs_entry *smtp_pairs_detach(struct smtp_pairs *pp)
+{
+    struct smtp_pairs_entry *q = pp->q;
+
+    if (q == NULL || pp->count > 0)
+        return NULL;
+    pp->q = NULL;
+    pp->head = 0;
+    return q;
+}
 
 size_t smtp_pairs_outstanding(const struct smtp_pairs *pp) { return pp->count; }
 

@@ -24,7 +24,10 @@
  *  backend gone:  while (smtp_pairs_abort(pp, &pair)) log pair; answer the first one with 421.
  *  session end:   smtp_pairs_summary(pp) gives helo=, mail_from=, counts and primary_error=.
  *
- * A zero-initialised struct smtp_pairs is ready to use (it expects the greeting first).
+ * A zero-initialised struct smtp_pairs is ready to use (it expects the greeting first) once it
+ * has FIFO storage: the caller lends SMTP_PAIRS_CAP entries with smtp_pairs_attach() and may
+ * take them back with smtp_pairs_detach() whenever no command is outstanding, so a session
+ * that waits for its client holds no FIFO at all.
  */
 #ifndef MXPROXY_SMTP_PAIRS_H
 #define MXPROXY_SMTP_PAIRS_H
@@ -117,7 +120,7 @@ struct smtp_pairs_entry {
 };
 
 struct smtp_pairs {
-    struct smtp_pairs_entry q[SMTP_PAIRS_CAP]; /* ring buffer */
+    struct smtp_pairs_entry *q;                /* ring of SMTP_PAIRS_CAP, lent; NULL: none */
     unsigned head;                             /* index of the oldest entry */
     unsigned count;                            /* entries in use */
     bool greeted;                              /* the greeting was seen */
@@ -145,7 +148,15 @@ enum smtp_pairs_res {
  * was full (the event is then not recorded: check smtp_pairs_room() before parsing). */
 int smtp_pairs_on_client_event(struct smtp_pairs *pp, const struct smtp_event *ev, uint64_t now_ns);
 
-/* Free FIFO entries. 0 means: do not parse more client bytes until a reply arrives. */
+/* Lends FIFO storage of SMTP_PAIRS_CAP entries; pp uses it until smtp_pairs_detach(). */
+void smtp_pairs_attach(struct smtp_pairs *pp, struct smtp_pairs_entry *q);
+
+/* Takes the storage back when no command is outstanding and returns it; returns NULL (and
+ * keeps it) otherwise, or when none is attached. */
+struct smtp_pairs_entry *smtp_pairs_detach(struct smtp_pairs *pp);
+
+/* Free FIFO entries, 0 without storage. 0 means: do not parse more client bytes until a reply
+ * arrives (or, without storage, until storage is attached). */
 size_t smtp_pairs_room(const struct smtp_pairs *pp);
 
 /* Outstanding entries, local ones included. */

@@ -16,6 +16,7 @@
 struct config;
 struct listener;
 struct session;
+struct smtp_fifo;
 
 struct worker {
     unsigned id;                /* 0..workers-1; worker 0 logs per-process events */
@@ -36,6 +37,8 @@ struct worker {
     bool draining;              /* listeners closed, waiting for sessions */
     int start_error;            /* first listener error at start, for main */
     struct relay_pool pool;     /* read/write blocks for every session here */
+    struct smtp_fifo *smtp_fifo_free; /* spare mode-smtp command FIFOs */
+    unsigned smtp_fifo_n;       /* length of smtp_fifo_free */
     void (*on_listeners_closed)(struct worker *w); /* called on the worker thread */
     void (*on_exit)(struct worker *w);             /* called on the worker thread */
 };

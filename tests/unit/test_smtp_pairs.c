@@ -14,6 +14,7 @@ struct sim {
     struct smtp_client cp;
     struct smtp_server sp;
     struct smtp_pairs pp;
+    struct smtp_pairs_entry fifo[SMTP_PAIRS_CAP]; /* pp's storage */
     char hold[65536]; /* client bytes not consumed yet */
     size_t held;
     char log[16384]; /* one line per pair */
@@ -129,6 +130,7 @@ static enum smtp_pairs_res sim_server(struct sim *s, const char *bytes)
         sim_pump(s);
     }
     sim_no_secret(s, &s->pp, sizeof(s->pp));
+    sim_no_secret(s, s->fifo, sizeof(s->fifo));
     sim_no_secret(s, s->log, s->loglen);
     return res;
 }
@@ -138,6 +140,9 @@ static struct sim *sim_new(void)
     struct sim *s = calloc(1, sizeof(*s));
 
     ASSERT(s != NULL);
+    ASSERT_EQ(smtp_pairs_room(&s->pp), 0); /* no storage yet */
+    smtp_pairs_attach(&s->pp, s->fifo);
+    ASSERT_EQ(smtp_pairs_room(&s->pp), SMTP_PAIRS_CAP);
     return s;
 }
 

@@ -1,0 +1,76 @@
+/* session-t.h: struct session, shared by session.c (connections, relay,
+ * close) and session_smtp.c (the SMTP-aware part of mode smtp). Nothing
+ * else includes it. */
+#ifndef MXPROXY_SESSION_T_H
+#define MXPROXY_SESSION_T_H
+
+#include <assert.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "config.h"
+#include "relay.h"
+#include "session.h"
+#include "sockaddr.h"
+
+struct session_smtp;
+struct worker;
+
+static_assert(CONFIG_BACKENDS_MAX <= 64, "session.tried holds one bit per backend");
+
+#define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+
+struct session {
+    uv_tcp_t client;               /* accepted socket; data -> up (relay) */
+    uv_tcp_t backend;              /* outgoing socket; data -> down (relay) */
+    uv_timer_t timer;              /* connect timeout, then idle timeout */
+    uv_connect_t connect_req;      /* the backend connect in flight */
+    struct relay_dir up;           /* client -> backend */
+    struct relay_dir down;         /* backend -> client */
+    struct worker *w;              /* owning worker; sessions never migrate */
+    struct config *cfg;            /* reference held for the session's life */
+    const struct config_listener *cl; /* this session's listener, inside cfg */
+    struct session *prev, *next;   /* w->sessions list */
+    uint64_t id;                   /* sid= */
+    uint64_t t_accept;             /* uv_hrtime() at accept */
+    uint64_t t_connect;            /* uv_hrtime() when the current connect began */
+    uint64_t connected_at;         /* uv_now() when the backend connected */
+    unsigned flags;                /* SESSION_F_* */
+    unsigned open_handles;         /* uv handles not yet through their close_cb */
+    unsigned rr_start;             /* round-robin position: where the search starts */
+    unsigned cur;                  /* index of the backend tried last, with tries > 0 */
+    unsigned tries;                /* backends tried so far */
+    uint64_t tried;                /* bit i: backend i was tried */
+    int last_error;                /* last connect error, for end=connect_failed */
+    enum session_end first_close;  /* who closed first, valid with SESSION_F_FIRST_CLOSE */
+    enum session_end pending_end;  /* close_after_flush: the end= to log */
+    const char *pending_error;     /* close_after_flush: the error= to log, static text */
+    struct session_smtp *smtp;     /* mode smtp state, NULL in mode tcp */
+    char client_addr[SOCKADDR_TEXT_MAX]; /* client= */
+};
+
+#define SESSION_F_CLOSING 0x01u     /* session_close ran: only close callbacks remain */
+#define SESSION_F_CONNECTED 0x02u   /* the backend connected; relays set up */
+#define SESSION_F_BACKEND 0x04u     /* backend handle initialised and not yet closed */
+#define SESSION_F_FIRST_CLOSE 0x08u /* first_close records the side that closed first */
+#define SESSION_F_COUNTED 0x10u     /* counted in the listener's active sessions */
+#define SESSION_F_TIMED_OUT 0x20u   /* the current connect attempt timed out */
+#define SESSION_F_FLUSHING 0x40u    /* close_after_flush: waiting for the client FIN */
+#define SESSION_F_NO_BACKEND 0x80u  /* the backend was dropped on purpose; no retry */
+
+/* Logs ev=close once and closes every handle; the session is freed when the
+ * last close callback has run. error is static text or NULL. Idempotent. */
+void session_close(struct session *s, enum session_end end, const char *error);
+
+/* Stops reading the client, sends what is queued for it followed by a FIN,
+ * then closes with end and error (also after a short grace if the client
+ * does not take the bytes). */
+void session_close_after_flush(struct session *s, enum session_end end, const char *error);
+
+/* Closes the backend connection with a reset, so it discards whatever it was
+ * receiving (an unfinished message), without ending the session. */
+void session_drop_backend(struct session *s);
+
+#endif /* MXPROXY_SESSION_T_H */

@@ -1,0 +1,685 @@
+/* session_smtp.c: mode smtp, between the relays and the pure parsers. */
+#include "session_smtp.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "config.h"
+#include "log.h"
+#include "relay.h"
+#include "session-t.h"
+#include "smtp.h"
+#include "smtp_pairs.h"
+#include "worker.h"
+
+#define SMTP_LINE_LOG_MAX 512 /* transcript=full: bytes of a server line kept */
+#define SMTP_FIFO_KEEP 16     /* spare command FIFOs a worker keeps */
+
+/* Storage for one session's outstanding commands, lent while any are. */
+struct smtp_fifo {
+    struct smtp_fifo *next; /* worker free list */
+    struct smtp_pairs_entry q[SMTP_PAIRS_CAP];
+};
+
+struct session_smtp {
+    struct smtp_client cp;      /* client command parser */
+    struct smtp_server sp;      /* backend reply parser */
+    struct smtp_pairs pp;       /* outstanding commands, summary */
+    struct smtp_fifo *fifo;     /* pp's storage while attached, else NULL */
+    struct relay_block *held;   /* client bytes not parsed yet (WAIT, FIFO full) */
+    size_t held_off, held_end;  /* their range in held->data */
+    char *carry;                /* a partial client line between reads */
+    struct relay_block *down;   /* backend bytes parsed but not yet forwarded */
+    size_t down_start, down_end; /* their range in down->data */
+    uint64_t injected;          /* bytes dropped after STARTTLS, not yet logged */
+    unsigned flags;             /* SESSION_SMTP_F_* */
+    char *sline;                /* transcript=full: the server line being read */
+    size_t sline_len;           /* bytes in sline (capped at SMTP_LINE_LOG_MAX) */
+    char primary[80];           /* a primary error mxproxy made up, "" if none */
+};
+
+#define SESSION_SMTP_F_OPAQUE 0x01u /* STARTTLS passed through: bytes are TLS now */
+#define SESSION_SMTP_F_ENDING 0x02u /* a final answer was sent; nothing more is parsed */
+#define SESSION_SMTP_F_SLINE_CUT 0x04u /* sline was longer than SMTP_LINE_LOG_MAX */
+
+static uint64_t session_smtp_now(void)
+{
+    return uv_hrtime();
+}
+
+/* ---- FIFO storage --------------------------------------------------------------------- */
+
+static bool session_smtp_fifo_attach(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    struct worker *w = s->w;
+
+    if (m->fifo != NULL)
+        return true;
+    m->fifo = w->smtp_fifo_free;
+    if (m->fifo != NULL) {
+        w->smtp_fifo_free = m->fifo->next;
+        w->smtp_fifo_n--;
+    } else {
+        m->fifo = malloc(sizeof(*m->fifo));
+        if (m->fifo == NULL)
+            return false;
+    }
+    smtp_pairs_attach(&m->pp, m->fifo->q);
+    return true;
+}
+
+/* Gives the FIFO back while no command is outstanding, so an idle session
+ * costs no FIFO at all. */
+static void session_smtp_fifo_detach(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    struct worker *w = s->w;
+
+    if (m->fifo == NULL || smtp_pairs_detach(&m->pp) == NULL)
+        return;
+    if (w->smtp_fifo_n >= SMTP_FIFO_KEEP) {
+        free(m->fifo);
+    } else {
+        m->fifo->next = w->smtp_fifo_free;
+        w->smtp_fifo_free = m->fifo;
+        w->smtp_fifo_n++;
+    }
+    m->fifo = NULL;
+}
+
+void session_smtp_pool_drain(struct worker *w)
+{
+    while (w->smtp_fifo_free != NULL) {
+        struct smtp_fifo *f = w->smtp_fifo_free;
+        w->smtp_fifo_free = f->next;
+        free(f);
+    }
+    w->smtp_fifo_n = 0;
+}
+
+/* ---- logging ---------------------------------------------------------------------------- */
+
+static bool session_smtp_logs_pairs(const struct session *s)
+{
+    return s->cl->transcript != CONFIG_TRANSCRIPT_OFF && log_enabled(LOG_INFO);
+}
+
+static bool session_smtp_logs_lines(const struct session *s)
+{
+    return s->cl->transcript == CONFIG_TRANSCRIPT_FULL && log_enabled(LOG_INFO);
+}
+
+/* One ev=line for transcript=full; text must never hold credentials. */
+static void session_smtp_log_line(const struct session *s, const char *dir, const char *text,
+                                  size_t len, bool cut)
+{
+    struct log_line l;
+
+    log_begin(&l, LOG_INFO, "line");
+    log_sid(&l, s->id);
+    log_str(&l, "dir", dir);
+    log_ms(&l, "at_ms", uv_hrtime() - s->t_accept); /* since the session opened */
+    log_strn(&l, "text", text, len);
+    if (cut)
+        log_uint(&l, "cut", 1);
+    log_end(&l);
+}
+
+static void session_smtp_log_pair(const struct session *s, const struct smtp_pair *p)
+{
+    struct log_line l;
+
+    if (!session_smtp_logs_pairs(s))
+        return;
+    log_begin(&l, LOG_INFO, "pair");
+    log_sid(&l, s->id);
+    if (p->kind == SMTP_PAIR_GREETING)
+        log_str(&l, "cmd", "<greeting>");
+    else if (p->kind == SMTP_PAIR_UNSOLICITED)
+        log_str(&l, "cmd", "<none>");
+    else
+        log_strn(&l, "cmd", p->cmd_text, p->cmd_text_len);
+    log_uint(&l, "code", (uint64_t)p->code);
+    if (p->esc[0] != '\0')
+        log_str(&l, "esc", p->esc);
+    if (p->code != 0) {
+        log_strn(&l, "reply", p->text, p->text_len);
+        log_uint(&l, "lines", p->lines);
+    }
+    if (p->kind == SMTP_PAIR_GREETING)
+        log_ms(&l, "ms", p->t_reply - s->t_accept); /* what the client waited for */
+    else if (p->code != 0 && p->t_reply >= p->t_cmd)
+        log_ms(&l, "ms", p->t_reply - p->t_cmd);
+    log_uint(&l, "pipelined", (p->flags & SMTP_PAIR_F_PIPELINED) != 0);
+    if (p->cmd == SMTP_CMD_DOT || p->cmd == SMTP_CMD_BDAT)
+        log_uint(&l, "size", p->size);
+    if (p->cmd == SMTP_CMD_AUTH && p->rounds > 0)
+        log_uint(&l, "rounds", p->rounds);
+    if (p->kind == SMTP_PAIR_LOCAL)
+        log_uint(&l, "local", 1);
+    if (p->kind == SMTP_PAIR_ABORTED)
+        log_uint(&l, "aborted", 1);
+    if (p->flags & SMTP_PAIR_F_PRIMARY)
+        log_uint(&l, "primary", 1);
+    log_end(&l);
+}
+
+/* ---- sending ------------------------------------------------------------------------- */
+
+/* Forwards the backend bytes parsed so far; called before mxproxy writes
+ * anything of its own to the client, so the order on the wire is exact. */
+static void session_smtp_flush_down(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (m->down == NULL || m->down_end == m->down_start)
+        return;
+    uv_buf_t buf =
+        uv_buf_init(m->down->data + m->down_start, (unsigned)(m->down_end - m->down_start));
+    m->down_start = m->down_end;
+    int rc = relay_send(&s->down, m->down, &buf, 1);
+    if (rc != 0)
+        session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
+}
+
+/* Sends a reply of mxproxy's own to the client, after what the backend
+ * already said. text is one reply line without CRLF. */
+static void session_smtp_say(struct session *s, const char *text)
+{
+    char line[256];
+    int n = snprintf(line, sizeof(line), "%s\r\n", text);
+
+    session_smtp_flush_down(s);
+    if (s->flags & SESSION_F_CLOSING)
+        return;
+    if (session_smtp_logs_lines(s))
+        session_smtp_log_line(s, "proxy", text, strlen(text), false);
+    int rc = relay_send_copy(&s->down, line, (size_t)n);
+    if (rc != 0)
+        session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
+}
+
+/* Queues client bytes for the backend: gathers contiguous spans so a read
+ * becomes one write. */
+struct session_smtp_out {
+    uv_buf_t bufs[RELAY_SEND_MAX_BUFS];
+    unsigned n;
+};
+
+static int session_smtp_out_flush(struct session *s, struct relay_block *b,
+                                  struct session_smtp_out *o)
+{
+    int rc = 0;
+    if (o->n > 0 && !(s->flags & (SESSION_F_CLOSING | SESSION_F_NO_BACKEND)))
+        rc = relay_send(&s->up, b, o->bufs, o->n);
+    o->n = 0;
+    return rc;
+}
+
+static int session_smtp_out_add(struct session *s, struct relay_block *b,
+                                struct session_smtp_out *o, const char *p, size_t len)
+{
+    if (o->n > 0 && o->bufs[o->n - 1].base + o->bufs[o->n - 1].len == p) {
+        o->bufs[o->n - 1].len += len;
+        return 0;
+    }
+    if (o->n == RELAY_SEND_MAX_BUFS) {
+        int rc = session_smtp_out_flush(s, b, o);
+        if (rc != 0)
+            return rc;
+    }
+    o->bufs[o->n++] = uv_buf_init((char *)p, (unsigned)len);
+    return 0;
+}
+
+/* ---- client side ---------------------------------------------------------------------- */
+
+static void session_smtp_answer_locals(struct session *s);
+
+/* What a client event means beyond forwarding: logs, guard rails. */
+static void session_smtp_client_event(struct session *s, const struct smtp_event *ev)
+{
+    struct session_smtp *m = s->smtp;
+    struct log_line l;
+    char text[64];
+
+    switch (ev->type) {
+    case SMTP_EV_COMMAND:
+        if (session_smtp_logs_lines(s)) {
+            if (ev->cmd == SMTP_CMD_AUTH && (ev->flags & SMTP_EV_F_AUTH_INITIAL)) {
+                char redacted[SMTP_PAIRS_TEXT_MAX + 16];
+                int n = snprintf(redacted, sizeof(redacted), "%.*s [redacted]",
+                                 (int)(ev->line_len < SMTP_PAIRS_TEXT_MAX ? ev->line_len
+                                                                          : SMTP_PAIRS_TEXT_MAX),
+                                 ev->line);
+                session_smtp_log_line(s, "client", redacted, (size_t)n, false);
+            } else {
+                session_smtp_log_line(s, "client", ev->line, ev->line_len, false);
+            }
+        }
+        return;
+    case SMTP_EV_AUTH_RESPONSE:
+        if (session_smtp_logs_lines(s))
+            session_smtp_log_line(s, "client", "[redacted]", 10, false);
+        return;
+    case SMTP_EV_TOO_LONG:
+    case SMTP_EV_INVALID:
+        if (log_enabled(LOG_WARN)) {
+            log_begin(&l, LOG_WARN, ev->type == SMTP_EV_TOO_LONG ? "line_too_long" : "bad_line");
+            log_sid(&l, s->id);
+            if (ev->reason != NULL)
+                log_str(&l, "reason", ev->reason);
+            log_uint(&l, "limit", s->cl->max_line_length);
+            log_end(&l);
+        }
+        return;
+    case SMTP_EV_SMUGGLING:
+        if (s->cl->smuggling == CONFIG_SMUGGLING_REJECT)
+            session_drop_backend(s); /* it never sees an end of data: it discards the message */
+        if (log_enabled(LOG_WARN)) {
+            log_begin(&l, LOG_WARN, "smuggling");
+            log_sid(&l, s->id);
+            log_str(&l, "pattern", ev->reason != NULL ? ev->reason : "?");
+            log_str(&l, "action", config_smuggling_name(s->cl->smuggling));
+            log_end(&l);
+        }
+        return;
+    case SMTP_EV_DATA_END:
+        if (session_smtp_logs_lines(s)) {
+            int n = snprintf(text, sizeof(text), "<message body: %llu bytes>",
+                             (unsigned long long)ev->size);
+            session_smtp_log_line(s, "client", text, (size_t)n, false);
+        }
+        return;
+    case SMTP_EV_INJECTED:
+        m->injected += ev->size;
+        return;
+    default:
+        return;
+    }
+}
+
+/* Keeps client bytes in b[off, end) until a reply lets the parser go on;
+ * reading the client stops meanwhile (bounded: one block). */
+static void session_smtp_hold(struct session *s, struct relay_block *b, size_t off, size_t end)
+{
+    struct session_smtp *m = s->smtp;
+
+    relay_block_ref(b);
+    m->held = b;
+    m->held_off = off;
+    m->held_end = end;
+    relay_hold(&s->up);
+}
+
+/* Keeps a partial line (at most max_line_length bytes) for the next read. */
+static int session_smtp_carry(struct session *s, const char *p, size_t len)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (len == 0)
+        return 0;
+    if (m->carry == NULL) {
+        m->carry = malloc(CONFIG_LINE_LENGTH_MAX);
+        if (m->carry == NULL)
+            return UV_ENOMEM;
+    }
+    memmove(m->carry, p, len); /* p may already point into carry's old copy */
+    s->up.carry = m->carry;
+    s->up.carry_len = len;
+    return 0;
+}
+
+/* Parses client bytes b[off, end): forwards what the parser says to forward,
+ * keeps the rest. The caller keeps its own reference to b. */
+static void session_smtp_client_bytes(struct session *s, struct relay_block *b, size_t off,
+                                      size_t end)
+{
+    struct session_smtp *m = s->smtp;
+    struct session_smtp_out out = {.n = 0};
+    uint64_t now = session_smtp_now();
+    int rc = 0;
+
+    while (rc == 0 && !(s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) &&
+           !(m->flags & (SESSION_SMTP_F_OPAQUE | SESSION_SMTP_F_ENDING))) {
+        struct smtp_event ev;
+        size_t n;
+
+        if (!session_smtp_fifo_attach(s)) {
+            rc = UV_ENOMEM;
+            break;
+        }
+        if (smtp_pairs_room(&m->pp) == 0) {
+            session_smtp_hold(s, b, off, end); /* too many commands in flight */
+            break;
+        }
+        n = smtp_client_parse(&m->cp, b->data + off, end - off, &ev);
+        if (ev.type == SMTP_EV_AGAIN) {
+            rc = session_smtp_carry(s, b->data + off, end - off);
+            break;
+        }
+        if (ev.type == SMTP_EV_WAIT) {
+            session_smtp_hold(s, b, off, end);
+            break;
+        }
+        if (ev.fwd_len > 0)
+            rc = session_smtp_out_add(s, b, &out, ev.fwd, ev.fwd_len);
+        (void)smtp_pairs_on_client_event(&m->pp, &ev, now); /* room was checked */
+        off += n;
+        session_smtp_client_event(s, &ev);
+        session_smtp_answer_locals(s);
+    }
+    if (rc == 0)
+        rc = session_smtp_out_flush(s, b, &out);
+    if (rc != 0)
+        session_close(s, SESSION_END_BACKEND_RESET, uv_strerror(rc));
+}
+
+/* relay on_data for the client direction. */
+static void session_smtp_on_client_data(struct relay_dir *d, struct relay_block *b, size_t len)
+{
+    struct session *s = d->owner;
+    struct session_smtp *m = s->smtp;
+
+    if (m->carry != NULL && s->up.carry_len == 0) {
+        free(m->carry); /* delivered at the start of b; only partial lines need it */
+        m->carry = NULL;
+    }
+    if (m->flags & SESSION_SMTP_F_OPAQUE) {
+        uv_buf_t buf = uv_buf_init(b->data, (unsigned)len);
+        int rc = relay_send(d, b, &buf, 1);
+        if (rc != 0)
+            session_close(s, SESSION_END_BACKEND_RESET, uv_strerror(rc));
+    } else {
+        session_smtp_client_bytes(s, b, 0, len);
+    }
+    relay_block_unref(d->pool, b);
+}
+
+/* A reply may let held client bytes be parsed again. */
+static void session_smtp_resume_client(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    struct relay_block *b = m->held;
+
+    if (b == NULL)
+        return;
+    m->held = NULL;
+    session_smtp_client_bytes(s, b, m->held_off, m->held_end);
+    relay_block_unref(s->up.pool, b);
+    if (m->held == NULL && !(s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING))) {
+        int rc = relay_release(&s->up);
+        if (rc != 0)
+            session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
+    }
+}
+
+/* Answers, in order, the lines mxproxy refused itself. */
+static void session_smtp_answer_locals(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    struct smtp_pair p;
+    char text[SMTP_REPLY_TEXT_MAX + 32];
+
+    while (!(s->flags & SESSION_F_CLOSING) &&
+           smtp_pairs_take_local(&m->pp, session_smtp_now(), &p)) {
+        snprintf(text, sizeof(text), "%d %s %.*s", p.code, p.esc, (int)p.text_len, p.text);
+        session_smtp_say(s, text);
+        session_smtp_log_pair(s, &p);
+        if (p.local == SMTP_LOCAL_SMUGGLING) {
+            session_smtp_say(s, "421 4.7.0 mxproxy: closing connection after a smuggling attempt");
+            m->flags |= SESSION_SMTP_F_ENDING;
+            session_close_after_flush(s, SESSION_END_SMUGGLING, "smuggling");
+            return;
+        }
+    }
+}
+
+/* ---- backend side --------------------------------------------------------------------- */
+
+/* STARTTLS was accepted and mxproxy does not terminate TLS: from here on the
+ * bytes are TLS, end to end, and are relayed untouched. */
+static void session_smtp_go_opaque(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    struct log_line l;
+
+    m->flags |= SESSION_SMTP_F_OPAQUE;
+    s->up.carry_len = 0; /* bytes after STARTTLS were dropped as injected; keep none */
+    if (log_enabled(LOG_INFO)) {
+        log_begin(&l, LOG_INFO, "starttls_passthrough");
+        log_sid(&l, s->id);
+        log_end(&l);
+    }
+}
+
+static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
+{
+    struct session_smtp *m = s->smtp;
+    struct smtp_pair p;
+    struct log_line l;
+
+    enum smtp_pairs_res res = smtp_pairs_on_reply(&m->pp, r, &p);
+    smtp_client_on_reply(&m->cp, p.cmd, p.code);
+    if (res != SMTP_PAIRS_INTERMEDIATE)
+        session_smtp_log_pair(s, &p);
+    if (p.cmd == SMTP_CMD_STARTTLS && res == SMTP_PAIRS_MATCHED) {
+        if (m->injected > 0 && log_enabled(LOG_WARN)) {
+            log_begin(&l, LOG_WARN, "starttls_injection");
+            log_sid(&l, s->id);
+            log_uint(&l, "bytes", m->injected);
+            log_end(&l);
+        }
+        m->injected = 0;
+        if (p.code >= 200 && p.code < 300)
+            session_smtp_go_opaque(s);
+    }
+    /* Forward this reply before anything the client's held bytes cause. */
+    session_smtp_flush_down(s);
+    session_smtp_resume_client(s);
+    session_smtp_answer_locals(s);
+    session_smtp_fifo_detach(s);
+}
+
+/* transcript=full: splits forwarded server bytes into lines. A 334
+ * challenge is an AUTH exchange and is never logged. */
+static void session_smtp_server_lines(struct session *s, const char *p, size_t len)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (m->sline == NULL) {
+        m->sline = malloc(SMTP_LINE_LOG_MAX);
+        if (m->sline == NULL)
+            return;
+    }
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] != '\n') {
+            if (m->sline_len < SMTP_LINE_LOG_MAX)
+                m->sline[m->sline_len++] = p[i];
+            else
+                m->flags |= SESSION_SMTP_F_SLINE_CUT;
+            continue;
+        }
+        size_t n = m->sline_len;
+        if (n > 0 && m->sline[n - 1] == '\r')
+            n--;
+        if (n >= 3 && memcmp(m->sline, "334", 3) == 0)
+            session_smtp_log_line(s, "server", "334 [redacted]", 14, false);
+        else
+            session_smtp_log_line(s, "server", m->sline, n,
+                                  (m->flags & SESSION_SMTP_F_SLINE_CUT) != 0);
+        m->sline_len = 0;
+        m->flags &= ~SESSION_SMTP_F_SLINE_CUT;
+    }
+}
+
+/* relay on_data for the backend direction: bytes go to the client as they
+ * are; replies are matched on the way. */
+static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block *b, size_t len)
+{
+    struct session *s = d->owner;
+    struct session_smtp *m = s->smtp;
+    uint64_t now = session_smtp_now();
+    size_t off = 0;
+
+    m->down = b;
+    m->down_start = 0;
+    m->down_end = 0;
+    while (off < len && !(m->flags & SESSION_SMTP_F_OPAQUE) && !(s->flags & SESSION_F_CLOSING)) {
+        struct smtp_server_event ev;
+        size_t n = smtp_server_parse(&m->sp, b->data + off, len - off, now, &ev);
+
+        if (session_smtp_logs_lines(s))
+            session_smtp_server_lines(s, b->data + off, n);
+        off += n;
+        m->down_end = off;
+        if (ev.type == SMTP_SEV_REPLY) {
+            session_smtp_on_reply(s, ev.reply);
+        } else if (ev.type == SMTP_SEV_GARBAGE && log_enabled(LOG_WARN)) {
+            struct log_line l;
+            log_begin(&l, LOG_WARN, "backend_garbage");
+            log_sid(&l, s->id);
+            log_strn(&l, "text", ev.reply->text, ev.reply->text_len);
+            log_end(&l);
+        }
+    }
+    m->down_end = len; /* after STARTTLS passthrough the rest is TLS: forward it too */
+    if (!(s->flags & SESSION_F_CLOSING))
+        session_smtp_flush_down(s);
+    m->down = NULL;
+    relay_block_unref(d->pool, b);
+}
+
+void session_smtp_on_backend_eof(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    struct smtp_pair p;
+    bool first = true;
+
+    relay_hold(&s->up); /* nothing the client says can reach anyone now */
+    while (smtp_pairs_abort(&m->pp, &p)) {
+        if (first) {
+            /* The client gets a real reply instead of a bare EOF. */
+            session_smtp_say(s, "421 4.4.2 mxproxy: backend closed the connection");
+            p.kind = SMTP_PAIR_LOCAL;
+            p.code = 421;
+            snprintf(p.esc, sizeof(p.esc), "4.4.2");
+            p.text_len = (size_t)snprintf(p.text, sizeof(p.text), "mxproxy: backend closed the connection");
+            p.t_reply = session_smtp_now();
+            if (!smtp_pairs_summary(&m->pp)->has_primary && m->primary[0] == '\0')
+                snprintf(m->primary, sizeof(m->primary),
+                         "421 4.4.2 mxproxy: backend closed the connection");
+            first = false;
+        }
+        session_smtp_log_pair(s, &p);
+    }
+    if (!(s->flags & SESSION_F_FIRST_CLOSE)) {
+        s->flags |= SESSION_F_FIRST_CLOSE;
+        s->first_close = SESSION_END_BACKEND_CLOSED;
+    }
+    session_close_after_flush(s, s->first_close, NULL);
+}
+
+/* ---- session hooks ------------------------------------------------------------------- */
+
+int session_smtp_new(struct session *s)
+{
+    struct smtp_client_opts opts = {
+        .max_line_length = s->cl->max_line_length,
+        .smuggling = s->cl->smuggling == CONFIG_SMUGGLING_NORMALIZE ? SMTP_SMUGGLING_NORMALIZE
+                     : s->cl->smuggling == CONFIG_SMUGGLING_OFF     ? SMTP_SMUGGLING_OFF
+                                                                     : SMTP_SMUGGLING_REJECT,
+    };
+    struct session_smtp *m = calloc(1, sizeof(*m));
+
+    if (m == NULL)
+        return UV_ENOMEM;
+    smtp_client_init(&m->cp, &opts);
+    s->smtp = m;
+    return 0;
+}
+
+void session_smtp_free(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (m == NULL)
+        return;
+    if (m->held != NULL)
+        relay_block_unref(s->up.pool, m->held);
+    if (m->fifo != NULL) {
+        struct smtp_pair p;
+        while (smtp_pairs_abort(&m->pp, &p))
+            ; /* empty it, so detach gives the storage back */
+        session_smtp_fifo_detach(s);
+    }
+    free(m->carry);
+    free(m->sline);
+    free(m);
+    s->smtp = NULL;
+}
+
+void session_smtp_on_connected(struct session *s)
+{
+    s->up.on_data = session_smtp_on_client_data;
+    s->down.on_data = session_smtp_on_backend_data;
+    s->down.flags |= RELAY_F_NO_FIN; /* on backend EOF, answer outstanding commands first */
+}
+
+void session_smtp_connect_failed(struct session *s, const char *why)
+{
+    (void)why;
+    session_smtp_say(s, "421 4.4.1 mxproxy: no mail server available, try again later");
+    snprintf(s->smtp->primary, sizeof(s->smtp->primary),
+             "421 4.4.1 mxproxy: no mail server available");
+}
+
+void session_smtp_goodbye(struct session *s, enum session_end end)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (m->flags & SESSION_SMTP_F_OPAQUE)
+        return; /* the client speaks TLS to the backend: a plaintext reply would be noise */
+    session_smtp_say(s, end == SESSION_END_IDLE_TIMEOUT
+                            ? "421 4.4.2 mxproxy: idle timeout, closing connection"
+                            : "421 4.3.2 mxproxy: service shutting down, closing connection");
+    m->flags |= SESSION_SMTP_F_ENDING;
+}
+
+enum session_end session_smtp_end(const struct session *s, enum session_end end)
+{
+    const struct smtp_pairs_summary *sum = smtp_pairs_summary(&s->smtp->pp);
+
+    if (end == SESSION_END_CLIENT_EOF)
+        return sum->quit_sent ? SESSION_END_QUIT : SESSION_END_CLIENT_EOF_WITHOUT_QUIT;
+    if (end == SESSION_END_BACKEND_CLOSED && sum->quit_answered)
+        return SESSION_END_QUIT;
+    return end;
+}
+
+void session_smtp_log_close(const struct session *s, struct log_line *l)
+{
+    const struct session_smtp *m = s->smtp;
+    const struct smtp_pairs_summary *sum = smtp_pairs_summary(&m->pp);
+    char primary[SMTP_REPLY_TEXT_MAX + 32];
+
+    if (sum->helo[0] != '\0')
+        log_str(l, "helo", sum->helo);
+    if (sum->has_mail_from)
+        log_str(l, "mail_from", sum->mail_from);
+    log_uint(l, "rcpt_ok", sum->rcpt_ok);
+    log_uint(l, "rcpt_rejected", sum->rcpt_rejected);
+    log_uint(l, "messages", sum->messages);
+    if (sum->has_primary) {
+        const struct smtp_pair *p = &sum->primary;
+        int n = snprintf(primary, sizeof(primary), "%d%s%s %.*s", p->code,
+                         p->esc[0] != '\0' ? " " : "", p->esc, (int)p->text_len, p->text);
+        log_strn(l, "primary_error", primary, (size_t)n < sizeof(primary) ? (size_t)n
+                                                                         : sizeof(primary) - 1);
+    } else if (m->primary[0] != '\0') {
+        log_str(l, "primary_error", m->primary);
+    }
+}

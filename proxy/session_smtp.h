@@ -1,0 +1,57 @@
+/* session_smtp.h: the SMTP-aware part of a session (mode = smtp).
+ *
+ * Glues the pure parsers (smtp.c, smtp_pairs.c) to a session's two relay
+ * directions: every client read goes through the command parser, which
+ * decides what reaches the backend; every backend read is forwarded as it
+ * is while the reply parser matches replies to commands for the ev=pair
+ * lines. mxproxy answers the client itself only where it must: overlong or
+ * malformed command lines (500), SMTP smuggling (554, then 421), a backend
+ * that is unreachable or gone with commands outstanding (421).
+ *
+ * All functions run on the session's worker thread; s->smtp is NULL in
+ * mode tcp and none of these is called then.
+ */
+#ifndef MXPROXY_SESSION_SMTP_H
+#define MXPROXY_SESSION_SMTP_H
+
+#include <stdbool.h>
+
+#include "session.h"
+
+struct log_line;
+struct session;
+struct worker;
+
+/* Allocates s->smtp at accept. Returns 0 or UV_ENOMEM. */
+int session_smtp_new(struct session *s);
+
+/* Frees s->smtp and what it holds; accepts a session without one. */
+void session_smtp_free(struct session *s);
+
+/* The backend connected: route both directions through the parsers. Call
+ * before the relays start reading. */
+void session_smtp_on_connected(struct session *s);
+
+/* No backend could be reached: answers "421 4.4.1" and closes once it is
+ * sent. why is static text for error=. */
+void session_smtp_connect_failed(struct session *s, const char *why);
+
+/* The backend sent EOF: answers the oldest outstanding command with 421,
+ * logs the others as aborted, then closes after the client has everything. */
+void session_smtp_on_backend_eof(struct session *s);
+
+/* Ends the session with a 421 reply to the client, for timeouts and drain. */
+void session_smtp_goodbye(struct session *s, enum session_end end);
+
+/* Refines end= with what SMTP knows: client_eof becomes quit or
+ * client_eof_without_quit; backend_closed after an answered QUIT is quit. */
+enum session_end session_smtp_end(const struct session *s, enum session_end end);
+
+/* Adds helo=, mail_from=, rcpt_ok=, rcpt_rejected=, messages= and
+ * primary_error= to the close line. */
+void session_smtp_log_close(const struct session *s, struct log_line *l);
+
+/* Returns the spare command FIFOs a worker keeps to the heap. */
+void session_smtp_pool_drain(struct worker *w);
+
+#endif /* MXPROXY_SESSION_SMTP_H */
