@@ -176,7 +176,8 @@ static size_t fuzz_run(const char *in, size_t len, uint32_t seed, bool split, ch
             fuzz_check_pair(&pair);
         FUZZ_CHECK(smtp_pairs_oldest(pp) == SMTP_CMD_NONE);
     }
-    FUZZ_CHECK(memmem(pp->q, sizeof(pp->q), fuzz_secret, sizeof(fuzz_secret) - 1) == NULL);
+    FUZZ_CHECK(memmem(fifo, SMTP_PAIRS_CAP * sizeof(*fifo), fuzz_secret, sizeof(fuzz_secret) - 1) ==
+               NULL);
     fuzz_check_pair(&smtp_pairs_summary(pp)->primary);
     free(fifo);
     free(pp);

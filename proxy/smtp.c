@@ -1,6 +1,7 @@
 /* smtp.c: PURE SMTP framing (see smtp.h for the contract). */
 #include "smtp.h"
 
+#include <assert.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,6 +77,9 @@ static const char *const smtp_patterns[4][4] = {
 static const char smtp_crlf[] = "\r\n";
 static const char smtp_dotdot[] = "..";
 static const char smtp_cancel[] = "*\r\n";
+
+static_assert(sizeof(smtp_cmd_names) / sizeof(smtp_cmd_names[0]) == SMTP_CMD_DOT + 1,
+              "a name for every command");
 
 const char *smtp_cmd_name(enum smtp_cmd cmd)
 {

@@ -1,8 +1,13 @@
 /* smtp_pairs.c: PURE reply-to-command matching (see smtp_pairs.h for the contract). */
 #include "smtp_pairs.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <string.h>
+
+static_assert(SMTP_PAIRS_TEXT_MAX <= 255, "entry text_len is an unsigned char");
+static_assert(sizeof("AUTH ") - 1 + sizeof(" [redacted]") - 1 < SMTP_PAIRS_TEXT_MAX,
+              "room for a redacted AUTH line");
 
 static const char smtp_pairs_redacted[] = " [redacted]";
 
@@ -155,7 +160,7 @@ int smtp_pairs_on_client_event(struct smtp_pairs *pp, const struct smtp_event *e
 
     switch (ev->type) {
     case SMTP_EV_COMMAND:
-        if (pp->count == SMTP_PAIRS_CAP)
+        if (smtp_pairs_room(pp) == 0)
             return -ENOBUFS;
         smtp_pairs_command(pp, ev, smtp_pairs_push(pp, ev->cmd, now_ns));
         return 0;
@@ -166,7 +171,7 @@ int smtp_pairs_on_client_event(struct smtp_pairs *pp, const struct smtp_event *e
             e->t_cmd = now_ns;
         return 0;
     case SMTP_EV_DATA_END:
-        if (pp->count == SMTP_PAIRS_CAP)
+        if (smtp_pairs_room(pp) == 0)
             return -ENOBUFS;
         e = smtp_pairs_push(pp, SMTP_CMD_DOT, now_ns);
         e->size = ev->size;
@@ -190,7 +195,7 @@ int smtp_pairs_on_client_event(struct smtp_pairs *pp, const struct smtp_event *e
         }
         if (local == SMTP_LOCAL_NONE)
             return 0;
-        if (pp->count == SMTP_PAIRS_CAP)
+        if (smtp_pairs_room(pp) == 0)
             return -ENOBUFS;
         e = smtp_pairs_push(pp, SMTP_CMD_NONE, now_ns);
         e->local = local;

@@ -120,13 +120,13 @@ struct smtp_pairs_entry {
 };
 
 struct smtp_pairs {
-    struct smtp_pairs_entry *q;                /* ring of SMTP_PAIRS_CAP, lent; NULL: none */
-    unsigned head;                             /* index of the oldest entry */
-    unsigned count;                            /* entries in use */
-    bool greeted;                              /* the greeting was seen */
-    bool tx_mail_failed;                       /* current transaction: MAIL rejected */
-    unsigned tx_rcpt_ok;                       /* current transaction: RCPTs accepted */
-    unsigned tx_rcpt_rejected;                 /* current transaction: RCPTs rejected */
+    struct smtp_pairs_entry *q; /* ring of SMTP_PAIRS_CAP, lent; NULL: none */
+    unsigned head;              /* index of the oldest entry */
+    unsigned count;             /* entries in use */
+    bool greeted;               /* the greeting was seen */
+    bool tx_mail_failed;        /* current transaction: MAIL rejected */
+    unsigned tx_rcpt_ok;        /* current transaction: RCPTs accepted */
+    unsigned tx_rcpt_rejected;  /* current transaction: RCPTs rejected */
     struct smtp_pairs_summary sum;
 };
 
@@ -145,7 +145,8 @@ enum smtp_pairs_res {
  * at its BDAT_END), DATA_END (the "." pseudo command, or a local entry after smuggling),
  * TOO_LONG and INVALID (local entries unless they cancel an AUTH exchange); marks AUTH
  * cancels; ignores other events. Returns 0, or -ENOBUFS when an entry was needed and the FIFO
- * was full (the event is then not recorded: check smtp_pairs_room() before parsing). */
+ * was full or has no storage attached (the event is then not recorded: check smtp_pairs_room()
+ * before parsing). */
 int smtp_pairs_on_client_event(struct smtp_pairs *pp, const struct smtp_event *ev, uint64_t now_ns);
 
 /* Lends FIFO storage of SMTP_PAIRS_CAP entries; pp uses it until smtp_pairs_detach(). */

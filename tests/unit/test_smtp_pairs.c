@@ -15,7 +15,7 @@ struct sim {
     struct smtp_server sp;
     struct smtp_pairs pp;
     struct smtp_pairs_entry fifo[SMTP_PAIRS_CAP]; /* pp's storage */
-    char hold[65536]; /* client bytes not consumed yet */
+    char hold[65536];                             /* client bytes not consumed yet */
     size_t held;
     char log[16384]; /* one line per pair */
     size_t loglen;
@@ -485,6 +485,37 @@ static void test_fifo_full(void)
     free(s);
 }
 
+static void test_storage(void)
+{
+    struct smtp_pairs pp = {0};
+    struct smtp_pairs_entry fifo[SMTP_PAIRS_CAP], other[SMTP_PAIRS_CAP];
+    struct smtp_reply greeting = {.code = 220, .lines = 1}, ok = {.code = 250, .lines = 1};
+    struct smtp_pair pair;
+    struct smtp_event ev = {
+        .type = SMTP_EV_COMMAND, .cmd = SMTP_CMD_NOOP, .line = "NOOP", .line_len = 4};
+
+    /* Without storage nothing can be recorded, and the caller is told to hold back. */
+    ASSERT_EQ(smtp_pairs_room(&pp), 0);
+    ASSERT_EQ(smtp_pairs_on_client_event(&pp, &ev, 1), -ENOBUFS);
+    ASSERT(smtp_pairs_detach(&pp) == NULL);
+    ASSERT_EQ(smtp_pairs_on_reply(&pp, &greeting, &pair), SMTP_PAIRS_GREETING);
+    smtp_pairs_attach(&pp, fifo);
+    smtp_pairs_attach(&pp, other); /* already attached: ignored */
+    ASSERT_EQ(smtp_pairs_room(&pp), SMTP_PAIRS_CAP);
+    ASSERT_OK(smtp_pairs_on_client_event(&pp, &ev, 1));
+    /* Storage stays while a command is outstanding. */
+    ASSERT(smtp_pairs_detach(&pp) == NULL);
+    ASSERT_EQ(smtp_pairs_oldest(&pp), SMTP_CMD_NOOP);
+    ASSERT_EQ(smtp_pairs_on_reply(&pp, &ok, &pair), SMTP_PAIRS_MATCHED);
+    ASSERT_STREQ(pair.cmd_text, "NOOP");
+    ASSERT(smtp_pairs_detach(&pp) == fifo);
+    ASSERT_EQ(smtp_pairs_room(&pp), 0);
+    /* The summary survives the storage. */
+    ASSERT_EQ(smtp_pairs_on_reply(&pp, &ok, &pair), SMTP_PAIRS_UNSOLICITED);
+    smtp_pairs_attach(&pp, other);
+    ASSERT_EQ(smtp_pairs_room(&pp), SMTP_PAIRS_CAP);
+}
+
 static void test_abort_outstanding(void)
 {
     struct sim *s = sim_new();
@@ -537,6 +568,7 @@ int main(void)
     test_smuggling_local();
     test_fifo_full();
     test_abort_outstanding();
+    test_storage();
     test_long_text();
     printf("test_smtp_pairs: ok\n");
     return 0;
