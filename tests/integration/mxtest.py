@@ -573,6 +573,231 @@ class SmtpBackend(TcpBackend):
             pending += data
 
 
+# Ends of a DATA body as a lenient server takes them: a dot between any two of
+# CRLF, LF and CR (what the 2023 SMTP smuggling attacks rely on).
+LENIENT_END_RE = re.compile(rb"(\r\n|\n|\r)\.(\r\n|\n|\r)")
+
+
+class ScriptedSmtpBackend(TcpBackend):
+    """An SMTP server whose replies a test scripts, for mode smtp.
+
+    rules: (prefix, action) pairs, prefix in bytes; the first whose prefix
+    starts the command line (case-insensitive) decides. action is the reply as
+    bytes, or a callable(backend, rec, line) that does what it likes and
+    returns "close" to end the connection (else None).
+
+    Lines no rule matches get the defaults:
+      EHLO      250-NAME, then one line per entry of ext
+      HELO      250 NAME
+      MAIL      250 2.1.0 sender ok          RCPT   250 2.1.5 recipient ok
+      RSET NOOP 250 2.0.0 ok
+      DATA      354, the body, then 250 2.0.0 queued as N (N counts messages)
+      BDAT n    reads n bytes: 250 2.0.0 n octets received; with LAST the
+                message is complete: 250 2.0.0 queued as N
+      AUTH LOGIN [x]  334 VXNlcm5hbWU6 (unless x given), 334 UGFzc3dvcmQ6,
+                then 235 2.7.0 Authentication successful; a "*" line: 501 5.7.0
+      AUTH PLAIN x    235 2.7.0; without x: "334 " and one line
+      STARTTLS  220 2.0.0 Ready to start TLS, then the connection is opaque:
+                every byte is kept in rec.opaque and echoed back
+      XCLIENT   220 NAME ESMTP (the new session's greeting)
+      QUIT      221 2.0.0 Bye, then close
+      others    502 5.5.2 command not recognized
+
+    lenient=True makes it a server vulnerable to SMTP smuggling: a command
+    line ends at LF (a CR before it is dropped) and a DATA body ends at any
+    LENIENT_END_RE match. Strict: CRLF lines, CRLF.CRLF ends a body.
+
+    Per connection (ConnRecord): received (every byte), commands (lines),
+    bodies (each message as the server took it: from after the 354 up to and
+    including the line end before the final dot; BDAT: the chunks joined),
+    chunks (BDAT payloads), auth_lines (credential lines), opaque."""
+
+    EXT = ("PIPELINING", "8BITMIME", "CHUNKING", "AUTH PLAIN LOGIN", "STARTTLS")
+
+    def __init__(self, name="scripted", rules=(), ext=EXT, lenient=False, greeting=None, **kw):
+        self.rules = list(rules)
+        self.ext = list(ext)
+        self.lenient = lenient
+        self.greeting = greeting if greeting is not None else b"220 %s ESMTP\r\n" % name.encode()
+        kw.setdefault("keep_bytes", True)
+        super().__init__(name, **kw)
+
+    # reading
+    def more(self, rec):
+        data = self.recv(rec)
+        if not data:
+            return False
+        rec.buf += data
+        return True
+
+    def read_line(self, rec):
+        """One line without its end; None at EOF."""
+        term = b"\n" if self.lenient else b"\r\n"
+        while term not in rec.buf:
+            if not self.more(rec):
+                return None
+        line, rec.buf = rec.buf.split(term, 1)
+        if self.lenient and line.endswith(b"\r"):
+            line = line[:-1]
+        return line
+
+    def read_exact(self, rec, n):
+        while len(rec.buf) < n:
+            if not self.more(rec):
+                return None
+        out, rec.buf = rec.buf[:n], rec.buf[n:]
+        return out
+
+    def read_body(self, rec):
+        """Reads up to the end of a DATA body; returns the body or None at EOF."""
+        while True:
+            buf = b"\r\n" + rec.buf  # a body may end at once
+            if self.lenient:
+                m = LENIENT_END_RE.search(buf)
+                if m is not None and m.end() == len(buf) and buf.endswith(b"\r"):
+                    m = None  # CR at the very end: it may be half a CRLF
+                if m is not None:
+                    body, rec.buf = buf[2:m.end(1)], buf[m.end():]
+                    return body
+            else:
+                i = buf.find(b"\r\n.\r\n")
+                if i >= 0:
+                    body, rec.buf = buf[2:i + 2], buf[i + 5:]
+                    return body
+            if not self.more(rec):
+                return None
+
+    # the session
+    def handle(self, rec):
+        rec.buf = b""
+        rec.bodies = []
+        rec.chunks = []
+        rec.auth_lines = []
+        rec.opaque = bytearray()
+        if self.greeting:
+            self.send(rec, self.greeting)
+        while True:
+            line = self.read_line(rec)
+            if line is None:
+                return
+            rec.commands.append(line)
+            action = None
+            for prefix, act in self.rules:
+                if line.upper().startswith(prefix.upper()):
+                    action = act
+                    break
+            if action is None:
+                action = self.default
+            if isinstance(action, bytes):
+                self.send(rec, action)
+                continue
+            if action(self, rec, line) == "close":
+                self.finish(rec)
+                return
+
+    def finish(self, rec, timeout=2.0):
+        """Closes like a server that is done: FIN first, then reads what the
+        peer still sends until its EOF (bounded), so the close is never an RST."""
+        try:
+            rec.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            r, _, _ = select.select([rec.sock], [], [], 0.05)
+            if r:
+                try:
+                    data = rec.sock.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    rec.t_eof = time.monotonic()
+                    rec.eof.set()
+                    return
+                rec.rx += len(data)
+                rec.received += data
+
+    def default(self, _backend, rec, line):
+        name = self.name.encode()
+        words = line.split()
+        verb = words[0].upper() if words else b""
+        if verb == b"EHLO":
+            exts = [name] + [e.encode() for e in self.ext]
+            self.send(rec, b"".join(b"250-%s\r\n" % e for e in exts[:-1])
+                      + b"250 %s\r\n" % exts[-1])
+        elif verb == b"HELO":
+            self.send(rec, b"250 %s\r\n" % name)
+        elif verb == b"MAIL":
+            self.send(rec, b"250 2.1.0 sender ok\r\n")
+        elif verb == b"RCPT":
+            self.send(rec, b"250 2.1.5 recipient ok\r\n")
+        elif verb in (b"RSET", b"NOOP"):
+            self.send(rec, b"250 2.0.0 ok\r\n")
+        elif verb == b"DATA":
+            self.send(rec, b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            body = self.read_body(rec)
+            if body is None:
+                return "close"
+            rec.bodies.append(body)
+            self.send(rec, b"250 2.0.0 queued as %d\r\n" % len(rec.bodies))
+        elif verb == b"BDAT":
+            n = int(words[1])
+            chunk = self.read_exact(rec, n)
+            if chunk is None:
+                return "close"
+            rec.chunks.append(chunk)
+            if len(words) > 2 and words[2].upper() == b"LAST":
+                rec.bodies.append(b"".join(rec.chunks))
+                self.send(rec, b"250 2.0.0 queued as %d\r\n" % len(rec.bodies))
+            else:
+                self.send(rec, b"250 2.0.0 %d octets received\r\n" % n)
+        elif verb == b"AUTH":
+            return self.auth(rec, words)
+        elif verb == b"STARTTLS":
+            self.send(rec, b"220 2.0.0 Ready to start TLS\r\n")
+            data, rec.buf = rec.buf, b""
+            while True:
+                if data:
+                    rec.opaque += data
+                    self.send(rec, data)
+                data = self.recv(rec)
+                if not data:
+                    return "close"
+        elif verb == b"XCLIENT":
+            self.send(rec, b"220 %s ESMTP\r\n" % name)
+        elif verb == b"QUIT":
+            self.send(rec, b"221 2.0.0 Bye\r\n")
+            return "close"
+        else:
+            self.send(rec, b"502 5.5.2 command not recognized\r\n")
+        return None
+
+    def auth(self, rec, words):
+        mech = words[1].upper() if len(words) > 1 else b""
+        if mech == b"PLAIN" and len(words) > 2:
+            self.send(rec, b"235 2.7.0 Authentication successful\r\n")
+            return None
+        if mech == b"PLAIN":
+            prompts = [b"334 \r\n"]
+        elif mech == b"LOGIN":
+            prompts = [b"334 UGFzc3dvcmQ6\r\n"] if len(words) > 2 else \
+                [b"334 VXNlcm5hbWU6\r\n", b"334 UGFzc3dvcmQ6\r\n"]
+        else:
+            self.send(rec, b"504 5.5.4 mechanism not supported\r\n")
+            return None
+        for prompt in prompts:
+            self.send(rec, prompt)
+            line = self.read_line(rec)
+            if line is None:
+                return "close"
+            rec.auth_lines.append(line)
+            if line == b"*":
+                self.send(rec, b"501 5.7.0 Authentication cancelled\r\n")
+                return None
+        self.send(rec, b"235 2.7.0 Authentication successful\r\n")
+        return None
+
+
 class HalfCloseBackend(TcpBackend):
     """Sends a greeting, reads until EOF, then replies with what it got and closes."""
 
@@ -865,6 +1090,64 @@ class Proxy:
         return self.rc
 
 
+class Like:
+    """A log field value that must fullmatch a regex (for ms=, at_ms=, ...)."""
+
+    def __init__(self, regex):
+        self.regex = re.compile(regex)
+
+    def matches(self, value):
+        return self.regex.fullmatch(str(value)) is not None
+
+    def __repr__(self):
+        return "Like(%r)" % self.regex.pattern
+
+
+MS = Like(r"\d+\.\d{3}")   # a duration in milliseconds, 3 decimals
+UINT = Like(r"\d+")
+ADDR = Like(r"127\.0\.0\.1:\d+")
+
+
+def pair(cmd, code, reply=None, lines=1, esc=None, pipelined=0, ms=MS, **extra):
+    """The fields of a mode smtp ev=pair line after sid, in mxproxy's order.
+    extra: size, rounds, local, aborted, primary. code 0 (aborted): no reply,
+    lines or ms."""
+    f = {"cmd": cmd, "code": code}
+    if esc is not None:
+        f["esc"] = esc
+    if code:
+        f["reply"] = reply
+        f["lines"] = lines
+        if ms is not None:
+            f["ms"] = ms
+    f["pipelined"] = pipelined
+    for k in ("size", "rounds", "local", "aborted", "primary"):
+        if k in extra:
+            f[k] = extra.pop(k)
+    if extra:
+        raise TypeError("unknown pair fields %r" % extra)
+    return f
+
+
+def smtp_close(end, helo=None, mail_from=None, rcpt_ok=0, rcpt_rejected=0, messages=0,
+               primary_error=None, error=None, backend=ADDR, listener_name="smtp"):
+    """The fields of a mode smtp ev=close line after sid, in mxproxy's order."""
+    f = {"listener": listener_name, "end": end, "bytes_up": UINT, "bytes_down": UINT, "ms": MS,
+         "client": ADDR}
+    if backend is not None:
+        f["backend"] = backend
+    if error is not None:
+        f["error"] = error
+    if helo is not None:
+        f["helo"] = helo
+    if mail_from is not None:
+        f["mail_from"] = mail_from
+    f.update(rcpt_ok=rcpt_ok, rcpt_rejected=rcpt_rejected, messages=messages)
+    if primary_error is not None:
+        f["primary_error"] = primary_error
+    return f
+
+
 class ProxyTestCase(unittest.TestCase):
     """Starts and always stops what a test creates. tearDown fails the test
     when mxproxy did not exit 0 or printed a sanitizer report or a line that is
@@ -887,6 +1170,20 @@ class ProxyTestCase(unittest.TestCase):
 
     def client(self, port, timeout=5.0):
         return self.track(Client(port, timeout))
+
+    def scripted(self, name="scripted", **kw):
+        return self.track(ScriptedSmtpBackend(name, **kw))
+
+    def start_smtp_proxy(self, backends, log_format="logfmt", glob=None, env=None, **opts):
+        """mxproxy with one listener 'smtp' in mode smtp (unless opts say
+        otherwise) on a free port; the proxy's .port is that port. opts are
+        listener keys, glob [global] keys."""
+        port = free_port()
+        opts.setdefault("mode", "smtp")
+        p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port), backends, **opts),
+                                    **(glob or {})), log_format=log_format, env=env)
+        p.port = port
+        return p
 
     def start_proxy(self, conf_text, log_format="logfmt", **kw):
         if not os.access(binary(), os.X_OK):
@@ -915,6 +1212,31 @@ class ProxyTestCase(unittest.TestCase):
             self.fail("\n".join(problems))
 
     # assertions shared by the files
+    def assertPairs(self, proxy, sid, expected, timeout=5.0):
+        """Once the session has closed: its ev=pair lines are exactly expected
+        (a list of pair() dicts), in order. Returns the close event."""
+        close = proxy.close_of(sid, timeout)
+        got = proxy.find(ev="pair", sid=sid)
+        listing = "\n".join(e["_raw"] for e in got)
+        self.assertEqual(len(got), len(expected), "pairs of %s:\n%s" % (sid, listing))
+        for ev, want in zip(got, expected):
+            self.assertEvent(ev, "pair", want)
+        return close
+
+    def assertEvent(self, ev, name, fields, lvl="info"):
+        """ev is exactly ts, lvl, ev, [sid,] then fields, in that order, with
+        those values (str() compared, or a Like)."""
+        keys = [k for k in ev if not k.startswith("_")]
+        want = ["ts", "lvl", "ev"] + (["sid"] if "sid" in ev else []) + list(fields)
+        self.assertEqual(keys, want, "keys of %s" % ev.get("_raw"))
+        self.assertEqual((ev["lvl"], ev["ev"]), (lvl, name), ev.get("_raw"))
+        for k, v in fields.items():
+            if isinstance(v, Like):
+                self.assertTrue(v.matches(ev[k]), "%s=%r is not %r in %s"
+                                % (k, ev[k], v, ev.get("_raw")))
+            else:
+                self.assertEqual(str(ev[k]), str(v), "%s= in %s" % (k, ev.get("_raw")))
+
     def assertWithin(self, value, lo, hi, what):
         if not lo <= value <= hi:
             self.fail("%s: %.3fs not within [%.2f, %.2f]" % (what, value, lo, hi))
