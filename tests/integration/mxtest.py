@@ -1180,8 +1180,10 @@ class ProxyTestCase(unittest.TestCase):
         listener keys, glob [global] keys."""
         port = free_port()
         opts.setdefault("mode", "smtp")
+        glob = dict(glob or {})
+        glob.setdefault("log_format", log_format)
         p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port), backends, **opts),
-                                    **(glob or {})), log_format=log_format, env=env)
+                                    **glob), log_format=log_format, env=env)
         p.port = port
         return p
 

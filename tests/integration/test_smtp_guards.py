@@ -275,6 +275,30 @@ class SmtpGuardsTest(mxtest.ProxyTestCase):
                 self.assertIn(b"MAIL FROM:<evil@example.net>", rec.commands)
                 self.assertEqual(p.find(ev="smuggling", sid=sid), [])
 
+    def test_reload_keeps_the_policy_of_open_sessions(self):
+        # A session opened under smuggling = reject keeps it after a reload to
+        # off; a session opened after the reload gets off.
+        b = self.scripted(lenient=True)
+        p = self.start_smtp_proxy(b.addr)
+        old, old_sid = self.open(p)
+        self.send_envelope(old)
+        m = p.reload(mxtest.config(mxtest.listener(
+            "smtp", "%s:%d" % (mxtest.HOST, p.port), b.addr, mode="smtp", smuggling="off")))
+        p.wait_event(5, start=m, ev="reload")
+        new, new_sid = self.open(p)
+        self.send_envelope(new)
+        body = smuggling_body(b"\n.\n") + b"\r\n.\r\n"
+        old.send(body)
+        self.assertEqual(old.wait_closed(3), ("eof", SMUGGLING_554 + SMUGGLING_421))
+        new.send(body)
+        self.assertEqual(new.read_reply(), b"250 2.0.0 queued as 1\r\n")
+        new.close()
+        self.assertEqual(p.close_of(old_sid)["end"], "smuggling")
+        self.assertEqual(p.close_of(new_sid)["end"], "client_eof_without_quit")
+        self.assertEqual([e["sid"] for e in p.find(ev="smuggling")], [old_sid])
+        self.assertEqual(b.wait_conns(1).bodies, [])
+        self.assertEqual(len(b.wait_conns(2).bodies), 2)  # the lenient server, fooled
+
     def test_bare_lf_elsewhere_in_body_passes_in_reject_mode(self):
         b = self.scripted()
         p = self.start_smtp_proxy(b.addr)

@@ -441,6 +441,31 @@ class SmtpPairsTest(mxtest.ProxyTestCase):
         self.assertNotIn("secret body text", "\n".join(p.raw))
         self.assertNotIn("x" * 100, "\n".join(p.raw))
 
+    def test_json_log_has_the_same_pairs(self):
+        # the same session with log_format = logfmt and json: same events,
+        # same keys in the same order, same values (ts, sid, ms, addresses aside)
+        seen = {}
+        for fmt in ("logfmt", "json"):
+            b = self.scripted(rules=[(b"RCPT TO:<nobody@", REJECT_RCPT)])
+            p = self.start_smtp_proxy(b.addr, log_format=fmt, transcript="full")
+            c, sid = self.open(p)
+            c.send(MAIL + b"RCPT TO:<nobody@example.com>\r\n" + RCPT + b"DATA\r\n")
+            want = (b"250 2.1.0 sender ok\r\n" + REJECT_RCPT + b"250 2.1.5 recipient ok\r\n"
+                    + DATA_354)
+            self.assertEqual(c.recv_exact(len(want)), want)
+            c.send(b"x\r\n.\r\n")
+            self.assertEqual(c.read_reply(), b"250 2.0.0 queued as 1\r\n")
+            self.quit(c)
+            p.close_of(sid)
+            evs = [e for e in p.find(sid=sid) if e["ev"] in ("pair", "line", "close")]
+            seen[fmt] = [[(k, "" if k in ("ts", "sid", "ms", "at_ms", "client", "backend")
+                           else str(v)) for k, v in e.items() if not k.startswith("_")]
+                         for e in evs]
+        self.assertEqual(len(seen["json"]), len(seen["logfmt"]))
+        for j, l in zip(seen["json"], seen["logfmt"]):
+            self.assertEqual(j, l)
+        self.assertEqual(sum(1 for e in seen["json"] if ("ev", "pair") in e), 8)
+
     def test_transcript_off_and_pairs(self):
         for transcript, want_pairs, want_lines in (("off", 0, 0), ("pairs", 4, 0),
                                                    ("full", 4, 12)):
