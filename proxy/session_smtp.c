@@ -37,7 +37,7 @@ struct session_smtp {
     unsigned flags;             /* SESSION_SMTP_F_* */
     char *sline;                /* transcript=full: the server line being read */
     size_t sline_len;           /* bytes in sline (capped at SMTP_LINE_LOG_MAX) */
-    char primary[80];           /* a primary error mxproxy made up, "" if none */
+    char primary[96];           /* a primary error mxproxy made up, "" if none */
 };
 
 #define SESSION_SMTP_F_OPAQUE 0x01u /* STARTTLS passed through: bytes are TLS now */
@@ -151,8 +151,8 @@ static void session_smtp_log_pair(const struct session *s, const struct smtp_pai
     }
     if (p->kind == SMTP_PAIR_GREETING)
         log_ms(&l, "ms", p->t_reply - s->t_accept); /* what the client waited for */
-    else if (p->code != 0 && p->t_reply >= p->t_cmd)
-        log_ms(&l, "ms", p->t_reply - p->t_cmd);
+    else if (p->kind != SMTP_PAIR_UNSOLICITED && p->code != 0 && p->t_reply >= p->t_cmd)
+        log_ms(&l, "ms", p->t_reply - p->t_cmd); /* from the command's last byte */
     log_uint(&l, "pipelined", (p->flags & SMTP_PAIR_F_PIPELINED) != 0);
     if (p->cmd == SMTP_CMD_DOT || p->cmd == SMTP_CMD_BDAT)
         log_uint(&l, "size", p->size);
@@ -323,7 +323,7 @@ static int session_smtp_carry(struct session *s, const char *p, size_t len)
     if (len == 0)
         return 0;
     if (m->carry == NULL) {
-        m->carry = malloc(CONFIG_LINE_LENGTH_MAX);
+        m->carry = malloc(s->cl->max_line_length);
         if (m->carry == NULL)
             return UV_ENOMEM;
     }
@@ -384,10 +384,6 @@ static void session_smtp_on_client_data(struct relay_dir *d, struct relay_block 
     struct session *s = d->owner;
     struct session_smtp *m = s->smtp;
 
-    if (m->carry != NULL && s->up.carry_len == 0) {
-        free(m->carry); /* delivered at the start of b; only partial lines need it */
-        m->carry = NULL;
-    }
     if (m->flags & SESSION_SMTP_F_OPAQUE) {
         uv_buf_t buf = uv_buf_init(b->data, (unsigned)len);
         int rc = relay_send(d, b, &buf, 1);
@@ -395,6 +391,12 @@ static void session_smtp_on_client_data(struct relay_dir *d, struct relay_block 
             session_close(s, SESSION_END_BACKEND_RESET, uv_strerror(rc));
     } else {
         session_smtp_client_bytes(s, b, 0, len);
+    }
+    if (m->carry != NULL && s->up.carry_len == 0 && m->held == NULL) {
+        /* Lines are whole again: a session waiting for its client keeps no
+         * carry buffer, while a client trickling one line reuses the same one. */
+        free(m->carry);
+        m->carry = NULL;
     }
     relay_block_unref(d->pool, b);
 }
@@ -484,6 +486,39 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
     session_smtp_fifo_detach(s);
 }
 
+/* The backend is gone or unusable: the oldest outstanding command gets
+ * reply ("NNN X.Y.Z text", one line without CRLF) instead of a bare EOF, the others are
+ * logged as never answered, and the session closes once the client has it. */
+static void session_smtp_abort(struct session *s, const char *reply, const char *error)
+{
+    struct session_smtp *m = s->smtp;
+    struct smtp_pair p;
+    bool first = true;
+
+    relay_hold(&s->up); /* nothing the client says can reach anyone now */
+    m->flags |= SESSION_SMTP_F_ENDING;
+    while (smtp_pairs_abort(&m->pp, &p)) {
+        if (first) {
+            session_smtp_say(s, reply);
+            p.kind = SMTP_PAIR_LOCAL;
+            p.code = (reply[0] - '0') * 100 + (reply[1] - '0') * 10 + (reply[2] - '0');
+            snprintf(p.esc, sizeof(p.esc), "%.5s", reply + 4);
+            p.text_len = (size_t)snprintf(p.text, sizeof(p.text), "%s", reply + 10);
+            p.lines = 1;
+            p.t_reply = session_smtp_now();
+            if (!smtp_pairs_summary(&m->pp)->has_primary && m->primary[0] == '\0')
+                snprintf(m->primary, sizeof(m->primary), "%s", reply);
+            first = false;
+        }
+        session_smtp_log_pair(s, &p);
+    }
+    if (!(s->flags & SESSION_F_FIRST_CLOSE)) {
+        s->flags |= SESSION_F_FIRST_CLOSE;
+        s->first_close = SESSION_END_BACKEND_CLOSED;
+    }
+    session_close_after_flush(s, s->first_close, error);
+}
+
 /* transcript=full: splits forwarded server bytes into lines. A 334
  * challenge is an AUTH exchange and is never logged. */
 static void session_smtp_server_lines(struct session *s, const char *p, size_t len)
@@ -538,12 +573,20 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
         m->down_end = off;
         if (ev.type == SMTP_SEV_REPLY) {
             session_smtp_on_reply(s, ev.reply);
-        } else if (ev.type == SMTP_SEV_GARBAGE && log_enabled(LOG_WARN)) {
-            struct log_line l;
-            log_begin(&l, LOG_WARN, "backend_garbage");
-            log_sid(&l, s->id);
-            log_strn(&l, "text", ev.reply->text, ev.reply->text_len);
-            log_end(&l);
+        } else if (ev.type == SMTP_SEV_GARBAGE) {
+            /* Replies can no longer be matched to commands: stop here. */
+            if (log_enabled(LOG_WARN)) {
+                struct log_line l;
+                log_begin(&l, LOG_WARN, "backend_garbage");
+                log_sid(&l, s->id);
+                log_strn(&l, "text", ev.reply->text, ev.reply->text_len);
+                log_end(&l);
+            }
+            session_smtp_flush_down(s);
+            session_drop_backend(s);
+            session_smtp_abort(s, "421 4.4.2 mxproxy: backend protocol error",
+                               "backend sent a line that is not an SMTP reply");
+            break;
         }
     }
     m->down_end = len; /* after STARTTLS passthrough the rest is TLS: forward it too */
@@ -555,32 +598,7 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
 
 void session_smtp_on_backend_eof(struct session *s)
 {
-    struct session_smtp *m = s->smtp;
-    struct smtp_pair p;
-    bool first = true;
-
-    relay_hold(&s->up); /* nothing the client says can reach anyone now */
-    while (smtp_pairs_abort(&m->pp, &p)) {
-        if (first) {
-            /* The client gets a real reply instead of a bare EOF. */
-            session_smtp_say(s, "421 4.4.2 mxproxy: backend closed the connection");
-            p.kind = SMTP_PAIR_LOCAL;
-            p.code = 421;
-            snprintf(p.esc, sizeof(p.esc), "4.4.2");
-            p.text_len = (size_t)snprintf(p.text, sizeof(p.text), "mxproxy: backend closed the connection");
-            p.t_reply = session_smtp_now();
-            if (!smtp_pairs_summary(&m->pp)->has_primary && m->primary[0] == '\0')
-                snprintf(m->primary, sizeof(m->primary),
-                         "421 4.4.2 mxproxy: backend closed the connection");
-            first = false;
-        }
-        session_smtp_log_pair(s, &p);
-    }
-    if (!(s->flags & SESSION_F_FIRST_CLOSE)) {
-        s->flags |= SESSION_F_FIRST_CLOSE;
-        s->first_close = SESSION_END_BACKEND_CLOSED;
-    }
-    session_close_after_flush(s, s->first_close, NULL);
+    session_smtp_abort(s, "421 4.4.2 mxproxy: backend closed the connection", NULL);
 }
 
 /* ---- session hooks ------------------------------------------------------------------- */
@@ -632,9 +650,10 @@ void session_smtp_on_connected(struct session *s)
 void session_smtp_connect_failed(struct session *s, const char *why)
 {
     (void)why;
-    session_smtp_say(s, "421 4.4.1 mxproxy: no mail server available, try again later");
-    snprintf(s->smtp->primary, sizeof(s->smtp->primary),
-             "421 4.4.1 mxproxy: no mail server available");
+    static const char reply[] = "421 4.4.1 mxproxy: no mail server available, try again later";
+
+    session_smtp_say(s, reply);
+    snprintf(s->smtp->primary, sizeof(s->smtp->primary), "%s", reply);
 }
 
 void session_smtp_goodbye(struct session *s, enum session_end end)
