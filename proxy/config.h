@@ -17,7 +17,7 @@
 #define CONFIG_NAME_MAX 64      /* listener names, bytes including NUL */
 #define CONFIG_ADDR_TEXT_MAX 64 /* "[v6addr]:port" as text, bytes including NUL */
 #define CONFIG_LINE_LENGTH_MIN 512       /* max_line_length bounds, bytes */
-#define CONFIG_LINE_LENGTH_MAX 32768
+#define CONFIG_LINE_LENGTH_MAX 12288 /* RFC 4954: an AUTH line may be this long */
 #define CONFIG_ERR_MAX 512      /* "FILE:LINE: message", bytes including NUL */
 #define CONFIG_BACKENDS_MAX 64  /* "backend" entries per listener */
 

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #define LOG_QUEUE_SIZE (1u << 20) /* bytes of pending lines before dropping */
+#define LOG_BATCH_NS 5000000L     /* the writer lets lines gather this long */
 
 static const char *const log_level_names[] = {"debug", "info", "warn", "error"};
 
@@ -22,6 +23,8 @@ static struct {
     pthread_t thread;
     bool running;
     bool stopping;
+    bool idle;          /* the writer sleeps on wake: the next line must signal */
+    bool urgent;        /* a warning or error is queued: write without pausing */
     int fd;
     size_t head;        /* next byte to write out */
     size_t tail;        /* next byte to fill */
@@ -50,13 +53,15 @@ static void log_write_all(int fd, const char *p, size_t n)
     }
 }
 
-/* Copies a finished line into the ring, or counts it as dropped. */
-static void log_enqueue(const char *p, size_t n)
+/* Copies a finished line into the ring, or counts it as dropped. urgent
+ * lines (warnings and errors) cut the writer's batching pause short. */
+static void log_enqueue(const char *p, size_t n, bool urgent)
 {
     pthread_mutex_lock(&log_q.lock);
     if (!log_q.running) {
         pthread_mutex_unlock(&log_q.lock);
         log_write_all(log_q.fd, p, n); /* before log_open or after log_close */
+        (void)urgent;
         return;
     }
     if (LOG_QUEUE_SIZE - (log_q.tail - log_q.head) < n) {
@@ -67,7 +72,13 @@ static void log_enqueue(const char *p, size_t n)
         memcpy(log_q.ring + off, p, first);
         memcpy(log_q.ring, p + first, n - first);
         log_q.tail += n;
-        pthread_cond_signal(&log_q.wake);
+        /* Only an idle writer needs a wake-up: a busy proxy then pays one
+         * futex call per batch, not one per line. */
+        if (log_q.idle || urgent) {
+            log_q.idle = false;
+            log_q.urgent = log_q.urgent || urgent;
+            pthread_cond_signal(&log_q.wake);
+        }
     }
     pthread_mutex_unlock(&log_q.lock);
 }
@@ -77,10 +88,27 @@ static void *log_writer_main(void *arg)
     (void)arg;
     pthread_mutex_lock(&log_q.lock);
     for (;;) {
-        while (log_q.head == log_q.tail && log_q.dropped == 0 && !log_q.stopping)
+        while (log_q.head == log_q.tail && log_q.dropped == 0 && !log_q.stopping) {
+            log_q.idle = true;
             pthread_cond_wait(&log_q.wake, &log_q.lock);
+        }
+        log_q.idle = false;
         if (log_q.head == log_q.tail && log_q.dropped == 0)
             break; /* stopping and drained */
+        if (!log_q.stopping && !log_q.urgent) {
+            /* Let the lines of this burst gather, then write them at once. */
+            struct timespec until;
+            clock_gettime(CLOCK_REALTIME, &until);
+            until.tv_nsec += LOG_BATCH_NS;
+            if (until.tv_nsec >= 1000000000L) {
+                until.tv_sec++;
+                until.tv_nsec -= 1000000000L;
+            }
+            while (!log_q.stopping && !log_q.urgent &&
+                   pthread_cond_timedwait(&log_q.wake, &log_q.lock, &until) == 0)
+                ;
+        }
+        log_q.urgent = false;
 
         size_t off = log_q.head % LOG_QUEUE_SIZE;
         size_t n = log_q.tail - log_q.head;
@@ -127,6 +155,7 @@ void log_close(void)
         return;
     }
     log_q.stopping = true;
+    log_q.idle = false;
     pthread_cond_signal(&log_q.wake);
     pthread_mutex_unlock(&log_q.lock);
     pthread_join(log_q.thread, NULL);
@@ -310,6 +339,7 @@ void log_begin(struct log_line *l, enum log_level lvl, const char *ev)
 
     l->len = 0;
     l->truncated = false;
+    l->level = lvl;
     l->json = atomic_load_explicit(&log_cur_format, memory_order_relaxed) == LOG_FORMAT_JSON;
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
@@ -378,7 +408,7 @@ void log_end(struct log_line *l)
     if (l->json)
         l->buf[l->len++] = '}';
     l->buf[l->len++] = '\n';
-    log_enqueue(l->buf, l->len);
+    log_enqueue(l->buf, l->len, l->level >= LOG_WARN);
 }
 
 void log_msg(enum log_level lvl, const char *ev, const char *fmt, ...)

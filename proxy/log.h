@@ -34,6 +34,7 @@ struct log_line {
     size_t len;              /* bytes used in buf */
     bool json;               /* format chosen at log_begin */
     bool truncated;          /* a field did not fit */
+    enum log_level level;    /* set by log_begin */
     char buf[LOG_LINE_MAX];  /* the line being built, no NUL guaranteed */
 };
 

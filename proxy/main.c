@@ -71,10 +71,12 @@ static void main_reload(void)
         worker_post_config(&mx.workers[i], next);
     config_unref(mx.cfg);
     mx.cfg = next;
-    log_begin(&l, LOG_INFO, "reload");
-    log_str(&l, "config", mx.path);
-    log_uint(&l, "listeners", next->n_listeners);
-    log_end(&l);
+    if (log_enabled(LOG_INFO)) {
+        log_begin(&l, LOG_INFO, "reload");
+        log_str(&l, "config", mx.path);
+        log_uint(&l, "listeners", next->n_listeners);
+        log_end(&l);
+    }
 }
 
 static void main_on_signal(uv_signal_t *h, int signum)
@@ -105,10 +107,12 @@ static void main_on_wake(uv_async_t *a)
         struct log_line l;
         mx.drain_logged = true;
         /* Logged once every listener is closed: connects from here on are refused. */
-        log_begin(&l, LOG_INFO, "drain");
-        log_uint(&l, "sessions", main_active_sessions());
-        log_uint(&l, "timeout_ms", mx.cfg->drain_timeout_ms);
-        log_end(&l);
+        if (log_enabled(LOG_INFO)) {
+            log_begin(&l, LOG_INFO, "drain");
+            log_uint(&l, "sessions", main_active_sessions());
+            log_uint(&l, "timeout_ms", mx.cfg->drain_timeout_ms);
+            log_end(&l);
+        }
     }
     if (atomic_load(&mx.exited) == mx.n_workers) {
         uv_close((uv_handle_t *)&mx.sighup, NULL);
@@ -170,11 +174,13 @@ static int main_run(void)
     uv_signal_start(&mx.sigterm, main_on_signal, SIGTERM);
     uv_signal_start(&mx.sigint, main_on_signal, SIGINT);
 
-    log_begin(&l, LOG_INFO, "start");
-    log_str(&l, "version", MXPROXY_VERSION);
-    log_uint(&l, "workers", mx.n_workers);
-    log_str(&l, "config", mx.path);
-    log_end(&l);
+    if (log_enabled(LOG_INFO)) {
+        log_begin(&l, LOG_INFO, "start");
+        log_str(&l, "version", MXPROXY_VERSION);
+        log_uint(&l, "workers", mx.n_workers);
+        log_str(&l, "config", mx.path);
+        log_end(&l);
+    }
 
     uv_run(mx.loop, UV_RUN_DEFAULT);
 

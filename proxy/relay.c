@@ -176,17 +176,57 @@ static void relay_on_send(uv_write_t *req, int status)
     relay_after_write(d);
 }
 
-int relay_send(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs, unsigned n)
+/* Writes what the socket takes now, when nothing is queued before it; moves
+ * *bufs and *n past what was written. Returns 0 or a negative UV_E* code. */
+static int relay_try_write(struct relay_dir *d, uv_buf_t *bufs, unsigned *n)
 {
-    struct relay_wreq *w = relay_wreq_get(d->pool);
+    int w = uv_try_write(d->dst, bufs, *n);
 
-    if (w == NULL)
+    if (w == UV_EAGAIN || w == UV_ENOSYS)
+        return 0; /* queued writes first, or a socket that cannot */
+    if (w < 0)
+        return w;
+    size_t done = (size_t)w;
+    unsigned i = 0;
+    while (i < *n && done >= bufs[i].len) {
+        done -= bufs[i].len;
+        i++;
+    }
+    if (i < *n) {
+        bufs[i].base += done;
+        bufs[i].len -= done;
+    }
+    memmove(bufs, bufs + i, (*n - i) * sizeof(*bufs));
+    *n -= i;
+    return 0;
+}
+
+int relay_send(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs_in, unsigned n)
+{
+    uv_buf_t bufs[RELAY_SEND_MAX_BUFS];
+
+    if (n > RELAY_SEND_MAX_BUFS)
+        return UV_EINVAL;
+    memcpy(bufs, bufs_in, n * sizeof(*bufs));
+    int rc = relay_try_write(d, bufs, &n);
+    if (rc != 0) {
+        d->on_event(d, RELAY_EV_WRITE_ERR, rc);
+        return rc;
+    }
+    if (n == 0)
+        return 0;
+
+    struct relay_wreq *w = relay_wreq_get(d->pool);
+    if (w == NULL) {
+        d->on_event(d, RELAY_EV_WRITE_ERR, UV_ENOMEM);
         return UV_ENOMEM;
+    }
     w->req.data = d;
     w->blk = b;
-    int rc = uv_write(&w->req, d->dst, bufs, n, relay_on_send);
+    rc = uv_write(&w->req, d->dst, bufs, n, relay_on_send);
     if (rc != 0) {
         relay_wreq_put(d->pool, w);
+        d->on_event(d, RELAY_EV_WRITE_ERR, rc);
         return rc;
     }
     if (b != NULL)
@@ -199,8 +239,10 @@ int relay_send_copy(struct relay_dir *d, const char *p, size_t len)
 {
     struct relay_block *b = relay_block_get(d->pool);
 
-    if (b == NULL)
+    if (b == NULL) {
+        d->on_event(d, RELAY_EV_WRITE_ERR, UV_ENOMEM);
         return UV_ENOMEM;
+    }
     if (len > RELAY_BLOCK_SIZE)
         len = RELAY_BLOCK_SIZE;
     memcpy(b->data, p, len);
@@ -244,8 +286,15 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
         return;
     }
     uv_buf_t out = uv_buf_init(buf->base, (unsigned)nread);
+    unsigned n = 1;
+    int rc = relay_try_write(d, &out, &n);
+    if (rc == 0 && n == 0) {
+        relay_block_unref(d->pool, b); /* all written: the usual case */
+        return;
+    }
     b->req.data = d;
-    int rc = uv_write(&b->req, d->dst, &out, 1, relay_on_write);
+    if (rc == 0)
+        rc = uv_write(&b->req, d->dst, &out, 1, relay_on_write);
     if (rc != 0) {
         relay_block_unref(d->pool, b);
         d->on_event(d, RELAY_EV_WRITE_ERR, rc);

@@ -1,8 +1,10 @@
 /* relay.h: the byte pump between two libuv streams, one direction at a time.
  *
  * A relay_dir reads from src and writes what it read to dst without copying:
- * the read buffer is a block from the worker's pool, written to dst by the
- * uv_write_t embedded in it. Memory is bounded by watermarks: reading stops
+ * the read buffer is a block from the worker's pool. Writes are tried at once
+ * (uv_try_write), which completes most of them without a request and without
+ * touching epoll; only what the socket does not take is queued, with the
+ * uv_write_t embedded in the block. Memory is bounded by watermarks: reading stops
  * while dst's write queue is above RELAY_HIWAT and resumes on the crossing
  * below RELAY_LOWAT.
  *
@@ -22,7 +24,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#define RELAY_BLOCK_SIZE (64 * 1024) /* one read, one write */
+#define RELAY_BLOCK_SIZE (16 * 1024) /* one read, one write; small blocks stay in cache */
 #define RELAY_HIWAT (256 * 1024)     /* stop reading above this many queued bytes */
 #define RELAY_LOWAT (64 * 1024)      /* resume at or below this */
 #define RELAY_POOL_KEEP 64           /* idle blocks a pool keeps per worker */
@@ -106,13 +108,17 @@ void relay_stop(struct relay_dir *d);
 void relay_hold(struct relay_dir *d);
 int relay_release(struct relay_dir *d);
 
-/* Writes bufs to d->dst in order after everything queued before; b (may be
- * NULL when the bytes are static) gets a reference until the write is done.
+/* Writes bufs (at most RELAY_SEND_MAX_BUFS; the array is copied) to d->dst
+ * in order after everything queued before: what the socket takes at once is
+ * written now, the rest is queued and b (may be NULL when the bytes are
+ * static) gets a reference until it is written.
  * Applies backpressure to d->src like the plain path. Returns 0 or a
- * negative UV_E* code (nothing was queued; on_event is not called). */
+ * negative UV_E* code, which on_event has already seen as
+ * RELAY_EV_WRITE_ERR: the caller only stops. */
 int relay_send(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs, unsigned n);
 
-/* Queues a copy of len bytes (at most RELAY_BLOCK_SIZE) for d->dst. */
+/* Queues a copy of len bytes (at most RELAY_BLOCK_SIZE) for d->dst; errors
+ * as relay_send(). */
 int relay_send_copy(struct relay_dir *d, const char *p, size_t len);
 
 /* Shuts d->dst down after the queued writes, as EOF does; on_event gets

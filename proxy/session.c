@@ -7,6 +7,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -57,6 +58,22 @@ static uint64_t session_next_id(void)
 {
     uv_once(&session_ids_once, session_ids_seed);
     return atomic_fetch_add(&session_ids, 1) + 1;
+}
+
+/* client= text, looked up on first use: a proxy that logs nothing never
+ * pays a getpeername() per connection. */
+static const char *session_client_addr(struct session *s)
+{
+    struct sockaddr_storage peer;
+    int peerlen = sizeof(peer);
+
+    if (s->client_addr[0] != '\0')
+        return s->client_addr;
+    if (uv_tcp_getpeername(&s->client, (struct sockaddr *)&peer, &peerlen) == 0)
+        sockaddr_format((const struct sockaddr *)&peer, s->client_addr, sizeof(s->client_addr));
+    else
+        snprintf(s->client_addr, sizeof(s->client_addr), "-");
+    return s->client_addr;
 }
 
 static void session_maybe_free(struct session *s)
@@ -369,7 +386,7 @@ void session_close(struct session *s, enum session_end end, const char *error)
         log_uint(&l, "bytes_up", s->up.bytes);
         log_uint(&l, "bytes_down", s->down.bytes);
         log_ms(&l, "ms", uv_hrtime() - s->t_accept);
-        log_str(&l, "client", s->client_addr);
+        log_str(&l, "client", session_client_addr(s));
         if (s->tries > 0 && end != SESSION_END_CONNECT_FAILED && end != SESSION_END_LIMIT)
             log_str(&l, "backend", session_backend(s)->text);
         if (error != NULL)
@@ -436,8 +453,6 @@ void session_accept(struct listener *l)
 {
     struct worker *w = l->w;
     struct session *s = calloc(1, sizeof(*s));
-    struct sockaddr_storage peer;
-    int peerlen = sizeof(peer);
     struct log_line ll;
 
     if (s == NULL) {
@@ -466,16 +481,11 @@ void session_accept(struct listener *l)
     atomic_fetch_add(&w->n_sessions, 1);
 
     int rc = uv_accept((uv_stream_t *)&l->handle, (uv_stream_t *)&s->client);
-    if (rc == 0 && uv_tcp_getpeername(&s->client, (struct sockaddr *)&peer, &peerlen) == 0)
-        sockaddr_format((const struct sockaddr *)&peer, s->client_addr, sizeof(s->client_addr));
-    else
-        strcpy(s->client_addr, "-");
-
     if (log_enabled(LOG_INFO)) {
         log_begin(&ll, LOG_INFO, "open");
         log_sid(&ll, s->id);
         log_str(&ll, "listener", s->cl->name);
-        log_str(&ll, "client", s->client_addr);
+        log_str(&ll, "client", session_client_addr(s));
         log_end(&ll);
     }
     if (rc != 0) {

@@ -180,9 +180,7 @@ static void session_smtp_flush_down(struct session *s)
     uv_buf_t buf =
         uv_buf_init(m->down->data + m->down_start, (unsigned)(m->down_end - m->down_start));
     m->down_start = m->down_end;
-    int rc = relay_send(&s->down, m->down, &buf, 1);
-    if (rc != 0)
-        session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
+    (void)relay_send(&s->down, m->down, &buf, 1); /* a failure closes through on_event */
 }
 
 /* Sends a reply of mxproxy's own to the client, after what the backend
@@ -197,9 +195,7 @@ static void session_smtp_say(struct session *s, const char *text)
         return;
     if (session_smtp_logs_lines(s))
         session_smtp_log_line(s, "proxy", text, strlen(text), false);
-    int rc = relay_send_copy(&s->down, line, (size_t)n);
-    if (rc != 0)
-        session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
+    (void)relay_send_copy(&s->down, line, (size_t)n); /* a failure closes through on_event */
 }
 
 /* Queues client bytes for the backend: gathers contiguous spans so a read
@@ -374,8 +370,8 @@ static void session_smtp_client_bytes(struct session *s, struct relay_block *b, 
     }
     if (rc == 0)
         rc = session_smtp_out_flush(s, b, &out);
-    if (rc != 0)
-        session_close(s, SESSION_END_BACKEND_RESET, uv_strerror(rc));
+    if (rc == UV_ENOMEM)
+        session_close(s, SESSION_END_CLIENT_RESET, "out of memory"); /* FIFO or carry */
 }
 
 /* relay on_data for the client direction. */
@@ -386,9 +382,7 @@ static void session_smtp_on_client_data(struct relay_dir *d, struct relay_block 
 
     if (m->flags & SESSION_SMTP_F_OPAQUE) {
         uv_buf_t buf = uv_buf_init(b->data, (unsigned)len);
-        int rc = relay_send(d, b, &buf, 1);
-        if (rc != 0)
-            session_close(s, SESSION_END_BACKEND_RESET, uv_strerror(rc));
+        (void)relay_send(d, b, &buf, 1); /* a failure closes through on_event */
     } else {
         session_smtp_client_bytes(s, b, 0, len);
     }

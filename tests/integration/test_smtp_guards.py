@@ -522,7 +522,7 @@ class SmtpConfigTest(unittest.TestCase):
                                                 "[listener edge]\n" % (line, key)))
 
     def test_values(self):
-        good = ["max_line_length = 512", "max_line_length = 32768", "smuggling = reject",
+        good = ["max_line_length = 512", "max_line_length = 12288", "smuggling = reject",
                 "smuggling = normalize", "smuggling = off", "transcript = off",
                 "transcript = pairs", "transcript = full"]
         for body in good:

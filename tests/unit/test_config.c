@@ -121,7 +121,7 @@ static void test_every_key(void)
                                "    idle_timeout = 1h\n"
                                "    max_connections = 1000000\n"
                                "    fail_timeout = 0\n"
-                               "    max_line_length = 32768\n"
+                               "    max_line_length = 12288\n"
                                "    smuggling = normalize\n"
                                "    transcript = full\n"
                                "[global]\n"
@@ -152,7 +152,7 @@ static void test_every_key(void)
     ASSERT_EQ(l->idle_timeout_ms, 3600000);
     ASSERT_EQ(l->max_connections, 1000000);
     ASSERT_EQ(l->fail_timeout_ms, 0);
-    ASSERT_EQ(l->max_line_length, 32768);
+    ASSERT_EQ(l->max_line_length, 12288);
     ASSERT_EQ(l->smuggling, CONFIG_SMUGGLING_NORMALIZE);
     ASSERT_EQ(l->transcript, CONFIG_TRANSCRIPT_FULL);
     ASSERT_STREQ(config_smuggling_name(l->smuggling), "normalize");
@@ -423,7 +423,7 @@ static void test_errors(void)
                "t.ini:5: invalid value 'some' for 'transcript': expected off, pairs or full");
     expect_err(LISTENER "mode = smtp\nmax_line_length = 511\n",
                "t.ini:5: invalid value '511' for 'max_line_length': expected an integer from "
-               "512 to 32768");
+               "512 to 12288");
     expect_err(LISTENER "mode = tcp\nmode = tcp\n",
                "t.ini:5: duplicate key 'mode' in [listener smtp]");
     expect_err("[listener smtp]\nlisten =\n", "t.ini:2: empty value for 'listen'");
