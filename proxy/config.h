@@ -14,12 +14,12 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
-#define CONFIG_NAME_MAX 64      /* listener names, bytes including NUL */
-#define CONFIG_ADDR_TEXT_MAX 64 /* "[v6addr]:port" as text, bytes including NUL */
-#define CONFIG_LINE_LENGTH_MIN 512       /* max_line_length bounds, bytes */
+#define CONFIG_NAME_MAX 64           /* listener names, bytes including NUL */
+#define CONFIG_ADDR_TEXT_MAX 64      /* "[v6addr]:port" as text, bytes including NUL */
+#define CONFIG_LINE_LENGTH_MIN 512   /* max_line_length bounds, bytes */
 #define CONFIG_LINE_LENGTH_MAX 12288 /* RFC 4954: an AUTH line may be this long */
-#define CONFIG_ERR_MAX 512      /* "FILE:LINE: message", bytes including NUL */
-#define CONFIG_BACKENDS_MAX 64  /* "backend" entries per listener */
+#define CONFIG_ERR_MAX 512           /* "FILE:LINE: message", bytes including NUL */
+#define CONFIG_BACKENDS_MAX 64       /* "backend" entries per listener */
 
 /* Longest duration a key accepts, in ms (2^31 - 1, about 24.8 days), so any
  * timeout fits a signed 32-bit millisecond count. */
@@ -71,21 +71,21 @@ struct config_listener_shared {
 };
 
 struct config_listener {
-    char name[CONFIG_NAME_MAX];            /* from "[listener NAME]" */
-    int line;                              /* line of the section header, for messages */
-    struct config_addr listen;             /* "listen", required */
-    struct config_addr *backends;          /* "backend", required, in file order; names resolved */
-    size_t n_backends;                     /* 1..CONFIG_BACKENDS_MAX */
-    enum config_mode mode;                 /* "mode", default tcp */
-    unsigned connect_timeout_ms;           /* "connect_timeout", default 5 s */
-    unsigned idle_timeout_ms;              /* "idle_timeout", default 300 s */
-    unsigned max_connections;              /* "max_connections", 0 = unlimited (default) */
-    unsigned fail_timeout_ms;              /* "fail_timeout", default 10 s, 0 = off */
-    unsigned max_line_length;              /* "max_line_length", mode smtp, default 4096 */
-    enum config_smuggling smuggling;       /* "smuggling", mode smtp, default reject */
-    enum config_transcript transcript;     /* "transcript", mode smtp, default pairs */
-    const char *smtp_key;                  /* first mode-smtp-only key given, or NULL */
-    int smtp_key_line;                     /* its line, for "needs mode = smtp" */
+    char name[CONFIG_NAME_MAX];        /* from "[listener NAME]" */
+    int line;                          /* line of the section header, for messages */
+    struct config_addr listen;         /* "listen", required */
+    struct config_addr *backends;      /* "backend", required, in file order; names resolved */
+    size_t n_backends;                 /* 1..CONFIG_BACKENDS_MAX */
+    enum config_mode mode;             /* "mode", default tcp */
+    unsigned connect_timeout_ms;       /* "connect_timeout", default 5 s */
+    unsigned idle_timeout_ms;          /* "idle_timeout", default 300 s */
+    unsigned max_connections;          /* "max_connections", 0 = unlimited (default) */
+    unsigned fail_timeout_ms;          /* "fail_timeout", default 10 s, 0 = off */
+    unsigned max_line_length;          /* "max_line_length", mode smtp, default 4096 */
+    enum config_smuggling smuggling;   /* "smuggling", mode smtp, default reject */
+    enum config_transcript transcript; /* "transcript", mode smtp, default pairs */
+    const char *smtp_key;              /* first mode-smtp-only key given, or NULL */
+    int smtp_key_line;                 /* its line, for "needs mode = smtp" */
     /* The one mutable part of a loaded config, shared by all workers: per
      * backend, the time (uv_hrtime() in ms) until which new sessions try it
      * only after every other backend; set after a failed connect. */

@@ -16,11 +16,11 @@ struct config_listener;
 struct worker;
 
 struct listener {
-    uv_tcp_t handle;                 /* the listening socket; handle.data = this */
-    struct worker *w;                /* owner */
+    uv_tcp_t handle;                  /* the listening socket; handle.data = this */
+    struct worker *w;                 /* owner */
     const struct config_listener *cl; /* in w->cfg; swapped on reload */
-    struct listener *next;           /* w->listeners list */
-    size_t rr;                       /* round-robin position among backends */
+    struct listener *next;            /* w->listeners list */
+    size_t rr;                        /* round-robin position among backends */
 };
 
 /* Binds and listens on cl->listen for worker w. On success returns 0 and

@@ -23,12 +23,12 @@ static struct {
     pthread_t thread;
     bool running;
     bool stopping;
-    bool idle;          /* the writer sleeps on wake: the next line must signal */
-    bool urgent;        /* a warning or error is queued: write without pausing */
+    bool idle;   /* the writer sleeps on wake: the next line must signal */
+    bool urgent; /* a warning or error is queued: write without pausing */
     int fd;
-    size_t head;        /* next byte to write out */
-    size_t tail;        /* next byte to fill */
-    uint64_t dropped;   /* lines refused since the last report */
+    size_t head;      /* next byte to write out */
+    size_t tail;      /* next byte to fill */
+    uint64_t dropped; /* lines refused since the last report */
     char ring[LOG_QUEUE_SIZE];
 } log_q = {
     .lock = PTHREAD_MUTEX_INITIALIZER,

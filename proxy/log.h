@@ -31,11 +31,11 @@ enum log_format {
 #define LOG_LINE_MAX 4096 /* longer lines are cut and end with trunc=1 */
 
 struct log_line {
-    size_t len;              /* bytes used in buf */
-    bool json;               /* format chosen at log_begin */
-    bool truncated;          /* a field did not fit */
-    enum log_level level;    /* set by log_begin */
-    char buf[LOG_LINE_MAX];  /* the line being built, no NUL guaranteed */
+    size_t len;             /* bytes used in buf */
+    bool json;              /* format chosen at log_begin */
+    bool truncated;         /* a field did not fit */
+    enum log_level level;   /* set by log_begin */
+    char buf[LOG_LINE_MAX]; /* the line being built, no NUL guaranteed */
 };
 
 /* Starts the writer thread on fd (normally 2). Returns 0 or a negative errno. */

@@ -17,15 +17,15 @@
 static struct {
     uv_loop_t *loop;
     uv_signal_t sighup, sigterm, sigint;
-    uv_async_t wake;                  /* a worker closed its listeners or exited */
-    struct config *cfg;               /* current config, owned reference */
-    const char *path;                 /* -c FILE */
+    uv_async_t wake;    /* a worker closed its listeners or exited */
+    struct config *cfg; /* current config, owned reference */
+    const char *path;   /* -c FILE */
     struct worker *workers;
     unsigned n_workers;
-    bool draining;                    /* SIGTERM/SIGINT seen once */
-    bool drain_logged;                /* ev=drain written */
-    atomic_uint listeners_closed;     /* workers that closed their listeners */
-    atomic_uint exited;               /* workers whose loop ended */
+    bool draining;                /* SIGTERM/SIGINT seen once */
+    bool drain_logged;            /* ev=drain written */
+    atomic_uint listeners_closed; /* workers that closed their listeners */
+    atomic_uint exited;           /* workers whose loop ended */
 } mx;
 
 static void main_usage(FILE *out)

@@ -40,17 +40,17 @@ struct relay_block {
 
 /* A write request for relay_send(): keeps its block alive until written. */
 struct relay_wreq {
-    uv_write_t req;           /* req.data -> the relay_dir */
-    struct relay_block *blk;  /* referenced until the write completes; may be NULL */
-    struct relay_wreq *next;  /* pool free list link */
+    uv_write_t req;          /* req.data -> the relay_dir */
+    struct relay_block *blk; /* referenced until the write completes; may be NULL */
+    struct relay_wreq *next; /* pool free list link */
 };
 
 /* Per-worker free lists; all-zero is an empty pool. */
 struct relay_pool {
-    struct relay_block *free;  /* singly linked free blocks */
-    unsigned n_free;           /* length of the free list */
-    struct relay_wreq *wfree;  /* free write requests */
-    unsigned n_wfree;          /* length of wfree */
+    struct relay_block *free; /* singly linked free blocks */
+    unsigned n_free;          /* length of the free list */
+    struct relay_wreq *wfree; /* free write requests */
+    unsigned n_wfree;         /* length of wfree */
 };
 
 enum relay_event {

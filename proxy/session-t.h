@@ -20,34 +20,34 @@ struct worker;
 
 static_assert(CONFIG_BACKENDS_MAX <= 64, "session.tried holds one bit per backend");
 
-#define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+#define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 struct session {
-    uv_tcp_t client;               /* accepted socket; data -> up (relay) */
-    uv_tcp_t backend;              /* outgoing socket; data -> down (relay) */
-    uv_timer_t timer;              /* connect timeout, then idle timeout */
-    uv_connect_t connect_req;      /* the backend connect in flight */
-    struct relay_dir up;           /* client -> backend */
-    struct relay_dir down;         /* backend -> client */
-    struct worker *w;              /* owning worker; sessions never migrate */
-    struct config *cfg;            /* reference held for the session's life */
-    const struct config_listener *cl; /* this session's listener, inside cfg */
-    struct session *prev, *next;   /* w->sessions list */
-    uint64_t id;                   /* sid= */
-    uint64_t t_accept;             /* uv_hrtime() at accept */
-    uint64_t t_connect;            /* uv_hrtime() when the current connect began */
-    uint64_t connected_at;         /* uv_now() when the backend connected */
-    unsigned flags;                /* SESSION_F_* */
-    unsigned open_handles;         /* uv handles not yet through their close_cb */
-    unsigned rr_start;             /* round-robin position: where the search starts */
-    unsigned cur;                  /* index of the backend tried last, with tries > 0 */
-    unsigned tries;                /* backends tried so far */
-    uint64_t tried;                /* bit i: backend i was tried */
-    int last_error;                /* last connect error, for end=connect_failed */
-    enum session_end first_close;  /* who closed first, valid with SESSION_F_FIRST_CLOSE */
-    enum session_end pending_end;  /* close_after_flush: the end= to log */
-    const char *pending_error;     /* close_after_flush: the error= to log, static text */
-    struct session_smtp *smtp;     /* mode smtp state, NULL in mode tcp */
+    uv_tcp_t client;                     /* accepted socket; data -> up (relay) */
+    uv_tcp_t backend;                    /* outgoing socket; data -> down (relay) */
+    uv_timer_t timer;                    /* connect timeout, then idle timeout */
+    uv_connect_t connect_req;            /* the backend connect in flight */
+    struct relay_dir up;                 /* client -> backend */
+    struct relay_dir down;               /* backend -> client */
+    struct worker *w;                    /* owning worker; sessions never migrate */
+    struct config *cfg;                  /* reference held for the session's life */
+    const struct config_listener *cl;    /* this session's listener, inside cfg */
+    struct session *prev, *next;         /* w->sessions list */
+    uint64_t id;                         /* sid= */
+    uint64_t t_accept;                   /* uv_hrtime() at accept */
+    uint64_t t_connect;                  /* uv_hrtime() when the current connect began */
+    uint64_t connected_at;               /* uv_now() when the backend connected */
+    unsigned flags;                      /* SESSION_F_* */
+    unsigned open_handles;               /* uv handles not yet through their close_cb */
+    unsigned rr_start;                   /* round-robin position: where the search starts */
+    unsigned cur;                        /* index of the backend tried last, with tries > 0 */
+    unsigned tries;                      /* backends tried so far */
+    uint64_t tried;                      /* bit i: backend i was tried */
+    int last_error;                      /* last connect error, for end=connect_failed */
+    enum session_end first_close;        /* who closed first, valid with SESSION_F_FIRST_CLOSE */
+    enum session_end pending_end;        /* close_after_flush: the end= to log */
+    const char *pending_error;           /* close_after_flush: the error= to log, static text */
+    struct session_smtp *smtp;           /* mode smtp state, NULL in mode tcp */
     char client_addr[SOCKADDR_TEXT_MAX]; /* client= */
 };
 

@@ -343,8 +343,11 @@ static void session_connect_next(struct session *s)
     const struct config_addr *b;
     int rc;
 
-    s->cur = session_pick_backend(s);
-    s->tried |= UINT64_C(1) << s->cur;
+    unsigned next = session_pick_backend(s);
+    if (next >= s->cl->n_backends)
+        abort(); /* callers try only while an untried backend is left */
+    s->cur = next;
+    s->tried |= UINT64_C(1) << next;
     s->tries++;
     s->flags &= ~SESSION_F_TIMED_OUT;
     b = session_backend(s);

@@ -14,17 +14,17 @@ struct worker;
 
 /* Why a session ended: the end= field. Names never change once shipped. */
 enum session_end {
-    SESSION_END_CLIENT_EOF = 0, /* the client closed first */
-    SESSION_END_CLIENT_RESET,   /* the client reset, or writing to it failed */
-    SESSION_END_BACKEND_CLOSED, /* the backend closed first */
-    SESSION_END_BACKEND_RESET,  /* the backend reset, or writing to it failed */
-    SESSION_END_CONNECT_FAILED, /* no backend could be reached */
-    SESSION_END_IDLE_TIMEOUT,   /* nothing read from either side for idle_timeout */
-    SESSION_END_DRAIN,          /* still open when the drain timeout expired */
-    SESSION_END_LIMIT,          /* refused: max_connections reached */
-    SESSION_END_QUIT,           /* mode smtp: the client sent QUIT and got the reply */
+    SESSION_END_CLIENT_EOF = 0,          /* the client closed first */
+    SESSION_END_CLIENT_RESET,            /* the client reset, or writing to it failed */
+    SESSION_END_BACKEND_CLOSED,          /* the backend closed first */
+    SESSION_END_BACKEND_RESET,           /* the backend reset, or writing to it failed */
+    SESSION_END_CONNECT_FAILED,          /* no backend could be reached */
+    SESSION_END_IDLE_TIMEOUT,            /* nothing read from either side for idle_timeout */
+    SESSION_END_DRAIN,                   /* still open when the drain timeout expired */
+    SESSION_END_LIMIT,                   /* refused: max_connections reached */
+    SESSION_END_QUIT,                    /* mode smtp: the client sent QUIT and got the reply */
     SESSION_END_CLIENT_EOF_WITHOUT_QUIT, /* mode smtp: the client closed without QUIT */
-    SESSION_END_SMUGGLING,      /* mode smtp: SMTP smuggling rejected, then 421 */
+    SESSION_END_SMUGGLING,               /* mode smtp: SMTP smuggling rejected, then 421 */
 };
 
 const char *session_end_name(enum session_end end);

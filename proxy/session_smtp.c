@@ -24,24 +24,24 @@ struct smtp_fifo {
 };
 
 struct session_smtp {
-    struct smtp_client cp;      /* client command parser */
-    struct smtp_server sp;      /* backend reply parser */
-    struct smtp_pairs pp;       /* outstanding commands, summary */
-    struct smtp_fifo *fifo;     /* pp's storage while attached, else NULL */
-    struct relay_block *held;   /* client bytes not parsed yet (WAIT, FIFO full) */
-    size_t held_off, held_end;  /* their range in held->data */
-    char *carry;                /* a partial client line between reads */
-    struct relay_block *down;   /* backend bytes parsed but not yet forwarded */
+    struct smtp_client cp;       /* client command parser */
+    struct smtp_server sp;       /* backend reply parser */
+    struct smtp_pairs pp;        /* outstanding commands, summary */
+    struct smtp_fifo *fifo;      /* pp's storage while attached, else NULL */
+    struct relay_block *held;    /* client bytes not parsed yet (WAIT, FIFO full) */
+    size_t held_off, held_end;   /* their range in held->data */
+    char *carry;                 /* a partial client line between reads */
+    struct relay_block *down;    /* backend bytes parsed but not yet forwarded */
     size_t down_start, down_end; /* their range in down->data */
-    uint64_t injected;          /* bytes dropped after STARTTLS, not yet logged */
-    unsigned flags;             /* SESSION_SMTP_F_* */
-    char *sline;                /* transcript=full: the server line being read */
-    size_t sline_len;           /* bytes in sline (capped at SMTP_LINE_LOG_MAX) */
-    char primary[96];           /* a primary error mxproxy made up, "" if none */
+    uint64_t injected;           /* bytes dropped after STARTTLS, not yet logged */
+    unsigned flags;              /* SESSION_SMTP_F_* */
+    char *sline;                 /* transcript=full: the server line being read */
+    size_t sline_len;            /* bytes in sline (capped at SMTP_LINE_LOG_MAX) */
+    char primary[96];            /* a primary error mxproxy made up, "" if none */
 };
 
-#define SESSION_SMTP_F_OPAQUE 0x01u /* STARTTLS passed through: bytes are TLS now */
-#define SESSION_SMTP_F_ENDING 0x02u /* a final answer was sent; nothing more is parsed */
+#define SESSION_SMTP_F_OPAQUE 0x01u    /* STARTTLS passed through: bytes are TLS now */
+#define SESSION_SMTP_F_ENDING 0x02u    /* a final answer was sent; nothing more is parsed */
 #define SESSION_SMTP_F_SLINE_CUT 0x04u /* sline was longer than SMTP_LINE_LOG_MAX */
 
 static uint64_t session_smtp_now(void)
@@ -240,17 +240,16 @@ static void session_smtp_client_event(struct session *s, const struct smtp_event
 {
     struct session_smtp *m = s->smtp;
     struct log_line l;
-    char text[64];
 
     switch (ev->type) {
     case SMTP_EV_COMMAND:
         if (session_smtp_logs_lines(s)) {
             if (ev->cmd == SMTP_CMD_AUTH && (ev->flags & SMTP_EV_F_AUTH_INITIAL)) {
                 char redacted[SMTP_PAIRS_TEXT_MAX + 16];
-                int n = snprintf(redacted, sizeof(redacted), "%.*s [redacted]",
-                                 (int)(ev->line_len < SMTP_PAIRS_TEXT_MAX ? ev->line_len
-                                                                          : SMTP_PAIRS_TEXT_MAX),
-                                 ev->line);
+                int n = snprintf(
+                    redacted, sizeof(redacted), "%.*s [redacted]",
+                    (int)(ev->line_len < SMTP_PAIRS_TEXT_MAX ? ev->line_len : SMTP_PAIRS_TEXT_MAX),
+                    ev->line);
                 session_smtp_log_line(s, "client", redacted, (size_t)n, false);
             } else {
                 session_smtp_log_line(s, "client", ev->line, ev->line_len, false);
@@ -285,6 +284,7 @@ static void session_smtp_client_event(struct session *s, const struct smtp_event
         return;
     case SMTP_EV_DATA_END:
         if (session_smtp_logs_lines(s)) {
+            char text[64];
             int n = snprintf(text, sizeof(text), "<message body: %llu bytes>",
                              (unsigned long long)ev->size);
             session_smtp_log_line(s, "client", text, (size_t)n, false);
@@ -603,7 +603,7 @@ int session_smtp_new(struct session *s)
         .max_line_length = s->cl->max_line_length,
         .smuggling = s->cl->smuggling == CONFIG_SMUGGLING_NORMALIZE ? SMTP_SMUGGLING_NORMALIZE
                      : s->cl->smuggling == CONFIG_SMUGGLING_OFF     ? SMTP_SMUGGLING_OFF
-                                                                     : SMTP_SMUGGLING_REJECT,
+                                                                    : SMTP_SMUGGLING_REJECT,
     };
     struct session_smtp *m = calloc(1, sizeof(*m));
 
@@ -677,7 +677,6 @@ void session_smtp_log_close(const struct session *s, struct log_line *l)
 {
     const struct session_smtp *m = s->smtp;
     const struct smtp_pairs_summary *sum = smtp_pairs_summary(&m->pp);
-    char primary[SMTP_REPLY_TEXT_MAX + 32];
 
     if (sum->helo[0] != '\0')
         log_str(l, "helo", sum->helo);
@@ -687,11 +686,12 @@ void session_smtp_log_close(const struct session *s, struct log_line *l)
     log_uint(l, "rcpt_rejected", sum->rcpt_rejected);
     log_uint(l, "messages", sum->messages);
     if (sum->has_primary) {
+        char primary[SMTP_REPLY_TEXT_MAX + 32];
         const struct smtp_pair *p = &sum->primary;
         int n = snprintf(primary, sizeof(primary), "%d%s%s %.*s", p->code,
                          p->esc[0] != '\0' ? " " : "", p->esc, (int)p->text_len, p->text);
-        log_strn(l, "primary_error", primary, (size_t)n < sizeof(primary) ? (size_t)n
-                                                                         : sizeof(primary) - 1);
+        log_strn(l, "primary_error", primary,
+                 (size_t)n < sizeof(primary) ? (size_t)n : sizeof(primary) - 1);
     } else if (m->primary[0] != '\0') {
         log_str(l, "primary_error", m->primary);
     }

@@ -103,7 +103,10 @@ static void smtp_ev_reset(struct smtp_event *ev, enum smtp_ev type)
     ev->type = type;
 }
 
-static char smtp_upper(char c) { return (c >= 'a' && c <= 'z') ? (char)(c - 'a' + 'A') : c; }
+static char smtp_upper(char c)
+{
+    return (c >= 'a' && c <= 'z') ? (char)(c - 'a' + 'A') : c;
+}
 
 /* Case-insensitive prefix match of an upper-case ASCII word. */
 static bool smtp_prefix(const char *s, size_t n, const char *word)

@@ -49,7 +49,10 @@ struct smtp_pairs_entry *smtp_pairs_detach(struct smtp_pairs *pp)
     return q;
 }
 
-size_t smtp_pairs_outstanding(const struct smtp_pairs *pp) { return pp->count; }
+size_t smtp_pairs_outstanding(const struct smtp_pairs *pp)
+{
+    return pp->count;
+}
 
 static struct smtp_pairs_entry *smtp_pairs_at(struct smtp_pairs *pp, unsigned i)
 {

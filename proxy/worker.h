@@ -19,7 +19,7 @@ struct session;
 struct smtp_fifo;
 
 struct worker {
-    unsigned id;                /* 0..workers-1; worker 0 logs per-process events */
+    unsigned id; /* 0..workers-1; worker 0 logs per-process events */
     uv_thread_t thread;
     uv_loop_t loop;
     uv_async_t wake;            /* main -> worker requests */
@@ -30,15 +30,15 @@ struct worker {
     unsigned pending_drain_ms;  /* drain_timeout for pending_drain */
     bool pending_cut;           /* close every session now (second signal) */
 
-    struct config *cfg;         /* config for new sessions, owned reference */
-    struct listener *listeners; /* singly linked, this worker's sockets */
-    struct session *sessions;   /* doubly linked list of open sessions */
-    atomic_uint n_sessions;     /* read by the main thread for ev=drain */
-    bool draining;              /* listeners closed, waiting for sessions */
-    int start_error;            /* first listener error at start, for main */
-    struct relay_pool pool;     /* read/write blocks for every session here */
-    struct smtp_fifo *smtp_fifo_free; /* spare mode-smtp command FIFOs */
-    unsigned smtp_fifo_n;       /* length of smtp_fifo_free */
+    struct config *cfg;                            /* config for new sessions, owned reference */
+    struct listener *listeners;                    /* singly linked, this worker's sockets */
+    struct session *sessions;                      /* doubly linked list of open sessions */
+    atomic_uint n_sessions;                        /* read by the main thread for ev=drain */
+    bool draining;                                 /* listeners closed, waiting for sessions */
+    int start_error;                               /* first listener error at start, for main */
+    struct relay_pool pool;                        /* read/write blocks for every session here */
+    struct smtp_fifo *smtp_fifo_free;              /* spare mode-smtp command FIFOs */
+    unsigned smtp_fifo_n;                          /* length of smtp_fifo_free */
     void (*on_listeners_closed)(struct worker *w); /* called on the worker thread */
     void (*on_exit)(struct worker *w);             /* called on the worker thread */
 };

@@ -11,50 +11,50 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TEST_FAIL_(...)                                                                       \
-    do {                                                                                      \
-        fprintf(stderr, "%s:%d: ", __FILE__, __LINE__);                                       \
-        fprintf(stderr, __VA_ARGS__);                                                         \
-        fputc('\n', stderr);                                                                  \
-        exit(1);                                                                              \
+#define TEST_FAIL_(...)                                                                            \
+    do {                                                                                           \
+        fprintf(stderr, "%s:%d: ", __FILE__, __LINE__);                                            \
+        fprintf(stderr, __VA_ARGS__);                                                              \
+        fputc('\n', stderr);                                                                       \
+        exit(1);                                                                                   \
     } while (0)
 
-#define ASSERT(cond)                                                                          \
-    do {                                                                                      \
-        if (!(cond))                                                                          \
-            TEST_FAIL_("assertion failed: %s", #cond);                                        \
+#define ASSERT(cond)                                                                               \
+    do {                                                                                           \
+        if (!(cond))                                                                               \
+            TEST_FAIL_("assertion failed: %s", #cond);                                             \
     } while (0)
 
-#define ASSERT_EQ(a, b)                                                                       \
-    do {                                                                                      \
-        intmax_t a_ = (intmax_t)(a), b_ = (intmax_t)(b);                                      \
-        if (a_ != b_)                                                                         \
-            TEST_FAIL_("%s == %s: %jd != %jd", #a, #b, a_, b_);                               \
+#define ASSERT_EQ(a, b)                                                                            \
+    do {                                                                                           \
+        intmax_t a_ = (intmax_t)(a), b_ = (intmax_t)(b);                                           \
+        if (a_ != b_)                                                                              \
+            TEST_FAIL_("%s == %s: %jd != %jd", #a, #b, a_, b_);                                    \
     } while (0)
 
 #define ASSERT_OK(expr) ASSERT_EQ((expr), 0)
 
-#define ASSERT_STREQ(a, b)                                                                    \
-    do {                                                                                      \
-        const char *a_ = (a), *b_ = (b);                                                      \
-        if (a_ == NULL || b_ == NULL || strcmp(a_, b_) != 0)                                  \
-            TEST_FAIL_("%s == %s: \"%s\" != \"%s\"", #a, #b, a_ ? a_ : "(null)",               \
-                       b_ ? b_ : "(null)");                                                    \
+#define ASSERT_STREQ(a, b)                                                                         \
+    do {                                                                                           \
+        const char *a_ = (a), *b_ = (b);                                                           \
+        if (a_ == NULL || b_ == NULL || strcmp(a_, b_) != 0)                                       \
+            TEST_FAIL_("%s == %s: \"%s\" != \"%s\"", #a, #b, a_ ? a_ : "(null)",                   \
+                       b_ ? b_ : "(null)");                                                        \
     } while (0)
 
 /* Compares len bytes; prints them escaped on mismatch. */
-#define ASSERT_MEMEQ(a, alen, b, blen)                                                        \
-    do {                                                                                      \
-        const char *a_ = (const char *)(a), *b_ = (const char *)(b);                          \
-        size_t al_ = (alen), bl_ = (blen);                                                    \
-        if (al_ != bl_ || memcmp(a_, b_, al_) != 0) {                                         \
-            fprintf(stderr, "%s:%d: %s != %s\n  got:  ", __FILE__, __LINE__, #a, #b);         \
-            test_dump_(a_, al_);                                                              \
-            fprintf(stderr, "\n  want: ");                                                    \
-            test_dump_(b_, bl_);                                                              \
-            fputc('\n', stderr);                                                              \
-            exit(1);                                                                          \
-        }                                                                                     \
+#define ASSERT_MEMEQ(a, alen, b, blen)                                                             \
+    do {                                                                                           \
+        const char *a_ = (const char *)(a), *b_ = (const char *)(b);                               \
+        size_t al_ = (alen), bl_ = (blen);                                                         \
+        if (al_ != bl_ || memcmp(a_, b_, al_) != 0) {                                              \
+            fprintf(stderr, "%s:%d: %s != %s\n  got:  ", __FILE__, __LINE__, #a, #b);              \
+            test_dump_(a_, al_);                                                                   \
+            fprintf(stderr, "\n  want: ");                                                         \
+            test_dump_(b_, bl_);                                                                   \
+            fputc('\n', stderr);                                                                   \
+            exit(1);                                                                               \
+        }                                                                                          \
     } while (0)
 
 static inline void test_dump_(const char *p, size_t n)

@@ -24,11 +24,11 @@ static void test_escape_logfmt(void)
     expect_escape("back\\slash", 10, 0, "\"back\\\\slash\"");
     expect_escape("cr\r\nlf", 6, 0, "\"cr\\r\\nlf\"");
     expect_escape("nul\0x", 5, 0, "\"nul\\x00x\"");
-    expect_escape("caf\xc3\xa9", 5, 0, "\"caf\xc3\xa9\"");    /* valid UTF-8 kept */
-    expect_escape("bad\xff", 4, 0, "\"bad\\xff\"");            /* invalid byte escaped */
-    expect_escape("\xc0\xaf", 2, 0, "\"\\xc0\\xaf\"");         /* overlong '/' */
+    expect_escape("caf\xc3\xa9", 5, 0, "\"caf\xc3\xa9\"");      /* valid UTF-8 kept */
+    expect_escape("bad\xff", 4, 0, "\"bad\\xff\"");             /* invalid byte escaped */
+    expect_escape("\xc0\xaf", 2, 0, "\"\\xc0\\xaf\"");          /* overlong '/' */
     expect_escape("\xed\xa0\x80", 3, 0, "\"\\xed\\xa0\\x80\""); /* surrogate */
-    expect_escape("\xe2\x82", 2, 0, "\"\\xe2\\x82\"");         /* truncated sequence */
+    expect_escape("\xe2\x82", 2, 0, "\"\\xe2\\x82\"");          /* truncated sequence */
 }
 
 static void test_escape_json(void)

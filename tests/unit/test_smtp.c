@@ -94,7 +94,10 @@ static const char *guard_place(struct guard *g, const char *s, size_t n)
     return g->base + data - n;
 }
 
-static void guard_free(struct guard *g) { munmap(g->base, g->maplen); }
+static void guard_free(struct guard *g)
+{
+    munmap(g->base, g->maplen);
+}
 
 /* --- client driver ---------------------------------------------------------------------------- */
 
