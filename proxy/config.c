@@ -90,12 +90,60 @@ static const struct config_word config_transcripts[] = {
     {NULL, 0},
 };
 
+static const struct config_word config_onoff[] = {
+    {"on", 1},
+    {"off", 0},
+    {NULL, 0},
+};
+
+static const struct config_word config_client_tls_words[] = {
+    {"off", CONFIG_CLIENT_TLS_OFF},
+    {"implicit", CONFIG_CLIENT_TLS_IMPLICIT},
+    {"starttls", CONFIG_CLIENT_TLS_STARTTLS},
+    {"passthrough", CONFIG_CLIENT_TLS_PASSTHROUGH},
+    {NULL, 0},
+};
+
+static const struct config_word config_backend_tls_words[] = {
+    {"off", CONFIG_BACKEND_TLS_OFF},
+    {"implicit", CONFIG_BACKEND_TLS_IMPLICIT},
+    {"starttls", CONFIG_BACKEND_TLS_STARTTLS},
+    {NULL, 0},
+};
+
+static const struct config_word config_tls_versions[] = {
+    {"TLSv1.2", CONFIG_TLS_1_2},
+    {"TLSv1.3", CONFIG_TLS_1_3},
+    {NULL, 0},
+};
+
+static const struct config_word config_transparent_words[] = {
+    {"off", CONFIG_TRANSPARENT_OFF},
+    {"redirect", CONFIG_TRANSPARENT_REDIRECT},
+    {"tproxy", CONFIG_TRANSPARENT_TPROXY},
+    {NULL, 0},
+};
+
+static const struct config_word config_proxy_protocol_words[] = {
+    {"off", CONFIG_PROXY_PROTOCOL_OFF},
+    {"v1", CONFIG_PROXY_PROTOCOL_V1},
+    {"v2", CONFIG_PROXY_PROTOCOL_V2},
+    {NULL, 0},
+};
+
+static const struct config_word config_source_words[] = {
+    {"client", 1},
+    {"proxy", 0},
+    {NULL, 0},
+};
+
 struct config_key;
 typedef int (*config_parse_fn)(struct config_parser *p, const struct config_key *k,
                                const char *value);
 
 #define CONFIG_KEY_F_REPEAT 0x1u /* may be given again in a section; values add up */
 #define CONFIG_KEY_F_SMTP 0x2u   /* only meaningful with mode = smtp */
+#define CONFIG_KEY_F_TLS 0x4u    /* a TLS key: remembered in tls_line for messages */
 
 /* One row per key: where it may appear, how its value is parsed, where it goes. */
 struct config_key {
@@ -106,6 +154,7 @@ struct config_key {
     unsigned min; /* integers and durations: smallest value accepted */
     unsigned max; /* largest value accepted */
     unsigned flags;
+    const struct config_word *words; /* config_parse_enum: the accepted words */
 };
 
 static int config_parse_uint(struct config_parser *p, const struct config_key *k,
@@ -122,6 +171,14 @@ static int config_parse_listen(struct config_parser *p, const struct config_key 
                                const char *value);
 static int config_parse_smuggling(struct config_parser *p, const struct config_key *k,
                                   const char *value);
+static int config_parse_enum(struct config_parser *p, const struct config_key *k,
+                             const char *value);
+static int config_parse_path(struct config_parser *p, const struct config_key *k,
+                             const char *value);
+static int config_parse_cert(struct config_parser *p, const struct config_key *k,
+                             const char *value);
+static int config_parse_admin(struct config_parser *p, const struct config_key *k,
+                              const char *value);
 static int config_parse_transcript(struct config_parser *p, const struct config_key *k,
                                    const char *value);
 static int config_parse_backend(struct config_parser *p, const struct config_key *k,
@@ -190,6 +247,93 @@ static const struct config_key config_keys[] = {
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_transcript,
      .flags = CONFIG_KEY_F_SMTP},
+    {.name = "admin", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_admin},
+    {.name = "client_tls",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(client_tls),
+     .words = config_client_tls_words,
+     .flags = CONFIG_KEY_F_TLS},
+    {.name = "cert",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_cert,
+     .flags = CONFIG_KEY_F_REPEAT | CONFIG_KEY_F_TLS},
+    {.name = "key",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_cert,
+     .flags = CONFIG_KEY_F_REPEAT | CONFIG_KEY_F_TLS},
+    {.name = "tls_min_version",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(tls_min_version),
+     .words = config_tls_versions,
+     .flags = CONFIG_KEY_F_TLS},
+    {.name = "require_tls",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(require_tls),
+     .words = config_onoff,
+     .flags = CONFIG_KEY_F_TLS | CONFIG_KEY_F_SMTP},
+    {.name = "backend_tls",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(backend_tls),
+     .words = config_backend_tls_words,
+     .flags = CONFIG_KEY_F_TLS},
+    {.name = "backend_verify",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(backend_verify),
+     .words = config_onoff,
+     .flags = CONFIG_KEY_F_TLS},
+    {.name = "backend_ca",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_path,
+     .offset = CONFIG_L(backend_ca),
+     .flags = CONFIG_KEY_F_TLS},
+    {.name = "backend_sni",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_path,
+     .offset = CONFIG_L(backend_sni),
+     .flags = CONFIG_KEY_F_TLS},
+    {.name = "transparent",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(transparent),
+     .words = config_transparent_words},
+    {.name = "mark",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_uint,
+     .offset = CONFIG_L(mark),
+     .min = 0,
+     .max = UINT32_MAX},
+    {.name = "source",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(source_client),
+     .words = config_source_words},
+    {.name = "proxy_protocol",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(proxy_protocol),
+     .words = config_proxy_protocol_words},
+    {.name = "accept_proxy_protocol",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(accept_proxy_protocol),
+     .words = config_onoff},
+    {.name = "proxy_protocol_timeout",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_duration,
+     .offset = CONFIG_L(proxy_protocol_timeout_ms),
+     .min = 1,
+     .max = CONFIG_DURATION_MAX_MS},
+    {.name = "xclient",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(xclient),
+     .words = config_onoff,
+     .flags = CONFIG_KEY_F_SMTP},
 };
 
 _Static_assert(sizeof(config_keys) / sizeof(config_keys[0]) <= 32,
@@ -238,6 +382,13 @@ static void config_free(struct config *c)
     for (size_t i = 0; i < c->n_listeners; i++) {
         free(c->listeners[i].backends);
         free(c->listeners[i].backend_retry_at);
+        for (size_t j = 0; j < c->listeners[i].n_certs || j < c->listeners[i].n_keys; j++) {
+            free(c->listeners[i].certs[j].cert);
+            free(c->listeners[i].certs[j].key);
+        }
+        free(c->listeners[i].certs);
+        free(c->listeners[i].backend_ca);
+        free(c->listeners[i].backend_sni);
         c->listeners[i].backends = NULL;
         config_shared_put(c->listeners[i].shared);
         c->listeners[i].shared = NULL;
@@ -353,6 +504,8 @@ static void config_open_listener(struct config_parser *p, const char *name, size
         .max_line_length = 4096,
         .smuggling = CONFIG_SMUGGLING_REJECT,
         .transcript = CONFIG_TRANSCRIPT_PAIRS,
+        .backend_verify = 1,
+        .proxy_protocol_timeout_ms = 5 * 1000,
     };
     memcpy(l->name, name, len);
     l->name[len] = '\0';
@@ -668,6 +821,68 @@ static int config_parse_transcript(struct config_parser *p, const struct config_
     return 0;
 }
 
+static int config_parse_enum(struct config_parser *p, const struct config_key *k, const char *value)
+{
+    int v;
+
+    if (config_parse_word(p, k, value, k->words, &v) != 0)
+        return -1;
+    *config_field(p, k) = (unsigned)v;
+    return 0;
+}
+
+/* A file name or host name, kept as given. */
+static int config_parse_path(struct config_parser *p, const struct config_key *k, const char *value)
+{
+    char **field = (char **)(void *)((char *)config_cur_listener(p) + k->offset);
+
+    free(*field);
+    *field = strdup(value);
+    if (*field == NULL) {
+        config_fail_nomem(p);
+        return -1;
+    }
+    return 0;
+}
+
+/* "cert" and "key" lines pair up in order: the n-th key belongs to the n-th
+ * certificate. */
+static int config_parse_cert(struct config_parser *p, const struct config_key *k, const char *value)
+{
+    struct config_listener *l = config_cur_listener(p);
+    bool is_cert = strcmp(k->name, "cert") == 0;
+    size_t *count = is_cert ? &l->n_certs : &l->n_keys;
+    size_t other = is_cert ? l->n_keys : l->n_certs;
+
+    if (*count >= CONFIG_CERTS_MAX) {
+        config_fail(p, -EINVAL, p->lineno, "more than %d '%s' lines in [listener %s]",
+                    CONFIG_CERTS_MAX, k->name, l->name);
+        return -1;
+    }
+    if (*count >= other) {
+        struct config_cert *grown = realloc(l->certs, (*count + 1) * sizeof(*grown));
+        if (grown == NULL) {
+            config_fail_nomem(p);
+            return -1;
+        }
+        l->certs = grown;
+        l->certs[*count] = (struct config_cert){.line = p->lineno};
+    }
+    char *copy = strdup(value);
+    if (copy == NULL) {
+        config_fail_nomem(p);
+        return -1;
+    }
+    if (is_cert) {
+        l->certs[*count].cert = copy;
+        l->certs[*count].line = p->lineno;
+    } else {
+        l->certs[*count].key = copy;
+    }
+    (*count)++;
+    return 0;
+}
+
 /* Fills addr->text from addr->sa. */
 static void config_addr_format(struct config_addr *addr)
 {
@@ -741,10 +956,10 @@ static enum config_hostport_err config_split_hostport(char *s, char **host, bool
     return CONFIG_HOSTPORT_OK;
 }
 
-static int config_parse_listen(struct config_parser *p, const struct config_key *k,
-                               const char *value)
+/* A numeric "IPv4:port" or "[IPv6]:port" into *addr, or a FILE:LINE error. */
+static int config_parse_numeric_addr(struct config_parser *p, const struct config_key *k,
+                                     const char *value, struct config_addr *addr)
 {
-    struct config_listener *l = config_cur_listener(p);
     char buf[CONFIG_ADDR_TEXT_MAX];
     char *host;
     bool v6;
@@ -759,12 +974,27 @@ static int config_parse_listen(struct config_parser *p, const struct config_key 
         config_fail(p, -EINVAL, p->lineno, "invalid port '%s' in '%s'", host, k->name);
         return -1;
     }
-    if (e != CONFIG_HOSTPORT_OK || config_addr_numeric(&l->listen, host, v6, port) != 0) {
+    if (e != CONFIG_HOSTPORT_OK || config_addr_numeric(addr, host, v6, port) != 0) {
         config_fail(p, -EINVAL, p->lineno,
                     "invalid value '%s' for '%s': expected IPv4:port or [IPv6]:port", value,
                     k->name);
         return -1;
     }
+    return 0;
+}
+
+static int config_parse_listen(struct config_parser *p, const struct config_key *k,
+                               const char *value)
+{
+    return config_parse_numeric_addr(p, k, value, &config_cur_listener(p)->listen);
+}
+
+static int config_parse_admin(struct config_parser *p, const struct config_key *k,
+                              const char *value)
+{
+    if (config_parse_numeric_addr(p, k, value, &p->cfg->admin) != 0)
+        return -1;
+    p->cfg->has_admin = true;
     return 0;
 }
 
@@ -859,6 +1089,21 @@ static int config_parse_backend(struct config_parser *p, const struct config_key
     size_t n = 1;
     const char *s = value;
 
+    if (strcmp(value, "original_dst") == 0) {
+        if (l->n_backends > 0) {
+            config_fail(p, -EINVAL, p->lineno,
+                        "'backend = original_dst' cannot be mixed with addresses");
+            return -1;
+        }
+        l->backend_original_dst = true;
+        return 0;
+    }
+    if (l->backend_original_dst) {
+        config_fail(p, -EINVAL, p->lineno,
+                    "'backend = original_dst' cannot be mixed with addresses");
+        return -1;
+    }
+
     for (const char *c = value; *c != '\0'; c++)
         n += *c == ',';
     if (l->n_backends + n > CONFIG_BACKENDS_MAX) {
@@ -935,6 +1180,8 @@ static int config_on_key(void *user, const char *section, const char *name, cons
         config_fail(p, -EINVAL, p->lineno, "empty value for '%s'", name);
         return 0;
     }
+    if ((k->flags & CONFIG_KEY_F_TLS) && config_cur_listener(p)->tls_line == 0)
+        config_cur_listener(p)->tls_line = p->lineno;
     if ((k->flags & CONFIG_KEY_F_SMTP) && config_cur_listener(p)->smtp_key == NULL) {
         config_cur_listener(p)->smtp_key = k->name; /* checked against mode at the end */
         config_cur_listener(p)->smtp_key_line = p->lineno;
@@ -974,6 +1221,62 @@ static bool config_addr_overlaps(const struct config_addr *a, const struct confi
     return config_addr_is_any(a) || config_addr_is_any(b);
 }
 
+/* Settings that only make sense together. */
+static int config_check_features(struct config_parser *p, const struct config_listener *l)
+{
+    bool smtp = l->mode == CONFIG_MODE_SMTP;
+    int line = l->tls_line > 0 ? l->tls_line : l->line;
+
+    if (l->n_certs != l->n_keys) {
+        config_fail(p, -EINVAL, line,
+                    "listener '%s' has %zu 'cert' and %zu 'key' lines; they pair up in order",
+                    l->name, l->n_certs, l->n_keys);
+        return -1;
+    }
+    if ((l->client_tls == CONFIG_CLIENT_TLS_IMPLICIT ||
+         l->client_tls == CONFIG_CLIENT_TLS_STARTTLS) &&
+        l->n_certs == 0) {
+        config_fail(p, -EINVAL, line, "listener '%s': client_tls = %s needs a 'cert' and a 'key'",
+                    l->name, config_client_tls_name(l->client_tls));
+        return -1;
+    }
+    if (l->n_certs > 0 && l->client_tls != CONFIG_CLIENT_TLS_IMPLICIT &&
+        l->client_tls != CONFIG_CLIENT_TLS_STARTTLS) {
+        config_fail(p, -EINVAL, l->certs[0].line,
+                    "listener '%s': 'cert' needs client_tls = implicit or starttls", l->name);
+        return -1;
+    }
+    if (!smtp && (l->client_tls == CONFIG_CLIENT_TLS_STARTTLS ||
+                  l->client_tls == CONFIG_CLIENT_TLS_PASSTHROUGH ||
+                  l->backend_tls == CONFIG_BACKEND_TLS_STARTTLS)) {
+        config_fail(p, -EINVAL, line, "listener '%s': STARTTLS needs mode = smtp", l->name);
+        return -1;
+    }
+    if (l->require_tls && l->client_tls != CONFIG_CLIENT_TLS_STARTTLS) {
+        config_fail(p, -EINVAL, line, "listener '%s': require_tls needs client_tls = starttls",
+                    l->name);
+        return -1;
+    }
+    if ((l->backend_ca != NULL || l->backend_sni != NULL) &&
+        l->backend_tls == CONFIG_BACKEND_TLS_OFF) {
+        config_fail(p, -EINVAL, line, "listener '%s': backend_ca and backend_sni need backend_tls",
+                    l->name);
+        return -1;
+    }
+    if (l->backend_original_dst && l->transparent == CONFIG_TRANSPARENT_OFF) {
+        config_fail(p, -EINVAL, l->line,
+                    "listener '%s': backend = original_dst needs transparent = redirect or tproxy",
+                    l->name);
+        return -1;
+    }
+    if (l->source_client && l->transparent != CONFIG_TRANSPARENT_TPROXY) {
+        config_fail(p, -EINVAL, l->line,
+                    "listener '%s': source = client needs transparent = tproxy", l->name);
+        return -1;
+    }
+    return 0;
+}
+
 /* Checks what no single line can: required keys and listen addresses that
  * collide. Messages carry the line of the offending section header. */
 static void config_check(struct config_parser *p)
@@ -991,10 +1294,12 @@ static void config_check(struct config_parser *p)
             config_fail(p, -EINVAL, l->line, "listener '%s' has no 'listen'", l->name);
             return;
         }
-        if (l->n_backends == 0) {
+        if (l->n_backends == 0 && !l->backend_original_dst) {
             config_fail(p, -EINVAL, l->line, "listener '%s' has no 'backend'", l->name);
             return;
         }
+        if (config_check_features(p, l) != 0)
+            return;
         if (l->smtp_key != NULL && l->mode != CONFIG_MODE_SMTP) {
             config_fail(p, -EINVAL, l->smtp_key_line, "'%s' needs mode = smtp in [listener %s]",
                         l->smtp_key, l->name);
@@ -1036,7 +1341,8 @@ static void config_alloc_runtime(struct config_parser *p)
     for (size_t i = 0; i < p->cfg->n_listeners; i++) {
         struct config_listener *l = &p->cfg->listeners[i];
 
-        l->backend_retry_at = calloc(l->n_backends, sizeof(*l->backend_retry_at));
+        l->backend_retry_at =
+            calloc(l->n_backends > 0 ? l->n_backends : 1, sizeof(*l->backend_retry_at));
         if (l->backend_retry_at == NULL) {
             config_fail_nomem(p);
             return;
@@ -1217,4 +1523,14 @@ const char *config_smuggling_name(enum config_smuggling m)
 const char *config_transcript_name(enum config_transcript t)
 {
     return config_word_name(config_transcripts, (int)t);
+}
+
+const char *config_client_tls_name(enum config_client_tls t)
+{
+    return config_word_name(config_client_tls_words, (int)t);
+}
+
+const char *config_backend_tls_name(enum config_backend_tls t)
+{
+    return config_word_name(config_backend_tls_words, (int)t);
 }

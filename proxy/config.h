@@ -20,6 +20,7 @@
 #define CONFIG_LINE_LENGTH_MAX 12288 /* RFC 4954: an AUTH line may be this long */
 #define CONFIG_ERR_MAX 512           /* "FILE:LINE: message", bytes including NUL */
 #define CONFIG_BACKENDS_MAX 64       /* "backend" entries per listener */
+#define CONFIG_CERTS_MAX 16          /* "cert" / "key" pairs per listener */
 
 /* Longest duration a key accepts, in ms (2^31 - 1, about 24.8 days), so any
  * timeout fits a signed 32-bit millisecond count. */
@@ -56,6 +57,46 @@ enum config_transcript {
     CONFIG_TRANSCRIPT_FULL,      /* pairs, plus one ev=line per line each way */
 };
 
+/* Client-side TLS of a listener ("client_tls"). */
+enum config_client_tls {
+    CONFIG_CLIENT_TLS_OFF = 0,     /* plaintext (default) */
+    CONFIG_CLIENT_TLS_IMPLICIT,    /* TLS from the first byte (port 465) */
+    CONFIG_CLIENT_TLS_STARTTLS,    /* mxproxy answers STARTTLS itself (mode smtp) */
+    CONFIG_CLIENT_TLS_PASSTHROUGH, /* STARTTLS goes to the backend, then opaque (mode smtp) */
+};
+
+/* Backend-side TLS of a listener ("backend_tls"). */
+enum config_backend_tls {
+    CONFIG_BACKEND_TLS_OFF = 0,  /* plaintext (default) */
+    CONFIG_BACKEND_TLS_IMPLICIT, /* TLS from the first byte */
+    CONFIG_BACKEND_TLS_STARTTLS, /* EHLO + STARTTLS before the client's EHLO (mode smtp) */
+};
+
+enum config_tls_version {
+    CONFIG_TLS_1_2 = 0, /* "TLSv1.2" (default) */
+    CONFIG_TLS_1_3,     /* "TLSv1.3" */
+};
+
+/* How connections reach a listener ("transparent"). */
+enum config_transparent {
+    CONFIG_TRANSPARENT_OFF = 0,  /* ordinary listener (default) */
+    CONFIG_TRANSPARENT_REDIRECT, /* iptables REDIRECT: SO_ORIGINAL_DST gives the target */
+    CONFIG_TRANSPARENT_TPROXY,   /* iptables TPROXY: IP_TRANSPARENT listener */
+};
+
+enum config_proxy_protocol {
+    CONFIG_PROXY_PROTOCOL_OFF = 0, /* default */
+    CONFIG_PROXY_PROTOCOL_V1,
+    CONFIG_PROXY_PROTOCOL_V2,
+};
+
+/* One certificate and its key, for client-side TLS; the first is the default. */
+struct config_cert {
+    char *cert; /* PEM file, chain allowed */
+    char *key;  /* PEM file */
+    int line;   /* line of the "cert" key, for messages */
+};
+
 /* One resolved socket address plus the text it was written as. */
 struct config_addr {
     struct sockaddr_storage sa;      /* AF_INET or AF_INET6, port set */
@@ -71,21 +112,40 @@ struct config_listener_shared {
 };
 
 struct config_listener {
-    char name[CONFIG_NAME_MAX];        /* from "[listener NAME]" */
-    int line;                          /* line of the section header, for messages */
-    struct config_addr listen;         /* "listen", required */
-    struct config_addr *backends;      /* "backend", required, in file order; names resolved */
-    size_t n_backends;                 /* 1..CONFIG_BACKENDS_MAX */
-    enum config_mode mode;             /* "mode", default tcp */
-    unsigned connect_timeout_ms;       /* "connect_timeout", default 5 s */
-    unsigned idle_timeout_ms;          /* "idle_timeout", default 300 s */
-    unsigned max_connections;          /* "max_connections", 0 = unlimited (default) */
-    unsigned fail_timeout_ms;          /* "fail_timeout", default 10 s, 0 = off */
-    unsigned max_line_length;          /* "max_line_length", mode smtp, default 4096 */
-    enum config_smuggling smuggling;   /* "smuggling", mode smtp, default reject */
-    enum config_transcript transcript; /* "transcript", mode smtp, default pairs */
-    const char *smtp_key;              /* first mode-smtp-only key given, or NULL */
-    int smtp_key_line;                 /* its line, for "needs mode = smtp" */
+    char name[CONFIG_NAME_MAX];         /* from "[listener NAME]" */
+    int line;                           /* line of the section header, for messages */
+    struct config_addr listen;          /* "listen", required */
+    struct config_addr *backends;       /* "backend", required, in file order; names resolved */
+    size_t n_backends;                  /* 1..CONFIG_BACKENDS_MAX */
+    enum config_mode mode;              /* "mode", default tcp */
+    unsigned connect_timeout_ms;        /* "connect_timeout", default 5 s */
+    unsigned idle_timeout_ms;           /* "idle_timeout", default 300 s */
+    unsigned max_connections;           /* "max_connections", 0 = unlimited (default) */
+    unsigned fail_timeout_ms;           /* "fail_timeout", default 10 s, 0 = off */
+    unsigned max_line_length;           /* "max_line_length", mode smtp, default 4096 */
+    enum config_smuggling smuggling;    /* "smuggling", mode smtp, default reject */
+    enum config_transcript transcript;  /* "transcript", mode smtp, default pairs */
+    const char *smtp_key;               /* first mode-smtp-only key given, or NULL */
+    int smtp_key_line;                  /* its line, for "needs mode = smtp" */
+    bool backend_original_dst;          /* "backend = original_dst" */
+    unsigned client_tls;                /* enum config_client_tls, "client_tls" */
+    struct config_cert *certs;          /* "cert" / "key" pairs, in file order */
+    size_t n_certs;                     /* certificates given */
+    size_t n_keys;                      /* keys given; must equal n_certs */
+    unsigned tls_min_version;           /* enum config_tls_version, "tls_min_version" */
+    unsigned require_tls;               /* "require_tls" on/off, default off */
+    unsigned backend_tls;               /* enum config_backend_tls, "backend_tls" */
+    unsigned backend_verify;            /* "backend_verify" on/off, default on */
+    char *backend_ca;                   /* "backend_ca", NULL: the system's CAs */
+    char *backend_sni;                  /* "backend_sni", NULL: no SNI, no name check */
+    int tls_line;                       /* line of the first TLS key, for messages */
+    unsigned transparent;               /* enum config_transparent, "transparent" */
+    unsigned mark;                      /* "mark": SO_MARK on backend sockets, 0 = none */
+    unsigned source_client;             /* "source = client" (tproxy): bind to the client */
+    unsigned proxy_protocol;            /* enum config_proxy_protocol, "proxy_protocol" */
+    unsigned accept_proxy_protocol;     /* "accept_proxy_protocol" on/off */
+    unsigned proxy_protocol_timeout_ms; /* "proxy_protocol_timeout", default 5 s */
+    unsigned xclient;                   /* "xclient" on/off, mode smtp */
     /* The one mutable part of a loaded config, shared by all workers: per
      * backend, the time (uv_hrtime() in ms) until which new sessions try it
      * only after every other backend; set after a failed connect. */
@@ -100,6 +160,8 @@ struct config {
     enum config_log_format log_format; /* "log_format", default logfmt */
     enum config_log_level log_level;   /* "log_level", default info */
     unsigned drain_timeout_ms;         /* "drain_timeout", default 30 s */
+    bool has_admin;                    /* "admin" was given */
+    struct config_addr admin;          /* "admin": the HTTP admin endpoint's address */
     struct config_listener *listeners; /* in file order */
     size_t n_listeners;                /* >= 1 in a loaded config */
 };
@@ -132,5 +194,7 @@ void config_unref(struct config *c);
 const char *config_mode_name(enum config_mode m);
 const char *config_smuggling_name(enum config_smuggling m);
 const char *config_transcript_name(enum config_transcript t);
+const char *config_client_tls_name(enum config_client_tls t);
+const char *config_backend_tls_name(enum config_backend_tls t);
 
 #endif /* MXPROXY_CONFIG_H */

@@ -653,6 +653,103 @@ static void test_example_file(void)
     config_unref(c);
 }
 
+static void test_tls_and_interception_keys(void)
+{
+    struct config *c = load_ok("[global]\n"
+                               "admin = 127.0.0.1:9180\n"
+                               "[listener smtps]\n"
+                               "listen = 127.0.0.1:465\n"
+                               "backend = 127.0.0.1:25\n"
+                               "client_tls = implicit\n"
+                               "cert = /etc/a.crt\n"
+                               "key = /etc/a.key\n"
+                               "cert = /etc/b.crt\n"
+                               "key = /etc/b.key\n"
+                               "tls_min_version = TLSv1.3\n"
+                               "backend_tls = implicit\n"
+                               "backend_verify = off\n"
+                               "backend_ca = /etc/ca.pem\n"
+                               "backend_sni = mx.example.test\n"
+                               "proxy_protocol = v2\n"
+                               "accept_proxy_protocol = on\n"
+                               "proxy_protocol_timeout = 2s\n"
+                               "[listener side]\n"
+                               "listen = 127.0.0.1:25\n"
+                               "backend = original_dst\n"
+                               "transparent = tproxy\n"
+                               "source = client\n"
+                               "mark = 4242\n"
+                               "mode = smtp\n"
+                               "client_tls = passthrough\n"
+                               "xclient = on\n");
+    const struct config_listener *l = &c->listeners[0];
+
+    ASSERT(c->has_admin);
+    ASSERT_STREQ(c->admin.text, "127.0.0.1:9180");
+    ASSERT_EQ(l->client_tls, CONFIG_CLIENT_TLS_IMPLICIT);
+    ASSERT_EQ(l->n_certs, 2);
+    ASSERT_STREQ(l->certs[0].cert, "/etc/a.crt");
+    ASSERT_STREQ(l->certs[0].key, "/etc/a.key");
+    ASSERT_EQ(l->certs[0].line, 7);
+    ASSERT_STREQ(l->certs[1].cert, "/etc/b.crt");
+    ASSERT_STREQ(l->certs[1].key, "/etc/b.key");
+    ASSERT_EQ(l->tls_min_version, CONFIG_TLS_1_3);
+    ASSERT_EQ(l->backend_tls, CONFIG_BACKEND_TLS_IMPLICIT);
+    ASSERT_EQ(l->backend_verify, 0);
+    ASSERT_STREQ(l->backend_ca, "/etc/ca.pem");
+    ASSERT_STREQ(l->backend_sni, "mx.example.test");
+    ASSERT_EQ(l->proxy_protocol, CONFIG_PROXY_PROTOCOL_V2);
+    ASSERT_EQ(l->accept_proxy_protocol, 1);
+    ASSERT_EQ(l->proxy_protocol_timeout_ms, 2000);
+    ASSERT_EQ(l->tls_line, 6);
+    l = &c->listeners[1];
+    ASSERT(l->backend_original_dst);
+    ASSERT_EQ(l->n_backends, 0);
+    ASSERT_EQ(l->transparent, CONFIG_TRANSPARENT_TPROXY);
+    ASSERT_EQ(l->source_client, 1);
+    ASSERT_EQ(l->mark, 4242);
+    ASSERT_EQ(l->client_tls, CONFIG_CLIENT_TLS_PASSTHROUGH);
+    ASSERT_EQ(l->xclient, 1);
+    ASSERT_EQ(l->backend_verify, 1); /* default on */
+    ASSERT_STREQ(config_client_tls_name(CONFIG_CLIENT_TLS_STARTTLS), "starttls");
+    ASSERT_STREQ(config_backend_tls_name(CONFIG_BACKEND_TLS_STARTTLS), "starttls");
+    config_unref(c);
+
+    expect_err(LISTENER "client_tls = implicit\n",
+               "t.ini:4: listener 'smtp': client_tls = implicit needs a 'cert' and a 'key'");
+    expect_err(LISTENER "client_tls = implicit\ncert = a\ncert = b\nkey = k\n",
+               "t.ini:4: listener 'smtp' has 2 'cert' and 1 'key' lines; they pair up in order");
+    expect_err(LISTENER "cert = a\nkey = b\n",
+               "t.ini:4: listener 'smtp': 'cert' needs client_tls = implicit or starttls");
+    expect_err(LISTENER "client_tls = starttls\ncert = a\nkey = b\n",
+               "t.ini:4: listener 'smtp': STARTTLS needs mode = smtp");
+    expect_err(LISTENER "mode = smtp\nrequire_tls = on\n",
+               "t.ini:5: listener 'smtp': require_tls needs client_tls = starttls");
+    expect_err(LISTENER "backend_sni = x\n",
+               "t.ini:4: listener 'smtp': backend_ca and backend_sni need backend_tls");
+    expect_err(LISTENER "client_tls = sometimes\n",
+               "t.ini:4: invalid value 'sometimes' for 'client_tls': expected off, implicit, "
+               "starttls or passthrough");
+    expect_err(LISTENER "backend_verify = yes\n",
+               "t.ini:4: invalid value 'yes' for 'backend_verify': expected on or off");
+    expect_err(LISTENER "tls_min_version = TLSv1.1\n",
+               "t.ini:4: invalid value 'TLSv1.1' for 'tls_min_version': expected TLSv1.2 or "
+               "TLSv1.3");
+    expect_err("[listener s]\nlisten = 127.0.0.1:25\nbackend = original_dst\n",
+               "t.ini:1: listener 's': backend = original_dst needs transparent = redirect or "
+               "tproxy");
+    expect_err("[listener s]\nlisten = 127.0.0.1:25\nbackend = 127.0.0.1:26\n"
+               "backend = original_dst\n",
+               "t.ini:4: 'backend = original_dst' cannot be mixed with addresses");
+    expect_err(LISTENER "transparent = redirect\nsource = client\n",
+               "t.ini:1: listener 'smtp': source = client needs transparent = tproxy");
+    expect_err(LISTENER "xclient = on\n",
+               "t.ini:4: 'xclient' needs mode = smtp in [listener smtp]");
+    expect_err("[global]\nadmin = localhost:9180\n" LISTENER,
+               "t.ini:2: invalid value 'localhost:9180' for 'admin': expected IPv4:port or "
+               "[IPv6]:port");
+}
+
 int main(void)
 {
     test_defaults();
@@ -665,6 +762,7 @@ int main(void)
     test_refs_and_inherit();
     test_load_file();
     test_example_file();
+    test_tls_and_interception_keys();
     printf("test_config: all passed\n");
     return 0;
 }
