@@ -11,6 +11,7 @@
  */
 #include "config.h"
 #include "sockaddr.h"
+#include "tls.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -387,6 +388,8 @@ static void config_free(struct config *c)
             free(c->listeners[i].certs[j].key);
         }
         free(c->listeners[i].certs);
+        tls_ctx_unref(c->listeners[i].tls_server);
+        tls_ctx_unref(c->listeners[i].tls_client);
         free(c->listeners[i].backend_ca);
         free(c->listeners[i].backend_sni);
         c->listeners[i].backends = NULL;
@@ -1335,12 +1338,38 @@ static void config_write_err(const struct config_parser *p, char *err, size_t er
         snprintf(err, errlen, "%s: %s", p->name, p->err);
 }
 
-/* Allocates the per-backend state sessions update at run time. */
+/* Loads the certificates and CAs a listener's TLS needs, so that a bad
+ * file is a FILE:LINE error at load (and for -t), not a failure per session. */
+static void config_load_tls(struct config_parser *p, struct config_listener *l)
+{
+    const char *version = l->tls_min_version == CONFIG_TLS_1_3 ? "TLSv1.3" : "TLSv1.2";
+    char err[CONFIG_ERR_MAX - 64];
+
+    if (l->n_certs > 0) {
+        struct tls_cert_pair pairs[CONFIG_CERTS_MAX];
+        for (size_t i = 0; i < l->n_certs; i++)
+            pairs[i] = (struct tls_cert_pair){l->certs[i].cert, l->certs[i].key};
+        if (tls_server_ctx_new(&l->tls_server, pairs, l->n_certs, version, err, sizeof(err)) != 0) {
+            config_fail(p, -EINVAL, l->certs[0].line, "listener '%s': %s", l->name, err);
+            return;
+        }
+    }
+    if (l->backend_tls != CONFIG_BACKEND_TLS_OFF &&
+        tls_client_ctx_new(&l->tls_client, l->backend_verify != 0, l->backend_ca, version, err,
+                           sizeof(err)) != 0)
+        config_fail(p, -EINVAL, l->tls_line, "listener '%s': %s", l->name, err);
+}
+
+/* Allocates the per-backend state sessions update at run time, and the
+ * TLS contexts. */
 static void config_alloc_runtime(struct config_parser *p)
 {
     for (size_t i = 0; i < p->cfg->n_listeners; i++) {
         struct config_listener *l = &p->cfg->listeners[i];
 
+        config_load_tls(p, l);
+        if (p->err_code != 0)
+            return;
         l->backend_retry_at =
             calloc(l->n_backends > 0 ? l->n_backends : 1, sizeof(*l->backend_retry_at));
         if (l->backend_retry_at == NULL) {
@@ -1477,6 +1506,37 @@ void config_inherit_shared(struct config *next, const struct config *prev)
         config_shared_put(l->shared);
         l->shared = old->shared;
     }
+}
+
+int config_check_supported(const struct config *c, char *err, size_t errlen)
+{
+    static const char later[] = "is not supported by this version of mxproxy yet";
+
+    if (c->has_admin) {
+        snprintf(err, errlen, "%s: 'admin' %s", c->path, later);
+        return -ENOTSUP;
+    }
+    for (size_t i = 0; i < c->n_listeners; i++) {
+        const struct config_listener *l = &c->listeners[i];
+        int line = l->tls_line > 0 ? l->tls_line : l->line;
+
+        if (l->client_tls == CONFIG_CLIENT_TLS_STARTTLS ||
+            l->backend_tls == CONFIG_BACKEND_TLS_STARTTLS) {
+            snprintf(err, errlen, "%s:%d: listener '%s': STARTTLS termination %s", c->path, line,
+                     l->name, later);
+            return -ENOTSUP;
+        }
+        if (l->transparent != CONFIG_TRANSPARENT_OFF ||
+            l->proxy_protocol != CONFIG_PROXY_PROTOCOL_OFF || l->accept_proxy_protocol ||
+            l->xclient || l->mark != 0) {
+            snprintf(err, errlen,
+                     "%s:%d: listener '%s': transparent, mark, proxy_protocol, "
+                     "accept_proxy_protocol and xclient %s",
+                     c->path, l->line, l->name, later);
+            return -ENOTSUP;
+        }
+    }
+    return 0;
 }
 
 const struct config_listener *config_find_listener(const struct config *c, const char *name)

@@ -106,6 +106,8 @@ struct config_addr {
 
 /* Counters that outlive a reload: a listener of the same name in the next
  * config shares this object, so max_connections holds across SIGHUP. */
+struct tls_ctx;
+
 struct config_listener_shared {
     atomic_uint refs;   /* configs pointing here */
     atomic_uint active; /* open sessions of this listener, all workers */
@@ -146,6 +148,8 @@ struct config_listener {
     unsigned accept_proxy_protocol;     /* "accept_proxy_protocol" on/off */
     unsigned proxy_protocol_timeout_ms; /* "proxy_protocol_timeout", default 5 s */
     unsigned xclient;                   /* "xclient" on/off, mode smtp */
+    struct tls_ctx *tls_server;         /* client_tls implicit/starttls: certificates, or NULL */
+    struct tls_ctx *tls_client;         /* backend_tls implicit/starttls: verification, or NULL */
     /* The one mutable part of a loaded config, shared by all workers: per
      * backend, the time (uv_hrtime() in ms) until which new sessions try it
      * only after every other backend; set after a failed connect. */
@@ -178,6 +182,11 @@ int config_load_file(const char *path, struct config **out, char *err, size_t er
  * and is stored in config->path ("<string>" when name is NULL). */
 int config_load_string(const char *text, const char *name, struct config **out, char *err,
                        size_t errlen);
+
+/* Returns 0 when this version carries out everything c asks for, else
+ * -ENOTSUP with "FILE:LINE: message" in err: keys that are parsed and
+ * checked but whose feature is still to come. */
+int config_check_supported(const struct config *c, char *err, size_t errlen);
 
 /* Makes next share the config_listener_shared objects of prev's listeners that
  * have the same name, so counters survive a reload. prev may be NULL. */

@@ -1,4 +1,5 @@
 /* main.c: command line, signals, workers, reload and drain. */
+#include <errno.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -55,7 +56,12 @@ static void main_reload(void)
     struct config *next;
     struct log_line l;
 
-    if (config_load_file(mx.path, &next, err, sizeof(err)) != 0) {
+    int rc = config_load_file(mx.path, &next, err, sizeof(err));
+    if (rc == 0 && config_check_supported(next, err, sizeof(err)) != 0) {
+        config_unref(next);
+        rc = -ENOTSUP;
+    }
+    if (rc != 0) {
         log_begin(&l, LOG_ERROR, "reload_error");
         log_str(&l, "error", err);
         log_end(&l);
@@ -226,6 +232,11 @@ int main(int argc, char **argv)
     }
     if (config_load_file(mx.path, &mx.cfg, err, sizeof(err)) != 0) {
         fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    if (config_check_supported(mx.cfg, err, sizeof(err)) != 0) {
+        fprintf(stderr, "%s\n", err);
+        config_unref(mx.cfg);
         return 1;
     }
     if (test_only) {

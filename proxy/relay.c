@@ -1,7 +1,10 @@
 /* relay.c: zero-copy forwarding with watermarks; see relay.h. */
 #include "relay.h"
 
+#include "tls.h"
+
 #include <assert.h>
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -101,7 +104,7 @@ static void relay_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
         *buf = uv_buf_init(NULL, 0); /* libuv reports UV_ENOBUFS to relay_on_read */
         return;
     }
-    if (d->carry_len > 0) {
+    if (d->carry_len > 0 && d->src_tls == NULL) {
         memcpy(b->data, d->carry, d->carry_len);
         relay_carried = d->carry_len;
     }
@@ -119,6 +122,8 @@ static void relay_on_shutdown(uv_shutdown_t *req, int status)
 
 int relay_shutdown_dst(struct relay_dir *d)
 {
+    if (d->dst_tls != NULL && tls_handshake_done(d->dst_tls) && tls_shutdown(d->dst_tls) == 0)
+        relay_tls_flush(d); /* close_notify, then the FIN */
     d->shutdown_req.data = d;
     int rc = uv_shutdown(&d->shutdown_req, d->dst, relay_on_shutdown);
     if (rc != 0) {
@@ -128,13 +133,16 @@ int relay_shutdown_dst(struct relay_dir *d)
     return rc;
 }
 
+static void relay_tls_drain(struct relay_dir *d);
+
 /* Resumes reading on the crossing below the low-water mark. */
 static void relay_after_write(struct relay_dir *d)
 {
     if ((d->flags & (RELAY_F_PAUSED | RELAY_F_STOPPED)) == RELAY_F_PAUSED &&
         uv_stream_get_write_queue_size(d->dst) <= RELAY_LOWAT) {
         d->flags &= ~RELAY_F_PAUSED;
-        (void)relay_start(d);
+        if (relay_start(d) == 0 && d->src_tls != NULL && (d->flags & RELAY_F_READING))
+            relay_tls_drain(d);
     }
 }
 
@@ -201,7 +209,8 @@ static int relay_try_write(struct relay_dir *d, uv_buf_t *bufs, unsigned *n)
     return 0;
 }
 
-int relay_send(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs_in, unsigned n)
+static int relay_send_raw(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs_in,
+                          unsigned n)
 {
     uv_buf_t bufs[RELAY_SEND_MAX_BUFS];
 
@@ -235,6 +244,39 @@ int relay_send(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs_
     return 0;
 }
 
+void relay_tls_flush(struct relay_dir *d)
+{
+    while (d->dst_tls != NULL && tls_pending_out(d->dst_tls) > 0) {
+        struct relay_block *b = relay_block_get(d->pool);
+        if (b == NULL) {
+            d->on_event(d, RELAY_EV_WRITE_ERR, UV_ENOMEM);
+            return;
+        }
+        uv_buf_t buf =
+            uv_buf_init(b->data, (unsigned)tls_take(d->dst_tls, b->data, RELAY_BLOCK_SIZE));
+        int rc = relay_send_raw(d, b, &buf, 1);
+        relay_block_unref(d->pool, b);
+        if (rc != 0)
+            return;
+    }
+}
+
+int relay_send(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs, unsigned n)
+{
+    if (d->dst_tls == NULL)
+        return relay_send_raw(d, b, bufs, n);
+    /* tls_write copies: b is not needed once the plaintext is encrypted. */
+    for (unsigned i = 0; i < n; i++) {
+        int rc = tls_write(d->dst_tls, bufs[i].base, bufs[i].len);
+        if (rc != 0) {
+            d->on_event(d, RELAY_EV_WRITE_ERR, rc == -ENOBUFS ? UV_ENOBUFS : UV_EPROTO);
+            return rc;
+        }
+    }
+    relay_tls_flush(d);
+    return 0;
+}
+
 int relay_send_copy(struct relay_dir *d, const char *p, size_t len)
 {
     struct relay_block *b = relay_block_get(d->pool);
@@ -252,40 +294,35 @@ int relay_send_copy(struct relay_dir *d, const char *p, size_t len)
     return rc;
 }
 
-static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
+/* src sent EOF (a FIN, or a TLS close_notify). */
+static void relay_on_eof(struct relay_dir *d)
 {
-    struct relay_dir *d = src->data;
-    size_t carried = relay_carried;
+    if (d->flags & RELAY_F_READING)
+        uv_read_stop(d->src);
+    d->flags = (d->flags & ~RELAY_F_READING) | RELAY_F_EOF;
+    d->on_event(d, RELAY_EV_EOF, 0);
+    /* The FIN goes out after every queued write: half-close is exact. */
+    if (!(d->flags & (RELAY_F_NO_FIN | RELAY_F_STOPPED)))
+        relay_shutdown_dst(d);
+}
 
-    relay_carried = 0;
-    if (nread <= 0) {
-        if (buf->base != NULL)
-            relay_block_unref(d->pool, relay_block_of(buf, carried));
-        if (nread == 0)
-            return; /* EAGAIN; the carry stays with the owner for the next read */
-        uv_read_stop(src);
-        d->flags &= ~RELAY_F_READING;
-        if (nread != UV_EOF) {
-            d->on_event(d, RELAY_EV_READ_ERR, (int)nread);
-            return;
-        }
-        d->flags |= RELAY_F_EOF;
-        d->on_event(d, RELAY_EV_EOF, 0);
-        /* The FIN goes out after every queued write: half-close is exact. */
-        if (!(d->flags & (RELAY_F_NO_FIN | RELAY_F_STOPPED)))
-            relay_shutdown_dst(d);
-        return;
-    }
-
-    struct relay_block *b = relay_block_of(buf, carried);
-    d->bytes += (uint64_t)nread;
-    d->last_read = uv_now(src->loop);
+/* Hands bytes read (or decrypted) from src on: to the owner, or to dst.
+ * Takes the caller's reference to b; data[0, len) are the bytes, a carry
+ * included. */
+static void relay_deliver(struct relay_dir *d, struct relay_block *b, size_t len)
+{
     if (d->on_data != NULL) {
         d->carry_len = 0; /* delivered: the owner may reuse its carry buffer */
-        d->on_data(d, b, carried + (size_t)nread);
+        d->on_data(d, b, len);
         return;
     }
-    uv_buf_t out = uv_buf_init(buf->base, (unsigned)nread);
+    if (d->dst_tls != NULL) {
+        uv_buf_t out = uv_buf_init(b->data, (unsigned)len);
+        (void)relay_send(d, b, &out, 1);
+        relay_block_unref(d->pool, b);
+        return;
+    }
+    uv_buf_t out = uv_buf_init(b->data, (unsigned)len);
     unsigned n = 1;
     int rc = relay_try_write(d, &out, &n);
     if (rc == 0 && n == 0) {
@@ -301,6 +338,92 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
         return;
     }
     relay_check_hiwat(d);
+}
+
+/* Decrypts what src_tls holds and delivers it, while the direction may
+ * take more; what OpenSSL answers goes out through rev. */
+static void relay_tls_drain(struct relay_dir *d)
+{
+    struct tls_conn *t = d->src_tls;
+
+    if (!tls_handshake_done(t)) {
+        int rc = tls_handshake(t);
+        relay_tls_flush(d->rev);
+        if (rc == TLS_WANT_IO)
+            return;
+        if (rc < 0) {
+            d->on_event(d, RELAY_EV_TLS_ERR, rc);
+            return;
+        }
+        d->on_event(d, RELAY_EV_TLS_READY, 0);
+    }
+    while (!(d->flags & (RELAY_F_STOPPED | RELAY_F_HELD | RELAY_F_PAUSED | RELAY_F_EOF))) {
+        struct relay_block *b = relay_block_get(d->pool);
+        size_t c = 0;
+
+        if (b == NULL) {
+            d->on_event(d, RELAY_EV_READ_ERR, UV_ENOBUFS);
+            return;
+        }
+        if (d->on_data != NULL && d->carry_len > 0) {
+            c = d->carry_len;
+            memcpy(b->data, d->carry, c);
+        }
+        ssize_t n = tls_read(t, b->data + c, RELAY_BLOCK_SIZE - c);
+        if (n > 0) {
+            d->bytes += (uint64_t)n;
+            relay_deliver(d, b, c + (size_t)n);
+            continue;
+        }
+        relay_block_unref(d->pool, b);
+        if (n == TLS_WANT)
+            break;
+        relay_tls_flush(d->rev);
+        if (n == TLS_EOF)
+            relay_on_eof(d);
+        else
+            d->on_event(d, RELAY_EV_TLS_ERR, (int)n);
+        return;
+    }
+    relay_tls_flush(d->rev); /* tickets, key updates */
+}
+
+static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
+{
+    struct relay_dir *d = src->data;
+    size_t carried = relay_carried;
+
+    relay_carried = 0;
+    if (nread <= 0) {
+        if (buf->base != NULL)
+            relay_block_unref(d->pool, relay_block_of(buf, carried));
+        if (nread == 0)
+            return; /* EAGAIN; the carry stays with the owner for the next read */
+        if (nread != UV_EOF) {
+            uv_read_stop(src);
+            d->flags &= ~RELAY_F_READING;
+            d->on_event(d, RELAY_EV_READ_ERR, (int)nread);
+            return;
+        }
+        relay_on_eof(d);
+        return;
+    }
+
+    struct relay_block *b = relay_block_of(buf, carried);
+    d->last_read = uv_now(src->loop);
+    if (d->src_tls != NULL) {
+        int rc = tls_feed(d->src_tls, buf->base, (size_t)nread);
+        relay_block_unref(d->pool, b); /* tls_feed copied the ciphertext */
+        if (rc != 0) {
+            relay_tls_flush(d->rev); /* an alert, if OpenSSL made one */
+            d->on_event(d, RELAY_EV_TLS_ERR, rc);
+            return;
+        }
+        relay_tls_drain(d);
+        return;
+    }
+    d->bytes += (uint64_t)nread;
+    relay_deliver(d, b, carried + (size_t)nread);
 }
 
 void relay_init(struct relay_dir *d, uv_stream_t *src, uv_stream_t *dst, struct relay_pool *pool,
@@ -347,5 +470,10 @@ void relay_hold(struct relay_dir *d)
 int relay_release(struct relay_dir *d)
 {
     d->flags &= ~RELAY_F_HELD;
-    return relay_start(d);
+    int rc = relay_start(d);
+    /* Plaintext OpenSSL decrypted before the hold was never delivered, and
+     * no socket read will come for it: deliver it now. */
+    if (rc == 0 && d->src_tls != NULL && (d->flags & RELAY_F_READING))
+        relay_tls_drain(d);
+    return rc;
 }

@@ -13,6 +13,12 @@
  * does so. Blocks are then reference counted, since one read may turn into
  * several writes, interleaved with bytes the owner makes up itself.
  *
+ * Either socket may speak TLS: src_tls decrypts what src sends before it is
+ * delivered, dst_tls encrypts what is sent to dst. One tls_conn serves both
+ * directions of its socket (it is the src_tls of one and the dst_tls of the
+ * other), so what a read makes OpenSSL send (handshake, alerts) goes out
+ * through the reverse direction, rev.
+ *
  * The owner (the session) learns about EOF, errors and the end of a
  * direction through on_event; a relay_dir never closes handles itself.
  */
@@ -23,6 +29,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
+
+struct tls_conn;
 
 #define RELAY_BLOCK_SIZE (16 * 1024) /* one read, one write; small blocks stay in cache */
 #define RELAY_HIWAT (256 * 1024)     /* stop reading above this many queued bytes */
@@ -54,10 +62,13 @@ struct relay_pool {
 };
 
 enum relay_event {
-    RELAY_EV_EOF,      /* src sent EOF; dst has been shut down after pending writes */
-    RELAY_EV_DONE,     /* the shutdown of dst completed: this direction is finished */
-    RELAY_EV_READ_ERR, /* reading src failed; status says why */
-    RELAY_EV_WRITE_ERR /* writing dst failed (not UV_ECANCELED); status says why */
+    RELAY_EV_EOF,       /* src sent EOF; dst has been shut down after pending writes */
+    RELAY_EV_DONE,      /* the shutdown of dst completed: this direction is finished */
+    RELAY_EV_READ_ERR,  /* reading src failed; status says why */
+    RELAY_EV_WRITE_ERR, /* writing dst failed (not UV_ECANCELED); status says why */
+    RELAY_EV_TLS_READY, /* the TLS handshake on src completed */
+    RELAY_EV_TLS_ERR,   /* TLS on src (or, status -EPIPE... on dst) failed: see
+                           tls_error_reason() of the tls_conn; status is the error */
 };
 
 struct relay_dir;
@@ -81,6 +92,9 @@ struct relay_dir {
     uint64_t last_read;         /* uv_now() of the last read, for idle timeouts */
     unsigned flags;             /* RELAY_F_* */
     uv_shutdown_t shutdown_req; /* shuts dst down after src's EOF */
+    struct tls_conn *src_tls;   /* decrypts src's bytes, or NULL; not owned */
+    struct tls_conn *dst_tls;   /* encrypts what goes to dst, or NULL; not owned */
+    struct relay_dir *rev;      /* the other direction (its dst is our src) */
 };
 
 #define RELAY_F_READING 0x01u /* uv_read_start is in effect on src */
@@ -127,6 +141,10 @@ int relay_shutdown_dst(struct relay_dir *d);
 
 void relay_block_ref(struct relay_block *b);
 void relay_block_unref(struct relay_pool *pool, struct relay_block *b);
+
+/* Sends whatever ciphertext d->dst_tls has for d->dst (handshake messages,
+ * alerts, a close_notify). */
+void relay_tls_flush(struct relay_dir *d);
 
 /* Frees every block and request the pool keeps. */
 void relay_pool_drain(struct relay_pool *pool);

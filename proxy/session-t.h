@@ -16,6 +16,7 @@
 #include "sockaddr.h"
 
 struct session_smtp;
+struct tls_conn;
 struct worker;
 
 static_assert(CONFIG_BACKENDS_MAX <= 64, "session.tried holds one bit per backend");
@@ -48,6 +49,8 @@ struct session {
     enum session_end pending_end;        /* close_after_flush: the end= to log */
     const char *pending_error;           /* close_after_flush: the error= to log, static text */
     struct session_smtp *smtp;           /* mode smtp state, NULL in mode tcp */
+    struct tls_conn *client_tls;         /* TLS with the client, or NULL */
+    struct tls_conn *backend_tls;        /* TLS with the backend, or NULL */
     char client_addr[SOCKADDR_TEXT_MAX]; /* client= */
 };
 
@@ -60,6 +63,8 @@ struct session {
 #define SESSION_F_FLUSHING 0x40u    /* close_after_flush: waiting for the client FIN */
 #define SESSION_F_NO_BACKEND 0x80u  /* the backend was dropped on purpose; no retry */
 
+#define SESSION_TLS_HANDSHAKE_MS 5000 /* a client TLS handshake must finish within this */
+
 /* Logs ev=close once and closes every handle; the session is freed when the
  * last close callback has run. error is static text or NULL. Idempotent. */
 void session_close(struct session *s, enum session_end end, const char *error);
@@ -68,6 +73,11 @@ void session_close(struct session *s, enum session_end end, const char *error);
  * then closes with end and error (also after a short grace if the client
  * does not take the bytes). */
 void session_close_after_flush(struct session *s, enum session_end end, const char *error);
+
+/* Connects the relay directions to the session's TLS connections: the
+ * client's decrypts up and encrypts down, the backend's the reverse. Call
+ * after relay_init and whenever one of them appears (STARTTLS). */
+void session_wire_tls(struct session *s);
 
 /* Closes the backend connection with a reset, so it discards whatever it was
  * receiving (an unfinished message), without ending the session. */

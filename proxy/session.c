@@ -4,6 +4,7 @@
 #include "session_smtp.h"
 
 #include <assert.h>
+#include <errno.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -19,6 +20,7 @@
 #include "log.h"
 #include "relay.h"
 #include "sockaddr.h"
+#include "tls.h"
 #include "worker.h"
 
 static const char *const session_end_names[] = {
@@ -33,6 +35,7 @@ static const char *const session_end_names[] = {
     [SESSION_END_QUIT] = "quit",
     [SESSION_END_CLIENT_EOF_WITHOUT_QUIT] = "client_eof_without_quit",
     [SESSION_END_SMUGGLING] = "smuggling",
+    [SESSION_END_TLS_ERROR] = "tls_error",
 };
 
 const char *session_end_name(enum session_end end)
@@ -89,6 +92,8 @@ static void session_maybe_free(struct session *s)
         s->next->prev = s->prev;
     atomic_fetch_sub(&w->n_sessions, 1);
     session_smtp_free(s);
+    tls_conn_free(s->client_tls);
+    tls_conn_free(s->backend_tls);
     config_unref(s->cfg);
     free(s);
     worker_session_gone(w);
@@ -210,6 +215,72 @@ static void session_connect_failed(struct session *s, int status)
         uv_close((uv_handle_t *)&s->backend, session_on_backend_closed);
 }
 
+void session_wire_tls(struct session *s)
+{
+    s->up.rev = &s->down;
+    s->down.rev = &s->up;
+    s->up.src_tls = s->client_tls;
+    s->down.dst_tls = s->client_tls;
+    s->down.src_tls = s->backend_tls;
+    s->up.dst_tls = s->backend_tls;
+}
+
+/* "TLSv1.3/TLS_AES_256_GCM_SHA384", the tls_client= and tls_backend= text. */
+static const char *session_tls_text(const struct tls_conn *t, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "%s/%s", tls_version(t), tls_cipher(t));
+    return buf;
+}
+
+/* A handshake completed; client says which side. */
+static void session_log_tls(struct session *s, bool client)
+{
+    struct tls_conn *t = client ? s->client_tls : s->backend_tls;
+    struct log_line l;
+    char text[96];
+
+    if (!log_enabled(LOG_INFO))
+        return;
+    log_begin(&l, LOG_INFO, "tls");
+    log_sid(&l, s->id);
+    log_str(&l, "side", client ? "client" : "backend");
+    log_str(&l, "tls", session_tls_text(t, text, sizeof(text)));
+    if (tls_sni(t) != NULL)
+        log_str(&l, "sni", tls_sni(t));
+    if (tls_session_reused(t))
+        log_uint(&l, "resumed", 1);
+    if (!client)
+        log_uint(&l, "verified", tls_peer_verified(t));
+    log_end(&l);
+}
+
+static void session_end_now(struct session *s, enum session_end end);
+
+/* TLS with one side failed: one ev=tls_error line saying why, then the
+ * session ends (with a 421 to the client in mode smtp when the backend's
+ * TLS failed, so the client is never left with a bare EOF). */
+static void session_tls_failed(struct session *s, bool client, int status)
+{
+    struct tls_conn *t = client ? s->client_tls : s->backend_tls;
+    const char *reason = t != NULL ? tls_error_reason(t) : NULL;
+    struct log_line l;
+
+    if (reason == NULL)
+        reason = status == -ENOBUFS ? "too much unread TLS data" : "TLS failure";
+    log_begin(&l, LOG_WARN, "tls_error");
+    log_sid(&l, s->id);
+    log_str(&l, "side", client ? "client" : "backend");
+    log_str(&l, "reason", reason);
+    if (!client && tls_verify_error(t) != NULL)
+        log_str(&l, "verify", tls_verify_error(t));
+    log_end(&l);
+    if (!client && s->smtp != NULL && !(s->flags & SESSION_F_FLUSHING)) {
+        session_smtp_backend_tls_failed(s, reason);
+        return;
+    }
+    session_close(s, SESSION_END_TLS_ERROR, reason);
+}
+
 /* Ends the session the way its protocol expects: in mode smtp the client
  * first gets a 421, in mode tcp the connection just closes. */
 static void session_end_now(struct session *s, enum session_end end)
@@ -256,6 +327,12 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
                           : (up ? SESSION_END_CLIENT_RESET : SESSION_END_BACKEND_RESET),
                       uv_strerror(status));
         return;
+    case RELAY_EV_TLS_READY:
+        session_log_tls(s, up);
+        return;
+    case RELAY_EV_TLS_ERR:
+        session_tls_failed(s, up, status);
+        return;
     case RELAY_EV_WRITE_ERR:
         /* up writes to the backend, down writes to the client. */
         session_close(s,
@@ -266,6 +343,43 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         return;
     }
     abort(); /* every relay_event is handled above */
+}
+
+/* A client TLS handshake is still to finish. */
+static bool session_tls_pending(const struct session *s)
+{
+    return s->client_tls != NULL && !tls_handshake_done(s->client_tls);
+}
+
+/* Milliseconds until the timer must look again: the idle deadline, or the
+ * client's TLS handshake deadline when that comes first. */
+static uint64_t session_timer_ms(const struct session *s, uint64_t now)
+{
+    uint64_t last = s->connected_at;
+    if (s->up.last_read > last)
+        last = s->up.last_read;
+    if (s->down.last_read > last)
+        last = s->down.last_read;
+    uint64_t ms = s->cl->idle_timeout_ms - (now - last < s->cl->idle_timeout_ms ? now - last : 0);
+    if (session_tls_pending(s)) {
+        uint64_t age = now - s->connected_at;
+        uint64_t left = age < SESSION_TLS_HANDSHAKE_MS ? SESSION_TLS_HANDSHAKE_MS - age : 0;
+        if (left < ms)
+            ms = left;
+    }
+    return ms > 0 ? ms : 1;
+}
+
+static void session_tls_timeout(struct session *s)
+{
+    struct log_line l;
+
+    log_begin(&l, LOG_WARN, "tls_error");
+    log_sid(&l, s->id);
+    log_str(&l, "side", "client");
+    log_str(&l, "reason", "handshake timeout");
+    log_end(&l);
+    session_close(s, SESSION_END_TLS_ERROR, "handshake timeout");
 }
 
 static void session_on_timer(uv_timer_t *t)
@@ -291,11 +405,15 @@ static void session_on_timer(uv_timer_t *t)
     if (s->down.last_read > last)
         last = s->down.last_read;
     uint64_t idle = s->cl->idle_timeout_ms;
+    if (session_tls_pending(s) && now - s->connected_at >= SESSION_TLS_HANDSHAKE_MS) {
+        session_tls_timeout(s);
+        return;
+    }
     if (now - last >= idle) {
         session_end_now(s, SESSION_END_IDLE_TIMEOUT);
         return;
     }
-    uv_timer_start(t, session_on_timer, idle - (now - last), 0);
+    uv_timer_start(t, session_on_timer, session_timer_ms(s, now), 0);
 }
 
 static void session_on_connect(uv_connect_t *req, int status)
@@ -325,6 +443,12 @@ static void session_on_connect(uv_connect_t *req, int status)
                session_on_relay_event, s);
     relay_init(&s->down, (uv_stream_t *)&s->backend, (uv_stream_t *)&s->client, &s->w->pool,
                session_on_relay_event, s);
+    if (s->cl->backend_tls == CONFIG_BACKEND_TLS_IMPLICIT &&
+        tls_conn_new(&s->backend_tls, s->cl->tls_client, s->cl->backend_sni) != 0) {
+        session_close(s, SESSION_END_BACKEND_RESET, "out of memory");
+        return;
+    }
+    session_wire_tls(s);
     if (s->smtp != NULL)
         session_smtp_on_connected(s);
     /* The backend first: its greeting is forwarded the moment it arrives. */
@@ -335,7 +459,15 @@ static void session_on_connect(uv_connect_t *req, int status)
         session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
         return;
     }
-    uv_timer_start(&s->timer, session_on_timer, s->cl->idle_timeout_ms, 0);
+    if (s->backend_tls != NULL) {
+        int hs = tls_handshake(s->backend_tls); /* the ClientHello */
+        relay_tls_flush(&s->up);
+        if (hs < 0) {
+            session_tls_failed(s, false, hs);
+            return;
+        }
+    }
+    uv_timer_start(&s->timer, session_on_timer, session_timer_ms(s, uv_now(s->backend.loop)), 0);
 }
 
 static void session_connect_next(struct session *s)
@@ -394,6 +526,14 @@ void session_close(struct session *s, enum session_end end, const char *error)
             log_str(&l, "backend", session_backend(s)->text);
         if (error != NULL)
             log_str(&l, "error", error);
+        char text[96];
+        if (s->client_tls != NULL && tls_handshake_done(s->client_tls)) {
+            log_str(&l, "tls_client", session_tls_text(s->client_tls, text, sizeof(text)));
+            if (tls_sni(s->client_tls) != NULL)
+                log_str(&l, "sni", tls_sni(s->client_tls));
+        }
+        if (s->backend_tls != NULL && tls_handshake_done(s->backend_tls))
+            log_str(&l, "tls_backend", session_tls_text(s->backend_tls, text, sizeof(text)));
         if (s->smtp != NULL)
             session_smtp_log_close(s, &l);
         log_end(&l);
@@ -504,6 +644,13 @@ void session_accept(struct listener *l)
     if (s->cl->mode == CONFIG_MODE_SMTP && session_smtp_new(s) != 0) {
         session_close(s, SESSION_END_CLIENT_RESET, "out of memory");
         return;
+    }
+    if (s->cl->client_tls == CONFIG_CLIENT_TLS_IMPLICIT) {
+        if (tls_conn_new(&s->client_tls, s->cl->tls_server, NULL) != 0) {
+            session_close(s, SESSION_END_CLIENT_RESET, "out of memory");
+            return;
+        }
+        session_wire_tls(s);
     }
     uv_tcp_nodelay(&s->client, 1);
     session_connect_next(s);

@@ -25,6 +25,7 @@ enum session_end {
     SESSION_END_QUIT,                    /* mode smtp: the client sent QUIT and got the reply */
     SESSION_END_CLIENT_EOF_WITHOUT_QUIT, /* mode smtp: the client closed without QUIT */
     SESSION_END_SMUGGLING,               /* mode smtp: SMTP smuggling rejected, then 421 */
+    SESSION_END_TLS_ERROR,               /* a TLS handshake or record failed (ev=tls_error) */
 };
 
 const char *session_end_name(enum session_end end);

@@ -595,6 +595,25 @@ void session_smtp_on_backend_eof(struct session *s)
     session_smtp_abort(s, "421 4.4.2 mxproxy: backend closed the connection", NULL);
 }
 
+void session_smtp_backend_tls_failed(struct session *s, const char *reason)
+{
+    static const char reply[] =
+        "421 4.7.0 mxproxy: TLS with the mail server failed, try again later";
+    struct session_smtp *m = s->smtp;
+    struct smtp_pair p;
+
+    session_drop_backend(s);
+    relay_hold(&s->up);
+    m->flags |= SESSION_SMTP_F_ENDING;
+    /* The greeting may not even have come: answer whoever waits, once. */
+    session_smtp_say(s, reply);
+    while (smtp_pairs_abort(&m->pp, &p))
+        session_smtp_log_pair(s, &p);
+    if (!smtp_pairs_summary(&m->pp)->has_primary && m->primary[0] == '\0')
+        snprintf(m->primary, sizeof(m->primary), "%s", reply);
+    session_close_after_flush(s, SESSION_END_TLS_ERROR, reason);
+}
+
 /* ---- session hooks ------------------------------------------------------------------- */
 
 int session_smtp_new(struct session *s)

@@ -40,6 +40,10 @@ void session_smtp_connect_failed(struct session *s, const char *why);
  * logs the others as aborted, then closes after the client has everything. */
 void session_smtp_on_backend_eof(struct session *s);
 
+/* TLS with the backend failed: the client gets "421 4.7.0" (never a
+ * plaintext downgrade), then the session closes with end=tls_error. */
+void session_smtp_backend_tls_failed(struct session *s, const char *reason);
+
 /* Ends the session with a 421 reply to the client, for timeouts and drain. */
 void session_smtp_goodbye(struct session *s, enum session_end end);
 

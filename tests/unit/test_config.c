@@ -5,6 +5,7 @@
  */
 #include "config.h"
 #include "test.h"
+#include "tls_testcerts.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -655,48 +656,67 @@ static void test_example_file(void)
 
 static void test_tls_and_interception_keys(void)
 {
-    struct config *c = load_ok("[global]\n"
-                               "admin = 127.0.0.1:9180\n"
-                               "[listener smtps]\n"
-                               "listen = 127.0.0.1:465\n"
-                               "backend = 127.0.0.1:25\n"
-                               "client_tls = implicit\n"
-                               "cert = /etc/a.crt\n"
-                               "key = /etc/a.key\n"
-                               "cert = /etc/b.crt\n"
-                               "key = /etc/b.key\n"
-                               "tls_min_version = TLSv1.3\n"
-                               "backend_tls = implicit\n"
-                               "backend_verify = off\n"
-                               "backend_ca = /etc/ca.pem\n"
-                               "backend_sni = mx.example.test\n"
-                               "proxy_protocol = v2\n"
-                               "accept_proxy_protocol = on\n"
-                               "proxy_protocol_timeout = 2s\n"
-                               "[listener side]\n"
-                               "listen = 127.0.0.1:25\n"
-                               "backend = original_dst\n"
-                               "transparent = tproxy\n"
-                               "source = client\n"
-                               "mark = 4242\n"
-                               "mode = smtp\n"
-                               "client_tls = passthrough\n"
-                               "xclient = on\n");
+    /* Real files: TLS contexts are built at load, so a bad file is a
+     * FILE:LINE error there. */
+    struct tls_testca ca;
+    char dir[64], text[4096], path[128];
+    const char *names[] = {"mx.example.test"};
+    ASSERT_OK(tls_testcerts_mkdtemp(dir, sizeof(dir)));
+    ASSERT_OK(tls_testcerts_ca(&ca, "mxproxy test CA", false, dir));
+    ASSERT_OK(tls_testcerts_leaf(&ca, "mx.example.test", names, 1, false, dir, "a"));
+    ASSERT_OK(tls_testcerts_leaf(&ca, "mx.example.test", names, 1, false, dir, "b"));
+    snprintf(text, sizeof(text),
+             "[global]\n"
+             "admin = 127.0.0.1:9180\n"
+             "[listener smtps]\n"
+             "listen = 127.0.0.1:465\n"
+             "backend = 127.0.0.1:25\n"
+             "client_tls = implicit\n"
+             "cert = %s/a.crt\n"
+             "key = %s/a.key\n"
+             "cert = %s/b.crt\n"
+             "key = %s/b.key\n"
+             "tls_min_version = TLSv1.3\n"
+             "backend_tls = implicit\n"
+             "backend_verify = off\n"
+             "backend_ca = %s/ca.pem\n"
+             "backend_sni = mx.example.test\n"
+             "proxy_protocol = v2\n"
+             "accept_proxy_protocol = on\n"
+             "proxy_protocol_timeout = 2s\n"
+             "[listener side]\n"
+             "listen = 127.0.0.1:25\n"
+             "backend = original_dst\n"
+             "transparent = tproxy\n"
+             "source = client\n"
+             "mark = 4242\n"
+             "mode = smtp\n"
+             "client_tls = passthrough\n"
+             "xclient = on\n",
+             dir, dir, dir, dir, dir);
+    struct config *c = load_ok(text);
     const struct config_listener *l = &c->listeners[0];
 
     ASSERT(c->has_admin);
     ASSERT_STREQ(c->admin.text, "127.0.0.1:9180");
     ASSERT_EQ(l->client_tls, CONFIG_CLIENT_TLS_IMPLICIT);
     ASSERT_EQ(l->n_certs, 2);
-    ASSERT_STREQ(l->certs[0].cert, "/etc/a.crt");
-    ASSERT_STREQ(l->certs[0].key, "/etc/a.key");
+    snprintf(path, sizeof(path), "%s/a.crt", dir);
+    ASSERT_STREQ(l->certs[0].cert, path);
+    snprintf(path, sizeof(path), "%s/a.key", dir);
+    ASSERT_STREQ(l->certs[0].key, path);
     ASSERT_EQ(l->certs[0].line, 7);
-    ASSERT_STREQ(l->certs[1].cert, "/etc/b.crt");
-    ASSERT_STREQ(l->certs[1].key, "/etc/b.key");
+    snprintf(path, sizeof(path), "%s/b.crt", dir);
+    ASSERT_STREQ(l->certs[1].cert, path);
+    snprintf(path, sizeof(path), "%s/b.key", dir);
+    ASSERT_STREQ(l->certs[1].key, path);
+    ASSERT(l->tls_server != NULL);
+    ASSERT(l->tls_client != NULL);
     ASSERT_EQ(l->tls_min_version, CONFIG_TLS_1_3);
     ASSERT_EQ(l->backend_tls, CONFIG_BACKEND_TLS_IMPLICIT);
     ASSERT_EQ(l->backend_verify, 0);
-    ASSERT_STREQ(l->backend_ca, "/etc/ca.pem");
+    snprintf(path, sizeof(path), "%s/ca.pem", dir);
+    ASSERT_STREQ(l->backend_ca, path);
     ASSERT_STREQ(l->backend_sni, "mx.example.test");
     ASSERT_EQ(l->proxy_protocol, CONFIG_PROXY_PROTOCOL_V2);
     ASSERT_EQ(l->accept_proxy_protocol, 1);
@@ -713,10 +733,23 @@ static void test_tls_and_interception_keys(void)
     ASSERT_EQ(l->backend_verify, 1); /* default on */
     ASSERT_STREQ(config_client_tls_name(CONFIG_CLIENT_TLS_STARTTLS), "starttls");
     ASSERT_STREQ(config_backend_tls_name(CONFIG_BACKEND_TLS_STARTTLS), "starttls");
+    char err[CONFIG_ERR_MAX];
+    ASSERT_EQ(config_check_supported(c, err, sizeof(err)), -ENOTSUP); /* admin, for now */
+    ASSERT_STREQ(err, "t.ini: 'admin' is not supported by this version of mxproxy yet");
     config_unref(c);
 
     expect_err(LISTENER "client_tls = implicit\n",
                "t.ini:4: listener 'smtp': client_tls = implicit needs a 'cert' and a 'key'");
+    expect_err(LISTENER
+               "client_tls = implicit\ncert = /nonexistent/x.crt\nkey = /nonexistent/x.key\n",
+               "t.ini:5: listener 'smtp': cert /nonexistent/x.crt: No such file or directory");
+    snprintf(text, sizeof(text),
+             LISTENER "client_tls = implicit\ncert = %s/a.crt\nkey = %s/b.key\n", dir, dir);
+    char want[512];
+    snprintf(want, sizeof(want),
+             "t.ini:5: listener 'smtp': key %s/b.key does not match certificate %s/a.crt", dir,
+             dir);
+    expect_err(text, want);
     expect_err(LISTENER "client_tls = implicit\ncert = a\ncert = b\nkey = k\n",
                "t.ini:4: listener 'smtp' has 2 'cert' and 1 'key' lines; they pair up in order");
     expect_err(LISTENER "cert = a\nkey = b\n",
@@ -748,6 +781,8 @@ static void test_tls_and_interception_keys(void)
     expect_err("[global]\nadmin = localhost:9180\n" LISTENER,
                "t.ini:2: invalid value 'localhost:9180' for 'admin': expected IPv4:port or "
                "[IPv6]:port");
+    tls_testcerts_ca_free(&ca);
+    ASSERT_OK(tls_testcerts_rmdir(dir));
 }
 
 int main(void)
