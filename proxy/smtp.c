@@ -770,3 +770,81 @@ size_t smtp_server_parse(struct smtp_server *p, const char *buf, size_t len, uin
     }
     return i;
 }
+
+/* --- EHLO reply rewriting ------------------------------------------------------------- */
+
+#define SMTP_EHLO_MAX_LINES 64 /* capability lines considered; more: left unchanged */
+
+/* True when a reply line (code and separator included) announces STARTTLS. */
+static bool smtp_ehlo_is_starttls(const char *line, size_t len)
+{
+    static const char kw[] = "STARTTLS";
+    size_t n = sizeof(kw) - 1;
+
+    while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+        len--;
+    if (len < 4 + n || (len > 4 + n && line[4 + n] != ' '))
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = line[4 + i];
+        if (c >= 'a' && c <= 'z')
+            c = (char)(c - 'a' + 'A');
+        if (c != kw[i])
+            return false;
+    }
+    return true;
+}
+
+ssize_t smtp_ehlo_rewrite(const char *in, size_t len, bool add, char *out, size_t cap)
+{
+    size_t start[SMTP_EHLO_MAX_LINES], end[SMTP_EHLO_MAX_LINES];
+    bool keep[SMTP_EHLO_MAX_LINES];
+    size_t n = 0, o = 0, pos = 0;
+    bool has = false;
+
+    while (pos < len) {
+        const char *lf = memchr(in + pos, '\n', len - pos);
+        if (lf == NULL || n == SMTP_EHLO_MAX_LINES)
+            return -1;
+        start[n] = pos;
+        end[n] = (size_t)(lf - in) + 1;
+        if (end[n] - start[n] < 5 || memcmp(in + pos, "250", 3) != 0 ||
+            (in[pos + 3] != '-' && in[pos + 3] != ' '))
+            return -1;
+        keep[n] = !(n > 0 && smtp_ehlo_is_starttls(in + pos, end[n] - pos));
+        has = has || !keep[n];
+        pos = end[n];
+        n++;
+    }
+    if (n == 0)
+        return -1;
+    if (!add && !has) {
+        if (len > cap)
+            return -1;
+        memcpy(out, in, len);
+        return (ssize_t)len;
+    }
+    size_t last = 0; /* index of the last line kept */
+    for (size_t i = 0; i < n; i++)
+        if (add || keep[i])
+            last = i;
+    for (size_t i = 0; i < n; i++) {
+        size_t l = end[i] - start[i];
+        if (!add && !keep[i])
+            continue;
+        if (o + l + 16 > cap)
+            return -1;
+        memcpy(out + o, in + start[i], l);
+        /* The separator says whether more lines follow: set it for the new shape. */
+        bool more = add ? (i < n - 1 || (!has && n == 1)) : i < last;
+        out[o + 3] = more ? '-' : ' ';
+        o += l;
+        if (add && !has && i == 0) {
+            static const char ins[] = "250-STARTTLS\r\n", tail[] = "250 STARTTLS\r\n";
+            const char *line = n == 1 ? tail : ins;
+            memcpy(out + o, line, sizeof(ins) - 1);
+            o += sizeof(ins) - 1;
+        }
+    }
+    return (ssize_t)o;
+}

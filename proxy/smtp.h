@@ -51,6 +51,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #define SMTP_DEFAULT_MAX_LINE 4096 /* bytes per command line, CRLF included */
 #define SMTP_MIN_MAX_LINE 16       /* smaller limits are raised to this */
@@ -257,5 +258,16 @@ struct smtp_server {
  * stored). */
 size_t smtp_server_parse(struct smtp_server *p, const char *buf, size_t len, uint64_t now_ns,
                          struct smtp_server_event *ev);
+
+/* --- EHLO replies ----------------------------------------------------------------------- */
+
+/* Rewrites one complete EHLO reply (raw bytes as the server sent them) for a proxy that
+ * terminates STARTTLS itself: add=true offers STARTTLS (a second line "250-STARTTLS", or a
+ * single-line reply made multi-line) unless it already is; add=false removes every STARTTLS
+ * line. Every other line, the first included, keeps its bytes; only the separator after a code
+ * changes where the last line changes. Returns the length written to out (cap bytes), or -1
+ * when out is too small or the input is not a well-formed 250 reply: the caller then forwards
+ * the reply as it is. */
+ssize_t smtp_ehlo_rewrite(const char *in, size_t len, bool add, char *out, size_t cap);
 
 #endif /* MXPROXY_SMTP_H */

@@ -23,7 +23,12 @@ static const struct smtp_pairs_local_answer {
                             "[invalid line]"},
     [SMTP_LOCAL_SMUGGLING] = {554, "5.7.0", "Message rejected: bare CR or LF around end of data",
                               "."},
+    /* These three keep the command's own text in the log. */
+    [SMTP_LOCAL_STARTTLS] = {220, "2.0.0", "Ready to start TLS", NULL},
+    [SMTP_LOCAL_NEED_TLS] = {530, "5.7.0", "Must issue a STARTTLS command first", NULL},
+    [SMTP_LOCAL_TLS_ACTIVE] = {503, "5.5.1", "TLS already active", NULL},
 };
+
 
 size_t smtp_pairs_room(const struct smtp_pairs *pp)
 {
@@ -423,6 +428,8 @@ bool smtp_pairs_take_local(struct smtp_pairs *pp, uint64_t now_ns, struct smtp_p
     if (e.local == SMTP_LOCAL_SMUGGLING) {
         smtp_pairs_judge(pp, out);
         smtp_pairs_tx_reset(pp);
+    } else if (e.local == SMTP_LOCAL_NEED_TLS) {
+        smtp_pairs_judge(pp, out); /* a refused MAIL fails the transaction */
     }
     return true;
 }
@@ -436,4 +443,12 @@ bool smtp_pairs_abort(struct smtp_pairs *pp, struct smtp_pair *out)
     smtp_pairs_remove(pp, 0, &e);
     smtp_pairs_fill(out, SMTP_PAIR_ABORTED, &e, NULL);
     return true;
+}
+
+int smtp_pairs_answer_locally(struct smtp_pairs *pp, enum smtp_local local)
+{
+    if (pp->count == 0)
+        return -ENOENT;
+    smtp_pairs_at(pp, pp->count - 1)->local = local;
+    return 0;
 }

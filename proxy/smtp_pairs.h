@@ -57,6 +57,9 @@ enum smtp_local {
     SMTP_LOCAL_TOO_LONG,  /* 500 5.5.2 Line too long */
     SMTP_LOCAL_INVALID,   /* 500 5.5.2 Bare CR or LF / NUL in command line */
     SMTP_LOCAL_SMUGGLING, /* 554 5.7.0 message rejected: then send 421 and close */
+    SMTP_LOCAL_STARTTLS,  /* 220 2.0.0 Ready to start TLS (mxproxy terminates TLS) */
+    SMTP_LOCAL_NEED_TLS,  /* 530 5.7.0 Must issue a STARTTLS command first */
+    SMTP_LOCAL_TLS_ACTIVE, /* 503 5.5.1 TLS already active */
 };
 
 #define SMTP_PAIR_F_PIPELINED 0x01u /* sent while an earlier reply was still outstanding */
@@ -155,6 +158,12 @@ void smtp_pairs_attach(struct smtp_pairs *pp, struct smtp_pairs_entry *q);
 /* Takes the storage back when no command is outstanding and returns it; returns NULL (and
  * keeps it) otherwise, or when none is attached. */
 struct smtp_pairs_entry *smtp_pairs_detach(struct smtp_pairs *pp);
+
+/* Makes the command just recorded (the newest entry, from an SMTP_EV_COMMAND)
+ * one that mxproxy answers itself with local's answer, in order with the
+ * server's replies; the caller does not forward it. Returns 0, or -ENOENT
+ * when no entry is outstanding. */
+int smtp_pairs_answer_locally(struct smtp_pairs *pp, enum smtp_local local);
 
 /* Free FIFO entries, 0 without storage. 0 means: do not parse more client bytes until a reply
  * arrives (or, without storage, until storage is attached). */

@@ -834,6 +834,45 @@ static void test_server_timing(void)
     ASSERT_EQ(ev.reply->t_first, 300);
 }
 
+static void expect_ehlo(const char *in, bool add, const char *want)
+{
+    char out[512];
+    ssize_t n = smtp_ehlo_rewrite(in, strlen(in), add, out, sizeof(out));
+    if (want == NULL) {
+        ASSERT_EQ(n, -1);
+        return;
+    }
+    ASSERT(n >= 0);
+    ASSERT_MEMEQ(out, (size_t)n, want, strlen(want));
+}
+
+static void test_ehlo_rewrite(void)
+{
+    /* Offered before TLS: a second line, everything else byte for byte. */
+    expect_ehlo("250-mx.example ESMTP hi\r\n250-PIPELINING\r\n250 8BITMIME\r\n", true,
+                "250-mx.example ESMTP hi\r\n250-STARTTLS\r\n250-PIPELINING\r\n250 "
+                "8BITMIME\r\n");
+    expect_ehlo("250 mx.example\r\n", true, "250-mx.example\r\n250 STARTTLS\r\n");
+    /* Already offered: unchanged. */
+    expect_ehlo("250-mx\r\n250-starttls\r\n250 SIZE 10\r\n", true,
+                "250-mx\r\n250-starttls\r\n250 SIZE 10\r\n");
+    /* Removed after TLS, wherever it stands. */
+    expect_ehlo("250-mx\r\n250-STARTTLS\r\n250 SIZE 10\r\n", false,
+                "250-mx\r\n250 SIZE 10\r\n");
+    expect_ehlo("250-mx\r\n250-SIZE 10\r\n250 STARTTLS\r\n", false,
+                "250-mx\r\n250 SIZE 10\r\n");
+    expect_ehlo("250-mx\r\n250 STARTTLS\r\n", false, "250 mx\r\n");
+    expect_ehlo("250-mx\r\n250 STARTTLSX\r\n", false, "250-mx\r\n250 STARTTLSX\r\n");
+    /* The first line is the server's name, never a capability. */
+    expect_ehlo("250 STARTTLS\r\n", false, "250 STARTTLS\r\n");
+    /* Not a 250 reply, or cut short: left alone. */
+    expect_ehlo("550 no\r\n", true, NULL);
+    expect_ehlo("250-mx\r\n250 SIZE", true, NULL);
+    expect_ehlo("", true, NULL);
+    char out[8];
+    ASSERT_EQ(smtp_ehlo_rewrite("250 mx\r\n", 8, true, out, sizeof(out)), -1);
+}
+
 int main(void)
 {
     test_simple_session();
@@ -852,6 +891,7 @@ int main(void)
     test_server_replies();
     test_server_garbage();
     test_server_timing();
+    test_ehlo_rewrite();
     printf("test_smtp: ok\n");
     return 0;
 }
