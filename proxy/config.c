@@ -1518,14 +1518,7 @@ int config_check_supported(const struct config *c, char *err, size_t errlen)
     }
     for (size_t i = 0; i < c->n_listeners; i++) {
         const struct config_listener *l = &c->listeners[i];
-        int line = l->tls_line > 0 ? l->tls_line : l->line;
 
-        if (l->client_tls == CONFIG_CLIENT_TLS_STARTTLS ||
-            l->backend_tls == CONFIG_BACKEND_TLS_STARTTLS) {
-            snprintf(err, errlen, "%s:%d: listener '%s': STARTTLS termination %s", c->path, line,
-                     l->name, later);
-            return -ENOTSUP;
-        }
         if (l->transparent != CONFIG_TRANSPARENT_OFF ||
             l->proxy_protocol != CONFIG_PROXY_PROTOCOL_OFF || l->accept_proxy_protocol ||
             l->xclient || l->mark != 0) {

@@ -329,6 +329,8 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         return;
     case RELAY_EV_TLS_READY:
         session_log_tls(s, up);
+        if (!up && s->smtp != NULL)
+            session_smtp_backend_tls_ready(s);
         return;
     case RELAY_EV_TLS_ERR:
         session_tls_failed(s, up, status);

@@ -12,6 +12,7 @@
 #include "session-t.h"
 #include "smtp.h"
 #include "smtp_pairs.h"
+#include "tls.h"
 #include "worker.h"
 
 #define SMTP_LINE_LOG_MAX 512 /* transcript=full: bytes of a server line kept */
@@ -38,15 +39,47 @@ struct session_smtp {
     char *sline;                 /* transcript=full: the server line being read */
     size_t sline_len;            /* bytes in sline (capped at SMTP_LINE_LOG_MAX) */
     char primary[96];            /* a primary error mxproxy made up, "" if none */
+    char *ehlo;                  /* an EHLO reply being gathered for rewriting */
+    size_t ehlo_len;             /* bytes in ehlo */
+    char *replay;                /* backend STARTTLS: the client's first EHLO, sent after TLS */
+    size_t replay_len;           /* bytes in replay */
+    unsigned bstate;             /* SESSION_SMTP_B_*: the backend STARTTLS exchange */
 };
 
 #define SESSION_SMTP_F_OPAQUE 0x01u    /* STARTTLS passed through: bytes are TLS now */
 #define SESSION_SMTP_F_ENDING 0x02u    /* a final answer was sent; nothing more is parsed */
 #define SESSION_SMTP_F_SLINE_CUT 0x04u /* sline was longer than SMTP_LINE_LOG_MAX */
+#define SESSION_SMTP_F_TLS 0x08u       /* client_tls = starttls and the client did STARTTLS */
+#define SESSION_SMTP_F_SWITCHED 0x10u  /* TLS began in the middle of a read: drop the rest */
+#define SESSION_SMTP_F_DROP_BDAT 0x20u /* the current BDAT was refused: drop its chunk */
+
+#define SESSION_SMTP_EHLO_MAX 4096 /* an EHLO reply longer than this is not rewritten */
+
+/* backend_tls = starttls: mxproxy's own exchange with the backend, at the
+ * client's first EHLO; each state has sent one line and waits for its reply. */
+enum {
+    SESSION_SMTP_B_IDLE = 0,  /* nothing sent (or backend STARTTLS not configured) */
+    SESSION_SMTP_B_EHLO,      /* our EHLO is out: is STARTTLS offered? */
+    SESSION_SMTP_B_STARTTLS,  /* STARTTLS is out: 220 starts the handshake */
+    SESSION_SMTP_B_HANDSHAKE, /* the TLS handshake runs */
+    SESSION_SMTP_B_DONE,      /* TLS is up; the client's EHLO went out inside it */
+};
 
 static uint64_t session_smtp_now(void)
 {
     return uv_hrtime();
+}
+
+static enum smtp_smuggling session_smtp_smuggling(const struct config_listener *cl)
+{
+    switch (cl->smuggling) {
+    case CONFIG_SMUGGLING_NORMALIZE:
+        return SMTP_SMUGGLING_NORMALIZE;
+    case CONFIG_SMUGGLING_OFF:
+        return SMTP_SMUGGLING_OFF;
+    default:
+        return SMTP_SMUGGLING_REJECT;
+    }
 }
 
 /* ---- FIFO storage --------------------------------------------------------------------- */
@@ -329,6 +362,94 @@ static int session_smtp_carry(struct session *s, const char *p, size_t len)
     return 0;
 }
 
+static bool session_smtp_tls_active(const struct session *s)
+{
+    return s->client_tls != NULL;
+}
+
+static void session_smtp_log_injection(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    struct log_line l;
+
+    if (m->injected > 0 && log_enabled(LOG_WARN)) {
+        log_begin(&l, LOG_WARN, "starttls_injection");
+        log_sid(&l, s->id);
+        log_uint(&l, "bytes", m->injected);
+        log_end(&l);
+    }
+    m->injected = 0;
+}
+
+static void session_smtp_send_backend(struct session *s, const char *line, size_t len)
+{
+    if (session_smtp_logs_lines(s))
+        session_smtp_log_line(s, "proxy", line, len >= 2 ? len - 2 : len, false);
+    (void)relay_send_copy(&s->up, line, len); /* a failure closes through on_event */
+}
+
+/* Decides whether a client event goes to the backend, where mxproxy itself
+ * terminates STARTTLS, requires TLS, or talks STARTTLS to the backend. The
+ * event is already recorded in the FIFO. */
+static bool session_smtp_intercept(struct session *s, const struct smtp_event *ev)
+{
+    struct session_smtp *m = s->smtp;
+    const struct config_listener *cl = s->cl;
+
+    if (ev->type == SMTP_EV_BDAT_DATA || ev->type == SMTP_EV_BDAT_END) {
+        bool drop = (m->flags & SESSION_SMTP_F_DROP_BDAT) != 0;
+        if (ev->type == SMTP_EV_BDAT_END)
+            m->flags &= ~SESSION_SMTP_F_DROP_BDAT;
+        return !drop;
+    }
+    if (ev->type != SMTP_EV_COMMAND)
+        return true;
+    if (cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS) {
+        if (ev->cmd == SMTP_CMD_STARTTLS) {
+            (void)smtp_pairs_answer_locally(
+                &m->pp, session_smtp_tls_active(s) ? SMTP_LOCAL_TLS_ACTIVE : SMTP_LOCAL_STARTTLS);
+            return false;
+        }
+        if (cl->require_tls && !session_smtp_tls_active(s) &&
+            (ev->cmd == SMTP_CMD_MAIL || ev->cmd == SMTP_CMD_RCPT || ev->cmd == SMTP_CMD_DATA ||
+             ev->cmd == SMTP_CMD_AUTH || ev->cmd == SMTP_CMD_BDAT)) {
+            (void)smtp_pairs_answer_locally(&m->pp, SMTP_LOCAL_NEED_TLS);
+            if (ev->cmd == SMTP_CMD_BDAT)
+                m->flags |= SESSION_SMTP_F_DROP_BDAT;
+            return false;
+        }
+    }
+    if (cl->backend_tls == CONFIG_BACKEND_TLS_STARTTLS && m->bstate != SESSION_SMTP_B_DONE &&
+        ev->cmd != SMTP_CMD_EHLO && ev->cmd != SMTP_CMD_HELO && ev->cmd != SMTP_CMD_QUIT &&
+        ev->cmd != SMTP_CMD_NOOP && ev->cmd != SMTP_CMD_RSET) {
+        /* Nothing that matters crosses to the backend before its TLS is up. */
+        (void)smtp_pairs_answer_locally(&m->pp, SMTP_LOCAL_NEED_TLS);
+        if (ev->cmd == SMTP_CMD_BDAT)
+            m->flags |= SESSION_SMTP_F_DROP_BDAT;
+        return false;
+    }
+    if (m->bstate == SESSION_SMTP_B_IDLE && cl->backend_tls == CONFIG_BACKEND_TLS_STARTTLS &&
+        (ev->cmd == SMTP_CMD_EHLO || ev->cmd == SMTP_CMD_HELO)) {
+        /* Keep the client's EHLO for after TLS; ask the backend for STARTTLS now. */
+        char line[SMTP_PAIRS_NAME_MAX + 16];
+        int n = snprintf(line, sizeof(line), "EHLO %.*s\r\n",
+                         (int)(ev->arg_len < SMTP_PAIRS_NAME_MAX ? ev->arg_len : 0), ev->arg);
+        free(m->replay);
+        m->replay = malloc(ev->fwd_len);
+        if (m->replay == NULL)
+            return false; /* nothing is sent: the idle timeout ends the session */
+        memcpy(m->replay, ev->fwd, ev->fwd_len);
+        m->replay_len = ev->fwd_len;
+        m->bstate = SESSION_SMTP_B_EHLO;
+        m->ehlo_len = 0;
+        session_smtp_send_backend(s, line, (size_t)(n > 7 ? n : 0));
+        if (n <= 7)
+            session_smtp_send_backend(s, "EHLO mxproxy\r\n", 14);
+        return false;
+    }
+    return true;
+}
+
 /* Parses client bytes b[off, end): forwards what the parser says to forward,
  * keeps the rest. The caller keeps its own reference to b. */
 static void session_smtp_client_bytes(struct session *s, struct relay_block *b, size_t off,
@@ -361,12 +482,27 @@ static void session_smtp_client_bytes(struct session *s, struct relay_block *b, 
             session_smtp_hold(s, b, off, end);
             break;
         }
-        if (ev.fwd_len > 0)
-            rc = session_smtp_out_add(s, b, &out, ev.fwd, ev.fwd_len);
         (void)smtp_pairs_on_client_event(&m->pp, &ev, now); /* room was checked */
+        bool forward = session_smtp_intercept(s, &ev);
+        if (forward && ev.fwd_len > 0)
+            rc = session_smtp_out_add(s, b, &out, ev.fwd, ev.fwd_len);
         off += n;
         session_smtp_client_event(s, &ev);
+        if (m->bstate == SESSION_SMTP_B_EHLO && m->held == NULL) {
+            /* Backend STARTTLS first: the rest waits until TLS is up. */
+            if (rc == 0)
+                rc = session_smtp_out_flush(s, b, &out);
+            session_smtp_hold(s, b, off, end);
+            break;
+        }
         session_smtp_answer_locals(s);
+        if (m->flags & SESSION_SMTP_F_SWITCHED) {
+            /* Plaintext after STARTTLS in this read is never parsed inside TLS. */
+            m->flags &= ~SESSION_SMTP_F_SWITCHED;
+            m->injected += end - off;
+            session_smtp_log_injection(s);
+            break;
+        }
     }
     if (rc == 0)
         rc = session_smtp_out_flush(s, b, &out);
@@ -413,6 +549,27 @@ static void session_smtp_resume_client(struct session *s)
     }
 }
 
+/* The client got "220 Ready to start TLS": everything it sends from now on
+ * is TLS. */
+static void session_smtp_start_client_tls(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (tls_conn_new(&s->client_tls, s->cl->tls_server, NULL) != 0) {
+        session_close(s, SESSION_END_CLIENT_RESET, "out of memory");
+        return;
+    }
+    session_wire_tls(s);
+    m->flags |= SESSION_SMTP_F_TLS | SESSION_SMTP_F_SWITCHED;
+    /* RFC 3207: forget what the client said in plaintext. */
+    s->up.carry_len = 0;
+    smtp_client_init(&m->cp, &(struct smtp_client_opts){
+                                 .max_line_length = s->cl->max_line_length,
+                                 .smuggling = session_smtp_smuggling(s->cl),
+                             });
+    session_smtp_log_injection(s);
+}
+
 /* Answers, in order, the lines mxproxy refused itself. */
 static void session_smtp_answer_locals(struct session *s)
 {
@@ -425,6 +582,12 @@ static void session_smtp_answer_locals(struct session *s)
         snprintf(text, sizeof(text), "%d %s %.*s", p.code, p.esc, (int)p.text_len, p.text);
         session_smtp_say(s, text);
         session_smtp_log_pair(s, &p);
+        /* A refused DATA or AUTH ends the parser's wait for the reply. */
+        smtp_client_on_reply(&m->cp, p.cmd, p.code);
+        if (p.local == SMTP_LOCAL_STARTTLS) {
+            session_smtp_start_client_tls(s);
+            return;
+        }
         if (p.local == SMTP_LOCAL_SMUGGLING) {
             session_smtp_say(s, "421 4.7.0 mxproxy: closing connection after a smuggling attempt");
             m->flags |= SESSION_SMTP_F_ENDING;
@@ -483,7 +646,8 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
 /* The backend is gone or unusable: the oldest outstanding command gets
  * reply ("NNN X.Y.Z text", one line without CRLF) instead of a bare EOF, the others are
  * logged as never answered, and the session closes once the client has it. */
-static void session_smtp_abort(struct session *s, const char *reply, const char *error)
+static void session_smtp_abort(struct session *s, const char *reply, enum session_end end,
+                               const char *error)
 {
     struct session_smtp *m = s->smtp;
     struct smtp_pair p;
@@ -506,11 +670,22 @@ static void session_smtp_abort(struct session *s, const char *reply, const char 
         }
         session_smtp_log_pair(s, &p);
     }
+    if (first && !smtp_pairs_summary(&m->pp)->has_primary && m->primary[0] == '\0' &&
+        end == SESSION_END_TLS_ERROR) {
+        session_smtp_say(s, reply); /* nothing outstanding: the client still learns why */
+        snprintf(m->primary, sizeof(m->primary), "%s", reply);
+    }
+    session_close_after_flush(s, end, error);
+}
+
+/* end= for a backend that went away: who closed first decides. */
+static enum session_end session_smtp_backend_gone_end(struct session *s)
+{
     if (!(s->flags & SESSION_F_FIRST_CLOSE)) {
         s->flags |= SESSION_F_FIRST_CLOSE;
         s->first_close = SESSION_END_BACKEND_CLOSED;
     }
-    session_close_after_flush(s, s->first_close, error);
+    return s->first_close;
 }
 
 /* transcript=full: splits forwarded server bytes into lines. A 334
@@ -547,6 +722,106 @@ static void session_smtp_server_lines(struct session *s, const char *p, size_t l
 
 /* relay on_data for the backend direction: bytes go to the client as they
  * are; replies are matched on the way. */
+/* Appends backend bytes to the EHLO reply being gathered. Returns false
+ * when it grows past SESSION_SMTP_EHLO_MAX. */
+static bool session_smtp_gather(struct session *s, const char *p, size_t n)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (m->ehlo == NULL) {
+        m->ehlo = malloc(SESSION_SMTP_EHLO_MAX);
+        if (m->ehlo == NULL)
+            return false;
+    }
+    if (m->ehlo_len + n > SESSION_SMTP_EHLO_MAX)
+        return false;
+    memcpy(m->ehlo + m->ehlo_len, p, n);
+    m->ehlo_len += n;
+    return true;
+}
+
+/* Sends the gathered EHLO reply to the client, with STARTTLS offered before
+ * TLS and withdrawn after it (as it is, if it cannot be rewritten). */
+static void session_smtp_send_ehlo(struct session *s, int code)
+{
+    struct session_smtp *m = s->smtp;
+    char out[SESSION_SMTP_EHLO_MAX + 32];
+    ssize_t n = -1;
+
+    session_smtp_flush_down(s);
+    if (code == 250)
+        n = smtp_ehlo_rewrite(m->ehlo, m->ehlo_len, !session_smtp_tls_active(s), out, sizeof(out));
+    if (n >= 0)
+        (void)relay_send_copy(&s->down, out, (size_t)n);
+    else
+        (void)relay_send_copy(&s->down, m->ehlo, m->ehlo_len);
+    m->ehlo_len = 0;
+}
+
+/* backend_tls = starttls went wrong: say why, then 421 4.7.0 to the client. */
+static void session_smtp_backend_starttls_failed(struct session *s, const char *reason)
+{
+    struct log_line l;
+
+    log_begin(&l, LOG_WARN, "tls_error");
+    log_sid(&l, s->id);
+    log_str(&l, "side", "backend");
+    log_str(&l, "reason", reason);
+    log_end(&l);
+    session_smtp_backend_tls_failed(s, reason);
+}
+
+/* One reply of mxproxy's own exchange with the backend (backend_tls =
+ * starttls); it is never forwarded nor paired. */
+static void session_smtp_backend_step(struct session *s, const struct smtp_reply *r)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (m->bstate == SESSION_SMTP_B_EHLO) {
+        bool offered = r->code == 250 && smtp_ehlo_offers_starttls(m->ehlo, m->ehlo_len);
+        m->ehlo_len = 0;
+        if (!offered) {
+            session_smtp_backend_starttls_failed(s, "backend does not offer STARTTLS");
+            return;
+        }
+        m->bstate = SESSION_SMTP_B_STARTTLS;
+        session_smtp_send_backend(s, "STARTTLS\r\n", 10);
+        return;
+    }
+    if (r->code != 220) {
+        session_smtp_backend_starttls_failed(s, "backend refused STARTTLS");
+        return;
+    }
+    if (tls_conn_new(&s->backend_tls, s->cl->tls_client, s->cl->backend_sni) != 0) {
+        session_close(s, SESSION_END_BACKEND_RESET, "out of memory");
+        return;
+    }
+    m->bstate = SESSION_SMTP_B_HANDSHAKE;
+    session_wire_tls(s);
+    int hs = tls_handshake(s->backend_tls); /* the ClientHello */
+    relay_tls_flush(&s->up);
+    if (hs < 0) {
+        const char *why = tls_error_reason(s->backend_tls);
+        session_smtp_backend_starttls_failed(s, why != NULL ? why : "TLS failure");
+    }
+}
+
+void session_smtp_backend_tls_ready(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (m->bstate != SESSION_SMTP_B_HANDSHAKE)
+        return;
+    m->bstate = SESSION_SMTP_B_DONE;
+    /* The client's EHLO, inside TLS now; its reply is the client's. */
+    session_smtp_send_backend(s, m->replay, m->replay_len);
+    free(m->replay);
+    m->replay = NULL;
+    session_smtp_resume_client(s);
+}
+
+/* relay on_data for the backend direction: bytes go to the client as they
+ * are; replies are matched on the way. */
 static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block *b, size_t len)
 {
     struct session *s = d->owner;
@@ -560,12 +835,36 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
     while (off < len && !(m->flags & SESSION_SMTP_F_OPAQUE) && !(s->flags & SESSION_F_CLOSING)) {
         struct smtp_server_event ev;
         size_t n = smtp_server_parse(&m->sp, b->data + off, len - off, now, &ev);
+        bool own = m->bstate == SESSION_SMTP_B_EHLO || m->bstate == SESSION_SMTP_B_STARTTLS;
+        bool gather = own || (s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS &&
+                              smtp_pairs_oldest(&m->pp) == SMTP_CMD_EHLO);
 
         if (session_smtp_logs_lines(s))
             session_smtp_server_lines(s, b->data + off, n);
+        if (gather) {
+            session_smtp_flush_down(s); /* earlier replies first */
+            if (!session_smtp_gather(s, b->data + off, n)) {
+                /* Too long to rewrite: what was gathered goes out as it came. */
+                if (!own) {
+                    (void)relay_send_copy(&s->down, m->ehlo, m->ehlo_len);
+                    m->ehlo_len = 0;
+                    m->down_start = off;
+                }
+                gather = false;
+            } else {
+                m->down_start = off + n;
+            }
+        }
         off += n;
         m->down_end = off;
         if (ev.type == SMTP_SEV_REPLY) {
+            if (own) {
+                session_smtp_backend_step(s, ev.reply);
+                m->down_start = m->down_end = len; /* anything after it is not ours to send */
+                break;
+            }
+            if (gather)
+                session_smtp_send_ehlo(s, ev.reply->code);
             session_smtp_on_reply(s, ev.reply);
         } else if (ev.type == SMTP_SEV_GARBAGE) {
             /* Replies can no longer be matched to commands: stop here. */
@@ -579,11 +878,13 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
             session_smtp_flush_down(s);
             session_drop_backend(s);
             session_smtp_abort(s, "421 4.4.2 mxproxy: backend protocol error",
+                               session_smtp_backend_gone_end(s),
                                "backend sent a line that is not an SMTP reply");
             break;
         }
     }
-    m->down_end = len; /* after STARTTLS passthrough the rest is TLS: forward it too */
+    if (m->down_end < len && (m->flags & SESSION_SMTP_F_OPAQUE))
+        m->down_end = len; /* after STARTTLS passthrough the rest is TLS: forward it too */
     if (!(s->flags & SESSION_F_CLOSING))
         session_smtp_flush_down(s);
     m->down = NULL;
@@ -592,26 +893,16 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
 
 void session_smtp_on_backend_eof(struct session *s)
 {
-    session_smtp_abort(s, "421 4.4.2 mxproxy: backend closed the connection", NULL);
+    session_smtp_abort(s, "421 4.4.2 mxproxy: backend closed the connection",
+                       session_smtp_backend_gone_end(s), NULL);
 }
 
 void session_smtp_backend_tls_failed(struct session *s, const char *reason)
 {
-    static const char reply[] =
-        "421 4.7.0 mxproxy: TLS with the mail server failed, try again later";
-    struct session_smtp *m = s->smtp;
-    struct smtp_pair p;
-
     session_drop_backend(s);
-    relay_hold(&s->up);
-    m->flags |= SESSION_SMTP_F_ENDING;
-    /* The greeting may not even have come: answer whoever waits, once. */
-    session_smtp_say(s, reply);
-    while (smtp_pairs_abort(&m->pp, &p))
-        session_smtp_log_pair(s, &p);
-    if (!smtp_pairs_summary(&m->pp)->has_primary && m->primary[0] == '\0')
-        snprintf(m->primary, sizeof(m->primary), "%s", reply);
-    session_close_after_flush(s, SESSION_END_TLS_ERROR, reason);
+    /* Never a plaintext downgrade: whoever waits gets 421, once. */
+    session_smtp_abort(s, "421 4.7.0 mxproxy: TLS with the mail server failed, try again later",
+                       SESSION_END_TLS_ERROR, reason);
 }
 
 /* ---- session hooks ------------------------------------------------------------------- */
@@ -649,6 +940,8 @@ void session_smtp_free(struct session *s)
     }
     free(m->carry);
     free(m->sline);
+    free(m->ehlo);
+    free(m->replay);
     free(m);
     s->smtp = NULL;
 }

@@ -44,6 +44,10 @@ void session_smtp_on_backend_eof(struct session *s);
  * plaintext downgrade), then the session closes with end=tls_error. */
 void session_smtp_backend_tls_failed(struct session *s, const char *reason);
 
+/* The backend's TLS handshake completed: with backend_tls = starttls the
+ * client's EHLO now goes out inside TLS and the client is read again. */
+void session_smtp_backend_tls_ready(struct session *s);
+
 /* Ends the session with a 421 reply to the client, for timeouts and drain. */
 void session_smtp_goodbye(struct session *s, enum session_end end);
 

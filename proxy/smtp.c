@@ -795,6 +795,20 @@ static bool smtp_ehlo_is_starttls(const char *line, size_t len)
     return true;
 }
 
+bool smtp_ehlo_offers_starttls(const char *in, size_t len)
+{
+    size_t pos = 0;
+
+    for (unsigned i = 0; pos < len; i++) {
+        const char *lf = memchr(in + pos, '\n', len - pos);
+        size_t end = lf != NULL ? (size_t)(lf - in) + 1 : len;
+        if (i > 0 && smtp_ehlo_is_starttls(in + pos, end - pos))
+            return true;
+        pos = end;
+    }
+    return false;
+}
+
 ssize_t smtp_ehlo_rewrite(const char *in, size_t len, bool add, char *out, size_t cap)
 {
     size_t start[SMTP_EHLO_MAX_LINES], end[SMTP_EHLO_MAX_LINES];

@@ -270,4 +270,7 @@ size_t smtp_server_parse(struct smtp_server *p, const char *buf, size_t len, uin
  * the reply as it is. */
 ssize_t smtp_ehlo_rewrite(const char *in, size_t len, bool add, char *out, size_t cap);
 
+/* True when a raw EHLO reply lists STARTTLS among its capabilities (not on its first line). */
+bool smtp_ehlo_offers_starttls(const char *in, size_t len);
+
 #endif /* MXPROXY_SMTP_H */

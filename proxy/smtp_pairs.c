@@ -29,7 +29,6 @@ static const struct smtp_pairs_local_answer {
     [SMTP_LOCAL_TLS_ACTIVE] = {503, "5.5.1", "TLS already active", NULL},
 };
 
-
 size_t smtp_pairs_room(const struct smtp_pairs *pp)
 {
     return pp->q != NULL ? SMTP_PAIRS_CAP - pp->count : 0;

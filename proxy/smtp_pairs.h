@@ -54,11 +54,11 @@ enum smtp_pair_kind {
 /* Why the proxy answers a line itself, and the answer smtp_pairs_take_local() suggests. */
 enum smtp_local {
     SMTP_LOCAL_NONE = 0,
-    SMTP_LOCAL_TOO_LONG,  /* 500 5.5.2 Line too long */
-    SMTP_LOCAL_INVALID,   /* 500 5.5.2 Bare CR or LF / NUL in command line */
-    SMTP_LOCAL_SMUGGLING, /* 554 5.7.0 message rejected: then send 421 and close */
-    SMTP_LOCAL_STARTTLS,  /* 220 2.0.0 Ready to start TLS (mxproxy terminates TLS) */
-    SMTP_LOCAL_NEED_TLS,  /* 530 5.7.0 Must issue a STARTTLS command first */
+    SMTP_LOCAL_TOO_LONG,   /* 500 5.5.2 Line too long */
+    SMTP_LOCAL_INVALID,    /* 500 5.5.2 Bare CR or LF / NUL in command line */
+    SMTP_LOCAL_SMUGGLING,  /* 554 5.7.0 message rejected: then send 421 and close */
+    SMTP_LOCAL_STARTTLS,   /* 220 2.0.0 Ready to start TLS (mxproxy terminates TLS) */
+    SMTP_LOCAL_NEED_TLS,   /* 530 5.7.0 Must issue a STARTTLS command first */
     SMTP_LOCAL_TLS_ACTIVE, /* 503 5.5.1 TLS already active */
 };
 

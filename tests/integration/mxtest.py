@@ -23,6 +23,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -913,16 +914,273 @@ class SmtpSink:
 
 
 # --------------------------------------------------------------------------
+# TLS: certificates made with the openssl CLI, TLS clients and backends
+
+OPENSSL = "/usr/bin/openssl"
+
+
+class CertPair:
+    """A PEM certificate and its key on disk. der: the certificate in DER, to
+    tell which one a peer presented."""
+
+    def __init__(self, cert, key, names):
+        self.cert = cert
+        self.key = key
+        self.names = list(names)
+        with open(cert) as f:
+            self.der = ssl.PEM_cert_to_DER_cert(f.read())
+
+
+def _openssl(*args, cwd=None):
+    r = subprocess.run([OPENSSL] + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, cwd=cwd, timeout=20)
+    if r.returncode != 0:
+        raise AssertionError("openssl %s failed: %s" % (" ".join(args), r.stderr.decode()))
+    return r.stdout
+
+
+_EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
+class TestPKI:
+    """A throw-away CA and EC P-256 leaf certificates under dir.
+
+        ca         the CA certificate (clients and backend_ca trust it)
+        mx         CN and SAN mx.example.test, signed by the CA
+        other      CN and SAN *.other.test, signed by the CA
+        untrusted  CN and SAN mx.example.test, self-signed
+
+    leaf() and self_signed() make more (each call a new key)."""
+
+    def __init__(self, dir):
+        self.dir = dir
+        self._n = 0
+        self.ca_key = os.path.join(dir, "ca.key")
+        self.ca = os.path.join(dir, "ca.pem")
+        _openssl("req", "-x509", "-new", *_EC, "-keyout", self.ca_key, "-out", self.ca,
+                 "-days", "3", "-subj", "/CN=mxproxy test CA",
+                 "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        self.mx = self.leaf("mx.example.test")
+        self.other = self.leaf("*.other.test")
+        self.untrusted = self.self_signed("mx.example.test")
+
+    def _paths(self, name):
+        self._n += 1
+        base = os.path.join(self.dir, "%02d-%s" % (self._n, name.replace("*", "star")))
+        return base + ".pem", base + ".key"
+
+    def leaf(self, name, *more_names, ips=(), file_name=None):
+        """A certificate for name (CN and first SAN), more_names and the IP
+        addresses ips (iPAddress SANs), signed by the CA."""
+        cert, key = self._paths(file_name or name)
+        names = (name,) + more_names
+        ext = cert + ".ext"
+        sans = ["DNS:" + n for n in names] + ["IP:" + a for a in ips]
+        with open(ext, "w") as f:
+            f.write("subjectAltName=%s\n" % ",".join(sans)
+                    + "basicConstraints=critical,CA:FALSE\n"
+                    + "keyUsage=critical,digitalSignature\n"
+                    + "extendedKeyUsage=serverAuth\n"
+                    + "subjectKeyIdentifier=hash\n"
+                    + "authorityKeyIdentifier=keyid\n")
+        csr = cert + ".csr"
+        _openssl("req", "-new", *_EC, "-keyout", key, "-out", csr, "-subj", "/CN=" + name)
+        _openssl("x509", "-req", "-in", csr, "-CA", self.ca, "-CAkey", self.ca_key,
+                 "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "3",
+                 "-extfile", ext, "-out", cert)
+        return CertPair(cert, key, names)
+
+    def self_signed(self, name):
+        cert, key = self._paths("self-" + name)
+        _openssl("req", "-x509", "-new", *_EC, "-keyout", key, "-out", cert, "-days", "3",
+                 "-subj", "/CN=" + name, "-addext", "subjectAltName=DNS:" + name)
+        return CertPair(cert, key, [name])
+
+
+_PKI = None
+_PKI_LOCK = threading.Lock()
+
+
+def pki():
+    """The TestPKI of this test run, made on first use in a temporary
+    directory that is removed when the process exits."""
+    global _PKI
+    with _PKI_LOCK:
+        if _PKI is None:
+            import atexit
+            d = tempfile.mkdtemp(prefix="mxtest-pki-")
+            atexit.register(shutil.rmtree, d, True)
+            _PKI = TestPKI(d)
+        return _PKI
+
+
+def client_context(ca=None, check_hostname=True, min_version=None, max_version=None):
+    """An ssl client context trusting ca (default: the test CA); ca=False
+    verifies nothing."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca is False:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx.load_verify_locations(ca or pki().ca)
+        ctx.check_hostname = check_hostname
+    if min_version is not None:
+        ctx.minimum_version = min_version
+    if max_version is not None:
+        ctx.maximum_version = max_version
+    return ctx
+
+
+def server_context(pair, min_version=None):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pair.cert, pair.key)
+    if min_version is not None:
+        ctx.minimum_version = min_version
+    return ctx
+
+
+def peer_cn(tls_sock):
+    """The subject CN of the certificate tls_sock's peer presented (verified
+    or not)."""
+    der = tls_sock.getpeercert(binary_form=True)
+    text = subprocess.run([OPENSSL, "x509", "-inform", "DER", "-noout", "-subject",
+                           "-nameopt", "sep_multiline"], input=der, stdout=subprocess.PIPE,
+                          timeout=10, check=True).stdout.decode()
+    m = re.search(r"^\s*CN=(.*)$", text, re.M)
+    return m.group(1) if m else None
+
+
+class TlsClient(Client):
+    """A Client whose socket is wrapped in TLS. tls=True: at once (implicit
+    TLS); tls=False: later, with start_tls() (after STARTTLS)."""
+
+    def __init__(self, port, ctx=None, server_hostname=None, timeout=5.0, tls=True):
+        super().__init__(port, timeout)
+        self.ctx = ctx or client_context(check_hostname=False)
+        self.server_hostname = server_hostname
+        if tls:
+            self.start_tls()
+
+    def start_tls(self):
+        """Handshakes over the connection; what was read in plaintext and not
+        consumed must be nothing (an injected reply would show here)."""
+        if self.buf:
+            raise AssertionError("plaintext bytes before the TLS handshake: %r" % self.buf)
+        self.sock = self.ctx.wrap_socket(self.sock, server_hostname=self.server_hostname)
+        return self.sock
+
+    def _fill(self, deadline):
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            data = self.sock.recv(65536)
+            self.buf += data
+            self.received += data
+            return bool(data) or self._eof()
+        try:
+            return super()._fill(deadline)
+        except ssl.SSLEOFError:
+            return self._eof()
+
+    def _eof(self):
+        self.eof = True
+        return False
+
+
+class TlsSmtpBackend(ScriptedSmtpBackend):
+    """A ScriptedSmtpBackend that speaks TLS with pair (a CertPair).
+
+    tls="implicit": the handshake comes first, then the greeting inside TLS.
+    tls="starttls": STARTTLS is answered 220, then the connection is wrapped
+    and SMTP goes on inside TLS (EHLO, MAIL, ...); what the client had sent
+    after STARTTLS in plaintext is kept in rec.injected, not executed.
+
+    Per connection also: rec.tls (version/cipher), rec.sni (the server name the
+    client sent, or None), rec.tls_error (why a handshake failed).
+    rec.commands and rec.received hold plaintext, before and inside TLS."""
+
+    def __init__(self, name="tlsmx", pair=None, tls="implicit", min_version=None, **kw):
+        self.pair = pair or pki().mx
+        self.tls_mode = tls
+        self.ctx = server_context(self.pair, min_version)
+        self.ctx.sni_callback = self._on_sni
+        self._local = threading.local()
+        super().__init__(name, **kw)
+
+    def _on_sni(self, sslobj, name, ctx):
+        rec = getattr(self._local, "rec", None)
+        if rec is not None:
+            rec.sni = name
+        return None
+
+    def wrap(self, rec):
+        self._local.rec = rec
+        rec.sock.settimeout(5)
+        rec.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            rec.sock = self.ctx.wrap_socket(rec.sock, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            rec.tls_error = e
+            raise
+        rec.tls = "%s/%s" % (rec.sock.version(), rec.sock.cipher()[0])
+        return rec.sock
+
+    def recv(self, rec, n=262144):
+        if isinstance(rec.sock, ssl.SSLSocket) and rec.sock.pending():
+            data = rec.sock.recv(n)
+            rec.rx += len(data)
+            if self.keep_bytes:
+                rec.received += data
+            return data
+        try:
+            return super().recv(rec, n)
+        except ssl.SSLEOFError:
+            rec.t_eof = time.monotonic()
+            rec.eof.set()
+            return b""
+
+    def handle(self, rec):
+        rec.sni = None
+        rec.tls = None
+        rec.tls_error = None
+        rec.injected = None
+        if self.tls_mode == "implicit":
+            self.wrap(rec)
+        super().handle(rec)
+
+    def default(self, backend, rec, line):
+        if self.tls_mode == "starttls" and line.upper() == b"STARTTLS":
+            if isinstance(rec.sock, ssl.SSLSocket):
+                self.send(rec, b"503 5.5.1 TLS already active\r\n")
+                return None
+            self.send(rec, b"220 2.0.0 Ready to start TLS\r\n")
+            rec.injected, rec.buf = rec.buf, b""
+            self.wrap(rec)
+            return None
+        return super().default(backend, rec, line)
+
+    def finish(self, rec, timeout=2.0):
+        if isinstance(rec.sock, ssl.SSLSocket):
+            try:
+                rec.sock = rec.sock.unwrap()  # close_notify, then the FIN
+            except (ssl.SSLError, OSError):
+                pass
+        super().finish(rec, timeout)
+
+
+# --------------------------------------------------------------------------
 # Configuration
 
 
 def listener(name, listen, backends, **opts):
-    """One [listener NAME] section. backends: list of 'ip:port' or one string."""
+    """One [listener NAME] section. backends: list of 'ip:port' or one string.
+    An option given as a list or tuple is written once per item, in order
+    (cert = A / cert = B)."""
     if not isinstance(backends, str):
         backends = ",".join(backends)
     lines = ["[listener %s]" % name, "listen = %s" % listen, "backend = %s" % backends]
     for k, v in opts.items():
-        lines.append("%s = %s" % (k, v))
+        for item in (v if isinstance(v, (list, tuple)) else [v]):
+            lines.append("%s = %s" % (k, item))
     return "\n".join(lines) + "\n"
 
 

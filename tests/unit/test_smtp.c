@@ -857,10 +857,8 @@ static void test_ehlo_rewrite(void)
     expect_ehlo("250-mx\r\n250-starttls\r\n250 SIZE 10\r\n", true,
                 "250-mx\r\n250-starttls\r\n250 SIZE 10\r\n");
     /* Removed after TLS, wherever it stands. */
-    expect_ehlo("250-mx\r\n250-STARTTLS\r\n250 SIZE 10\r\n", false,
-                "250-mx\r\n250 SIZE 10\r\n");
-    expect_ehlo("250-mx\r\n250-SIZE 10\r\n250 STARTTLS\r\n", false,
-                "250-mx\r\n250 SIZE 10\r\n");
+    expect_ehlo("250-mx\r\n250-STARTTLS\r\n250 SIZE 10\r\n", false, "250-mx\r\n250 SIZE 10\r\n");
+    expect_ehlo("250-mx\r\n250-SIZE 10\r\n250 STARTTLS\r\n", false, "250-mx\r\n250 SIZE 10\r\n");
     expect_ehlo("250-mx\r\n250 STARTTLS\r\n", false, "250 mx\r\n");
     expect_ehlo("250-mx\r\n250 STARTTLSX\r\n", false, "250-mx\r\n250 STARTTLSX\r\n");
     /* The first line is the server's name, never a capability. */
@@ -871,6 +869,10 @@ static void test_ehlo_rewrite(void)
     expect_ehlo("", true, NULL);
     char out[8];
     ASSERT_EQ(smtp_ehlo_rewrite("250 mx\r\n", 8, true, out, sizeof(out)), -1);
+    ASSERT(smtp_ehlo_offers_starttls("250-mx\r\n250-STARTTLS\r\n250 8BITMIME\r\n", 35));
+    ASSERT(smtp_ehlo_offers_starttls("250-mx\r\n250 starttls\r\n", 22));
+    ASSERT(!smtp_ehlo_offers_starttls("250 STARTTLS\r\n", 14));
+    ASSERT(!smtp_ehlo_offers_starttls("250-mx\r\n250 STARTTLSX\r\n", 23));
 }
 
 int main(void)
