@@ -840,6 +840,8 @@ static int config_parse_path(struct config_parser *p, const struct config_key *k
     char **field = (char **)(void *)((char *)config_cur_listener(p) + k->offset);
 
     free(*field);
+    if (k->offset == CONFIG_L(backend_ca))
+        config_cur_listener(p)->backend_ca_line = p->lineno;
     *field = strdup(value);
     if (*field == NULL) {
         config_fail_nomem(p);
@@ -881,6 +883,7 @@ static int config_parse_cert(struct config_parser *p, const struct config_key *k
         l->certs[*count].line = p->lineno;
     } else {
         l->certs[*count].key = copy;
+        l->certs[*count].key_line = p->lineno;
     }
     (*count)++;
     return 0;
@@ -1347,17 +1350,39 @@ static void config_load_tls(struct config_parser *p, struct config_listener *l)
 
     if (l->n_certs > 0) {
         struct tls_cert_pair pairs[CONFIG_CERTS_MAX];
-        for (size_t i = 0; i < l->n_certs; i++)
+        for (size_t i = 0; i < l->n_certs; i++) {
+            struct tls_ctx *one;
             pairs[i] = (struct tls_cert_pair){l->certs[i].cert, l->certs[i].key};
+            /* Each pair alone first, so a message names the line at fault. */
+            if (tls_server_ctx_new(&one, &pairs[i], 1, version, err, sizeof(err)) != 0) {
+                /* An unreadable key is the key line's fault; a mismatch the pair's. */
+                bool key = strncmp(err, "key ", 4) == 0 && strstr(err, "does not match") == NULL;
+                int line = key ? l->certs[i].key_line : l->certs[i].line;
+                config_fail(p, -EINVAL, line, "listener '%s': %s", l->name, err);
+                return;
+            }
+            tls_ctx_unref(one);
+        }
         if (tls_server_ctx_new(&l->tls_server, pairs, l->n_certs, version, err, sizeof(err)) != 0) {
             config_fail(p, -EINVAL, l->certs[0].line, "listener '%s': %s", l->name, err);
             return;
         }
     }
-    if (l->backend_tls != CONFIG_BACKEND_TLS_OFF &&
-        tls_client_ctx_new(&l->tls_client, l->backend_verify != 0, l->backend_ca, version, err,
+    if (l->backend_tls == CONFIG_BACKEND_TLS_OFF)
+        return;
+    if (l->backend_ca != NULL) {
+        FILE *f = fopen(l->backend_ca, "r");
+        if (f == NULL) {
+            config_fail(p, -EINVAL, l->backend_ca_line, "listener '%s': backend_ca %s: %s", l->name,
+                        l->backend_ca, strerror(errno));
+            return;
+        }
+        fclose(f);
+    }
+    if (tls_client_ctx_new(&l->tls_client, l->backend_verify != 0, l->backend_ca, version, err,
                            sizeof(err)) != 0)
-        config_fail(p, -EINVAL, l->tls_line, "listener '%s': %s", l->name, err);
+        config_fail(p, -EINVAL, l->backend_ca != NULL ? l->backend_ca_line : l->tls_line,
+                    "listener '%s': %s", l->name, err);
 }
 
 /* Allocates the per-backend state sessions update at run time, and the
@@ -1512,20 +1537,12 @@ int config_check_supported(const struct config *c, char *err, size_t errlen)
 {
     static const char later[] = "is not supported by this version of mxproxy yet";
 
-    if (c->has_admin) {
-        snprintf(err, errlen, "%s: 'admin' %s", c->path, later);
-        return -ENOTSUP;
-    }
     for (size_t i = 0; i < c->n_listeners; i++) {
         const struct config_listener *l = &c->listeners[i];
 
-        if (l->transparent != CONFIG_TRANSPARENT_OFF ||
-            l->proxy_protocol != CONFIG_PROXY_PROTOCOL_OFF || l->accept_proxy_protocol ||
-            l->xclient || l->mark != 0) {
-            snprintf(err, errlen,
-                     "%s:%d: listener '%s': transparent, mark, proxy_protocol, "
-                     "accept_proxy_protocol and xclient %s",
-                     c->path, l->line, l->name, later);
+        if (l->xclient) {
+            snprintf(err, errlen, "%s:%d: listener '%s': xclient %s", c->path, l->line, l->name,
+                     later);
             return -ENOTSUP;
         }
     }

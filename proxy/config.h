@@ -92,9 +92,10 @@ enum config_proxy_protocol {
 
 /* One certificate and its key, for client-side TLS; the first is the default. */
 struct config_cert {
-    char *cert; /* PEM file, chain allowed */
-    char *key;  /* PEM file */
-    int line;   /* line of the "cert" key, for messages */
+    char *cert;   /* PEM file, chain allowed */
+    char *key;    /* PEM file */
+    int line;     /* line of the "cert" key, for messages */
+    int key_line; /* line of the "key" key */
 };
 
 /* One resolved socket address plus the text it was written as. */
@@ -139,6 +140,7 @@ struct config_listener {
     unsigned backend_tls;               /* enum config_backend_tls, "backend_tls" */
     unsigned backend_verify;            /* "backend_verify" on/off, default on */
     char *backend_ca;                   /* "backend_ca", NULL: the system's CAs */
+    int backend_ca_line;                /* its line, for messages */
     char *backend_sni;                  /* "backend_sni", NULL: no SNI, no name check */
     int tls_line;                       /* line of the first TLS key, for messages */
     unsigned transparent;               /* enum config_transparent, "transparent" */

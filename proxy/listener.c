@@ -2,6 +2,9 @@
 #include "listener.h"
 
 #include <errno.h>
+#include <linux/netfilter_ipv4.h>
+#include <linux/netfilter_ipv6/ip6_tables.h>
+#include <netinet/in.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 
@@ -52,6 +55,8 @@ int listener_open(struct worker *w, const struct config_listener *cl, struct lis
     rc = uv_fileno((uv_handle_t *)&l->handle, &fd);
     if (rc == 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)
         rc = -errno;
+    if (rc == 0 && cl->transparent == CONFIG_TRANSPARENT_TPROXY)
+        rc = listener_set_transparent(fd, sa->sa_family);
     /* IPv6 listeners take IPv6 only: [::]:25 beside 0.0.0.0:25 must not
      * silently split IPv4 traffic between two listeners. */
     if (rc == 0)
@@ -64,6 +69,31 @@ int listener_open(struct worker *w, const struct config_listener *cl, struct lis
     }
     *out = l;
     return 0;
+}
+
+int listener_set_transparent(int fd, int family)
+{
+    int one = 1;
+    int rc = family == AF_INET6 ? setsockopt(fd, SOL_IPV6, IPV6_TRANSPARENT, &one, sizeof(one))
+                                : setsockopt(fd, SOL_IP, IP_TRANSPARENT, &one, sizeof(one));
+    return rc == 0 ? 0 : -errno;
+}
+
+int listener_original_dst(int fd, bool tproxy, struct sockaddr_storage *out)
+{
+    socklen_t len = sizeof(*out);
+
+    /* After HAProxy's sock_inet_get_dst(): TPROXY keeps the original
+     * destination as the socket's local address; REDIRECT rewrote it, and
+     * conntrack remembers the original. */
+    if (getsockname(fd, (struct sockaddr *)out, &len) != 0)
+        return -errno;
+    if (tproxy)
+        return 0;
+    len = sizeof(*out);
+    int rc = out->ss_family == AF_INET6 ? getsockopt(fd, SOL_IPV6, IP6T_SO_ORIGINAL_DST, out, &len)
+                                        : getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, out, &len);
+    return rc == 0 ? 0 : -errno;
 }
 
 void listener_close(struct listener *l)

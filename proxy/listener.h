@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <sys/socket.h>
 #include <uv.h>
 
 struct config_listener;
@@ -27,6 +28,17 @@ struct listener {
  * stores the listener in *out (not yet linked into w->listeners). On failure
  * returns a negative UV_E* code and closes what it opened. */
 int listener_open(struct worker *w, const struct config_listener *cl, struct listener **out);
+
+/* The address a transparently intercepted connection (accepted socket fd)
+ * was meant for: with REDIRECT (transparent = redirect) the conntrack entry's
+ * original destination (SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST for IPv6),
+ * with TPROXY the socket's own local address. Returns 0 or -errno. */
+int listener_original_dst(int fd, bool tproxy, struct sockaddr_storage *out);
+
+/* Marks a socket for IP_TRANSPARENT (IPV6_TRANSPARENT), so it may bind to
+ * or accept for addresses that are not local (TPROXY). Needs CAP_NET_ADMIN.
+ * Returns 0 or -errno. */
+int listener_set_transparent(int fd, int family);
 
 /* Closes the socket; the listener is freed in its close callback. */
 void listener_close(struct listener *l);

@@ -426,6 +426,39 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
     relay_deliver(d, b, carried + (size_t)nread);
 }
 
+void relay_inject(struct relay_dir *d, const char *p, size_t len)
+{
+    while (len > 0 && !(d->flags & RELAY_F_STOPPED)) {
+        struct relay_block *b = relay_block_get(d->pool);
+        size_t c = d->on_data != NULL && d->src_tls == NULL ? d->carry_len : 0;
+        size_t n;
+
+        if (b == NULL) {
+            d->on_event(d, RELAY_EV_READ_ERR, UV_ENOBUFS);
+            return;
+        }
+        if (c > 0)
+            memcpy(b->data, d->carry, c);
+        n = len < RELAY_BLOCK_SIZE - c ? len : RELAY_BLOCK_SIZE - c;
+        memcpy(b->data + c, p, n);
+        p += n;
+        len -= n;
+        if (d->src_tls != NULL) {
+            int rc = tls_feed(d->src_tls, b->data, n);
+            relay_block_unref(d->pool, b);
+            if (rc != 0) {
+                relay_tls_flush(d->rev);
+                d->on_event(d, RELAY_EV_TLS_ERR, rc);
+                return;
+            }
+            relay_tls_drain(d);
+            continue;
+        }
+        d->bytes += n;
+        relay_deliver(d, b, c + n);
+    }
+}
+
 void relay_init(struct relay_dir *d, uv_stream_t *src, uv_stream_t *dst, struct relay_pool *pool,
                 relay_event_cb on_event, void *owner)
 {

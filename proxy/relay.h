@@ -142,6 +142,11 @@ int relay_shutdown_dst(struct relay_dir *d);
 void relay_block_ref(struct relay_block *b);
 void relay_block_unref(struct relay_pool *pool, struct relay_block *b);
 
+/* Processes len bytes as if they had just been read from src (bytes that
+ * arrived before the relay was set up): decrypted if src speaks TLS, then
+ * delivered. */
+void relay_inject(struct relay_dir *d, const char *p, size_t len);
+
 /* Sends whatever ciphertext d->dst_tls has for d->dst (handshake messages,
  * alerts, a close_notify). */
 void relay_tls_flush(struct relay_dir *d);

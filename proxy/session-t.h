@@ -15,6 +15,7 @@
 #include "session.h"
 #include "sockaddr.h"
 
+struct proxyproto_parser;
 struct session_smtp;
 struct tls_conn;
 struct worker;
@@ -24,33 +25,39 @@ static_assert(CONFIG_BACKENDS_MAX <= 64, "session.tried holds one bit per backen
 #define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 struct session {
-    uv_tcp_t client;                     /* accepted socket; data -> up (relay) */
-    uv_tcp_t backend;                    /* outgoing socket; data -> down (relay) */
-    uv_timer_t timer;                    /* connect timeout, then idle timeout */
-    uv_connect_t connect_req;            /* the backend connect in flight */
-    struct relay_dir up;                 /* client -> backend */
-    struct relay_dir down;               /* backend -> client */
-    struct worker *w;                    /* owning worker; sessions never migrate */
-    struct config *cfg;                  /* reference held for the session's life */
-    const struct config_listener *cl;    /* this session's listener, inside cfg */
-    struct session *prev, *next;         /* w->sessions list */
-    uint64_t id;                         /* sid= */
-    uint64_t t_accept;                   /* uv_hrtime() at accept */
-    uint64_t t_connect;                  /* uv_hrtime() when the current connect began */
-    uint64_t connected_at;               /* uv_now() when the backend connected */
-    unsigned flags;                      /* SESSION_F_* */
-    unsigned open_handles;               /* uv handles not yet through their close_cb */
-    unsigned rr_start;                   /* round-robin position: where the search starts */
-    unsigned cur;                        /* index of the backend tried last, with tries > 0 */
-    unsigned tries;                      /* backends tried so far */
-    uint64_t tried;                      /* bit i: backend i was tried */
-    int last_error;                      /* last connect error, for end=connect_failed */
-    enum session_end first_close;        /* who closed first, valid with SESSION_F_FIRST_CLOSE */
-    enum session_end pending_end;        /* close_after_flush: the end= to log */
-    const char *pending_error;           /* close_after_flush: the error= to log, static text */
-    struct session_smtp *smtp;           /* mode smtp state, NULL in mode tcp */
-    struct tls_conn *client_tls;         /* TLS with the client, or NULL */
-    struct tls_conn *backend_tls;        /* TLS with the backend, or NULL */
+    uv_tcp_t client;                   /* accepted socket; data -> up (relay) */
+    uv_tcp_t backend;                  /* outgoing socket; data -> down (relay) */
+    uv_timer_t timer;                  /* connect timeout, then idle timeout */
+    uv_connect_t connect_req;          /* the backend connect in flight */
+    struct relay_dir up;               /* client -> backend */
+    struct relay_dir down;             /* backend -> client */
+    struct worker *w;                  /* owning worker; sessions never migrate */
+    struct config *cfg;                /* reference held for the session's life */
+    const struct config_listener *cl;  /* this session's listener, inside cfg */
+    struct session *prev, *next;       /* w->sessions list */
+    uint64_t id;                       /* sid= */
+    uint64_t t_accept;                 /* uv_hrtime() at accept */
+    uint64_t t_connect;                /* uv_hrtime() when the current connect began */
+    uint64_t connected_at;             /* uv_now() when the backend connected */
+    unsigned flags;                    /* SESSION_F_* */
+    unsigned open_handles;             /* uv handles not yet through their close_cb */
+    unsigned rr_start;                 /* round-robin position: where the search starts */
+    unsigned cur;                      /* index of the backend tried last, with tries > 0 */
+    unsigned tries;                    /* backends tried so far */
+    uint64_t tried;                    /* bit i: backend i was tried */
+    int last_error;                    /* last connect error, for end=connect_failed */
+    enum session_end first_close;      /* who closed first, valid with SESSION_F_FIRST_CLOSE */
+    enum session_end pending_end;      /* close_after_flush: the end= to log */
+    const char *pending_error;         /* close_after_flush: the error= to log, static text */
+    struct session_smtp *smtp;         /* mode smtp state, NULL in mode tcp */
+    struct tls_conn *client_tls;       /* TLS with the client, or NULL */
+    struct tls_conn *backend_tls;      /* TLS with the backend, or NULL */
+    struct sockaddr_storage client_sa; /* the client: the peer, or what a PROXY header said */
+    struct sockaddr_storage orig_dst; /* where the client meant to go (transparent), or AF_UNSPEC */
+    struct config_addr dst_backend;   /* backend = original_dst: orig_dst as a backend */
+    struct proxyproto_parser *pp_in;  /* accept_proxy_protocol: header being read */
+    char *early;                      /* client bytes that followed the PROXY header */
+    size_t early_len;                 /* their number */
     char client_addr[SOCKADDR_TEXT_MAX]; /* client= */
 };
 
@@ -61,6 +68,8 @@ struct session {
 #define SESSION_F_COUNTED 0x10u     /* counted in the listener's active sessions */
 #define SESSION_F_TIMED_OUT 0x20u   /* the current connect attempt timed out */
 #define SESSION_F_FLUSHING 0x40u    /* close_after_flush: waiting for the client FIN */
+#define SESSION_F_PP_WAIT 0x100u    /* reading the load balancer's PROXY header */
+#define SESSION_F_PP_SENT 0x200u    /* the PROXY header went to the backend */
 #define SESSION_F_NO_BACKEND 0x80u  /* the backend was dropped on purpose; no retry */
 
 #define SESSION_TLS_HANDSHAKE_MS 5000 /* a client TLS handshake must finish within this */
@@ -78,6 +87,10 @@ void session_close_after_flush(struct session *s, enum session_end end, const ch
  * client's decrypts up and encrypts down, the backend's the reverse. Call
  * after relay_init and whenever one of them appears (STARTTLS). */
 void session_wire_tls(struct session *s);
+
+/* The name to send as SNI and verify in the backend's certificate, or NULL;
+ * buf (cap bytes) may hold it. */
+const char *session_backend_name(const struct session *s, char *buf, size_t cap);
 
 /* Closes the backend connection with a reset, so it discards whatever it was
  * receiving (an unfinished message), without ending the session. */

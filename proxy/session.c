@@ -5,12 +5,14 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 #include <uv.h>
@@ -18,6 +20,7 @@
 #include "config.h"
 #include "listener.h"
 #include "log.h"
+#include "proxyproto.h"
 #include "relay.h"
 #include "sockaddr.h"
 #include "tls.h"
@@ -36,6 +39,8 @@ static const char *const session_end_names[] = {
     [SESSION_END_CLIENT_EOF_WITHOUT_QUIT] = "client_eof_without_quit",
     [SESSION_END_SMUGGLING] = "smuggling",
     [SESSION_END_TLS_ERROR] = "tls_error",
+    [SESSION_END_PROXY_PROTOCOL_ERROR] = "proxy_protocol_error",
+    [SESSION_END_LOOP] = "loop",
 };
 
 const char *session_end_name(enum session_end end)
@@ -72,8 +77,12 @@ static const char *session_client_addr(struct session *s)
 
     if (s->client_addr[0] != '\0')
         return s->client_addr;
-    if (uv_tcp_getpeername(&s->client, (struct sockaddr *)&peer, &peerlen) == 0)
-        sockaddr_format((const struct sockaddr *)&peer, s->client_addr, sizeof(s->client_addr));
+    if (s->client_sa.ss_family == AF_UNSPEC &&
+        uv_tcp_getpeername(&s->client, (struct sockaddr *)&peer, &peerlen) == 0)
+        s->client_sa = peer;
+    if (s->client_sa.ss_family != AF_UNSPEC)
+        sockaddr_format((const struct sockaddr *)&s->client_sa, s->client_addr,
+                        sizeof(s->client_addr));
     else
         snprintf(s->client_addr, sizeof(s->client_addr), "-");
     return s->client_addr;
@@ -92,6 +101,8 @@ static void session_maybe_free(struct session *s)
         s->next->prev = s->prev;
     atomic_fetch_sub(&w->n_sessions, 1);
     session_smtp_free(s);
+    free(s->pp_in);
+    free(s->early);
     tls_conn_free(s->client_tls);
     tls_conn_free(s->backend_tls);
     config_unref(s->cfg);
@@ -120,6 +131,9 @@ static const char *session_connect_error_text(int status)
 }
 
 static void session_connect_next(struct session *s);
+static unsigned session_n_backends(const struct session *s);
+static void session_pp_failed(struct session *s, const char *reason);
+static int session_send_proxy_header(struct session *s);
 
 static void session_on_backend_closed(uv_handle_t *h)
 {
@@ -131,7 +145,7 @@ static void session_on_backend_closed(uv_handle_t *h)
         return;
     }
     /* A failed attempt: try the next backend at once, or give up. */
-    if (s->tries < s->cl->n_backends) {
+    if (s->tries < session_n_backends(s)) {
         session_connect_next(s);
         return;
     }
@@ -147,7 +161,35 @@ static void session_on_backend_closed(uv_handle_t *h)
 
 static const struct config_addr *session_backend(const struct session *s)
 {
-    return &s->cl->backends[s->cur];
+    return s->cl->backend_original_dst ? &s->dst_backend : &s->cl->backends[s->cur];
+}
+
+/* The name a backend's certificate must carry: backend_sni, or else, when
+ * verifying, the address connected to (an IP address in the certificate). */
+const char *session_backend_name(const struct session *s, char *buf, size_t cap)
+{
+    if (s->cl->backend_sni != NULL)
+        return s->cl->backend_sni;
+    if (!s->cl->backend_verify)
+        return NULL;
+    const struct config_addr *b = session_backend(s);
+    const char *t = b->text;
+    size_t n = strlen(t);
+    const char *colon = strrchr(t, ':');
+    if (colon != NULL)
+        n = (size_t)(colon - t);
+    if (t[0] == '[' && n >= 2) {
+        t++;
+        n -= 2;
+    }
+    snprintf(buf, cap, "%.*s", (int)n, t);
+    return buf;
+}
+
+/* backend = original_dst has one backend per session: its destination. */
+static unsigned session_n_backends(const struct session *s)
+{
+    return s->cl->backend_original_dst ? 1 : (unsigned)s->cl->n_backends;
 }
 
 static uint64_t session_clock_ms(void)
@@ -164,6 +206,8 @@ static unsigned session_pick_backend(const struct session *s)
     uint64_t now = session_clock_ms();
     unsigned fallback = UINT32_MAX;
 
+    if (cl->backend_original_dst)
+        return s->tried != 0 ? UINT32_MAX : 0;
     for (unsigned k = 0; k < cl->n_backends; k++) {
         unsigned i = (s->rr_start + k) % (unsigned)cl->n_backends;
         if (s->tried & (UINT64_C(1) << i))
@@ -182,7 +226,7 @@ static void session_mark_backend_failed(const struct session *s)
     const struct config_listener *cl = s->cl;
     struct log_line l;
 
-    if (cl->fail_timeout_ms == 0)
+    if (cl->fail_timeout_ms == 0 || cl->backend_original_dst)
         return;
     uint64_t now = session_clock_ms();
     uint64_t prev = atomic_exchange_explicit(&cl->backend_retry_at[s->cur],
@@ -245,8 +289,8 @@ static void session_log_tls(struct session *s, bool client)
     log_sid(&l, s->id);
     log_str(&l, "side", client ? "client" : "backend");
     log_str(&l, "tls", session_tls_text(t, text, sizeof(text)));
-    if (tls_sni(t) != NULL)
-        log_str(&l, "sni", tls_sni(t));
+    if (tls_sni(t) != NULL && (client || s->cl->backend_sni != NULL))
+        log_str(&l, "sni", tls_sni(t)); /* an address checked in place of a name is no SNI */
     if (tls_session_reused(t))
         log_uint(&l, "resumed", 1);
     if (!client)
@@ -329,6 +373,9 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         return;
     case RELAY_EV_TLS_READY:
         session_log_tls(s, up);
+        if (up && s->cl->proxy_protocol != CONFIG_PROXY_PROTOCOL_OFF &&
+            !(s->flags & SESSION_F_PP_SENT))
+            (void)session_send_proxy_header(s); /* v2 with the TLS details */
         if (!up && s->smtp != NULL)
             session_smtp_backend_tls_ready(s);
         return;
@@ -393,6 +440,10 @@ static void session_on_timer(uv_timer_t *t)
         session_close(s, s->pending_end, s->pending_error);
         return;
     }
+    if (s->flags & SESSION_F_PP_WAIT) {
+        session_pp_failed(s, "timeout");
+        return;
+    }
     if (!(s->flags & SESSION_F_CONNECTED)) {
         s->flags |= SESSION_F_TIMED_OUT;
         session_connect_failed(s, UV_ETIMEDOUT);
@@ -432,7 +483,8 @@ static void session_on_connect(uv_connect_t *req, int status)
     }
     s->flags |= SESSION_F_CONNECTED;
     s->connected_at = uv_now(s->backend.loop);
-    if (atomic_load_explicit(&s->cl->backend_retry_at[s->cur], memory_order_relaxed) != 0)
+    if (!s->cl->backend_original_dst &&
+        atomic_load_explicit(&s->cl->backend_retry_at[s->cur], memory_order_relaxed) != 0)
         atomic_store_explicit(&s->cl->backend_retry_at[s->cur], 0, memory_order_relaxed);
     if (log_enabled(LOG_INFO)) {
         log_begin(&l, LOG_INFO, "connect");
@@ -445,8 +497,17 @@ static void session_on_connect(uv_connect_t *req, int status)
                session_on_relay_event, s);
     relay_init(&s->down, (uv_stream_t *)&s->backend, (uv_stream_t *)&s->client, &s->w->pool,
                session_on_relay_event, s);
+    /* With implicit client TLS a v2 header carries the TLS details: it goes
+     * out when the client's handshake is done (the backend waits for it
+     * before greeting, and the client cannot read the greeting before then). */
+    if (s->cl->proxy_protocol != CONFIG_PROXY_PROTOCOL_OFF &&
+        !(s->cl->proxy_protocol == CONFIG_PROXY_PROTOCOL_V2 && s->client_tls != NULL) &&
+        session_send_proxy_header(s) != 0)
+        return; /* closed through on_event */
+    char host[SOCKADDR_TEXT_MAX];
     if (s->cl->backend_tls == CONFIG_BACKEND_TLS_IMPLICIT &&
-        tls_conn_new(&s->backend_tls, s->cl->tls_client, s->cl->backend_sni) != 0) {
+        tls_conn_new(&s->backend_tls, s->cl->tls_client,
+                     session_backend_name(s, host, sizeof(host))) != 0) {
         session_close(s, SESSION_END_BACKEND_RESET, "out of memory");
         return;
     }
@@ -461,6 +522,13 @@ static void session_on_connect(uv_connect_t *req, int status)
         session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
         return;
     }
+    if (s->early != NULL) {
+        relay_inject(&s->up, s->early, s->early_len);
+        free(s->early);
+        s->early = NULL;
+        if (s->flags & SESSION_F_CLOSING)
+            return;
+    }
     if (s->backend_tls != NULL) {
         int hs = tls_handshake(s->backend_tls); /* the ClientHello */
         relay_tls_flush(&s->up);
@@ -472,26 +540,59 @@ static void session_on_connect(uv_connect_t *req, int status)
     uv_timer_start(&s->timer, session_on_timer, session_timer_ms(s, uv_now(s->backend.loop)), 0);
 }
 
+/* mark: SO_MARK, so iptables rules can exempt mxproxy's own connections
+ * (no loop through REDIRECT); source = client: the backend sees the
+ * client's address (TPROXY, IP_TRANSPARENT and a bind to it). */
+static int session_prepare_backend_socket(struct session *s, const struct config_addr *b)
+{
+    const struct config_listener *cl = s->cl;
+    uv_os_fd_t fd;
+
+    if (cl->mark == 0 && !cl->source_client)
+        return 0;
+    if (uv_fileno((uv_handle_t *)&s->backend, &fd) != 0)
+        return UV_EBADF;
+    if (cl->mark != 0) {
+        unsigned mark = cl->mark;
+        if (setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0)
+            return -errno;
+    }
+    if (cl->source_client && s->client_sa.ss_family == b->sa.ss_family) {
+        struct sockaddr_storage src = s->client_sa;
+        int rc = listener_set_transparent(fd, src.ss_family);
+        if (rc != 0)
+            return rc;
+        if (src.ss_family == AF_INET)
+            ((struct sockaddr_in *)&src)->sin_port = 0;
+        else
+            ((struct sockaddr_in6 *)&src)->sin6_port = 0;
+        return uv_tcp_bind(&s->backend, (const struct sockaddr *)&src, 0);
+    }
+    return 0;
+}
+
 static void session_connect_next(struct session *s)
 {
     const struct config_addr *b;
     int rc;
 
     unsigned next = session_pick_backend(s);
-    if (next >= s->cl->n_backends)
+    if (next >= session_n_backends(s))
         abort(); /* callers try only while an untried backend is left */
     s->cur = next;
     s->tried |= UINT64_C(1) << next;
     s->tries++;
     s->flags &= ~SESSION_F_TIMED_OUT;
     b = session_backend(s);
-    uv_tcp_init(&s->w->loop, &s->backend);
+    uv_tcp_init_ex(&s->w->loop, &s->backend, b->sa.ss_family); /* the socket now, for options */
     s->open_handles++;
     s->flags |= SESSION_F_BACKEND;
     s->t_connect = uv_hrtime();
     uv_tcp_nodelay(&s->backend, 1);
-    rc = uv_tcp_connect(&s->connect_req, &s->backend, (const struct sockaddr *)&b->sa,
-                        session_on_connect);
+    rc = session_prepare_backend_socket(s, b);
+    if (rc == 0)
+        rc = uv_tcp_connect(&s->connect_req, &s->backend, (const struct sockaddr *)&b->sa,
+                            session_on_connect);
     if (rc != 0) {
         session_connect_failed(s, rc);
         return;
@@ -594,6 +695,193 @@ static void session_drop_pending(struct listener *l)
     uv_close((uv_handle_t *)tmp, session_on_dropped_closed);
 }
 
+/* Learns where a transparently intercepted client meant to go, refusing
+ * connections that were not intercepted at all (their destination is this
+ * listener: mxproxy would connect to itself), then connects. */
+static void session_start_backend(struct session *s)
+{
+    const struct config_listener *cl = s->cl;
+    uv_os_fd_t fd;
+
+    if (cl->transparent != CONFIG_TRANSPARENT_OFF && s->orig_dst.ss_family == AF_UNSPEC) {
+        struct sockaddr_storage local;
+        socklen_t len = sizeof(local);
+        int rc = uv_fileno((uv_handle_t *)&s->client, &fd);
+        if (rc == 0)
+            rc = listener_original_dst(fd, cl->transparent == CONFIG_TRANSPARENT_TPROXY,
+                                       &s->orig_dst);
+        if (rc == 0 && getsockname(fd, (struct sockaddr *)&local, &len) != 0)
+            rc = -errno;
+        if (rc != 0) {
+            session_close(s, SESSION_END_CONNECT_FAILED, "no original destination");
+            return;
+        }
+        bool loop = cl->transparent == CONFIG_TRANSPARENT_TPROXY
+                        ? sockaddr_equal((const struct sockaddr *)&s->orig_dst,
+                                         (const struct sockaddr *)&cl->listen.sa)
+                        : sockaddr_equal((const struct sockaddr *)&s->orig_dst,
+                                         (const struct sockaddr *)&local);
+        if (loop) {
+            struct log_line l;
+            log_begin(&l, LOG_WARN, "loop");
+            log_sid(&l, s->id);
+            log_str(&l, "listener", cl->name);
+            char text[SOCKADDR_TEXT_MAX];
+            log_str(&l, "dst",
+                    sockaddr_format((const struct sockaddr *)&s->orig_dst, text, sizeof(text)));
+            log_end(&l);
+            session_close(s, SESSION_END_LOOP, "original destination is mxproxy itself");
+            return;
+        }
+    }
+    if (cl->backend_original_dst) {
+        s->dst_backend.sa = s->orig_dst;
+        s->dst_backend.salen = s->orig_dst.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                                                 : sizeof(struct sockaddr_in);
+        sockaddr_format((const struct sockaddr *)&s->orig_dst, s->dst_backend.text,
+                        sizeof(s->dst_backend.text));
+    }
+    session_connect_next(s);
+}
+
+/* ---- PROXY protocol ----------------------------------------------------------------- */
+
+static void session_pp_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    static _Thread_local char scratch[PROXYPROTO_V2_MAX + 512];
+    (void)h;
+    (void)suggested;
+    /* Read little: bytes after the header are kept in s->early. */
+    *buf = uv_buf_init(scratch, sizeof(scratch));
+}
+
+static void session_pp_failed(struct session *s, const char *reason)
+{
+    struct log_line l;
+
+    log_begin(&l, LOG_WARN, "proxy_protocol_error");
+    log_sid(&l, s->id);
+    log_str(&l, "listener", s->cl->name);
+    log_str(&l, "peer", session_client_addr(s));
+    log_str(&l, "reason", reason);
+    log_end(&l);
+    session_close(s, SESSION_END_PROXY_PROTOCOL_ERROR, reason);
+}
+
+static void session_pp_on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
+{
+    struct session *s = container_of(stream, struct session, client);
+    struct proxyproto_header hdr;
+    size_t used = 0;
+
+    if (nread == 0)
+        return;
+    if (nread < 0) {
+        session_pp_failed(s, nread == UV_EOF ? "closed before the PROXY header"
+                                             : uv_strerror((int)nread));
+        return;
+    }
+    enum proxyproto_status st = proxyproto_decode(s->pp_in, buf->base, (size_t)nread, &used, &hdr);
+    if (st == PROXYPROTO_NEED_MORE)
+        return;
+    if (st == PROXYPROTO_ERROR) {
+        session_pp_failed(s, proxyproto_strerror(proxyproto_error(s->pp_in)));
+        return;
+    }
+    uv_read_stop(stream);
+    uv_timer_stop(&s->timer);
+    s->flags &= ~SESSION_F_PP_WAIT;
+    char via[SOCKADDR_TEXT_MAX];
+    snprintf(via, sizeof(via), "%s", session_client_addr(s));
+    if (hdr.command == PROXYPROTO_CMD_PROXY && hdr.family != AF_UNSPEC) {
+        s->client_sa = hdr.src;
+        s->orig_dst = hdr.dst; /* where the client connected, for transparent setups */
+        s->client_addr[0] = '\0';
+    }
+    if (log_enabled(LOG_INFO)) {
+        struct log_line l;
+        log_begin(&l, LOG_INFO, "proxy_protocol");
+        log_sid(&l, s->id);
+        log_str(&l, "client", session_client_addr(s));
+        log_str(&l, "via", via);
+        log_uint(&l, "version", hdr.version);
+        log_end(&l);
+    }
+    /* Bytes after the header (a TLS ClientHello, say) wait for the relay. */
+    if ((size_t)nread > used) {
+        s->early_len = (size_t)nread - used;
+        s->early = malloc(s->early_len);
+        if (s->early == NULL) {
+            session_close(s, SESSION_END_CLIENT_RESET, "out of memory");
+            return;
+        }
+        memcpy(s->early, buf->base + used, s->early_len);
+    }
+    free(s->pp_in);
+    s->pp_in = NULL;
+    if (s->cl->transparent == CONFIG_TRANSPARENT_OFF)
+        s->orig_dst.ss_family = AF_UNSPEC; /* only a transparent listener trusts it as a target */
+    session_start_backend(s);
+}
+
+static void session_read_proxy_header(struct session *s)
+{
+    s->pp_in = calloc(1, sizeof(*s->pp_in));
+    if (s->pp_in == NULL) {
+        session_close(s, SESSION_END_CLIENT_RESET, "out of memory");
+        return;
+    }
+    s->flags |= SESSION_F_PP_WAIT;
+    int rc = uv_read_start((uv_stream_t *)&s->client, session_pp_alloc, session_pp_on_read);
+    if (rc != 0) {
+        session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
+        return;
+    }
+    uv_timer_start(&s->timer, session_on_timer, s->cl->proxy_protocol_timeout_ms, 0);
+}
+
+/* Tells the backend who the client is, before anything else it reads. */
+static int session_send_proxy_header(struct session *s)
+{
+    char hdr[PROXYPROTO_V2_MAX];
+    struct sockaddr_storage dst;
+    socklen_t len = sizeof(dst);
+    uv_os_fd_t fd;
+    int n;
+
+    s->flags |= SESSION_F_PP_SENT;
+    (void)session_client_addr(s); /* fills client_sa */
+    if (s->orig_dst.ss_family != AF_UNSPEC)
+        dst = s->orig_dst;
+    else if (uv_fileno((uv_handle_t *)&s->client, &fd) != 0 ||
+             getsockname(fd, (struct sockaddr *)&dst, &len) != 0)
+        dst.ss_family = AF_UNSPEC;
+    if (s->cl->proxy_protocol == CONFIG_PROXY_PROTOCOL_V1) {
+        n = proxyproto_encode_v1(hdr, sizeof(hdr), (const struct sockaddr *)&s->client_sa,
+                                 (const struct sockaddr *)&dst);
+    } else {
+        struct proxyproto_tls_info tls = {0};
+        struct proxyproto_v2_opts opts = {0};
+        if (s->client_tls != NULL && tls_handshake_done(s->client_tls)) {
+            tls.version = tls_version(s->client_tls);
+            tls.cipher = tls_cipher(s->client_tls);
+            tls.verify = 1; /* no client certificate was asked for */
+            opts.tls = &tls;
+            opts.authority = tls_sni(s->client_tls);
+        }
+        n = proxyproto_encode_v2(hdr, sizeof(hdr), (const struct sockaddr *)&s->client_sa,
+                                 (const struct sockaddr *)&dst, &opts);
+    }
+    if (n < 0)
+        return UV_EINVAL;
+    /* Raw, ahead of any TLS with the backend: the header is for its TCP side. */
+    struct tls_conn *tls = s->up.dst_tls;
+    s->up.dst_tls = NULL;
+    int rc = relay_send_copy(&s->up, hdr, (size_t)n);
+    s->up.dst_tls = tls;
+    return rc;
+}
+
 void session_accept(struct listener *l)
 {
     struct worker *w = l->w;
@@ -609,7 +897,7 @@ void session_accept(struct listener *l)
     s->cl = l->cl;
     s->id = session_next_id();
     s->t_accept = uv_hrtime();
-    s->rr_start = (unsigned)(l->rr++ % s->cl->n_backends);
+    s->rr_start = s->cl->n_backends > 0 ? (unsigned)(l->rr++ % s->cl->n_backends) : 0;
     uv_tcp_init(&w->loop, &s->client);
     uv_timer_init(&w->loop, &s->timer);
     s->open_handles = 2;
@@ -655,7 +943,11 @@ void session_accept(struct listener *l)
         session_wire_tls(s);
     }
     uv_tcp_nodelay(&s->client, 1);
-    session_connect_next(s);
+    if (s->cl->accept_proxy_protocol) {
+        session_read_proxy_header(s); /* the backend is chosen once we know the client */
+        return;
+    }
+    session_start_backend(s);
 }
 
 void session_close_all(struct worker *w)

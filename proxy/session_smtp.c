@@ -792,7 +792,9 @@ static void session_smtp_backend_step(struct session *s, const struct smtp_reply
         session_smtp_backend_starttls_failed(s, "backend refused STARTTLS");
         return;
     }
-    if (tls_conn_new(&s->backend_tls, s->cl->tls_client, s->cl->backend_sni) != 0) {
+    char host[SOCKADDR_TEXT_MAX];
+    if (tls_conn_new(&s->backend_tls, s->cl->tls_client,
+                     session_backend_name(s, host, sizeof(host))) != 0) {
         session_close(s, SESSION_END_BACKEND_RESET, "out of memory");
         return;
     }
