@@ -1085,22 +1085,58 @@ class TlsClient(Client):
         self.eof = True
         return False
 
+    def assert_open(self, wait=0.0):
+        """Asserts no application data arrives and the peer does not close
+        within wait seconds (TLS records without data, such as session
+        tickets, do not count)."""
+        if not isinstance(self.sock, ssl.SSLSocket):
+            return super().assert_open(wait)
+        if self.buf:
+            raise AssertionError("unexpected data %r" % self.buf)
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if not self.sock.pending():
+                r, _, _ = select.select([self.sock], [], [], max(0.0, left))
+                if not r:
+                    return
+            self.sock.settimeout(max(0.01, left))
+            try:
+                data = self.sock.recv(65536)
+            except (socket.timeout, ssl.SSLWantReadError):
+                if time.monotonic() >= deadline:
+                    return
+                continue
+            except ConnectionResetError:
+                raise AssertionError("connection was reset")
+            except ssl.SSLEOFError:
+                data = b""
+            if not data:
+                raise AssertionError("connection was closed by the peer")
+            self.buf += data
+            self.received += data
+            raise AssertionError("unexpected data %r" % data)
+
 
 class TlsSmtpBackend(ScriptedSmtpBackend):
     """A ScriptedSmtpBackend that speaks TLS with pair (a CertPair).
 
     tls="implicit": the handshake comes first, then the greeting inside TLS.
-    tls="starttls": STARTTLS is answered 220, then the connection is wrapped
-    and SMTP goes on inside TLS (EHLO, MAIL, ...); what the client had sent
-    after STARTTLS in plaintext is kept in rec.injected, not executed.
+    tls="starttls": STARTTLS is answered with ready (a 220), then the
+    connection is wrapped and SMTP goes on inside TLS (EHLO, MAIL, ...); what
+    the client had sent after STARTTLS in plaintext is kept in rec.injected,
+    not executed. Inside TLS, EHLO no longer offers STARTTLS (and STARTTLS
+    gets 503).
 
     Per connection also: rec.tls (version/cipher), rec.sni (the server name the
     client sent, or None), rec.tls_error (why a handshake failed).
     rec.commands and rec.received hold plaintext, before and inside TLS."""
 
-    def __init__(self, name="tlsmx", pair=None, tls="implicit", min_version=None, **kw):
+    def __init__(self, name="tlsmx", pair=None, tls="implicit", min_version=None,
+                 ready=b"220 2.0.0 Ready to start TLS\r\n", **kw):
         self.pair = pair or pki().mx
         self.tls_mode = tls
+        self.ready = ready
         self.ctx = server_context(self.pair, min_version)
         self.ctx.sni_callback = self._on_sni
         self._local = threading.local()
@@ -1148,11 +1184,17 @@ class TlsSmtpBackend(ScriptedSmtpBackend):
         super().handle(rec)
 
     def default(self, backend, rec, line):
+        if (self.tls_mode == "starttls" and isinstance(rec.sock, ssl.SSLSocket)
+                and line[:5].upper() == b"EHLO "):
+            exts = [self.name.encode()] + [e.encode() for e in self.ext if e != "STARTTLS"]
+            self.send(rec, b"".join(b"250-%s\r\n" % e for e in exts[:-1])
+                      + b"250 %s\r\n" % exts[-1])
+            return None
         if self.tls_mode == "starttls" and line.upper() == b"STARTTLS":
             if isinstance(rec.sock, ssl.SSLSocket):
                 self.send(rec, b"503 5.5.1 TLS already active\r\n")
                 return None
-            self.send(rec, b"220 2.0.0 Ready to start TLS\r\n")
+            self.send(rec, self.ready)
             rec.injected, rec.buf = rec.buf, b""
             self.wrap(rec)
             return None
