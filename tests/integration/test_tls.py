@@ -20,12 +20,13 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 import unittest
 
 import mxtest
-from mxtest import (HOST, MS, UINT, ADDR, Client, Like, TcpBackend, TlsClient, TlsSmtpBackend,
+from mxtest import (HOST, MS, UINT, ADDR, Like, TcpBackend, TlsClient, TlsSmtpBackend,
                     client_context, config, listener, pair, pki)
 
 TLS13 = "TLSv1.3/TLS_AES_256_GCM_SHA384"
@@ -700,7 +701,7 @@ class TlsConfigTest(unittest.TestCase):
     def setUp(self):
         if not os.access(mxtest.binary(), os.X_OK):
             self.fail("mxproxy binary not found or not executable: %s" % mxtest.binary())
-        self.dir = self.enterContext(__import__("tempfile").TemporaryDirectory(prefix="mxtest-"))
+        self.dir = self.enterContext(tempfile.TemporaryDirectory(prefix="mxtest-"))
         self.garbage = os.path.join(self.dir, "garbage.pem")
         with open(self.garbage, "w") as f:
             f.write("not a certificate\n")
