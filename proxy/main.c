@@ -9,8 +9,11 @@
 #include <sys/resource.h>
 #include <uv.h>
 
+#include "admin.h"
 #include "config.h"
 #include "log.h"
+#include "metrics.h"
+#include "sockaddr.h"
 #include "worker.h"
 
 /* State of the main thread; the workers reach it only through on_* hooks
@@ -23,10 +26,14 @@ static struct {
     const char *path;   /* -c FILE */
     struct worker *workers;
     unsigned n_workers;
-    bool draining;                /* SIGTERM/SIGINT seen once */
-    bool drain_logged;            /* ev=drain written */
-    atomic_uint listeners_closed; /* workers that closed their listeners */
-    atomic_uint exited;           /* workers whose loop ended */
+    bool draining;                 /* SIGTERM/SIGINT seen once */
+    bool drain_logged;             /* ev=drain written */
+    atomic_uint listeners_closed;  /* workers that closed their listeners */
+    atomic_uint exited;            /* workers whose loop ended */
+    struct admin *admin;           /* the admin endpoint, or NULL */
+    bool has_admin;                /* admin_addr is the address admin serves (or failed to) */
+    struct config_addr admin_addr; /* address of the current admin endpoint */
+    struct metrics **metrics;      /* &workers[i].metrics, for metrics_render */
 } mx;
 
 static void main_usage(FILE *out)
@@ -48,6 +55,85 @@ static unsigned main_active_sessions(void)
     for (unsigned i = 0; i < mx.n_workers; i++)
         n += atomic_load(&mx.workers[i].n_sessions);
     return n;
+}
+
+static bool main_admin_ready(void *arg)
+{
+    (void)arg;
+    return !mx.draining;
+}
+
+static size_t main_admin_render(void *arg, char *out, size_t cap)
+{
+    (void)arg;
+    return metrics_render(mx.metrics, mx.n_workers, out, cap);
+}
+
+static void main_log_admin(enum log_level lvl, const char *ev, const char *addr, int rc)
+{
+    struct log_line l;
+
+    if (!log_enabled(lvl))
+        return;
+    log_begin(&l, lvl, ev);
+    log_str(&l, "addr", addr);
+    if (rc != 0)
+        log_str(&l, "error", uv_strerror(rc));
+    log_end(&l);
+}
+
+static const struct admin_ops main_admin_ops = {
+    .ready = main_admin_ready,
+    .render = main_admin_render,
+};
+
+/* Starts the admin endpoint on addr into mx.admin and logs the outcome. */
+static int main_admin_bind(const struct config_addr *addr)
+{
+    int rc = admin_start(&mx.admin, mx.loop, addr, &main_admin_ops);
+    main_log_admin(rc == 0 ? LOG_INFO : LOG_ERROR, rc == 0 ? "admin_listen" : "admin_error",
+                   addr->text, rc);
+    return rc;
+}
+
+/* SIGHUP: follow a changed "admin" address. The new socket is bound before
+ * the old one closes, so scrapes see no gap; when the old socket holds the
+ * port (127.0.0.1:9180 -> 0.0.0.0:9180), it closes first. If the new address
+ * cannot be bound, the old one is kept (or bound again) and the next reload
+ * tries anew. */
+static void main_reload_admin(const struct config *next)
+{
+    struct admin *old = mx.admin;
+    int rc = 0;
+
+    if (next->has_admin == mx.has_admin && (!next->has_admin || mx.admin != NULL) &&
+        (!next->has_admin || sockaddr_equal((const struct sockaddr *)&next->admin.sa,
+                                            (const struct sockaddr *)&mx.admin_addr.sa)))
+        return;
+    mx.admin = NULL;
+    if (next->has_admin) {
+        rc = admin_start(&mx.admin, mx.loop, &next->admin, &main_admin_ops);
+        if (rc != 0 && old != NULL) {
+            admin_stop(old); /* it may hold the port */
+            old = NULL;
+            main_log_admin(LOG_INFO, "admin_unlisten", mx.admin_addr.text, 0);
+            rc = admin_start(&mx.admin, mx.loop, &next->admin, &main_admin_ops);
+        }
+    }
+    if (rc != 0) {
+        main_log_admin(LOG_ERROR, "admin_error", next->admin.text, rc);
+        if (mx.has_admin)
+            (void)main_admin_bind(&mx.admin_addr); /* back to the old address */
+        return;
+    }
+    if (old != NULL) {
+        admin_stop(old);
+        main_log_admin(LOG_INFO, "admin_unlisten", mx.admin_addr.text, 0);
+    }
+    if (next->has_admin)
+        main_log_admin(LOG_INFO, "admin_listen", next->admin.text, 0);
+    mx.has_admin = next->has_admin;
+    mx.admin_addr = next->admin;
 }
 
 static void main_reload(void)
@@ -73,6 +159,7 @@ static void main_reload(void)
                 "workers changed from %u to %u: takes effect after a restart", mx.n_workers,
                 next->workers);
     main_apply_logging(next);
+    main_reload_admin(next);
     for (unsigned i = 0; i < mx.n_workers; i++)
         worker_post_config(&mx.workers[i], next);
     config_unref(mx.cfg);
@@ -121,6 +208,9 @@ static void main_on_wake(uv_async_t *a)
         }
     }
     if (atomic_load(&mx.exited) == mx.n_workers) {
+        /* Last step: /readyz answered 503 through the whole drain. */
+        admin_stop(mx.admin);
+        mx.admin = NULL;
         uv_close((uv_handle_t *)&mx.sighup, NULL);
         uv_close((uv_handle_t *)&mx.sigterm, NULL);
         uv_close((uv_handle_t *)&mx.sigint, NULL);
@@ -160,9 +250,22 @@ static int main_run(void)
     uv_async_init(mx.loop, &mx.wake, main_on_wake);
     mx.n_workers = mx.cfg->workers;
     mx.workers = calloc(mx.n_workers, sizeof(*mx.workers));
-    if (mx.workers == NULL) {
+    mx.metrics = calloc(mx.n_workers, sizeof(*mx.metrics));
+    if (mx.workers == NULL || mx.metrics == NULL) {
         fprintf(stderr, "mxproxy: out of memory\n");
         return 1;
+    }
+    for (unsigned i = 0; i < mx.n_workers; i++)
+        mx.metrics[i] = &mx.workers[i].metrics;
+    /* Bound before the workers, so a bad admin address stops the start
+     * cleanly; it answers once the loop runs, after every listener is up. */
+    if (mx.cfg->has_admin) {
+        mx.has_admin = true;
+        mx.admin_addr = mx.cfg->admin;
+        if (main_admin_bind(&mx.admin_addr) != 0) {
+            log_close(); /* the admin_error line says which address failed */
+            return 1;
+        }
     }
     for (unsigned i = 0; i < mx.n_workers; i++) {
         struct worker *w = &mx.workers[i];
@@ -192,6 +295,8 @@ static int main_run(void)
 
     for (unsigned i = 0; i < mx.n_workers; i++)
         worker_join(&mx.workers[i]);
+    free(mx.metrics);
+    mx.metrics = NULL;
     free(mx.workers);
     mx.workers = NULL;
     log_msg(LOG_INFO, "stop", "all sessions closed");

@@ -2,6 +2,7 @@
 #include "worker.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "config.h"
 #include "listener.h"
@@ -62,6 +63,7 @@ static void worker_apply_listeners(struct worker *w, const struct config *cfg)
             }
             worker_log_listen(w, cl, "listen");
         }
+        metrics_listener_seen(&w->metrics, cl->name);
         l->next = kept;
         kept = l;
     }
@@ -164,6 +166,7 @@ int worker_start(struct worker *w, unsigned id, struct config *cfg)
     int rc;
 
     w->id = id;
+    memset(&w->metrics, 0, sizeof(w->metrics)); /* all zero: no listener, no counts */
     rc = uv_loop_init(&w->loop);
     if (rc != 0)
         return rc;
@@ -184,6 +187,7 @@ int worker_start(struct worker *w, unsigned id, struct config *cfg)
         }
         l->next = w->listeners;
         w->listeners = l;
+        metrics_listener_seen(&w->metrics, cfg->listeners[i].name);
         worker_log_listen(w, &cfg->listeners[i], "listen");
     }
     return uv_thread_create(&w->thread, worker_main, w);

@@ -11,6 +11,7 @@
 #include <stdbool.h>
 #include <uv.h>
 
+#include "metrics.h"
 #include "relay.h"
 
 struct config;
@@ -37,6 +38,7 @@ struct worker {
     bool draining;                                 /* listeners closed, waiting for sessions */
     int start_error;                               /* first listener error at start, for main */
     struct relay_pool pool;                        /* read/write blocks for every session here */
+    struct metrics metrics;                        /* written here only, summed by admin.c */
     struct smtp_fifo *smtp_fifo_free;              /* spare mode-smtp command FIFOs */
     unsigned smtp_fifo_n;                          /* length of smtp_fifo_free */
     void (*on_listeners_closed)(struct worker *w); /* called on the worker thread */

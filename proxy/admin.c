@@ -1,0 +1,484 @@
+/* admin.c: the HTTP admin endpoint on the main loop; see admin.h. */
+#include "admin.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "log.h"
+
+#define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
+
+#define ADMIN_BACKLOG 64
+#define ADMIN_METRICS_INITIAL 16384 /* first guess at the metrics text size, bytes */
+#define ADMIN_RENDER_TRIES 4        /* the text may grow between two renders */
+
+struct admin_conn;
+
+struct admin {
+    uv_tcp_t listener;               /* the bound socket; data -> this */
+    struct admin_ops ops;            /* the program's callbacks */
+    struct admin_conn *conns;        /* open connections, doubly linked */
+    unsigned n_conns;                /* length of conns */
+    bool stopping;                   /* admin_stop ran: free after the last close */
+    bool listener_closed;            /* the listener's close callback ran */
+    size_t metrics_hint;             /* size of the last metrics text, to allocate once */
+    char addr[CONFIG_ADDR_TEXT_MAX]; /* for log lines */
+};
+
+enum admin_conn_state {
+    ADMIN_CONN_READING = 0, /* collecting the request head */
+    ADMIN_CONN_WRITING,     /* answer queued */
+    ADMIN_CONN_LINGER,      /* answer sent and FIN sent; reading to EOF so close sends no RST */
+};
+
+struct admin_conn {
+    uv_tcp_t tcp;                /* the accepted socket; data -> this */
+    uv_timer_t timer;            /* request timeout, then answer timeout */
+    uv_write_t wreq;             /* the answer */
+    uv_shutdown_t sreq;          /* the FIN after it */
+    struct admin *a;             /* owner */
+    struct admin_conn *prev;     /* a->conns list */
+    struct admin_conn *next;     /* a->conns list */
+    enum admin_conn_state state; /* see above */
+    unsigned open_handles;       /* tcp and timer until their close callbacks */
+    bool closing;                /* admin_conn_close ran */
+    bool peer_eof;               /* the client closed its side while we wrote */
+    size_t len;                  /* bytes of req used */
+    char *body;                  /* the /metrics text, owned; NULL otherwise */
+    char head[256];              /* status line and headers of the answer */
+    char req[ADMIN_REQ_MAX];     /* request line and headers; later a sink */
+};
+
+/* One parsed request line; pointers into the connection's req buffer. */
+struct admin_request {
+    const char *method; /* "GET" */
+    size_t method_len;
+    const char *path; /* target without its query, starts with '/' */
+    size_t path_len;
+};
+
+enum admin_parse {
+    ADMIN_PARSE_AGAIN = 0, /* the head is not complete yet */
+    ADMIN_PARSE_OK,        /* *r is filled */
+    ADMIN_PARSE_BAD,       /* not an HTTP/1.x request: answer 400 */
+};
+
+static void admin_maybe_free(struct admin *a)
+{
+    if (a->stopping && a->listener_closed && a->n_conns == 0)
+        free(a);
+}
+
+static void admin_on_listener_closed(uv_handle_t *h)
+{
+    struct admin *a = h->data;
+    a->listener_closed = true;
+    admin_maybe_free(a);
+}
+
+static void admin_conn_on_closed(uv_handle_t *h)
+{
+    struct admin_conn *c = h->data;
+    struct admin *a = c->a;
+
+    if (--c->open_handles > 0)
+        return;
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        a->conns = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    a->n_conns--;
+    free(c->body);
+    c->body = NULL;
+    free(c);
+    admin_maybe_free(a);
+}
+
+static void admin_conn_close(struct admin_conn *c)
+{
+    if (c->closing)
+        return;
+    c->closing = true;
+    uv_close((uv_handle_t *)&c->tcp, admin_conn_on_closed);
+    uv_close((uv_handle_t *)&c->timer, admin_conn_on_closed);
+}
+
+/* Parses the request head in buf[0, len). Strict enough to refuse what is
+ * not HTTP/1.x; headers are checked for shape and otherwise ignored. */
+static enum admin_parse admin_parse_request(const char *buf, size_t len, struct admin_request *r)
+{
+    const char *end = NULL, *p, *line_end;
+    size_t i;
+
+    for (i = 0; i + 1 < len; i++) {
+        if (buf[i] == '\n' &&
+            (buf[i + 1] == '\n' || (buf[i + 1] == '\r' && i + 2 < len && buf[i + 2] == '\n'))) {
+            end = buf + i + 1;
+            break;
+        }
+    }
+    if (end == NULL)
+        return ADMIN_PARSE_AGAIN;
+
+    /* Request line: METHOD SP TARGET SP HTTP/1.x */
+    line_end = memchr(buf, '\n', (size_t)(end - buf));
+    p = buf;
+    r->method = p;
+    while (p < line_end && *p >= 'A' && *p <= 'Z')
+        p++;
+    r->method_len = (size_t)(p - r->method);
+    if (r->method_len == 0 || r->method_len > 16 || *p != ' ')
+        return ADMIN_PARSE_BAD;
+    p++;
+    if (*p != '/')
+        return ADMIN_PARSE_BAD;
+    r->path = p;
+    while (p<line_end && * p> ' ' && *p < 0x7f)
+        p++;
+    const char *target_end = p;
+    const char *q = memchr(r->path, '?', (size_t)(target_end - r->path));
+    r->path_len = (size_t)((q != NULL ? q : target_end) - r->path);
+    if (*p != ' ')
+        return ADMIN_PARSE_BAD;
+    p++;
+    size_t vlen = (size_t)(line_end - p);
+    if (vlen > 0 && p[vlen - 1] == '\r')
+        vlen--;
+    if (vlen != 8 || (memcmp(p, "HTTP/1.1", 8) != 0 && memcmp(p, "HTTP/1.0", 8) != 0))
+        return ADMIN_PARSE_BAD;
+
+    /* Header lines: NAME ":" VALUE, no control bytes but TAB. */
+    for (p = line_end + 1; p < end;) {
+        const char *le = memchr(p, '\n', (size_t)(end - p));
+        size_t n = (size_t)(le - p);
+        if (n > 0 && p[n - 1] == '\r')
+            n--;
+        if (n == 0)
+            break; /* the empty line ending the head */
+        if (memchr(p, ':', n) == NULL || *p == ':' || *p == ' ' || *p == '\t')
+            return ADMIN_PARSE_BAD;
+        for (i = 0; i < n; i++) {
+            unsigned char ch = (unsigned char)p[i];
+            if ((ch < 0x20 && ch != '\t') || ch == 0x7f)
+                return ADMIN_PARSE_BAD;
+        }
+        p = le + 1;
+    }
+    return ADMIN_PARSE_OK;
+}
+
+static void admin_conn_on_timer(uv_timer_t *t);
+
+static void admin_conn_on_shutdown(uv_shutdown_t *req, int status)
+{
+    struct admin_conn *c = container_of(req, struct admin_conn, sreq);
+
+    if (status < 0 || c->peer_eof) {
+        admin_conn_close(c); /* UV_ECANCELED after our own close included */
+        return;
+    }
+    c->state = ADMIN_CONN_LINGER;
+}
+
+static void admin_conn_on_write(uv_write_t *req, int status)
+{
+    struct admin_conn *c = container_of(req, struct admin_conn, wreq);
+
+    if (status < 0 || c->closing) {
+        admin_conn_close(c);
+        return;
+    }
+    if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, admin_conn_on_shutdown) != 0)
+        admin_conn_close(c);
+}
+
+/* Queues the answer and stops reading requests; body is static text, or
+ * c->body. head_only: HEAD, the headers of the GET answer only. */
+static void admin_conn_respond(struct admin_conn *c, int code, const char *reason,
+                               const char *content_type, const char *body, size_t body_len,
+                               bool head_only, const char *extra_header)
+{
+    uv_buf_t bufs[2];
+    unsigned nbufs = 1;
+    int n = snprintf(c->head, sizeof(c->head),
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s"
+                     "Connection: close\r\n\r\n",
+                     code, reason, content_type, body_len, extra_header);
+
+    if (n < 0 || (size_t)n >= sizeof(c->head))
+        abort(); /* fixed texts only: they fit */
+    bufs[0] = uv_buf_init(c->head, (unsigned)n);
+    if (!head_only && body_len > 0) {
+        bufs[1] = uv_buf_init((char *)body, (unsigned)body_len);
+        nbufs = 2;
+    }
+    c->state = ADMIN_CONN_WRITING;
+    uv_timer_start(&c->timer, admin_conn_on_timer, ADMIN_TIMEOUT_MS, 0);
+    if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, bufs, nbufs, admin_conn_on_write) != 0)
+        admin_conn_close(c);
+}
+
+static void admin_conn_text(struct admin_conn *c, int code, const char *reason, const char *text,
+                            bool head_only)
+{
+    admin_conn_respond(c, code, reason, "text/plain; charset=utf-8", text, strlen(text), head_only,
+                       "");
+}
+
+/* Renders the metrics into c->body, growing the buffer while the text does
+ * not fit. Returns its length, or -1 when memory ran out. */
+static long admin_render_metrics(struct admin_conn *c)
+{
+    struct admin *a = c->a;
+    size_t cap = a->metrics_hint > 0 ? a->metrics_hint : ADMIN_METRICS_INITIAL;
+
+    for (int i = 0; i < ADMIN_RENDER_TRIES; i++) {
+        char *p = realloc(c->body, cap);
+        if (p == NULL)
+            return -1;
+        c->body = p;
+        size_t len = a->ops.render(a->ops.arg, c->body, cap);
+        if (len < cap) {
+            a->metrics_hint = len + len / 4 + 1;
+            return (long)len;
+        }
+        cap = len + len / 4 + 1; /* room for series added meanwhile */
+    }
+    return -1;
+}
+
+static void admin_log_request(const struct admin_conn *c, const struct admin_request *r, int code)
+{
+    struct log_line l;
+
+    if (!log_enabled(LOG_DEBUG))
+        return;
+    log_begin(&l, LOG_DEBUG, "admin_request");
+    if (r != NULL) {
+        log_strn(&l, "method", r->method, r->method_len);
+        log_strn(&l, "path", r->path, r->path_len);
+    }
+    log_uint(&l, "code", (uint64_t)code);
+    log_str(&l, "admin", c->a->addr);
+    log_end(&l);
+}
+
+static bool admin_path_is(const struct admin_request *r, const char *path)
+{
+    return r->path_len == strlen(path) && memcmp(r->path, path, r->path_len) == 0;
+}
+
+static void admin_conn_dispatch(struct admin_conn *c, const struct admin_request *r)
+{
+    struct admin *a = c->a;
+    bool head = r->method_len == 4 && memcmp(r->method, "HEAD", 4) == 0;
+    bool get = r->method_len == 3 && memcmp(r->method, "GET", 3) == 0;
+    int code;
+
+    if (!get && !head) {
+        code = 405;
+        admin_conn_respond(c, code, "Method Not Allowed", "text/plain; charset=utf-8",
+                           "method not allowed\n", strlen("method not allowed\n"), false,
+                           "Allow: GET, HEAD\r\n");
+    } else if (admin_path_is(r, "/healthz")) {
+        code = 200;
+        admin_conn_text(c, code, "OK", "ok\n", head);
+    } else if (admin_path_is(r, "/readyz")) {
+        bool ready = a->ops.ready(a->ops.arg);
+        code = ready ? 200 : 503;
+        admin_conn_text(c, code, ready ? "OK" : "Service Unavailable",
+                        ready ? "ready\n" : "draining\n", head);
+    } else if (admin_path_is(r, "/metrics")) {
+        long len = admin_render_metrics(c);
+        if (len < 0) {
+            code = 500;
+            admin_conn_text(c, code, "Internal Server Error", "out of memory\n", head);
+        } else {
+            code = 200;
+            admin_conn_respond(c, code, "OK", "text/plain; version=0.0.4; charset=utf-8", c->body,
+                               (size_t)len, head, "");
+        }
+    } else {
+        code = 404;
+        admin_conn_text(c, code, "Not Found", "not found\n", head);
+    }
+    admin_log_request(c, r, code);
+}
+
+static void admin_conn_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    struct admin_conn *c = h->data;
+
+    (void)suggested;
+    if (c->state == ADMIN_CONN_READING)
+        *buf = uv_buf_init(c->req + c->len, (unsigned)(sizeof(c->req) - c->len));
+    else
+        *buf = uv_buf_init(c->req, sizeof(c->req)); /* answered: read only to discard */
+}
+
+static void admin_conn_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    struct admin_conn *c = s->data;
+    struct admin_request r;
+
+    (void)buf;
+    if (nread < 0) {
+        /* Before the answer: the client gave up. After it: done. While it is
+         * being written: finish writing, then close. */
+        if (c->state == ADMIN_CONN_WRITING && nread == UV_EOF) {
+            c->peer_eof = true;
+            uv_read_stop(s);
+            return;
+        }
+        admin_conn_close(c);
+        return;
+    }
+    if (nread == 0 || c->state != ADMIN_CONN_READING)
+        return;
+    c->len += (size_t)nread;
+    switch (admin_parse_request(c->req, c->len, &r)) {
+    case ADMIN_PARSE_OK:
+        admin_conn_dispatch(c, &r);
+        return;
+    case ADMIN_PARSE_BAD:
+        admin_conn_text(c, 400, "Bad Request", "bad request\n", false);
+        admin_log_request(c, NULL, 400);
+        return;
+    case ADMIN_PARSE_AGAIN:
+        if (c->len == sizeof(c->req)) {
+            admin_conn_text(c, 400, "Bad Request", "request head too large\n", false);
+            admin_log_request(c, NULL, 400);
+        }
+        return;
+    }
+    abort(); /* every admin_parse value is handled above */
+}
+
+static void admin_conn_on_timer(uv_timer_t *t)
+{
+    struct admin_conn *c = t->data;
+
+    if (c->state == ADMIN_CONN_READING) {
+        admin_conn_text(c, 408, "Request Timeout", "request timeout\n", false);
+        admin_log_request(c, NULL, 408);
+        return;
+    }
+    admin_conn_close(c); /* the client does not take the answer, or does not close */
+}
+
+static void admin_on_dropped_closed(uv_handle_t *h)
+{
+    free(h);
+}
+
+/* Past ADMIN_CONNS_MAX (or out of memory): accept and close at once, so the
+ * backlog does not fill with connections nobody will answer. */
+static void admin_drop(struct admin *a)
+{
+    uv_tcp_t *t = malloc(sizeof(*t));
+
+    if (t == NULL)
+        return;
+    uv_tcp_init(a->listener.loop, t);
+    (void)uv_accept((uv_stream_t *)&a->listener, (uv_stream_t *)t);
+    uv_close((uv_handle_t *)t, admin_on_dropped_closed);
+}
+
+static void admin_on_connection(uv_stream_t *server, int status)
+{
+    struct admin *a = server->data;
+    struct admin_conn *c;
+
+    if (status < 0 || a->stopping)
+        return;
+    if (a->n_conns >= ADMIN_CONNS_MAX || (c = calloc(1, sizeof(*c))) == NULL) {
+        admin_drop(a);
+        return;
+    }
+    c->a = a;
+    uv_tcp_init(server->loop, &c->tcp);
+    uv_timer_init(server->loop, &c->timer);
+    c->tcp.data = c;
+    c->timer.data = c;
+    c->open_handles = 2;
+    c->next = a->conns;
+    if (a->conns != NULL)
+        a->conns->prev = c;
+    a->conns = c;
+    a->n_conns++;
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0 ||
+        uv_read_start((uv_stream_t *)&c->tcp, admin_conn_on_alloc, admin_conn_on_read) != 0) {
+        admin_conn_close(c);
+        return;
+    }
+    uv_timer_start(&c->timer, admin_conn_on_timer, ADMIN_TIMEOUT_MS, 0);
+}
+
+/* socket/bind/listen by hand, so a failure leaves no libuv handle that would
+ * need a loop iteration to close. Returns the fd or -errno. */
+static int admin_bind(const struct config_addr *addr)
+{
+    int one = 1, fd = socket(addr->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+
+    if (fd < 0)
+        return -errno;
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+        bind(fd, (const struct sockaddr *)&addr->sa, addr->salen) != 0 ||
+        listen(fd, ADMIN_BACKLOG) != 0) {
+        int rc = -errno;
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
+int admin_start(struct admin **out, uv_loop_t *loop, const struct config_addr *addr,
+                const struct admin_ops *ops)
+{
+    struct admin *a;
+    int fd, rc;
+
+    *out = NULL;
+    a = calloc(1, sizeof(*a));
+    if (a == NULL)
+        return UV_ENOMEM;
+    fd = admin_bind(addr);
+    if (fd < 0) {
+        free(a);
+        return fd; /* -errno equals UV_E* on Linux */
+    }
+    a->ops = *ops;
+    snprintf(a->addr, sizeof(a->addr), "%s", addr->text);
+    uv_tcp_init(loop, &a->listener);
+    a->listener.data = a;
+    rc = uv_tcp_open(&a->listener, fd);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&a->listener, ADMIN_BACKLOG, admin_on_connection);
+    if (rc != 0) {
+        /* The handle exists now: it is freed in its close callback. */
+        a->stopping = true;
+        uv_close((uv_handle_t *)&a->listener, admin_on_listener_closed);
+        return rc;
+    }
+    *out = a;
+    return 0;
+}
+
+void admin_stop(struct admin *a)
+{
+    if (a == NULL || a->stopping)
+        return;
+    a->stopping = true;
+    uv_close((uv_handle_t *)&a->listener, admin_on_listener_closed);
+    for (struct admin_conn *c = a->conns; c != NULL; c = c->next)
+        admin_conn_close(c);
+}
