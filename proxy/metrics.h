@@ -21,14 +21,14 @@
 #include "session.h"
 #include "smtp.h"
 
-#define METRICS_LISTENERS_MAX 64            /* listener names kept per worker */
-#define METRICS_ENDS (SESSION_END_LOOP + 1) /* values of enum session_end: keep in step */
-#define METRICS_VERBS (SMTP_CMD_DOT + 1)    /* values of enum smtp_cmd */
-#define METRICS_CLASSES 4                   /* 2xx, 3xx, 4xx, 5xx */
-#define METRICS_BUCKETS 16                  /* finite histogram bounds, 0.0001..10 s */
-#define METRICS_NO_LATENCY UINT64_MAX       /* metrics_reply(): count, do not time */
-#define METRICS_OTHER_LISTENER "~other"     /* label for names past the table */
-#define METRICS_NAME_MAX CONFIG_NAME_MAX    /* bytes of a listener name with NUL */
+#define METRICS_LISTENERS_MAX 64         /* listener names kept per worker */
+#define METRICS_ENDS SESSION_END_COUNT_  /* end= values */
+#define METRICS_VERBS (SMTP_CMD_DOT + 1) /* values of enum smtp_cmd */
+#define METRICS_CLASSES 4                /* 2xx, 3xx, 4xx, 5xx */
+#define METRICS_BUCKETS 16               /* finite histogram bounds, 0.0001..10 s */
+#define METRICS_NO_LATENCY UINT64_MAX    /* metrics_reply(): count, do not time */
+#define METRICS_OTHER_LISTENER "~other"  /* label for names past the table */
+#define METRICS_NAME_MAX CONFIG_NAME_MAX /* bytes of a listener name with NUL */
 
 typedef _Atomic uint64_t metrics_counter;
 

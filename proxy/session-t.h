@@ -39,6 +39,7 @@ struct session {
     uint64_t t_accept;                 /* uv_hrtime() at accept */
     uint64_t t_connect;                /* uv_hrtime() when the current connect began */
     uint64_t connected_at;             /* uv_now() when the backend connected */
+    uint64_t tls_started_at;           /* uv_now() when the client TLS handshake could begin */
     unsigned flags;                    /* SESSION_F_* */
     unsigned open_handles;             /* uv handles not yet through their close_cb */
     unsigned rr_start;                 /* round-robin position: where the search starts */
@@ -87,6 +88,13 @@ void session_close_after_flush(struct session *s, enum session_end end, const ch
  * client's decrypts up and encrypts down, the backend's the reverse. Call
  * after relay_init and whenever one of them appears (STARTTLS). */
 void session_wire_tls(struct session *s);
+
+/* The client's TLS handshake may begin now: it must finish within
+ * SESSION_TLS_HANDSHAKE_MS; re-arms the session timer accordingly. */
+void session_tls_started(struct session *s);
+
+/* client= text; also fills s->client_sa on first use. */
+const char *session_client_addr(struct session *s);
 
 /* The name to send as SNI and verify in the backend's certificate, or NULL;
  * buf (cap bytes) may hold it. */

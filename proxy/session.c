@@ -20,6 +20,7 @@
 #include "config.h"
 #include "listener.h"
 #include "log.h"
+#include "metrics.h"
 #include "proxyproto.h"
 #include "relay.h"
 #include "sockaddr.h"
@@ -42,6 +43,9 @@ static const char *const session_end_names[] = {
     [SESSION_END_PROXY_PROTOCOL_ERROR] = "proxy_protocol_error",
     [SESSION_END_LOOP] = "loop",
 };
+
+static_assert(sizeof(session_end_names) / sizeof(session_end_names[0]) == SESSION_END_COUNT_,
+              "every enum session_end has a name");
 
 const char *session_end_name(enum session_end end)
 {
@@ -70,7 +74,7 @@ static uint64_t session_next_id(void)
 
 /* client= text, looked up on first use: a proxy that logs nothing never
  * pays a getpeername() per connection. */
-static const char *session_client_addr(struct session *s)
+const char *session_client_addr(struct session *s)
 {
     struct sockaddr_storage peer;
     int peerlen = sizeof(peer);
@@ -309,6 +313,7 @@ static void session_tls_failed(struct session *s, bool client, int status)
     const char *reason = t != NULL ? tls_error_reason(t) : NULL;
     struct log_line l;
 
+    metrics_tls(&s->w->metrics, client, false);
     if (reason == NULL)
         reason = status == -ENOBUFS ? "too much unread TLS data" : "TLS failure";
     log_begin(&l, LOG_WARN, "tls_error");
@@ -372,6 +377,7 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
                       uv_strerror(status));
         return;
     case RELAY_EV_TLS_READY:
+        metrics_tls(&s->w->metrics, up, true);
         session_log_tls(s, up);
         if (up && s->cl->proxy_protocol != CONFIG_PROXY_PROTOCOL_OFF &&
             !(s->flags & SESSION_F_PP_SENT))
@@ -411,12 +417,21 @@ static uint64_t session_timer_ms(const struct session *s, uint64_t now)
         last = s->down.last_read;
     uint64_t ms = s->cl->idle_timeout_ms - (now - last < s->cl->idle_timeout_ms ? now - last : 0);
     if (session_tls_pending(s)) {
-        uint64_t age = now - s->connected_at;
+        uint64_t age = now - s->tls_started_at;
         uint64_t left = age < SESSION_TLS_HANDSHAKE_MS ? SESSION_TLS_HANDSHAKE_MS - age : 0;
         if (left < ms)
             ms = left;
     }
     return ms > 0 ? ms : 1;
+}
+
+static void session_on_timer(uv_timer_t *t);
+
+void session_tls_started(struct session *s)
+{
+    s->tls_started_at = uv_now(s->client.loop);
+    if (s->flags & SESSION_F_CONNECTED)
+        uv_timer_start(&s->timer, session_on_timer, session_timer_ms(s, s->tls_started_at), 0);
 }
 
 static void session_tls_timeout(struct session *s)
@@ -428,6 +443,7 @@ static void session_tls_timeout(struct session *s)
     log_str(&l, "side", "client");
     log_str(&l, "reason", "handshake timeout");
     log_end(&l);
+    metrics_tls(&s->w->metrics, true, false);
     session_close(s, SESSION_END_TLS_ERROR, "handshake timeout");
 }
 
@@ -458,7 +474,7 @@ static void session_on_timer(uv_timer_t *t)
     if (s->down.last_read > last)
         last = s->down.last_read;
     uint64_t idle = s->cl->idle_timeout_ms;
-    if (session_tls_pending(s) && now - s->connected_at >= SESSION_TLS_HANDSHAKE_MS) {
+    if (session_tls_pending(s) && now - s->tls_started_at >= SESSION_TLS_HANDSHAKE_MS) {
         session_tls_timeout(s);
         return;
     }
@@ -482,7 +498,9 @@ static void session_on_connect(uv_connect_t *req, int status)
         return;
     }
     s->flags |= SESSION_F_CONNECTED;
+    metrics_connect_time(&s->w->metrics, uv_hrtime() - s->t_connect);
     s->connected_at = uv_now(s->backend.loop);
+    s->tls_started_at = s->connected_at; /* implicit TLS: the client is read from now on */
     if (!s->cl->backend_original_dst &&
         atomic_load_explicit(&s->cl->backend_retry_at[s->cur], memory_order_relaxed) != 0)
         atomic_store_explicit(&s->cl->backend_retry_at[s->cur], 0, memory_order_relaxed);
@@ -609,6 +627,7 @@ void session_close(struct session *s, enum session_end end, const char *error)
     s->flags |= SESSION_F_CLOSING;
     if (s->smtp != NULL)
         end = session_smtp_end(s, end);
+    metrics_session_closed(&s->w->metrics, s->cl->name, end, s->up.bytes, s->down.bytes);
     if (s->flags & SESSION_F_CONNECTED) {
         relay_stop(&s->up);
         relay_stop(&s->down);
@@ -912,6 +931,7 @@ void session_accept(struct listener *l)
         w->sessions->prev = s;
     w->sessions = s;
     atomic_fetch_add(&w->n_sessions, 1);
+    metrics_session_opened(&w->metrics, s->cl->name);
 
     int rc = uv_accept((uv_stream_t *)&l->handle, (uv_stream_t *)&s->client);
     if (log_enabled(LOG_INFO)) {

@@ -8,6 +8,8 @@
 
 #include "config.h"
 #include "log.h"
+#include "metrics.h"
+#include "proxyproto.h"
 #include "relay.h"
 #include "session-t.h"
 #include "smtp.h"
@@ -44,6 +46,10 @@ struct session_smtp {
     char *replay;                /* backend STARTTLS: the client's first EHLO, sent after TLS */
     size_t replay_len;           /* bytes in replay */
     unsigned bstate;             /* SESSION_SMTP_B_*: the backend STARTTLS exchange */
+    unsigned xstate;             /* SESSION_SMTP_X_*: telling the backend who the client is */
+    unsigned xtodo;              /* XCLIENT attributes still to send (XCLIENT_F_*) */
+    char *xreplay;               /* the client's EHLO, sent again after XCLIENT */
+    size_t xreplay_len;          /* bytes in xreplay */
 };
 
 #define SESSION_SMTP_F_OPAQUE 0x01u    /* STARTTLS passed through: bytes are TLS now */
@@ -54,6 +60,16 @@ struct session_smtp {
 #define SESSION_SMTP_F_DROP_BDAT 0x20u /* the current BDAT was refused: drop its chunk */
 
 #define SESSION_SMTP_EHLO_MAX 4096 /* an EHLO reply longer than this is not rewritten */
+
+/* xclient = on: after the backend answers the client's first EHLO with an
+ * XCLIENT capability, mxproxy sends XCLIENT, absorbs the new greeting and
+ * repeats the client's EHLO, whose reply is the one the client sees. */
+enum {
+    SESSION_SMTP_X_IDLE = 0, /* no EHLO yet (or xclient off) */
+    SESSION_SMTP_X_EHLO,     /* the client's EHLO is out: does the backend offer XCLIENT? */
+    SESSION_SMTP_X_XCLIENT,  /* XCLIENT is out: its 220 is absorbed */
+    SESSION_SMTP_X_DONE,     /* the EHLO went again; everything flows */
+};
 
 /* backend_tls = starttls: mxproxy's own exchange with the backend, at the
  * client's first EHLO; each state has sent one line and waits for its reply. */
@@ -161,10 +177,34 @@ static void session_smtp_log_line(const struct session *s, const char *dir, cons
     log_end(&l);
 }
 
+/* Counts every pair, logged or not (transcript = off). */
+static void session_smtp_count_pair(const struct session *s, const struct smtp_pair *p)
+{
+    struct metrics *m = &s->w->metrics;
+
+    switch (p->kind) {
+    case SMTP_PAIR_GREETING:
+        metrics_greeting(m, p->t_reply - s->t_accept);
+        metrics_reply(m, SMTP_CMD_NONE, p->code, METRICS_NO_LATENCY);
+        return;
+    case SMTP_PAIR_COMMAND:
+        metrics_reply(m, p->cmd, p->code,
+                      p->t_reply >= p->t_cmd ? p->t_reply - p->t_cmd : METRICS_NO_LATENCY);
+        return;
+    case SMTP_PAIR_LOCAL:
+    case SMTP_PAIR_UNSOLICITED:
+        metrics_reply(m, p->cmd, p->code, METRICS_NO_LATENCY);
+        return;
+    case SMTP_PAIR_ABORTED:
+        return; /* never answered */
+    }
+}
+
 static void session_smtp_log_pair(const struct session *s, const struct smtp_pair *p)
 {
     struct log_line l;
 
+    session_smtp_count_pair(s, p);
     if (!session_smtp_logs_pairs(s))
         return;
     log_begin(&l, LOG_INFO, "pair");
@@ -428,6 +468,15 @@ static bool session_smtp_intercept(struct session *s, const struct smtp_event *e
             m->flags |= SESSION_SMTP_F_DROP_BDAT;
         return false;
     }
+    if (cl->xclient && m->xstate == SESSION_SMTP_X_IDLE &&
+        (ev->cmd == SMTP_CMD_EHLO || ev->cmd == SMTP_CMD_HELO)) {
+        m->xreplay = malloc(ev->fwd_len);
+        if (m->xreplay != NULL) {
+            memcpy(m->xreplay, ev->fwd, ev->fwd_len);
+            m->xreplay_len = ev->fwd_len;
+            m->xstate = SESSION_SMTP_X_EHLO;
+        }
+    }
     if (m->bstate == SESSION_SMTP_B_IDLE && cl->backend_tls == CONFIG_BACKEND_TLS_STARTTLS &&
         (ev->cmd == SMTP_CMD_EHLO || ev->cmd == SMTP_CMD_HELO)) {
         /* Keep the client's EHLO for after TLS; ask the backend for STARTTLS now. */
@@ -560,6 +609,7 @@ static void session_smtp_start_client_tls(struct session *s)
         return;
     }
     session_wire_tls(s);
+    session_tls_started(s); /* the 5 s handshake limit starts now */
     m->flags |= SESSION_SMTP_F_TLS | SESSION_SMTP_F_SWITCHED;
     /* RFC 3207: forget what the client said in plaintext. */
     s->up.carry_len = 0;
@@ -749,7 +799,7 @@ static void session_smtp_send_ehlo(struct session *s, int code)
     ssize_t n = -1;
 
     session_smtp_flush_down(s);
-    if (code == 250)
+    if (code == 250 && s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS)
         n = smtp_ehlo_rewrite(m->ehlo, m->ehlo_len, !session_smtp_tls_active(s), out, sizeof(out));
     if (n >= 0)
         (void)relay_send_copy(&s->down, out, (size_t)n);
@@ -776,10 +826,12 @@ static void session_smtp_backend_starttls_failed(struct session *s, const char *
 static void session_smtp_backend_step(struct session *s, const struct smtp_reply *r)
 {
     struct session_smtp *m = s->smtp;
+    size_t gathered = m->ehlo_len;
+
+    m->ehlo_len = 0; /* this reply is ours: it never joins one the client gets */
 
     if (m->bstate == SESSION_SMTP_B_EHLO) {
-        bool offered = r->code == 250 && smtp_ehlo_offers_starttls(m->ehlo, m->ehlo_len);
-        m->ehlo_len = 0;
+        bool offered = r->code == 250 && smtp_ehlo_offers_starttls(m->ehlo, gathered);
         if (!offered) {
             session_smtp_backend_starttls_failed(s, "backend does not offer STARTTLS");
             return;
@@ -822,6 +874,98 @@ void session_smtp_backend_tls_ready(struct session *s)
     session_smtp_resume_client(s);
 }
 
+/* Sends the next XCLIENT line; false when nothing is left to send. */
+static bool session_smtp_send_xclient(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    struct sockaddr_storage dst;
+    socklen_t len = sizeof(dst);
+    uv_os_fd_t fd;
+    char line[XCLIENT_LINE_MAX + 1];
+
+    if (m->xtodo == 0)
+        return false;
+    if (s->orig_dst.ss_family != AF_UNSPEC)
+        dst = s->orig_dst;
+    else if (uv_fileno((uv_handle_t *)&s->client, &fd) != 0 ||
+             getsockname(fd, (struct sockaddr *)&dst, &len) != 0)
+        dst.ss_family = AF_UNSPEC;
+    const struct smtp_pairs_summary *sum = smtp_pairs_summary(&m->pp);
+    struct xclient_info info = {
+        .addr = (const struct sockaddr *)&s->client_sa,
+        .destaddr = dst.ss_family != AF_UNSPEC ? (const struct sockaddr *)&dst : NULL,
+        .helo = sum->helo[0] != '\0' ? sum->helo : NULL,
+        .proto = m->xreplay_len >= 4 && (m->xreplay[0] | 0x20) == 'e' ? XCLIENT_PROTO_ESMTP
+                                                                      : XCLIENT_PROTO_SMTP,
+    };
+    int n = xclient_format(line, sizeof(line), &m->xtodo, &info);
+    if (n <= 0) {
+        m->xtodo = 0;
+        return false;
+    }
+    session_smtp_send_backend(s, line, (size_t)n);
+    return true;
+}
+
+/* The reply to the client's first EHLO: with XCLIENT offered it is absorbed
+ * and XCLIENT goes out; otherwise it is the client's, as usual. Returns true
+ * when it was absorbed. */
+static bool session_smtp_xclient_offer(struct session *s, const struct smtp_reply *r)
+{
+    struct session_smtp *m = s->smtp;
+    unsigned caps = 0;
+    size_t pos = 0;
+
+    if (r->code == 250) {
+        while (pos < m->ehlo_len) {
+            const char *lf = memchr(m->ehlo + pos, '\n', m->ehlo_len - pos);
+            size_t end = lf != NULL ? (size_t)(lf - m->ehlo) + 1 : m->ehlo_len;
+            if (pos > 0 && xclient_ehlo_line_caps(m->ehlo + pos, end - pos, &caps))
+                break;
+            pos = end;
+        }
+    }
+    (void)session_client_addr(s); /* fills client_sa */
+    m->xtodo = caps & (XCLIENT_F_ADDR | XCLIENT_F_PORT | XCLIENT_F_PROTO | XCLIENT_F_HELO |
+                       XCLIENT_F_DESTADDR | XCLIENT_F_DESTPORT);
+    if (m->xtodo == 0 || !session_smtp_send_xclient(s)) {
+        m->xstate = SESSION_SMTP_X_DONE;
+        return false;
+    }
+    m->xstate = SESSION_SMTP_X_XCLIENT;
+    m->ehlo_len = 0;
+    return true;
+}
+
+/* A reply to XCLIENT: the backend greets anew; the client's EHLO goes again
+ * once every attribute is out. */
+static void session_smtp_xclient_step(struct session *s, const struct smtp_reply *r)
+{
+    struct session_smtp *m = s->smtp;
+    struct log_line l;
+
+    m->ehlo_len = 0; /* the new greeting is absorbed */
+    if (r->code / 100 != 2) {
+        log_begin(&l, LOG_WARN, "xclient_error");
+        log_sid(&l, s->id);
+        log_uint(&l, "code", (uint64_t)r->code);
+        log_strn(&l, "reply", r->text, r->text_len);
+        log_end(&l);
+        m->xtodo = 0;
+    } else if (log_enabled(LOG_INFO) && m->xtodo == 0) {
+        log_begin(&l, LOG_INFO, "xclient");
+        log_sid(&l, s->id);
+        log_uint(&l, "code", (uint64_t)r->code);
+        log_end(&l);
+    }
+    if (session_smtp_send_xclient(s))
+        return;
+    m->xstate = SESSION_SMTP_X_DONE;
+    session_smtp_send_backend(s, m->xreplay, m->xreplay_len);
+    free(m->xreplay);
+    m->xreplay = NULL;
+}
+
 /* relay on_data for the backend direction: bytes go to the client as they
  * are; replies are matched on the way. */
 static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block *b, size_t len)
@@ -837,9 +981,14 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
     while (off < len && !(m->flags & SESSION_SMTP_F_OPAQUE) && !(s->flags & SESSION_F_CLOSING)) {
         struct smtp_server_event ev;
         size_t n = smtp_server_parse(&m->sp, b->data + off, len - off, now, &ev);
-        bool own = m->bstate == SESSION_SMTP_B_EHLO || m->bstate == SESSION_SMTP_B_STARTTLS;
-        bool gather = own || (s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS &&
-                              smtp_pairs_oldest(&m->pp) == SMTP_CMD_EHLO);
+        bool own = m->bstate == SESSION_SMTP_B_EHLO || m->bstate == SESSION_SMTP_B_STARTTLS ||
+                   m->xstate == SESSION_SMTP_X_XCLIENT;
+        enum smtp_cmd oldest = smtp_pairs_oldest(&m->pp);
+        bool ehlo = oldest == SMTP_CMD_EHLO || oldest == SMTP_CMD_HELO;
+        bool xwatch = m->xstate == SESSION_SMTP_X_EHLO && ehlo &&
+                      (m->bstate == SESSION_SMTP_B_IDLE || m->bstate == SESSION_SMTP_B_DONE);
+        bool gather = own || xwatch ||
+                      (s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS && oldest == SMTP_CMD_EHLO);
 
         if (session_smtp_logs_lines(s))
             session_smtp_server_lines(s, b->data + off, n);
@@ -860,11 +1009,17 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
         off += n;
         m->down_end = off;
         if (ev.type == SMTP_SEV_REPLY) {
+            if (own && m->xstate == SESSION_SMTP_X_XCLIENT) {
+                session_smtp_xclient_step(s, ev.reply);
+                continue;
+            }
             if (own) {
                 session_smtp_backend_step(s, ev.reply);
                 m->down_start = m->down_end = len; /* anything after it is not ours to send */
                 break;
             }
+            if (xwatch && gather && session_smtp_xclient_offer(s, ev.reply))
+                continue;
             if (gather)
                 session_smtp_send_ehlo(s, ev.reply->code);
             session_smtp_on_reply(s, ev.reply);
@@ -944,6 +1099,7 @@ void session_smtp_free(struct session *s)
     free(m->sline);
     free(m->ehlo);
     free(m->replay);
+    free(m->xreplay);
     free(m);
     s->smtp = NULL;
 }
