@@ -5,15 +5,36 @@
 #define MXPROXY_SESSION_T_H
 
 #include <assert.h>
+#include <netinet/in.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <uv.h>
 
 #include "config.h"
 #include "relay.h"
 #include "session.h"
 #include "sockaddr.h"
+
+/* An IPv4 or IPv6 address, a quarter of a sockaddr_storage: sessions are
+ * counted per idle connection. */
+union session_sa {
+    struct sockaddr sa;
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+};
+
+/* Copies an AF_INET/AF_INET6 address into *dst; anything else makes it AF_UNSPEC. */
+static inline void session_sa_set(union session_sa *dst, const struct sockaddr_storage *src)
+{
+    if (src->ss_family == AF_INET)
+        memcpy(&dst->in, src, sizeof(dst->in));
+    else if (src->ss_family == AF_INET6)
+        memcpy(&dst->in6, src, sizeof(dst->in6));
+    else
+        dst->sa.sa_family = AF_UNSPEC;
+}
 
 struct proxyproto_parser;
 struct session_smtp;
@@ -25,37 +46,37 @@ static_assert(CONFIG_BACKENDS_MAX <= 64, "session.tried holds one bit per backen
 #define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 struct session {
-    uv_tcp_t client;                   /* accepted socket; data -> up (relay) */
-    uv_tcp_t backend;                  /* outgoing socket; data -> down (relay) */
-    uv_timer_t timer;                  /* connect timeout, then idle timeout */
-    uv_connect_t connect_req;          /* the backend connect in flight */
-    struct relay_dir up;               /* client -> backend */
-    struct relay_dir down;             /* backend -> client */
-    struct worker *w;                  /* owning worker; sessions never migrate */
-    struct config *cfg;                /* reference held for the session's life */
-    const struct config_listener *cl;  /* this session's listener, inside cfg */
-    struct session *prev, *next;       /* w->sessions list */
-    uint64_t id;                       /* sid= */
-    uint64_t t_accept;                 /* uv_hrtime() at accept */
-    uint64_t t_connect;                /* uv_hrtime() when the current connect began */
-    uint64_t connected_at;             /* uv_now() when the backend connected */
-    uint64_t tls_started_at;           /* uv_now() when the client TLS handshake could begin */
-    unsigned flags;                    /* SESSION_F_* */
-    unsigned open_handles;             /* uv handles not yet through their close_cb */
-    unsigned rr_start;                 /* round-robin position: where the search starts */
-    unsigned cur;                      /* index of the backend tried last, with tries > 0 */
-    unsigned tries;                    /* backends tried so far */
-    uint64_t tried;                    /* bit i: backend i was tried */
-    int last_error;                    /* last connect error, for end=connect_failed */
-    enum session_end first_close;      /* who closed first, valid with SESSION_F_FIRST_CLOSE */
-    enum session_end pending_end;      /* close_after_flush: the end= to log */
-    const char *pending_error;         /* close_after_flush: the error= to log, static text */
-    struct session_smtp *smtp;         /* mode smtp state, NULL in mode tcp */
-    struct tls_conn *client_tls;       /* TLS with the client, or NULL */
-    struct tls_conn *backend_tls;      /* TLS with the backend, or NULL */
-    struct sockaddr_storage client_sa; /* the client: the peer, or what a PROXY header said */
-    struct sockaddr_storage orig_dst; /* where the client meant to go (transparent), or AF_UNSPEC */
-    struct config_addr dst_backend;   /* backend = original_dst: orig_dst as a backend */
+    uv_tcp_t client;                  /* accepted socket; data -> up (relay) */
+    uv_tcp_t backend;                 /* outgoing socket; data -> down (relay) */
+    uv_timer_t timer;                 /* connect timeout, then idle timeout */
+    uv_connect_t connect_req;         /* the backend connect in flight */
+    struct relay_dir up;              /* client -> backend */
+    struct relay_dir down;            /* backend -> client */
+    struct worker *w;                 /* owning worker; sessions never migrate */
+    struct config *cfg;               /* reference held for the session's life */
+    const struct config_listener *cl; /* this session's listener, inside cfg */
+    struct session *prev, *next;      /* w->sessions list */
+    uint64_t id;                      /* sid= */
+    uint64_t t_accept;                /* uv_hrtime() at accept */
+    uint64_t t_connect;               /* uv_hrtime() when the current connect began */
+    uint64_t connected_at;            /* uv_now() when the backend connected */
+    uint64_t tls_started_at;          /* uv_now() when the client TLS handshake could begin */
+    unsigned flags;                   /* SESSION_F_* */
+    unsigned open_handles;            /* uv handles not yet through their close_cb */
+    unsigned rr_start;                /* round-robin position: where the search starts */
+    unsigned cur;                     /* index of the backend tried last, with tries > 0 */
+    unsigned tries;                   /* backends tried so far */
+    uint64_t tried;                   /* bit i: backend i was tried */
+    int last_error;                   /* last connect error, for end=connect_failed */
+    enum session_end first_close;     /* who closed first, valid with SESSION_F_FIRST_CLOSE */
+    enum session_end pending_end;     /* close_after_flush: the end= to log */
+    const char *pending_error;        /* close_after_flush: the error= to log, static text */
+    struct session_smtp *smtp;        /* mode smtp state, NULL in mode tcp */
+    struct tls_conn *client_tls;      /* TLS with the client, or NULL */
+    struct tls_conn *backend_tls;     /* TLS with the backend, or NULL */
+    union session_sa client_sa;       /* the client: the peer, or what a PROXY header said */
+    union session_sa orig_dst;        /* where the client meant to go, or AF_UNSPEC */
+    struct config_addr *dst_backend;  /* backend = original_dst: orig_dst as a backend, or NULL */
     struct proxyproto_parser *pp_in;  /* accept_proxy_protocol: header being read */
     char *early;                      /* client bytes that followed the PROXY header */
     size_t early_len;                 /* their number */

@@ -81,10 +81,10 @@ const char *session_client_addr(struct session *s)
 
     if (s->client_addr[0] != '\0')
         return s->client_addr;
-    if (s->client_sa.ss_family == AF_UNSPEC &&
+    if (s->client_sa.sa.sa_family == AF_UNSPEC &&
         uv_tcp_getpeername(&s->client, (struct sockaddr *)&peer, &peerlen) == 0)
-        s->client_sa = peer;
-    if (s->client_sa.ss_family != AF_UNSPEC)
+        session_sa_set(&s->client_sa, &peer);
+    if (s->client_sa.sa.sa_family != AF_UNSPEC)
         sockaddr_format((const struct sockaddr *)&s->client_sa, s->client_addr,
                         sizeof(s->client_addr));
     else
@@ -107,6 +107,7 @@ static void session_maybe_free(struct session *s)
     session_smtp_free(s);
     free(s->pp_in);
     free(s->early);
+    free(s->dst_backend);
     tls_conn_free(s->client_tls);
     tls_conn_free(s->backend_tls);
     config_unref(s->cfg);
@@ -165,7 +166,7 @@ static void session_on_backend_closed(uv_handle_t *h)
 
 static const struct config_addr *session_backend(const struct session *s)
 {
-    return s->cl->backend_original_dst ? &s->dst_backend : &s->cl->backends[s->cur];
+    return s->cl->backend_original_dst ? s->dst_backend : &s->cl->backends[s->cur];
 }
 
 /* The name a backend's certificate must carry: backend_sni, or else, when
@@ -575,16 +576,16 @@ static int session_prepare_backend_socket(struct session *s, const struct config
         if (setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0)
             return -errno;
     }
-    if (cl->source_client && s->client_sa.ss_family == b->sa.ss_family) {
-        struct sockaddr_storage src = s->client_sa;
-        int rc = listener_set_transparent(fd, src.ss_family);
+    if (cl->source_client && s->client_sa.sa.sa_family == b->sa.ss_family) {
+        union session_sa src = s->client_sa;
+        int rc = listener_set_transparent(fd, src.sa.sa_family);
         if (rc != 0)
             return rc;
-        if (src.ss_family == AF_INET)
-            ((struct sockaddr_in *)&src)->sin_port = 0;
+        if (src.sa.sa_family == AF_INET)
+            src.in.sin_port = 0;
         else
-            ((struct sockaddr_in6 *)&src)->sin6_port = 0;
-        return uv_tcp_bind(&s->backend, (const struct sockaddr *)&src, 0);
+            src.in6.sin6_port = 0;
+        return uv_tcp_bind(&s->backend, &src.sa, 0);
     }
     return 0;
 }
@@ -722,13 +723,14 @@ static void session_start_backend(struct session *s)
     const struct config_listener *cl = s->cl;
     uv_os_fd_t fd;
 
-    if (cl->transparent != CONFIG_TRANSPARENT_OFF && s->orig_dst.ss_family == AF_UNSPEC) {
-        struct sockaddr_storage local;
+    if (cl->transparent != CONFIG_TRANSPARENT_OFF && s->orig_dst.sa.sa_family == AF_UNSPEC) {
+        struct sockaddr_storage local, orig;
         socklen_t len = sizeof(local);
         int rc = uv_fileno((uv_handle_t *)&s->client, &fd);
         if (rc == 0)
-            rc = listener_original_dst(fd, cl->transparent == CONFIG_TRANSPARENT_TPROXY,
-                                       &s->orig_dst);
+            rc = listener_original_dst(fd, cl->transparent == CONFIG_TRANSPARENT_TPROXY, &orig);
+        if (rc == 0)
+            session_sa_set(&s->orig_dst, &orig);
         if (rc == 0 && getsockname(fd, (struct sockaddr *)&local, &len) != 0)
             rc = -errno;
         if (rc != 0) {
@@ -754,11 +756,15 @@ static void session_start_backend(struct session *s)
         }
     }
     if (cl->backend_original_dst) {
-        s->dst_backend.sa = s->orig_dst;
-        s->dst_backend.salen = s->orig_dst.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
-                                                                 : sizeof(struct sockaddr_in);
-        sockaddr_format((const struct sockaddr *)&s->orig_dst, s->dst_backend.text,
-                        sizeof(s->dst_backend.text));
+        s->dst_backend = calloc(1, sizeof(*s->dst_backend));
+        if (s->dst_backend == NULL) {
+            session_close(s, SESSION_END_CONNECT_FAILED, "out of memory");
+            return;
+        }
+        s->dst_backend->salen = s->orig_dst.sa.sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                                                     : sizeof(struct sockaddr_in);
+        memcpy(&s->dst_backend->sa, &s->orig_dst, s->dst_backend->salen);
+        sockaddr_format(&s->orig_dst.sa, s->dst_backend->text, sizeof(s->dst_backend->text));
     }
     session_connect_next(s);
 }
@@ -813,8 +819,8 @@ static void session_pp_on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_
     char via[SOCKADDR_TEXT_MAX];
     snprintf(via, sizeof(via), "%s", session_client_addr(s));
     if (hdr.command == PROXYPROTO_CMD_PROXY && hdr.family != AF_UNSPEC) {
-        s->client_sa = hdr.src;
-        s->orig_dst = hdr.dst; /* where the client connected, for transparent setups */
+        session_sa_set(&s->client_sa, &hdr.src);
+        session_sa_set(&s->orig_dst, &hdr.dst); /* where the client connected */
         s->client_addr[0] = '\0';
     }
     if (log_enabled(LOG_INFO)) {
@@ -839,7 +845,8 @@ static void session_pp_on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_
     free(s->pp_in);
     s->pp_in = NULL;
     if (s->cl->transparent == CONFIG_TRANSPARENT_OFF)
-        s->orig_dst.ss_family = AF_UNSPEC; /* only a transparent listener trusts it as a target */
+        s->orig_dst.sa.sa_family =
+            AF_UNSPEC; /* only a transparent listener trusts it as a target */
     session_start_backend(s);
 }
 
@@ -870,8 +877,8 @@ static int session_send_proxy_header(struct session *s)
 
     s->flags |= SESSION_F_PP_SENT;
     (void)session_client_addr(s); /* fills client_sa */
-    if (s->orig_dst.ss_family != AF_UNSPEC)
-        dst = s->orig_dst;
+    if (s->orig_dst.sa.sa_family != AF_UNSPEC)
+        memcpy(&dst, &s->orig_dst, sizeof(s->orig_dst));
     else if (uv_fileno((uv_handle_t *)&s->client, &fd) != 0 ||
              getsockname(fd, (struct sockaddr *)&dst, &len) != 0)
         dst.ss_family = AF_UNSPEC;

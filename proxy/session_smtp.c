@@ -40,7 +40,7 @@ struct session_smtp {
     unsigned flags;              /* SESSION_SMTP_F_* */
     char *sline;                 /* transcript=full: the server line being read */
     size_t sline_len;            /* bytes in sline (capped at SMTP_LINE_LOG_MAX) */
-    char primary[96];            /* a primary error mxproxy made up, "" if none */
+    const char *primary;         /* a primary error mxproxy made up (static text), or NULL */
     char *ehlo;                  /* an EHLO reply being gathered for rewriting */
     size_t ehlo_len;             /* bytes in ehlo */
     char *replay;                /* backend STARTTLS: the client's first EHLO, sent after TLS */
@@ -528,7 +528,10 @@ static void session_smtp_client_bytes(struct session *s, struct relay_block *b, 
             break;
         }
         if (ev.type == SMTP_EV_WAIT) {
-            session_smtp_hold(s, b, off, end);
+            /* Stop reading only if the client already sent more: after a
+             * lone DATA it usually waits for the 354 itself. */
+            if (off < end)
+                session_smtp_hold(s, b, off, end);
             break;
         }
         (void)smtp_pairs_on_client_event(&m->pp, &ev, now); /* room was checked */
@@ -714,16 +717,16 @@ static void session_smtp_abort(struct session *s, const char *reply, enum sessio
             p.text_len = (size_t)snprintf(p.text, sizeof(p.text), "%s", reply + 10);
             p.lines = 1;
             p.t_reply = session_smtp_now();
-            if (!smtp_pairs_summary(&m->pp)->has_primary && m->primary[0] == '\0')
-                snprintf(m->primary, sizeof(m->primary), "%s", reply);
+            if (!smtp_pairs_summary(&m->pp)->has_primary && m->primary == NULL)
+                m->primary = reply;
             first = false;
         }
         session_smtp_log_pair(s, &p);
     }
-    if (first && !smtp_pairs_summary(&m->pp)->has_primary && m->primary[0] == '\0' &&
+    if (first && !smtp_pairs_summary(&m->pp)->has_primary && m->primary == NULL &&
         end == SESSION_END_TLS_ERROR) {
         session_smtp_say(s, reply); /* nothing outstanding: the client still learns why */
-        snprintf(m->primary, sizeof(m->primary), "%s", reply);
+        m->primary = reply;
     }
     session_close_after_flush(s, end, error);
 }
@@ -885,8 +888,8 @@ static bool session_smtp_send_xclient(struct session *s)
 
     if (m->xtodo == 0)
         return false;
-    if (s->orig_dst.ss_family != AF_UNSPEC)
-        dst = s->orig_dst;
+    if (s->orig_dst.sa.sa_family != AF_UNSPEC)
+        memcpy(&dst, &s->orig_dst, sizeof(s->orig_dst));
     else if (uv_fileno((uv_handle_t *)&s->client, &fd) != 0 ||
              getsockname(fd, (struct sockaddr *)&dst, &len) != 0)
         dst.ss_family = AF_UNSPEC;
@@ -1117,7 +1120,7 @@ void session_smtp_connect_failed(struct session *s, const char *why)
     static const char reply[] = "421 4.4.1 mxproxy: no mail server available, try again later";
 
     session_smtp_say(s, reply);
-    snprintf(s->smtp->primary, sizeof(s->smtp->primary), "%s", reply);
+    s->smtp->primary = reply;
 }
 
 void session_smtp_goodbye(struct session *s, enum session_end end)
@@ -1162,7 +1165,7 @@ void session_smtp_log_close(const struct session *s, struct log_line *l)
                          p->esc[0] != '\0' ? " " : "", p->esc, (int)p->text_len, p->text);
         log_strn(l, "primary_error", primary,
                  (size_t)n < sizeof(primary) ? (size_t)n : sizeof(primary) - 1);
-    } else if (m->primary[0] != '\0') {
+    } else if (m->primary != NULL) {
         log_str(l, "primary_error", m->primary);
     }
 }

@@ -659,12 +659,11 @@ static void smtp_server_garbage(struct smtp_server *p, struct smtp_server_event 
     r->esc[0] = '\0';
     r->lines = 1;
     r->text[r->text_len] = '\0';
-    p->done = *r;
-    memset(r, 0, sizeof(*r));
+    p->handed_out = true; /* cleared at the next call, so the pointer lives until then */
     p->state = SMTP_SS_CODE0;
     p->bad = false;
     ev->type = SMTP_SEV_GARBAGE;
-    ev->reply = &p->done;
+    ev->reply = r;
 }
 
 size_t smtp_server_parse(struct smtp_server *p, const char *buf, size_t len, uint64_t now_ns,
@@ -675,6 +674,10 @@ size_t smtp_server_parse(struct smtp_server *p, const char *buf, size_t len, uin
 
     ev->type = SMTP_SEV_AGAIN;
     ev->reply = NULL;
+    if (p->handed_out) {
+        memset(r, 0, sizeof(*r)); /* the caller is done with the last reply */
+        p->handed_out = false;
+    }
     if (buf == NULL)
         len = 0;
     while (i < len) {
@@ -744,10 +747,9 @@ size_t smtp_server_parse(struct smtp_server *p, const char *buf, size_t len, uin
                 r->text[r->text_len] = '\0';
                 if (p->state & SMTP_SS_F_LAST) {
                     p->state = SMTP_SS_CODE0;
-                    p->done = *r;
-                    memset(r, 0, sizeof(*r));
+                    p->handed_out = true;
                     ev->type = SMTP_SEV_REPLY;
-                    ev->reply = &p->done;
+                    ev->reply = r;
                     return i;
                 }
                 p->state = SMTP_SS_CODE0;

@@ -243,12 +243,12 @@ struct smtp_server_event {
 
 /* Parser state; fields are private. */
 struct smtp_server {
-    unsigned state;         /* SMTP_SS_* in smtp.c */
-    int line_code;          /* code digits of the current line so far */
-    bool pending_cr;        /* a CR in first-line text, not yet known to end the line */
-    bool bad;               /* the current line is garbage */
-    struct smtp_reply cur;  /* reply being read */
-    struct smtp_reply done; /* last completed reply, handed out by pointer */
+    unsigned state;        /* SMTP_SS_* in smtp.c */
+    int line_code;         /* code digits of the current line so far */
+    bool pending_cr;       /* a CR in first-line text, not yet known to end the line */
+    bool bad;              /* the current line is garbage */
+    bool handed_out;       /* cur is a completed reply the caller may still read */
+    struct smtp_reply cur; /* reply being read, or the one just completed */
 };
 
 /* Parses server bytes. Every byte is meant to be forwarded to the client unchanged; this only
