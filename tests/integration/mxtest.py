@@ -380,15 +380,15 @@ class ConnRecord:
 class TcpBackend:
     """A threaded TCP server on 127.0.0.1; handler(backend, rec) runs per connection."""
 
-    def __init__(self, name="backend", backlog=128, keep_bytes=False):
+    def __init__(self, name="backend", backlog=128, keep_bytes=False, host=HOST, port=0):
         self.name = name
         self.keep_bytes = keep_bytes
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind((HOST, 0))
+        self.lsock.bind((host, port))
         self.lsock.listen(backlog)
         self.port = self.lsock.getsockname()[1]
-        self.addr = "%s:%d" % (HOST, self.port)
+        self.addr = "%s:%d" % (host, self.port)
         self.conns = []
         self.cond = threading.Condition()
         self.stopping = threading.Event()
@@ -1246,7 +1246,7 @@ class Proxy:
     Lines that do not parse are kept in self.bad_lines and fail the test."""
 
     def __init__(self, conf_text, tmpdir, log_format="logfmt", env=None, preexec_fn=None,
-                 name="mxproxy.conf"):
+                 name="mxproxy.conf", netns=None):
         self.tmpdir = tmpdir
         self.path = os.path.join(tmpdir, name)
         self.fmt = log_format
@@ -1261,7 +1261,9 @@ class Proxy:
         e.setdefault("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")
         if env:
             e.update(env)
-        self.proc = subprocess.Popen([binary(), "-c", self.path], stdin=subprocess.DEVNULL,
+        # ip netns exec execs mxproxy: the pid stays mxproxy's own.
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.proc = subprocess.Popen(prefix + [binary(), "-c", self.path], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True, env=e, preexec_fn=preexec_fn)
         self.pid = self.proc.pid
@@ -1606,3 +1608,70 @@ def main():
           % ("PASS" if ok else "FAIL", res.testsRun, len(res.failures), len(res.errors),
              len(res.skipped)))
     sys.exit(0 if ok else 1)
+
+
+# --------------------------------------------------------------------------
+# Network namespaces (interception tests): made and removed by the tests
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "setns: %s" % os.strerror(err))
+
+
+class in_netns:
+    """with in_netns("name"): sockets created in the block live in that
+    network namespace (only the calling thread switches; it switches back at
+    the end). The sockets keep working from any thread afterwards."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        fd = os.open("/run/netns/%s" % self.name, os.O_RDONLY)
+        try:
+            _setns(fd)
+        finally:
+            os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            _setns(self.home)
+        finally:
+            os.close(self.home)
+        return False
+
+
+def netns_run(ns, *args, timeout=20, env=None, check=True):
+    """Runs args inside network namespace ns; returns the CompletedProcess
+    (stdout and stderr as text). check: raise with stderr on failure."""
+    r = subprocess.run(["ip", "netns", "exec", ns] + list(args), stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+                       env=env, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError("in %s: %s exited %d: %s%s" % (ns, " ".join(args), r.returncode,
+                                                           r.stdout, r.stderr))
+    return r
+
+
+def netns_unavailable():
+    """Why network namespaces cannot be made here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root (CAP_NET_ADMIN) to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs the ip command (iproute2)"
+    name = "mxprobe%d" % os.getpid()
+    r = subprocess.run(["ip", "netns", "add", name], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=10)
+    if r.returncode != 0:
+        return "cannot create a network namespace: %s" % r.stdout.decode().strip()
+    subprocess.run(["ip", "netns", "del", name], timeout=10)
+    return None
