@@ -91,8 +91,10 @@ struct session {
 #define SESSION_F_TIMED_OUT 0x20u   /* the current connect attempt timed out */
 #define SESSION_F_FLUSHING 0x40u    /* close_after_flush: waiting for the client FIN */
 #define SESSION_F_PP_WAIT 0x100u    /* reading the load balancer's PROXY header */
-#define SESSION_F_PP_SENT 0x200u    /* the PROXY header went to the backend */
-#define SESSION_F_NO_BACKEND 0x80u  /* the backend was dropped on purpose; no retry */
+#define SESSION_F_PP_SENT 0x200u
+#define SESSION_F_OPEN_LOGGED                                                                      \
+    0x400u /* ev=open was written */ /* the PROXY header went to the backend */
+#define SESSION_F_NO_BACKEND 0x80u   /* the backend was dropped on purpose; no retry */
 
 #define SESSION_TLS_HANDSHAKE_MS 5000 /* a client TLS handshake must finish within this */
 

@@ -576,6 +576,8 @@ static int session_prepare_backend_socket(struct session *s, const struct config
         if (setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0)
             return -errno;
     }
+    if (cl->source_client)
+        (void)session_client_addr(s); /* fills client_sa */
     if (cl->source_client && s->client_sa.sa.sa_family == b->sa.ss_family) {
         union session_sa src = s->client_sa;
         int rc = listener_set_transparent(fd, src.sa.sa_family);
@@ -619,12 +621,28 @@ static void session_connect_next(struct session *s)
     uv_timer_start(&s->timer, session_on_timer, s->cl->connect_timeout_ms, 0);
 }
 
+/* ev=open, once; session_close() makes sure it comes before ev=close. */
+static void session_log_open(struct session *s)
+{
+    struct log_line l;
+
+    if ((s->flags & SESSION_F_OPEN_LOGGED) || !log_enabled(LOG_INFO))
+        return;
+    s->flags |= SESSION_F_OPEN_LOGGED;
+    log_begin(&l, LOG_INFO, "open");
+    log_sid(&l, s->id);
+    log_str(&l, "listener", s->cl->name);
+    log_str(&l, "client", session_client_addr(s));
+    log_end(&l);
+}
+
 void session_close(struct session *s, enum session_end end, const char *error)
 {
     struct log_line l;
 
     if (s->flags & SESSION_F_CLOSING)
         return;
+    session_log_open(s);
     s->flags |= SESSION_F_CLOSING;
     if (s->smtp != NULL)
         end = session_smtp_end(s, end);
@@ -912,7 +930,6 @@ void session_accept(struct listener *l)
 {
     struct worker *w = l->w;
     struct session *s = calloc(1, sizeof(*s));
-    struct log_line ll;
 
     if (s == NULL) {
         session_drop_pending(l);
@@ -941,13 +958,6 @@ void session_accept(struct listener *l)
     metrics_session_opened(&w->metrics, s->cl->name);
 
     int rc = uv_accept((uv_stream_t *)&l->handle, (uv_stream_t *)&s->client);
-    if (log_enabled(LOG_INFO)) {
-        log_begin(&ll, LOG_INFO, "open");
-        log_sid(&ll, s->id);
-        log_str(&ll, "listener", s->cl->name);
-        log_str(&ll, "client", session_client_addr(s));
-        log_end(&ll);
-    }
     if (rc != 0) {
         session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
         return;
@@ -970,11 +980,13 @@ void session_accept(struct listener *l)
         session_wire_tls(s);
     }
     uv_tcp_nodelay(&s->client, 1);
-    if (s->cl->accept_proxy_protocol) {
+    if (s->cl->accept_proxy_protocol)
         session_read_proxy_header(s); /* the backend is chosen once we know the client */
-        return;
-    }
-    session_start_backend(s);
+    else
+        session_start_backend(s);
+    /* Logged once the backend connect is under way: the line costs time
+     * the greeting should not wait for. */
+    session_log_open(s);
 }
 
 void session_close_all(struct worker *w)

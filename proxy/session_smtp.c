@@ -674,6 +674,8 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
     struct smtp_pair p;
     struct log_line l;
 
+    /* The client gets the reply before anything is logged about it. */
+    session_smtp_flush_down(s);
     enum smtp_pairs_res res = smtp_pairs_on_reply(&m->pp, r, &p);
     smtp_client_on_reply(&m->cp, p.cmd, p.code);
     if (res != SMTP_PAIRS_INTERMEDIATE)
