@@ -254,9 +254,10 @@ class Client:
     """A TCP client that reads SMTP replies, exact byte counts or EOF, each
     with a timeout."""
 
-    def __init__(self, port, timeout=5.0, host=HOST):
+    def __init__(self, port, timeout=5.0, host=HOST, source=None):
         self.t_connect = time.monotonic()
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.t_connected = time.monotonic()
         self.local_port = self.sock.getsockname()[1]  # still known after close()
         self.buf = b""
