@@ -19,7 +19,7 @@ import struct
 import time
 
 import mxtest
-from mxtest import (MS, UINT, Client, Like, ProxyTestCase, ScriptedSmtpBackend, TlsClient,
+from mxtest import (MS, Client, ProxyTestCase, ScriptedSmtpBackend, TlsClient,
                     client_context, pki)
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -89,7 +89,8 @@ class ProxyProtocolTest(ProxyTestCase):
         self.assertEqual(rec.peer[0], "127.0.0.1")  # mxproxy's own address
         sid = p.wait_event(ev="open", client="%s:%d" % (CLIENT_IP, c.local_port))["sid"]
         close = p.close_of(sid)
-        self.assertEqual((close["end"], close["client"]), ("quit", "%s:%d" % (CLIENT_IP, c.local_port)))
+        self.assertEqual((close["end"], close["client"]),
+                         ("quit", "%s:%d" % (CLIENT_IP, c.local_port)))
 
     def test_v2_to_backend(self):
         b = self.pp_backend()
