@@ -919,15 +919,14 @@ static bool session_smtp_xclient_offer(struct session *s, const struct smtp_repl
 {
     struct session_smtp *m = s->smtp;
     unsigned caps = 0;
-    size_t pos = 0;
 
     if (r->code == 250) {
-        while (pos < m->ehlo_len) {
-            const char *lf = memchr(m->ehlo + pos, '\n', m->ehlo_len - pos);
-            size_t end = lf != NULL ? (size_t)(lf - m->ehlo) + 1 : m->ehlo_len;
-            if (pos > 0 && xclient_ehlo_line_caps(m->ehlo + pos, end - pos, &caps))
+        /* Capabilities start on the second line; the first names the server. */
+        for (size_t pos = smtp_line_end(m->ehlo, 0, m->ehlo_len), end; pos < m->ehlo_len;
+             pos = end) {
+            end = smtp_line_end(m->ehlo, pos, m->ehlo_len);
+            if (xclient_ehlo_line_caps(m->ehlo + pos, end - pos, &caps))
                 break;
-            pos = end;
         }
     }
     (void)session_client_addr(s); /* fills client_sa */

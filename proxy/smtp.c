@@ -805,16 +805,19 @@ static bool smtp_ehlo_is_starttls(const char *line, size_t len)
     return true;
 }
 
+size_t smtp_line_end(const char *buf, size_t pos, size_t len)
+{
+    const char *lf = memchr(buf + pos, '\n', len - pos);
+    return lf != NULL ? (size_t)(lf - buf) + 1 : len;
+}
+
 bool smtp_ehlo_offers_starttls(const char *in, size_t len)
 {
-    size_t pos = 0;
-
-    for (unsigned i = 0; pos < len; i++) {
-        const char *lf = memchr(in + pos, '\n', len - pos);
-        size_t end = lf != NULL ? (size_t)(lf - in) + 1 : len;
-        if (i > 0 && smtp_ehlo_is_starttls(in + pos, end - pos))
+    /* Capabilities start on the second line; the first names the server. */
+    for (size_t pos = smtp_line_end(in, 0, len), end; pos < len; pos = end) {
+        end = smtp_line_end(in, pos, len);
+        if (smtp_ehlo_is_starttls(in + pos, end - pos))
             return true;
-        pos = end;
     }
     return false;
 }

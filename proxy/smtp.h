@@ -270,6 +270,10 @@ size_t smtp_server_parse(struct smtp_server *p, const char *buf, size_t len, uin
  * the reply as it is. */
 ssize_t smtp_ehlo_rewrite(const char *in, size_t len, bool add, char *out, size_t cap);
 
+/* Index just past the LF that ends the line starting at buf[pos], or len when no LF follows:
+ * for walking the lines of a raw reply. pos < len. */
+size_t smtp_line_end(const char *buf, size_t pos, size_t len);
+
 /* True when a raw EHLO reply lists STARTTLS among its capabilities (not on its first line). */
 bool smtp_ehlo_offers_starttls(const char *in, size_t len);
 
