@@ -6,7 +6,9 @@
 #include <linux/netfilter_ipv6/ip6_tables.h>
 #include <netinet/in.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "log.h"
@@ -94,6 +96,27 @@ int listener_original_dst(int fd, bool tproxy, struct sockaddr_storage *out)
     int rc = out->ss_family == AF_INET6 ? getsockopt(fd, SOL_IPV6, IP6T_SO_ORIGINAL_DST, out, &len)
                                         : getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, out, &len);
     return rc == 0 ? 0 : -errno;
+}
+
+bool listener_addr_is_local(const struct sockaddr *sa)
+{
+    struct sockaddr_storage probe;
+    socklen_t len =
+        sa->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+    int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    bool local;
+
+    if (fd < 0)
+        return false;
+    /* Binding without IP_TRANSPARENT succeeds only for this host's addresses. */
+    memcpy(&probe, sa, len);
+    if (probe.ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)&probe)->sin6_port = 0;
+    else
+        ((struct sockaddr_in *)&probe)->sin_port = 0;
+    local = bind(fd, (const struct sockaddr *)&probe, len) == 0;
+    close(fd);
+    return local;
 }
 
 void listener_close(struct listener *l)

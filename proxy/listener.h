@@ -40,6 +40,10 @@ int listener_original_dst(int fd, bool tproxy, struct sockaddr_storage *out);
  * Returns 0 or -errno. */
 int listener_set_transparent(int fd, int family);
 
+/* True when sa's address belongs to this host (a bind to it would work
+ * without IP_TRANSPARENT). */
+bool listener_addr_is_local(const struct sockaddr *sa);
+
 /* Closes the socket; the listener is freed in its close callback. */
 void listener_close(struct listener *l);
 

@@ -733,6 +733,22 @@ static void session_drop_pending(struct listener *l)
     uv_close((uv_handle_t *)tmp, session_on_dropped_closed);
 }
 
+/* TPROXY keeps the destination as the local address, intercepted or not:
+ * the client came straight to mxproxy when that destination is this
+ * listener's port on one of this host's own addresses (any of them for a
+ * wildcard listener). */
+static bool session_tproxy_loop(const struct session *s)
+{
+    const struct sockaddr *dst = &s->orig_dst.sa;
+    const struct sockaddr *lis = (const struct sockaddr *)&s->cl->listen.sa;
+
+    if (sockaddr_equal(dst, lis))
+        return true;
+    if (dst->sa_family != lis->sa_family || sockaddr_port(dst) != sockaddr_port(lis))
+        return false;
+    return listener_addr_is_local(dst);
+}
+
 /* Learns where a transparently intercepted client meant to go, refusing
  * connections that were not intercepted at all (their destination is this
  * listener: mxproxy would connect to itself), then connects. */
@@ -756,8 +772,7 @@ static void session_start_backend(struct session *s)
             return;
         }
         bool loop = cl->transparent == CONFIG_TRANSPARENT_TPROXY
-                        ? sockaddr_equal((const struct sockaddr *)&s->orig_dst,
-                                         (const struct sockaddr *)&cl->listen.sa)
+                        ? session_tproxy_loop(s)
                         : sockaddr_equal((const struct sockaddr *)&s->orig_dst,
                                          (const struct sockaddr *)&local);
         if (loop) {

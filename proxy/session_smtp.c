@@ -672,7 +672,6 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
 {
     struct session_smtp *m = s->smtp;
     struct smtp_pair p;
-    struct log_line l;
 
     /* The client gets the reply before anything is logged about it. */
     session_smtp_flush_down(s);
@@ -681,13 +680,7 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
     if (res != SMTP_PAIRS_INTERMEDIATE)
         session_smtp_log_pair(s, &p);
     if (p.cmd == SMTP_CMD_STARTTLS && res == SMTP_PAIRS_MATCHED) {
-        if (m->injected > 0 && log_enabled(LOG_WARN)) {
-            log_begin(&l, LOG_WARN, "starttls_injection");
-            log_sid(&l, s->id);
-            log_uint(&l, "bytes", m->injected);
-            log_end(&l);
-        }
-        m->injected = 0;
+        session_smtp_log_injection(s);
         if (p.code >= 200 && p.code < 300)
             session_smtp_go_opaque(s);
     }

@@ -42,3 +42,12 @@ bool sockaddr_equal(const struct sockaddr *a, const struct sockaddr *b)
     }
     return false;
 }
+
+unsigned sockaddr_port(const struct sockaddr *sa)
+{
+    if (sa->sa_family == AF_INET)
+        return ntohs(((const struct sockaddr_in *)sa)->sin_port);
+    if (sa->sa_family == AF_INET6)
+        return ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
+    return 0;
+}

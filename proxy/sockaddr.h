@@ -15,4 +15,7 @@ char *sockaddr_format(const struct sockaddr *sa, char *out, size_t cap);
 /* True when a and b are the same family, address and port. */
 bool sockaddr_equal(const struct sockaddr *a, const struct sockaddr *b);
 
+/* The port of an AF_INET or AF_INET6 address, host order; 0 otherwise. */
+unsigned sockaddr_port(const struct sockaddr *sa);
+
 #endif /* MXPROXY_SOCKADDR_H */

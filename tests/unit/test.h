@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #define TEST_FAIL_(...)                                                                            \
     do {                                                                                           \
@@ -70,6 +72,35 @@ static inline void test_dump_(const char *p, size_t n)
         else
             fputc(c, stderr);
     }
+}
+
+/* A parser's input placed flush against a PROT_NONE page, so reading one
+ * byte past it crashes at once (picohttpparser's test does the same). */
+struct guard {
+    char *base;    /* the mapping */
+    size_t maplen; /* its length, the guard page included */
+};
+
+/* Copies s[0, n) so that its last byte is the last one before a PROT_NONE page. */
+static inline const char *guard_place(struct guard *g, const void *s, size_t n)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t data = (n + page - 1) / page * page;
+
+    if (data == 0)
+        data = page;
+    g->maplen = data + page;
+    g->base = mmap(NULL, g->maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ASSERT(g->base != MAP_FAILED);
+    ASSERT_OK(mprotect(g->base + data, page, PROT_NONE));
+    if (n > 0)
+        memcpy(g->base + data - n, s, n);
+    return g->base + data - n;
+}
+
+static inline void guard_free(struct guard *g)
+{
+    munmap(g->base, g->maplen);
 }
 
 #endif /* MXPROXY_TEST_H */

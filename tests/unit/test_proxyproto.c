@@ -17,33 +17,6 @@
 
 /* --- guard page ------------------------------------------------------------------------------ */
 
-struct guard {
-    char *base;
-    size_t maplen;
-};
-
-/* Copies s[0, n) so that its last byte is the last one before a PROT_NONE page. */
-static const char *guard_place(struct guard *g, const void *s, size_t n)
-{
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    size_t data = (n + page - 1) / page * page;
-
-    if (data == 0)
-        data = page;
-    g->maplen = data + page;
-    g->base = mmap(NULL, g->maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    ASSERT(g->base != MAP_FAILED);
-    ASSERT_OK(mprotect(g->base + data, page, PROT_NONE));
-    if (n > 0)
-        memcpy(g->base + data - n, s, n);
-    return g->base + data - n;
-}
-
-static void guard_free(struct guard *g)
-{
-    munmap(g->base, g->maplen);
-}
-
 /* --- addresses ------------------------------------------------------------------------------- */
 
 static struct sockaddr_storage sa4(const char *ip, unsigned port)

@@ -74,31 +74,6 @@ static void dstr_free(struct dstr *d)
 
 /* --- guard page ------------------------------------------------------------------------------ */
 
-struct guard {
-    char *base;
-    size_t maplen;
-};
-
-/* Copies s[0, n) so that its last byte is the last one before a PROT_NONE page. */
-static const char *guard_place(struct guard *g, const char *s, size_t n)
-{
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    size_t data = (n + page - 1) / page * page;
-
-    g->maplen = data + page;
-    g->base = mmap(NULL, g->maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    ASSERT(g->base != MAP_FAILED);
-    ASSERT_OK(mprotect(g->base + data, page, PROT_NONE));
-    if (n > 0)
-        memcpy(g->base + data - n, s, n);
-    return g->base + data - n;
-}
-
-static void guard_free(struct guard *g)
-{
-    munmap(g->base, g->maplen);
-}
-
 /* --- client driver ---------------------------------------------------------------------------- */
 
 static const char *g_secrets[4]; /* must never show in ev.line, ev.arg or ev.reason */
