@@ -119,6 +119,7 @@ class SmtpGuardsTest(mxtest.ProxyTestCase):
         c.send(b"NOOP " + b"y" * (4097 - 7) + b"\r\n")
         self.assertEqual(c.read_reply(), TOO_LONG)
         self.quit(c)
+        p.close_of(sid)  # every line of the session is written by then
         warn = p.find(ev="line_too_long", sid=sid)
         self.assertEqual(len(warn), 1)
         self.assertEvent(warn[0], "line_too_long", {"reason": "line too long", "limit": 4096},
