@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 /* relay_on_write finds the block from its request. */
 static_assert(offsetof(struct relay_block, req) == 0, "req must lead struct relay_block");
@@ -124,6 +125,15 @@ int relay_shutdown_dst(struct relay_dir *d)
 {
     if (d->dst_tls != NULL && tls_handshake_done(d->dst_tls) && tls_shutdown(d->dst_tls) == 0)
         relay_tls_flush(d); /* close_notify, then the FIN */
+    /* Nothing queued: the FIN can go now, without a request and an epoll
+     * round trip (the common case: writes are tried at once). */
+    uv_os_fd_t fd;
+    if (uv_stream_get_write_queue_size(d->dst) == 0 && uv_fileno((uv_handle_t *)d->dst, &fd) == 0 &&
+        shutdown(fd, SHUT_WR) == 0) {
+        d->flags |= RELAY_F_DONE;
+        d->on_event(d, RELAY_EV_DONE, 0);
+        return 0;
+    }
     d->shutdown_req.data = d;
     int rc = uv_shutdown(&d->shutdown_req, d->dst, relay_on_shutdown);
     if (rc != 0) {
