@@ -116,6 +116,11 @@ void session_wire_tls(struct session *s);
  * SESSION_TLS_HANDSHAKE_MS; re-arms the session timer accordingly. */
 void session_tls_started(struct session *s);
 
+/* Where the client connected to: the original destination when one is
+ * known (transparent, PROXY header), else the accepted socket's local
+ * address; AF_UNSPEC when neither is. */
+void session_client_dst(struct session *s, struct sockaddr_storage *out);
+
 /* client= text; also fills s->client_sa on first use. */
 const char *session_client_addr(struct session *s);
 

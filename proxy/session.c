@@ -899,22 +899,29 @@ static void session_read_proxy_header(struct session *s)
     uv_timer_start(&s->timer, session_on_timer, s->cl->proxy_protocol_timeout_ms, 0);
 }
 
+void session_client_dst(struct session *s, struct sockaddr_storage *out)
+{
+    socklen_t len = sizeof(*out);
+    uv_os_fd_t fd;
+
+    memset(out, 0, sizeof(*out)); /* AF_UNSPEC unless found */
+    if (s->orig_dst.sa.sa_family != AF_UNSPEC)
+        memcpy(out, &s->orig_dst, sizeof(s->orig_dst));
+    else if (uv_fileno((uv_handle_t *)&s->client, &fd) != 0 ||
+             getsockname(fd, (struct sockaddr *)out, &len) != 0)
+        out->ss_family = AF_UNSPEC;
+}
+
 /* Tells the backend who the client is, before anything else it reads. */
 static int session_send_proxy_header(struct session *s)
 {
     char hdr[PROXYPROTO_V2_MAX];
     struct sockaddr_storage dst;
-    socklen_t len = sizeof(dst);
-    uv_os_fd_t fd;
     int n;
 
     s->flags |= SESSION_F_PP_SENT;
     (void)session_client_addr(s); /* fills client_sa */
-    if (s->orig_dst.sa.sa_family != AF_UNSPEC)
-        memcpy(&dst, &s->orig_dst, sizeof(s->orig_dst));
-    else if (uv_fileno((uv_handle_t *)&s->client, &fd) != 0 ||
-             getsockname(fd, (struct sockaddr *)&dst, &len) != 0)
-        dst.ss_family = AF_UNSPEC;
+    session_client_dst(s, &dst);
     if (s->cl->proxy_protocol == CONFIG_PROXY_PROTOCOL_V1) {
         n = proxyproto_encode_v1(hdr, sizeof(hdr), (const struct sockaddr *)&s->client_sa,
                                  (const struct sockaddr *)&dst);

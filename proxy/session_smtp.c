@@ -877,17 +877,11 @@ static bool session_smtp_send_xclient(struct session *s)
 {
     struct session_smtp *m = s->smtp;
     struct sockaddr_storage dst;
-    socklen_t len = sizeof(dst);
-    uv_os_fd_t fd;
     char line[XCLIENT_LINE_MAX + 1];
 
     if (m->xtodo == 0)
         return false;
-    if (s->orig_dst.sa.sa_family != AF_UNSPEC)
-        memcpy(&dst, &s->orig_dst, sizeof(s->orig_dst));
-    else if (uv_fileno((uv_handle_t *)&s->client, &fd) != 0 ||
-             getsockname(fd, (struct sockaddr *)&dst, &len) != 0)
-        dst.ss_family = AF_UNSPEC;
+    session_client_dst(s, &dst);
     const struct smtp_pairs_summary *sum = smtp_pairs_summary(&m->pp);
     struct xclient_info info = {
         .addr = (const struct sockaddr *)&s->client_sa,
