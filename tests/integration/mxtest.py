@@ -1433,14 +1433,24 @@ def pair(cmd, code, reply=None, lines=1, esc=None, pipelined=0, ms=MS, **extra):
 
 
 def smtp_close(end, helo=None, mail_from=None, rcpt_ok=0, rcpt_rejected=0, messages=0,
-               primary_error=None, error=None, backend=ADDR, listener_name="smtp"):
-    """The fields of a mode smtp ev=close line after sid, in mxproxy's order."""
+               primary_error=None, error=None, backend=ADDR, listener_name="smtp",
+               tls_client=None, sni=None, tls_backend=None, smtp=True):
+    """The fields of an ev=close line after sid, in mxproxy's order: the TLS
+    fields when given, the mode smtp summary unless smtp=False."""
     f = {"listener": listener_name, "end": end, "bytes_up": UINT, "bytes_down": UINT, "ms": MS,
          "client": ADDR}
     if backend is not None:
         f["backend"] = backend
     if error is not None:
         f["error"] = error
+    if tls_client is not None:
+        f["tls_client"] = tls_client
+        if sni is not None:
+            f["sni"] = sni
+    if tls_backend is not None:
+        f["tls_backend"] = tls_backend
+    if not smtp:
+        return f
     if helo is not None:
         f["helo"] = helo
     if mail_from is not None:

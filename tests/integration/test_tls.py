@@ -43,30 +43,8 @@ def ehlo_reply(name, in_tls=False):
     return b"250-%s\r\n" % name + (EXT_LINES_IN_TLS if in_tls else EXT_LINES)
 
 
-def tls_close(end, tls_client=None, sni=None, tls_backend=None, error=None, helo=None,
-              mail_from=None, rcpt_ok=0, rcpt_rejected=0, messages=0, primary_error=None,
-              smtp=True, listener_name="smtp"):
-    """The fields of an ev=close line after sid, in mxproxy's order, with the
-    TLS fields."""
-    f = {"listener": listener_name, "end": end, "bytes_up": UINT, "bytes_down": UINT,
-         "ms": MS, "client": ADDR, "backend": ADDR}
-    if error is not None:
-        f["error"] = error
-    if tls_client is not None:
-        f["tls_client"] = tls_client
-        if sni is not None:
-            f["sni"] = sni
-    if tls_backend is not None:
-        f["tls_backend"] = tls_backend
-    if smtp:
-        if helo is not None:
-            f["helo"] = helo
-        if mail_from is not None:
-            f["mail_from"] = mail_from
-        f.update(rcpt_ok=rcpt_ok, rcpt_rejected=rcpt_rejected, messages=messages)
-        if primary_error is not None:
-            f["primary_error"] = primary_error
-    return f
+# Close-line fields, the TLS ones included: one builder for every test file.
+tls_close = mxtest.smtp_close
 
 
 def tls_fields(side, tls=TLS13, sni=None, verified=None):

@@ -46,26 +46,8 @@ BACKEND_EHLO = ehlo_lines("scripted", NO_STARTTLS_EXT)
 OFFERED_EHLO = ehlo_lines("scripted", ("STARTTLS",) + NO_STARTTLS_EXT)
 
 
-def tls_close(end, tls_client=None, sni=None, tls_backend=None, error=None, helo=None,
-              mail_from=None, rcpt_ok=0, rcpt_rejected=0, messages=0, primary_error=None):
-    f = {"listener": "smtp", "end": end, "bytes_up": UINT, "bytes_down": UINT, "ms": MS,
-         "client": ADDR, "backend": ADDR}
-    if error is not None:
-        f["error"] = error
-    if tls_client is not None:
-        f["tls_client"] = tls_client
-        if sni is not None:
-            f["sni"] = sni
-    if tls_backend is not None:
-        f["tls_backend"] = tls_backend
-    if helo is not None:
-        f["helo"] = helo
-    if mail_from is not None:
-        f["mail_from"] = mail_from
-    f.update(rcpt_ok=rcpt_ok, rcpt_rejected=rcpt_rejected, messages=messages)
-    if primary_error is not None:
-        f["primary_error"] = primary_error
-    return f
+# Close-line fields, the TLS ones included: one builder for every test file.
+tls_close = mxtest.smtp_close
 
 
 def run(args, input=b"", timeout=20):
