@@ -7,6 +7,7 @@
  * bytes are then read as an EHLO reply line and used as a HELO value for XCLIENT.
  */
 #include "proxyproto.h"
+#include "sockaddr.h"
 
 #include <netinet/in.h>
 #include <stdio.h>
@@ -32,18 +33,10 @@ struct fuzz_run {
 
 static bool fuzz_sa_same(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
 {
-    if (a->ss_family != b->ss_family)
-        return false;
-    if (a->ss_family == AF_INET) {
-        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
-    }
-    if (a->ss_family == AF_INET6) {
-        const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-        return x->sin6_port == y->sin6_port &&
-               memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
-    }
-    return true;
+    /* The decoder fills AF_INET, AF_INET6 or nothing (AF_UNSPEC). */
+    return a->ss_family == b->ss_family &&
+           (a->ss_family == AF_UNSPEC ||
+            sockaddr_equal((const struct sockaddr *)a, (const struct sockaddr *)b));
 }
 
 static bool fuzz_bytes_same(struct proxyproto_bytes a, struct proxyproto_bytes b)

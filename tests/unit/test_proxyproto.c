@@ -5,6 +5,7 @@
  * point, each time from a copy placed flush against a PROT_NONE page, so an over-read crashes.
  */
 #include "proxyproto.h"
+#include "sockaddr.h"
 #include "test.h"
 
 #include <arpa/inet.h>
@@ -48,18 +49,10 @@ static struct sockaddr_storage sa6(const char *ip, unsigned port)
 /* Same family, address and port (only what the decoder fills). */
 static bool sa_same(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
 {
-    if (a->ss_family != b->ss_family)
-        return false;
-    if (a->ss_family == AF_INET) {
-        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
-    }
-    if (a->ss_family == AF_INET6) {
-        const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-        return x->sin6_port == y->sin6_port &&
-               memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
-    }
-    return a->ss_family == AF_UNSPEC;
+    /* The decoder fills AF_INET, AF_INET6 or nothing (AF_UNSPEC). */
+    return a->ss_family == b->ss_family &&
+           (a->ss_family == AF_UNSPEC ||
+            sockaddr_equal((const struct sockaddr *)a, (const struct sockaddr *)b));
 }
 
 static bool bytes_same(struct proxyproto_bytes a, struct proxyproto_bytes b)
