@@ -343,6 +343,15 @@ static void session_end_now(struct session *s, enum session_end end)
     session_close(s, end, NULL);
 }
 
+/* end= when a socket failed: the side that closed first, if one did, else
+ * a reset of the failing side (client or backend). */
+static enum session_end session_reset_end(const struct session *s, bool client)
+{
+    if (s->flags & SESSION_F_FIRST_CLOSE)
+        return s->first_close;
+    return client ? SESSION_END_CLIENT_RESET : SESSION_END_BACKEND_RESET;
+}
+
 static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int status)
 {
     struct session *s = d->owner;
@@ -371,11 +380,8 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
             session_close(s, s->first_close, NULL);
         return;
     case RELAY_EV_READ_ERR:
-        session_close(s,
-                      (s->flags & SESSION_F_FIRST_CLOSE)
-                          ? s->first_close
-                          : (up ? SESSION_END_CLIENT_RESET : SESSION_END_BACKEND_RESET),
-                      uv_strerror(status));
+        /* up reads the client, down reads the backend. */
+        session_close(s, session_reset_end(s, up), uv_strerror(status));
         return;
     case RELAY_EV_TLS_READY:
         metrics_tls(&s->w->metrics, up, true);
@@ -391,11 +397,7 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         return;
     case RELAY_EV_WRITE_ERR:
         /* up writes to the backend, down writes to the client. */
-        session_close(s,
-                      (s->flags & SESSION_F_FIRST_CLOSE)
-                          ? s->first_close
-                          : (up ? SESSION_END_BACKEND_RESET : SESSION_END_CLIENT_RESET),
-                      uv_strerror(status));
+        session_close(s, session_reset_end(s, !up), uv_strerror(status));
         return;
     }
     abort(); /* every relay_event is handled above */
