@@ -21,6 +21,7 @@
 #define CONFIG_ERR_MAX 512           /* "FILE:LINE: message", bytes including NUL */
 #define CONFIG_BACKENDS_MAX 64       /* "backend" entries per listener */
 #define CONFIG_CERTS_MAX 16          /* "cert" / "key" pairs per listener */
+#define CONFIG_ADMIN_CONNS_MAX 1024  /* admin_max_connections and _per_peer, at most */
 
 /* Longest duration a key accepts, in ms (2^31 - 1, about 24.8 days), so any
  * timeout fits a signed 32-bit millisecond count. */
@@ -168,6 +169,9 @@ struct config {
     unsigned drain_timeout_ms;         /* "drain_timeout", default 30 s */
     bool has_admin;                    /* "admin" was given */
     struct config_addr admin;          /* "admin": the HTTP admin endpoint's address */
+    unsigned admin_max_connections;    /* "admin_max_connections", default 64 */
+    unsigned admin_max_per_peer;       /* "admin_max_connections_per_peer", default 8 */
+    unsigned admin_header_timeout_ms;  /* "admin_header_timeout", default 3 s */
     struct config_listener *listeners; /* in file order */
     size_t n_listeners;                /* >= 1 in a loaded config */
 };
