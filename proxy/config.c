@@ -180,6 +180,8 @@ static int config_parse_cert(struct config_parser *p, const struct config_key *k
                              const char *value);
 static int config_parse_admin(struct config_parser *p, const struct config_key *k,
                               const char *value);
+static int config_parse_ciphers(struct config_parser *p, const struct config_key *k,
+                                const char *value);
 static int config_parse_transcript(struct config_parser *p, const struct config_key *k,
                                    const char *value);
 static int config_parse_backend(struct config_parser *p, const struct config_key *k,
@@ -286,6 +288,16 @@ static const struct config_key config_keys[] = {
      .parse = config_parse_enum,
      .offset = CONFIG_L(tls_min_version),
      .words = config_tls_versions,
+     .flags = CONFIG_KEY_F_TLS},
+    {.name = "ciphers",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_ciphers,
+     .offset = CONFIG_L(ciphers),
+     .flags = CONFIG_KEY_F_TLS},
+    {.name = "ciphersuites",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_ciphers,
+     .offset = CONFIG_L(ciphersuites),
      .flags = CONFIG_KEY_F_TLS},
     {.name = "require_tls",
      .section = CONFIG_SECTION_LISTENER,
@@ -410,6 +422,8 @@ static void config_free(struct config *c)
         tls_ctx_unref(c->listeners[i].tls_client);
         free(c->listeners[i].backend_ca);
         free(c->listeners[i].backend_sni);
+        free(c->listeners[i].ciphers);
+        free(c->listeners[i].ciphersuites);
         c->listeners[i].backends = NULL;
         config_shared_put(c->listeners[i].shared);
         c->listeners[i].shared = NULL;
@@ -871,6 +885,25 @@ static int config_parse_path(struct config_parser *p, const struct config_key *k
     return 0;
 }
 
+/* "ciphers" / "ciphersuites": an OpenSSL cipher string, kept as given with
+ * its line; tls_ctx_set_ciphers() checks it once the certificates load. */
+static int config_parse_ciphers(struct config_parser *p, const struct config_key *k,
+                                const char *value)
+{
+    struct config_listener *l = config_cur_listener(p);
+    bool suites = k->offset == CONFIG_L(ciphersuites);
+    char **field = suites ? &l->ciphersuites : &l->ciphers;
+
+    free(*field);
+    *field = strdup(value);
+    if (*field == NULL) {
+        config_fail_nomem(p);
+        return -1;
+    }
+    *(suites ? &l->ciphersuites_line : &l->ciphers_line) = p->lineno;
+    return 0;
+}
+
 /* "cert" and "key" lines pair up in order: the n-th key belongs to the n-th
  * certificate. */
 static int config_parse_cert(struct config_parser *p, const struct config_key *k, const char *value)
@@ -1273,6 +1306,13 @@ static int config_check_features(struct config_parser *p, const struct config_li
                     "listener '%s': 'cert' needs client_tls = implicit or starttls", l->name);
         return -1;
     }
+    if ((l->ciphers != NULL || l->ciphersuites != NULL) && l->n_certs == 0) {
+        config_fail(p, -EINVAL, l->ciphers != NULL ? l->ciphers_line : l->ciphersuites_line,
+                    "listener '%s': '%s' needs client_tls = implicit or starttls (it sets the "
+                    "ciphers mxproxy offers to clients)",
+                    l->name, l->ciphers != NULL ? "ciphers" : "ciphersuites");
+        return -1;
+    }
     if (!smtp && (l->client_tls == CONFIG_CLIENT_TLS_STARTTLS ||
                   l->client_tls == CONFIG_CLIENT_TLS_PASSTHROUGH ||
                   l->backend_tls == CONFIG_BACKEND_TLS_STARTTLS)) {
@@ -1386,6 +1426,13 @@ static void config_load_tls(struct config_parser *p, struct config_listener *l)
         }
         if (tls_server_ctx_new(&l->tls_server, pairs, l->n_certs, version, err, sizeof(err)) != 0) {
             config_fail(p, -EINVAL, l->certs[0].line, "listener '%s': %s", l->name, err);
+            return;
+        }
+        if (tls_ctx_set_ciphers(l->tls_server, l->ciphers, l->ciphersuites, err, sizeof(err)) !=
+            0) {
+            bool suites = strncmp(err, "ciphersuites", 12) == 0;
+            config_fail(p, -EINVAL, suites ? l->ciphersuites_line : l->ciphers_line,
+                        "listener '%s': %s", l->name, err);
             return;
         }
     }

@@ -137,6 +137,10 @@ struct config_listener {
     size_t n_certs;                     /* certificates given */
     size_t n_keys;                      /* keys given; must equal n_certs */
     unsigned tls_min_version;           /* enum config_tls_version, "tls_min_version" */
+    char *ciphers;                      /* "ciphers" (TLS 1.2), NULL: mxproxy's default */
+    int ciphers_line;                   /* its line, for messages */
+    char *ciphersuites;                 /* "ciphersuites" (TLS 1.3), NULL: OpenSSL's default */
+    int ciphersuites_line;              /* its line, for messages */
     unsigned require_tls;               /* "require_tls" on/off, default off */
     unsigned backend_tls;               /* enum config_backend_tls, "backend_tls" */
     unsigned backend_verify;            /* "backend_verify" on/off, default on */
