@@ -407,9 +407,10 @@ static int tls_check_cipher_names(SSL_CTX *scratch, const char *list, bool suite
 
     while (*p != '\0') {
         size_t n = strcspn(p, seps);
-        char name[128];
+        bool positive = suites || strchr("!-+@", *p) == NULL;
 
-        if (n > 0 && !(!suites && strchr("!-+@", *p) != NULL)) {
+        if (n > 0 && positive) {
+            char name[128];
             int ok;
             if (n >= sizeof(name)) {
                 snprintf(err, errlen, "%s: '%.*s...' is not a cipher name", what, 32, p);
