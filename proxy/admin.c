@@ -1,8 +1,10 @@
 /* admin.c: the HTTP admin endpoint on the main loop; see admin.h. */
 #include "admin.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,21 +17,41 @@
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
-#define ADMIN_BACKLOG 64
+#define ADMIN_BACKLOG 511           /* a burst of connects waits here, not in SYN retries */
+#define ADMIN_DROP_LOG_MS 1000      /* at most one ev=admin_drop line per reason this often */
 #define ADMIN_METRICS_INITIAL 16384 /* first guess at the metrics text size, bytes */
 #define ADMIN_RENDER_TRIES 4        /* the text may grow between two renders */
 
 struct admin_conn;
 
+/* Why the endpoint closed a connection it did not answer (ev=admin_drop reason=). */
+enum admin_drop_reason {
+    ADMIN_DROP_PEER_LIMIT = 0, /* its peer was at max_per_peer */
+    ADMIN_DROP_CONN_LIMIT,     /* the table was at max_conns */
+    ADMIN_DROP_HEADER_TIMEOUT, /* no complete request within header_timeout_ms */
+    ADMIN_DROP_N,
+};
+
+static const char *const admin_drop_names[ADMIN_DROP_N] = {
+    [ADMIN_DROP_PEER_LIMIT] = "peer_limit",
+    [ADMIN_DROP_CONN_LIMIT] = "conn_limit",
+    [ADMIN_DROP_HEADER_TIMEOUT] = "header_timeout",
+};
+
 struct admin {
-    uv_tcp_t listener;               /* the bound socket; data -> this */
-    struct admin_ops ops;            /* the program's callbacks */
-    struct admin_conn *conns;        /* open connections, doubly linked */
-    unsigned n_conns;                /* length of conns */
-    bool stopping;                   /* admin_stop ran: free after the last close */
-    bool listener_closed;            /* the listener's close callback ran */
-    size_t metrics_hint;             /* size of the last metrics text, to allocate once */
-    char addr[CONFIG_ADDR_TEXT_MAX]; /* for log lines */
+    uv_tcp_t listener;            /* the bound socket; data -> this */
+    uv_timer_t log_timer;         /* paces ev=admin_drop lines; data -> this */
+    struct admin_ops ops;         /* the program's callbacks */
+    struct admin_limits lim;      /* see admin_set_limits */
+    struct admin_conn *conns;     /* open connections, newest first, doubly linked */
+    unsigned n_conns;             /* length of conns, closing ones included */
+    bool stopping;                /* admin_stop ran: free after the last close */
+    bool listener_closed;         /* the listener's close callback ran */
+    bool log_timer_closed;        /* log_timer is not (or no longer) a handle */
+    size_t metrics_hint;          /* size of the last metrics text, to allocate once */
+    uint64_t drops[ADMIN_DROP_N]; /* closes not logged yet, per reason */
+    char drop_peer[ADMIN_DROP_N][INET6_ADDRSTRLEN]; /* peer of the last of them */
+    char addr[CONFIG_ADDR_TEXT_MAX];                /* for log lines */
 };
 
 enum admin_conn_state {
@@ -39,21 +61,22 @@ enum admin_conn_state {
 };
 
 struct admin_conn {
-    uv_tcp_t tcp;                /* the accepted socket; data -> this */
-    uv_timer_t timer;            /* request timeout, then answer timeout */
-    uv_write_t wreq;             /* the answer */
-    uv_shutdown_t sreq;          /* the FIN after it */
-    struct admin *a;             /* owner */
-    struct admin_conn *prev;     /* a->conns list */
-    struct admin_conn *next;     /* a->conns list */
-    enum admin_conn_state state; /* see above */
-    unsigned open_handles;       /* tcp and timer until their close callbacks */
-    bool closing;                /* admin_conn_close ran */
-    bool peer_eof;               /* the client closed its side while we wrote */
-    size_t len;                  /* bytes of req used */
-    char *body;                  /* the /metrics text, owned; NULL otherwise */
-    char head[256];              /* status line and headers of the answer */
-    char req[ADMIN_REQ_MAX];     /* request line and headers; later a sink */
+    uv_tcp_t tcp;                 /* the accepted socket; data -> this */
+    uv_timer_t timer;             /* request timeout, then answer timeout */
+    uv_write_t wreq;              /* the answer */
+    uv_shutdown_t sreq;           /* the FIN after it */
+    struct admin *a;              /* owner */
+    struct admin_conn *prev;      /* a->conns list */
+    struct admin_conn *next;      /* a->conns list */
+    enum admin_conn_state state;  /* see above */
+    unsigned open_handles;        /* tcp and timer until their close callbacks */
+    bool closing;                 /* admin_conn_close ran */
+    bool peer_eof;                /* the client closed its side while we wrote */
+    struct sockaddr_storage peer; /* the client's address; ss_family 0 when unknown */
+    size_t len;                   /* bytes of req used */
+    char *body;                   /* the /metrics text, owned; NULL otherwise */
+    char head[256];               /* status line and headers of the answer */
+    char req[ADMIN_REQ_MAX];      /* request line and headers; later a sink */
 };
 
 /* One parsed request line; pointers into the connection's req buffer. */
@@ -72,8 +95,70 @@ enum admin_parse {
 
 static void admin_maybe_free(struct admin *a)
 {
-    if (a->stopping && a->listener_closed && a->n_conns == 0)
+    if (a->stopping && a->listener_closed && a->log_timer_closed && a->n_conns == 0)
         free(a);
+}
+
+static void admin_on_log_timer_closed(uv_handle_t *h)
+{
+    struct admin *a = h->data;
+    a->log_timer_closed = true;
+    admin_maybe_free(a);
+}
+
+/* Writes one ev=admin_drop line per reason with closes not logged yet. */
+static void admin_flush_drops(struct admin *a)
+{
+    for (int r = 0; r < ADMIN_DROP_N; r++) {
+        struct log_line l;
+
+        if (a->drops[r] == 0)
+            continue;
+        log_begin(&l, LOG_WARN, "admin_drop");
+        log_str(&l, "reason", admin_drop_names[r]);
+        log_uint(&l, "count", a->drops[r]);
+        log_str(&l, "peer", a->drop_peer[r]);
+        log_str(&l, "admin", a->addr);
+        log_end(&l);
+        a->drops[r] = 0;
+    }
+}
+
+static void admin_on_log_timer(uv_timer_t *t)
+{
+    struct admin *a = t->data;
+    bool pending = false;
+
+    for (int r = 0; r < ADMIN_DROP_N; r++)
+        pending = pending || a->drops[r] > 0;
+    if (!pending) {
+        uv_timer_stop(t); /* a quiet second: the next close is logged at once */
+        return;
+    }
+    admin_flush_drops(a);
+}
+
+/* Counts a close for ev=admin_drop. The first close after a quiet second is
+ * logged at once; later ones are summed into one line per reason and second,
+ * so a flood of connections cannot turn into a flood of log lines. */
+static void admin_note_drop(struct admin *a, enum admin_drop_reason r,
+                            const struct sockaddr_storage *peer)
+{
+    const void *host = NULL;
+
+    a->drops[r]++;
+    /* The address without its port: the limits count addresses. */
+    if (peer->ss_family == AF_INET)
+        host = &((const struct sockaddr_in *)peer)->sin_addr;
+    else if (peer->ss_family == AF_INET6)
+        host = &((const struct sockaddr_in6 *)peer)->sin6_addr;
+    if (host == NULL ||
+        inet_ntop(peer->ss_family, host, a->drop_peer[r], sizeof(a->drop_peer[r])) == NULL)
+        snprintf(a->drop_peer[r], sizeof(a->drop_peer[r]), "-");
+    if (a->stopping || a->log_timer_closed || uv_is_active((uv_handle_t *)&a->log_timer))
+        return;
+    admin_flush_drops(a);
+    uv_timer_start(&a->log_timer, admin_on_log_timer, ADMIN_DROP_LOG_MS, ADMIN_DROP_LOG_MS);
 }
 
 static void admin_on_listener_closed(uv_handle_t *h)
@@ -368,6 +453,7 @@ static void admin_conn_on_timer(uv_timer_t *t)
     struct admin_conn *c = t->data;
 
     if (c->state == ADMIN_CONN_READING) {
+        admin_note_drop(c->a, ADMIN_DROP_HEADER_TIMEOUT, &c->peer);
         admin_conn_text(c, 408, "Request Timeout", "request timeout\n", false);
         admin_log_request(c, NULL, 408);
         return;
@@ -380,8 +466,8 @@ static void admin_on_dropped_closed(uv_handle_t *h)
     free(h);
 }
 
-/* Past ADMIN_CONNS_MAX (or out of memory): accept and close at once, so the
- * backlog does not fill with connections nobody will answer. */
+/* Out of memory: accept and close at once, so the backlog does not fill
+ * with connections nobody will answer. */
 static void admin_drop(struct admin *a)
 {
     uv_tcp_t *t = malloc(sizeof(*t));
@@ -393,14 +479,76 @@ static void admin_drop(struct admin *a)
     uv_close((uv_handle_t *)t, admin_on_dropped_closed);
 }
 
+/* True when a and b are the same IPv4 or IPv6 address, whatever the ports. */
+static bool admin_same_host(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return false;
+    if (a->ss_family == AF_INET)
+        return ((const struct sockaddr_in *)a)->sin_addr.s_addr ==
+               ((const struct sockaddr_in *)b)->sin_addr.s_addr;
+    if (a->ss_family == AF_INET6)
+        return memcmp(&((const struct sockaddr_in6 *)a)->sin6_addr,
+                      &((const struct sockaddr_in6 *)b)->sin6_addr, sizeof(struct in6_addr)) == 0;
+    return false;
+}
+
+/* A connection that holds a slot without being served: its request is not
+ * complete, or its answer is sent and it only lingers for the peer's FIN. */
+static bool admin_conn_idle(const struct admin_conn *c)
+{
+    return c->state == ADMIN_CONN_READING || c->state == ADMIN_CONN_LINGER;
+}
+
+/* Counts the open connections other than c (all of them, or those from c's
+ * address) into *count and returns the oldest idle one among them, or NULL. */
+static struct admin_conn *admin_oldest_idle(struct admin *a, const struct admin_conn *c,
+                                            bool same_peer, unsigned *count)
+{
+    struct admin_conn *oldest = NULL;
+
+    *count = 0;
+    for (struct admin_conn *o = a->conns; o != NULL; o = o->next) {
+        if (o == c || o->closing || (same_peer && !admin_same_host(&o->peer, &c->peer)))
+            continue;
+        (*count)++;
+        if (admin_conn_idle(o))
+            oldest = o; /* the list runs newest first */
+    }
+    return oldest;
+}
+
+/* Makes room for the new connection c under one limit: while the others
+ * reach max, their oldest idle connection is closed. Returns false when none
+ * is idle; then c itself has been closed. */
+static bool admin_make_room(struct admin *a, struct admin_conn *c, bool same_peer, unsigned max,
+                            enum admin_drop_reason reason)
+{
+    for (;;) {
+        unsigned count;
+        struct admin_conn *victim = admin_oldest_idle(a, c, same_peer, &count);
+
+        if (count < max)
+            return true;
+        if (victim == NULL) {
+            admin_note_drop(a, reason, &c->peer);
+            admin_conn_close(c);
+            return false;
+        }
+        admin_note_drop(a, reason, &victim->peer);
+        admin_conn_close(victim);
+    }
+}
+
 static void admin_on_connection(uv_stream_t *server, int status)
 {
     struct admin *a = server->data;
     struct admin_conn *c;
+    int len = (int)sizeof(struct sockaddr_storage);
 
     if (status < 0 || a->stopping)
         return;
-    if (a->n_conns >= ADMIN_CONNS_MAX || (c = calloc(1, sizeof(*c))) == NULL) {
+    if ((c = calloc(1, sizeof(*c))) == NULL) {
         admin_drop(a);
         return;
     }
@@ -415,12 +563,22 @@ static void admin_on_connection(uv_stream_t *server, int status)
         a->conns->prev = c;
     a->conns = c;
     a->n_conns++;
-    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0 ||
-        uv_read_start((uv_stream_t *)&c->tcp, admin_conn_on_alloc, admin_conn_on_read) != 0) {
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
         admin_conn_close(c);
         return;
     }
-    uv_timer_start(&c->timer, admin_conn_on_timer, ADMIN_TIMEOUT_MS, 0);
+    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&c->peer, &len) != 0)
+        c->peer.ss_family = AF_UNSPEC; /* counts as a peer of its own */
+    /* The peer's limit first: a flood from one address then only ever
+     * replaces its own connections, never another peer's. */
+    if (!admin_make_room(a, c, true, a->lim.max_per_peer, ADMIN_DROP_PEER_LIMIT) ||
+        !admin_make_room(a, c, false, a->lim.max_conns, ADMIN_DROP_CONN_LIMIT))
+        return;
+    if (uv_read_start((uv_stream_t *)&c->tcp, admin_conn_on_alloc, admin_conn_on_read) != 0) {
+        admin_conn_close(c);
+        return;
+    }
+    uv_timer_start(&c->timer, admin_conn_on_timer, a->lim.header_timeout_ms, 0);
 }
 
 /* socket/bind/listen by hand, so a failure leaves no libuv handle that would
@@ -457,6 +615,12 @@ int admin_start(struct admin **out, uv_loop_t *loop, const struct config_addr *a
         return fd; /* -errno equals UV_E* on Linux */
     }
     a->ops = *ops;
+    a->lim = (struct admin_limits){
+        .max_conns = ADMIN_CONNS_DEFAULT,
+        .max_per_peer = ADMIN_PER_PEER_DEFAULT,
+        .header_timeout_ms = ADMIN_HEADER_TIMEOUT_DEFAULT,
+    };
+    a->log_timer_closed = true; /* not a handle until the listener works */
     snprintf(a->addr, sizeof(a->addr), "%s", addr->text);
     uv_tcp_init(loop, &a->listener);
     a->listener.data = a;
@@ -469,8 +633,24 @@ int admin_start(struct admin **out, uv_loop_t *loop, const struct config_addr *a
         uv_close((uv_handle_t *)&a->listener, admin_on_listener_closed);
         return rc;
     }
+    uv_timer_init(loop, &a->log_timer);
+    a->log_timer.data = a;
+    a->log_timer_closed = false;
     *out = a;
     return 0;
+}
+
+void admin_set_limits(struct admin *a, const struct admin_limits *lim)
+{
+    if (a == NULL)
+        return;
+    a->lim = *lim;
+    if (a->lim.max_conns == 0)
+        a->lim.max_conns = 1; /* the config never gives 0; a zero would refuse everything */
+    if (a->lim.max_per_peer == 0)
+        a->lim.max_per_peer = 1;
+    if (a->lim.header_timeout_ms == 0)
+        a->lim.header_timeout_ms = ADMIN_HEADER_TIMEOUT_DEFAULT;
 }
 
 void admin_stop(struct admin *a)
@@ -478,7 +658,10 @@ void admin_stop(struct admin *a)
     if (a == NULL || a->stopping)
         return;
     a->stopping = true;
+    admin_flush_drops(a); /* what the pacing held back */
     uv_close((uv_handle_t *)&a->listener, admin_on_listener_closed);
+    if (!a->log_timer_closed)
+        uv_close((uv_handle_t *)&a->log_timer, admin_on_log_timer_closed);
     for (struct admin_conn *c = a->conns; c != NULL; c = c->next)
         admin_conn_close(c);
 }

@@ -43,8 +43,8 @@ struct config_parser {
     int lineno;                  /* line most recently handed to inih, from 1 */
     enum config_section section; /* section the current line belongs to */
     size_t listener;             /* index in cfg->listeners when in a listener */
-    uint32_t global_seen;        /* one bit per config_keys[] row set in [global] */
-    uint32_t listener_seen;      /* the same for the current listener */
+    uint64_t global_seen;        /* one bit per config_keys[] row set in [global] */
+    uint64_t listener_seen;      /* the same for the current listener */
     struct config *cfg;          /* being built; freed by the caller on error */
     int err_code;                /* 0, or the negative errno of the first error */
     int err_line;                /* line of the first error, 0 when none applies */
@@ -180,6 +180,8 @@ static int config_parse_cert(struct config_parser *p, const struct config_key *k
                              const char *value);
 static int config_parse_admin(struct config_parser *p, const struct config_key *k,
                               const char *value);
+static int config_parse_ciphers(struct config_parser *p, const struct config_key *k,
+                                const char *value);
 static int config_parse_transcript(struct config_parser *p, const struct config_key *k,
                                    const char *value);
 static int config_parse_backend(struct config_parser *p, const struct config_key *k,
@@ -249,6 +251,24 @@ static const struct config_key config_keys[] = {
      .parse = config_parse_transcript,
      .flags = CONFIG_KEY_F_SMTP},
     {.name = "admin", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_admin},
+    {.name = "admin_max_connections",
+     .section = CONFIG_SECTION_GLOBAL,
+     .parse = config_parse_uint,
+     .offset = CONFIG_G(admin_max_connections),
+     .min = 1,
+     .max = CONFIG_ADMIN_CONNS_MAX},
+    {.name = "admin_max_connections_per_peer",
+     .section = CONFIG_SECTION_GLOBAL,
+     .parse = config_parse_uint,
+     .offset = CONFIG_G(admin_max_per_peer),
+     .min = 1,
+     .max = CONFIG_ADMIN_CONNS_MAX},
+    {.name = "admin_header_timeout",
+     .section = CONFIG_SECTION_GLOBAL,
+     .parse = config_parse_duration,
+     .offset = CONFIG_G(admin_header_timeout_ms),
+     .min = 1,
+     .max = CONFIG_DURATION_MAX_MS},
     {.name = "client_tls",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_enum,
@@ -268,6 +288,16 @@ static const struct config_key config_keys[] = {
      .parse = config_parse_enum,
      .offset = CONFIG_L(tls_min_version),
      .words = config_tls_versions,
+     .flags = CONFIG_KEY_F_TLS},
+    {.name = "ciphers",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_ciphers,
+     .offset = CONFIG_L(ciphers),
+     .flags = CONFIG_KEY_F_TLS},
+    {.name = "ciphersuites",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_ciphers,
+     .offset = CONFIG_L(ciphersuites),
      .flags = CONFIG_KEY_F_TLS},
     {.name = "require_tls",
      .section = CONFIG_SECTION_LISTENER,
@@ -337,7 +367,7 @@ static const struct config_key config_keys[] = {
      .flags = CONFIG_KEY_F_SMTP},
 };
 
-_Static_assert(sizeof(config_keys) / sizeof(config_keys[0]) <= 32,
+_Static_assert(sizeof(config_keys) / sizeof(config_keys[0]) <= 64,
                "config_parser.*_seen hold one bit per key");
 
 /* Stores the first error only; later calls are ignored so the message always
@@ -392,6 +422,8 @@ static void config_free(struct config *c)
         tls_ctx_unref(c->listeners[i].tls_client);
         free(c->listeners[i].backend_ca);
         free(c->listeners[i].backend_sni);
+        free(c->listeners[i].ciphers);
+        free(c->listeners[i].ciphersuites);
         c->listeners[i].backends = NULL;
         config_shared_put(c->listeners[i].shared);
         c->listeners[i].shared = NULL;
@@ -430,6 +462,9 @@ static struct config *config_new(const char *path)
     c->log_format = CONFIG_LOG_LOGFMT;
     c->log_level = CONFIG_LOG_INFO;
     c->drain_timeout_ms = 30 * 1000;
+    c->admin_max_connections = 64;
+    c->admin_max_per_peer = 8;
+    c->admin_header_timeout_ms = 3 * 1000;
     return c;
 }
 
@@ -850,6 +885,25 @@ static int config_parse_path(struct config_parser *p, const struct config_key *k
     return 0;
 }
 
+/* "ciphers" / "ciphersuites": an OpenSSL cipher string, kept as given with
+ * its line; tls_ctx_set_ciphers() checks it once the certificates load. */
+static int config_parse_ciphers(struct config_parser *p, const struct config_key *k,
+                                const char *value)
+{
+    struct config_listener *l = config_cur_listener(p);
+    bool suites = k->offset == CONFIG_L(ciphersuites);
+    char **field = suites ? &l->ciphersuites : &l->ciphers;
+
+    free(*field);
+    *field = strdup(value);
+    if (*field == NULL) {
+        config_fail_nomem(p);
+        return -1;
+    }
+    *(suites ? &l->ciphersuites_line : &l->ciphers_line) = p->lineno;
+    return 0;
+}
+
 /* "cert" and "key" lines pair up in order: the n-th key belongs to the n-th
  * certificate. */
 static int config_parse_cert(struct config_parser *p, const struct config_key *k, const char *value)
@@ -1152,8 +1206,8 @@ static int config_on_key(void *user, const char *section, const char *name, cons
 {
     struct config_parser *p = user;
     const struct config_key *k = NULL;
-    uint32_t *seen;
-    uint32_t bit;
+    uint64_t *seen;
+    uint64_t bit;
     char label[CONFIG_NAME_MAX + 16];
 
     (void)section; /* config_read_line() tracks sections, with their lines */
@@ -1175,7 +1229,7 @@ static int config_on_key(void *user, const char *section, const char *name, cons
         return 0;
     }
     seen = p->section == CONFIG_SECTION_GLOBAL ? &p->global_seen : &p->listener_seen;
-    bit = UINT32_C(1) << (k - config_keys);
+    bit = UINT64_C(1) << (k - config_keys);
     if ((*seen & bit) != 0 && (k->flags & CONFIG_KEY_F_REPEAT) == 0) {
         config_fail(p, -EINVAL, p->lineno, "duplicate key '%s' in %s", name,
                     config_section_label(p, label, sizeof(label)));
@@ -1250,6 +1304,13 @@ static int config_check_features(struct config_parser *p, const struct config_li
         l->client_tls != CONFIG_CLIENT_TLS_STARTTLS) {
         config_fail(p, -EINVAL, l->certs[0].line,
                     "listener '%s': 'cert' needs client_tls = implicit or starttls", l->name);
+        return -1;
+    }
+    if ((l->ciphers != NULL || l->ciphersuites != NULL) && l->n_certs == 0) {
+        config_fail(p, -EINVAL, l->ciphers != NULL ? l->ciphers_line : l->ciphersuites_line,
+                    "listener '%s': '%s' needs client_tls = implicit or starttls (it sets the "
+                    "ciphers mxproxy offers to clients)",
+                    l->name, l->ciphers != NULL ? "ciphers" : "ciphersuites");
         return -1;
     }
     if (!smtp && (l->client_tls == CONFIG_CLIENT_TLS_STARTTLS ||
@@ -1365,6 +1426,13 @@ static void config_load_tls(struct config_parser *p, struct config_listener *l)
         }
         if (tls_server_ctx_new(&l->tls_server, pairs, l->n_certs, version, err, sizeof(err)) != 0) {
             config_fail(p, -EINVAL, l->certs[0].line, "listener '%s': %s", l->name, err);
+            return;
+        }
+        if (tls_ctx_set_ciphers(l->tls_server, l->ciphers, l->ciphersuites, err, sizeof(err)) !=
+            0) {
+            bool suites = strncmp(err, "ciphersuites", 12) == 0;
+            config_fail(p, -EINVAL, suites ? l->ciphersuites_line : l->ciphers_line,
+                        "listener '%s': %s", l->name, err);
             return;
         }
     }

@@ -21,6 +21,7 @@
 #define CONFIG_ERR_MAX 512           /* "FILE:LINE: message", bytes including NUL */
 #define CONFIG_BACKENDS_MAX 64       /* "backend" entries per listener */
 #define CONFIG_CERTS_MAX 16          /* "cert" / "key" pairs per listener */
+#define CONFIG_ADMIN_CONNS_MAX 1024  /* admin_max_connections and _per_peer, at most */
 
 /* Longest duration a key accepts, in ms (2^31 - 1, about 24.8 days), so any
  * timeout fits a signed 32-bit millisecond count. */
@@ -136,6 +137,10 @@ struct config_listener {
     size_t n_certs;                     /* certificates given */
     size_t n_keys;                      /* keys given; must equal n_certs */
     unsigned tls_min_version;           /* enum config_tls_version, "tls_min_version" */
+    char *ciphers;                      /* "ciphers" (TLS 1.2), NULL: mxproxy's default */
+    int ciphers_line;                   /* its line, for messages */
+    char *ciphersuites;                 /* "ciphersuites" (TLS 1.3), NULL: OpenSSL's default */
+    int ciphersuites_line;              /* its line, for messages */
     unsigned require_tls;               /* "require_tls" on/off, default off */
     unsigned backend_tls;               /* enum config_backend_tls, "backend_tls" */
     unsigned backend_verify;            /* "backend_verify" on/off, default on */
@@ -168,6 +173,9 @@ struct config {
     unsigned drain_timeout_ms;         /* "drain_timeout", default 30 s */
     bool has_admin;                    /* "admin" was given */
     struct config_addr admin;          /* "admin": the HTTP admin endpoint's address */
+    unsigned admin_max_connections;    /* "admin_max_connections", default 64 */
+    unsigned admin_max_per_peer;       /* "admin_max_connections_per_peer", default 8 */
+    unsigned admin_header_timeout_ms;  /* "admin_header_timeout", default 3 s */
     struct config_listener *listeners; /* in file order */
     size_t n_listeners;                /* >= 1 in a loaded config */
 };

@@ -87,10 +87,22 @@ static const struct admin_ops main_admin_ops = {
     .render = main_admin_render,
 };
 
+/* Gives mx.admin (if any) the limits of config c. */
+static void main_admin_limits(const struct config *c)
+{
+    struct admin_limits lim = {
+        .max_conns = c->admin_max_connections,
+        .max_per_peer = c->admin_max_per_peer,
+        .header_timeout_ms = c->admin_header_timeout_ms,
+    };
+    admin_set_limits(mx.admin, &lim);
+}
+
 /* Starts the admin endpoint on addr into mx.admin and logs the outcome. */
 static int main_admin_bind(const struct config_addr *addr)
 {
     int rc = admin_start(&mx.admin, mx.loop, addr, &main_admin_ops);
+    main_admin_limits(mx.cfg);
     main_log_admin(rc == 0 ? LOG_INFO : LOG_ERROR, rc == 0 ? "admin_listen" : "admin_error",
                    addr->text, rc);
     return rc;
@@ -160,6 +172,7 @@ static void main_reload(void)
                 next->workers);
     main_apply_logging(next);
     main_reload_admin(next);
+    main_admin_limits(next);
     for (unsigned i = 0; i < mx.n_workers; i++)
         worker_post_config(&mx.workers[i], next);
     config_unref(mx.cfg);

@@ -66,6 +66,7 @@ struct tls_conn; /* one TLS connection; opaque */
  * (or the subject CN when a certificate has no DNS names), then a wildcard
  * match ("*.example.com" covers one label); a missing or unknown name gets
  * the default. min_version is "TLSv1.2" or "TLSv1.3"; NULL means "TLSv1.2".
+ * The ciphers are TLS_SERVER_CIPHERS_DEFAULT and OpenSSL's TLS 1.3 suites.
  *
  * Returns 0 and sets *out (reference count 1, the caller's), or -EINVAL
  * (bad argument, unreadable or invalid file), -ENOMEM, with a message in
@@ -74,6 +75,26 @@ struct tls_conn; /* one TLS connection; opaque */
  * untouched on failure. */
 int tls_server_ctx_new(struct tls_ctx **out, const struct tls_cert_pair *pairs, size_t n,
                        const char *min_version, char *err, size_t errlen);
+
+/* The TLS 1.2 cipher list of every server context until tls_ctx_set_ciphers
+ * changes it: ECDHE key exchange (forward secrecy) with an AEAD cipher only;
+ * no CBC, no RSA key exchange, no DHE. TLS 1.3 keeps OpenSSL's suites, which
+ * are all forward-secret AEAD. The order is OpenSSL's own for these ciphers. */
+#define TLS_SERVER_CIPHERS_DEFAULT                                                                 \
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"                                   \
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"                                   \
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+
+/* Replaces the TLS 1.2 cipher list (ciphers, OpenSSL's cipher string syntax)
+ * and the TLS 1.3 suites (ciphersuites, names joined by ':') of every
+ * SSL_CTX in c; NULL leaves that one as it is. Call it before the context is
+ * used by any connection. Every positive name must match a cipher of this
+ * OpenSSL build (a typo is an error, not skipped), and the whole string must
+ * leave at least one cipher. Returns 0, or -EINVAL / -ENOMEM with a message
+ * in err ("ciphers: 'FOO' matches no TLS 1.2 cipher"); on failure c may
+ * hold the new list in some of its SSL_CTXs, so drop it. */
+int tls_ctx_set_ciphers(struct tls_ctx *c, const char *ciphers, const char *ciphersuites, char *err,
+                        size_t errlen);
 
 /* Creates a client context (the proxy connecting to a backend). verify=true
  * makes the handshake fail unless the server's chain verifies against

@@ -788,6 +788,94 @@ static void test_tls_and_interception_keys(void)
     ASSERT_OK(tls_testcerts_rmdir(dir));
 }
 
+/* "ciphers" and "ciphersuites": checked at load, with the line at fault;
+ * key files that hold no key say so. */
+static void test_cipher_keys(void)
+{
+    struct tls_testca ca;
+    char dir[64], text[4096], want[512], tls[256];
+    const char *names[] = {"mx.example.test"};
+    ASSERT_OK(tls_testcerts_mkdtemp(dir, sizeof(dir)));
+    ASSERT_OK(tls_testcerts_ca(&ca, "mxproxy test CA", false, dir));
+    ASSERT_OK(tls_testcerts_leaf(&ca, "mx.example.test", names, 1, false, dir, "a"));
+    snprintf(tls, sizeof(tls), "client_tls = implicit\ncert = %s/a.crt\nkey = %s/a.key\n", dir,
+             dir);
+
+    snprintf(text, sizeof(text),
+             LISTENER "%sciphers = ECDHE-ECDSA-AES256-GCM-SHA384:!aNULL\n"
+                      "ciphersuites = TLS_AES_256_GCM_SHA384\n",
+             tls);
+    struct config *c = load_ok(text);
+    ASSERT_STREQ(c->listeners[0].ciphers, "ECDHE-ECDSA-AES256-GCM-SHA384:!aNULL");
+    ASSERT_EQ(c->listeners[0].ciphers_line, 7);
+    ASSERT_STREQ(c->listeners[0].ciphersuites, "TLS_AES_256_GCM_SHA384");
+    ASSERT_EQ(c->listeners[0].ciphersuites_line, 8);
+    ASSERT(c->listeners[0].tls_server != NULL);
+    config_unref(c);
+    c = load_ok(LISTENER);
+    ASSERT(c->listeners[0].ciphers == NULL && c->listeners[0].ciphersuites == NULL);
+    config_unref(c);
+
+    snprintf(text, sizeof(text), LISTENER "%sciphers = ECDHE-ECDSA-AES256-GCM-SHA384:FOO\n", tls);
+    expect_err(text, "t.ini:7: listener 'smtp': ciphers: 'FOO' matches no TLS 1.2 cipher");
+    snprintf(text, sizeof(text), LISTENER "ciphersuites = TLS_AES_256_GCM_SHA384\n%s", tls);
+    snprintf(text + strlen(text), sizeof(text) - strlen(text), "ciphers = !ALL\n");
+    expect_err(text, "t.ini:8: listener 'smtp': ciphers '!ALL': no cipher match");
+    snprintf(text, sizeof(text), LISTENER "ciphersuites = TLS_AES_256_GCM_SHA385\n%s", tls);
+    expect_err(text, "t.ini:4: listener 'smtp': ciphersuites: 'TLS_AES_256_GCM_SHA385' matches no "
+                     "TLS 1.3 cipher");
+    expect_err(LISTENER "ciphers = ECDHE+AESGCM\n",
+               "t.ini:4: listener 'smtp': 'ciphers' needs client_tls = implicit or starttls (it "
+               "sets the ciphers mxproxy offers to clients)");
+    expect_err(LISTENER "backend_tls = implicit\nciphersuites = TLS_AES_256_GCM_SHA384\n",
+               "t.ini:5: listener 'smtp': 'ciphersuites' needs client_tls = implicit or starttls "
+               "(it sets the ciphers mxproxy offers to clients)");
+    expect_err(LISTENER "ciphers =\n", "t.ini:4: empty value for 'ciphers'");
+
+    /* An empty key file and a directory: no key, said plainly. */
+    char empty[128];
+    snprintf(empty, sizeof(empty), "%s/empty.key", dir);
+    FILE *f = fopen(empty, "w");
+    ASSERT(f != NULL);
+    fclose(f);
+    const char *nokeys[] = {empty, dir};
+    for (size_t i = 0; i < 2; i++) {
+        snprintf(text, sizeof(text), LISTENER "client_tls = implicit\ncert = %s/a.crt\nkey = %s\n",
+                 dir, nokeys[i]);
+        snprintf(want, sizeof(want), "t.ini:6: listener 'smtp': key %s: no private key found",
+                 nokeys[i]);
+        expect_err(text, want);
+    }
+    tls_testcerts_ca_free(&ca);
+    ASSERT_OK(tls_testcerts_rmdir(dir));
+}
+
+/* The admin endpoint's limits. */
+static void test_admin_keys(void)
+{
+    struct config *c = load_ok(LISTENER);
+    ASSERT_EQ(c->admin_max_connections, 64);
+    ASSERT_EQ(c->admin_max_per_peer, 8);
+    ASSERT_EQ(c->admin_header_timeout_ms, 3000);
+    config_unref(c);
+    c = load_ok("[global]\nadmin = 127.0.0.1:9180\nadmin_max_connections = 1024\n"
+                "admin_max_connections_per_peer = 1\nadmin_header_timeout = 500ms\n" LISTENER);
+    ASSERT_EQ(c->admin_max_connections, 1024);
+    ASSERT_EQ(c->admin_max_per_peer, 1);
+    ASSERT_EQ(c->admin_header_timeout_ms, 500);
+    config_unref(c);
+    expect_err("[global]\nadmin_max_connections = 0\n" LISTENER,
+               "t.ini:2: invalid value '0' for 'admin_max_connections': expected an integer "
+               "from 1 to 1024");
+    expect_err("[global]\nadmin_max_connections_per_peer = 1025\n" LISTENER,
+               "t.ini:2: invalid value '1025' for 'admin_max_connections_per_peer': expected an "
+               "integer from 1 to 1024");
+    expect_err("[global]\nadmin_header_timeout = 0\n" LISTENER,
+               "t.ini:2: invalid value '0' for 'admin_header_timeout': must be more than 0");
+    expect_err(LISTENER "admin_header_timeout = 1s\n",
+               "t.ini:4: unknown key 'admin_header_timeout' in [listener smtp]");
+}
+
 int main(void)
 {
     test_defaults();
@@ -801,6 +889,8 @@ int main(void)
     test_load_file();
     test_example_file();
     test_tls_and_interception_keys();
+    test_cipher_keys();
+    test_admin_keys();
     printf("test_config: all passed\n");
     return 0;
 }

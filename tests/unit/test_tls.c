@@ -664,6 +664,20 @@ static void test_ctx_errors(void)
     snprintf(want, sizeof(want), "key %s: ", bad_pem);
     ASSERT(strncmp(err, want, strlen(want)) == 0 && strlen(err) > strlen(want));
     ASSERT_EQ(tls_server_ctx_new(&c, &missing, 0, NULL, err, sizeof(err)), -EINVAL);
+    /* An empty key file, a directory, a certificate as key: no key, plainly. */
+    char empty[300];
+    snprintf(empty, sizeof(empty), "%s/empty.key", dir);
+    FILE *f = fopen(empty, "w");
+    ASSERT(f != NULL);
+    fclose(f);
+    const char *nokeys[] = {empty, dir, mx_crt};
+    for (size_t i = 0; i < 3; i++) {
+        struct tls_cert_pair pk = {mx_crt, nokeys[i]};
+        ASSERT_EQ(tls_server_ctx_new(&c, &pk, 1, NULL, err, sizeof(err)), -EINVAL);
+        snprintf(want, sizeof(want), "key %s: no private key found", nokeys[i]);
+        ASSERT_STREQ(err, want);
+    }
+    ASSERT_OK(unlink(empty));
     ASSERT_EQ(tls_client_ctx_new(&c, true, "/nonexistent/ca.pem", NULL, err, sizeof(err)), -EINVAL);
     ASSERT_STREQ(err, "ca_file /nonexistent/ca.pem: No such file or directory");
     ASSERT_EQ(tls_client_ctx_new(&c, true, bad_pem, NULL, err, sizeof(err)), -EINVAL);
@@ -715,6 +729,125 @@ static void test_reload(void)
     ASSERT_MEMEQ(f[0].rx, f[0].rxlen, "still", 5);
     pair_free(f);
     tls_ctx_unref(cctx);
+}
+
+/* A plain OpenSSL client speaking only version (TLS1_2_VERSION or
+ * TLS1_3_VERSION) and offering only ciphers (a TLS 1.2 cipher list or TLS
+ * 1.3 suites) to sctx. Returns the server's tls_handshake result; on success
+ * the negotiated cipher is in got. */
+static int cipher_client(struct tls_ctx *sctx, int version, const char *ciphers, char *got,
+                         size_t cap)
+{
+    SSL_CTX *cc = SSL_CTX_new(TLS_client_method());
+    ASSERT(cc != NULL);
+    SSL_CTX_set_security_level(cc, 0); /* offer what the test names, weak or not */
+    ASSERT(SSL_CTX_set_min_proto_version(cc, version) == 1);
+    ASSERT(SSL_CTX_set_max_proto_version(cc, version) == 1);
+    if (version == TLS1_3_VERSION)
+        ASSERT(SSL_CTX_set_ciphersuites(cc, ciphers) == 1);
+    else
+        ASSERT(SSL_CTX_set_cipher_list(cc, ciphers) == 1);
+    SSL *c = SSL_new(cc);
+    BIO *rb = BIO_new(BIO_s_mem()), *wb = BIO_new(BIO_s_mem());
+    ASSERT(c != NULL && rb != NULL && wb != NULL);
+    SSL_set_bio(c, rb, wb);
+    SSL_set_connect_state(c);
+    struct tls_conn *s;
+    ASSERT_OK(tls_conn_new(&s, sctx, NULL));
+    int src = TLS_WANT_IO;
+    unsigned char buf[16384];
+    for (int i = 0; i < 20 && src == TLS_WANT_IO; i++) {
+        int n;
+        (void)SSL_do_handshake(c);
+        while ((n = BIO_read(wb, buf, sizeof(buf))) > 0)
+            ASSERT_OK(tls_feed(s, buf, (size_t)n));
+        src = tls_handshake(s);
+        size_t m;
+        while ((m = tls_take(s, buf, sizeof(buf))) > 0)
+            ASSERT_EQ(BIO_write(rb, buf, (int)m), (int)m);
+    }
+    snprintf(got, cap, "%s", src == 0 ? tls_cipher(s) : "-");
+    tls_conn_free(s);
+    SSL_free(c);
+    SSL_CTX_free(cc);
+    ERR_clear_error();
+    return src;
+}
+
+/* The default offers TLS 1.2 only ECDHE with AES-GCM or ChaCha20-Poly1305:
+ * no CBC, no RSA key exchange, no DHE; "ciphers" and "ciphersuites" replace
+ * the lists, and a name OpenSSL does not know is an error. */
+static void test_ciphers(void)
+{
+    struct tls_ctx *rsa = server_ctx2(rsa_crt, rsa_key, NULL, NULL, NULL);
+    struct tls_ctx *ec = server_ctx2(mx_crt, mx_key, NULL, NULL, NULL);
+    char got[64], err[256];
+    static const char *const refused_rsa[] = {
+        "ECDHE-RSA-AES128-SHA",      "ECDHE-RSA-AES256-SHA384",
+        "AES128-GCM-SHA256",         "AES256-SHA",
+        "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-AES128-SHA256",
+    };
+    static const char *const refused_ec[] = {"ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384"};
+    static const char *const offered[] = {
+        "ECDHE-RSA-AES128-GCM-SHA256",   "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-CHACHA20-POLY1305",   "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305",
+    };
+
+    for (size_t i = 0; i < sizeof(refused_rsa) / sizeof(refused_rsa[0]); i++)
+        ASSERT_EQ(cipher_client(rsa, TLS1_2_VERSION, refused_rsa[i], got, sizeof(got)), -EPROTO);
+    for (size_t i = 0; i < sizeof(refused_ec) / sizeof(refused_ec[0]); i++)
+        ASSERT_EQ(cipher_client(ec, TLS1_2_VERSION, refused_ec[i], got, sizeof(got)), -EPROTO);
+    for (size_t i = 0; i < sizeof(offered) / sizeof(offered[0]); i++) {
+        struct tls_ctx *c = strstr(offered[i], "-RSA-") != NULL ? rsa : ec;
+        ASSERT_OK(cipher_client(c, TLS1_2_VERSION, offered[i], got, sizeof(got)));
+        ASSERT_STREQ(got, offered[i]);
+    }
+    ASSERT_OK(cipher_client(rsa, TLS1_3_VERSION, "TLS_AES_128_GCM_SHA256", got, sizeof(got)));
+    ASSERT_STREQ(got, "TLS_AES_128_GCM_SHA256");
+
+    /* A configured list is honoured, TLS 1.2 and 1.3 apart. */
+    ASSERT_OK(tls_ctx_set_ciphers(rsa, "ECDHE-RSA-AES256-GCM-SHA384",
+                                  "TLS_CHACHA20_POLY1305_SHA256", err, sizeof(err)));
+    ASSERT_EQ(cipher_client(rsa, TLS1_2_VERSION, "ECDHE-RSA-AES128-GCM-SHA256", got, sizeof(got)),
+              -EPROTO);
+    ASSERT_OK(cipher_client(rsa, TLS1_2_VERSION,
+                            "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384", got,
+                            sizeof(got)));
+    ASSERT_STREQ(got, "ECDHE-RSA-AES256-GCM-SHA384");
+    ASSERT_EQ(cipher_client(rsa, TLS1_3_VERSION, "TLS_AES_128_GCM_SHA256", got, sizeof(got)),
+              -EPROTO);
+    ASSERT_OK(cipher_client(rsa, TLS1_3_VERSION,
+                            "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256", got,
+                            sizeof(got)));
+    ASSERT_STREQ(got, "TLS_CHACHA20_POLY1305_SHA256");
+    /* An operator may also allow what the default refuses. */
+    ASSERT_OK(tls_ctx_set_ciphers(rsa, "ECDHE-RSA-AES128-SHA", NULL, err, sizeof(err)));
+    ASSERT_OK(cipher_client(rsa, TLS1_2_VERSION, "ECDHE-RSA-AES128-SHA", got, sizeof(got)));
+    /* Removals of what this OpenSSL lacks, aliases and commands are fine. */
+    ASSERT_OK(tls_ctx_set_ciphers(rsa, "ECDHE+AESGCM:!RC4:!aNULL:-3DES:@STRENGTH", NULL, err,
+                                  sizeof(err)));
+
+    ASSERT_EQ(tls_ctx_set_ciphers(rsa, "FOO", NULL, err, sizeof(err)), -EINVAL);
+    ASSERT_STREQ(err, "ciphers: 'FOO' matches no TLS 1.2 cipher");
+    ASSERT_EQ(tls_ctx_set_ciphers(rsa, "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GMC-SHA256",
+                                  NULL, err, sizeof(err)),
+              -EINVAL);
+    ASSERT_STREQ(err, "ciphers: 'ECDHE-RSA-AES128-GMC-SHA256' matches no TLS 1.2 cipher");
+    ASSERT_EQ(tls_ctx_set_ciphers(rsa, "TLS_AES_128_GCM_SHA256", NULL, err, sizeof(err)), -EINVAL);
+    ASSERT_STREQ(err, "ciphers: 'TLS_AES_128_GCM_SHA256' matches no TLS 1.2 cipher");
+    ASSERT_EQ(tls_ctx_set_ciphers(rsa, "!ALL", NULL, err, sizeof(err)), -EINVAL);
+    ASSERT_STREQ(err, "ciphers '!ALL': no cipher match");
+    ASSERT_EQ(tls_ctx_set_ciphers(rsa, NULL, "TLS_AES_128_GCM_SHA256:TLS_FOO", err, sizeof(err)),
+              -EINVAL);
+    ASSERT_STREQ(err, "ciphersuites: 'TLS_FOO' matches no TLS 1.3 cipher");
+    ASSERT_EQ(tls_ctx_set_ciphers(rsa, NULL, "ECDHE-RSA-AES128-GCM-SHA256", err, sizeof(err)),
+              -EINVAL);
+    ASSERT_STREQ(err, "ciphersuites: 'ECDHE-RSA-AES128-GCM-SHA256' matches no TLS 1.3 cipher");
+    ASSERT(ERR_peek_error() == 0);
+    tls_ctx_unref(rsa);
+    tls_ctx_unref(ec);
 }
 
 /* RSA 2048 once: key generation is slow, the handshake must work all the same. */
@@ -844,6 +977,7 @@ int main(int argc, char **argv)
         test_ctx_errors();
         test_reload();
         test_rsa();
+        test_ciphers();
         test_idle_memory(TEST_ASAN ? 20 : 200, true);
     }
     tls_testcerts_ca_free(&ca);
