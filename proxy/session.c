@@ -361,7 +361,7 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         return;
     switch (ev) {
     case RELAY_EV_EOF:
-        if (!up && s->smtp != NULL) {
+        if (!up && s->smtp != NULL && !session_smtp_opaque(s)) {
             session_smtp_on_backend_eof(s);
             return;
         }

@@ -53,6 +53,7 @@ struct session_smtp {
     char *tail;                  /* the start of a backend reply not yet whole, or NULL */
     size_t tail_len, tail_cap;   /* bytes in tail, and its size */
     size_t rsize;                /* bytes of the backend reply in progress, across reads */
+    char *helo_before_tls;       /* passthrough: the HELO/EHLO name given before STARTTLS */
 };
 
 #define SESSION_SMTP_F_OPAQUE 0x01u    /* STARTTLS passed through: bytes are TLS now */
@@ -716,11 +717,23 @@ static void session_smtp_go_opaque(struct session *s)
 
     m->flags |= SESSION_SMTP_F_OPAQUE;
     s->up.carry_len = 0; /* bytes after STARTTLS were dropped as injected; keep none */
+    /* The backend's EOF is passed on to the client, as in mode tcp. */
+    s->down.flags &= ~RELAY_F_NO_FIN;
     if (log_enabled(LOG_INFO)) {
         log_begin(&l, LOG_INFO, "starttls_passthrough");
         log_sid(&l, s->id);
         log_end(&l);
     }
+}
+
+/* Remembers the HELO/EHLO name given so far (passthrough: the only one seen). */
+static void session_smtp_keep_helo(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    const char *helo = smtp_pairs_summary(&m->pp)->helo;
+
+    free(m->helo_before_tls);
+    m->helo_before_tls = helo[0] != '\0' ? strdup(helo) : NULL;
 }
 
 static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
@@ -730,6 +743,8 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
 
     /* The client gets the reply before anything is logged about it. */
     session_smtp_flush_down(s);
+    if (smtp_pairs_oldest(&m->pp) == SMTP_CMD_STARTTLS && r->code / 100 == 2)
+        session_smtp_keep_helo(s); /* the reply forgets it; a passthrough close line names it */
     enum smtp_pairs_res res = smtp_pairs_on_reply(&m->pp, r, &p);
     smtp_client_on_reply(&m->cp, p.cmd, p.code);
     if (res != SMTP_PAIRS_INTERMEDIATE)
@@ -1154,6 +1169,11 @@ void session_smtp_on_backend_eof(struct session *s)
                        session_smtp_backend_gone_end(s), NULL);
 }
 
+bool session_smtp_opaque(const struct session *s)
+{
+    return (s->smtp->flags & SESSION_SMTP_F_OPAQUE) != 0;
+}
+
 void session_smtp_backend_tls_failed(struct session *s, const char *reason)
 {
     session_drop_backend(s);
@@ -1201,6 +1221,7 @@ void session_smtp_free(struct session *s)
     free(m->replay);
     free(m->xreplay);
     free(m->tail);
+    free(m->helo_before_tls);
     free(m);
     s->smtp = NULL;
 }
@@ -1238,6 +1259,8 @@ enum session_end session_smtp_end(const struct session *s, enum session_end end)
 {
     const struct smtp_pairs_summary *sum = smtp_pairs_summary(&s->smtp->pp);
 
+    if (s->smtp->flags & SESSION_SMTP_F_OPAQUE)
+        return end; /* a QUIT inside TLS is not seen: mode tcp's reasons */
     if (end == SESSION_END_CLIENT_EOF)
         return sum->quit_sent ? SESSION_END_QUIT : SESSION_END_CLIENT_EOF_WITHOUT_QUIT;
     if (end == SESSION_END_BACKEND_CLOSED && sum->quit_answered)
@@ -1250,6 +1273,14 @@ void session_smtp_log_close(const struct session *s, struct log_line *l)
     const struct session_smtp *m = s->smtp;
     const struct smtp_pairs_summary *sum = smtp_pairs_summary(&m->pp);
 
+    if (m->flags & SESSION_SMTP_F_OPAQUE) {
+        /* Only the name given before STARTTLS was seen; transactions, if
+         * any, ran inside TLS and were not. */
+        log_uint(l, "opaque", 1);
+        if (m->helo_before_tls != NULL)
+            log_str(l, "helo", m->helo_before_tls);
+        return;
+    }
     if (sum->helo[0] != '\0')
         log_str(l, "helo", sum->helo);
     if (sum->has_mail_from)

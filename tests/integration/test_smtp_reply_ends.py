@@ -1,16 +1,19 @@
-"""mode = smtp: backend replies reach the client whole.
+"""mode = smtp: replies reach the client whole, and sessions end as they
+really ended.
 
 A backend reply goes to the client only once its last line has ended: a
 backend that stops mid-reply (close, silence until idle_timeout or drain)
 never gets its fragment glued to mxproxy's 421. A reply over 64 KiB is a
-protocol error.
+protocol error. After a STARTTLS passthrough the close line says opaque=1 and
+uses mode tcp's end reasons.
 """
 
 import signal
+import smtplib
 import time
 
 import mxtest
-from mxtest import pair, smtp_close
+from mxtest import HOST, TlsSmtpBackend, client_context, pair, pki, smtp_close
 
 EHLO_REPLY = (b"250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n"
               b"250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n")
@@ -18,6 +21,7 @@ BACKEND_CLOSED = b"421 4.4.2 mxproxy: backend closed the connection\r\n"
 PROTOCOL_ERROR = b"421 4.4.2 mxproxy: backend protocol error\r\n"
 IDLE = b"421 4.4.2 mxproxy: idle timeout, closing connection\r\n"
 SHUTTING_DOWN = b"421 4.3.2 mxproxy: service shutting down, closing connection\r\n"
+TCP_ENDS = ("client_eof", "client_reset", "backend_closed", "backend_reset")
 
 
 def text(reply):
@@ -218,6 +222,60 @@ class WholeRepliesTest(mxtest.ProxyTestCase):
         self.assertEqual(c.wait_closed(3), ("eof", SHUTTING_DOWN))
         self.assertEqual(p.close_of(sid)["end"], "drain")
         self.assertEqual(p.wait_exit(5), 0)
+
+
+class PassthroughCloseTest(mxtest.ProxyTestCase):
+    """Item 10.12: after STARTTLS passthrough the close line says opaque=1,
+    uses mode tcp's end reasons and only helo= of the SMTP fields."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.pki = pki()
+        cls.backend_pair = cls.pki.leaf("backend.example.test", file_name="backend")
+
+    def backend(self):
+        return self.track(TlsSmtpBackend("realtls", pair=self.backend_pair, tls="starttls"))
+
+    def opaque_close(self, end, **extra):
+        f = smtp_close(end, smtp=False, **extra)
+        f["opaque"] = 1
+        f["helo"] = "client.example"
+        return f
+
+    def test_smtplib_mail_through_passthrough(self):
+        b = self.backend()
+        p = self.start_smtp_proxy(b.addr, client_tls="passthrough")
+        for i in range(5):
+            body = b"Subject: e2e %d\r\n\r\nhello\r\n" % i
+            with smtplib.SMTP(HOST, p.port, local_hostname="client.example", timeout=10) as s:
+                s.ehlo()
+                self.assertEqual(s.starttls(context=client_context(check_hostname=False))[0],
+                                 220)
+                self.assertEqual(s.sendmail("a@example.com", ["b@example.com"], body), {})
+            rec = b.wait_conns(i + 1)
+            self.assertTrue(rec.closed.wait(3))
+            self.assertEqual(rec.bodies, [body])
+            close = p.wait_count(i + 1, ev="close")[-1]
+            sid = close["sid"]
+            self.assertIn(close["end"], TCP_ENDS, close["_raw"])
+            self.assertEvent(close, "close", self.opaque_close(
+                close["end"], error=close.get("error")))
+            self.assertEqual(p.find(ev="pair", sid=sid)[-1]["cmd"], "STARTTLS")
+
+    def test_idle_timeout_after_passthrough(self):
+        b = self.backend()
+        p = self.start_smtp_proxy(b.addr, client_tls="passthrough", idle_timeout="500ms")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 realtls ESMTP\r\n")
+        c.cmd(b"EHLO client.example")
+        self.assertEqual(c.cmd(b"STARTTLS"), b"220 2.0.0 Ready to start TLS\r\n")
+        tls = client_context(check_hostname=False).wrap_socket(c.sock)
+        tls.sendall(b"EHLO client.example\r\n")
+        self.assertTrue(tls.recv(4096).startswith(b"250-realtls"))
+        sid = p.sid_of(c)
+        close = p.close_of(sid, 5)
+        self.assertEvent(close, "close", self.opaque_close("idle_timeout"))
+        tls.close()
 
 
 if __name__ == "__main__":
