@@ -1169,6 +1169,11 @@ void session_smtp_on_backend_eof(struct session *s)
                        session_smtp_backend_gone_end(s), NULL);
 }
 
+void session_smtp_on_backend_reset(struct session *s, enum session_end end, const char *error)
+{
+    session_smtp_abort(s, "421 4.4.2 mxproxy: backend closed the connection", end, error);
+}
+
 bool session_smtp_opaque(const struct session *s)
 {
     return (s->smtp->flags & SESSION_SMTP_F_OPAQUE) != 0;

@@ -40,6 +40,12 @@ void session_smtp_connect_failed(struct session *s, const char *why);
  * logs the others as aborted, then closes after the client has everything. */
 void session_smtp_on_backend_eof(struct session *s);
 
+/* Reading the backend failed (a reset) or writing to it did: handled like
+ * its EOF, so the oldest outstanding command gets 421 and the others are
+ * logged aborted=1; the session ends with end and error once the client has
+ * it all. Not for an opaque session (session_smtp_opaque). */
+void session_smtp_on_backend_reset(struct session *s, enum session_end end, const char *error);
+
 /* True once STARTTLS went through to the backend: the bytes are TLS, SMTP is
  * no longer seen, and the session ends as in mode tcp. */
 bool session_smtp_opaque(const struct session *s);

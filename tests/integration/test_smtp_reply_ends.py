@@ -2,10 +2,11 @@
 really ended.
 
 A backend reply goes to the client only once its last line has ended: a
-backend that stops mid-reply (close, silence until idle_timeout or drain)
-never gets its fragment glued to mxproxy's 421. A reply over 64 KiB is a
-protocol error. After a STARTTLS passthrough the close line says opaque=1 and
-uses mode tcp's end reasons.
+backend that stops mid-reply (close, reset, silence until idle_timeout or
+drain) never gets its fragment glued to mxproxy's 421. A reply over 64 KiB is
+a protocol error. A backend reset after the final dot is answered like a
+close. After a STARTTLS passthrough the close line says opaque=1 and uses
+mode tcp's end reasons.
 """
 
 import signal
@@ -222,6 +223,56 @@ class WholeRepliesTest(mxtest.ProxyTestCase):
         self.assertEqual(c.wait_closed(3), ("eof", SHUTTING_DOWN))
         self.assertEqual(p.close_of(sid)["end"], "drain")
         self.assertEqual(p.wait_exit(5), 0)
+
+
+class BackendResetTest(mxtest.ProxyTestCase):
+    """Item 10.4: a backend reset is answered like a close."""
+
+    def open(self, proxy):
+        c = self.client(proxy.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(b"EHLO client.example"), EHLO_REPLY)
+        return c, proxy.sid_of(c)
+
+    def test_reset_after_final_dot(self):
+        def take_body_then_reset(backend, rec, line):
+            backend.send(rec, b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            rec.bodies.append(backend.read_body(rec))
+            mxtest.reset_close(rec.sock)
+            return "close"
+
+        b = self.scripted(rules=[(b"DATA", take_body_then_reset)])
+        p = self.start_smtp_proxy(b.addr)
+        c, sid = self.open(p)
+        self.assertEqual(c.cmd(b"MAIL FROM:<a@example.com>"), b"250 2.1.0 sender ok\r\n")
+        self.assertEqual(c.cmd(b"RCPT TO:<b@example.com>"), b"250 2.1.5 recipient ok\r\n")
+        self.assertEqual(c.cmd(b"DATA"), b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        # the final dot and a pipelined QUIT
+        c.send(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        self.assertEqual(c.wait_closed(3), ("eof", BACKEND_CLOSED))
+        close = self.assertPairs(p, sid, [
+            greeting_pair(), ehlo_pair(),
+            pair("MAIL FROM:<a@example.com>", 250, "sender ok", esc="2.1.0"),
+            pair("RCPT TO:<b@example.com>", 250, "recipient ok", esc="2.1.5"),
+            pair("DATA", 354, "End data with <CR><LF>.<CR><LF>"),
+            pair(".", 421, "mxproxy: backend closed the connection", esc="4.4.2", local=1,
+                 size=20),
+            pair("QUIT", 0, pipelined=1, aborted=1)])
+        self.assertEvent(close, "close", smtp_close(
+            "backend_reset", error="connection reset by peer", helo="client.example",
+            mail_from="a@example.com", rcpt_ok=1, primary_error=text(BACKEND_CLOSED)))
+
+    def test_reset_with_nothing_outstanding(self):
+        b = self.scripted(rules=[(b"NOOP", send_then(b"250 2.0.0 ok\r\n", then="reset",
+                                                     pause=0.2))])
+        p = self.start_smtp_proxy(b.addr)
+        c, sid = self.open(p)
+        self.assertEqual(c.cmd(b"NOOP"), b"250 2.0.0 ok\r\n")
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        close = self.assertPairs(p, sid, [greeting_pair(), ehlo_pair(),
+                                          pair("NOOP", 250, "ok", esc="2.0.0")])
+        self.assertEvent(close, "close", smtp_close(
+            "backend_reset", error="connection reset by peer", helo="client.example"))
 
 
 class PassthroughCloseTest(mxtest.ProxyTestCase):
