@@ -197,6 +197,7 @@ class WholeRepliesTest(mxtest.ProxyTestCase):
         c, sid = self.open(p)
         c.send(b"NOOP\r\n")
         self.assertEqual(c.wait_closed(3), ("eof", PROTOCOL_ERROR))
+        self.assertEqual(p.close_of(sid)["end"], "backend_closed")  # logged after the warning
         warn = p.find(ev="backend_garbage", sid=sid)
         self.assertEqual(len(warn), 1)
         self.assertEvent(warn[0], "backend_garbage", {"text": "hello world"}, lvl="warn")
