@@ -1266,10 +1266,10 @@ enum session_end session_smtp_end(const struct session *s, enum session_end end)
 
     if (s->smtp->flags & SESSION_SMTP_F_OPAQUE)
         return end; /* a QUIT inside TLS is not seen: mode tcp's reasons */
+    if (sum->quit_answered)
+        return SESSION_END_QUIT; /* however the sockets closed after the reply */
     if (end == SESSION_END_CLIENT_EOF)
         return sum->quit_sent ? SESSION_END_QUIT : SESSION_END_CLIENT_EOF_WITHOUT_QUIT;
-    if (end == SESSION_END_BACKEND_CLOSED && sum->quit_answered)
-        return SESSION_END_QUIT;
     return end;
 }
 

@@ -61,9 +61,9 @@ void session_smtp_backend_tls_ready(struct session *s);
 /* Ends the session with a 421 reply to the client, for timeouts and drain. */
 void session_smtp_goodbye(struct session *s, enum session_end end);
 
-/* Refines end= with what SMTP knows: client_eof becomes quit or
- * client_eof_without_quit; backend_closed after an answered QUIT is quit.
- * An opaque session keeps end as it is. */
+/* Refines end= with what SMTP knows: once QUIT is answered the session
+ * ended with quit, however the sockets closed after it; client_eof becomes
+ * quit or client_eof_without_quit. An opaque session keeps end as it is. */
 enum session_end session_smtp_end(const struct session *s, enum session_end end);
 
 /* Adds helo=, mail_from=, rcpt_ok=, rcpt_rejected=, messages= and

@@ -5,12 +5,15 @@ A backend reply goes to the client only once its last line has ended: a
 backend that stops mid-reply (close, reset, silence until idle_timeout or
 drain) never gets its fragment glued to mxproxy's 421. A reply over 64 KiB is
 a protocol error. A backend reset after the final dot is answered like a
-close. After a STARTTLS passthrough the close line says opaque=1 and uses
-mode tcp's end reasons.
+close. Once QUIT is answered the session ended with end=quit, however the
+sockets close after it (smtp-source through mxproxy to smtp-sink, a client
+that resets after 221, a backend that resets after it). After a STARTTLS
+passthrough the close line says opaque=1 and uses mode tcp's end reasons.
 """
 
 import signal
 import smtplib
+import subprocess
 import time
 
 import mxtest
@@ -22,6 +25,7 @@ BACKEND_CLOSED = b"421 4.4.2 mxproxy: backend closed the connection\r\n"
 PROTOCOL_ERROR = b"421 4.4.2 mxproxy: backend protocol error\r\n"
 IDLE = b"421 4.4.2 mxproxy: idle timeout, closing connection\r\n"
 SHUTTING_DOWN = b"421 4.3.2 mxproxy: service shutting down, closing connection\r\n"
+SMTP_SOURCE = "/usr/sbin/smtp-source"
 TCP_ENDS = ("client_eof", "client_reset", "backend_closed", "backend_reset")
 
 
@@ -274,6 +278,58 @@ class BackendResetTest(mxtest.ProxyTestCase):
                                           pair("NOOP", 250, "ok", esc="2.0.0")])
         self.assertEvent(close, "close", smtp_close(
             "backend_reset", error="connection reset by peer", helo="client.example"))
+
+
+class QuitAnsweredTest(mxtest.ProxyTestCase):
+    """Item 10.11: once QUIT is answered, end=quit."""
+
+    def open(self, proxy):
+        c = self.client(proxy.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(b"EHLO client.example"), EHLO_REPLY)
+        return c, proxy.sid_of(c)
+
+    def test_client_resets_after_221(self):
+        # The backend keeps its side open after 221: the client's RST ends it.
+        b = self.scripted(rules=[(b"QUIT", send_then(b"221 2.0.0 Bye\r\n", then="stay"))])
+        p = self.start_smtp_proxy(b.addr)
+        c, sid = self.open(p)
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        mxtest.reset_close(c.sock)
+        close = self.assertPairs(p, sid, [greeting_pair(), ehlo_pair(),
+                                          pair("QUIT", 221, "Bye", esc="2.0.0")])
+        self.assertEvent(close, "close", smtp_close("quit", error="connection reset by peer",
+                                                    helo="client.example"))
+
+    def test_backend_resets_after_221(self):
+        b = self.scripted(rules=[(b"QUIT", send_then(b"221 2.0.0 Bye\r\n", then="reset",
+                                                     pause=0.2))])
+        p = self.start_smtp_proxy(b.addr)
+        c, sid = self.open(p)
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        close = self.assertPairs(p, sid, [greeting_pair(), ehlo_pair(),
+                                          pair("QUIT", 221, "Bye", esc="2.0.0")])
+        self.assertEvent(close, "close", smtp_close("quit", error="connection reset by peer",
+                                                    helo="client.example"))
+
+    def test_smtp_source_to_smtp_sink(self):
+        sink = self.sink()
+        # transcript = off: 2000 close lines and nothing else, so none is dropped
+        p = self.start_smtp_proxy(sink.addr, transcript="off")
+        n = 2000
+        r = subprocess.run([SMTP_SOURCE, "-s", "20", "-m", str(n), "-M", "source.example",
+                            "-f", "a@example.com", "-t", "b@example.com",
+                            "%s:%d" % (HOST, p.port)],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stdout.decode() + r.stderr.decode())
+        closes = p.wait_count(n, timeout=30, ev="close")
+        ends = {}
+        for e in closes:
+            ends[e["end"]] = ends.get(e["end"], 0) + 1
+        self.assertEqual(ends, {"quit": n}, "\n".join(
+            [e["_raw"] for e in closes if e["end"] != "quit"][:5]))
+        self.assertEqual(p.find(ev="log_dropped"), [])
 
 
 class PassthroughCloseTest(mxtest.ProxyTestCase):
