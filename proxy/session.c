@@ -352,6 +352,15 @@ static enum session_end session_reset_end(const struct session *s, bool client)
     return client ? SESSION_END_CLIENT_RESET : SESSION_END_BACKEND_RESET;
 }
 
+/* Mode smtp answers a backend that failed (reset, or a write to it failed)
+ * as one that closed: with a 421 for the oldest outstanding command. Not once
+ * the session is opaque or already ending. */
+static bool session_answers_backend_reset(const struct session *s)
+{
+    return s->smtp != NULL && !session_smtp_opaque(s) &&
+           !(s->flags & (SESSION_F_FLUSHING | SESSION_F_NO_BACKEND));
+}
+
 static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int status)
 {
     struct session *s = d->owner;
@@ -361,7 +370,7 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         return;
     switch (ev) {
     case RELAY_EV_EOF:
-        if (!up && s->smtp != NULL) {
+        if (!up && s->smtp != NULL && !session_smtp_opaque(s)) {
             session_smtp_on_backend_eof(s);
             return;
         }
@@ -381,6 +390,10 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         return;
     case RELAY_EV_READ_ERR:
         /* up reads the client, down reads the backend. */
+        if (!up && session_answers_backend_reset(s)) {
+            session_smtp_on_backend_reset(s, session_reset_end(s, false), uv_strerror(status));
+            return;
+        }
         session_close(s, session_reset_end(s, up), uv_strerror(status));
         return;
     case RELAY_EV_TLS_READY:
@@ -397,6 +410,10 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         return;
     case RELAY_EV_WRITE_ERR:
         /* up writes to the backend, down writes to the client. */
+        if (up && session_answers_backend_reset(s)) {
+            session_smtp_on_backend_reset(s, session_reset_end(s, false), uv_strerror(status));
+            return;
+        }
         session_close(s, session_reset_end(s, !up), uv_strerror(status));
         return;
     }

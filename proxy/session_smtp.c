@@ -50,6 +50,10 @@ struct session_smtp {
     unsigned xtodo;              /* XCLIENT attributes still to send (XCLIENT_F_*) */
     char *xreplay;               /* the client's EHLO, sent again after XCLIENT */
     size_t xreplay_len;          /* bytes in xreplay */
+    char *tail;                  /* the start of a backend reply not yet whole, or NULL */
+    size_t tail_len, tail_cap;   /* bytes in tail, and its size */
+    size_t rsize;                /* bytes of the backend reply in progress, across reads */
+    char *helo_before_tls;       /* passthrough: the HELO/EHLO name given before STARTTLS */
 };
 
 #define SESSION_SMTP_F_OPAQUE 0x01u    /* STARTTLS passed through: bytes are TLS now */
@@ -60,6 +64,11 @@ struct session_smtp {
 #define SESSION_SMTP_F_DROP_BDAT 0x20u /* the current BDAT was refused: drop its chunk */
 
 #define SESSION_SMTP_EHLO_MAX 4096 /* an EHLO reply longer than this is not rewritten */
+/* A backend reply reaches the client only whole, through its last line's end,
+ * so its start is held while the rest is on the way; one longer than this is
+ * a protocol error (RFC 5321 4.5.3.1.5: 512-byte lines; a reply of over a
+ * hundred such lines is no mail server's). */
+#define SESSION_SMTP_REPLY_MAX (64 * 1024)
 
 /* xclient = on: after the backend answers the client's first EHLO with an
  * XCLIENT capability, mxproxy sends XCLIENT, absorbs the new greeting and
@@ -248,12 +257,59 @@ static void session_smtp_flush_down(struct session *s)
 {
     struct session_smtp *m = s->smtp;
 
-    if (m->down == NULL || m->down_end == m->down_start)
+    if (m->down == NULL || m->down_end <= m->down_start)
         return;
     uv_buf_t buf =
         uv_buf_init(m->down->data + m->down_start, (unsigned)(m->down_end - m->down_start));
     m->down_start = m->down_end;
     (void)relay_send(&s->down, m->down, &buf, 1); /* a failure closes through on_event */
+}
+
+/* Forgets the start of a backend reply that never became whole: it never
+ * reaches the client. */
+static void session_smtp_drop_tail(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    free(m->tail);
+    m->tail = NULL;
+    m->tail_len = m->tail_cap = 0;
+}
+
+/* Holds backend bytes of a reply that is not whole yet (at most
+ * SESSION_SMTP_REPLY_MAX in all). Returns false when out of memory. */
+static bool session_smtp_keep_tail(struct session *s, const char *p, size_t n)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (m->tail_len + n > m->tail_cap) {
+        size_t cap = m->tail_cap > 0 ? m->tail_cap : 512;
+        while (cap < m->tail_len + n)
+            cap *= 2;
+        char *t = realloc(m->tail, cap);
+        if (t == NULL)
+            return false;
+        m->tail = t;
+        m->tail_cap = cap;
+    }
+    memcpy(m->tail + m->tail_len, p, n);
+    m->tail_len += n;
+    return true;
+}
+
+/* The reply whose start is held is whole now: that start goes to the client,
+ * before the rest of it. */
+static void session_smtp_send_tail(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    for (size_t off = 0; off < m->tail_len && !(s->flags & SESSION_F_CLOSING);) {
+        size_t n = m->tail_len - off < RELAY_BLOCK_SIZE ? m->tail_len - off : RELAY_BLOCK_SIZE;
+        if (relay_send_copy(&s->down, m->tail + off, n) != 0)
+            break; /* a failure closes through on_event */
+        off += n;
+    }
+    session_smtp_drop_tail(s);
 }
 
 /* Sends a reply of mxproxy's own to the client, after what the backend
@@ -661,11 +717,23 @@ static void session_smtp_go_opaque(struct session *s)
 
     m->flags |= SESSION_SMTP_F_OPAQUE;
     s->up.carry_len = 0; /* bytes after STARTTLS were dropped as injected; keep none */
+    /* The backend's EOF is passed on to the client, as in mode tcp. */
+    s->down.flags &= ~RELAY_F_NO_FIN;
     if (log_enabled(LOG_INFO)) {
         log_begin(&l, LOG_INFO, "starttls_passthrough");
         log_sid(&l, s->id);
         log_end(&l);
     }
+}
+
+/* Remembers the HELO/EHLO name given so far (passthrough: the only one seen). */
+static void session_smtp_keep_helo(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    const char *helo = smtp_pairs_summary(&m->pp)->helo;
+
+    free(m->helo_before_tls);
+    m->helo_before_tls = helo[0] != '\0' ? strdup(helo) : NULL;
 }
 
 static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
@@ -675,6 +743,8 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
 
     /* The client gets the reply before anything is logged about it. */
     session_smtp_flush_down(s);
+    if (smtp_pairs_oldest(&m->pp) == SMTP_CMD_STARTTLS && r->code / 100 == 2)
+        session_smtp_keep_helo(s); /* the reply forgets it; a passthrough close line names it */
     enum smtp_pairs_res res = smtp_pairs_on_reply(&m->pp, r, &p);
     smtp_client_on_reply(&m->cp, p.cmd, p.code);
     if (res != SMTP_PAIRS_INTERMEDIATE)
@@ -703,6 +773,7 @@ static void session_smtp_abort(struct session *s, const char *reply, enum sessio
 
     relay_hold(&s->up); /* nothing the client says can reach anyone now */
     m->flags |= SESSION_SMTP_F_ENDING;
+    session_smtp_drop_tail(s); /* a reply the backend left unfinished: the 421 replaces it */
     while (smtp_pairs_abort(&m->pp, &p)) {
         if (first) {
             session_smtp_say(s, reply);
@@ -957,8 +1028,38 @@ static void session_smtp_xclient_step(struct session *s, const struct smtp_reply
     m->xreplay = NULL;
 }
 
-/* relay on_data for the backend direction: bytes go to the client as they
- * are; replies are matched on the way. */
+/* The backend broke the protocol: a line that is no reply (text is its
+ * start), or a reply longer than SESSION_SMTP_REPLY_MAX (text NULL). Replies
+ * can no longer be matched to commands: the whole replies before it go out,
+ * nothing after them, and the client gets 421. */
+static void session_smtp_backend_broke(struct session *s, const char *text, size_t text_len)
+{
+    if (log_enabled(LOG_WARN)) {
+        struct log_line l;
+        log_begin(&l, LOG_WARN, "backend_garbage");
+        log_sid(&l, s->id);
+        if (text != NULL) {
+            log_strn(&l, "text", text, text_len);
+        } else {
+            log_str(&l, "reason", "reply too long");
+            log_uint(&l, "limit", SESSION_SMTP_REPLY_MAX);
+        }
+        log_end(&l);
+    }
+    session_smtp_flush_down(s);
+    session_smtp_drop_tail(s);
+    session_drop_backend(s);
+    session_smtp_abort(s, "421 4.4.2 mxproxy: backend protocol error",
+                       session_smtp_backend_gone_end(s),
+                       text != NULL ? "backend sent a line that is not an SMTP reply"
+                                    : "backend sent a reply over 65536 bytes");
+}
+
+static_assert(SESSION_SMTP_REPLY_MAX == 65536, "the error text above names the limit");
+
+/* relay on_data for the backend direction: replies go to the client as they
+ * are, each once whole (the start of one that is not is held until it is);
+ * they are matched to commands on the way. */
 static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block *b, size_t len)
 {
     struct session *s = d->owner;
@@ -969,8 +1070,10 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
     m->down = b;
     m->down_start = 0;
     m->down_end = 0;
-    while (off < len && !(m->flags & SESSION_SMTP_F_OPAQUE) && !(s->flags & SESSION_F_CLOSING)) {
+    while (off < len && !(m->flags & SESSION_SMTP_F_OPAQUE) &&
+           !(s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING))) {
         struct smtp_server_event ev;
+        size_t at = off; /* where this reply, or the rest of a held one, begins */
         size_t n = smtp_server_parse(&m->sp, b->data + off, len - off, now, &ev);
         bool own = m->bstate == SESSION_SMTP_B_EHLO || m->bstate == SESSION_SMTP_B_STARTTLS ||
                    m->xstate == SESSION_SMTP_X_XCLIENT;
@@ -986,11 +1089,17 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
         if (gather) {
             session_smtp_flush_down(s); /* earlier replies first */
             if (!session_smtp_gather(s, b->data + off, n)) {
-                /* Too long to rewrite: what was gathered goes out as it came. */
+                /* Too long to rewrite: what was gathered goes out as it came,
+                 * with the rest of the reply once that is whole. */
                 if (!own) {
-                    (void)relay_send_copy(&s->down, m->ehlo, m->ehlo_len);
+                    if (!session_smtp_keep_tail(s, m->ehlo, m->ehlo_len)) {
+                        session_close(s, SESSION_END_BACKEND_RESET, "out of memory");
+                        break;
+                    }
                     m->ehlo_len = 0;
                     m->down_start = off;
+                } else {
+                    m->down_start = off + n; /* mxproxy's own exchange never reaches the client */
                 }
                 gather = false;
             } else {
@@ -998,8 +1107,33 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
             }
         }
         off += n;
+        m->rsize += n;
+        if (m->rsize > SESSION_SMTP_REPLY_MAX) {
+            m->down_end = at;
+            session_smtp_backend_broke(s, NULL, 0);
+            break;
+        }
+        if (ev.type == SMTP_SEV_AGAIN) {
+            /* The reply is not whole yet (it ends the read): its start waits
+             * for the rest, unless it is being gathered. */
+            m->down_end = at;
+            if (m->down_start <= at) {
+                session_smtp_flush_down(s);
+                if (!session_smtp_keep_tail(s, b->data + at, off - at)) {
+                    session_close(s, SESSION_END_BACKEND_RESET, "out of memory");
+                    break;
+                }
+                m->down_start = m->down_end = off;
+            }
+            break;
+        }
+        m->rsize = 0;
         m->down_end = off;
         if (ev.type == SMTP_SEV_REPLY) {
+            if (m->tail_len > 0 && own)
+                session_smtp_drop_tail(s);
+            else if (m->tail_len > 0)
+                session_smtp_send_tail(s); /* this reply's start, held from earlier reads */
             if (own && m->xstate == SESSION_SMTP_X_XCLIENT) {
                 session_smtp_xclient_step(s, ev.reply);
                 continue;
@@ -1015,19 +1149,9 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
                 session_smtp_send_ehlo(s, ev.reply->code);
             session_smtp_on_reply(s, ev.reply);
         } else if (ev.type == SMTP_SEV_GARBAGE) {
-            /* Replies can no longer be matched to commands: stop here. */
-            if (log_enabled(LOG_WARN)) {
-                struct log_line l;
-                log_begin(&l, LOG_WARN, "backend_garbage");
-                log_sid(&l, s->id);
-                log_strn(&l, "text", ev.reply->text, ev.reply->text_len);
-                log_end(&l);
-            }
-            session_smtp_flush_down(s);
-            session_drop_backend(s);
-            session_smtp_abort(s, "421 4.4.2 mxproxy: backend protocol error",
-                               session_smtp_backend_gone_end(s),
-                               "backend sent a line that is not an SMTP reply");
+            /* The bad line, and a reply it cut short, never reach the client. */
+            m->down_end = at;
+            session_smtp_backend_broke(s, ev.reply->text, ev.reply->text_len);
             break;
         }
     }
@@ -1043,6 +1167,16 @@ void session_smtp_on_backend_eof(struct session *s)
 {
     session_smtp_abort(s, "421 4.4.2 mxproxy: backend closed the connection",
                        session_smtp_backend_gone_end(s), NULL);
+}
+
+void session_smtp_on_backend_reset(struct session *s, enum session_end end, const char *error)
+{
+    session_smtp_abort(s, "421 4.4.2 mxproxy: backend closed the connection", end, error);
+}
+
+bool session_smtp_opaque(const struct session *s)
+{
+    return (s->smtp->flags & SESSION_SMTP_F_OPAQUE) != 0;
 }
 
 void session_smtp_backend_tls_failed(struct session *s, const char *reason)
@@ -1091,6 +1225,8 @@ void session_smtp_free(struct session *s)
     free(m->ehlo);
     free(m->replay);
     free(m->xreplay);
+    free(m->tail);
+    free(m->helo_before_tls);
     free(m);
     s->smtp = NULL;
 }
@@ -1117,6 +1253,7 @@ void session_smtp_goodbye(struct session *s, enum session_end end)
 
     if (m->flags & SESSION_SMTP_F_OPAQUE)
         return; /* the client speaks TLS to the backend: a plaintext reply would be noise */
+    session_smtp_drop_tail(s); /* never glued to the start of an unfinished reply */
     session_smtp_say(s, end == SESSION_END_IDLE_TIMEOUT
                             ? "421 4.4.2 mxproxy: idle timeout, closing connection"
                             : "421 4.3.2 mxproxy: service shutting down, closing connection");
@@ -1127,10 +1264,12 @@ enum session_end session_smtp_end(const struct session *s, enum session_end end)
 {
     const struct smtp_pairs_summary *sum = smtp_pairs_summary(&s->smtp->pp);
 
+    if (s->smtp->flags & SESSION_SMTP_F_OPAQUE)
+        return end; /* a QUIT inside TLS is not seen: mode tcp's reasons */
+    if (sum->quit_answered)
+        return SESSION_END_QUIT; /* however the sockets closed after the reply */
     if (end == SESSION_END_CLIENT_EOF)
         return sum->quit_sent ? SESSION_END_QUIT : SESSION_END_CLIENT_EOF_WITHOUT_QUIT;
-    if (end == SESSION_END_BACKEND_CLOSED && sum->quit_answered)
-        return SESSION_END_QUIT;
     return end;
 }
 
@@ -1139,6 +1278,14 @@ void session_smtp_log_close(const struct session *s, struct log_line *l)
     const struct session_smtp *m = s->smtp;
     const struct smtp_pairs_summary *sum = smtp_pairs_summary(&m->pp);
 
+    if (m->flags & SESSION_SMTP_F_OPAQUE) {
+        /* Only the name given before STARTTLS was seen; transactions, if
+         * any, ran inside TLS and were not. */
+        log_uint(l, "opaque", 1);
+        if (m->helo_before_tls != NULL)
+            log_str(l, "helo", m->helo_before_tls);
+        return;
+    }
     if (sum->helo[0] != '\0')
         log_str(l, "helo", sum->helo);
     if (sum->has_mail_from)

@@ -40,6 +40,16 @@ void session_smtp_connect_failed(struct session *s, const char *why);
  * logs the others as aborted, then closes after the client has everything. */
 void session_smtp_on_backend_eof(struct session *s);
 
+/* Reading the backend failed (a reset) or writing to it did: handled like
+ * its EOF, so the oldest outstanding command gets 421 and the others are
+ * logged aborted=1; the session ends with end and error once the client has
+ * it all. Not for an opaque session (session_smtp_opaque). */
+void session_smtp_on_backend_reset(struct session *s, enum session_end end, const char *error);
+
+/* True once STARTTLS went through to the backend: the bytes are TLS, SMTP is
+ * no longer seen, and the session ends as in mode tcp. */
+bool session_smtp_opaque(const struct session *s);
+
 /* TLS with the backend failed: the client gets "421 4.7.0" (never a
  * plaintext downgrade), then the session closes with end=tls_error. */
 void session_smtp_backend_tls_failed(struct session *s, const char *reason);
@@ -51,12 +61,14 @@ void session_smtp_backend_tls_ready(struct session *s);
 /* Ends the session with a 421 reply to the client, for timeouts and drain. */
 void session_smtp_goodbye(struct session *s, enum session_end end);
 
-/* Refines end= with what SMTP knows: client_eof becomes quit or
- * client_eof_without_quit; backend_closed after an answered QUIT is quit. */
+/* Refines end= with what SMTP knows: once QUIT is answered the session
+ * ended with quit, however the sockets closed after it; client_eof becomes
+ * quit or client_eof_without_quit. An opaque session keeps end as it is. */
 enum session_end session_smtp_end(const struct session *s, enum session_end end);
 
 /* Adds helo=, mail_from=, rcpt_ok=, rcpt_rejected=, messages= and
- * primary_error= to the close line. */
+ * primary_error= to the close line; an opaque session only opaque=1 and the
+ * helo= given before STARTTLS. */
 void session_smtp_log_close(const struct session *s, struct log_line *l);
 
 /* Returns the spare command FIFOs a worker keeps to the heap. */

@@ -334,7 +334,8 @@ class SmtpGuardsTest(mxtest.ProxyTestCase):
         c.close()
         close = self.assertPairs(p, sid, self.greeting_ehlo() + [
             pair("STARTTLS", 220, "Ready to start TLS", esc="2.0.0")])
-        self.assertEqual(close["end"], "client_eof_without_quit")
+        self.assertEqual(close["end"], "client_eof")  # opaque: mode tcp's end reasons
+        self.assertEqual(close["opaque"], "1")
         ev = p.find(ev="starttls_passthrough", sid=sid)
         self.assertEqual(len(ev), 1)
         self.assertEvent(ev[0], "starttls_passthrough", {})
