@@ -1,14 +1,27 @@
 #!/usr/bin/env python3
-"""xclient = on against Postfix's real smtpd.
+"""xclient = on against Postfix's real smtpd, and a client's own XCLIENT.
 
 The test runs a private Postfix instance (its own main.cf, master.cf, queue
 and log file in a temporary directory, `postfix -c DIR start-fg`) with two
 smtpd services on 127.0.0.1:
-  - xclient: smtpd_authorized_xclient_hosts = 127.0.0.1, mxproxy's address;
+  - xclient: smtpd_authorized_xclient_hosts (and _xforward_hosts) =
+    127.0.0.1, mxproxy's address;
   - plain:   no XCLIENT authorization.
-The client connects from 127.0.0.2, so smtpd's log tells mxproxy's address
-(127.0.0.1) from the client's, and a direct connection from 127.0.0.2 shows
-byte for byte what smtpd says to that client.
+mynetworks holds only 127.0.0.1 and relaying needs mynetworks
+(reject_unauth_destination), so a client smtpd mistakes for mxproxy may
+relay anywhere. The client connects from 127.0.0.2, so smtpd's log tells
+mxproxy's address (127.0.0.1) from the client's, and a direct connection
+from 127.0.0.2 shows byte for byte what smtpd says to that client.
+header_checks log every Received: header smtpd writes into a message.
+
+Whatever the client sends first (EHLO with a whole transaction pipelined
+behind it, HELO, MAIL without a greeting), mxproxy identifies it before
+smtpd acts on it, and fails closed (421 4.7.0, ev=xclient_error) when it
+cannot. A client's own XCLIENT and XFORWARD are answered 550 by mxproxy
+and removed from the EHLO replies it sees (pass_client_xclient = off).
+Scripted backends cover refusals, QUIT first, a backend that speaks late,
+own replies far over 4 KiB (never forwarded) and backend_tls = starttls
+with xclient = on.
 """
 
 import os
@@ -28,6 +41,9 @@ from mxtest import Client, ProxyTestCase, free_port
 POSTFIX = "/usr/sbin/postfix"
 CLIENT_IP = "127.0.0.2"
 GREETING = b"220 mx.postfix.test ESMTP\r\n"
+XCLIENT_421 = b"421 4.7.0 mxproxy: XCLIENT with the mail server failed, try again later\r\n"
+RELAY_DENIED = b"554 5.7.1 <victim@foreign.example>: Relay access denied\r\n"
+REFUSED = b"550 5.7.0 Command not permitted\r\n"
 
 
 class Postfix:
@@ -54,7 +70,9 @@ mydomain = postfix.test
 mydestination = $myhostname
 inet_interfaces = loopback-only
 inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
+mynetworks = 127.0.0.1/32
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+header_checks = regexp:{d}/header_checks
 local_recipient_maps =
 alias_maps =
 alias_database =
@@ -64,14 +82,18 @@ smtpd_banner = $myhostname ESMTP
 smtpd_peername_lookup = no
 smtpd_client_port_logging = yes
 smtpd_authorized_xclient_hosts = 127.0.0.1
+smtpd_authorized_xforward_hosts = 127.0.0.1
 maillog_file_prefixes = {d}
 maillog_file = {d}/maillog
 biff = no
 smtputf8_enable = no
 """.format(d=d))
+        with open(os.path.join(d, "header_checks"), "w") as f:
+            f.write("/^Received:/ WARN\n")
         with open(os.path.join(d, "master.cf"), "w") as f:
             f.write("""127.0.0.1:{x} inet n - n - - smtpd
 127.0.0.1:{p} inet n - n - - smtpd -o smtpd_authorized_xclient_hosts=
+  -o smtpd_authorized_xforward_hosts=
 postlog   unix-dgram n - n - 1 postlogd
 cleanup   unix n - n - 0 cleanup
 qmgr      unix n - n 300 1 qmgr
@@ -189,11 +211,14 @@ class XclientTest(ProxyTestCase):
         pf.wait_log(r"postfix/smtpd\[\d+\]: disconnect from unknown\[127\.0\.0\.2\]:%d "
                     % c.local_port)
 
+        # mxproxy's own lines; the client's EHLO went on after them, logged once as dir=client
         proxy_lines = [e["text"] for e in p.find(ev="line", sid=sid, dir="proxy")]
         self.assertEqual(proxy_lines, [
+            "EHLO client.example.test",
             "XCLIENT ADDR=127.0.0.2 PORT=%d PROTO=ESMTP HELO=client.example.test "
-            "DESTADDR=127.0.0.1 DESTPORT=%d" % (c.local_port, p.port),
-            "EHLO client.example.test"])
+            "DESTADDR=127.0.0.1 DESTPORT=%d" % (c.local_port, p.port)])
+        self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="client")][:1],
+                         ["EHLO client.example.test"])
         x = p.find(ev="xclient", sid=sid)
         self.assertEqual(len(x), 1, p.tail())
         self.assertEvent(x[0], "xclient", {"code": 220})
@@ -227,36 +252,167 @@ class XclientTest(ProxyTestCase):
                     % port)
         self.assertEqual(len(p.wait_count(1, ev="xclient", code=220)), 1)
 
-    def test_not_offered_nothing_sent(self):
-        """smtpd does not offer XCLIENT to mxproxy: mxproxy sends none, the
-        client sees smtpd's EHLO reply as it is, smtpd sees mxproxy."""
+    def test_not_offered_fails_closed(self):
+        """smtpd does not offer XCLIENT to mxproxy: the client gets 421 4.7.0
+        and smtpd never sees a command of the client's."""
         pf = self.postfix
         p = self.start_smtp_proxy("127.0.0.1:%d" % pf.plainport, xclient="on",
                                   transcript="full")
-        direct = self.track(Client(pf.plainport))  # from 127.0.0.1, like mxproxy
-        self.assertEqual(direct.read_reply(), GREETING)
-        ehlo = direct.cmd(b"EHLO client.example.test")
-        direct.cmd(b"QUIT")
         c = self.client2(p.port)
         self.assertEqual(c.read_reply(), GREETING)
-        self.assertEqual(c.cmd(b"EHLO client.example.test"), ehlo)
-        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        self.assertEqual(c.cmd(b"EHLO client.example.test"), XCLIENT_421)
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
         sid = p.wait_event(ev="open", client="%s:%d" % (CLIENT_IP, c.local_port))["sid"]
-        self.assertEqual(p.close_of(sid)["end"], "quit")
-        self.assertEqual(p.find(ev="line", sid=sid, dir="proxy"), [])
+        close = p.close_of(sid)
+        self.assertEqual((close["end"], close["primary_error"]),
+                         ("xclient_error", XCLIENT_421.decode().rstrip("\r\n")), close["_raw"])
+        self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="proxy")],
+                         ["EHLO client.example.test", XCLIENT_421.decode().rstrip("\r\n")])
+        err = p.find(ev="xclient_error", sid=sid)
+        self.assertEqual(len(err), 1, p.tail())
+        self.assertEvent(err[0], "xclient_error", {"reason": "backend does not offer XCLIENT"},
+                         lvl="warn")
         self.assertEqual(p.find(ev="xclient"), [])
-        self.assertEqual(p.find(ev="xclient_error"), [])
 
     def test_xclient_off_smtpd_sees_mxproxy(self):
         pf = self.postfix
         p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, transcript="full")
         c = self.client2(p.port)
         self.assertEqual(c.read_reply(), GREETING)
-        self.assertIn(b"250-XCLIENT ", c.cmd(b"EHLO client.example.test"))
+        ehlo = c.cmd(b"EHLO client.example.test")
+        # smtpd offers XCLIENT and XFORWARD to mxproxy's address; the client never sees them
+        self.assertNotIn(b"XCLIENT", ehlo)
+        self.assertNotIn(b"XFORWARD", ehlo)
         self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
         sid = p.wait_event(ev="open", client="%s:%d" % (CLIENT_IP, c.local_port))["sid"]
         p.close_of(sid)
         self.assertEqual(p.find(ev="line", sid=sid, dir="proxy"), [])
+
+    def test_pass_client_xclient_on_is_a_trusted_chain(self):
+        pf = self.postfix
+        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, pass_client_xclient="on")
+        c = self.client2(p.port)
+        self.assertEqual(c.read_reply(), GREETING)
+        ehlo = c.cmd(b"EHLO client.example.test")
+        self.assertIn(b"\r\n250-XCLIENT ", ehlo)
+        self.assertIn(b"\r\n250-XFORWARD ", ehlo)
+        self.assertEqual(c.cmd(b"XCLIENT ADDR=192.0.2.7"), GREETING)
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        pf.wait_log(r"postfix/smtpd\[\d+\]: disconnect from unknown\[192\.0\.2\.7\]")
+
+    # -- whatever the client sends first, smtpd knows who it is -------------
+
+    def message_session(self, p, first):
+        """A session whose first write is `first`, then RCPT to a foreign
+        domain (refused), RCPT to a local one, a message and QUIT; returns
+        (client, queue id)."""
+        c = self.client2(p.port)
+        self.assertEqual(c.read_reply(), GREETING)
+        c.send(first)
+        return c
+
+    def finish_message(self, c, p, pre_replies):
+        """pre_replies: the replies `first` gets, in order."""
+        for want in pre_replies:
+            self.assertEqual(c.read_reply(10), want)
+        self.assertEqual(c.cmd(b"RCPT TO:<victim@foreign.example>"), RELAY_DENIED)
+        self.assertEqual(c.cmd(b"RCPT TO:<u@mx.postfix.test>"), b"250 2.1.5 Ok\r\n")
+        self.assertEqual(c.cmd(b"DATA"), b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        reply = c.cmd(b"Subject: first\r\n\r\nhello\r\n.", timeout=10)
+        m = re.fullmatch(rb"250 2\.0\.0 Ok: queued as ([0-9A-F]+)\r\n", reply)
+        self.assertIsNotNone(m, reply)
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        return m.group(1).decode()
+
+    def assert_identified(self, p, c, queue_id):
+        pf = self.postfix
+        pf.wait_log(r"postfix/smtpd\[\d+\]: NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.2\]:%d:"
+                    r" 554 5\.7\.1 <victim@foreign\.example>: Relay access denied"
+                    % c.local_port)
+        pf.wait_log(r"postfix/smtpd\[\d+\]: %s: client=unknown\[127\.0\.0\.2\]:%d$"
+                    % (queue_id, c.local_port))
+        # the Received: header smtpd wrote into the message names the client
+        pf.wait_log(r"postfix/cleanup\[\d+\]: %s: warning: header Received: from \S+ "
+                    r"\(unknown \[127\.0\.0\.2\]\)" % queue_id)
+        sid = p.wait_event(ev="open", client="%s:%d" % (CLIENT_IP, c.local_port))["sid"]
+        self.assertEqual(p.close_of(sid)["end"], "quit")
+        self.assertEqual(len(p.find(ev="xclient", sid=sid, code="220")), 1, p.tail())
+        self.assertEqual(p.find(ev="xclient_error"), [])
+        return sid
+
+    def test_pipelined_ehlo_mail_rcpt_data_in_one_write(self):
+        pf = self.postfix
+        _, ehlo = self.direct_transcript(pf.xport, b"client.example.test")
+        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, xclient="on")
+        c = self.client2(p.port)
+        self.assertEqual(c.read_reply(), GREETING)
+        c.send(b"EHLO client.example.test\r\nMAIL FROM:<a@client.example.test>\r\n"
+               b"RCPT TO:<victim@foreign.example>\r\nRCPT TO:<u@mx.postfix.test>\r\nDATA\r\n")
+        want = (ehlo + b"250 2.1.0 Ok\r\n" + RELAY_DENIED + b"250 2.1.5 Ok\r\n"
+                + b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        self.assertEqual(c.recv_exact(len(want), 10), want)
+        c.assert_open(0.2)
+        reply = c.cmd(b"Subject: pipelined\r\n\r\nhello\r\n.", timeout=10)
+        m = re.fullmatch(rb"250 2\.0\.0 Ok: queued as ([0-9A-F]+)\r\n", reply)
+        self.assertIsNotNone(m, reply)
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        sid = self.assert_identified(p, c, m.group(1).decode())
+        self.assertEqual([(e["cmd"], e["code"], e["pipelined"]) for e in p.find(ev="pair", sid=sid)],
+                         [("<greeting>", "220", "0"), ("EHLO client.example.test", "250", "0"),
+                          ("MAIL FROM:<a@client.example.test>", "250", "1"),
+                          ("RCPT TO:<victim@foreign.example>", "554", "1"),
+                          ("RCPT TO:<u@mx.postfix.test>", "250", "1"), ("DATA", "354", "1"),
+                          (".", "250", "0"), ("QUIT", "221", "0")])
+
+    def test_helo_is_relayed_as_helo_after_xclient(self):
+        pf = self.postfix
+        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, xclient="on", transcript="full")
+        c = self.message_session(p, b"HELO client.example.test\r\n"
+                                 b"MAIL FROM:<a@client.example.test>\r\n")
+        queue_id = self.finish_message(c, p, [b"250 mx.postfix.test\r\n", b"250 2.1.0 Ok\r\n"])
+        sid = self.assert_identified(p, c, queue_id)
+        self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="proxy")], [
+            "EHLO client.example.test",
+            "XCLIENT ADDR=127.0.0.2 PORT=%d PROTO=SMTP HELO=client.example.test "
+            "DESTADDR=127.0.0.1 DESTPORT=%d" % (c.local_port, p.port)])
+        # the client's HELO as HELO; the EHLO is mxproxy's, before XCLIENT
+        pf.wait_log(r"postfix/smtpd\[\d+\]: disconnect from unknown\[127\.0\.0\.2\]:%d "
+                    r"helo=1 ehlo=1 .*mail=1 rcpt=1/2 data=1 quit=1 " % c.local_port)
+
+    def test_mail_without_greeting(self):
+        pf = self.postfix
+        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, xclient="on", transcript="full")
+        c = self.message_session(p, b"MAIL FROM:<a@client.example.test>\r\n")
+        queue_id = self.finish_message(c, p, [b"250 2.1.0 Ok\r\n"])
+        sid = self.assert_identified(p, c, queue_id)
+        self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="proxy")], [
+            "EHLO mxproxy",
+            "XCLIENT ADDR=127.0.0.2 PORT=%d HELO=[UNAVAILABLE] DESTADDR=127.0.0.1 DESTPORT=%d"
+            % (c.local_port, p.port)])
+
+    def test_spoofed_client_xclient_and_xforward_never_reach_smtpd(self):
+        pf = self.postfix
+        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, xclient="on")
+        c = self.message_session(p, b"EHLO client.example.test\r\n"
+                                 b"XCLIENT ADDR=192.0.2.66 NAME=spoof.example\r\n"
+                                 b"XFORWARD ADDR=192.0.2.67 NAME=spoof.example\r\n"
+                                 b"MAIL FROM:<a@client.example.test>\r\n")
+        ehlo = c.read_reply()
+        self.assertNotIn(b"XCLIENT", ehlo)
+        queue_id = self.finish_message(c, p, [REFUSED, REFUSED, b"250 2.1.0 Ok\r\n"])
+        sid = self.assert_identified(p, c, queue_id)
+        self.assertNotIn("192.0.2.6", pf.log())
+        self.assertNotIn("spoof.example", pf.log())
+        pairs = [e for e in p.find(ev="pair", sid=sid) if e["cmd"].startswith("X")]
+        self.assertEqual(len(pairs), 2, p.tail())
+        self.assertEvent(pairs[0], "pair", mxtest.pair(
+            "XCLIENT ADDR=192.0.2.66 NAME=spoof.example", 550, "Command not permitted",
+            esc="5.7.0", pipelined=1, local=1))
+        self.assertEvent(pairs[1], "pair", mxtest.pair(
+            "XFORWARD ADDR=192.0.2.67 NAME=spoof.example", 550, "Command not permitted",
+            esc="5.7.0", pipelined=1, local=1))
 
 
 if __name__ == "__main__":
