@@ -22,7 +22,7 @@
 
 /* mxproxy's own exchange with the backend (backend_tls = starttls,
  * xclient = on), before the client's first command reaches it (QUIT
- * excepted: it is relayed as it is, and nothing follows it until its reply).
+ * excepted: it is relayed as it is, and nothing after it ever is).
  * That command and everything behind it wait; each state has sent one line,
  * or waits for one event, and session_smtp_hs_next() names the next:
  *
@@ -88,6 +88,7 @@ struct session_smtp {
 #define SESSION_SMTP_F_SWITCHED 0x10u  /* TLS began in the middle of a read: drop the rest */
 #define SESSION_SMTP_F_DROP_BDAT 0x20u /* the current BDAT was refused: drop its chunk */
 #define SESSION_SMTP_F_HS_CUT 0x40u    /* the own reply line being read is over HS_LINE_MAX */
+#define SESSION_SMTP_F_QUIT 0x80u      /* QUIT came first and was relayed: nothing else is */
 
 #define SESSION_SMTP_EHLO_MAX 4096 /* an EHLO reply longer than this is not rewritten */
 
@@ -496,7 +497,13 @@ static bool session_smtp_intercept(struct session *s, const struct smtp_event *e
             return false;
         }
     }
-    if (m->hs == SESSION_SMTP_HS_IDLE && session_smtp_hs_wanted(s) && ev->cmd != SMTP_CMD_QUIT) {
+    if (m->hs == SESSION_SMTP_HS_IDLE && session_smtp_hs_wanted(s)) {
+        if (m->flags & SESSION_SMTP_F_QUIT)
+            return false; /* after that QUIT: never relayed, 421 when the backend closes */
+        if (ev->cmd == SMTP_CMD_QUIT) {
+            m->flags |= SESSION_SMTP_F_QUIT;
+            return true; /* the backend acts on nothing: relayed as it is */
+        }
         /* The backend learns who the client is (and starts TLS) before it
          * sees this command; the command and what follows it wait. */
         session_smtp_hs_start(s, ev);
@@ -546,11 +553,8 @@ static void session_smtp_client_bytes(struct session *s, struct relay_block *b, 
             rc = session_smtp_out_add(s, b, &out, ev.fwd, ev.fwd_len);
         off += n;
         session_smtp_client_event(s, &ev);
-        if (m->held == NULL && (session_smtp_hs_busy(s) ||
-                                (ev.type == SMTP_EV_COMMAND && ev.cmd == SMTP_CMD_QUIT &&
-                                 m->hs == SESSION_SMTP_HS_IDLE && session_smtp_hs_wanted(s)))) {
-            /* mxproxy's own exchange with the backend first, or the reply
-             * to a QUIT relayed before it: the rest waits. */
+        if (m->held == NULL && session_smtp_hs_busy(s)) {
+            /* mxproxy's own exchange with the backend first: the rest waits. */
             if (rc == 0)
                 rc = session_smtp_out_flush(s, b, &out);
             session_smtp_hold(s, b, off, end);

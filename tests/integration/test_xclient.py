@@ -27,16 +27,18 @@ with xclient = on.
 import os
 import pwd
 import re
+import select
 import shutil
 import signal
 import smtplib
+import ssl
 import subprocess
 import tempfile
 import time
 import unittest
 
 import mxtest
-from mxtest import Client, ProxyTestCase, free_port
+from mxtest import Client, ProxyTestCase, ScriptedSmtpBackend, TlsSmtpBackend, free_port
 
 POSTFIX = "/usr/sbin/postfix"
 CLIENT_IP = "127.0.0.2"
@@ -413,6 +415,275 @@ class XclientTest(ProxyTestCase):
         self.assertEvent(pairs[1], "pair", mxtest.pair(
             "XFORWARD ADDR=192.0.2.67 NAME=spoof.example", 550, "Command not permitted",
             esc="5.7.0", pipelined=1, local=1))
+
+
+# --------------------------------------------------------------------------
+# Scripted backends: refusals, QUIT first, late greetings, large own replies,
+# backend STARTTLS together with XCLIENT. No Postfix needed.
+
+XEXT = ("PIPELINING", "XCLIENT NAME ADDR PORT PROTO HELO DESTADDR DESTPORT", "8BITMIME",
+        "XFORWARD NAME ADDR PROTO HELO", "SIZE 1000")
+# What the client must see of the EHLO reply with XEXT: XCLIENT and XFORWARD gone.
+XEHLO = (b"250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000\r\n")
+EHLO = b"EHLO client.example"
+
+
+def big_ehlo(name, size, exts):
+    """An EHLO reply of about size bytes: padding lines, then exts."""
+    lines = [name]
+    i = 0
+    while sum(len(l) + 6 for l in lines) < size:
+        lines.append("X-PAD-%04d %s" % (i, "p" * 90))
+        i += 1
+    lines.append("X-LONG " + "l" * 5000)  # longer than any line mxproxy reads
+    lines += list(exts)
+    return b"".join(b"250-%s\r\n" % l.encode() for l in lines[:-1]) + \
+        b"250 %s\r\n" % lines[-1].encode()
+
+
+def first_ehlo_then_default(reply):
+    """A rule: the first EHLO of a connection gets reply, later ones the default."""
+    def rule(backend, rec, line):
+        if not getattr(rec, "ehlo_seen", False):
+            rec.ehlo_seen = True
+            backend.send(rec, reply)
+            return None
+        return backend.default(backend, rec, line)
+    return rule
+
+
+class LateGreeting(ScriptedSmtpBackend):
+    """Greets 0.3 s after the connect; rec.early: bytes had arrived before."""
+
+    def handle(self, rec):
+        time.sleep(0.3)
+        r, _, _ = select.select([rec.sock], [], [], 0)
+        rec.early = bool(r)
+        super().handle(rec)
+
+
+class XclientScriptedTest(ProxyTestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.pki = mxtest.pki()
+
+    def xclient_line(self, c, p, helo="client.example", proto="ESMTP"):
+        return ("XCLIENT ADDR=127.0.0.1 PORT=%d PROTO=%s HELO=%s DESTADDR=127.0.0.1 "
+                "DESTPORT=%d" % (c.local_port, proto, helo, p.port)).encode()
+
+    def assert_failed(self, p, c, reason, **fields):
+        sid = p.sid_of(c)
+        err = p.wait_count(1, ev="xclient_error", sid=sid)
+        self.assertEqual(len(err), 1, p.tail())
+        self.assertEvent(err[0], "xclient_error", dict(reason=reason, **fields), lvl="warn")
+        close = p.close_of(sid)
+        self.assertEqual((close["end"], close["primary_error"]),
+                         ("xclient_error", XCLIENT_421.decode().rstrip("\r\n")), close["_raw"])
+        self.assertEqual(p.find(ev="xclient"), [])
+
+    def test_client_xclient_and_xforward_refused_without_xclient(self):
+        """xclient = off: a client's XCLIENT and XFORWARD, pipelined behind
+        EHLO, get 550 from mxproxy in order, the MAIL behind them still
+        flows, and the EHLO reply loses both keywords, byte for byte."""
+        b = self.scripted(ext=XEXT)
+        p = self.start_smtp_proxy(b.addr)
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        c.send(EHLO + b"\r\nXCLIENT ADDR=192.0.2.1\r\nxforward ADDR=192.0.2.2\r\n"
+               b"MAIL FROM:<a@example.com>\r\n")
+        want = XEHLO + REFUSED + REFUSED + b"250 2.1.0 sender ok\r\n"
+        self.assertEqual(c.recv_exact(len(want)), want)
+        self.assertEqual(c.cmd(b"XCLIENT NAME=x"), REFUSED)  # alone, too
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [EHLO, b"MAIL FROM:<a@example.com>", b"QUIT"])
+        sid = p.sid_of(c)
+        close = p.close_of(sid)
+        self.assertNotIn("primary_error", close)
+        local = [(e["cmd"], e["code"], e.get("local")) for e in p.find(ev="pair", sid=sid)
+                 if e["cmd"][:1] in ("X", "x")]
+        self.assertEqual(local, [("XCLIENT ADDR=192.0.2.1", "550", "1"),
+                                 ("xforward ADDR=192.0.2.2", "550", "1"),
+                                 ("XCLIENT NAME=x", "550", "1")])
+
+    def test_backend_refuses_xclient(self):
+        b = self.scripted(ext=XEXT, rules=[(b"XCLIENT", b"550 5.7.0 not authorized\r\n")])
+        p = self.start_smtp_proxy(b.addr, xclient="on")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        c.send(EHLO + b"\r\nMAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(c.read_reply(), XCLIENT_421)
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [EHLO, self.xclient_line(c, p)])
+        self.assert_failed(p, c, "backend refused XCLIENT", code=550, reply="not authorized")
+
+    def test_backend_refuses_ehlo(self):
+        b = self.scripted(ext=XEXT, rules=[(b"EHLO", b"502 5.5.2 no EHLO here\r\n")])
+        p = self.start_smtp_proxy(b.addr, xclient="on")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(b"HELO client.example"), XCLIENT_421)
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [EHLO])
+        self.assert_failed(p, c, "backend refused EHLO", code=502, reply="no EHLO here")
+
+    def test_xclient_without_addr_is_not_enough(self):
+        b = self.scripted(ext=("PIPELINING", "XCLIENT NAME HELO"))
+        p = self.start_smtp_proxy(b.addr, xclient="on")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(b"NOOP"), XCLIENT_421)
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [b"EHLO mxproxy"])
+        self.assert_failed(p, c, "backend does not offer XCLIENT")
+
+    def test_quit_first_is_relayed_and_nothing_follows_it(self):
+        b = self.scripted(ext=XEXT)
+        p = self.start_smtp_proxy(b.addr, xclient="on")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        c.send(b"QUIT\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n")
+        self.assertEqual(c.read_reply(), b"221 2.0.0 Bye\r\n")
+        # as without xclient: the backend closed after QUIT, the MAIL gets a 421
+        self.assertEqual(c.wait_closed(3),
+                         ("eof", b"421 4.4.2 mxproxy: backend closed the connection\r\n"))
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [b"QUIT"])
+        self.assertEqual(bytes(rec.received), b"QUIT\r\n")
+        self.assertEqual(p.close_of(p.sid_of(c))["end"], "quit")
+
+    def test_client_speaks_before_the_greeting(self):
+        """mxproxy's EHLO waits for the backend's greeting, which goes to
+        the client as it is."""
+        b = self.track(LateGreeting("scripted", ext=XEXT))
+        p = self.start_smtp_proxy(b.addr, xclient="on")
+        c = self.client(p.port)
+        c.send(EHLO + b"\r\nMAIL FROM:<a@example.com>\r\n")
+        want = b"220 scripted ESMTP\r\n" + XEHLO + b"250 2.1.0 sender ok\r\n"
+        self.assertEqual(c.recv_exact(len(want)), want)
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertFalse(rec.early)
+        self.assertEqual(rec.commands, [EHLO, self.xclient_line(c, p), EHLO,
+                                        b"MAIL FROM:<a@example.com>", b"QUIT"])
+
+    def test_own_ehlo_reply_of_8k_never_reaches_the_client(self):
+        reply = big_ehlo("scripted", 8192, XEXT)
+        self.assertGreater(len(reply), 8192 + 5000)
+        b = self.scripted(ext=XEXT, rules=[(b"EHLO", first_ehlo_then_default(reply))])
+        p = self.start_smtp_proxy(b.addr, xclient="on")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        c.send(EHLO + b"\r\nMAIL FROM:<a@example.com>\r\n")
+        want = XEHLO + b"250 2.1.0 sender ok\r\n"
+        self.assertEqual(c.recv_exact(len(want)), want)
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        self.assertEqual(c.received, b"220 scripted ESMTP\r\n" + want + b"221 2.0.0 Bye\r\n")
+        rec = b.wait_conns(1)
+        self.assertEqual(rec.commands[:3], [EHLO, self.xclient_line(c, p), EHLO])
+
+    def test_own_reply_too_long_fails_closed(self):
+        reply = big_ehlo("scripted", 70000, XEXT)
+        b = self.scripted(ext=XEXT, rules=[(b"EHLO", first_ehlo_then_default(reply))])
+        p = self.start_smtp_proxy(b.addr, xclient="on")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(EHLO), XCLIENT_421)
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        self.assert_failed(p, c, "backend reply too long")
+
+    # -- backend_tls = starttls ---------------------------------------------
+
+    def tls_backend(self, ext, **kw):
+        return self.track(TlsSmtpBackend("realtls", pair=self.pki.mx, tls="starttls",
+                                         ready=b"220 2.0.0 realtls says go ahead\r\n",
+                                         ext=ext, **kw))
+
+    def test_backend_starttls_own_ehlo_reply_of_8k_never_reaches_the_client(self):
+        """The plaintext EHLO reply to mxproxy's own EHLO is 8 KiB: none of it
+        reaches the client, which sees one greeting and the EHLO reply from
+        inside TLS."""
+        exts = ("PIPELINING", "8BITMIME", "STARTTLS")
+        reply = big_ehlo("realtls", 8192, exts)
+        b = self.tls_backend(exts, rules=[(b"EHLO", first_ehlo_then_default(reply))])
+        p = self.start_smtp_proxy(b.addr, backend_tls="starttls", backend_ca=self.pki.ca,
+                                  backend_sni="mx.example.test")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 realtls ESMTP\r\n")
+        self.assertEqual(c.cmd(EHLO), b"250-realtls\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        c.assert_open(0.2)
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        self.assertEqual(c.received, b"220 realtls ESMTP\r\n250-realtls\r\n250-PIPELINING\r\n"
+                         b"250 8BITMIME\r\n221 2.0.0 Bye\r\n")
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [EHLO, b"STARTTLS", EHLO, b"QUIT"])
+
+    def test_backend_starttls_and_xclient_together(self):
+        """EHLO, STARTTLS, handshake, EHLO inside TLS, XCLIENT, then the
+        client's HELO: the backend learns who the client is inside TLS."""
+        exts = ("PIPELINING", "XCLIENT NAME ADDR PORT PROTO HELO DESTADDR DESTPORT", "STARTTLS",
+                "XFORWARD NAME ADDR")
+        b = self.tls_backend(exts)
+        p = self.start_smtp_proxy(b.addr, backend_tls="starttls", backend_ca=self.pki.ca,
+                                  backend_sni="mx.example.test", xclient="on",
+                                  transcript="full")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 realtls ESMTP\r\n")
+        c.send(b"HELO client.example\r\nMAIL FROM:<a@example.com>\r\n")
+        want = b"250 realtls\r\n250 2.1.0 sender ok\r\n"
+        self.assertEqual(c.recv_exact(len(want)), want)
+        self.assertEqual(c.cmd(b"EHLO client.example"),
+                         b"250-realtls\r\n250 PIPELINING\r\n")  # XCLIENT, XFORWARD gone
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [
+            EHLO, b"STARTTLS", EHLO, self.xclient_line(c, p, proto="SMTP"),
+            b"HELO client.example", b"MAIL FROM:<a@example.com>", EHLO, b"QUIT"])
+        self.assertEqual(rec.injected, b"")
+        self.assertEqual(rec.tls, "TLSv1.3/TLS_AES_256_GCM_SHA384")
+        sid = p.sid_of(c)
+        self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="proxy")],
+                         [EHLO.decode(), "STARTTLS", EHLO.decode(),
+                          self.xclient_line(c, p, proto="SMTP").decode()])
+        self.assertEqual(len(p.wait_count(1, ev="xclient", sid=sid, code="220")), 1)
+        self.assertEqual(p.close_of(sid)["end"], "quit")
+
+    def test_backend_starttls_and_xclient_not_offered_inside_tls(self):
+        """XCLIENT offered in plaintext only: what was offered before TLS no
+        longer counts, so the session fails closed."""
+        exts = ("PIPELINING", "STARTTLS")
+
+        def ehlo(backend, rec, line):
+            if isinstance(rec.sock, ssl.SSLSocket):
+                return backend.default(backend, rec, line)
+            backend.send(rec, b"250-realtls\r\n250-XCLIENT ADDR PORT\r\n250 STARTTLS\r\n")
+            return None
+        b = self.tls_backend(exts, rules=[(b"EHLO", ehlo)])
+        p = self.start_smtp_proxy(b.addr, backend_tls="starttls", backend_ca=self.pki.ca,
+                                  backend_sni="mx.example.test", xclient="on")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 realtls ESMTP\r\n")
+        self.assertEqual(c.cmd(EHLO), XCLIENT_421)
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [EHLO, b"STARTTLS", EHLO])
+        self.assert_failed(p, c, "backend does not offer XCLIENT")
 
 
 if __name__ == "__main__":
