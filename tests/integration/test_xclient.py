@@ -49,9 +49,10 @@ REFUSED = b"550 5.7.0 Command not permitted\r\n"
 
 
 class Postfix:
-    """A private Postfix instance; .xport and .plainport are its smtpd ports."""
+    """A private Postfix instance; .xport and .plainport are its smtpd ports,
+    .tlsport the xclient one with STARTTLS (pair: a CertPair)."""
 
-    def __init__(self):
+    def __init__(self, pair):
         self.dir = tempfile.mkdtemp(prefix="mxtest-postfix-")
         os.chmod(self.dir, 0o755)
         d = self.dir
@@ -60,7 +61,7 @@ class Postfix:
         pw = pwd.getpwnam("postfix")
         os.chown(os.path.join(d, "data"), pw.pw_uid, pw.pw_gid)
         self.maillog = os.path.join(d, "maillog")
-        self.xport, self.plainport = free_port(), free_port()
+        self.xport, self.plainport, self.tlsport = free_port(), free_port(), free_port()
         with open(os.path.join(d, "main.cf"), "w") as f:
             f.write("""compatibility_level = 3.6
 queue_directory = {d}/queue
@@ -96,7 +97,11 @@ smtputf8_enable = no
             f.write("""127.0.0.1:{x} inet n - n - - smtpd
 127.0.0.1:{p} inet n - n - - smtpd -o smtpd_authorized_xclient_hosts=
   -o smtpd_authorized_xforward_hosts=
+127.0.0.1:{t} inet n - n - - smtpd -o smtpd_tls_security_level=may
+  -o smtpd_tls_cert_file={cert} -o smtpd_tls_key_file={key} -o smtpd_tls_received_header=yes
+  -o smtpd_tls_loglevel=1
 postlog   unix-dgram n - n - 1 postlogd
+tlsmgr    unix - - n 1000? 1 tlsmgr
 cleanup   unix n - n - 0 cleanup
 qmgr      unix n - n 300 1 qmgr
 rewrite   unix - - n - - trivial-rewrite
@@ -110,13 +115,14 @@ scache    unix - - n - 1 scache
 discard   unix - - n - - discard
 error     unix - - n - - error
 retry     unix - - n - - error
-""".format(x=self.xport, p=self.plainport))
+""".format(x=self.xport, p=self.plainport, t=self.tlsport, cert=pair.cert, key=pair.key))
         self.proc = subprocess.Popen([POSTFIX, "-c", d, "start-fg"], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True, cwd=d)
         try:
             mxtest.wait_port(self.xport, 15, self.proc)
             mxtest.wait_port(self.plainport, 5, self.proc)
+            mxtest.wait_port(self.tlsport, 5, self.proc)
         except BaseException:
             self.close()
             raise
@@ -162,7 +168,8 @@ class XclientTest(ProxyTestCase):
         why = _unavailable()
         if why:
             raise unittest.SkipTest(why)
-        cls.postfix = Postfix()
+        cls.pki = mxtest.pki()
+        cls.postfix = Postfix(cls.pki.mx)
 
     @classmethod
     def tearDownClass(cls):
@@ -301,6 +308,29 @@ class XclientTest(ProxyTestCase):
         self.assertEqual(c.cmd(b"XCLIENT ADDR=192.0.2.7"), GREETING)
         self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
         pf.wait_log(r"postfix/smtpd\[\d+\]: disconnect from unknown\[192\.0\.2\.7\]")
+
+    def test_backend_starttls_and_xclient_with_smtpd(self):
+        """backend_tls = starttls and xclient = on: smtpd gets mxproxy's EHLO,
+        STARTTLS, EHLO inside TLS, XCLIENT, then the client's HELO; it logs
+        the TLS connection from mxproxy and the message from the client."""
+        pf = self.postfix
+        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.tlsport, xclient="on",
+                                  backend_tls="starttls", backend_ca=self.pki.ca,
+                                  backend_sni="mx.example.test", transcript="full")
+        c = self.message_session(p, b"HELO client.example.test\r\n"
+                                 b"MAIL FROM:<a@client.example.test>\r\n")
+        queue_id = self.finish_message(c, p, [b"250 mx.postfix.test\r\n", b"250 2.1.0 Ok\r\n"])
+        sid = self.assert_identified(p, c, queue_id)
+        self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="proxy")], [
+            "EHLO client.example.test", "STARTTLS", "EHLO client.example.test",
+            "XCLIENT ADDR=127.0.0.2 PORT=%d PROTO=SMTP HELO=client.example.test "
+            "DESTADDR=127.0.0.1 DESTPORT=%d" % (c.local_port, p.port)])
+        pf.wait_log(r"postfix/smtpd\[\d+\]: Anonymous TLS connection established from "
+                    r"unknown\[127\.0\.0\.1\]:\d+: TLSv1\.3")
+        pf.wait_log(r"postfix/cleanup\[\d+\]: %s: warning: header Received: from \S+ "
+                    r"\(unknown \[127\.0\.0\.2\]\)\W+\(using TLSv1\.3" % queue_id)  # folded
+        tls = p.find(ev="tls", sid=sid)
+        self.assertEqual([e["side"] for e in tls], ["backend"], p.tail())
 
     # -- whatever the client sends first, smtpd knows who it is -------------
 
