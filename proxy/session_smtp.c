@@ -823,6 +823,9 @@ static void session_smtp_send_ehlo(struct session *s, int code)
         (void)relay_send_copy(&s->down, out, (size_t)n);
     else
         (void)relay_send_copy(&s->down, m->ehlo, m->ehlo_len);
+    /* Every EHLO reply is gathered now: an idle session keeps no buffer for it. */
+    free(m->ehlo);
+    m->ehlo = NULL;
     m->ehlo_len = 0;
 }
 
