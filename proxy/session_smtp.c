@@ -498,8 +498,12 @@ static bool session_smtp_intercept(struct session *s, const struct smtp_event *e
         }
     }
     if (m->hs == SESSION_SMTP_HS_IDLE && session_smtp_hs_wanted(s)) {
-        if (m->flags & SESSION_SMTP_F_QUIT)
-            return false; /* after that QUIT: never relayed, 421 when the backend closes */
+        if (m->flags & SESSION_SMTP_F_QUIT) {
+            /* After that QUIT: never relayed, 421 when the backend closes. */
+            if (ev->cmd == SMTP_CMD_BDAT)
+                m->flags |= SESSION_SMTP_F_DROP_BDAT;
+            return false;
+        }
         if (ev->cmd == SMTP_CMD_QUIT) {
             m->flags |= SESSION_SMTP_F_QUIT;
             return true; /* the backend acts on nothing: relayed as it is */
@@ -809,7 +813,6 @@ static void session_smtp_send_ehlo(struct session *s, int code)
     struct session_smtp *m = s->smtp;
     char out[SESSION_SMTP_EHLO_MAX + 32];
     ssize_t n = -1;
-
     unsigned edit = 0;
 
     session_smtp_flush_down(s);

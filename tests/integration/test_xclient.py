@@ -580,7 +580,8 @@ class XclientScriptedTest(ProxyTestCase):
         p = self.start_smtp_proxy(b.addr, xclient="on")
         c = self.client(p.port)
         self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
-        c.send(b"QUIT\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n")
+        c.send(b"QUIT\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
+               b"BDAT 10 LAST\r\nRSET\r\nNOOP\r\n")  # the chunk looks like commands
         self.assertEqual(c.read_reply(), b"221 2.0.0 Bye\r\n")
         # as without xclient: the backend closed after QUIT, the MAIL gets a 421
         self.assertEqual(c.wait_closed(3),
