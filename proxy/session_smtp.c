@@ -96,8 +96,8 @@ struct session_smtp {
 #define SESSION_SMTP_HS_REPLY_MAX 65536 /* an own reply longer than this ends the session */
 
 /* hs_caps: what the backend's EHLO reply offered, besides XCLIENT_F_* attributes. */
-#define SESSION_SMTP_CAP_STARTTLS 0x100u /* STARTTLS */
-#define SESSION_SMTP_CAP_XCLIENT 0x200u  /* XCLIENT, with the attributes in the low bits */
+#define SESSION_SMTP_CAP_STARTTLS 0x10000u /* STARTTLS */
+#define SESSION_SMTP_CAP_XCLIENT 0x20000u  /* XCLIENT, with the attributes in the low bits */
 
 static uint64_t session_smtp_now(void)
 {
@@ -1112,8 +1112,11 @@ static void session_smtp_xclient_offer(struct session *s, const struct smtp_repl
         return;
     }
     (void)session_client_addr(s); /* fills client_sa */
-    m->xtodo = caps & (XCLIENT_F_ADDR | XCLIENT_F_PORT | XCLIENT_F_PROTO | XCLIENT_F_HELO |
-                       XCLIENT_F_DESTADDR | XCLIENT_F_DESTPORT);
+    /* NAME and REVERSE_NAME too, as [UNAVAILABLE] (mxproxy looks up no
+     * names): else the backend keeps those of mxproxy's own address. */
+    m->xtodo =
+        caps & (XCLIENT_F_ADDR | XCLIENT_F_PORT | XCLIENT_F_PROTO | XCLIENT_F_HELO |
+                XCLIENT_F_NAME | XCLIENT_F_REVERSE_NAME | XCLIENT_F_DESTADDR | XCLIENT_F_DESTPORT);
     session_smtp_hs_enter(s, session_smtp_hs_next(s, m->hs));
 }
 

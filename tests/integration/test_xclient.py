@@ -50,7 +50,8 @@ REFUSED = b"550 5.7.0 Command not permitted\r\n"
 
 class Postfix:
     """A private Postfix instance; .xport and .plainport are its smtpd ports,
-    .tlsport the xclient one with STARTTLS (pair: a CertPair)."""
+    .tlsport the xclient one with STARTTLS (pair: a CertPair), .nameport one
+    that looks up client names and refuses 'localhost', 127.0.0.1's name."""
 
     def __init__(self, pair):
         self.dir = tempfile.mkdtemp(prefix="mxtest-postfix-")
@@ -62,6 +63,7 @@ class Postfix:
         os.chown(os.path.join(d, "data"), pw.pw_uid, pw.pw_gid)
         self.maillog = os.path.join(d, "maillog")
         self.xport, self.plainport, self.tlsport = free_port(), free_port(), free_port()
+        self.nameport = free_port()
         with open(os.path.join(d, "main.cf"), "w") as f:
             f.write("""compatibility_level = 3.6
 queue_directory = {d}/queue
@@ -93,10 +95,14 @@ smtputf8_enable = no
 """.format(d=d))
         with open(os.path.join(d, "header_checks"), "w") as f:
             f.write("/^Received:/ WARN\n")
+        with open(os.path.join(d, "names"), "w") as f:
+            f.write("/^localhost$/ REJECT the name of mxproxy's address\n")
         with open(os.path.join(d, "master.cf"), "w") as f:
             f.write("""127.0.0.1:{x} inet n - n - - smtpd
 127.0.0.1:{p} inet n - n - - smtpd -o smtpd_authorized_xclient_hosts=
   -o smtpd_authorized_xforward_hosts=
+127.0.0.1:{n} inet n - n - - smtpd -o smtpd_peername_lookup=yes
+  -o smtpd_client_restrictions=check_client_access,regexp:{d}/names,check_reverse_client_hostname_access,regexp:{d}/names
 127.0.0.1:{t} inet n - n - - smtpd -o smtpd_tls_security_level=may
   -o smtpd_tls_cert_file={cert} -o smtpd_tls_key_file={key} -o smtpd_tls_received_header=yes
   -o smtpd_tls_loglevel=1
@@ -115,7 +121,8 @@ scache    unix - - n - 1 scache
 discard   unix - - n - - discard
 error     unix - - n - - error
 retry     unix - - n - - error
-""".format(x=self.xport, p=self.plainport, t=self.tlsport, cert=pair.cert, key=pair.key))
+""".format(x=self.xport, p=self.plainport, t=self.tlsport, n=self.nameport, d=d,
+           cert=pair.cert, key=pair.key))
         self.proc = subprocess.Popen([POSTFIX, "-c", d, "start-fg"], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True, cwd=d)
@@ -123,6 +130,7 @@ retry     unix - - n - - error
             mxtest.wait_port(self.xport, 15, self.proc)
             mxtest.wait_port(self.plainport, 5, self.proc)
             mxtest.wait_port(self.tlsport, 5, self.proc)
+            mxtest.wait_port(self.nameport, 5, self.proc)
         except BaseException:
             self.close()
             raise
@@ -225,7 +233,8 @@ class XclientTest(ProxyTestCase):
         self.assertEqual(proxy_lines, [
             "EHLO client.example.test",
             "XCLIENT ADDR=127.0.0.2 PORT=%d PROTO=ESMTP HELO=client.example.test "
-            "DESTADDR=127.0.0.1 DESTPORT=%d" % (c.local_port, p.port)])
+            "NAME=[UNAVAILABLE] DESTADDR=127.0.0.1 DESTPORT=%d REVERSE_NAME=[UNAVAILABLE]"
+            % (c.local_port, p.port)])
         self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="client")][:1],
                          ["EHLO client.example.test"])
         x = p.find(ev="xclient", sid=sid)
@@ -324,13 +333,31 @@ class XclientTest(ProxyTestCase):
         self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="proxy")], [
             "EHLO client.example.test", "STARTTLS", "EHLO client.example.test",
             "XCLIENT ADDR=127.0.0.2 PORT=%d PROTO=SMTP HELO=client.example.test "
-            "DESTADDR=127.0.0.1 DESTPORT=%d" % (c.local_port, p.port)])
+            "NAME=[UNAVAILABLE] DESTADDR=127.0.0.1 DESTPORT=%d REVERSE_NAME=[UNAVAILABLE]"
+            % (c.local_port, p.port)])
         pf.wait_log(r"postfix/smtpd\[\d+\]: Anonymous TLS connection established from "
                     r"unknown\[127\.0\.0\.1\]:\d+: TLSv1\.3")
         pf.wait_log(r"postfix/cleanup\[\d+\]: %s: warning: header Received: from \S+ "
                     r"\(unknown \[127\.0\.0\.2\]\)\W+\(using TLSv1\.3" % queue_id)  # folded
         tls = p.find(ev="tls", sid=sid)
         self.assertEqual([e["side"] for e in tls], ["backend"], p.tail())
+
+    def test_names_of_mxproxy_do_not_stay_with_the_client(self):
+        """smtpd looks up client names: without NAME and REVERSE_NAME in
+        XCLIENT it would keep 'localhost', mxproxy's, for the client."""
+        pf = self.postfix
+        if not re.search(r"^127\.0\.0\.1\s+localhost\b", open("/etc/hosts").read(), re.M):
+            self.skipTest("127.0.0.1 is not 'localhost' in /etc/hosts")
+        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.nameport, xclient="on")
+        c = self.client2(p.port)
+        self.assertEqual(c.read_reply(), GREETING)
+        self.assertNotIn(b"XCLIENT", c.cmd(b"EHLO client.example.test"))
+        self.assertEqual(c.cmd(b"MAIL FROM:<a@client.example.test>"), b"250 2.1.0 Ok\r\n")
+        self.assertEqual(c.cmd(b"RCPT TO:<u@mx.postfix.test>"), b"250 2.1.5 Ok\r\n")
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        pf.wait_log(r"postfix/smtpd\[\d+\]: connect from localhost\[127\.0\.0\.1\]:\d+$")
+        pf.wait_log(r"postfix/smtpd\[\d+\]: disconnect from unknown\[127\.0\.0\.2\]:%d "
+                    % c.local_port)
 
     # -- whatever the client sends first, smtpd knows who it is -------------
 
@@ -408,7 +435,8 @@ class XclientTest(ProxyTestCase):
         self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="proxy")], [
             "EHLO client.example.test",
             "XCLIENT ADDR=127.0.0.2 PORT=%d PROTO=SMTP HELO=client.example.test "
-            "DESTADDR=127.0.0.1 DESTPORT=%d" % (c.local_port, p.port)])
+            "NAME=[UNAVAILABLE] DESTADDR=127.0.0.1 DESTPORT=%d REVERSE_NAME=[UNAVAILABLE]"
+            % (c.local_port, p.port)])
         # the client's HELO as HELO; the EHLO is mxproxy's, before XCLIENT
         pf.wait_log(r"postfix/smtpd\[\d+\]: disconnect from unknown\[127\.0\.0\.2\]:%d "
                     r"helo=1 ehlo=1 .*mail=1 rcpt=1/2 data=1 quit=1 " % c.local_port)
@@ -421,7 +449,8 @@ class XclientTest(ProxyTestCase):
         sid = self.assert_identified(p, c, queue_id)
         self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="proxy")], [
             "EHLO mxproxy",
-            "XCLIENT ADDR=127.0.0.2 PORT=%d HELO=[UNAVAILABLE] DESTADDR=127.0.0.1 DESTPORT=%d"
+            "XCLIENT ADDR=127.0.0.2 PORT=%d HELO=[UNAVAILABLE] NAME=[UNAVAILABLE] "
+            "DESTADDR=127.0.0.1 DESTPORT=%d REVERSE_NAME=[UNAVAILABLE]"
             % (c.local_port, p.port)])
 
     def test_spoofed_client_xclient_and_xforward_never_reach_smtpd(self):
@@ -499,8 +528,8 @@ class XclientScriptedTest(ProxyTestCase):
         cls.pki = mxtest.pki()
 
     def xclient_line(self, c, p, helo="client.example", proto="ESMTP"):
-        return ("XCLIENT ADDR=127.0.0.1 PORT=%d PROTO=%s HELO=%s DESTADDR=127.0.0.1 "
-                "DESTPORT=%d" % (c.local_port, proto, helo, p.port)).encode()
+        return ("XCLIENT ADDR=127.0.0.1 PORT=%d PROTO=%s HELO=%s NAME=[UNAVAILABLE] "
+                "DESTADDR=127.0.0.1 DESTPORT=%d" % (c.local_port, proto, helo, p.port)).encode()
 
     def assert_failed(self, p, c, reason, **fields):
         sid = p.sid_of(c)
