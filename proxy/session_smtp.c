@@ -946,13 +946,18 @@ static bool session_smtp_send_xclient(struct session *s)
     struct session_smtp *m = s->smtp;
     struct sockaddr_storage dst;
     char line[XCLIENT_LINE_MAX + 1];
+    char helo[XCLIENT_LINE_MAX + 1];
 
     session_client_dst(s, &dst);
-    const struct smtp_pairs_summary *sum = smtp_pairs_summary(&m->pp);
+    /* The whole name, not the summary's cut copy; one too long for any line
+     * would be [UNAVAILABLE] anyway. */
+    size_t hl = m->replay_arg_len < sizeof(helo) ? m->replay_arg_len : 0;
+    memcpy(helo, m->replay + m->replay_arg, hl);
+    helo[hl] = '\0';
     struct xclient_info info = {
         .addr = (const struct sockaddr *)&s->client_sa,
         .destaddr = dst.ss_family != AF_UNSPEC ? (const struct sockaddr *)&dst : NULL,
-        .helo = sum->helo[0] != '\0' ? sum->helo : NULL, /* NULL: [UNAVAILABLE] */
+        .helo = hl > 0 ? helo : NULL, /* NULL: [UNAVAILABLE] */
         .proto = m->replay_cmd == SMTP_CMD_EHLO   ? XCLIENT_PROTO_ESMTP
                  : m->replay_cmd == SMTP_CMD_HELO ? XCLIENT_PROTO_SMTP
                                                   : XCLIENT_PROTO_NONE,

@@ -637,6 +637,27 @@ class XclientScriptedTest(ProxyTestCase):
         self.assertEqual(rec.commands, [EHLO, self.xclient_line(c, p), EHLO,
                                         b"MAIL FROM:<a@example.com>", b"QUIT"])
 
+    def test_long_helo_name_takes_two_xclient_commands(self):
+        """A HELO name too long to share a line goes in a second XCLIENT,
+        whole (not the 200 bytes the close line keeps); each 220 is absorbed."""
+        name = b"h" * 460 + b".example"
+        b = self.scripted(ext=XEXT)
+        p = self.start_smtp_proxy(b.addr, xclient="on")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        c.send(b"EHLO " + name + b"\r\nNOOP\r\n")
+        want = XEHLO + b"250 2.0.0 ok\r\n"
+        self.assertEqual(c.recv_exact(len(want)), want)
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [
+            b"EHLO mxproxy",
+            b"XCLIENT ADDR=127.0.0.1 PORT=%d PROTO=ESMTP NAME=[UNAVAILABLE] DESTADDR=127.0.0.1 "
+            b"DESTPORT=%d" % (c.local_port, p.port),
+            b"XCLIENT HELO=" + name, b"EHLO " + name, b"NOOP", b"QUIT"])
+        self.assertEqual(len(p.wait_count(1, ev="xclient", code="220")), 1)
+
     def test_own_ehlo_reply_of_8k_never_reaches_the_client(self):
         reply = big_ehlo("scripted", 8192, XEXT)
         self.assertGreater(len(reply), 8192 + 5000)
