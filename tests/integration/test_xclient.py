@@ -712,6 +712,27 @@ class XclientScriptedTest(ProxyTestCase):
         self.assertTrue(rec.closed.wait(3))
         self.assertEqual(rec.commands, [EHLO, b"STARTTLS", EHLO, b"QUIT"])
 
+    def test_backend_starttls_before_any_first_command(self):
+        """backend_tls = starttls alone: a NOOP and a MAIL pipelined as the
+        first commands go to the backend inside TLS, never in plaintext."""
+        exts = ("PIPELINING", "STARTTLS")
+        b = self.tls_backend(exts)
+        p = self.start_smtp_proxy(b.addr, backend_tls="starttls", backend_ca=self.pki.ca,
+                                  backend_sni="mx.example.test")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 realtls ESMTP\r\n")
+        c.send(b"NOOP\r\nMAIL FROM:<a@example.com>\r\n")
+        want = b"250 2.0.0 ok\r\n250 2.1.0 sender ok\r\n"
+        self.assertEqual(c.recv_exact(len(want)), want)
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [b"EHLO mxproxy", b"STARTTLS", b"NOOP",
+                                        b"MAIL FROM:<a@example.com>", b"QUIT"])
+        self.assertEqual(rec.injected, b"")
+        self.assertEqual(rec.tls, "TLSv1.3/TLS_AES_256_GCM_SHA384")
+
     def test_backend_starttls_and_xclient_together(self):
         """EHLO, STARTTLS, handshake, EHLO inside TLS, XCLIENT, then the
         client's HELO: the backend learns who the client is inside TLS."""
