@@ -24,6 +24,7 @@ own replies far over 4 KiB (never forwarded) and backend_tls = starttls
 with xclient = on.
 """
 
+import base64
 import os
 import pwd
 import re
@@ -657,6 +658,26 @@ class XclientScriptedTest(ProxyTestCase):
             b"DESTPORT=%d" % (c.local_port, p.port),
             b"XCLIENT HELO=" + name, b"EHLO " + name, b"NOOP", b"QUIT"])
         self.assertEqual(len(p.wait_count(1, ev="xclient", code="220")), 1)
+
+    def test_auth_first_is_relayed_after_xclient_and_never_logged(self):
+        secret = base64.b64encode(b"\0user\0s3cr3t-pass")
+        b = self.scripted(ext=XEXT)
+        p = self.start_smtp_proxy(b.addr, xclient="on", transcript="full")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(b"AUTH PLAIN " + secret),
+                         b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands[2:], [b"AUTH PLAIN " + secret, b"QUIT"])
+        sid = p.sid_of(c)
+        p.close_of(sid)
+        log = "\n".join(p.raw)
+        for s in (secret.decode(), "s3cr3t-pass"):
+            self.assertNotIn(s, log)
+        self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="client")][:1],
+                         ["AUTH PLAIN [redacted]"])
 
     def test_own_ehlo_reply_of_8k_never_reaches_the_client(self):
         reply = big_ehlo("scripted", 8192, XEXT)
