@@ -32,6 +32,7 @@ import select
 import shutil
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -678,6 +679,24 @@ class XclientScriptedTest(ProxyTestCase):
             self.assertNotIn(s, log)
         self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="client")][:1],
                          ["AUTH PLAIN [redacted]"])
+
+    def test_one_byte_at_a_time(self):
+        b = self.scripted(ext=XEXT)
+        p = self.start_smtp_proxy(b.addr, xclient="on")
+        c = self.client(p.port)
+        c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        for byte in EHLO + b"\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n":
+            c.send(bytes([byte]))
+            time.sleep(0.001)
+        want = XEHLO + b"250 2.1.0 sender ok\r\n250 2.1.5 recipient ok\r\n"
+        self.assertEqual(c.recv_exact(len(want)), want)
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [EHLO, self.xclient_line(c, p), EHLO,
+                                        b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.com>",
+                                        b"QUIT"])
 
     def test_own_ehlo_reply_of_8k_never_reaches_the_client(self):
         reply = big_ehlo("scripted", 8192, XEXT)
