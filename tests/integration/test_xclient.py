@@ -48,6 +48,7 @@ GREETING = b"220 mx.postfix.test ESMTP\r\n"
 XCLIENT_421 = b"421 4.7.0 mxproxy: XCLIENT with the mail server failed, try again later\r\n"
 RELAY_DENIED = b"554 5.7.1 <victim@foreign.example>: Relay access denied\r\n"
 REFUSED = b"550 5.7.0 Command not permitted\r\n"
+TLS_421 = b"421 4.7.0 mxproxy: TLS with the mail server failed, try again later\r\n"
 
 
 class Postfix:
@@ -751,6 +752,26 @@ class XclientScriptedTest(ProxyTestCase):
         rec = b.wait_conns(1)
         self.assertTrue(rec.closed.wait(3))
         self.assertEqual(rec.commands, [EHLO, b"STARTTLS", EHLO, b"QUIT"])
+
+    def test_backend_starttls_own_reply_too_long_fails_closed(self):
+        exts = ("PIPELINING", "STARTTLS")
+        reply = big_ehlo("realtls", 70000, exts)
+        b = self.tls_backend(exts, rules=[(b"EHLO", first_ehlo_then_default(reply))])
+        p = self.start_smtp_proxy(b.addr, backend_tls="starttls", backend_ca=self.pki.ca,
+                                  backend_sni="mx.example.test")
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 realtls ESMTP\r\n")
+        self.assertEqual(c.cmd(EHLO), TLS_421)
+        self.assertEqual(c.wait_closed(3), ("eof", b""))
+        sid = p.sid_of(c)
+        err = p.wait_count(1, ev="tls_error", sid=sid)
+        self.assertEqual(len(err), 1, p.tail())
+        self.assertEvent(err[0], "tls_error", {"side": "backend",
+                                               "reason": "backend reply too long"}, lvl="warn")
+        self.assertEqual(p.close_of(sid)["end"], "tls_error")
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [EHLO])
 
     def test_backend_starttls_before_any_first_command(self):
         """backend_tls = starttls alone: a NOOP and a MAIL pipelined as the
