@@ -365,6 +365,12 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(xclient),
      .words = config_onoff,
      .flags = CONFIG_KEY_F_SMTP},
+    {.name = "pass_client_xclient",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(pass_client_xclient),
+     .words = config_onoff,
+     .flags = CONFIG_KEY_F_SMTP},
 };
 
 _Static_assert(sizeof(config_keys) / sizeof(config_keys[0]) <= 64,

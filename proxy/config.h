@@ -155,6 +155,8 @@ struct config_listener {
     unsigned accept_proxy_protocol;     /* "accept_proxy_protocol" on/off */
     unsigned proxy_protocol_timeout_ms; /* "proxy_protocol_timeout", default 5 s */
     unsigned xclient;                   /* "xclient" on/off, mode smtp */
+    unsigned pass_client_xclient;       /* "pass_client_xclient" on/off, mode smtp: relay a
+                                           client's own XCLIENT/XFORWARD (trusted chain) */
     struct tls_ctx *tls_server;         /* client_tls implicit/starttls: certificates, or NULL */
     struct tls_ctx *tls_client;         /* backend_tls implicit/starttls: verification, or NULL */
     /* The one mutable part of a loaded config, shared by all workers: per

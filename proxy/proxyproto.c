@@ -851,9 +851,15 @@ static const struct {
     const char *name;
     unsigned flag;
 } xclient_attrs[] = {
-    {"ADDR", XCLIENT_F_ADDR},         {"PORT", XCLIENT_F_PORT},         {"PROTO", XCLIENT_F_PROTO},
-    {"HELO", XCLIENT_F_HELO},         {"LOGIN", XCLIENT_F_LOGIN},       {"NAME", XCLIENT_F_NAME},
-    {"DESTADDR", XCLIENT_F_DESTADDR}, {"DESTPORT", XCLIENT_F_DESTPORT},
+    {"ADDR", XCLIENT_F_ADDR},
+    {"PORT", XCLIENT_F_PORT},
+    {"PROTO", XCLIENT_F_PROTO},
+    {"HELO", XCLIENT_F_HELO},
+    {"LOGIN", XCLIENT_F_LOGIN},
+    {"NAME", XCLIENT_F_NAME},
+    {"DESTADDR", XCLIENT_F_DESTADDR},
+    {"DESTPORT", XCLIENT_F_DESTPORT},
+    {"REVERSE_NAME", XCLIENT_F_REVERSE_NAME},
 };
 
 static bool xclient_word_eq(const char *s, size_t n, const char *word)
@@ -972,6 +978,8 @@ static const char *xclient_value(unsigned flag, const struct xclient_info *info,
         return info->login != NULL ? info->login : unavailable;
     case XCLIENT_F_NAME:
         return info->name != NULL ? info->name : unavailable;
+    case XCLIENT_F_REVERSE_NAME:
+        return info->reverse_name != NULL ? info->reverse_name : unavailable;
     default:
         abort(); /* only xclient_attrs[] flags reach here */
     }

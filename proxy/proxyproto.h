@@ -234,15 +234,16 @@ void proxyproto_reset(struct proxyproto_parser *p);
 #define XCLIENT_LINE_MAX 512 /* an SMTP command line, CRLF included */
 
 /* Attributes, as announced in "250-XCLIENT NAME ADDR ..." and sent in this order. */
-#define XCLIENT_F_ADDR 0x01     /* client IP: a.b.c.d or IPV6:x:y::z */
-#define XCLIENT_F_PORT 0x02     /* client TCP port */
-#define XCLIENT_F_PROTO 0x04    /* SMTP or ESMTP */
-#define XCLIENT_F_HELO 0x08     /* HELO/EHLO argument */
-#define XCLIENT_F_LOGIN 0x10    /* SASL login name */
-#define XCLIENT_F_NAME 0x20     /* client hostname from reverse DNS */
-#define XCLIENT_F_DESTADDR 0x40 /* the address the client connected to */
-#define XCLIENT_F_DESTPORT 0x80 /* its port */
-#define XCLIENT_F_ALL 0xff
+#define XCLIENT_F_ADDR 0x01          /* client IP: a.b.c.d or IPV6:x:y::z */
+#define XCLIENT_F_PORT 0x02          /* client TCP port */
+#define XCLIENT_F_PROTO 0x04         /* SMTP or ESMTP */
+#define XCLIENT_F_HELO 0x08          /* HELO/EHLO argument */
+#define XCLIENT_F_LOGIN 0x10         /* SASL login name */
+#define XCLIENT_F_NAME 0x20          /* client hostname from reverse DNS */
+#define XCLIENT_F_DESTADDR 0x40      /* the address the client connected to */
+#define XCLIENT_F_DESTPORT 0x80      /* its port */
+#define XCLIENT_F_REVERSE_NAME 0x100 /* client hostname from reverse DNS, not verified forward */
+#define XCLIENT_F_ALL 0x1ff
 
 enum xclient_proto {
     XCLIENT_PROTO_NONE = 0, /* not known yet: PROTO is not sent */
@@ -256,6 +257,7 @@ struct xclient_info {
     const struct sockaddr *addr;     /* client address and port (ADDR, PORT) */
     const struct sockaddr *destaddr; /* local address it connected to (DESTADDR, DESTPORT) */
     const char *name;                /* NAME */
+    const char *reverse_name;        /* REVERSE_NAME */
     const char *helo;                /* HELO */
     const char *login;               /* LOGIN */
     enum xclient_proto proto;        /* PROTO; XCLIENT_PROTO_NONE leaves it out */

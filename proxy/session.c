@@ -42,6 +42,7 @@ static const char *const session_end_names[] = {
     [SESSION_END_TLS_ERROR] = "tls_error",
     [SESSION_END_PROXY_PROTOCOL_ERROR] = "proxy_protocol_error",
     [SESSION_END_LOOP] = "loop",
+    [SESSION_END_XCLIENT_ERROR] = "xclient_error",
 };
 
 static_assert(sizeof(session_end_names) / sizeof(session_end_names[0]) == SESSION_END_COUNT_,

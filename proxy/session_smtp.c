@@ -20,6 +20,30 @@
 #define SMTP_LINE_LOG_MAX 512 /* transcript=full: bytes of a server line kept */
 #define SMTP_FIFO_KEEP 16     /* spare command FIFOs a worker keeps */
 
+/* mxproxy's own exchange with the backend (backend_tls = starttls,
+ * xclient = on), before the client's first command reaches it (QUIT
+ * excepted: it is relayed as it is, and nothing after it ever is).
+ * That command and everything behind it wait; each state has sent one line,
+ * or waits for one event, and session_smtp_hs_next() names the next:
+ *
+ *   IDLE -> [GREETING] -> EHLO -> [STARTTLS -> HANDSHAKE -> [TLS_EHLO]] -> [XCLIENT]+ -> DONE
+ *
+ * Every reply in EHLO, STARTTLS, TLS_EHLO and XCLIENT is mxproxy's own: it
+ * is read line by line, never kept whole, never paired, and never reaches
+ * the client, whatever its size. Anything but the expected reply ends the
+ * session with 421 4.7.0: the backend never acts for an unidentified client,
+ * nor in plaintext when TLS was asked for. */
+enum session_smtp_hs {
+    SESSION_SMTP_HS_IDLE = 0,  /* nothing sent: no command yet, or neither option is on */
+    SESSION_SMTP_HS_GREETING,  /* the client spoke first: our EHLO waits for the greeting */
+    SESSION_SMTP_HS_EHLO,      /* our EHLO is out: what does the backend offer? */
+    SESSION_SMTP_HS_STARTTLS,  /* STARTTLS is out: a 220 starts the handshake */
+    SESSION_SMTP_HS_HANDSHAKE, /* the TLS handshake runs */
+    SESSION_SMTP_HS_TLS_EHLO,  /* our EHLO again, inside TLS: is XCLIENT offered there? */
+    SESSION_SMTP_HS_XCLIENT,   /* an XCLIENT line is out: its 2xx (a new greeting) is absorbed */
+    SESSION_SMTP_HS_DONE,      /* the client's command went out: every reply is the client's */
+};
+
 /* Storage for one session's outstanding commands, lent while any are. */
 struct smtp_fifo {
     struct smtp_fifo *next; /* worker free list */
@@ -43,13 +67,18 @@ struct session_smtp {
     const char *primary;         /* a primary error mxproxy made up (static text), or NULL */
     char *ehlo;                  /* an EHLO reply being gathered for rewriting */
     size_t ehlo_len;             /* bytes in ehlo */
-    char *replay;                /* backend STARTTLS: the client's first EHLO, sent after TLS */
+    char *replay;                /* the client's first command, sent after the handshake */
     size_t replay_len;           /* bytes in replay */
-    unsigned bstate;             /* SESSION_SMTP_B_*: the backend STARTTLS exchange */
-    unsigned xstate;             /* SESSION_SMTP_X_*: telling the backend who the client is */
+    enum smtp_cmd replay_cmd;    /* its verb */
+    size_t replay_arg;           /* HELO/EHLO: where its name starts in replay */
+    size_t replay_arg_len;       /* and its length (0: no name) */
+    enum session_smtp_hs hs;     /* mxproxy's own exchange with the backend */
+    unsigned hs_caps;            /* what its last EHLO reply offered: SESSION_SMTP_CAP_* */
+    char *hs_line;               /* the line of an own reply being read */
+    size_t hs_line_len;          /* bytes in hs_line */
+    unsigned hs_lines;           /* lines of the own reply read so far */
+    uint64_t hs_bytes;           /* bytes of the own reply read so far */
     unsigned xtodo;              /* XCLIENT attributes still to send (XCLIENT_F_*) */
-    char *xreplay;               /* the client's EHLO, sent again after XCLIENT */
-    size_t xreplay_len;          /* bytes in xreplay */
     char *tail;                  /* the start of a backend reply not yet whole, or NULL */
     size_t tail_len, tail_cap;   /* bytes in tail, and its size */
     size_t rsize;                /* bytes of the backend reply in progress, across reads */
@@ -62,6 +91,8 @@ struct session_smtp {
 #define SESSION_SMTP_F_TLS 0x08u       /* client_tls = starttls and the client did STARTTLS */
 #define SESSION_SMTP_F_SWITCHED 0x10u  /* TLS began in the middle of a read: drop the rest */
 #define SESSION_SMTP_F_DROP_BDAT 0x20u /* the current BDAT was refused: drop its chunk */
+#define SESSION_SMTP_F_HS_CUT 0x40u    /* the own reply line being read is over HS_LINE_MAX */
+#define SESSION_SMTP_F_QUIT 0x80u      /* QUIT came first and was relayed: nothing else is */
 
 #define SESSION_SMTP_EHLO_MAX 4096 /* an EHLO reply longer than this is not rewritten */
 /* A backend reply reaches the client only whole, through its last line's end,
@@ -70,25 +101,12 @@ struct session_smtp {
  * hundred such lines is no mail server's). */
 #define SESSION_SMTP_REPLY_MAX (64 * 1024)
 
-/* xclient = on: after the backend answers the client's first EHLO with an
- * XCLIENT capability, mxproxy sends XCLIENT, absorbs the new greeting and
- * repeats the client's EHLO, whose reply is the one the client sees. */
-enum {
-    SESSION_SMTP_X_IDLE = 0, /* no EHLO yet (or xclient off) */
-    SESSION_SMTP_X_EHLO,     /* the client's EHLO is out: does the backend offer XCLIENT? */
-    SESSION_SMTP_X_XCLIENT,  /* XCLIENT is out: its 220 is absorbed */
-    SESSION_SMTP_X_DONE,     /* the EHLO went again; everything flows */
-};
+#define SESSION_SMTP_HS_LINE_MAX 512    /* an own reply line longer than this offers nothing */
+#define SESSION_SMTP_HS_REPLY_MAX 65536 /* an own reply longer than this ends the session */
 
-/* backend_tls = starttls: mxproxy's own exchange with the backend, at the
- * client's first EHLO; each state has sent one line and waits for its reply. */
-enum {
-    SESSION_SMTP_B_IDLE = 0,  /* nothing sent (or backend STARTTLS not configured) */
-    SESSION_SMTP_B_EHLO,      /* our EHLO is out: is STARTTLS offered? */
-    SESSION_SMTP_B_STARTTLS,  /* STARTTLS is out: 220 starts the handshake */
-    SESSION_SMTP_B_HANDSHAKE, /* the TLS handshake runs */
-    SESSION_SMTP_B_DONE,      /* TLS is up; the client's EHLO went out inside it */
-};
+/* hs_caps: what the backend's EHLO reply offered, besides XCLIENT_F_* attributes. */
+#define SESSION_SMTP_CAP_STARTTLS 0x10000u /* STARTTLS */
+#define SESSION_SMTP_CAP_XCLIENT 0x20000u  /* XCLIENT, with the attributes in the low bits */
 
 static uint64_t session_smtp_now(void)
 {
@@ -463,6 +481,15 @@ static bool session_smtp_tls_active(const struct session *s)
     return s->client_tls != NULL;
 }
 
+/* True while mxproxy's own exchange with the backend runs: the client's
+ * commands wait. */
+static bool session_smtp_hs_busy(const struct session *s)
+{
+    enum session_smtp_hs hs = s->smtp->hs;
+
+    return hs != SESSION_SMTP_HS_IDLE && hs != SESSION_SMTP_HS_DONE;
+}
+
 static void session_smtp_log_injection(struct session *s)
 {
     struct session_smtp *m = s->smtp;
@@ -484,9 +511,13 @@ static void session_smtp_send_backend(struct session *s, const char *line, size_
     (void)relay_send_copy(&s->up, line, len); /* a failure closes through on_event */
 }
 
+static bool session_smtp_hs_wanted(const struct session *s);
+static void session_smtp_hs_start(struct session *s, const struct smtp_event *ev);
+
 /* Decides whether a client event goes to the backend, where mxproxy itself
- * terminates STARTTLS, requires TLS, or talks STARTTLS to the backend. The
- * event is already recorded in the FIFO. */
+ * terminates STARTTLS, requires TLS, refuses a client's XCLIENT, or talks to
+ * the backend first (backend STARTTLS, XCLIENT). The event is already
+ * recorded in the FIFO. */
 static bool session_smtp_intercept(struct session *s, const struct smtp_event *ev)
 {
     struct session_smtp *m = s->smtp;
@@ -500,6 +531,13 @@ static bool session_smtp_intercept(struct session *s, const struct smtp_event *e
     }
     if (ev->type != SMTP_EV_COMMAND)
         return true;
+    if ((ev->cmd == SMTP_CMD_XCLIENT || ev->cmd == SMTP_CMD_XFORWARD) && !cl->pass_client_xclient) {
+        /* Only mxproxy tells the backend who the client is. */
+        (void)smtp_pairs_answer_locally(&m->pp, SMTP_LOCAL_XCLIENT);
+        /* The answer is decided now: the parser need not wait for it. */
+        smtp_client_on_reply(&m->cp, ev->cmd, 550);
+        return false;
+    }
     if (cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS) {
         if (ev->cmd == SMTP_CMD_STARTTLS) {
             (void)smtp_pairs_answer_locally(
@@ -515,41 +553,20 @@ static bool session_smtp_intercept(struct session *s, const struct smtp_event *e
             return false;
         }
     }
-    if (cl->backend_tls == CONFIG_BACKEND_TLS_STARTTLS && m->bstate != SESSION_SMTP_B_DONE &&
-        ev->cmd != SMTP_CMD_EHLO && ev->cmd != SMTP_CMD_HELO && ev->cmd != SMTP_CMD_QUIT &&
-        ev->cmd != SMTP_CMD_NOOP && ev->cmd != SMTP_CMD_RSET) {
-        /* Nothing that matters crosses to the backend before its TLS is up. */
-        (void)smtp_pairs_answer_locally(&m->pp, SMTP_LOCAL_NEED_TLS);
-        if (ev->cmd == SMTP_CMD_BDAT)
-            m->flags |= SESSION_SMTP_F_DROP_BDAT;
-        return false;
-    }
-    if (cl->xclient && m->xstate == SESSION_SMTP_X_IDLE &&
-        (ev->cmd == SMTP_CMD_EHLO || ev->cmd == SMTP_CMD_HELO)) {
-        m->xreplay = malloc(ev->fwd_len);
-        if (m->xreplay != NULL) {
-            memcpy(m->xreplay, ev->fwd, ev->fwd_len);
-            m->xreplay_len = ev->fwd_len;
-            m->xstate = SESSION_SMTP_X_EHLO;
+    if (m->hs == SESSION_SMTP_HS_IDLE && session_smtp_hs_wanted(s)) {
+        if (m->flags & SESSION_SMTP_F_QUIT) {
+            /* After that QUIT: never relayed, 421 when the backend closes. */
+            if (ev->cmd == SMTP_CMD_BDAT)
+                m->flags |= SESSION_SMTP_F_DROP_BDAT;
+            return false;
         }
-    }
-    if (m->bstate == SESSION_SMTP_B_IDLE && cl->backend_tls == CONFIG_BACKEND_TLS_STARTTLS &&
-        (ev->cmd == SMTP_CMD_EHLO || ev->cmd == SMTP_CMD_HELO)) {
-        /* Keep the client's EHLO for after TLS; ask the backend for STARTTLS now. */
-        char line[SMTP_PAIRS_NAME_MAX + 16];
-        int n = snprintf(line, sizeof(line), "EHLO %.*s\r\n",
-                         (int)(ev->arg_len < SMTP_PAIRS_NAME_MAX ? ev->arg_len : 0), ev->arg);
-        free(m->replay);
-        m->replay = malloc(ev->fwd_len);
-        if (m->replay == NULL)
-            return false; /* nothing is sent: the idle timeout ends the session */
-        memcpy(m->replay, ev->fwd, ev->fwd_len);
-        m->replay_len = ev->fwd_len;
-        m->bstate = SESSION_SMTP_B_EHLO;
-        m->ehlo_len = 0;
-        session_smtp_send_backend(s, line, (size_t)(n > 7 ? n : 0));
-        if (n <= 7)
-            session_smtp_send_backend(s, "EHLO mxproxy\r\n", 14);
+        if (ev->cmd == SMTP_CMD_QUIT) {
+            m->flags |= SESSION_SMTP_F_QUIT;
+            return true; /* the backend acts on nothing: relayed as it is */
+        }
+        /* The backend learns who the client is (and starts TLS) before it
+         * sees this command; the command and what follows it wait. */
+        session_smtp_hs_start(s, ev);
         return false;
     }
     return true;
@@ -596,8 +613,8 @@ static void session_smtp_client_bytes(struct session *s, struct relay_block *b, 
             rc = session_smtp_out_add(s, b, &out, ev.fwd, ev.fwd_len);
         off += n;
         session_smtp_client_event(s, &ev);
-        if (m->bstate == SESSION_SMTP_B_EHLO && m->held == NULL) {
-            /* Backend STARTTLS first: the rest waits until TLS is up. */
+        if (m->held == NULL && session_smtp_hs_busy(s)) {
+            /* mxproxy's own exchange with the backend first: the rest waits. */
             if (rc == 0)
                 rc = session_smtp_out_flush(s, b, &out);
             session_smtp_hold(s, b, off, end);
@@ -645,8 +662,8 @@ static void session_smtp_resume_client(struct session *s)
     struct session_smtp *m = s->smtp;
     struct relay_block *b = m->held;
 
-    if (b == NULL)
-        return;
+    if (b == NULL || session_smtp_hs_busy(s))
+        return; /* nothing held, or mxproxy's exchange with the backend comes first */
     m->held = NULL;
     session_smtp_client_bytes(s, b, m->held_off, m->held_end);
     relay_block_unref(s->up.pool, b);
@@ -860,20 +877,29 @@ static bool session_smtp_gather(struct session *s, const char *p, size_t n)
 }
 
 /* Sends the gathered EHLO reply to the client, with STARTTLS offered before
- * TLS and withdrawn after it (as it is, if it cannot be rewritten). */
+ * TLS and withdrawn after it, XCLIENT and XFORWARD withdrawn (as it is, if it
+ * cannot be rewritten). */
 static void session_smtp_send_ehlo(struct session *s, int code)
 {
     struct session_smtp *m = s->smtp;
     char out[SESSION_SMTP_EHLO_MAX + 32];
     ssize_t n = -1;
+    unsigned edit = 0;
 
     session_smtp_flush_down(s);
     if (code == 250 && s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS)
-        n = smtp_ehlo_rewrite(m->ehlo, m->ehlo_len, !session_smtp_tls_active(s), out, sizeof(out));
+        edit |= session_smtp_tls_active(s) ? SMTP_EHLO_DEL_STARTTLS : SMTP_EHLO_ADD_STARTTLS;
+    if (code == 250 && !s->cl->pass_client_xclient)
+        edit |= SMTP_EHLO_DEL_XCLIENT; /* only mxproxy tells the backend who the client is */
+    if (edit != 0)
+        n = smtp_ehlo_edit(m->ehlo, m->ehlo_len, edit, out, sizeof(out));
     if (n >= 0)
         (void)relay_send_copy(&s->down, out, (size_t)n);
     else
         (void)relay_send_copy(&s->down, m->ehlo, m->ehlo_len);
+    /* Every EHLO reply is gathered now: an idle session keeps no buffer for it. */
+    free(m->ehlo);
+    m->ehlo = NULL;
     m->ehlo_len = 0;
 }
 
@@ -890,76 +916,122 @@ static void session_smtp_backend_starttls_failed(struct session *s, const char *
     session_smtp_backend_tls_failed(s, reason);
 }
 
-/* One reply of mxproxy's own exchange with the backend (backend_tls =
- * starttls); it is never forwarded nor paired. */
-static void session_smtp_backend_step(struct session *s, const struct smtp_reply *r)
+/* xclient = on went wrong: the backend is never left acting for a client it
+ * was not told about. Logs why (with the backend's reply r, if there is
+ * one), resets the backend connection and answers the client 421 4.7.0. */
+static void session_smtp_xclient_failed(struct session *s, const char *reason,
+                                        const struct smtp_reply *r)
 {
-    struct session_smtp *m = s->smtp;
-    size_t gathered = m->ehlo_len;
+    struct log_line l;
 
-    m->ehlo_len = 0; /* this reply is ours: it never joins one the client gets */
-
-    if (m->bstate == SESSION_SMTP_B_EHLO) {
-        bool offered = r->code == 250 && smtp_ehlo_offers_starttls(m->ehlo, gathered);
-        if (!offered) {
-            session_smtp_backend_starttls_failed(s, "backend does not offer STARTTLS");
-            return;
-        }
-        m->bstate = SESSION_SMTP_B_STARTTLS;
-        session_smtp_send_backend(s, "STARTTLS\r\n", 10);
-        return;
+    log_begin(&l, LOG_WARN, "xclient_error");
+    log_sid(&l, s->id);
+    log_str(&l, "reason", reason);
+    if (r != NULL) {
+        log_uint(&l, "code", (uint64_t)r->code);
+        log_strn(&l, "reply", r->text, r->text_len);
     }
-    if (r->code != 220) {
-        session_smtp_backend_starttls_failed(s, "backend refused STARTTLS");
-        return;
-    }
-    char host[SOCKADDR_TEXT_MAX];
-    if (tls_conn_new(&s->backend_tls, s->cl->tls_client,
-                     session_backend_name(s, host, sizeof(host))) != 0) {
-        session_close(s, SESSION_END_BACKEND_RESET, "out of memory");
-        return;
-    }
-    m->bstate = SESSION_SMTP_B_HANDSHAKE;
-    session_wire_tls(s);
-    int hs = tls_handshake(s->backend_tls); /* the ClientHello */
-    relay_tls_flush(&s->up);
-    if (hs < 0) {
-        const char *why = tls_error_reason(s->backend_tls);
-        session_smtp_backend_starttls_failed(s, why != NULL ? why : "TLS failure");
-    }
+    log_end(&l);
+    session_drop_backend(s);
+    session_smtp_abort(s, "421 4.7.0 mxproxy: XCLIENT with the mail server failed, try again later",
+                       SESSION_END_XCLIENT_ERROR, reason);
 }
 
-void session_smtp_backend_tls_ready(struct session *s)
+/* The exchange failed in state hs: TLS or XCLIENT, whichever it was for. */
+static void session_smtp_hs_failed(struct session *s, const char *reason,
+                                   const struct smtp_reply *r)
 {
-    struct session_smtp *m = s->smtp;
+    enum session_smtp_hs hs = s->smtp->hs;
+    bool tls = hs == SESSION_SMTP_HS_STARTTLS || hs == SESSION_SMTP_HS_HANDSHAKE ||
+               (hs == SESSION_SMTP_HS_EHLO && s->cl->backend_tls == CONFIG_BACKEND_TLS_STARTTLS);
 
-    if (m->bstate != SESSION_SMTP_B_HANDSHAKE)
-        return;
-    m->bstate = SESSION_SMTP_B_DONE;
-    /* The client's EHLO, inside TLS now; its reply is the client's. */
-    session_smtp_send_backend(s, m->replay, m->replay_len);
-    free(m->replay);
-    m->replay = NULL;
-    session_smtp_resume_client(s);
+    if (tls)
+        session_smtp_backend_starttls_failed(s, reason);
+    else
+        session_smtp_xclient_failed(s, reason, r);
 }
 
-/* Sends the next XCLIENT line; false when nothing is left to send. */
+static const char *session_smtp_hs_name(enum session_smtp_hs hs)
+{
+    static const char *const names[] = {
+        [SESSION_SMTP_HS_IDLE] = "idle",           [SESSION_SMTP_HS_GREETING] = "greeting",
+        [SESSION_SMTP_HS_EHLO] = "ehlo",           [SESSION_SMTP_HS_STARTTLS] = "starttls",
+        [SESSION_SMTP_HS_HANDSHAKE] = "handshake", [SESSION_SMTP_HS_TLS_EHLO] = "tls_ehlo",
+        [SESSION_SMTP_HS_XCLIENT] = "xclient",     [SESSION_SMTP_HS_DONE] = "done",
+    };
+    return names[hs];
+}
+
+/* Does this listener make mxproxy talk to the backend before the client? */
+static bool session_smtp_hs_wanted(const struct session *s)
+{
+    return s->cl->xclient || s->cl->backend_tls == CONFIG_BACKEND_TLS_STARTTLS;
+}
+
+/* The state after hs, once hs got what it waited for. */
+static enum session_smtp_hs session_smtp_hs_next(const struct session *s, enum session_smtp_hs hs)
+{
+    bool tls = s->cl->backend_tls == CONFIG_BACKEND_TLS_STARTTLS;
+
+    switch (hs) {
+    case SESSION_SMTP_HS_IDLE:
+        return s->smtp->pp.greeted ? SESSION_SMTP_HS_EHLO : SESSION_SMTP_HS_GREETING;
+    case SESSION_SMTP_HS_GREETING:
+        return SESSION_SMTP_HS_EHLO;
+    case SESSION_SMTP_HS_EHLO:
+        return tls ? SESSION_SMTP_HS_STARTTLS : SESSION_SMTP_HS_XCLIENT;
+    case SESSION_SMTP_HS_STARTTLS:
+        return SESSION_SMTP_HS_HANDSHAKE;
+    case SESSION_SMTP_HS_HANDSHAKE:
+        /* RFC 3207: what the backend offered before TLS no longer counts. */
+        return s->cl->xclient ? SESSION_SMTP_HS_TLS_EHLO : SESSION_SMTP_HS_DONE;
+    case SESSION_SMTP_HS_TLS_EHLO:
+        return SESSION_SMTP_HS_XCLIENT;
+    case SESSION_SMTP_HS_XCLIENT:
+        return s->smtp->xtodo != 0 ? SESSION_SMTP_HS_XCLIENT : SESSION_SMTP_HS_DONE;
+    case SESSION_SMTP_HS_DONE:
+        break;
+    }
+    abort();
+}
+
+/* Sends mxproxy's EHLO, with the client's HELO/EHLO name when it gave one. */
+static void session_smtp_hs_send_ehlo(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    char line[SMTP_PAIRS_NAME_MAX + 16];
+    int n = 0;
+
+    if (m->replay_arg_len > 0 && m->replay_arg_len <= SMTP_PAIRS_NAME_MAX)
+        n = snprintf(line, sizeof(line), "EHLO %.*s\r\n", (int)m->replay_arg_len,
+                     m->replay + m->replay_arg);
+    else
+        n = snprintf(line, sizeof(line), "EHLO mxproxy\r\n");
+    m->hs_caps = 0;
+    session_smtp_send_backend(s, line, (size_t)n);
+}
+
+/* Sends the next XCLIENT line; false when none could be made. */
 static bool session_smtp_send_xclient(struct session *s)
 {
     struct session_smtp *m = s->smtp;
     struct sockaddr_storage dst;
     char line[XCLIENT_LINE_MAX + 1];
+    char helo[XCLIENT_LINE_MAX + 1];
 
-    if (m->xtodo == 0)
-        return false;
     session_client_dst(s, &dst);
-    const struct smtp_pairs_summary *sum = smtp_pairs_summary(&m->pp);
+    /* The whole name, not the summary's cut copy; one too long for any line
+     * would be [UNAVAILABLE] anyway. */
+    size_t hl = m->replay_arg_len < sizeof(helo) ? m->replay_arg_len : 0;
+    memcpy(helo, m->replay + m->replay_arg, hl);
+    helo[hl] = '\0';
     struct xclient_info info = {
         .addr = (const struct sockaddr *)&s->client_sa,
         .destaddr = dst.ss_family != AF_UNSPEC ? (const struct sockaddr *)&dst : NULL,
-        .helo = sum->helo[0] != '\0' ? sum->helo : NULL,
-        .proto = m->xreplay_len >= 4 && (m->xreplay[0] | 0x20) == 'e' ? XCLIENT_PROTO_ESMTP
-                                                                      : XCLIENT_PROTO_SMTP,
+        .helo = hl > 0 ? helo : NULL, /* NULL: [UNAVAILABLE] */
+        .proto = m->replay_cmd == SMTP_CMD_EHLO   ? XCLIENT_PROTO_ESMTP
+                 : m->replay_cmd == SMTP_CMD_HELO ? XCLIENT_PROTO_SMTP
+                                                  : XCLIENT_PROTO_NONE,
     };
     int n = xclient_format(line, sizeof(line), &m->xtodo, &info);
     if (n <= 0) {
@@ -970,62 +1042,226 @@ static bool session_smtp_send_xclient(struct session *s)
     return true;
 }
 
-/* The reply to the client's first EHLO: with XCLIENT offered it is absorbed
- * and XCLIENT goes out; otherwise it is the client's, as usual. Returns true
- * when it was absorbed. */
-static bool session_smtp_xclient_offer(struct session *s, const struct smtp_reply *r)
-{
-    struct session_smtp *m = s->smtp;
-    unsigned caps = 0;
-
-    if (r->code == 250) {
-        /* Capabilities start on the second line; the first names the server. */
-        for (size_t pos = smtp_line_end(m->ehlo, 0, m->ehlo_len), end; pos < m->ehlo_len;
-             pos = end) {
-            end = smtp_line_end(m->ehlo, pos, m->ehlo_len);
-            if (xclient_ehlo_line_caps(m->ehlo + pos, end - pos, &caps))
-                break;
-        }
-    }
-    (void)session_client_addr(s); /* fills client_sa */
-    m->xtodo = caps & (XCLIENT_F_ADDR | XCLIENT_F_PORT | XCLIENT_F_PROTO | XCLIENT_F_HELO |
-                       XCLIENT_F_DESTADDR | XCLIENT_F_DESTPORT);
-    if (m->xtodo == 0 || !session_smtp_send_xclient(s)) {
-        m->xstate = SESSION_SMTP_X_DONE;
-        return false;
-    }
-    m->xstate = SESSION_SMTP_X_XCLIENT;
-    m->ehlo_len = 0;
-    return true;
-}
-
-/* A reply to XCLIENT: the backend greets anew; the client's EHLO goes again
- * once every attribute is out. */
-static void session_smtp_xclient_step(struct session *s, const struct smtp_reply *r)
+/* Enters state next and does what it names: sends its line, starts TLS, or
+ * (DONE) sends the client's command and lets the client's bytes flow. */
+static void session_smtp_hs_enter(struct session *s, enum session_smtp_hs next)
 {
     struct session_smtp *m = s->smtp;
     struct log_line l;
 
-    m->ehlo_len = 0; /* the new greeting is absorbed */
-    if (r->code / 100 != 2) {
-        log_begin(&l, LOG_WARN, "xclient_error");
+    if (log_enabled(LOG_DEBUG)) {
+        log_begin(&l, LOG_DEBUG, "backend_handshake");
         log_sid(&l, s->id);
-        log_uint(&l, "code", (uint64_t)r->code);
-        log_strn(&l, "reply", r->text, r->text_len);
-        log_end(&l);
-        m->xtodo = 0;
-    } else if (log_enabled(LOG_INFO) && m->xtodo == 0) {
-        log_begin(&l, LOG_INFO, "xclient");
-        log_sid(&l, s->id);
-        log_uint(&l, "code", (uint64_t)r->code);
+        log_str(&l, "from", session_smtp_hs_name(m->hs));
+        log_str(&l, "to", session_smtp_hs_name(next));
         log_end(&l);
     }
-    if (session_smtp_send_xclient(s))
+    m->hs = next;
+    switch (next) {
+    case SESSION_SMTP_HS_GREETING:
+        return; /* session_smtp_on_backend_data moves on after the greeting */
+    case SESSION_SMTP_HS_EHLO:
+    case SESSION_SMTP_HS_TLS_EHLO:
+        session_smtp_hs_send_ehlo(s);
         return;
-    m->xstate = SESSION_SMTP_X_DONE;
-    session_smtp_send_backend(s, m->xreplay, m->xreplay_len);
-    free(m->xreplay);
-    m->xreplay = NULL;
+    case SESSION_SMTP_HS_STARTTLS:
+        session_smtp_send_backend(s, "STARTTLS\r\n", 10);
+        return;
+    case SESSION_SMTP_HS_HANDSHAKE: {
+        char host[SOCKADDR_TEXT_MAX];
+        if (tls_conn_new(&s->backend_tls, s->cl->tls_client,
+                         session_backend_name(s, host, sizeof(host))) != 0) {
+            session_close(s, SESSION_END_BACKEND_RESET, "out of memory");
+            return;
+        }
+        session_wire_tls(s);
+        int hs = tls_handshake(s->backend_tls); /* the ClientHello */
+        relay_tls_flush(&s->up);
+        if (hs < 0) {
+            const char *why = tls_error_reason(s->backend_tls);
+            session_smtp_backend_starttls_failed(s, why != NULL ? why : "TLS failure");
+        }
+        return; /* session_smtp_backend_tls_ready moves on */
+    }
+    case SESSION_SMTP_HS_XCLIENT:
+        if (!session_smtp_send_xclient(s))
+            session_smtp_xclient_failed(s, "no XCLIENT attribute to send", NULL);
+        return;
+    case SESSION_SMTP_HS_DONE:
+        /* The client's command, never logged again here (it may be AUTH with
+         * credentials); its reply is the client's. */
+        (void)relay_send_copy(&s->up, m->replay, m->replay_len);
+        free(m->replay);
+        m->replay = NULL;
+        free(m->hs_line);
+        m->hs_line = NULL;
+        session_smtp_resume_client(s);
+        return;
+    case SESSION_SMTP_HS_IDLE:
+        break;
+    }
+    abort();
+}
+
+/* The client's first command (ev, just recorded in the FIFO and not
+ * forwarded) starts mxproxy's exchange with the backend; the command is kept
+ * to be sent at its end. */
+static void session_smtp_hs_start(struct session *s, const struct smtp_event *ev)
+{
+    struct session_smtp *m = s->smtp;
+
+    m->replay = malloc(ev->fwd_len);
+    m->hs_line = malloc(SESSION_SMTP_HS_LINE_MAX);
+    if (m->replay == NULL || m->hs_line == NULL) {
+        session_close(s, SESSION_END_CLIENT_RESET, "out of memory");
+        return;
+    }
+    memcpy(m->replay, ev->fwd, ev->fwd_len);
+    m->replay_len = ev->fwd_len;
+    m->replay_cmd = ev->cmd;
+    if ((ev->cmd == SMTP_CMD_EHLO || ev->cmd == SMTP_CMD_HELO) && ev->arg != NULL) {
+        m->replay_arg = (size_t)(ev->arg - ev->fwd); /* ev->arg points into ev->fwd */
+        m->replay_arg_len = ev->arg_len;
+    }
+    session_smtp_hs_enter(s, session_smtp_hs_next(s, SESSION_SMTP_HS_IDLE));
+}
+
+/* One line of an own reply is complete in hs_line: notes what it offers.
+ * The first line names the server; capabilities follow. */
+static void session_smtp_hs_line(struct session_smtp *m)
+{
+    const char *p = m->hs_line;
+    size_t n = m->hs_line_len;
+    unsigned caps = 0;
+
+    if (m->hs_lines++ == 0 || (m->flags & SESSION_SMTP_F_HS_CUT))
+        return;
+    if (smtp_ehlo_line_is(p, n, "STARTTLS"))
+        m->hs_caps |= SESSION_SMTP_CAP_STARTTLS;
+    else if (n > 4 && xclient_ehlo_line_caps(p, n, &caps))
+        m->hs_caps |= SESSION_SMTP_CAP_XCLIENT | caps;
+}
+
+/* Reads n bytes of an own reply, line by line: nothing is kept but the line
+ * being read (up to SESSION_SMTP_HS_LINE_MAX bytes; a longer one offers
+ * nothing). Returns false when the reply grows past SESSION_SMTP_HS_REPLY_MAX. */
+static bool session_smtp_hs_scan(struct session *s, const char *p, size_t n)
+{
+    struct session_smtp *m = s->smtp;
+
+    m->hs_bytes += n;
+    if (m->hs_bytes > SESSION_SMTP_HS_REPLY_MAX)
+        return false;
+    while (n > 0) {
+        const char *lf = memchr(p, '\n', n);
+        size_t take = lf != NULL ? (size_t)(lf - p) + 1 : n;
+        size_t room = SESSION_SMTP_HS_LINE_MAX - m->hs_line_len;
+
+        if (take > room)
+            m->flags |= SESSION_SMTP_F_HS_CUT;
+        else
+            memcpy(m->hs_line + m->hs_line_len, p, take);
+        m->hs_line_len += take <= room ? take : 0;
+        if (lf != NULL) {
+            session_smtp_hs_line(m);
+            m->hs_line_len = 0;
+            m->flags &= ~SESSION_SMTP_F_HS_CUT;
+        }
+        p += take;
+        n -= take;
+    }
+    return true;
+}
+
+/* A reply to mxproxy's EHLO when XCLIENT comes next: it must offer XCLIENT
+ * with ADDR. */
+static void session_smtp_xclient_offer(struct session *s, const struct smtp_reply *r, unsigned caps)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (r->code != 250) {
+        session_smtp_xclient_failed(s, "backend refused EHLO", r);
+        return;
+    }
+    if (!(caps & SESSION_SMTP_CAP_XCLIENT) || !(caps & XCLIENT_F_ADDR)) {
+        session_smtp_xclient_failed(s, "backend does not offer XCLIENT", NULL);
+        return;
+    }
+    (void)session_client_addr(s); /* fills client_sa */
+    /* NAME and REVERSE_NAME too, as [UNAVAILABLE] (mxproxy looks up no
+     * names): else the backend keeps those of mxproxy's own address. */
+    m->xtodo =
+        caps & (XCLIENT_F_ADDR | XCLIENT_F_PORT | XCLIENT_F_PROTO | XCLIENT_F_HELO |
+                XCLIENT_F_NAME | XCLIENT_F_REVERSE_NAME | XCLIENT_F_DESTADDR | XCLIENT_F_DESTPORT);
+    session_smtp_hs_enter(s, session_smtp_hs_next(s, m->hs));
+}
+
+/* One complete reply of mxproxy's own exchange with the backend (its bytes
+ * went through session_smtp_hs_scan); it is never forwarded nor paired. */
+static void session_smtp_hs_step(struct session *s, const struct smtp_reply *r)
+{
+    struct session_smtp *m = s->smtp;
+    unsigned caps = m->hs_caps;
+    struct log_line l;
+
+    m->hs_lines = 0;
+    m->hs_bytes = 0;
+    switch (m->hs) {
+    case SESSION_SMTP_HS_EHLO:
+        if (s->cl->backend_tls == CONFIG_BACKEND_TLS_STARTTLS) {
+            if (r->code != 250 || !(caps & SESSION_SMTP_CAP_STARTTLS)) {
+                session_smtp_backend_starttls_failed(s, "backend does not offer STARTTLS");
+                return;
+            }
+            session_smtp_hs_enter(s, session_smtp_hs_next(s, m->hs));
+            return;
+        }
+        session_smtp_xclient_offer(s, r, caps);
+        return;
+    case SESSION_SMTP_HS_TLS_EHLO:
+        session_smtp_xclient_offer(s, r, caps);
+        return;
+    case SESSION_SMTP_HS_STARTTLS:
+        if (r->code != 220) {
+            session_smtp_backend_starttls_failed(s, "backend refused STARTTLS");
+            return;
+        }
+        session_smtp_hs_enter(s, session_smtp_hs_next(s, m->hs));
+        return;
+    case SESSION_SMTP_HS_XCLIENT:
+        if (r->code / 100 != 2) {
+            session_smtp_xclient_failed(s, "backend refused XCLIENT", r);
+            return;
+        }
+        if (m->xtodo == 0 && log_enabled(LOG_INFO)) {
+            log_begin(&l, LOG_INFO, "xclient");
+            log_sid(&l, s->id);
+            log_uint(&l, "code", (uint64_t)r->code);
+            log_end(&l);
+        }
+        session_smtp_hs_enter(s, session_smtp_hs_next(s, m->hs));
+        return;
+    default:
+        abort(); /* only the states above wait for a reply */
+    }
+}
+
+void session_smtp_backend_tls_ready(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (m->hs != SESSION_SMTP_HS_HANDSHAKE)
+        return;
+    session_smtp_hs_enter(s, session_smtp_hs_next(s, m->hs));
+}
+
+/* True when the backend's replies are mxproxy's own now. */
+static bool session_smtp_hs_own(const struct session *s)
+{
+    enum session_smtp_hs hs = s->smtp->hs;
+
+    return hs == SESSION_SMTP_HS_EHLO || hs == SESSION_SMTP_HS_STARTTLS ||
+           hs == SESSION_SMTP_HS_TLS_EHLO || hs == SESSION_SMTP_HS_XCLIENT;
 }
 
 /* The backend broke the protocol: a line that is no reply (text is its
@@ -1075,32 +1311,34 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
         struct smtp_server_event ev;
         size_t at = off; /* where this reply, or the rest of a held one, begins */
         size_t n = smtp_server_parse(&m->sp, b->data + off, len - off, now, &ev);
-        bool own = m->bstate == SESSION_SMTP_B_EHLO || m->bstate == SESSION_SMTP_B_STARTTLS ||
-                   m->xstate == SESSION_SMTP_X_XCLIENT;
+        bool own = session_smtp_hs_own(s);
         enum smtp_cmd oldest = smtp_pairs_oldest(&m->pp);
-        bool ehlo = oldest == SMTP_CMD_EHLO || oldest == SMTP_CMD_HELO;
-        bool xwatch = m->xstate == SESSION_SMTP_X_EHLO && ehlo &&
-                      (m->bstate == SESSION_SMTP_B_IDLE || m->bstate == SESSION_SMTP_B_DONE);
-        bool gather = own || xwatch ||
-                      (s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS && oldest == SMTP_CMD_EHLO);
+        bool gather =
+            !own && oldest == SMTP_CMD_EHLO &&
+            (s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS || !s->cl->pass_client_xclient);
 
         if (session_smtp_logs_lines(s))
             session_smtp_server_lines(s, b->data + off, n);
-        if (gather) {
+        if (own) {
+            /* mxproxy's own reply: read, never forwarded, whatever its size. */
+            session_smtp_flush_down(s); /* earlier replies first */
+            m->down_start = m->down_end = off + n;
+            if (!session_smtp_hs_scan(s, b->data + off, n)) {
+                m->down_start = m->down_end = len;
+                session_smtp_hs_failed(s, "backend reply too long", NULL);
+                break;
+            }
+        } else if (gather) {
             session_smtp_flush_down(s); /* earlier replies first */
             if (!session_smtp_gather(s, b->data + off, n)) {
                 /* Too long to rewrite: what was gathered goes out as it came,
                  * with the rest of the reply once that is whole. */
-                if (!own) {
-                    if (!session_smtp_keep_tail(s, m->ehlo, m->ehlo_len)) {
-                        session_close(s, SESSION_END_BACKEND_RESET, "out of memory");
-                        break;
-                    }
-                    m->ehlo_len = 0;
-                    m->down_start = off;
-                } else {
-                    m->down_start = off + n; /* mxproxy's own exchange never reaches the client */
+                if (!session_smtp_keep_tail(s, m->ehlo, m->ehlo_len)) {
+                    session_close(s, SESSION_END_BACKEND_RESET, "out of memory");
+                    break;
                 }
+                m->ehlo_len = 0;
+                m->down_start = off;
                 gather = false;
             } else {
                 m->down_start = off + n;
@@ -1134,20 +1372,19 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
                 session_smtp_drop_tail(s);
             else if (m->tail_len > 0)
                 session_smtp_send_tail(s); /* this reply's start, held from earlier reads */
-            if (own && m->xstate == SESSION_SMTP_X_XCLIENT) {
-                session_smtp_xclient_step(s, ev.reply);
-                continue;
-            }
             if (own) {
-                session_smtp_backend_step(s, ev.reply);
-                m->down_start = m->down_end = len; /* anything after it is not ours to send */
+                session_smtp_hs_step(s, ev.reply);
+                /* Nothing may follow it before our next line: anything that
+                 * does is neither ours nor the client's. */
+                m->down_start = m->down_end = len;
                 break;
             }
-            if (xwatch && gather && session_smtp_xclient_offer(s, ev.reply))
-                continue;
             if (gather)
                 session_smtp_send_ehlo(s, ev.reply->code);
             session_smtp_on_reply(s, ev.reply);
+            if (m->hs == SESSION_SMTP_HS_GREETING && m->pp.greeted &&
+                !(s->flags & SESSION_F_CLOSING) && !(m->flags & SESSION_SMTP_F_ENDING))
+                session_smtp_hs_enter(s, session_smtp_hs_next(s, m->hs));
         } else if (ev.type == SMTP_SEV_GARBAGE) {
             /* The bad line, and a reply it cut short, never reach the client. */
             m->down_end = at;
@@ -1165,12 +1402,20 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
 
 void session_smtp_on_backend_eof(struct session *s)
 {
+    if (session_smtp_hs_own(s) || s->smtp->hs == SESSION_SMTP_HS_HANDSHAKE) {
+        session_smtp_hs_failed(s, "backend closed the connection", NULL);
+        return;
+    }
     session_smtp_abort(s, "421 4.4.2 mxproxy: backend closed the connection",
                        session_smtp_backend_gone_end(s), NULL);
 }
 
 void session_smtp_on_backend_reset(struct session *s, enum session_end end, const char *error)
 {
+    if (session_smtp_hs_own(s) || s->smtp->hs == SESSION_SMTP_HS_HANDSHAKE) {
+        session_smtp_hs_failed(s, "backend reset the connection", NULL);
+        return;
+    }
     session_smtp_abort(s, "421 4.4.2 mxproxy: backend closed the connection", end, error);
 }
 
@@ -1224,9 +1469,9 @@ void session_smtp_free(struct session *s)
     free(m->sline);
     free(m->ehlo);
     free(m->replay);
-    free(m->xreplay);
     free(m->tail);
     free(m->helo_before_tls);
+    free(m->hs_line);
     free(m);
     s->smtp = NULL;
 }

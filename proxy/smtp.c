@@ -52,6 +52,7 @@ static const struct smtp_verb {
     {"AUTH", 4, SMTP_CMD_AUTH, SMTP_VERB_F_WAIT},
     {"STARTTLS", 8, SMTP_CMD_STARTTLS, SMTP_VERB_F_BARRIER},
     {"XCLIENT", 7, SMTP_CMD_XCLIENT, SMTP_VERB_F_WAIT},
+    {"XFORWARD", 8, SMTP_CMD_XFORWARD, 0},
 };
 
 static const char *const smtp_cmd_names[] = {
@@ -63,7 +64,8 @@ static const char *const smtp_cmd_names[] = {
     [SMTP_CMD_QUIT] = "QUIT",       [SMTP_CMD_VRFY] = "VRFY",
     [SMTP_CMD_EXPN] = "EXPN",       [SMTP_CMD_HELP] = "HELP",
     [SMTP_CMD_AUTH] = "AUTH",       [SMTP_CMD_STARTTLS] = "STARTTLS",
-    [SMTP_CMD_XCLIENT] = "XCLIENT", [SMTP_CMD_DOT] = ".",
+    [SMTP_CMD_XCLIENT] = "XCLIENT", [SMTP_CMD_XFORWARD] = "XFORWARD",
+    [SMTP_CMD_DOT] = ".",
 };
 
 /* Smuggling pattern names, [before][after] by SMTP_BOL_* (NONE unused). */
@@ -785,11 +787,9 @@ size_t smtp_server_parse(struct smtp_server *p, const char *buf, size_t len, uin
 
 #define SMTP_EHLO_MAX_LINES 64 /* capability lines considered; more: left unchanged */
 
-/* True when a reply line (code and separator included) announces STARTTLS. */
-static bool smtp_ehlo_is_starttls(const char *line, size_t len)
+bool smtp_ehlo_line_is(const char *line, size_t len, const char *kw)
 {
-    static const char kw[] = "STARTTLS";
-    size_t n = sizeof(kw) - 1;
+    size_t n = strlen(kw);
 
     while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
         len--;
@@ -803,6 +803,11 @@ static bool smtp_ehlo_is_starttls(const char *line, size_t len)
             return false;
     }
     return true;
+}
+
+static bool smtp_ehlo_is_starttls(const char *line, size_t len)
+{
+    return smtp_ehlo_line_is(line, len, "STARTTLS");
 }
 
 size_t smtp_line_end(const char *buf, size_t pos, size_t len)
@@ -824,10 +829,18 @@ bool smtp_ehlo_offers_starttls(const char *in, size_t len)
 
 ssize_t smtp_ehlo_rewrite(const char *in, size_t len, bool add, char *out, size_t cap)
 {
+    return smtp_ehlo_edit(in, len, add ? SMTP_EHLO_ADD_STARTTLS : SMTP_EHLO_DEL_STARTTLS, out, cap);
+}
+
+ssize_t smtp_ehlo_edit(const char *in, size_t len, unsigned flags, char *out, size_t cap)
+{
     size_t start[SMTP_EHLO_MAX_LINES], end[SMTP_EHLO_MAX_LINES];
     bool keep[SMTP_EHLO_MAX_LINES];
+    bool add = (flags & SMTP_EHLO_ADD_STARTTLS) != 0;
+    bool del_tls = !add && (flags & SMTP_EHLO_DEL_STARTTLS) != 0;
+    bool del_x = (flags & SMTP_EHLO_DEL_XCLIENT) != 0;
     size_t n = 0, o = 0, pos = 0;
-    bool has = false;
+    bool has = false, removed = false;
 
     while (pos < len) {
         const char *lf = memchr(in + pos, '\n', len - pos);
@@ -838,14 +851,19 @@ ssize_t smtp_ehlo_rewrite(const char *in, size_t len, bool add, char *out, size_
         if (end[n] - start[n] < 5 || memcmp(in + pos, "250", 3) != 0 ||
             (in[pos + 3] != '-' && in[pos + 3] != ' '))
             return -1;
-        keep[n] = !(n > 0 && smtp_ehlo_is_starttls(in + pos, end[n] - pos));
-        has = has || !keep[n];
+        bool tls = n > 0 && smtp_ehlo_is_starttls(in + pos, end[n] - pos);
+        bool x = n > 0 && (smtp_ehlo_line_is(in + pos, end[n] - pos, "XCLIENT") ||
+                           smtp_ehlo_line_is(in + pos, end[n] - pos, "XFORWARD"));
+        keep[n] = !((del_tls && tls) || (del_x && x));
+        has = has || tls;
+        removed = removed || !keep[n];
         pos = end[n];
         n++;
     }
     if (n == 0)
         return -1;
-    if (!add && !has) {
+    bool insert = add && !has; /* a new "250-STARTTLS" after the first line */
+    if (!insert && !removed) {
         if (len > cap)
             return -1;
         memcpy(out, in, len);
@@ -853,22 +871,22 @@ ssize_t smtp_ehlo_rewrite(const char *in, size_t len, bool add, char *out, size_
     }
     size_t last = 0; /* index of the last line kept */
     for (size_t i = 0; i < n; i++)
-        if (add || keep[i])
+        if (keep[i])
             last = i;
     for (size_t i = 0; i < n; i++) {
         size_t l = end[i] - start[i];
-        if (!add && !keep[i])
+        if (!keep[i])
             continue;
         if (o + l + 16 > cap)
             return -1;
         memcpy(out + o, in + start[i], l);
         /* The separator says whether more lines follow: set it for the new shape. */
-        bool more = add ? (i < n - 1 || (!has && n == 1)) : i < last;
+        bool more = i != last || (insert && i == 0);
         out[o + 3] = more ? '-' : ' ';
         o += l;
-        if (add && !has && i == 0) {
+        if (insert && i == 0) {
             static const char ins[] = "250-STARTTLS\r\n", tail[] = "250 STARTTLS\r\n";
-            const char *line = n == 1 ? tail : ins;
+            const char *line = last == 0 ? tail : ins;
             memcpy(out + o, line, sizeof(ins) - 1);
             o += sizeof(ins) - 1;
         }

@@ -58,7 +58,7 @@
 #define SMTP_REPLY_TEXT_MAX 200    /* bytes of a reply's first line kept for logs */
 #define SMTP_ESC_MAX 12            /* "5.123.123" plus NUL, rounded up */
 
-/* Verbs, plus two pseudo commands. Values are stable; use smtp_cmd_name() for text. */
+/* Verbs, plus two pseudo commands; SMTP_CMD_DOT is the last. Use smtp_cmd_name() for text. */
 enum smtp_cmd {
     SMTP_CMD_NONE = 0, /* no command: greeting, unsolicited reply */
     SMTP_CMD_UNKNOWN,  /* a syntactically valid line with a verb not in the table */
@@ -77,6 +77,7 @@ enum smtp_cmd {
     SMTP_CMD_AUTH,
     SMTP_CMD_STARTTLS,
     SMTP_CMD_XCLIENT,
+    SMTP_CMD_XFORWARD,
     SMTP_CMD_DOT, /* pseudo: the end of a DATA body, answered by the server like a command */
 };
 
@@ -270,9 +271,27 @@ size_t smtp_server_parse(struct smtp_server *p, const char *buf, size_t len, uin
  * the reply as it is. */
 ssize_t smtp_ehlo_rewrite(const char *in, size_t len, bool add, char *out, size_t cap);
 
+/* What smtp_ehlo_edit() changes in an EHLO reply. */
+#define SMTP_EHLO_ADD_STARTTLS 0x01u /* offer STARTTLS unless it already is (as add=true) */
+#define SMTP_EHLO_DEL_STARTTLS 0x02u /* remove every STARTTLS line (as add=false) */
+#define SMTP_EHLO_DEL_XCLIENT 0x04u  /* remove every XCLIENT and XFORWARD line */
+
+/* smtp_ehlo_rewrite() with the changes as SMTP_EHLO_* flags, which may be combined (ADD and
+ * DEL_STARTTLS together: ADD wins). Keywords match case-insensitively as the whole first word of
+ * a capability line (never the first line). Lines kept keep their bytes; only the separator after
+ * a code changes where the last line changes. No change to make: the reply is copied as it is.
+ * Returns the length written to out (cap bytes), or -1 when out is too small, the reply has more
+ * than 64 lines or is not a well-formed 250 reply. */
+ssize_t smtp_ehlo_edit(const char *in, size_t len, unsigned flags, char *out, size_t cap);
+
 /* Index just past the LF that ends the line starting at buf[pos], or len when no LF follows:
  * for walking the lines of a raw reply. pos < len. */
 size_t smtp_line_end(const char *buf, size_t pos, size_t len);
+
+/* True when one line of an EHLO reply (code and separator included, CRLF optional) announces
+ * kw, an upper-case keyword, as its whole first word, in any case ("250-xclient ADDR" is kw
+ * "XCLIENT"). The caller skips the reply's first line, which names the server. */
+bool smtp_ehlo_line_is(const char *line, size_t len, const char *kw);
 
 /* True when a raw EHLO reply lists STARTTLS among its capabilities (not on its first line). */
 bool smtp_ehlo_offers_starttls(const char *in, size_t len);

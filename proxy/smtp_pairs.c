@@ -23,10 +23,11 @@ static const struct smtp_pairs_local_answer {
                             "[invalid line]"},
     [SMTP_LOCAL_SMUGGLING] = {554, "5.7.0", "Message rejected: bare CR or LF around end of data",
                               "."},
-    /* These three keep the command's own text in the log. */
+    /* These keep the command's own text in the log. */
     [SMTP_LOCAL_STARTTLS] = {220, "2.0.0", "Ready to start TLS", NULL},
     [SMTP_LOCAL_NEED_TLS] = {530, "5.7.0", "Must issue a STARTTLS command first", NULL},
     [SMTP_LOCAL_TLS_ACTIVE] = {503, "5.5.1", "TLS already active", NULL},
+    [SMTP_LOCAL_XCLIENT] = {550, "5.7.0", "Command not permitted", NULL},
 };
 
 size_t smtp_pairs_room(const struct smtp_pairs *pp)

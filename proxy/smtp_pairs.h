@@ -60,6 +60,7 @@ enum smtp_local {
     SMTP_LOCAL_STARTTLS,   /* 220 2.0.0 Ready to start TLS (mxproxy terminates TLS) */
     SMTP_LOCAL_NEED_TLS,   /* 530 5.7.0 Must issue a STARTTLS command first */
     SMTP_LOCAL_TLS_ACTIVE, /* 503 5.5.1 TLS already active */
+    SMTP_LOCAL_XCLIENT,    /* 550 5.7.0 Command not permitted: a client's XCLIENT or XFORWARD */
 };
 
 #define SMTP_PAIR_F_PIPELINED 0x01u /* sent while an earlier reply was still outstanding */

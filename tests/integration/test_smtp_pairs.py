@@ -280,7 +280,7 @@ class SmtpPairsTest(mxtest.ProxyTestCase):
 
     def test_xclient_new_greeting_keeps_pairs_in_step(self):
         b = self.scripted()
-        p = self.start_smtp_proxy(b.addr)
+        p = self.start_smtp_proxy(b.addr, pass_client_xclient="on")  # a trusted chain
         c, sid = self.open(p, ehlo=b"before.example")
         # XCLIENT, the new session's EHLO and a MAIL in one segment
         c.send(b"XCLIENT ADDR=192.0.2.7 NAME=mail.example.org\r\nEHLO after.example\r\n" + MAIL)

@@ -692,7 +692,8 @@ static void test_tls_and_interception_keys(void)
              "mark = 4242\n"
              "mode = smtp\n"
              "client_tls = passthrough\n"
-             "xclient = on\n",
+             "xclient = on\n"
+             "pass_client_xclient = on\n",
              dir, dir, dir, dir, dir);
     struct config *c = load_ok(text);
     const struct config_listener *l = &c->listeners[0];
@@ -730,7 +731,9 @@ static void test_tls_and_interception_keys(void)
     ASSERT_EQ(l->mark, 4242);
     ASSERT_EQ(l->client_tls, CONFIG_CLIENT_TLS_PASSTHROUGH);
     ASSERT_EQ(l->xclient, 1);
-    ASSERT_EQ(l->backend_verify, 1); /* default on */
+    ASSERT_EQ(l->pass_client_xclient, 1);
+    ASSERT_EQ(c->listeners[0].pass_client_xclient, 0); /* default off */
+    ASSERT_EQ(l->backend_verify, 1);                   /* default on */
     ASSERT_STREQ(config_client_tls_name(CONFIG_CLIENT_TLS_STARTTLS), "starttls");
     ASSERT_STREQ(config_backend_tls_name(CONFIG_BACKEND_TLS_STARTTLS), "starttls");
     char err[CONFIG_ERR_MAX];
@@ -781,6 +784,12 @@ static void test_tls_and_interception_keys(void)
                "t.ini:1: listener 'smtp': source = client needs transparent = tproxy");
     expect_err(LISTENER "xclient = on\n",
                "t.ini:4: 'xclient' needs mode = smtp in [listener smtp]");
+    expect_err(LISTENER "pass_client_xclient = on\n",
+               "t.ini:4: 'pass_client_xclient' needs mode = smtp in [listener smtp]");
+    expect_err(LISTENER "mode = smtp\npass_client_xclient = yes\n",
+               "t.ini:5: invalid value 'yes' for 'pass_client_xclient': expected on or off");
+    expect_err(LISTENER "mode = smtp\npass_client_xclient = on\npass_client_xclient = off\n",
+               "t.ini:6: duplicate key 'pass_client_xclient' in [listener smtp]");
     expect_err("[global]\nadmin = localhost:9180\n" LISTENER,
                "t.ini:2: invalid value 'localhost:9180' for 'admin': expected IPv4:port or "
                "[IPv6]:port");

@@ -980,6 +980,10 @@ static void test_xclient_caps(void)
 
     const char *l = "250-XCLIENT NAME ADDR PROTO HELO PORT LOGIN DESTADDR DESTPORT\r\n";
     ASSERT(xclient_ehlo_line_caps(l, strlen(l), &caps));
+    ASSERT_EQ(caps, XCLIENT_F_ALL & ~XCLIENT_F_REVERSE_NAME);
+    /* Postfix 3.7's list. */
+    l = "250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT\r\n";
+    ASSERT(xclient_ehlo_line_caps(l, strlen(l), &caps));
     ASSERT_EQ(caps, XCLIENT_F_ALL);
     l = "250 XCLIENT ADDR";
     ASSERT(xclient_ehlo_line_caps(l, strlen(l), &caps));
@@ -1018,7 +1022,7 @@ static void test_xclient_format(void)
     n = xclient_format(out, sizeof(out), &todo, &info);
     ASSERT_STREQ(out, "XCLIENT ADDR=192.0.2.7 PORT=40001 PROTO=ESMTP HELO=client.example.com "
                       "LOGIN=[UNAVAILABLE] NAME=client.example.com DESTADDR=198.51.100.2 "
-                      "DESTPORT=25\r\n");
+                      "DESTPORT=25 REVERSE_NAME=[UNAVAILABLE]\r\n");
     ASSERT_EQ(n, (int)strlen(out));
     ASSERT_EQ(todo, 0);
     ASSERT_EQ(xclient_format(out, sizeof(out), &todo, &info), 0);
@@ -1027,7 +1031,7 @@ static void test_xclient_format(void)
     info.addr = SA(c6);
     info.destaddr = SA(d6);
     info.proto = XCLIENT_PROTO_SMTP;
-    todo = XCLIENT_F_ADDR | XCLIENT_F_PORT | XCLIENT_F_PROTO | XCLIENT_F_DESTADDR | 0x100;
+    todo = XCLIENT_F_ADDR | XCLIENT_F_PORT | XCLIENT_F_PROTO | XCLIENT_F_DESTADDR | 0x1000;
     xclient_format(out, sizeof(out), &todo, &info);
     ASSERT_STREQ(out, "XCLIENT ADDR=IPV6:2001:db8::7 PORT=52000 PROTO=SMTP "
                       "DESTADDR=IPV6:2001:db8::25\r\n");

@@ -850,6 +850,57 @@ static void test_ehlo_rewrite(void)
     ASSERT(!smtp_ehlo_offers_starttls("250-mx\r\n250 STARTTLSX\r\n", 23));
 }
 
+static void expect_ehlo_edit(const char *in, unsigned flags, const char *want)
+{
+    char out[512];
+    ssize_t n = smtp_ehlo_edit(in, strlen(in), flags, out, sizeof(out));
+    if (want == NULL) {
+        ASSERT_EQ(n, -1);
+        return;
+    }
+    ASSERT(n >= 0);
+    ASSERT_MEMEQ(out, (size_t)n, want, strlen(want));
+}
+
+static void test_ehlo_edit_xclient(void)
+{
+    const unsigned x = SMTP_EHLO_DEL_XCLIENT;
+
+    /* XCLIENT and XFORWARD go, wherever they stand, any case; the rest byte for byte. */
+    expect_ehlo_edit("250-mx.example ESMTP\r\n250-XCLIENT NAME ADDR PROTO HELO\r\n"
+                     "250-PIPELINING\r\n250-xforward NAME ADDR\r\n250 8BITMIME\r\n",
+                     x, "250-mx.example ESMTP\r\n250-PIPELINING\r\n250 8BITMIME\r\n");
+    expect_ehlo_edit("250-mx\r\n250-SIZE 10\r\n250 XCLIENT ADDR\r\n", x,
+                     "250-mx\r\n250 SIZE 10\r\n");
+    expect_ehlo_edit("250-mx\r\n250-XFORWARD ADDR\r\n250 XCLIENT\r\n", x, "250 mx\r\n");
+    /* Only the whole first word counts; the first line is the server's name. */
+    expect_ehlo_edit("250-mx\r\n250-XCLIENTX\r\n250 X-XCLIENT\r\n", x,
+                     "250-mx\r\n250-XCLIENTX\r\n250 X-XCLIENT\r\n");
+    expect_ehlo_edit("250 XCLIENT ADDR\r\n", x, "250 XCLIENT ADDR\r\n");
+    /* Nothing to remove: unchanged, a bare LF line end included. */
+    expect_ehlo_edit("250-mx\n250 SIZE\r\n", x, "250-mx\n250 SIZE\r\n");
+    /* Combined with offering STARTTLS (before TLS) and withdrawing it (inside TLS). */
+    expect_ehlo_edit("250-mx\r\n250 XCLIENT ADDR\r\n", x | SMTP_EHLO_ADD_STARTTLS,
+                     "250-mx\r\n250 STARTTLS\r\n");
+    expect_ehlo_edit("250-mx\r\n250-XCLIENT ADDR\r\n250 SIZE 1\r\n", x | SMTP_EHLO_ADD_STARTTLS,
+                     "250-mx\r\n250-STARTTLS\r\n250 SIZE 1\r\n");
+    expect_ehlo_edit("250-mx\r\n250-STARTTLS\r\n250-SIZE 1\r\n250 XFORWARD NAME\r\n",
+                     x | SMTP_EHLO_DEL_STARTTLS, "250-mx\r\n250 SIZE 1\r\n");
+    /* Without the flag XCLIENT stays. */
+    expect_ehlo_edit("250-mx\r\n250 XCLIENT ADDR\r\n", SMTP_EHLO_DEL_STARTTLS,
+                     "250-mx\r\n250 XCLIENT ADDR\r\n");
+    expect_ehlo_edit("550 no\r\n", x, NULL);
+    expect_ehlo_edit("250-mx\r\n250 XCLIENT", x, NULL);
+    /* XFORWARD is a verb of its own. */
+    struct smtp_client p = {0};
+    struct smtp_event ev;
+    ASSERT_EQ(smtp_client_parse(&p, "xforward ADDR=1.2.3.4\r\n", 23, &ev), 23);
+    ASSERT_EQ(ev.type, SMTP_EV_COMMAND);
+    ASSERT_EQ(ev.cmd, SMTP_CMD_XFORWARD);
+    ASSERT_STREQ(smtp_cmd_name(SMTP_CMD_XFORWARD), "XFORWARD");
+    ASSERT_STREQ(smtp_cmd_name(SMTP_CMD_DOT), ".");
+}
+
 int main(void)
 {
     test_simple_session();
@@ -869,6 +920,7 @@ int main(void)
     test_server_garbage();
     test_server_timing();
     test_ehlo_rewrite();
+    test_ehlo_edit_xclient();
     printf("test_smtp: ok\n");
     return 0;
 }
