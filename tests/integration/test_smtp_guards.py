@@ -293,6 +293,11 @@ class SmtpGuardsTest(mxtest.ProxyTestCase):
         self.assertEqual(old.wait_closed(3), ("eof", SMUGGLING_554 + SMUGGLING_421))
         new.send(body)
         self.assertEqual(new.read_reply(), b"250 2.0.0 queued as 1\r\n")
+        # The fooled server answers the smuggled transaction too; read it all,
+        # so closing is a clean EOF and not a reset over unread bytes.
+        rest = (b"250 2.1.0 sender ok\r\n250 2.1.5 recipient ok\r\n"
+                b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 queued as 2\r\n")
+        self.assertEqual(new.recv_exact(len(rest)), rest)
         new.close()
         self.assertEqual(p.close_of(old_sid)["end"], "smuggling")
         self.assertEqual(p.close_of(new_sid)["end"], "client_eof_without_quit")
