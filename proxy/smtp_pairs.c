@@ -23,10 +23,11 @@ static const struct smtp_pairs_local_answer {
                             "[invalid line]"},
     [SMTP_LOCAL_SMUGGLING] = {554, "5.7.0", "Message rejected: bare CR or LF around end of data",
                               "."},
-    /* These three keep the command's own text in the log. */
+    /* These keep the command's own text in the log. */
     [SMTP_LOCAL_STARTTLS] = {220, "2.0.0", "Ready to start TLS", NULL},
     [SMTP_LOCAL_NEED_TLS] = {530, "5.7.0", "Must issue a STARTTLS command first", NULL},
     [SMTP_LOCAL_TLS_ACTIVE] = {503, "5.5.1", "TLS already active", NULL},
+    [SMTP_LOCAL_EHLO] = {250, "", "", NULL},
 };
 
 size_t smtp_pairs_room(const struct smtp_pairs *pp)
@@ -429,6 +430,8 @@ bool smtp_pairs_take_local(struct smtp_pairs *pp, uint64_t now_ns, struct smtp_p
         smtp_pairs_tx_reset(pp);
     } else if (e.local == SMTP_LOCAL_NEED_TLS) {
         smtp_pairs_judge(pp, out); /* a refused MAIL fails the transaction */
+    } else if (e.local == SMTP_LOCAL_EHLO) {
+        smtp_pairs_tx_reset(pp); /* as an accepted EHLO from the server would */
     }
     return true;
 }

@@ -60,6 +60,9 @@ enum smtp_local {
     SMTP_LOCAL_STARTTLS,   /* 220 2.0.0 Ready to start TLS (mxproxy terminates TLS) */
     SMTP_LOCAL_NEED_TLS,   /* 530 5.7.0 Must issue a STARTTLS command first */
     SMTP_LOCAL_TLS_ACTIVE, /* 503 5.5.1 TLS already active */
+    SMTP_LOCAL_EHLO,       /* 250: the EHLO/HELO after STARTTLS, answered from the backend's
+                              earlier reply; the caller sends that reply and fills the pair's
+                              esc, text and lines from it (the suggestion is a bare 250) */
 };
 
 #define SMTP_PAIR_F_PIPELINED 0x01u /* sent while an earlier reply was still outstanding */
