@@ -50,6 +50,10 @@ struct session_smtp {
     unsigned xtodo;              /* XCLIENT attributes still to send (XCLIENT_F_*) */
     char *xreplay;               /* the client's EHLO, sent again after XCLIENT */
     size_t xreplay_len;          /* bytes in xreplay */
+    char *caps;                  /* client_tls = starttls: the backend's reply to the client's
+                                    EHLO/HELO before TLS, then mxproxy's answer after it */
+    size_t caps_len;             /* bytes in caps */
+    enum smtp_cmd caps_cmd;      /* the command caps was the backend's reply to */
 };
 
 #define SESSION_SMTP_F_OPAQUE 0x01u    /* STARTTLS passed through: bytes are TLS now */
@@ -58,6 +62,10 @@ struct session_smtp {
 #define SESSION_SMTP_F_TLS 0x08u       /* client_tls = starttls and the client did STARTTLS */
 #define SESSION_SMTP_F_SWITCHED 0x10u  /* TLS began in the middle of a read: drop the rest */
 #define SESSION_SMTP_F_DROP_BDAT 0x20u /* the current BDAT was refused: drop its chunk */
+/* The backend accepted an EHLO/HELO from the client's side in its current SMTP session. */
+#define SESSION_SMTP_F_IDENTIFIED 0x1000u
+#define SESSION_SMTP_F_CAPS_NEW 0x2000u /* caps holds the reply being matched right now */
+#define SESSION_SMTP_F_HELO_DUE 0x4000u /* client TLS began; no EHLO/HELO inside it yet */
 
 #define SESSION_SMTP_EHLO_MAX 4096 /* an EHLO reply longer than this is not rewritten */
 
@@ -428,6 +436,125 @@ static void session_smtp_send_backend(struct session *s, const char *line, size_
     (void)relay_send_copy(&s->up, line, len); /* a failure closes through on_event */
 }
 
+/* client_tls = starttls: keeps the backend's accepted reply to the client's
+ * EHLO/HELO before TLS (gathered in m->ehlo), for the EHLO/HELO RFC 3207
+ * makes the client send again inside TLS. */
+static void session_smtp_keep_caps(struct session *s, enum smtp_cmd cmd)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (session_smtp_tls_active(s) || m->ehlo_len == 0)
+        return;
+    char *c = realloc(m->caps, m->ehlo_len);
+    if (c == NULL)
+        return; /* not kept: the EHLO inside TLS goes to the backend */
+    memcpy(c, m->ehlo, m->ehlo_len);
+    m->caps = c;
+    m->caps_len = m->ehlo_len;
+    m->caps_cmd = cmd;
+    m->flags |= SESSION_SMTP_F_CAPS_NEW;
+}
+
+static void session_smtp_drop_caps(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    free(m->caps);
+    m->caps = NULL;
+    m->caps_len = 0;
+}
+
+/* Tracks whether the backend's current session accepted an EHLO/HELO from
+ * the client's side, and whether caps is the reply that did. Replies after
+ * the first EHLO/HELO inside TLS change nothing: the answer is decided. */
+static void session_smtp_note_helo(struct session *s, enum smtp_pairs_res res,
+                                   const struct smtp_pair *p)
+{
+    struct session_smtp *m = s->smtp;
+    bool fresh = (m->flags & SESSION_SMTP_F_CAPS_NEW) != 0;
+
+    m->flags &= ~SESSION_SMTP_F_CAPS_NEW;
+    if (res != SMTP_PAIRS_MATCHED ||
+        (session_smtp_tls_active(s) && !(m->flags & SESSION_SMTP_F_HELO_DUE)))
+        return;
+    if ((p->cmd == SMTP_CMD_EHLO || p->cmd == SMTP_CMD_HELO) && p->code / 100 == 2) {
+        m->flags |= SESSION_SMTP_F_IDENTIFIED;
+        if (!fresh)
+            session_smtp_drop_caps(s); /* the reply was too long to keep: none is cached */
+    } else if ((p->flags & SMTP_PAIR_F_NEW_SESSION) ||
+               (p->cmd == SMTP_CMD_STARTTLS && p->code == 220)) {
+        /* The backend starts a new SMTP session: it must hear the next EHLO. */
+        m->flags &= ~SESSION_SMTP_F_IDENTIFIED;
+        session_smtp_drop_caps(s);
+    }
+}
+
+/* The client's first EHLO/HELO inside TLS: when the backend already
+ * accepted one and its reply was kept, turns caps into mxproxy's answer (an
+ * EHLO gets that reply without STARTTLS, a HELO its first line as "250
+ * <text>") and returns true. Returns false when the backend must hear the
+ * command: it had none yet, or its reply was not kept or not well-formed. */
+static bool session_smtp_caps_answer(struct session *s, enum smtp_cmd cmd)
+{
+    struct session_smtp *m = s->smtp;
+    char out[SESSION_SMTP_EHLO_MAX + 32];
+    ssize_t n = -1;
+
+    if ((m->flags & SESSION_SMTP_F_IDENTIFIED) && m->caps != NULL) {
+        if (cmd == SMTP_CMD_EHLO && m->caps_cmd == SMTP_CMD_EHLO)
+            n = smtp_ehlo_rewrite(m->caps, m->caps_len, false, out, sizeof(out));
+        else
+            n = smtp_helo_reply(m->caps, m->caps_len, out, sizeof(out));
+    }
+    session_smtp_drop_caps(s);
+    if (n <= 0)
+        return false;
+    m->caps = malloc((size_t)n);
+    if (m->caps == NULL)
+        return false;
+    memcpy(m->caps, out, (size_t)n);
+    m->caps_len = (size_t)n;
+    return true;
+}
+
+/* Sends mxproxy's answer to the EHLO/HELO inside TLS (caps) and completes
+ * its pair with what the backend's reply would have shown: esc, first line,
+ * lines. */
+static void session_smtp_say_caps(struct session *s, struct smtp_pair *p)
+{
+    struct session_smtp *m = s->smtp;
+    struct smtp_server sp = {0};
+    struct smtp_server_event ev;
+
+    assert(m->caps != NULL); /* made when the command was refused to the backend */
+    session_smtp_flush_down(s);
+    if (smtp_server_parse(&sp, m->caps, m->caps_len, p->t_reply, &ev) == m->caps_len &&
+        ev.type == SMTP_SEV_REPLY) {
+        const struct smtp_reply *r = ev.reply;
+        p->code = r->code;
+        memcpy(p->esc, r->esc, sizeof(p->esc));
+        p->text_len = r->text_len < SMTP_REPLY_TEXT_MAX ? r->text_len : SMTP_REPLY_TEXT_MAX;
+        memcpy(p->text, r->text, p->text_len);
+        p->text[p->text_len] = '\0';
+        p->lines = r->lines;
+        if (r->truncated)
+            p->flags |= SMTP_PAIR_F_TRUNCATED;
+    }
+    if (!(s->flags & SESSION_F_CLOSING)) {
+        if (session_smtp_logs_lines(s)) {
+            for (size_t pos = 0, end; pos < m->caps_len; pos = end) {
+                end = smtp_line_end(m->caps, pos, m->caps_len);
+                size_t n = end - pos;
+                while (n > 0 && (m->caps[pos + n - 1] == '\n' || m->caps[pos + n - 1] == '\r'))
+                    n--;
+                session_smtp_log_line(s, "proxy", m->caps + pos, n, false);
+            }
+        }
+        (void)relay_send_copy(&s->down, m->caps, m->caps_len); /* a failure closes via on_event */
+    }
+    session_smtp_drop_caps(s);
+}
+
 /* Decides whether a client event goes to the backend, where mxproxy itself
  * terminates STARTTLS, requires TLS, or talks STARTTLS to the backend. The
  * event is already recorded in the FIFO. */
@@ -445,6 +572,16 @@ static bool session_smtp_intercept(struct session *s, const struct smtp_event *e
     if (ev->type != SMTP_EV_COMMAND)
         return true;
     if (cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS) {
+        if ((ev->cmd == SMTP_CMD_EHLO || ev->cmd == SMTP_CMD_HELO) &&
+            (m->flags & SESSION_SMTP_F_HELO_DUE)) {
+            /* RFC 3207 makes the client say EHLO again; the backend, which
+             * saw no TLS, already had one and may refuse a second. */
+            m->flags &= ~SESSION_SMTP_F_HELO_DUE;
+            if (session_smtp_caps_answer(s, ev->cmd)) {
+                (void)smtp_pairs_answer_locally(&m->pp, SMTP_LOCAL_EHLO);
+                return false;
+            }
+        }
         if (ev->cmd == SMTP_CMD_STARTTLS) {
             (void)smtp_pairs_answer_locally(
                 &m->pp, session_smtp_tls_active(s) ? SMTP_LOCAL_TLS_ACTIVE : SMTP_LOCAL_STARTTLS);
@@ -613,7 +750,7 @@ static void session_smtp_start_client_tls(struct session *s)
     }
     session_wire_tls(s);
     session_tls_started(s); /* the 5 s handshake limit starts now */
-    m->flags |= SESSION_SMTP_F_TLS | SESSION_SMTP_F_SWITCHED;
+    m->flags |= SESSION_SMTP_F_TLS | SESSION_SMTP_F_SWITCHED | SESSION_SMTP_F_HELO_DUE;
     /* RFC 3207: forget what the client said in plaintext. */
     s->up.carry_len = 0;
     smtp_client_init(&m->cp, &(struct smtp_client_opts){
@@ -632,8 +769,12 @@ static void session_smtp_answer_locals(struct session *s)
 
     while (!(s->flags & SESSION_F_CLOSING) &&
            smtp_pairs_take_local(&m->pp, session_smtp_now(), &p)) {
-        snprintf(text, sizeof(text), "%d %s %.*s", p.code, p.esc, (int)p.text_len, p.text);
-        session_smtp_say(s, text);
+        if (p.local == SMTP_LOCAL_EHLO) {
+            session_smtp_say_caps(s, &p);
+        } else {
+            snprintf(text, sizeof(text), "%d %s %.*s", p.code, p.esc, (int)p.text_len, p.text);
+            session_smtp_say(s, text);
+        }
         session_smtp_log_pair(s, &p);
         /* A refused DATA or AUTH ends the parser's wait for the reply. */
         smtp_client_on_reply(&m->cp, p.cmd, p.code);
@@ -676,6 +817,7 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
     /* The client gets the reply before anything is logged about it. */
     session_smtp_flush_down(s);
     enum smtp_pairs_res res = smtp_pairs_on_reply(&m->pp, r, &p);
+    session_smtp_note_helo(s, res, &p);
     smtp_client_on_reply(&m->cp, p.cmd, p.code);
     if (res != SMTP_PAIRS_INTERMEDIATE)
         session_smtp_log_pair(s, &p);
@@ -789,16 +931,22 @@ static bool session_smtp_gather(struct session *s, const char *p, size_t n)
 }
 
 /* Sends the gathered EHLO reply to the client, with STARTTLS offered before
- * TLS and withdrawn after it (as it is, if it cannot be rewritten). */
+ * TLS and withdrawn after it (as it is, if it cannot be rewritten). A reply
+ * to HELO is gathered too, only to be kept, and goes out as it came. */
 static void session_smtp_send_ehlo(struct session *s, int code)
 {
     struct session_smtp *m = s->smtp;
     char out[SESSION_SMTP_EHLO_MAX + 32];
     ssize_t n = -1;
+    enum smtp_cmd cmd = smtp_pairs_oldest(&m->pp);
 
     session_smtp_flush_down(s);
-    if (code == 250 && s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS)
-        n = smtp_ehlo_rewrite(m->ehlo, m->ehlo_len, !session_smtp_tls_active(s), out, sizeof(out));
+    if (code == 250 && s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS) {
+        session_smtp_keep_caps(s, cmd);
+        if (cmd == SMTP_CMD_EHLO)
+            n = smtp_ehlo_rewrite(m->ehlo, m->ehlo_len, !session_smtp_tls_active(s), out,
+                                  sizeof(out));
+    }
     if (n >= 0)
         (void)relay_send_copy(&s->down, out, (size_t)n);
     else
@@ -978,8 +1126,7 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
         bool ehlo = oldest == SMTP_CMD_EHLO || oldest == SMTP_CMD_HELO;
         bool xwatch = m->xstate == SESSION_SMTP_X_EHLO && ehlo &&
                       (m->bstate == SESSION_SMTP_B_IDLE || m->bstate == SESSION_SMTP_B_DONE);
-        bool gather = own || xwatch ||
-                      (s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS && oldest == SMTP_CMD_EHLO);
+        bool gather = own || xwatch || (s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS && ehlo);
 
         if (session_smtp_logs_lines(s))
             session_smtp_server_lines(s, b->data + off, n);
@@ -1091,6 +1238,7 @@ void session_smtp_free(struct session *s)
     free(m->ehlo);
     free(m->replay);
     free(m->xreplay);
+    free(m->caps);
     free(m);
     s->smtp = NULL;
 }
