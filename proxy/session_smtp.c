@@ -646,6 +646,10 @@ static void session_smtp_client_bytes(struct session *s, struct relay_block *b, 
     uint64_t now = session_smtp_now();
     int rc = 0;
 
+    /* SWITCHED concerns the read in which the 220 went out. A 220 sent after
+     * a backend reply (STARTTLS pipelined behind RSET) left no plaintext
+     * behind: these bytes came through TLS and are all commands. */
+    m->flags &= ~SESSION_SMTP_F_SWITCHED;
     while (rc == 0 && !(s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) &&
            !(m->flags & (SESSION_SMTP_F_OPAQUE | SESSION_SMTP_F_ENDING))) {
         struct smtp_event ev;

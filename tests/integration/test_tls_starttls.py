@@ -287,6 +287,36 @@ class ClientStarttlsTest(StarttlsTestCase):
                                 ("STARTTLS", "220", "1"), ("EHLO client.example", "250", "1"),
                                 ("QUIT", "221", None)])
 
+    def test_pipelined_rset_starttls_then_ehlo_noop_in_one_record(self):
+        """The 220 goes out after the backend's reply to RSET: the first read
+        inside TLS is all commands, none dropped as injected."""
+        b = self.plain_backend()
+        p = self.starttls_proxy(b.addr)
+        c = self.tls_client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(EHLO), OFFERED_EHLO)
+        c.send(b"RSET\r\nSTARTTLS\r\n")
+        self.assertEqual(c.read_reply(), b"250 2.0.0 ok\r\n")
+        self.assertEqual(c.read_reply(), READY)
+        c.start_tls()
+        c.send(EHLO + b"\r\nNOOP\r\n")  # one TLS record
+        self.assertEqual(c.read_reply(), BACKEND_EHLO)
+        self.assertEqual(c.read_reply(), b"250 2.0.0 ok\r\n")
+        self.quit(c)
+        self.assertEqual(b.wait_conns(1).commands, [EHLO, b"RSET", b"NOOP", b"QUIT"])
+        sid = p.sid_of(c)
+        close = self.assertPairs(p, sid, [
+            pair("<greeting>", 220, "scripted ESMTP"),
+            pair("EHLO client.example", 250, "scripted", lines=5),
+            pair("RSET", 250, "ok", esc="2.0.0"),
+            pair("STARTTLS", 220, "Ready to start TLS", esc="2.0.0", local=1, pipelined=1),
+            pair("EHLO client.example", 250, "scripted", lines=5, local=1),
+            pair("NOOP", 250, "ok", esc="2.0.0"),  # the EHLO before it was answered at once
+            pair("QUIT", 221, "Bye", esc="2.0.0"),
+        ])
+        self.assertEqual(close["end"], "quit")
+        self.assertEqual(p.find(ev="starttls_injection"), [])
+
     def test_helo_inside_tls_gets_the_first_line(self):
         b = self.plain_backend()
         p = self.starttls_proxy(b.addr, transcript="full")
