@@ -841,10 +841,10 @@ static void test_helo_reply(void)
     expect_helo("250 mx.example\r\n", "250 mx.example\r\n");
     expect_helo("250-mx.example\n250 SIZE\n", "250 mx.example\r\n"); /* LF only */
     expect_helo("250 \r\n", "250 \r\n");
-    expect_helo("250-mx", NULL);                /* no line end */
+    expect_helo("250-mx", NULL); /* no line end */
     expect_helo("", NULL);
-    expect_helo("220 mx.example\r\n", NULL);   /* not a 250 */
-    expect_helo("250mx.example\r\n", NULL);    /* no separator */
+    expect_helo("220 mx.example\r\n", NULL); /* not a 250 */
+    expect_helo("250mx.example\r\n", NULL);  /* no separator */
     expect_helo("250-\n", "250 \r\n");
     char small[8];
     ASSERT_EQ(smtp_helo_reply("250 mx.example\r\n", 16, small, sizeof(small)), -1);
