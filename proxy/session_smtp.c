@@ -786,6 +786,8 @@ static void session_smtp_answer_locals(struct session *s)
             session_smtp_start_client_tls(s);
             return;
         }
+        if (p.local == SMTP_LOCAL_STARTTLS_IN_TX)
+            session_smtp_log_injection(s); /* no TLS: what followed STARTTLS stays dropped */
         if (p.local == SMTP_LOCAL_SMUGGLING) {
             session_smtp_say(s, "421 4.7.0 mxproxy: closing connection after a smuggling attempt");
             m->flags |= SESSION_SMTP_F_ENDING;

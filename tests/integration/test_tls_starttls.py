@@ -395,6 +395,62 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.quit(c)
         self.assertEqual(b.wait_conns(1).commands, [EHLO, EHLO, b"QUIT"])
 
+    def test_starttls_refused_during_a_transaction(self):
+        """The backend never sees the TLS, so it would keep a transaction
+        that RFC 3207 ends: STARTTLS is refused while one is open, as
+        Postfix and OpenSMTPD refuse it themselves."""
+        b = self.plain_backend()
+        p = self.starttls_proxy(b.addr)
+        c = self.tls_client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(EHLO), OFFERED_EHLO)
+        self.assertEqual(c.cmd(b"MAIL FROM:<a@example.com>"), b"250 2.1.0 sender ok\r\n")
+        self.assertEqual(c.cmd(b"STARTTLS"),
+                         b"503 5.5.1 Error: MAIL transaction in progress\r\n")
+        self.assertEqual(c.cmd(b"RSET"), b"250 2.0.0 ok\r\n")  # still plaintext
+        self.assertEqual(c.cmd(b"STARTTLS"), READY)
+        c.start_tls()
+        self.assertEqual(c.cmd(EHLO), BACKEND_EHLO)
+        self.assertEqual(c.cmd(b"MAIL FROM:<b@example.com>"), b"250 2.1.0 sender ok\r\n")
+        self.quit(c)
+        self.assertEqual(b.wait_conns(1).commands,
+                         [EHLO, b"MAIL FROM:<a@example.com>", b"RSET",
+                          b"MAIL FROM:<b@example.com>", b"QUIT"])
+        sid = p.sid_of(c)
+        self.assertPairs(p, sid, [
+            pair("<greeting>", 220, "scripted ESMTP"),
+            pair("EHLO client.example", 250, "scripted", lines=5),
+            pair("MAIL FROM:<a@example.com>", 250, "sender ok", esc="2.1.0"),
+            pair("STARTTLS", 503, "Error: MAIL transaction in progress", esc="5.5.1", local=1),
+            pair("RSET", 250, "ok", esc="2.0.0"),
+            pair("STARTTLS", 220, "Ready to start TLS", esc="2.0.0", local=1),
+            pair("EHLO client.example", 250, "scripted", lines=5, local=1),
+            pair("MAIL FROM:<b@example.com>", 250, "sender ok", esc="2.1.0"),
+            pair("QUIT", 221, "Bye", esc="2.0.0"),
+        ])
+
+    def test_pipelined_inside_tls_answered_in_order(self):
+        """The EHLO mxproxy answers waits for the replies before it."""
+        b = self.plain_backend()
+        p = self.starttls_proxy(b.addr)
+        c = self.tls_client(p.port)
+        self.to_tls(c)
+        c.send(b"NOOP\r\n" + EHLO + b"\r\nMAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(c.read_reply(), b"250 2.0.0 ok\r\n")
+        self.assertEqual(c.read_reply(), BACKEND_EHLO)
+        self.assertEqual(c.read_reply(), b"250 2.1.0 sender ok\r\n")
+        self.quit(c)
+        self.assertEqual(b.wait_conns(1).commands,
+                         [EHLO, b"NOOP", b"MAIL FROM:<a@example.com>", b"QUIT"])
+        sid = p.sid_of(c)
+        p.close_of(sid)
+        cmds = [(e["cmd"], e["code"], e["pipelined"], e.get("local"))
+                for e in p.find(ev="pair", sid=sid)][3:]
+        self.assertEqual(cmds, [("NOOP", "250", "0", None),
+                                ("EHLO client.example", "250", "1", "1"),
+                                ("MAIL FROM:<a@example.com>", "250", "1", None),
+                                ("QUIT", "221", "0", None)])
+
     def test_plaintext_after_220_is_not_a_handshake(self):
         b = self.plain_backend()
         p = self.starttls_proxy(b.addr)
