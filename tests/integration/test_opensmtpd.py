@@ -14,8 +14,9 @@ Debian's opensmtpd conflicts with postfix as a package, so it is never
 installed: `.ci/setup test` unpacks it (apt-get download + dpkg -x) into
 .cache/opensmtpd/root, and this file does the same when it is missing.
 smtpd runs from there with `-f CONF -d`, in a private mount namespace
-(`unshare --mount`) where a tmpfs holds its queue (/var/spool/smtpd) and the
-unpacked /usr/libexec holds its delivery helpers, so nothing of the host's
+(`unshare --mount`) where tmpfs hold its queue (/var/spool/smtpd) and control
+socket (/run) and the unpacked /usr/libexec holds its delivery helpers, so
+instances never meet, and nothing of the host's
 changes but the users opensmtpd/opensmtpq and /var/lib/opensmtpd/empty,
 created when missing. It delivers to a maildir in a temporary directory, as
 user nobody. Needs root; skips without it, except with CI=true, where a
@@ -117,8 +118,11 @@ class OpenSmtpd:
                     'match from any for domain "%s" action "store"\n'
                     % (self.port, self.maildir, DOMAIN))
         self.logfile = os.path.join(dir, "smtpd.log")
-        script = ("mount -t tmpfs tmpfs /var/spool && mount --bind %s /usr/libexec && "
-                  "exec %s -f %s -d" % (LIBEXEC, SMTPD, self.conf))
+        # tmpfs: the queue (/var/spool/smtpd) and the control socket (/run/smtpd.sock) are
+        # this instance's own, and gone with it.
+        script = ("mount -t tmpfs tmpfs /var/spool && mount -t tmpfs tmpfs /run && "
+                  "mount --bind %s /usr/libexec && exec %s -f %s -d"
+                  % (LIBEXEC, SMTPD, self.conf))
         with open(self.logfile, "wb") as log:
             # unshare and sh exec: the pid is smtpd's parent process.
             self.proc = subprocess.Popen(
@@ -369,6 +373,36 @@ class OpenSmtpdTest(ProxyTestCase):
                                     self.smtpd.log()[mark:], re.M)
         self.assertEqual(len(smtpd_sessions), 1)  # mxproxy's
         self.assertStoredOnce(p, b"marker-raw", since=mark)
+
+    def test_pipelined_rset_starttls_then_ehlo_noop_in_one_record(self):
+        """RSET + STARTTLS in one write, EHLO + NOOP in one TLS record: every
+        command answered (OpenSMTPD hears RSET, then NOOP, each alone)."""
+        p = self.proxy()
+        c = self.track(TlsClient(p.port, client_context(), server_hostname="mx.example.test",
+                                 tls=False))
+        c.read_reply()
+        before = c.cmd(b"EHLO client.example")
+        c.send(b"RSET\r\nSTARTTLS\r\n")
+        self.assertEqual(c.read_reply(), b"250 2.0.0 Reset state\r\n")
+        self.assertEqual(c.read_reply(), READY)
+        c.start_tls()
+        c.send(b"EHLO client.example\r\nNOOP\r\n")  # one TLS record
+        self.assertEqual(c.read_reply(), before.replace(b"250-STARTTLS\r\n", b""))
+        self.assertEqual(c.read_reply(), b"250 2.0.0 Ok\r\n")
+        # OpenSMTPD offers no PIPELINING: one command at a time from here.
+        self.assertEqual(c.cmd(b"MAIL FROM:<a@client.example>"), b"250 2.0.0 Ok\r\n")
+        self.assertEqual(c.cmd(b"RCPT TO:<u@%s>" % DOMAIN.encode()),
+                         b"250 2.1.5 Destination address valid: Recipient ok\r\n")
+        self.assertEqual(c.cmd(b"DATA"),
+                         b"354 Enter mail, end with \".\" on a line by itself\r\n")
+        self.assertRegex(c.cmd(b"Subject: pipelined\r\n\r\nmarker-pipelined\r\n.", timeout=10),
+                         rb"^250 2\.0\.0 [0-9a-f]+ Message accepted for delivery\r\n$")
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        sid = p.sid_of(c)
+        p.close_of(sid)
+        self.local_ehlo(p, sid, "client.example")
+        self.assertEqual(p.find(ev="starttls_injection"), [])
+        self.assertStoredOnce(p, b"marker-pipelined")
 
     def test_swaks_tls(self):
         p = self.proxy()
