@@ -451,6 +451,27 @@ class ClientStarttlsTest(StarttlsTestCase):
                                 ("MAIL FROM:<a@example.com>", "250", "1", None),
                                 ("QUIT", "221", "0", None)])
 
+    def test_xclient_new_session_then_one_ehlo_inside_it(self):
+        """xclient = on: XCLIENT starts a new backend session, which hears the
+        client's EHLO once; the EHLO inside TLS is answered from that reply."""
+        b = self.plain_backend(ext=NO_STARTTLS_EXT + ("XCLIENT ADDR PORT PROTO HELO",))
+        p = self.starttls_proxy(b.addr, xclient="on")
+        c = self.tls_client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        before = c.cmd(EHLO)
+        self.assertIn(b"250-STARTTLS\r\n", before)
+        self.assertEqual(c.cmd(b"STARTTLS"), READY)
+        c.start_tls()
+        self.assertEqual(c.cmd(EHLO), before.replace(b"250-STARTTLS\r\n", b""))
+        self.quit(c)
+        commands = b.wait_conns(1).commands
+        x = max(i for i, line in enumerate(commands) if line.startswith(b"XCLIENT "))
+        self.assertEqual(commands[x + 1:], [EHLO, b"QUIT"], commands)
+        sid = p.sid_of(c)
+        p.close_of(sid)
+        ehlos = [e.get("local") for e in p.find(ev="pair", sid=sid, cmd="EHLO client.example")]
+        self.assertEqual(ehlos, [None, "1"])
+
     def test_plaintext_after_220_is_not_a_handshake(self):
         b = self.plain_backend()
         p = self.starttls_proxy(b.addr)
