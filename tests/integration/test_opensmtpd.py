@@ -88,6 +88,10 @@ def unavailable():
         return "OpenSMTPD needs root (its privilege separation, a mount namespace)"
     if shutil.which("unshare") is None:
         return "no unshare(1)"
+    rc, out, err = run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        "mount -t tmpfs tmpfs /var/spool"])
+    if rc != 0:
+        return "no private mount namespace here: " + err.strip()
     why = fetch_opensmtpd()
     if why:
         return why
