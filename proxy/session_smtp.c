@@ -83,6 +83,10 @@ struct session_smtp {
     size_t tail_len, tail_cap;   /* bytes in tail, and its size */
     size_t rsize;                /* bytes of the backend reply in progress, across reads */
     char *helo_before_tls;       /* passthrough: the HELO/EHLO name given before STARTTLS */
+    char *caps;                  /* client_tls = starttls: the backend's reply to the client's
+                                    EHLO/HELO before TLS, then mxproxy's answer after it */
+    size_t caps_len;             /* bytes in caps */
+    enum smtp_cmd caps_cmd;      /* the command caps was the backend's reply to */
 };
 
 #define SESSION_SMTP_F_OPAQUE 0x01u    /* STARTTLS passed through: bytes are TLS now */
@@ -93,6 +97,10 @@ struct session_smtp {
 #define SESSION_SMTP_F_DROP_BDAT 0x20u /* the current BDAT was refused: drop its chunk */
 #define SESSION_SMTP_F_HS_CUT 0x40u    /* the own reply line being read is over HS_LINE_MAX */
 #define SESSION_SMTP_F_QUIT 0x80u      /* QUIT came first and was relayed: nothing else is */
+/* The backend accepted an EHLO/HELO from the client's side in its current SMTP session. */
+#define SESSION_SMTP_F_IDENTIFIED 0x1000u
+#define SESSION_SMTP_F_CAPS_NEW 0x2000u /* caps holds the reply being matched right now */
+#define SESSION_SMTP_F_HELO_DUE 0x4000u /* client TLS began; no EHLO/HELO inside it yet */
 
 #define SESSION_SMTP_EHLO_MAX 4096 /* an EHLO reply longer than this is not rewritten */
 /* A backend reply reaches the client only whole, through its last line's end,
@@ -513,6 +521,127 @@ static void session_smtp_send_backend(struct session *s, const char *line, size_
 
 static bool session_smtp_hs_wanted(const struct session *s);
 static void session_smtp_hs_start(struct session *s, const struct smtp_event *ev);
+/* client_tls = starttls: keeps the backend's accepted reply to the client's
+ * EHLO/HELO before TLS (gathered in m->ehlo), for the EHLO/HELO RFC 3207
+ * makes the client send again inside TLS. */
+static void session_smtp_keep_caps(struct session *s, enum smtp_cmd cmd)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (session_smtp_tls_active(s) || m->ehlo_len == 0)
+        return;
+    char *c = realloc(m->caps, m->ehlo_len);
+    if (c == NULL)
+        return; /* not kept: the EHLO inside TLS goes to the backend */
+    memcpy(c, m->ehlo, m->ehlo_len);
+    m->caps = c;
+    m->caps_len = m->ehlo_len;
+    m->caps_cmd = cmd;
+    m->flags |= SESSION_SMTP_F_CAPS_NEW;
+}
+
+static void session_smtp_drop_caps(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    free(m->caps);
+    m->caps = NULL;
+    m->caps_len = 0;
+}
+
+/* Tracks whether the backend's current session accepted an EHLO/HELO from
+ * the client's side, and whether caps is the reply that did. Replies after
+ * the first EHLO/HELO inside TLS change nothing: the answer is decided. */
+static void session_smtp_note_helo(struct session *s, enum smtp_pairs_res res,
+                                   const struct smtp_pair *p)
+{
+    struct session_smtp *m = s->smtp;
+    bool fresh = (m->flags & SESSION_SMTP_F_CAPS_NEW) != 0;
+
+    m->flags &= ~SESSION_SMTP_F_CAPS_NEW;
+    if (res != SMTP_PAIRS_MATCHED ||
+        (session_smtp_tls_active(s) && !(m->flags & SESSION_SMTP_F_HELO_DUE)))
+        return;
+    if ((p->cmd == SMTP_CMD_EHLO || p->cmd == SMTP_CMD_HELO) && p->code / 100 == 2) {
+        m->flags |= SESSION_SMTP_F_IDENTIFIED;
+        if (!fresh)
+            session_smtp_drop_caps(s); /* the reply was too long to keep: none is cached */
+    } else if ((p->flags & SMTP_PAIR_F_NEW_SESSION) ||
+               (p->cmd == SMTP_CMD_STARTTLS && p->code == 220)) {
+        /* The backend starts a new SMTP session: it must hear the next EHLO. */
+        m->flags &= ~SESSION_SMTP_F_IDENTIFIED;
+        session_smtp_drop_caps(s);
+    }
+}
+
+/* The client's first EHLO/HELO inside TLS: when the backend already
+ * accepted one and its reply was kept, turns caps into mxproxy's answer (an
+ * EHLO gets that reply without STARTTLS, a HELO its first line as "250
+ * <text>") and returns true. Returns false when the backend must hear the
+ * command: it had none yet, or its reply was not kept or not well-formed. */
+static bool session_smtp_caps_answer(struct session *s, enum smtp_cmd cmd)
+{
+    struct session_smtp *m = s->smtp;
+    char out[SESSION_SMTP_EHLO_MAX + 32];
+    ssize_t n = -1;
+
+    if ((m->flags & SESSION_SMTP_F_IDENTIFIED) && m->caps != NULL) {
+        if (cmd == SMTP_CMD_EHLO && m->caps_cmd == SMTP_CMD_EHLO)
+            n = smtp_ehlo_edit(m->caps, m->caps_len,
+                               SMTP_EHLO_DEL_STARTTLS |
+                                   (s->cl->pass_client_xclient ? 0 : SMTP_EHLO_DEL_XCLIENT),
+                               out, sizeof(out));
+        else
+            n = smtp_helo_reply(m->caps, m->caps_len, out, sizeof(out));
+    }
+    session_smtp_drop_caps(s);
+    if (n <= 0)
+        return false;
+    m->caps = malloc((size_t)n);
+    if (m->caps == NULL)
+        return false;
+    memcpy(m->caps, out, (size_t)n);
+    m->caps_len = (size_t)n;
+    return true;
+}
+
+/* Sends mxproxy's answer to the EHLO/HELO inside TLS (caps) and completes
+ * its pair with what the backend's reply would have shown: esc, first line,
+ * lines. */
+static void session_smtp_say_caps(struct session *s, struct smtp_pair *p)
+{
+    struct session_smtp *m = s->smtp;
+    struct smtp_server sp = {0};
+    struct smtp_server_event ev;
+
+    assert(m->caps != NULL); /* made when the command was refused to the backend */
+    session_smtp_flush_down(s);
+    if (smtp_server_parse(&sp, m->caps, m->caps_len, p->t_reply, &ev) == m->caps_len &&
+        ev.type == SMTP_SEV_REPLY) {
+        const struct smtp_reply *r = ev.reply;
+        p->code = r->code;
+        memcpy(p->esc, r->esc, sizeof(p->esc));
+        p->text_len = r->text_len < SMTP_REPLY_TEXT_MAX ? r->text_len : SMTP_REPLY_TEXT_MAX;
+        memcpy(p->text, r->text, p->text_len);
+        p->text[p->text_len] = '\0';
+        p->lines = r->lines;
+        if (r->truncated)
+            p->flags |= SMTP_PAIR_F_TRUNCATED;
+    }
+    if (!(s->flags & SESSION_F_CLOSING)) {
+        if (session_smtp_logs_lines(s)) {
+            for (size_t pos = 0, end; pos < m->caps_len; pos = end) {
+                end = smtp_line_end(m->caps, pos, m->caps_len);
+                size_t n = end - pos;
+                while (n > 0 && (m->caps[pos + n - 1] == '\n' || m->caps[pos + n - 1] == '\r'))
+                    n--;
+                session_smtp_log_line(s, "proxy", m->caps + pos, n, false);
+            }
+        }
+        (void)relay_send_copy(&s->down, m->caps, m->caps_len); /* a failure closes via on_event */
+    }
+    session_smtp_drop_caps(s);
+}
 
 /* Decides whether a client event goes to the backend, where mxproxy itself
  * terminates STARTTLS, requires TLS, refuses a client's XCLIENT, or talks to
@@ -539,6 +668,16 @@ static bool session_smtp_intercept(struct session *s, const struct smtp_event *e
         return false;
     }
     if (cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS) {
+        if ((ev->cmd == SMTP_CMD_EHLO || ev->cmd == SMTP_CMD_HELO) &&
+            (m->flags & SESSION_SMTP_F_HELO_DUE)) {
+            /* RFC 3207 makes the client say EHLO again; the backend, which
+             * saw no TLS, already had one and may refuse a second. */
+            m->flags &= ~SESSION_SMTP_F_HELO_DUE;
+            if (session_smtp_caps_answer(s, ev->cmd)) {
+                (void)smtp_pairs_answer_locally(&m->pp, SMTP_LOCAL_EHLO);
+                return false;
+            }
+        }
         if (ev->cmd == SMTP_CMD_STARTTLS) {
             (void)smtp_pairs_answer_locally(
                 &m->pp, session_smtp_tls_active(s) ? SMTP_LOCAL_TLS_ACTIVE : SMTP_LOCAL_STARTTLS);
@@ -582,6 +721,10 @@ static void session_smtp_client_bytes(struct session *s, struct relay_block *b, 
     uint64_t now = session_smtp_now();
     int rc = 0;
 
+    /* SWITCHED concerns the read in which the 220 went out. A 220 sent after
+     * a backend reply (STARTTLS pipelined behind RSET) left no plaintext
+     * behind: these bytes came through TLS and are all commands. */
+    m->flags &= ~SESSION_SMTP_F_SWITCHED;
     while (rc == 0 && !(s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) &&
            !(m->flags & (SESSION_SMTP_F_OPAQUE | SESSION_SMTP_F_ENDING))) {
         struct smtp_event ev;
@@ -686,7 +829,7 @@ static void session_smtp_start_client_tls(struct session *s)
     }
     session_wire_tls(s);
     session_tls_started(s); /* the 5 s handshake limit starts now */
-    m->flags |= SESSION_SMTP_F_TLS | SESSION_SMTP_F_SWITCHED;
+    m->flags |= SESSION_SMTP_F_TLS | SESSION_SMTP_F_SWITCHED | SESSION_SMTP_F_HELO_DUE;
     /* RFC 3207: forget what the client said in plaintext. */
     s->up.carry_len = 0;
     smtp_client_init(&m->cp, &(struct smtp_client_opts){
@@ -705,8 +848,12 @@ static void session_smtp_answer_locals(struct session *s)
 
     while (!(s->flags & SESSION_F_CLOSING) &&
            smtp_pairs_take_local(&m->pp, session_smtp_now(), &p)) {
-        snprintf(text, sizeof(text), "%d %s %.*s", p.code, p.esc, (int)p.text_len, p.text);
-        session_smtp_say(s, text);
+        if (p.local == SMTP_LOCAL_EHLO) {
+            session_smtp_say_caps(s, &p);
+        } else {
+            snprintf(text, sizeof(text), "%d %s %.*s", p.code, p.esc, (int)p.text_len, p.text);
+            session_smtp_say(s, text);
+        }
         session_smtp_log_pair(s, &p);
         /* A refused DATA or AUTH ends the parser's wait for the reply. */
         smtp_client_on_reply(&m->cp, p.cmd, p.code);
@@ -714,6 +861,8 @@ static void session_smtp_answer_locals(struct session *s)
             session_smtp_start_client_tls(s);
             return;
         }
+        if (p.local == SMTP_LOCAL_STARTTLS_IN_TX)
+            session_smtp_log_injection(s); /* no TLS: what followed STARTTLS stays dropped */
         if (p.local == SMTP_LOCAL_SMUGGLING) {
             session_smtp_say(s, "421 4.7.0 mxproxy: closing connection after a smuggling attempt");
             m->flags |= SESSION_SMTP_F_ENDING;
@@ -763,6 +912,7 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
     if (smtp_pairs_oldest(&m->pp) == SMTP_CMD_STARTTLS && r->code / 100 == 2)
         session_smtp_keep_helo(s); /* the reply forgets it; a passthrough close line names it */
     enum smtp_pairs_res res = smtp_pairs_on_reply(&m->pp, r, &p);
+    session_smtp_note_helo(s, res, &p);
     smtp_client_on_reply(&m->cp, p.cmd, p.code);
     if (res != SMTP_PAIRS_INTERMEDIATE)
         session_smtp_log_pair(s, &p);
@@ -878,20 +1028,24 @@ static bool session_smtp_gather(struct session *s, const char *p, size_t n)
 
 /* Sends the gathered EHLO reply to the client, with STARTTLS offered before
  * TLS and withdrawn after it, XCLIENT and XFORWARD withdrawn (as it is, if it
- * cannot be rewritten). */
+ * cannot be rewritten). A reply to HELO is gathered too, only to be kept,
+ * and goes out as it came. */
 static void session_smtp_send_ehlo(struct session *s, int code)
 {
     struct session_smtp *m = s->smtp;
     char out[SESSION_SMTP_EHLO_MAX + 32];
     ssize_t n = -1;
+    enum smtp_cmd cmd = smtp_pairs_oldest(&m->pp);
     unsigned edit = 0;
 
     session_smtp_flush_down(s);
-    if (code == 250 && s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS)
+    if (code == 250 && s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS) {
+        session_smtp_keep_caps(s, cmd);
         edit |= session_smtp_tls_active(s) ? SMTP_EHLO_DEL_STARTTLS : SMTP_EHLO_ADD_STARTTLS;
+    }
     if (code == 250 && !s->cl->pass_client_xclient)
         edit |= SMTP_EHLO_DEL_XCLIENT; /* only mxproxy tells the backend who the client is */
-    if (edit != 0)
+    if (edit != 0 && cmd == SMTP_CMD_EHLO)
         n = smtp_ehlo_edit(m->ehlo, m->ehlo_len, edit, out, sizeof(out));
     if (n >= 0)
         (void)relay_send_copy(&s->down, out, (size_t)n);
@@ -1313,9 +1467,9 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
         size_t n = smtp_server_parse(&m->sp, b->data + off, len - off, now, &ev);
         bool own = session_smtp_hs_own(s);
         enum smtp_cmd oldest = smtp_pairs_oldest(&m->pp);
-        bool gather =
-            !own && oldest == SMTP_CMD_EHLO &&
-            (s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS || !s->cl->pass_client_xclient);
+        bool ehlo = oldest == SMTP_CMD_EHLO || oldest == SMTP_CMD_HELO;
+        bool gather = !own && ((s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS && ehlo) ||
+                               (oldest == SMTP_CMD_EHLO && !s->cl->pass_client_xclient));
 
         if (session_smtp_logs_lines(s))
             session_smtp_server_lines(s, b->data + off, n);
@@ -1472,6 +1626,7 @@ void session_smtp_free(struct session *s)
     free(m->tail);
     free(m->helo_before_tls);
     free(m->hs_line);
+    free(m->caps);
     free(m);
     s->smtp = NULL;
 }

@@ -893,3 +893,21 @@ ssize_t smtp_ehlo_edit(const char *in, size_t len, unsigned flags, char *out, si
     }
     return (ssize_t)o;
 }
+
+ssize_t smtp_helo_reply(const char *in, size_t len, char *out, size_t cap)
+{
+    if (len == 0)
+        return -1;
+    size_t end = smtp_line_end(in, 0, len);
+    if (end < 5 || in[end - 1] != '\n' || memcmp(in, "250", 3) != 0 ||
+        (in[3] != '-' && in[3] != ' '))
+        return -1;
+    /* The line end is written anew as CRLF, whatever the server used. */
+    size_t text = end - 5 - (in[end - 2] == '\r' ? 1 : 0);
+    if (text + 6 > cap)
+        return -1;
+    memcpy(out, "250 ", 4);
+    memcpy(out + 4, in + 4, text);
+    memcpy(out + 4 + text, "\r\n", 2);
+    return (ssize_t)(text + 6);
+}

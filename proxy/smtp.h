@@ -283,6 +283,11 @@ ssize_t smtp_ehlo_rewrite(const char *in, size_t len, bool add, char *out, size_
  * Returns the length written to out (cap bytes), or -1 when out is too small, the reply has more
  * than 64 lines or is not a well-formed 250 reply. */
 ssize_t smtp_ehlo_edit(const char *in, size_t len, unsigned flags, char *out, size_t cap);
+/* The single-line reply to HELO that a raw 250 reply (EHLO or HELO) implies: its first line's
+ * text as "250 <text>\r\n" (the text keeps its bytes; the line's own end, CRLF or LF, becomes
+ * CRLF). Returns the length written to out (cap bytes), or -1 when out is too small or the first
+ * line is not a complete "250" reply line. */
+ssize_t smtp_helo_reply(const char *in, size_t len, char *out, size_t cap);
 
 /* Index just past the LF that ends the line starting at buf[pos], or len when no LF follows:
  * for walking the lines of a raw reply. pos < len. */

@@ -28,6 +28,8 @@ static const struct smtp_pairs_local_answer {
     [SMTP_LOCAL_NEED_TLS] = {530, "5.7.0", "Must issue a STARTTLS command first", NULL},
     [SMTP_LOCAL_TLS_ACTIVE] = {503, "5.5.1", "TLS already active", NULL},
     [SMTP_LOCAL_XCLIENT] = {550, "5.7.0", "Command not permitted", NULL},
+    [SMTP_LOCAL_EHLO] = {250, "", "", NULL},
+    [SMTP_LOCAL_STARTTLS_IN_TX] = {503, "5.5.1", "Error: MAIL transaction in progress", NULL},
 };
 
 size_t smtp_pairs_room(const struct smtp_pairs *pp)
@@ -62,6 +64,11 @@ size_t smtp_pairs_outstanding(const struct smtp_pairs *pp)
 static struct smtp_pairs_entry *smtp_pairs_at(struct smtp_pairs *pp, unsigned i)
 {
     return &pp->q[(pp->head + i) % SMTP_PAIRS_CAP];
+}
+
+bool smtp_pairs_in_transaction(const struct smtp_pairs *pp)
+{
+    return pp->tx_open;
 }
 
 enum smtp_cmd smtp_pairs_oldest(const struct smtp_pairs *pp)
@@ -255,6 +262,7 @@ static void smtp_pairs_fill(struct smtp_pair *out, enum smtp_pair_kind kind,
 
 static void smtp_pairs_tx_reset(struct smtp_pairs *pp)
 {
+    pp->tx_open = false;
     pp->tx_mail_failed = false;
     pp->tx_rcpt_ok = 0;
     pp->tx_rcpt_rejected = 0;
@@ -331,6 +339,7 @@ static void smtp_pairs_account(struct smtp_pairs *pp, struct smtp_pair *out)
     case SMTP_CMD_MAIL:
         smtp_pairs_tx_reset(pp);
         pp->tx_mail_failed = !ok;
+        pp->tx_open = ok;
         break;
     case SMTP_CMD_RCPT:
         if (ok) {
@@ -418,6 +427,8 @@ bool smtp_pairs_take_local(struct smtp_pairs *pp, uint64_t now_ns, struct smtp_p
     if (pp->count == 0 || pp->q[pp->head].local == SMTP_LOCAL_NONE)
         return false;
     smtp_pairs_remove(pp, 0, &e);
+    if (e.local == SMTP_LOCAL_STARTTLS && pp->tx_open)
+        e.local = SMTP_LOCAL_STARTTLS_IN_TX;
     a = &smtp_pairs_local_answers[e.local];
     smtp_pairs_fill(out, SMTP_PAIR_LOCAL, &e, NULL);
     out->code = a->code;
@@ -430,6 +441,8 @@ bool smtp_pairs_take_local(struct smtp_pairs *pp, uint64_t now_ns, struct smtp_p
         smtp_pairs_tx_reset(pp);
     } else if (e.local == SMTP_LOCAL_NEED_TLS) {
         smtp_pairs_judge(pp, out); /* a refused MAIL fails the transaction */
+    } else if (e.local == SMTP_LOCAL_EHLO) {
+        smtp_pairs_tx_reset(pp); /* as an accepted EHLO from the server would */
     }
     return true;
 }

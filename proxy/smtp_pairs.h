@@ -61,6 +61,12 @@ enum smtp_local {
     SMTP_LOCAL_NEED_TLS,   /* 530 5.7.0 Must issue a STARTTLS command first */
     SMTP_LOCAL_TLS_ACTIVE, /* 503 5.5.1 TLS already active */
     SMTP_LOCAL_XCLIENT,    /* 550 5.7.0 Command not permitted: a client's XCLIENT or XFORWARD */
+    SMTP_LOCAL_EHLO,       /* 250: the EHLO/HELO after STARTTLS, answered from the backend's
+                              earlier reply; the caller sends that reply and fills the pair's
+                              esc, text and lines from it (the suggestion is a bare 250) */
+    /* 503 5.5.1 Error: MAIL transaction in progress: what smtp_pairs_take_local() makes of
+     * SMTP_LOCAL_STARTTLS while the server holds an accepted MAIL (no TLS starts). */
+    SMTP_LOCAL_STARTTLS_IN_TX,
 };
 
 #define SMTP_PAIR_F_PIPELINED 0x01u /* sent while an earlier reply was still outstanding */
@@ -131,6 +137,8 @@ struct smtp_pairs {
     bool tx_mail_failed;        /* current transaction: MAIL rejected */
     unsigned tx_rcpt_ok;        /* current transaction: RCPTs accepted */
     unsigned tx_rcpt_rejected;  /* current transaction: RCPTs rejected */
+    bool tx_open;               /* current transaction: the server accepted MAIL, and no
+                                   end of data, RSET, EHLO/HELO or new session ended it */
     struct smtp_pairs_summary sum;
 };
 
@@ -173,6 +181,10 @@ size_t smtp_pairs_room(const struct smtp_pairs *pp);
 /* Outstanding entries, local ones included. */
 size_t smtp_pairs_outstanding(const struct smtp_pairs *pp);
 
+/* True while the server holds a mail transaction: MAIL was accepted and nothing ended it since
+ * (an end of data or BDAT LAST answered, an accepted RSET, EHLO or HELO, a new session). */
+bool smtp_pairs_in_transaction(const struct smtp_pairs *pp);
+
 /* The oldest outstanding command, or SMTP_CMD_NONE when none is. */
 enum smtp_cmd smtp_pairs_oldest(const struct smtp_pairs *pp);
 
@@ -184,7 +196,9 @@ enum smtp_pairs_res smtp_pairs_on_reply(struct smtp_pairs *pp, const struct smtp
 
 /* When the oldest outstanding entry is one the proxy answers itself, pops it into *out with
  * the suggested answer (code, esc, text; t_reply = now_ns) and returns true: send that answer
- * (or another) to the client, then log *out. Returns false otherwise. */
+ * (or another) to the client, then log *out. Returns false otherwise. A STARTTLS while
+ * smtp_pairs_in_transaction() comes out as SMTP_LOCAL_STARTTLS_IN_TX (RFC 3207 resets the
+ * session at TLS, which the server, never seeing the TLS, would not do). */
 bool smtp_pairs_take_local(struct smtp_pairs *pp, uint64_t now_ns, struct smtp_pair *out);
 
 /* Pops the oldest outstanding entry into *out as kind ABORTED (code 0) and returns true, or

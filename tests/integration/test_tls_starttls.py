@@ -3,7 +3,10 @@
 client_tls = starttls: mxproxy offers STARTTLS in the backend's EHLO reply
 (every other line, the first included, byte for byte), answers STARTTLS
 itself with 220 (the backend never sees it), handshakes with the client and
-relays the client's new EHLO, whose reply no longer offers STARTTLS.
+answers the client's new EHLO itself (ev=pair local=1): the backend's reply
+to the first EHLO without STARTTLS, so the backend hears one EHLO per session
+(a HELO gets that reply's first line as "250 <text>"). A backend that had no
+EHLO/HELO yet, or whose reply was too long to keep, hears it.
 require_tls = on answers MAIL, RCPT, DATA and AUTH before TLS with 530 5.7.0.
 Plaintext sent after STARTTLS in the same segment is dropped
 (ev=starttls_injection), never executed inside TLS.
@@ -127,7 +130,7 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.quit(c)
         rec = b.wait_conns(1)
         self.assertTrue(rec.closed.wait(3))
-        self.assertEqual(rec.commands, [EHLO, EHLO, b"MAIL FROM:<a@example.com>",
+        self.assertEqual(rec.commands, [EHLO, b"MAIL FROM:<a@example.com>",
                                         b"RCPT TO:<b@example.com>", b"DATA", b"QUIT"])
         self.assertEqual(rec.bodies, [body])
         sid = p.sid_of(c)
@@ -139,7 +142,7 @@ class ClientStarttlsTest(StarttlsTestCase):
             pair("<greeting>", 220, "scripted ESMTP"),
             pair("EHLO client.example", 250, "scripted", lines=UINT),
             pair("STARTTLS", 220, "Ready to start TLS", esc="2.0.0", local=1),
-            pair("EHLO client.example", 250, "scripted", lines=5),
+            pair("EHLO client.example", 250, "scripted", lines=5, local=1),
             pair("MAIL FROM:<a@example.com>", 250, "sender ok", esc="2.1.0"),
             pair("RCPT TO:<b@example.com>", 250, "recipient ok", esc="2.1.5"),
             pair("DATA", 354, "End data with <CR><LF>.<CR><LF>"),
@@ -159,7 +162,7 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.to_tls(c, ehlo_before=b"250-scripted\r\n250 STARTTLS\r\n")
         self.assertEqual(c.cmd(EHLO), b"250 scripted\r\n")
         self.quit(c)
-        self.assertEqual(b.wait_conns(1).commands, [EHLO, EHLO, b"QUIT"])
+        self.assertEqual(b.wait_conns(1).commands, [EHLO, b"QUIT"])
 
     def test_backend_offering_starttls_is_not_offered_twice_nor_inside_tls(self):
         b = self.scripted()  # offers STARTTLS as its last line
@@ -172,7 +175,7 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.quit(c)
         rec = b.wait_conns(1)
         self.assertTrue(rec.closed.wait(3))
-        self.assertEqual(rec.commands, [EHLO, EHLO, b"QUIT"])
+        self.assertEqual(rec.commands, [EHLO, b"QUIT"])
         self.assertEqual(bytes(rec.opaque), b"")  # the backend never entered STARTTLS
 
     def test_starttls_inside_tls_is_refused_locally(self):
@@ -185,7 +188,7 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.assertRegex(again, rb"^503 5\.5\.1 [^\r\n]+\r\n$")
         self.assertEqual(c.cmd(b"NOOP"), b"250 2.0.0 ok\r\n")  # the session goes on
         self.quit(c)
-        self.assertEqual(b.wait_conns(1).commands, [EHLO, EHLO, b"NOOP", b"QUIT"])
+        self.assertEqual(b.wait_conns(1).commands, [EHLO, b"NOOP", b"QUIT"])
 
     def test_require_tls_530_before_starttls(self):
         b = self.plain_backend()
@@ -205,8 +208,7 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.quit(c)
         rec = b.wait_conns(1)
         self.assertTrue(rec.closed.wait(3))
-        self.assertEqual(rec.commands, [EHLO, b"NOOP", EHLO, b"MAIL FROM:<a@example.com>",
-                                        b"QUIT"])
+        self.assertEqual(rec.commands, [EHLO, b"NOOP", b"MAIL FROM:<a@example.com>", b"QUIT"])
         self.assertEqual(rec.auth_lines, [])
         sid = p.sid_of(c)
         p.close_of(sid)
@@ -249,7 +251,7 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.quit(c)
         rec = b.wait_conns(1)
         self.assertTrue(rec.closed.wait(3))
-        self.assertEqual(rec.commands, [EHLO, EHLO, b"MAIL FROM:<a@example.com>",
+        self.assertEqual(rec.commands, [EHLO, b"MAIL FROM:<a@example.com>",
                                         b"RCPT TO:<b@example.com>", b"DATA", b"QUIT"])
         self.assertEqual(rec.bodies, [b"Subject: x\r\n\r\nin TLS\r\n"])
         sid = p.sid_of(c)
@@ -274,7 +276,7 @@ class ClientStarttlsTest(StarttlsTestCase):
         c.start_tls()
         self.assertEqual(c.cmd(EHLO), BACKEND_EHLO)
         self.quit(c)
-        self.assertEqual(b.wait_conns(1).commands, [b"NOOP", b"NOOP", EHLO, EHLO, b"QUIT"])
+        self.assertEqual(b.wait_conns(1).commands, [b"NOOP", b"NOOP", EHLO, b"QUIT"])
         sid = p.sid_of(c)
         p.close_of(sid)
         self.assertEqual(p.find(ev="starttls_injection", sid=sid), [])
@@ -282,8 +284,193 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.assertEqual(cmds, [("<greeting>", "220", None), ("NOOP", "250", None),
                                 ("MAIL FROM:<a@example.com>", "530", "1"),
                                 ("NOOP", "250", None), ("EHLO client.example", "250", None),
-                                ("STARTTLS", "220", "1"), ("EHLO client.example", "250", None),
+                                ("STARTTLS", "220", "1"), ("EHLO client.example", "250", "1"),
                                 ("QUIT", "221", None)])
+
+    def test_pipelined_rset_starttls_then_ehlo_noop_in_one_record(self):
+        """The 220 goes out after the backend's reply to RSET: the first read
+        inside TLS is all commands, none dropped as injected."""
+        b = self.plain_backend()
+        p = self.starttls_proxy(b.addr)
+        c = self.tls_client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(EHLO), OFFERED_EHLO)
+        c.send(b"RSET\r\nSTARTTLS\r\n")
+        self.assertEqual(c.read_reply(), b"250 2.0.0 ok\r\n")
+        self.assertEqual(c.read_reply(), READY)
+        c.start_tls()
+        c.send(EHLO + b"\r\nNOOP\r\n")  # one TLS record
+        self.assertEqual(c.read_reply(), BACKEND_EHLO)
+        self.assertEqual(c.read_reply(), b"250 2.0.0 ok\r\n")
+        self.quit(c)
+        self.assertEqual(b.wait_conns(1).commands, [EHLO, b"RSET", b"NOOP", b"QUIT"])
+        sid = p.sid_of(c)
+        close = self.assertPairs(p, sid, [
+            pair("<greeting>", 220, "scripted ESMTP"),
+            pair("EHLO client.example", 250, "scripted", lines=5),
+            pair("RSET", 250, "ok", esc="2.0.0"),
+            pair("STARTTLS", 220, "Ready to start TLS", esc="2.0.0", local=1, pipelined=1),
+            pair("EHLO client.example", 250, "scripted", lines=5, local=1),
+            pair("NOOP", 250, "ok", esc="2.0.0"),  # the EHLO before it was answered at once
+            pair("QUIT", 221, "Bye", esc="2.0.0"),
+        ])
+        self.assertEqual(close["end"], "quit")
+        self.assertEqual(p.find(ev="starttls_injection"), [])
+
+    def test_helo_inside_tls_gets_the_first_line(self):
+        b = self.plain_backend()
+        p = self.starttls_proxy(b.addr, transcript="full")
+        c = self.tls_client(p.port)
+        self.to_tls(c)
+        self.assertEqual(c.cmd(b"HELO client.example"), b"250 scripted\r\n")
+        self.assertEqual(c.cmd(b"MAIL FROM:<a@example.com>"), b"250 2.1.0 sender ok\r\n")
+        self.quit(c)
+        self.assertEqual(b.wait_conns(1).commands,
+                         [EHLO, b"MAIL FROM:<a@example.com>", b"QUIT"])
+        sid = p.sid_of(c)
+        p.close_of(sid)
+        ev = p.find(ev="pair", sid=sid, cmd="HELO client.example")
+        self.assertEqual(len(ev), 1)
+        self.assertEvent(ev[0], "pair", {"cmd": "HELO client.example", "code": 250,
+                                         "reply": "scripted", "lines": 1, "ms": MS,
+                                         "pipelined": 0, "local": 1})
+        self.assertIn("250 scripted", [e["text"] for e in p.find(ev="line", sid=sid,
+                                                                  dir="proxy")])
+
+    def test_helo_before_tls_answers_ehlo_inside_tls(self):
+        """HELO, then STARTTLS anyway: the EHLO inside TLS gets the HELO reply."""
+        b = self.plain_backend()
+        p = self.starttls_proxy(b.addr)
+        c = self.tls_client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(b"HELO client.example"), b"250 scripted\r\n")  # as it came
+        self.assertEqual(c.cmd(b"STARTTLS"), READY)
+        c.start_tls()
+        self.assertEqual(c.cmd(EHLO), b"250 scripted\r\n")
+        self.quit(c)
+        self.assertEqual(b.wait_conns(1).commands, [b"HELO client.example", b"QUIT"])
+
+    def test_ehlo_inside_tls_relayed_when_the_backend_had_none(self):
+        b = self.plain_backend()
+        p = self.starttls_proxy(b.addr)
+        c = self.tls_client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(b"STARTTLS"), READY)  # no EHLO first
+        c.start_tls()
+        self.assertEqual(c.cmd(EHLO), BACKEND_EHLO)
+        self.quit(c)
+        self.assertEqual(b.wait_conns(1).commands, [EHLO, b"QUIT"])
+        sid = p.sid_of(c)
+        p.close_of(sid)
+        ev = p.find(ev="pair", sid=sid, cmd="EHLO client.example")
+        self.assertEqual([e.get("local") for e in ev], [None])
+
+    def test_second_ehlo_inside_tls_is_relayed(self):
+        """Only the EHLO RFC 3207 asks for is answered by mxproxy; one the
+        client repeats inside TLS is the backend's to answer."""
+        b = self.plain_backend()
+        p = self.starttls_proxy(b.addr)
+        c = self.tls_client(p.port)
+        self.to_tls(c)
+        self.assertEqual(c.cmd(EHLO), BACKEND_EHLO)
+        self.assertEqual(c.cmd(b"EHLO again.example"),
+                         ehlo_lines("scripted", NO_STARTTLS_EXT))
+        self.quit(c)
+        self.assertEqual(b.wait_conns(1).commands, [EHLO, b"EHLO again.example", b"QUIT"])
+
+    def test_ehlo_reply_too_long_to_keep_is_relayed_again(self):
+        """An EHLO reply over 4096 bytes is neither rewritten nor kept: the
+        EHLO inside TLS goes to the backend, which answers it."""
+        ext = NO_STARTTLS_EXT + tuple("X-LONG-%03d %s" % (i, "v" * 60) for i in range(70))
+        b = self.plain_backend(ext=ext)
+        p = self.starttls_proxy(b.addr)
+        c = self.tls_client(p.port)
+        big = ehlo_lines("scripted", ext)
+        self.assertGreater(len(big), 4096)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(EHLO), big)  # as it came: STARTTLS not offered
+        self.assertEqual(c.cmd(b"STARTTLS"), READY)
+        c.start_tls()
+        self.assertEqual(c.cmd(EHLO), big)
+        self.quit(c)
+        self.assertEqual(b.wait_conns(1).commands, [EHLO, EHLO, b"QUIT"])
+
+    def test_starttls_refused_during_a_transaction(self):
+        """The backend never sees the TLS, so it would keep a transaction
+        that RFC 3207 ends: STARTTLS is refused while one is open, as
+        Postfix and OpenSMTPD refuse it themselves."""
+        b = self.plain_backend()
+        p = self.starttls_proxy(b.addr)
+        c = self.tls_client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(EHLO), OFFERED_EHLO)
+        self.assertEqual(c.cmd(b"MAIL FROM:<a@example.com>"), b"250 2.1.0 sender ok\r\n")
+        self.assertEqual(c.cmd(b"STARTTLS"),
+                         b"503 5.5.1 Error: MAIL transaction in progress\r\n")
+        self.assertEqual(c.cmd(b"RSET"), b"250 2.0.0 ok\r\n")  # still plaintext
+        self.assertEqual(c.cmd(b"STARTTLS"), READY)
+        c.start_tls()
+        self.assertEqual(c.cmd(EHLO), BACKEND_EHLO)
+        self.assertEqual(c.cmd(b"MAIL FROM:<b@example.com>"), b"250 2.1.0 sender ok\r\n")
+        self.quit(c)
+        self.assertEqual(b.wait_conns(1).commands,
+                         [EHLO, b"MAIL FROM:<a@example.com>", b"RSET",
+                          b"MAIL FROM:<b@example.com>", b"QUIT"])
+        sid = p.sid_of(c)
+        self.assertPairs(p, sid, [
+            pair("<greeting>", 220, "scripted ESMTP"),
+            pair("EHLO client.example", 250, "scripted", lines=5),
+            pair("MAIL FROM:<a@example.com>", 250, "sender ok", esc="2.1.0"),
+            pair("STARTTLS", 503, "Error: MAIL transaction in progress", esc="5.5.1", local=1),
+            pair("RSET", 250, "ok", esc="2.0.0"),
+            pair("STARTTLS", 220, "Ready to start TLS", esc="2.0.0", local=1),
+            pair("EHLO client.example", 250, "scripted", lines=5, local=1),
+            pair("MAIL FROM:<b@example.com>", 250, "sender ok", esc="2.1.0"),
+            pair("QUIT", 221, "Bye", esc="2.0.0"),
+        ])
+
+    def test_pipelined_inside_tls_answered_in_order(self):
+        """The EHLO mxproxy answers waits for the replies before it."""
+        b = self.plain_backend()
+        p = self.starttls_proxy(b.addr)
+        c = self.tls_client(p.port)
+        self.to_tls(c)
+        c.send(b"NOOP\r\n" + EHLO + b"\r\nMAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(c.read_reply(), b"250 2.0.0 ok\r\n")
+        self.assertEqual(c.read_reply(), BACKEND_EHLO)
+        self.assertEqual(c.read_reply(), b"250 2.1.0 sender ok\r\n")
+        self.quit(c)
+        self.assertEqual(b.wait_conns(1).commands,
+                         [EHLO, b"NOOP", b"MAIL FROM:<a@example.com>", b"QUIT"])
+        sid = p.sid_of(c)
+        p.close_of(sid)
+        cmds = [(e["cmd"], e["code"], e["pipelined"], e.get("local"))
+                for e in p.find(ev="pair", sid=sid)][3:]
+        self.assertEqual(cmds, [("NOOP", "250", "0", None),
+                                ("EHLO client.example", "250", "1", "1"),
+                                ("MAIL FROM:<a@example.com>", "250", "1", None),
+                                ("QUIT", "221", "0", None)])
+
+    def test_xclient_new_session_then_one_ehlo_inside_it(self):
+        """xclient = on: XCLIENT starts a new backend session, which hears the
+        client's EHLO once; the EHLO inside TLS is answered from that reply."""
+        b = self.plain_backend(ext=NO_STARTTLS_EXT + ("XCLIENT ADDR PORT PROTO HELO",))
+        p = self.starttls_proxy(b.addr, xclient="on")
+        c = self.tls_client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        before = c.cmd(EHLO)
+        self.assertIn(b"250-STARTTLS\r\n", before)
+        self.assertEqual(c.cmd(b"STARTTLS"), READY)
+        c.start_tls()
+        self.assertEqual(c.cmd(EHLO), before.replace(b"250-STARTTLS\r\n", b""))
+        self.quit(c)
+        commands = b.wait_conns(1).commands
+        x = max(i for i, line in enumerate(commands) if line.startswith(b"XCLIENT "))
+        self.assertEqual(commands[x + 1:], [EHLO, b"QUIT"], commands)
+        sid = p.sid_of(c)
+        p.close_of(sid)
+        ehlos = [e.get("local") for e in p.find(ev="pair", sid=sid, cmd="EHLO client.example")]
+        self.assertEqual(ehlos, [None, "1"])
 
     def test_plaintext_after_220_is_not_a_handshake(self):
         b = self.plain_backend()
@@ -340,7 +527,7 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.assertEqual(out, ehlo_lines("scripted", NO_STARTTLS_EXT) + b"221 2.0.0 Bye\r\n")
         rec = b.wait_conns(1)
         self.assertTrue(rec.closed.wait(3))
-        self.assertEqual(rec.commands, [b"EHLO client.example", b"EHLO x", b"QUIT"])
+        self.assertEqual(rec.commands, [b"EHLO client.example", b"QUIT"])
 
     def test_swaks_tls_verified(self):
         b = self.plain_backend()

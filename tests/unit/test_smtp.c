@@ -821,6 +821,35 @@ static void expect_ehlo(const char *in, bool add, const char *want)
     ASSERT_MEMEQ(out, (size_t)n, want, strlen(want));
 }
 
+static void expect_helo(const char *in, const char *want)
+{
+    char out[64];
+    ssize_t n = smtp_helo_reply(in, strlen(in), out, sizeof(out));
+    if (want == NULL) {
+        ASSERT_EQ(n, -1);
+        return;
+    }
+    ASSERT(n >= 0);
+    ASSERT_MEMEQ(out, (size_t)n, want, strlen(want));
+}
+
+/* The single-line HELO form of a cached EHLO or HELO reply. */
+static void test_helo_reply(void)
+{
+    expect_helo("250-mx.example ESMTP hi\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+                "250 mx.example ESMTP hi\r\n");
+    expect_helo("250 mx.example\r\n", "250 mx.example\r\n");
+    expect_helo("250-mx.example\n250 SIZE\n", "250 mx.example\r\n"); /* LF only */
+    expect_helo("250 \r\n", "250 \r\n");
+    expect_helo("250-mx", NULL); /* no line end */
+    expect_helo("", NULL);
+    expect_helo("220 mx.example\r\n", NULL); /* not a 250 */
+    expect_helo("250mx.example\r\n", NULL);  /* no separator */
+    expect_helo("250-\n", "250 \r\n");
+    char small[8];
+    ASSERT_EQ(smtp_helo_reply("250 mx.example\r\n", 16, small, sizeof(small)), -1);
+}
+
 static void test_ehlo_rewrite(void)
 {
     /* Offered before TLS: a second line, everything else byte for byte. */
@@ -921,6 +950,7 @@ int main(void)
     test_server_timing();
     test_ehlo_rewrite();
     test_ehlo_edit_xclient();
+    test_helo_reply();
     printf("test_smtp: ok\n");
     return 0;
 }

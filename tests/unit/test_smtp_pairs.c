@@ -445,6 +445,84 @@ static void test_smuggling_local(void)
     free(s);
 }
 
+/* Feeds one client command line to pp, as a session would. */
+static void pairs_command(struct smtp_pairs *pp, const char *line, enum smtp_local local)
+{
+    struct smtp_client cp = {0};
+    struct smtp_event ev;
+
+    ASSERT_EQ(smtp_client_parse(&cp, line, strlen(line), &ev), strlen(line));
+    ASSERT_EQ(ev.type, SMTP_EV_COMMAND);
+    ASSERT_OK(smtp_pairs_on_client_event(pp, &ev, 1));
+    if (local != SMTP_LOCAL_NONE)
+        ASSERT_OK(smtp_pairs_answer_locally(pp, local));
+}
+
+static void pairs_reply(struct smtp_pairs *pp, const char *reply)
+{
+    struct smtp_server sp = {0};
+    struct smtp_server_event ev;
+    struct smtp_pair p;
+
+    ASSERT_EQ(smtp_server_parse(&sp, reply, strlen(reply), 2, &ev), strlen(reply));
+    ASSERT_EQ(ev.type, SMTP_SEV_REPLY);
+    (void)smtp_pairs_on_reply(pp, ev.reply, &p);
+}
+
+/* STARTTLS answered by the proxy: refused while the server holds a transaction, which it
+ * would never reset, since it does not see the TLS; the EHLO after TLS closes one too. */
+static void test_starttls_in_transaction(void)
+{
+    struct smtp_pairs_entry q[SMTP_PAIRS_CAP];
+    struct smtp_pairs pp = {0};
+    struct smtp_pair p;
+
+    smtp_pairs_attach(&pp, q);
+    pairs_reply(&pp, "220 hi\r\n");
+    pairs_command(&pp, "EHLO c\r\n", SMTP_LOCAL_NONE);
+    pairs_reply(&pp, "250 mx\r\n");
+    ASSERT_EQ(smtp_pairs_in_transaction(&pp), false);
+    pairs_command(&pp, "MAIL FROM:<a@b>\r\n", SMTP_LOCAL_NONE);
+    pairs_command(&pp, "STARTTLS\r\n", SMTP_LOCAL_STARTTLS);
+    ASSERT_EQ(smtp_pairs_take_local(&pp, 3, &p), false); /* MAIL first */
+    pairs_reply(&pp, "250 ok\r\n");
+    ASSERT_EQ(smtp_pairs_in_transaction(&pp), true);
+    ASSERT_EQ(smtp_pairs_take_local(&pp, 3, &p), true);
+    ASSERT_EQ(p.local, SMTP_LOCAL_STARTTLS_IN_TX);
+    ASSERT_EQ(p.code, 503);
+    ASSERT_STREQ(p.esc, "5.5.1");
+    ASSERT_STREQ(p.text, "Error: MAIL transaction in progress");
+    ASSERT_STREQ(p.cmd_text, "STARTTLS");
+    pairs_command(&pp, "RSET\r\n", SMTP_LOCAL_NONE);
+    pairs_reply(&pp, "250 ok\r\n");
+    ASSERT_EQ(smtp_pairs_in_transaction(&pp), false);
+    pairs_command(&pp, "STARTTLS\r\n", SMTP_LOCAL_STARTTLS);
+    ASSERT_EQ(smtp_pairs_take_local(&pp, 3, &p), true);
+    ASSERT_EQ(p.local, SMTP_LOCAL_STARTTLS);
+    ASSERT_EQ(p.code, 220);
+    pairs_command(&pp, "EHLO c\r\n", SMTP_LOCAL_EHLO);
+    ASSERT_EQ(smtp_pairs_take_local(&pp, 3, &p), true);
+    ASSERT_EQ(p.local, SMTP_LOCAL_EHLO);
+    ASSERT_EQ(p.code, 250);
+    ASSERT_STREQ(p.cmd_text, "EHLO c");
+    /* A transaction ends with its end of data, whatever the answer. */
+    pairs_command(&pp, "MAIL FROM:<a@b>\r\n", SMTP_LOCAL_NONE);
+    pairs_reply(&pp, "250 ok\r\n");
+    pairs_command(&pp, "RCPT TO:<c@d>\r\n", SMTP_LOCAL_NONE);
+    pairs_reply(&pp, "250 ok\r\n");
+    pairs_command(&pp, "DATA\r\n", SMTP_LOCAL_NONE);
+    pairs_reply(&pp, "354 go\r\n");
+    struct smtp_event end = {.type = SMTP_EV_DATA_END, .fwd = ".\r\n", .fwd_len = 3};
+    ASSERT_OK(smtp_pairs_on_client_event(&pp, &end, 4));
+    ASSERT_EQ(smtp_pairs_in_transaction(&pp), true);
+    pairs_reply(&pp, "554 no\r\n");
+    ASSERT_EQ(smtp_pairs_in_transaction(&pp), false);
+    /* A refused MAIL opens none. */
+    pairs_command(&pp, "MAIL FROM:<a@b>\r\n", SMTP_LOCAL_NONE);
+    pairs_reply(&pp, "550 no\r\n");
+    ASSERT_EQ(smtp_pairs_in_transaction(&pp), false);
+}
+
 static void test_fifo_full(void)
 {
     struct sim *s = sim_new();
@@ -566,6 +644,7 @@ int main(void)
     test_xclient();
     test_local_answers_in_order();
     test_smuggling_local();
+    test_starttls_in_transaction();
     test_fifo_full();
     test_abort_outstanding();
     test_storage();
