@@ -950,6 +950,22 @@ static int session_send_proxy_header(struct session *s)
     return rc;
 }
 
+/* max_connections reached: mode smtp tells the client why (a server-first
+ * client would otherwise wait for a greeting, or retry at once), mode tcp
+ * just closes. No backend is connected, and the session stops counting
+ * against the limit now: refused clients never crowd out accepted ones. */
+static void session_refuse_over_limit(struct session *s)
+{
+    atomic_fetch_sub(&s->cl->shared->active, 1);
+    s->flags &= ~SESSION_F_COUNTED;
+    if (s->cl->mode == CONFIG_MODE_SMTP && session_smtp_new(s) == 0) {
+        session_smtp_over_limit(s);
+        session_close_after_flush(s, SESSION_END_LIMIT, NULL);
+        return;
+    }
+    session_close(s, SESSION_END_LIMIT, NULL);
+}
+
 void session_accept(struct listener *l)
 {
     struct worker *w = l->w;
@@ -989,7 +1005,7 @@ void session_accept(struct listener *l)
     s->flags |= SESSION_F_COUNTED;
     unsigned active = atomic_fetch_add(&s->cl->shared->active, 1) + 1;
     if (s->cl->max_connections > 0 && active > s->cl->max_connections) {
-        session_close(s, SESSION_END_LIMIT, NULL);
+        session_refuse_over_limit(s);
         return;
     }
     if (s->cl->mode == CONFIG_MODE_SMTP && session_smtp_new(s) != 0) {

@@ -1123,6 +1123,14 @@ void session_smtp_goodbye(struct session *s, enum session_end end)
     m->flags |= SESSION_SMTP_F_ENDING;
 }
 
+void session_smtp_over_limit(struct session *s)
+{
+    static const char reply[] = "421 4.7.0 mxproxy: too many connections, try again later";
+
+    session_smtp_say(s, reply);
+    s->smtp->primary = reply;
+}
+
 enum session_end session_smtp_end(const struct session *s, enum session_end end)
 {
     const struct smtp_pairs_summary *sum = smtp_pairs_summary(&s->smtp->pp);

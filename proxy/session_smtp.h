@@ -51,6 +51,10 @@ void session_smtp_backend_tls_ready(struct session *s);
 /* Ends the session with a 421 reply to the client, for timeouts and drain. */
 void session_smtp_goodbye(struct session *s, enum session_end end);
 
+/* max_connections reached: answers "421 4.7.0 ... too many connections"; the
+ * caller closes once it is sent. */
+void session_smtp_over_limit(struct session *s);
+
 /* Refines end= with what SMTP knows: client_eof becomes quit or
  * client_eof_without_quit; backend_closed after an answered QUIT is quit. */
 enum session_end session_smtp_end(const struct session *s, enum session_end end);
