@@ -43,8 +43,8 @@ struct config_parser {
     int lineno;                  /* line most recently handed to inih, from 1 */
     enum config_section section; /* section the current line belongs to */
     size_t listener;             /* index in cfg->listeners when in a listener */
-    uint32_t global_seen;        /* one bit per config_keys[] row set in [global] */
-    uint32_t listener_seen;      /* the same for the current listener */
+    uint64_t global_seen;        /* one bit per config_keys[] row set in [global] */
+    uint64_t listener_seen;      /* the same for the current listener */
     struct config *cfg;          /* being built; freed by the caller on error */
     int err_code;                /* 0, or the negative errno of the first error */
     int err_line;                /* line of the first error, 0 when none applies */
@@ -203,6 +203,12 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_G(drain_timeout_ms),
      .min = 0,
      .max = CONFIG_DURATION_MAX_MS},
+    {.name = "drain_grace",
+     .section = CONFIG_SECTION_GLOBAL,
+     .parse = config_parse_duration,
+     .offset = CONFIG_G(drain_grace_ms),
+     .min = 0,
+     .max = CONFIG_DURATION_MAX_MS},
     {.name = "listen", .section = CONFIG_SECTION_LISTENER, .parse = config_parse_listen},
     {.name = "backend",
      .section = CONFIG_SECTION_LISTENER,
@@ -221,6 +227,13 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(idle_timeout_ms),
      .min = 1,
      .max = CONFIG_DURATION_MAX_MS},
+    {.name = "greeting_timeout",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_duration,
+     .offset = CONFIG_L(greeting_timeout_ms),
+     .min = 1,
+     .max = CONFIG_DURATION_MAX_MS,
+     .flags = CONFIG_KEY_F_SMTP},
     {.name = "max_connections",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_uint,
@@ -337,7 +350,7 @@ static const struct config_key config_keys[] = {
      .flags = CONFIG_KEY_F_SMTP},
 };
 
-_Static_assert(sizeof(config_keys) / sizeof(config_keys[0]) <= 32,
+_Static_assert(sizeof(config_keys) / sizeof(config_keys[0]) <= 64,
                "config_parser.*_seen hold one bit per key");
 
 /* Stores the first error only; later calls are ignored so the message always
@@ -430,6 +443,7 @@ static struct config *config_new(const char *path)
     c->log_format = CONFIG_LOG_LOGFMT;
     c->log_level = CONFIG_LOG_INFO;
     c->drain_timeout_ms = 30 * 1000;
+    c->drain_grace_ms = 10 * 1000;
     return c;
 }
 
@@ -502,6 +516,7 @@ static void config_open_listener(struct config_parser *p, const char *name, size
         .mode = CONFIG_MODE_TCP,
         .connect_timeout_ms = 5 * 1000,
         .idle_timeout_ms = 300 * 1000,
+        .greeting_timeout_ms = 30 * 1000,
         .max_connections = 0,
         .fail_timeout_ms = 10 * 1000,
         .max_line_length = 4096,
@@ -1152,8 +1167,8 @@ static int config_on_key(void *user, const char *section, const char *name, cons
 {
     struct config_parser *p = user;
     const struct config_key *k = NULL;
-    uint32_t *seen;
-    uint32_t bit;
+    uint64_t *seen;
+    uint64_t bit;
     char label[CONFIG_NAME_MAX + 16];
 
     (void)section; /* config_read_line() tracks sections, with their lines */
@@ -1175,7 +1190,7 @@ static int config_on_key(void *user, const char *section, const char *name, cons
         return 0;
     }
     seen = p->section == CONFIG_SECTION_GLOBAL ? &p->global_seen : &p->listener_seen;
-    bit = UINT32_C(1) << (k - config_keys);
+    bit = UINT64_C(1) << (k - config_keys);
     if ((*seen & bit) != 0 && (k->flags & CONFIG_KEY_F_REPEAT) == 0) {
         config_fail(p, -EINVAL, p->lineno, "duplicate key '%s' in %s", name,
                     config_section_label(p, label, sizeof(label)));
