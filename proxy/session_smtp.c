@@ -1111,6 +1111,11 @@ void session_smtp_connect_failed(struct session *s, const char *why)
     s->smtp->primary = reply;
 }
 
+bool session_smtp_greeted(const struct session *s)
+{
+    return s->smtp->pp.greeted;
+}
+
 void session_smtp_goodbye(struct session *s, enum session_end end)
 {
     struct session_smtp *m = s->smtp;

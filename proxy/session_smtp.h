@@ -51,6 +51,9 @@ void session_smtp_backend_tls_ready(struct session *s);
 /* Ends the session with a 421 reply to the client, for timeouts and drain. */
 void session_smtp_goodbye(struct session *s, enum session_end end);
 
+/* The backend's greeting was received whole (greeting_timeout). */
+bool session_smtp_greeted(const struct session *s);
+
 /* max_connections reached: answers "421 4.7.0 ... too many connections"; the
  * caller closes once it is sent. */
 void session_smtp_over_limit(struct session *s);
