@@ -1073,12 +1073,41 @@ void session_accept(struct listener *l)
     session_log_open(s);
 }
 
+/* A mode smtp session whose backend owes a reply waits for it. */
+static void session_drain_deadline(struct session *s)
+{
+    if (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING))
+        return; /* ending already, within SESSION_FLUSH_GRACE_MS */
+    if (s->smtp != NULL && (s->flags & SESSION_F_CONNECTED) && session_smtp_drain_wait(s))
+        return;
+    session_end_now(s, SESSION_END_DRAIN);
+}
+
 void session_close_all(struct worker *w)
 {
     struct session *s = w->sessions;
     while (s != NULL) {
         struct session *next = s->next; /* s stays linked until its close callbacks run */
-        session_end_now(s, SESSION_END_DRAIN);
+        session_drain_deadline(s);
+        s = next;
+    }
+}
+
+void session_cut_all(struct worker *w)
+{
+    struct session *s = w->sessions;
+    while (s != NULL) {
+        struct session *next = s->next;
+        if (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) {
+            s = next;
+            continue;
+        }
+        if (s->smtp != NULL && (s->flags & SESSION_F_CONNECTED)) {
+            session_smtp_drain_cut(s);
+            session_close_after_flush(s, SESSION_END_DRAIN, NULL);
+        } else {
+            session_close(s, SESSION_END_DRAIN, NULL);
+        }
         s = next;
     }
 }

@@ -58,6 +58,7 @@ struct session_smtp {
 #define SESSION_SMTP_F_TLS 0x08u       /* client_tls = starttls and the client did STARTTLS */
 #define SESSION_SMTP_F_SWITCHED 0x10u  /* TLS began in the middle of a read: drop the rest */
 #define SESSION_SMTP_F_DROP_BDAT 0x20u /* the current BDAT was refused: drop its chunk */
+#define SESSION_SMTP_F_DRAIN 0x400u    /* drain deadline passed: owed replies, then 421 */
 
 #define SESSION_SMTP_EHLO_MAX 4096 /* an EHLO reply longer than this is not rewritten */
 
@@ -307,6 +308,7 @@ static int session_smtp_out_add(struct session *s, struct relay_block *b,
 /* ---- client side ---------------------------------------------------------------------- */
 
 static void session_smtp_answer_locals(struct session *s);
+static void session_smtp_drain_answered(struct session *s);
 
 /* What a client event means beyond forwarding: logs, guard rails. */
 static void session_smtp_client_event(struct session *s, const struct smtp_event *ev)
@@ -589,8 +591,8 @@ static void session_smtp_resume_client(struct session *s)
     struct session_smtp *m = s->smtp;
     struct relay_block *b = m->held;
 
-    if (b == NULL)
-        return;
+    if (b == NULL || (m->flags & SESSION_SMTP_F_DRAIN))
+        return; /* draining: nothing more the client said reaches the backend */
     m->held = NULL;
     session_smtp_client_bytes(s, b, m->held_off, m->held_end);
     relay_block_unref(s->up.pool, b);
@@ -689,6 +691,7 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
     session_smtp_resume_client(s);
     session_smtp_answer_locals(s);
     session_smtp_fifo_detach(s);
+    session_smtp_drain_answered(s);
 }
 
 /* The backend is gone or unusable: the oldest outstanding command gets
@@ -1134,6 +1137,53 @@ void session_smtp_over_limit(struct session *s)
 
     session_smtp_say(s, reply);
     s->smtp->primary = reply;
+}
+
+bool session_smtp_drain_wait(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    if ((m->flags & (SESSION_SMTP_F_OPAQUE | SESSION_SMTP_F_ENDING)) ||
+        smtp_pairs_outstanding(&m->pp) == 0)
+        return false;
+    m->flags |= SESSION_SMTP_F_DRAIN;
+    relay_hold(&s->up); /* what the client sends now is answered by the 421, never relayed */
+    return true;
+}
+
+/* After a reply: a draining session owed nothing more ends now, with the
+ * 421 that answers whatever the client sent after the deadline. */
+static void session_smtp_drain_answered(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (!(m->flags & SESSION_SMTP_F_DRAIN) || (m->flags & SESSION_SMTP_F_ENDING) ||
+        (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) || smtp_pairs_outstanding(&m->pp) > 0)
+        return;
+    if (smtp_pairs_summary(&m->pp)->quit_answered) {
+        session_close_after_flush(s, SESSION_END_QUIT, NULL); /* 221 said goodbye already */
+        return;
+    }
+    session_smtp_goodbye(s, SESSION_END_DRAIN);
+    session_close_after_flush(s, SESSION_END_DRAIN, NULL);
+}
+
+void session_smtp_drain_cut(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    struct smtp_pair p;
+    bool owed = false;
+
+    relay_hold(&s->up);
+    /* A reply still owed is never forged: the client sees only the close,
+     * as for a dropped connection; a 421 would say the message was refused. */
+    while (smtp_pairs_abort(&m->pp, &p)) {
+        owed = true;
+        session_smtp_log_pair(s, &p);
+    }
+    if (!owed)
+        session_smtp_goodbye(s, SESSION_END_DRAIN);
+    m->flags |= SESSION_SMTP_F_ENDING;
 }
 
 enum session_end session_smtp_end(const struct session *s, enum session_end end)

@@ -58,6 +58,19 @@ bool session_smtp_greeted(const struct session *s);
  * caller closes once it is sent. */
 void session_smtp_over_limit(struct session *s);
 
+/* The drain deadline passed. Returns false when the backend owes no reply:
+ * the caller ends the session now (session_smtp_goodbye). Returns true when
+ * one is owed: the client is no longer read, and once the last owed reply
+ * has been forwarded the client gets "421 4.3.2" and the session closes
+ * (end=drain); the caller does nothing more. */
+bool session_smtp_drain_wait(struct session *s);
+
+/* drain_grace ran out (or a third signal): every command still owed a reply
+ * is logged aborted=1 and gets no reply at all (a 421 could contradict what
+ * the backend did with it); with none owed the client gets the 421. The
+ * caller closes after the flush. */
+void session_smtp_drain_cut(struct session *s);
+
 /* Refines end= with what SMTP knows: client_eof becomes quit or
  * client_eof_without_quit; backend_closed after an answered QUIT is quit. */
 enum session_end session_smtp_end(const struct session *s, enum session_end end);
