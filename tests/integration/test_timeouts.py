@@ -107,6 +107,7 @@ class GreetingTimeoutTest(mxtest.ProxyTestCase):
         self.assertEqual(c.recv_until(b"\r\n", timeout=4), b"220 live ESMTP\r\n")
         self.assertWithin(time.monotonic() - c.t_connected, 0.9, 2.0, "greeting after failover")
         sid = p.sid_of(c)
+        p.wait_event(ev="connect", sid=sid, backend=live.addr)  # log lines lag the bytes
         connects = p.find(ev="connect", sid=sid)
         self.assertEqual([e["backend"] for e in connects], [silent.addr, live.addr])
         errors = p.find(ev="connect_error", sid=sid)
