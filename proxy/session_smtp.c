@@ -1109,7 +1109,12 @@ void session_smtp_connect_failed(struct session *s, const char *why)
 {
     (void)why;
     static const char reply[] = "421 4.4.1 mxproxy: no mail server available, try again later";
+    struct smtp_pair p;
 
+    /* A client that talked before a greeting that never came: its
+     * commands were never answered. */
+    while (smtp_pairs_abort(&s->smtp->pp, &p))
+        session_smtp_log_pair(s, &p);
     session_smtp_say(s, reply);
     s->smtp->primary = reply;
 }

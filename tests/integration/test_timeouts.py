@@ -161,9 +161,11 @@ class GreetingTimeoutTest(mxtest.ProxyTestCase):
         how, got = c.wait_closed(3)
         self.assertEqual((how, got), ("eof", NO_SERVER))
         self.assertWithin(time.monotonic() - c.t_connected, 0.4, 1.5, "greeting timeout")
-        close = p.close_of(p.sid_of(c))
-        self.assertEqual((close["end"], close["error"]), ("connect_failed", "no greeting"))
-        self.assertEqual(close["primary_error"], NO_SERVER.decode().rstrip("\r\n"))
+        sid = p.sid_of(c)
+        close = self.assertPairs(p, sid, [mxtest.pair("EHLO early.example", 0, aborted=1)])
+        self.assertEvent(close, "close", smtp_close(
+            "connect_failed", backend=None, error="no greeting", helo="early.example",
+            primary_error=NO_SERVER.decode().rstrip("\r\n")))
         self.assertEqual(len(live.conns), 0)
         self.assertEqual(bytes(silent.conns[0].received), b"EHLO early.example\r\n")
 
