@@ -59,6 +59,7 @@ struct session_smtp {
 #define SESSION_SMTP_F_SWITCHED 0x10u  /* TLS began in the middle of a read: drop the rest */
 #define SESSION_SMTP_F_DROP_BDAT 0x20u /* the current BDAT was refused: drop its chunk */
 #define SESSION_SMTP_F_DRAIN 0x400u    /* drain deadline passed: owed replies, then 421 */
+#define SESSION_SMTP_F_IN_CHUNK 0x800u /* a BDAT chunk is on its way: the client owes bytes */
 
 #define SESSION_SMTP_EHLO_MAX 4096 /* an EHLO reply longer than this is not rewritten */
 
@@ -316,6 +317,11 @@ static void session_smtp_client_event(struct session *s, const struct smtp_event
     struct session_smtp *m = s->smtp;
     struct log_line l;
 
+    if (ev->type == SMTP_EV_COMMAND && ev->cmd == SMTP_CMD_BDAT &&
+        !(ev->flags & SMTP_EV_F_BAD_ARGS))
+        m->flags |= SESSION_SMTP_F_IN_CHUNK;
+    else if (ev->type == SMTP_EV_BDAT_END)
+        m->flags &= ~SESSION_SMTP_F_IN_CHUNK;
     switch (ev->type) {
     case SMTP_EV_COMMAND:
         if (session_smtp_logs_lines(s)) {
@@ -1144,13 +1150,41 @@ void session_smtp_over_limit(struct session *s)
     s->smtp->primary = reply;
 }
 
+/* Replies the backend owes: a BDAT whose chunk is still on its way is owed
+ * bytes by the client instead, and the backend answers it only once they
+ * are all in. */
+static size_t session_smtp_owed(const struct session_smtp *m)
+{
+    size_t n = smtp_pairs_outstanding(&m->pp);
+
+    if (n > 0 && (m->flags & SESSION_SMTP_F_IN_CHUNK))
+        n--;
+    return n;
+}
+
+/* Logs the BDAT whose chunk will never be complete as aborted=1 (the 421
+ * that follows is its answer, and the backend discards the chunk). */
+static void session_smtp_drop_chunk(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    struct smtp_pair p;
+
+    if (!(m->flags & SESSION_SMTP_F_IN_CHUNK))
+        return;
+    while (smtp_pairs_abort(&m->pp, &p))
+        session_smtp_log_pair(s, &p);
+}
+
 bool session_smtp_drain_wait(struct session *s)
 {
     struct session_smtp *m = s->smtp;
 
-    if ((m->flags & (SESSION_SMTP_F_OPAQUE | SESSION_SMTP_F_ENDING)) ||
-        smtp_pairs_outstanding(&m->pp) == 0)
+    if (m->flags & (SESSION_SMTP_F_OPAQUE | SESSION_SMTP_F_ENDING))
         return false;
+    if (session_smtp_owed(m) == 0) {
+        session_smtp_drop_chunk(s);
+        return false;
+    }
     m->flags |= SESSION_SMTP_F_DRAIN;
     relay_hold(&s->up); /* what the client sends now is answered by the 421, never relayed */
     return true;
@@ -1163,8 +1197,9 @@ static void session_smtp_drain_answered(struct session *s)
     struct session_smtp *m = s->smtp;
 
     if (!(m->flags & SESSION_SMTP_F_DRAIN) || (m->flags & SESSION_SMTP_F_ENDING) ||
-        (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) || smtp_pairs_outstanding(&m->pp) > 0)
+        (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) || session_smtp_owed(m) > 0)
         return;
+    session_smtp_drop_chunk(s);
     if (smtp_pairs_summary(&m->pp)->quit_answered) {
         session_close_after_flush(s, SESSION_END_QUIT, NULL); /* 221 said goodbye already */
         return;

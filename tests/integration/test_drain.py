@@ -273,6 +273,40 @@ class DrainTest(mxtest.ProxyTestCase):
         self.assertEqual([c for c in rec.commands if c.startswith(b"MAIL")],
                          [b"MAIL FROM:<h@example.com>"])
 
+    def test_bdat_chunk_on_its_way_is_not_waited_for(self):
+        # The client owes the rest of the chunk, the backend owes nothing:
+        # the deadline cuts at once, with the 421 as the BDAT's answer.
+        b = self.track(HoldingBackend())
+        p = self.start_smtp_proxy(b.addr, glob={"drain_timeout": "1s", "drain_grace": "30s"})
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 holding ESMTP\r\n")
+        self.assertEqual(c.cmd(b"EHLO chunky.example"), EHLO_REPLY)
+        self.assertEqual(c.cmd(b"MAIL FROM:<c@example.com>"), b"250 2.1.0 sender ok\r\n")
+        self.assertEqual(c.cmd(b"RCPT TO:<b@example.com>"), b"250 2.1.5 recipient ok\r\n")
+        c.send(b"BDAT 1000 LAST\r\n" + b"x" * 400)
+        rec = b.wait_conns(1)
+        deadline = time.monotonic() + 3
+        while len(rec.received) < 400 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        m = p.mark()
+        p.signal(signal.SIGTERM)
+        drain = p.wait_event(start=m, ev="drain")
+        self.assertEqual(c.wait_closed(3), ("eof", SHUTTING_DOWN))
+        self.assertWithin(time.monotonic() - drain["_t"], 0.8, 1.8, "drain deadline")
+        sid = p.sid_of(c)
+        close = self.assertPairs(p, sid, [
+            pair("<greeting>", 220, "holding ESMTP"),
+            pair("EHLO chunky.example", 250, "holding", lines=6),
+            pair("MAIL FROM:<c@example.com>", 250, "sender ok", esc="2.1.0"),
+            pair("RCPT TO:<b@example.com>", 250, "recipient ok", esc="2.1.5"),
+            pair("BDAT 1000 LAST", 0, size=1000, aborted=1),
+        ])
+        self.assertEvent(close, "close", smtp_close(
+            "drain", helo="chunky.example", mail_from="c@example.com", rcpt_ok=1))
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.bodies, [], "an incomplete chunk was stored")
+        self.assertEqual(p.wait_exit(5), 0)
+
 
 if __name__ == "__main__":
     mxtest.main()
