@@ -91,7 +91,7 @@ class TimeoutsTest(mxtest.ProxyTestCase):
         self.assertEqual(c.recv_until(b"\r\n", timeout=3), b"220 live ESMTP\r\n")
         self.assertWithin(time.monotonic() - c.t_connected, 0.4, 1.2, "greeting after failover")
         sid = p.sid_of(c)
-        self.assertEqual(p.find(ev="connect_error", sid=sid)[0]["backend"], hole.addr)
+        self.assertEqual(p.wait_event(ev="connect_error", sid=sid)["backend"], hole.addr)
         self.assertEqual(p.wait_event(ev="connect", sid=sid)["backend"], live.addr)
 
 
