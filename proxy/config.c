@@ -205,6 +205,12 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_G(drain_timeout_ms),
      .min = 0,
      .max = CONFIG_DURATION_MAX_MS},
+    {.name = "drain_grace",
+     .section = CONFIG_SECTION_GLOBAL,
+     .parse = config_parse_duration,
+     .offset = CONFIG_G(drain_grace_ms),
+     .min = 0,
+     .max = CONFIG_DURATION_MAX_MS},
     {.name = "listen", .section = CONFIG_SECTION_LISTENER, .parse = config_parse_listen},
     {.name = "backend",
      .section = CONFIG_SECTION_LISTENER,
@@ -223,6 +229,13 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(idle_timeout_ms),
      .min = 1,
      .max = CONFIG_DURATION_MAX_MS},
+    {.name = "greeting_timeout",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_duration,
+     .offset = CONFIG_L(greeting_timeout_ms),
+     .min = 1,
+     .max = CONFIG_DURATION_MAX_MS,
+     .flags = CONFIG_KEY_F_SMTP},
     {.name = "max_connections",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_uint,
@@ -471,6 +484,7 @@ static struct config *config_new(const char *path)
     c->admin_max_connections = 64;
     c->admin_max_per_peer = 8;
     c->admin_header_timeout_ms = 3 * 1000;
+    c->drain_grace_ms = 10 * 1000;
     return c;
 }
 
@@ -543,6 +557,7 @@ static void config_open_listener(struct config_parser *p, const char *name, size
         .mode = CONFIG_MODE_TCP,
         .connect_timeout_ms = 5 * 1000,
         .idle_timeout_ms = 300 * 1000,
+        .greeting_timeout_ms = 30 * 1000,
         .max_connections = 0,
         .fail_timeout_ms = 10 * 1000,
         .max_line_length = 4096,

@@ -124,6 +124,7 @@ struct config_listener {
     enum config_mode mode;              /* "mode", default tcp */
     unsigned connect_timeout_ms;        /* "connect_timeout", default 5 s */
     unsigned idle_timeout_ms;           /* "idle_timeout", default 300 s */
+    unsigned greeting_timeout_ms;       /* "greeting_timeout", mode smtp, default 30 s */
     unsigned max_connections;           /* "max_connections", 0 = unlimited (default) */
     unsigned fail_timeout_ms;           /* "fail_timeout", default 10 s, 0 = off */
     unsigned max_line_length;           /* "max_line_length", mode smtp, default 4096 */
@@ -173,6 +174,7 @@ struct config {
     enum config_log_format log_format; /* "log_format", default logfmt */
     enum config_log_level log_level;   /* "log_level", default info */
     unsigned drain_timeout_ms;         /* "drain_timeout", default 30 s */
+    unsigned drain_grace_ms;           /* "drain_grace": owed replies after it, default 10 s */
     bool has_admin;                    /* "admin" was given */
     struct config_addr admin;          /* "admin": the HTTP admin endpoint's address */
     unsigned admin_max_connections;    /* "admin_max_connections", default 64 */

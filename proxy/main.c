@@ -27,6 +27,7 @@ static struct {
     struct worker *workers;
     unsigned n_workers;
     bool draining;                 /* SIGTERM/SIGINT seen once */
+    unsigned stop_signals;         /* SIGTERM/SIGINT seen after the first */
     bool drain_logged;             /* ev=drain written */
     atomic_uint listeners_closed;  /* workers that closed their listeners */
     atomic_uint exited;            /* workers whose loop ended */
@@ -199,9 +200,19 @@ static void main_on_signal(uv_signal_t *h, int signum)
             worker_post_drain(&mx.workers[i], mx.cfg->drain_timeout_ms);
         return;
     }
-    /* A second SIGTERM/SIGINT: stop waiting for sessions. */
-    log_msg(LOG_WARN, "drain_cut", "second signal: closing %u sessions now",
-            main_active_sessions());
+    /* A second SIGTERM/SIGINT: the drain deadline is now, but a reply the
+     * backend owes (a message it may already have stored) is still awaited
+     * for up to drain_grace, so no client is told 421 for mail that was
+     * accepted. A third one stops waiting for anything. */
+    if (++mx.stop_signals == 1) {
+        log_msg(LOG_WARN, "drain_cut",
+                "second signal: closing %u sessions, waiting up to %ums for owed replies",
+                main_active_sessions(), mx.cfg->drain_grace_ms);
+        for (unsigned i = 0; i < mx.n_workers; i++)
+            worker_post_deadline(&mx.workers[i]);
+        return;
+    }
+    log_msg(LOG_WARN, "drain_cut", "third signal: closing %u sessions now", main_active_sessions());
     for (unsigned i = 0; i < mx.n_workers; i++)
         worker_post_cut(&mx.workers[i]);
 }

@@ -130,9 +130,14 @@ static void session_on_timer_closed(uv_handle_t *h)
     session_maybe_free(s);
 }
 
+/* last_error after greeting_timeout: no UV_E* code says it. */
+#define SESSION_ERR_NO_GREETING (-0x7ffe)
+
 /* The error= text of a failed connect, the same on ev=connect_error and ev=close. */
 static const char *session_connect_error_text(int status)
 {
+    if (status == SESSION_ERR_NO_GREETING)
+        return "no greeting";
     return status == UV_ETIMEDOUT ? "connect timeout" : uv_strerror(status);
 }
 
@@ -427,8 +432,15 @@ static bool session_tls_pending(const struct session *s)
     return s->client_tls != NULL && !tls_handshake_done(s->client_tls);
 }
 
+/* Mode smtp: the backend connected but its greeting is not complete yet. */
+static bool session_greeting_pending(const struct session *s)
+{
+    return s->smtp != NULL && !session_smtp_greeted(s);
+}
+
 /* Milliseconds until the timer must look again: the idle deadline, or the
- * client's TLS handshake deadline when that comes first. */
+ * client's TLS handshake deadline or the greeting deadline when that comes
+ * first. */
 static uint64_t session_timer_ms(const struct session *s, uint64_t now)
 {
     uint64_t last = s->connected_at;
@@ -440,6 +452,13 @@ static uint64_t session_timer_ms(const struct session *s, uint64_t now)
     if (session_tls_pending(s)) {
         uint64_t age = now - s->tls_started_at;
         uint64_t left = age < SESSION_TLS_HANDSHAKE_MS ? SESSION_TLS_HANDSHAKE_MS - age : 0;
+        if (left < ms)
+            ms = left;
+    }
+    if (session_greeting_pending(s)) {
+        uint64_t age = now - s->connected_at;
+        uint64_t limit = s->cl->greeting_timeout_ms;
+        uint64_t left = age < limit ? limit - age : 0;
         if (left < ms)
             ms = left;
     }
@@ -466,6 +485,27 @@ static void session_tls_timeout(struct session *s)
     log_end(&l);
     metrics_tls(&s->w->metrics, true, false);
     session_close(s, SESSION_END_TLS_ERROR, "handshake timeout");
+}
+
+/* greeting_timeout: the backend accepted but never greeted. While nothing
+ * was relayed either way the client cannot tell, so it counts as a failed
+ * connect (ev=connect_error error="no greeting", the backend put last) and
+ * the next backend is tried. Once bytes went through (a client talking
+ * first) or a client TLS handshake began, there is no going back: the
+ * client gets the 421 4.4.1 of "no backend" at once. */
+static void session_greeting_timeout(struct session *s)
+{
+    bool clean = s->up.bytes == 0 && s->down.bytes == 0 && s->client_tls == NULL;
+
+    relay_stop(&s->up);
+    relay_stop(&s->down);
+    s->flags &= ~(SESSION_F_CONNECTED | SESSION_F_PP_SENT); /* the next backend starts afresh */
+    tls_conn_free(s->backend_tls);
+    s->backend_tls = NULL;
+    session_wire_tls(s);
+    if (!clean)
+        s->tries = session_n_backends(s); /* this was the last try */
+    session_connect_failed(s, SESSION_ERR_NO_GREETING);
 }
 
 static void session_on_timer(uv_timer_t *t)
@@ -497,6 +537,10 @@ static void session_on_timer(uv_timer_t *t)
     uint64_t idle = s->cl->idle_timeout_ms;
     if (session_tls_pending(s) && now - s->tls_started_at >= SESSION_TLS_HANDSHAKE_MS) {
         session_tls_timeout(s);
+        return;
+    }
+    if (session_greeting_pending(s) && now - s->connected_at >= s->cl->greeting_timeout_ms) {
+        session_greeting_timeout(s);
         return;
     }
     if (now - last >= idle) {
@@ -968,6 +1012,22 @@ static int session_send_proxy_header(struct session *s)
     return rc;
 }
 
+/* max_connections reached: mode smtp tells the client why (a server-first
+ * client would otherwise wait for a greeting, or retry at once), mode tcp
+ * just closes. No backend is connected, and the session stops counting
+ * against the limit now: refused clients never crowd out accepted ones. */
+static void session_refuse_over_limit(struct session *s)
+{
+    atomic_fetch_sub(&s->cl->shared->active, 1);
+    s->flags &= ~SESSION_F_COUNTED;
+    if (s->cl->mode == CONFIG_MODE_SMTP && session_smtp_new(s) == 0) {
+        session_smtp_over_limit(s);
+        session_close_after_flush(s, SESSION_END_LIMIT, NULL);
+        return;
+    }
+    session_close(s, SESSION_END_LIMIT, NULL);
+}
+
 void session_accept(struct listener *l)
 {
     struct worker *w = l->w;
@@ -1007,7 +1067,7 @@ void session_accept(struct listener *l)
     s->flags |= SESSION_F_COUNTED;
     unsigned active = atomic_fetch_add(&s->cl->shared->active, 1) + 1;
     if (s->cl->max_connections > 0 && active > s->cl->max_connections) {
-        session_close(s, SESSION_END_LIMIT, NULL);
+        session_refuse_over_limit(s);
         return;
     }
     if (s->cl->mode == CONFIG_MODE_SMTP && session_smtp_new(s) != 0) {
@@ -1031,12 +1091,41 @@ void session_accept(struct listener *l)
     session_log_open(s);
 }
 
+/* A mode smtp session whose backend owes a reply waits for it. */
+static void session_drain_deadline(struct session *s)
+{
+    if (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING))
+        return; /* ending already, within SESSION_FLUSH_GRACE_MS */
+    if (s->smtp != NULL && (s->flags & SESSION_F_CONNECTED) && session_smtp_drain_wait(s))
+        return;
+    session_end_now(s, SESSION_END_DRAIN);
+}
+
 void session_close_all(struct worker *w)
 {
     struct session *s = w->sessions;
     while (s != NULL) {
         struct session *next = s->next; /* s stays linked until its close callbacks run */
-        session_end_now(s, SESSION_END_DRAIN);
+        session_drain_deadline(s);
+        s = next;
+    }
+}
+
+void session_cut_all(struct worker *w)
+{
+    struct session *s = w->sessions;
+    while (s != NULL) {
+        struct session *next = s->next;
+        if (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) {
+            s = next;
+            continue;
+        }
+        if (s->smtp != NULL && (s->flags & SESSION_F_CONNECTED)) {
+            session_smtp_drain_cut(s);
+            session_close_after_flush(s, SESSION_END_DRAIN, NULL);
+        } else {
+            session_close(s, SESSION_END_DRAIN, NULL);
+        }
         s = next;
     }
 }

@@ -38,7 +38,15 @@ const char *session_end_name(enum session_end end);
  * logged; a session that cannot start is closed. */
 void session_accept(struct listener *l);
 
-/* Closes every session of w with end=drain. */
+/* The drain deadline (drain_timeout, or a second signal): closes every
+ * session of w with end=drain, except a mode smtp session whose backend
+ * still owes a reply: it stops reading its client and ends (421 4.3.2) once
+ * the reply is forwarded, or at session_cut_all(). Call once. */
 void session_close_all(struct worker *w);
+
+/* drain_grace after the deadline, or a third signal: closes every session
+ * still open with end=drain; commands still owed a reply are logged
+ * aborted=1 and get none. */
+void session_cut_all(struct worker *w);
 
 #endif /* MXPROXY_SESSION_H */

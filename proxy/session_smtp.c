@@ -101,6 +101,8 @@ struct session_smtp {
 #define SESSION_SMTP_F_IDENTIFIED 0x1000u
 #define SESSION_SMTP_F_CAPS_NEW 0x2000u /* caps holds the reply being matched right now */
 #define SESSION_SMTP_F_HELO_DUE 0x4000u /* client TLS began; no EHLO/HELO inside it yet */
+#define SESSION_SMTP_F_DRAIN 0x400u    /* drain deadline passed: owed replies, then 421 */
+#define SESSION_SMTP_F_IN_CHUNK 0x800u /* a BDAT chunk is on its way: the client owes bytes */
 
 #define SESSION_SMTP_EHLO_MAX 4096 /* an EHLO reply longer than this is not rewritten */
 /* A backend reply reaches the client only whole, through its last line's end,
@@ -389,6 +391,7 @@ static int session_smtp_out_add(struct session *s, struct relay_block *b,
 /* ---- client side ---------------------------------------------------------------------- */
 
 static void session_smtp_answer_locals(struct session *s);
+static void session_smtp_drain_answered(struct session *s);
 
 /* What a client event means beyond forwarding: logs, guard rails. */
 static void session_smtp_client_event(struct session *s, const struct smtp_event *ev)
@@ -396,6 +399,11 @@ static void session_smtp_client_event(struct session *s, const struct smtp_event
     struct session_smtp *m = s->smtp;
     struct log_line l;
 
+    if (ev->type == SMTP_EV_COMMAND && ev->cmd == SMTP_CMD_BDAT &&
+        !(ev->flags & SMTP_EV_F_BAD_ARGS))
+        m->flags |= SESSION_SMTP_F_IN_CHUNK;
+    else if (ev->type == SMTP_EV_BDAT_END)
+        m->flags &= ~SESSION_SMTP_F_IN_CHUNK;
     switch (ev->type) {
     case SMTP_EV_COMMAND:
         if (session_smtp_logs_lines(s)) {
@@ -807,6 +815,8 @@ static void session_smtp_resume_client(struct session *s)
 
     if (b == NULL || session_smtp_hs_busy(s))
         return; /* nothing held, or mxproxy's exchange with the backend comes first */
+    if (m->flags & SESSION_SMTP_F_DRAIN)
+        return; /* draining: nothing more the client said reaches the backend */
     m->held = NULL;
     session_smtp_client_bytes(s, b, m->held_off, m->held_end);
     relay_block_unref(s->up.pool, b);
@@ -926,6 +936,7 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
     session_smtp_resume_client(s);
     session_smtp_answer_locals(s);
     session_smtp_fifo_detach(s);
+    session_smtp_drain_answered(s);
 }
 
 /* The backend is gone or unusable: the oldest outstanding command gets
@@ -1642,9 +1653,19 @@ void session_smtp_connect_failed(struct session *s, const char *why)
 {
     (void)why;
     static const char reply[] = "421 4.4.1 mxproxy: no mail server available, try again later";
+    struct smtp_pair p;
 
+    /* A client that talked before a greeting that never came: its
+     * commands were never answered. */
+    while (smtp_pairs_abort(&s->smtp->pp, &p))
+        session_smtp_log_pair(s, &p);
     session_smtp_say(s, reply);
     s->smtp->primary = reply;
+}
+
+bool session_smtp_greeted(const struct session *s)
+{
+    return s->smtp->pp.greeted;
 }
 
 void session_smtp_goodbye(struct session *s, enum session_end end)
@@ -1657,6 +1678,90 @@ void session_smtp_goodbye(struct session *s, enum session_end end)
     session_smtp_say(s, end == SESSION_END_IDLE_TIMEOUT
                             ? "421 4.4.2 mxproxy: idle timeout, closing connection"
                             : "421 4.3.2 mxproxy: service shutting down, closing connection");
+    m->flags |= SESSION_SMTP_F_ENDING;
+}
+
+void session_smtp_over_limit(struct session *s)
+{
+    static const char reply[] = "421 4.7.0 mxproxy: too many connections, try again later";
+
+    session_smtp_say(s, reply);
+    s->smtp->primary = reply;
+}
+
+/* Replies the backend owes: a BDAT whose chunk is still on its way is owed
+ * bytes by the client instead, and the backend answers it only once they
+ * are all in. */
+static size_t session_smtp_owed(const struct session_smtp *m)
+{
+    size_t n = smtp_pairs_outstanding(&m->pp);
+
+    if (n > 0 && (m->flags & SESSION_SMTP_F_IN_CHUNK))
+        n--;
+    return n;
+}
+
+/* Logs the BDAT whose chunk will never be complete as aborted=1 (the 421
+ * that follows is its answer, and the backend discards the chunk). */
+static void session_smtp_drop_chunk(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    struct smtp_pair p;
+
+    if (!(m->flags & SESSION_SMTP_F_IN_CHUNK))
+        return;
+    while (smtp_pairs_abort(&m->pp, &p))
+        session_smtp_log_pair(s, &p);
+}
+
+bool session_smtp_drain_wait(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (m->flags & (SESSION_SMTP_F_OPAQUE | SESSION_SMTP_F_ENDING))
+        return false;
+    if (session_smtp_owed(m) == 0) {
+        session_smtp_drop_chunk(s);
+        return false;
+    }
+    m->flags |= SESSION_SMTP_F_DRAIN;
+    relay_hold(&s->up); /* what the client sends now is answered by the 421, never relayed */
+    return true;
+}
+
+/* After a reply: a draining session owed nothing more ends now, with the
+ * 421 that answers whatever the client sent after the deadline. */
+static void session_smtp_drain_answered(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+
+    if (!(m->flags & SESSION_SMTP_F_DRAIN) || (m->flags & SESSION_SMTP_F_ENDING) ||
+        (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) || session_smtp_owed(m) > 0)
+        return;
+    session_smtp_drop_chunk(s);
+    if (smtp_pairs_summary(&m->pp)->quit_answered) {
+        session_close_after_flush(s, SESSION_END_QUIT, NULL); /* 221 said goodbye already */
+        return;
+    }
+    session_smtp_goodbye(s, SESSION_END_DRAIN);
+    session_close_after_flush(s, SESSION_END_DRAIN, NULL);
+}
+
+void session_smtp_drain_cut(struct session *s)
+{
+    struct session_smtp *m = s->smtp;
+    struct smtp_pair p;
+    bool owed = false;
+
+    relay_hold(&s->up);
+    /* A reply still owed is never forged: the client sees only the close,
+     * as for a dropped connection; a 421 would say the message was refused. */
+    while (smtp_pairs_abort(&m->pp, &p)) {
+        owed = true;
+        session_smtp_log_pair(s, &p);
+    }
+    if (!owed)
+        session_smtp_goodbye(s, SESSION_END_DRAIN);
     m->flags |= SESSION_SMTP_F_ENDING;
 }
 

@@ -61,6 +61,26 @@ void session_smtp_backend_tls_ready(struct session *s);
 /* Ends the session with a 421 reply to the client, for timeouts and drain. */
 void session_smtp_goodbye(struct session *s, enum session_end end);
 
+/* The backend's greeting was received whole (greeting_timeout). */
+bool session_smtp_greeted(const struct session *s);
+
+/* max_connections reached: answers "421 4.7.0 ... too many connections"; the
+ * caller closes once it is sent. */
+void session_smtp_over_limit(struct session *s);
+
+/* The drain deadline passed. Returns false when the backend owes no reply:
+ * the caller ends the session now (session_smtp_goodbye). Returns true when
+ * one is owed: the client is no longer read, and once the last owed reply
+ * has been forwarded the client gets "421 4.3.2" and the session closes
+ * (end=drain); the caller does nothing more. */
+bool session_smtp_drain_wait(struct session *s);
+
+/* drain_grace ran out (or a third signal): every command still owed a reply
+ * is logged aborted=1 and gets no reply at all (a 421 could contradict what
+ * the backend did with it); with none owed the client gets the 421. The
+ * caller closes after the flush. */
+void session_smtp_drain_cut(struct session *s);
+
 /* Refines end= with what SMTP knows: once QUIT is answered the session
  * ended with quit, however the sockets closed after it; client_eof becomes
  * quit or client_eof_without_quit. An opaque session keeps end as it is. */

@@ -100,10 +100,29 @@ void worker_session_gone(struct worker *w)
         worker_finish(w);
 }
 
+static void worker_on_drain_timer(uv_timer_t *t);
+
+/* The drain deadline: sessions owing no reply end now; the others get
+ * drain_grace to receive it, then they are cut. Idempotent. */
+static void worker_drain_deadline(struct worker *w)
+{
+    if (w->drain_deadline)
+        return;
+    w->drain_deadline = true;
+    session_close_all(w);
+    if (!uv_is_closing((uv_handle_t *)&w->drain_timer))
+        uv_timer_start(&w->drain_timer, worker_on_drain_timer, w->cfg->drain_grace_ms, 0);
+}
+
 static void worker_on_drain_timer(uv_timer_t *t)
 {
     struct worker *w = t->data;
-    session_close_all(w);
+
+    if (!w->drain_deadline) {
+        worker_drain_deadline(w);
+        return;
+    }
+    session_cut_all(w);
 }
 
 static void worker_start_drain(struct worker *w, unsigned drain_ms)
@@ -125,7 +144,7 @@ static void worker_on_wake(uv_async_t *a)
 {
     struct worker *w = a->data;
     struct config *cfg;
-    bool drain, cut;
+    bool drain, deadline, cut;
     unsigned drain_ms;
 
     uv_mutex_lock(&w->lock);
@@ -133,6 +152,8 @@ static void worker_on_wake(uv_async_t *a)
     w->pending_cfg = NULL;
     drain = w->pending_drain;
     drain_ms = w->pending_drain_ms;
+    deadline = w->pending_deadline;
+    w->pending_deadline = false;
     cut = w->pending_cut;
     w->pending_cut = false;
     uv_mutex_unlock(&w->lock);
@@ -148,8 +169,12 @@ static void worker_on_wake(uv_async_t *a)
     }
     if (drain)
         worker_start_drain(w, drain_ms);
-    if (cut)
-        session_close_all(w);
+    if (deadline && w->draining)
+        worker_drain_deadline(w);
+    if (cut && w->draining) {
+        worker_drain_deadline(w);
+        session_cut_all(w);
+    }
 }
 
 static void worker_main(void *arg)
@@ -207,6 +232,14 @@ void worker_post_drain(struct worker *w, unsigned drain_ms)
     uv_mutex_lock(&w->lock);
     w->pending_drain = true;
     w->pending_drain_ms = drain_ms;
+    uv_mutex_unlock(&w->lock);
+    uv_async_send(&w->wake);
+}
+
+void worker_post_deadline(struct worker *w)
+{
+    uv_mutex_lock(&w->lock);
+    w->pending_deadline = true;
     uv_mutex_unlock(&w->lock);
     uv_async_send(&w->wake);
 }

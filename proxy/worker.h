@@ -29,13 +29,15 @@ struct worker {
     struct config *pending_cfg; /* next config to apply, owned reference */
     bool pending_drain;         /* stop accepting, then finish sessions */
     unsigned pending_drain_ms;  /* drain_timeout for pending_drain */
-    bool pending_cut;           /* close every session now (second signal) */
+    bool pending_deadline;      /* the drain deadline is now (second signal) */
+    bool pending_cut;           /* close every session now (third signal) */
 
     struct config *cfg;                            /* config for new sessions, owned reference */
     struct listener *listeners;                    /* singly linked, this worker's sockets */
     struct session *sessions;                      /* doubly linked list of open sessions */
     atomic_uint n_sessions;                        /* read by the main thread for ev=drain */
     bool draining;                                 /* listeners closed, waiting for sessions */
+    bool drain_deadline;                           /* past it: only owed replies are awaited */
     int start_error;                               /* first listener error at start, for main */
     struct relay_pool pool;                        /* read/write blocks for every session here */
     struct metrics metrics;                        /* written here only, summed by admin.c */
@@ -59,7 +61,12 @@ void worker_post_config(struct worker *w, struct config *cfg);
  * drain_ms, then exit its loop. */
 void worker_post_drain(struct worker *w, unsigned drain_ms);
 
-/* Asks the worker to close every session at once (end=drain). */
+/* Asks a draining worker to act as if drain_timeout had expired now:
+ * sessions owing no reply end, the others get drain_grace. */
+void worker_post_deadline(struct worker *w);
+
+/* Asks a draining worker to close every session at once (end=drain); a
+ * reply still owed is logged aborted=1, never forged. */
 void worker_post_cut(struct worker *w);
 
 /* Waits for the worker's thread and frees what it owns. */

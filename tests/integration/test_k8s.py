@@ -7,7 +7,7 @@ For every kustomization (k8s: sidecar, k8s/ingress, k8s/ingress-proxy-protocol):
     value of its declared type, required fields present (see SchemaValidator);
   - the manifests agree with the INI they ship and with each other: container ports
     and listen ports, probes and the admin address, the grace period and
-    drain_timeout + preStop, the init container's environment and the transparent
+    drain_timeout + drain_grace + preStop, the init container's environment and the transparent
     listener, runAsUser and the Containerfile's USER;
   - every INI passes `mxproxy -t` (cluster-only DNS names replaced by 127.0.0.1).
 
@@ -601,7 +601,8 @@ class K8sTest(unittest.TestCase):
                     self.assertEqual(port_number(c, get["port"]), admin_port)
 
                 # drain timing
-                drain = duration_seconds(ini_get(g, "drain_timeout", "30s"))
+                drain = (duration_seconds(ini_get(g, "drain_timeout", "30s"))
+                         + duration_seconds(ini_get(g, "drain_grace", "10s")))
                 grace = pod.get("terminationGracePeriodSeconds", 30)
                 self.assertGreater(grace, drain + prestop_sleep(c))
                 self.assertGreaterEqual(prestop_sleep(c), 1)
@@ -674,7 +675,9 @@ class K8sTest(unittest.TestCase):
             self.assertIn(str(port_number(mail, p["targetPort"])), mail_ports)
 
         # the mail server outlives mxproxy's drain
-        drain = duration_seconds(ini_get(ini.ini["global"], "drain_timeout", "30s"))
+        g = ini.ini["global"]
+        drain = (duration_seconds(ini_get(g, "drain_timeout", "30s"))
+                 + duration_seconds(ini_get(g, "drain_grace", "10s")))
         self.assertGreaterEqual(prestop_sleep(mail), prestop_sleep(mx) + drain)
         self.assertGreater(pod["terminationGracePeriodSeconds"], prestop_sleep(mail))
 

@@ -73,6 +73,7 @@ static void test_defaults(void)
     ASSERT_EQ(c->log_format, CONFIG_LOG_LOGFMT);
     ASSERT_EQ(c->log_level, CONFIG_LOG_INFO);
     ASSERT_EQ(c->drain_timeout_ms, 30000);
+    ASSERT_EQ(c->drain_grace_ms, 10000);
     ASSERT_EQ(c->n_listeners, 1);
     ASSERT_STREQ(l->name, "smtp");
     ASSERT_EQ(l->line, 1);
@@ -86,6 +87,7 @@ static void test_defaults(void)
     ASSERT_EQ(l->mode, CONFIG_MODE_TCP);
     ASSERT_EQ(l->connect_timeout_ms, 5000);
     ASSERT_EQ(l->idle_timeout_ms, 300000);
+    ASSERT_EQ(l->greeting_timeout_ms, 30000);
     ASSERT_EQ(l->max_connections, 0);
     ASSERT_EQ(l->fail_timeout_ms, 10000);
     ASSERT_EQ(l->max_line_length, 4096);
@@ -125,8 +127,10 @@ static void test_every_key(void)
                                "    max_line_length = 12288\n"
                                "    smuggling = normalize\n"
                                "    transcript = full\n"
+                               "    greeting_timeout = 2s\n"
                                "[global]\n"
                                "log_level: error\n"
+                               "drain_grace = 1500ms\n"
                                "[listener b_2]\n"
                                "listen = 0.0.0.0:26\r\n"
                                "backend = 127.0.0.1:27\r\n");
@@ -136,6 +140,7 @@ static void test_every_key(void)
     ASSERT_EQ(c->log_format, CONFIG_LOG_JSON);
     ASSERT_EQ(c->log_level, CONFIG_LOG_ERROR); /* a repeated [global] adds keys */
     ASSERT_EQ(c->drain_timeout_ms, 120000);
+    ASSERT_EQ(c->drain_grace_ms, 1500);
     ASSERT_EQ(c->n_listeners, 2);
     ASSERT_STREQ(l->name, "mx-in.1");
     ASSERT_EQ(l->line, 8);
@@ -156,12 +161,13 @@ static void test_every_key(void)
     ASSERT_EQ(l->max_line_length, 12288);
     ASSERT_EQ(l->smuggling, CONFIG_SMUGGLING_NORMALIZE);
     ASSERT_EQ(l->transcript, CONFIG_TRANSCRIPT_FULL);
+    ASSERT_EQ(l->greeting_timeout_ms, 2000);
     ASSERT_STREQ(config_smuggling_name(l->smuggling), "normalize");
     ASSERT_STREQ(config_transcript_name(l->transcript), "full");
 
     l = &c->listeners[1];
     ASSERT_STREQ(l->name, "b_2");
-    ASSERT_EQ(l->line, 21);
+    ASSERT_EQ(l->line, 23);
     ASSERT_STREQ(l->listen.text, "0.0.0.0:26");
     ASSERT_STREQ(l->backends[0].text, "127.0.0.1:27");
     ASSERT(l->shared != c->listeners[0].shared);
@@ -233,6 +239,23 @@ static void test_durations(void)
     expect_err(LISTENER "idle_timeout = 0.0s\n",
                "t.ini:4: invalid value '0.0s' for 'idle_timeout': must be more than 0");
     expect_err(LISTENER "idle_timeout =\n", "t.ini:4: empty value for 'idle_timeout'");
+
+    /* greeting_timeout: mode smtp only, more than 0; drain_grace may be 0. */
+    c = load_ok("[global]\ndrain_grace = 0\n" LISTENER "mode = smtp\ngreeting_timeout = 250ms\n");
+    ASSERT_EQ(c->drain_grace_ms, 0);
+    ASSERT_EQ(c->listeners[0].greeting_timeout_ms, 250);
+    config_unref(c);
+    expect_err(LISTENER "mode = smtp\ngreeting_timeout = 0\n",
+               "t.ini:5: invalid value '0' for 'greeting_timeout': must be more than 0");
+    expect_err(LISTENER "greeting_timeout = 5s\n",
+               "t.ini:4: 'greeting_timeout' needs mode = smtp in [listener smtp]");
+    expect_err(LISTENER "mode = smtp\ngreeting_timeout = 5s\ngreeting_timeout = 6s\n",
+               "t.ini:6: duplicate key 'greeting_timeout' in [listener smtp]");
+    expect_err("[global]\ndrain_grace = 5x\n" LISTENER,
+               "t.ini:2: invalid value '5x' for 'drain_grace': expected a duration such as 30s, "
+               "250ms, 2m or 1h");
+    expect_err("[listener smtp]\ndrain_grace = 5s\n",
+               "t.ini:2: unknown key 'drain_grace' in [listener smtp]");
 
     static const char *const bad[] = {"-1",    "5x", "1e3", "5 s",  ".5",   "5.",   "s",
                                       "1.2.3", "+5", "5S",  "0x10", "1ms5", "5sec", "inf"};
@@ -640,6 +663,7 @@ static void test_example_file(void)
     ASSERT_EQ(c->log_format, d->log_format);
     ASSERT_EQ(c->log_level, d->log_level);
     ASSERT_EQ(c->drain_timeout_ms, d->drain_timeout_ms);
+    ASSERT_EQ(c->drain_grace_ms, d->drain_grace_ms);
     ASSERT_EQ(c->n_listeners, 1);
     ASSERT_STREQ(c->listeners[0].name, "smtp");
     ASSERT_STREQ(c->listeners[0].listen.text, "127.0.0.1:2525");
