@@ -148,7 +148,8 @@ int relay_shutdown_dst(struct relay_dir *d)
 {
     if (d->dst_tls != NULL && tls_handshake_done(d->dst_tls) && tls_shutdown(d->dst_tls) == 0)
         relay_tls_flush(d); /* close_notify, then the FIN */
-    int rc = relay_tail_submit(d); /* the FIN follows the tail's bytes too */
+    /* The FIN follows the tail's bytes too. */
+    int rc = relay_tail_submit(d);
     if (rc != 0)
         return rc; /* on_event has seen the write error */
     /* Nothing queued: the FIN can go now, without a request and an epoll
@@ -270,8 +271,8 @@ static int relay_try_write(struct relay_dir *d, uv_buf_t *bufs, unsigned *n)
 /* Hands bufs to libuv. Takes the caller's reference to b (may be NULL);
  * held is what the write counts in d->queued, already added by the caller.
  * Returns 0 or a negative UV_E* code, which on_event has seen. */
-static int relay_queue(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs,
-                       unsigned n, size_t held)
+static int relay_queue(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs, unsigned n,
+                       size_t held)
 {
     struct relay_wreq *w = relay_wreq_get(d->pool);
     int rc = UV_ENOMEM;
@@ -360,7 +361,9 @@ static int relay_write(struct relay_dir *d, struct relay_block *b, const uv_buf_
         left += bufs[i].len;
     if (left == 0)
         return 0;
-    if (copy || left <= RELAY_COPY_MAX) {
+    /* Small bytes join the tail while writes are out; with none out, the
+     * block goes as it is (the tail would go at once too, after a copy). */
+    if (copy || (left <= RELAY_COPY_MAX && d->inflight > 0)) {
         for (unsigned i = 0; i < n && rc == 0; i++)
             rc = relay_tail_append(d, bufs[i].base, bufs[i].len);
         /* No write is out whose completion would send the tail: send it now. */

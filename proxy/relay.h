@@ -120,7 +120,7 @@ struct relay_dir {
 };
 
 #define RELAY_F_READING 0x01u /* uv_read_start is in effect on src */
-#define RELAY_F_PAUSED 0x02u  /* stopped by backpressure (ours or, tied, rev's), restart on LOWAT */
+#define RELAY_F_PAUSED 0x02u  /* stopped by backpressure (see relay_over), restart on LOWAT */
 #define RELAY_F_EOF 0x04u     /* src sent EOF */
 #define RELAY_F_DONE 0x08u    /* dst shut down after EOF: nothing more will flow */
 #define RELAY_F_STOPPED 0x10u /* the owner stopped the direction; never restart */

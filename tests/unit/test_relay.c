@@ -315,8 +315,7 @@ static void test_unread_replies_pause_the_reader(void)
 
     fixture_init(&f);
     f.with_back = true;
-    relay_init(&f.back, (uv_stream_t *)&f.b_side, (uv_stream_t *)&f.a_side, &f.pool, on_event,
-               &f);
+    relay_init(&f.back, (uv_stream_t *)&f.b_side, (uv_stream_t *)&f.a_side, &f.pool, on_event, &f);
     f.dir.rev = &f.back;
     f.back.rev = &f.dir;
     f.dir.on_data = on_data_answer;
