@@ -7,9 +7,10 @@
  *
  * Memory is accounted by what is held, not by payload bytes. A queued write
  * of more than RELAY_COPY_MAX bytes keeps its block (no copy: full reads stay
- * zero-copy) and counts RELAY_BLOCK_SIZE; smaller ones, and every copy
- * (relay_send_copy: mxproxy's own replies), are appended to the direction's
- * tail block, which goes to libuv when the writes before it complete. So a
+ * zero-copy) and counts RELAY_BLOCK_SIZE; smaller ones while other writes
+ * are out, and every copy (relay_send_copy: mxproxy's own replies), are
+ * appended to the direction's tail block, which goes to libuv when the
+ * writes before it complete. So a
  * stream of one-byte reads, or of short replies, fills blocks instead of
  * pinning one each. Reading src stops while the memory queued toward dst
  * (relay_dir.queued) is above RELAY_HIWAT, and resumes once it is at or
@@ -21,8 +22,11 @@
  * stops while the queue toward it is above the mark, so a peer that does not
  * read what it provokes stops being read. Such a direction then reads at most
  * RELAY_TIED_READ bytes at a time while that queue is not empty, which bounds
- * what one read can provoke. Plain relaying in mode tcp is not tied: a client
- * may upload while it does not read.
+ * what one read can provoke. A queue thus holds at most RELAY_HIWAT plus what
+ * one read adds: a block, or the answers to one read (an owner that answers
+ * every byte of a first full read may add its replies to RELAY_BLOCK_SIZE
+ * bytes). Plain relaying in mode tcp is not tied: a client may upload while
+ * it does not read.
  *
  * A direction may instead hand every read to its owner (on_data), which
  * inspects the bytes and sends what it chooses with relay_send(): SMTP mode
