@@ -112,10 +112,14 @@ static void *log_writer_main(void *arg)
 
         size_t off = log_q.head % LOG_QUEUE_SIZE;
         size_t n = log_q.tail - log_q.head;
-        if (n > LOG_QUEUE_SIZE - off)
+        /* Where the ring wraps, a line may go on at its start: the note on
+         * dropped lines waits for a write that ends at the tail, a line end. */
+        bool whole = n <= LOG_QUEUE_SIZE - off;
+        if (!whole)
             n = LOG_QUEUE_SIZE - off;
-        uint64_t dropped = log_q.dropped;
-        log_q.dropped = 0;
+        uint64_t dropped = whole ? log_q.dropped : 0;
+        if (whole)
+            log_q.dropped = 0;
         pthread_mutex_unlock(&log_q.lock);
 
         /* The ring bytes [off, off+n) are ours until head moves past them. */

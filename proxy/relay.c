@@ -9,9 +9,6 @@
 #include <string.h>
 #include <sys/socket.h>
 
-/* relay_on_write finds the block from its request. */
-static_assert(offsetof(struct relay_block, req) == 0, "req must lead struct relay_block");
-
 static struct relay_block *relay_block_get(struct relay_pool *pool)
 {
     struct relay_block *b = pool->free;
@@ -94,6 +91,29 @@ void relay_pool_drain(struct relay_pool *pool)
  * thread is enough. */
 static _Thread_local size_t relay_carried;
 
+/* Reading d->src can queue bytes toward d->src itself: OpenSSL's records
+ * on a TLS socket, or the owner's answers to what it reads. */
+static bool relay_tied(const struct relay_dir *d)
+{
+    return d->rev != NULL && (d->src_tls != NULL || d->on_data != NULL);
+}
+
+/* How much one read of src may take: little while a tied direction's peer
+ * lags behind, since each byte read may provoke a reply that waits too. */
+static size_t relay_read_cap(const struct relay_dir *d, size_t room)
+{
+    if (relay_tied(d) && d->rev->queued > 0 && room > RELAY_TIED_READ)
+        return RELAY_TIED_READ;
+    return room;
+}
+
+/* Whether d must stay paused: the queue toward dst, or (tied) the queue
+ * toward src, is above mark. */
+static bool relay_over(const struct relay_dir *d, size_t mark)
+{
+    return d->queued > mark || (relay_tied(d) && d->rev->queued > mark);
+}
+
 static void relay_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
     struct relay_dir *d = h->data;
@@ -109,7 +129,8 @@ static void relay_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
         memcpy(b->data, d->carry, d->carry_len);
         relay_carried = d->carry_len;
     }
-    *buf = uv_buf_init(b->data + relay_carried, (unsigned)(RELAY_BLOCK_SIZE - relay_carried));
+    *buf = uv_buf_init(b->data + relay_carried,
+                       (unsigned)relay_read_cap(d, RELAY_BLOCK_SIZE - relay_carried));
 }
 
 static void relay_on_shutdown(uv_shutdown_t *req, int status)
@@ -121,10 +142,16 @@ static void relay_on_shutdown(uv_shutdown_t *req, int status)
     d->on_event(d, RELAY_EV_DONE, 0);
 }
 
+static int relay_tail_submit(struct relay_dir *d);
+
 int relay_shutdown_dst(struct relay_dir *d)
 {
     if (d->dst_tls != NULL && tls_handshake_done(d->dst_tls) && tls_shutdown(d->dst_tls) == 0)
         relay_tls_flush(d); /* close_notify, then the FIN */
+    /* The FIN follows the tail's bytes too. */
+    int rc = relay_tail_submit(d);
+    if (rc != 0)
+        return rc; /* on_event has seen the write error */
     /* Nothing queued: the FIN can go now, without a request and an epoll
      * round trip (the common case: writes are tried at once). */
     uv_os_fd_t fd;
@@ -135,7 +162,7 @@ int relay_shutdown_dst(struct relay_dir *d)
         return 0;
     }
     d->shutdown_req.data = d;
-    int rc = uv_shutdown(&d->shutdown_req, d->dst, relay_on_shutdown);
+    rc = uv_shutdown(&d->shutdown_req, d->dst, relay_on_shutdown);
     if (rc != 0) {
         d->flags |= RELAY_F_DONE;
         d->on_event(d, RELAY_EV_DONE, 0);
@@ -145,38 +172,53 @@ int relay_shutdown_dst(struct relay_dir *d)
 
 static void relay_tls_drain(struct relay_dir *d);
 
-/* Resumes reading on the crossing below the low-water mark. */
+/* Restarts reading d->src once nothing keeps it paused. */
+static void relay_resume(struct relay_dir *d)
+{
+    if ((d->flags & (RELAY_F_PAUSED | RELAY_F_STOPPED)) != RELAY_F_PAUSED ||
+        relay_over(d, RELAY_LOWAT))
+        return;
+    d->flags &= ~RELAY_F_PAUSED;
+    if (relay_start(d) == 0 && d->src_tls != NULL && (d->flags & RELAY_F_READING))
+        relay_tls_drain(d);
+}
+
+/* The queue toward d->dst shrank: resume on the crossing below the low-water
+ * mark, d itself and rev, which reads d->dst. */
 static void relay_after_write(struct relay_dir *d)
 {
-    if ((d->flags & (RELAY_F_PAUSED | RELAY_F_STOPPED)) == RELAY_F_PAUSED &&
-        uv_stream_get_write_queue_size(d->dst) <= RELAY_LOWAT) {
-        d->flags &= ~RELAY_F_PAUSED;
-        if (relay_start(d) == 0 && d->src_tls != NULL && (d->flags & RELAY_F_READING))
-            relay_tls_drain(d);
-    }
+    relay_resume(d);
+    if (d->rev != NULL)
+        relay_resume(d->rev);
 }
 
-/* Stops reading while the other side has too much queued. */
+static void relay_pause(struct relay_dir *d)
+{
+    if (d->flags & RELAY_F_READING)
+        uv_read_stop(d->src);
+    d->flags = (d->flags & ~RELAY_F_READING) | RELAY_F_PAUSED;
+}
+
+/* The queue toward d->dst grew: above the high-water mark, stop reading what
+ * fills it (d->src), and d->dst itself when reading it can add to it. */
 static void relay_check_hiwat(struct relay_dir *d)
 {
-    if (uv_stream_get_write_queue_size(d->dst) > RELAY_HIWAT) {
-        if (d->flags & RELAY_F_READING)
-            uv_read_stop(d->src);
-        d->flags = (d->flags & ~RELAY_F_READING) | RELAY_F_PAUSED;
-    }
+    if (d->queued <= RELAY_HIWAT)
+        return;
+    relay_pause(d);
+    if (d->rev != NULL && relay_tied(d->rev))
+        relay_pause(d->rev);
 }
 
-static void relay_on_write(uv_write_t *req, int status)
+/* Gives the tail's block back; its bytes are never sent (the socket failed). */
+static void relay_tail_drop(struct relay_dir *d)
 {
-    struct relay_dir *d = req->data;
-
-    relay_block_unref(d->pool, (struct relay_block *)req); /* req is the first member */
-    if (status < 0) {
-        if (status != UV_ECANCELED)
-            d->on_event(d, RELAY_EV_WRITE_ERR, status);
+    if (d->tail == NULL)
         return;
-    }
-    relay_after_write(d);
+    relay_block_unref(d->pool, d->tail);
+    d->tail = NULL;
+    d->tail_len = 0;
+    d->queued -= RELAY_BLOCK_SIZE;
 }
 
 static void relay_on_send(uv_write_t *req, int status)
@@ -184,13 +226,20 @@ static void relay_on_send(uv_write_t *req, int status)
     struct relay_wreq *w = (struct relay_wreq *)req;
     struct relay_dir *d = req->data;
 
+    d->queued -= w->held;
+    d->inflight--;
     relay_block_unref(d->pool, w->blk);
     relay_wreq_put(d->pool, w);
     if (status < 0) {
+        if (d->inflight == 0)
+            relay_tail_drop(d); /* no write will complete to send it */
         if (status != UV_ECANCELED)
             d->on_event(d, RELAY_EV_WRITE_ERR, status);
         return;
     }
+    /* The tail waits for every write before it: then it goes out whole. */
+    if (d->inflight == 0 && relay_tail_submit(d) != 0)
+        return;
     relay_after_write(d);
 }
 
@@ -219,39 +268,120 @@ static int relay_try_write(struct relay_dir *d, uv_buf_t *bufs, unsigned *n)
     return 0;
 }
 
-static int relay_send_raw(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs_in,
-                          unsigned n)
+/* Hands bufs to libuv. Takes the caller's reference to b (may be NULL);
+ * held is what the write counts in d->queued, already added by the caller.
+ * Returns 0 or a negative UV_E* code, which on_event has seen. */
+static int relay_queue(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs, unsigned n,
+                       size_t held)
+{
+    struct relay_wreq *w = relay_wreq_get(d->pool);
+    int rc = UV_ENOMEM;
+
+    if (w != NULL) {
+        w->req.data = d;
+        w->blk = b;
+        w->held = held;
+        rc = uv_write(&w->req, d->dst, bufs, n, relay_on_send);
+        if (rc != 0)
+            relay_wreq_put(d->pool, w);
+    }
+    if (rc != 0) {
+        d->queued -= held;
+        relay_block_unref(d->pool, b);
+        d->on_event(d, RELAY_EV_WRITE_ERR, rc);
+        return rc;
+    }
+    d->inflight++;
+    return 0;
+}
+
+/* Hands the tail, if any, to libuv. Returns 0 or a negative UV_E* code,
+ * which on_event has seen. */
+static int relay_tail_submit(struct relay_dir *d)
+{
+    struct relay_block *b = d->tail;
+
+    if (b == NULL)
+        return 0;
+    uv_buf_t buf = uv_buf_init(b->data, (unsigned)d->tail_len);
+    d->tail = NULL;
+    d->tail_len = 0;
+    return relay_queue(d, b, &buf, 1, RELAY_BLOCK_SIZE); /* counted since it was opened */
+}
+
+/* Copies len bytes to the end of the tail, opening blocks as they fill. */
+static int relay_tail_append(struct relay_dir *d, const char *p, size_t len)
+{
+    while (len > 0) {
+        if (d->tail != NULL && d->tail_len == RELAY_BLOCK_SIZE) {
+            int rc = relay_tail_submit(d);
+            if (rc != 0)
+                return rc;
+        }
+        if (d->tail == NULL) {
+            d->tail = relay_block_get(d->pool);
+            if (d->tail == NULL) {
+                d->on_event(d, RELAY_EV_WRITE_ERR, UV_ENOMEM);
+                return UV_ENOMEM;
+            }
+            d->tail_len = 0;
+            d->queued += RELAY_BLOCK_SIZE;
+        }
+        size_t n = RELAY_BLOCK_SIZE - d->tail_len;
+        if (n > len)
+            n = len;
+        memcpy(d->tail->data + d->tail_len, p, n);
+        d->tail_len += n;
+        p += n;
+        len -= n;
+    }
+    return 0;
+}
+
+/* relay_send without TLS. copy: the bytes are the caller's (relay_send_copy),
+ * so whatever is not written at once goes to the tail, whatever its size. */
+static int relay_write(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs_in,
+                       unsigned n, bool copy)
 {
     uv_buf_t bufs[RELAY_SEND_MAX_BUFS];
+    size_t left = 0;
+    int rc = 0;
 
     if (n > RELAY_SEND_MAX_BUFS)
         return UV_EINVAL;
     memcpy(bufs, bufs_in, n * sizeof(*bufs));
-    int rc = relay_try_write(d, bufs, &n);
-    if (rc != 0) {
-        d->on_event(d, RELAY_EV_WRITE_ERR, rc);
-        return rc;
+    if (d->tail == NULL) { /* else the tail's bytes go first */
+        rc = relay_try_write(d, bufs, &n);
+        if (rc != 0) {
+            d->on_event(d, RELAY_EV_WRITE_ERR, rc);
+            return rc;
+        }
     }
-    if (n == 0)
+    for (unsigned i = 0; i < n; i++)
+        left += bufs[i].len;
+    if (left == 0)
         return 0;
-
-    struct relay_wreq *w = relay_wreq_get(d->pool);
-    if (w == NULL) {
-        d->on_event(d, RELAY_EV_WRITE_ERR, UV_ENOMEM);
-        return UV_ENOMEM;
+    /* Small bytes join the tail while writes are out; with none out, the
+     * block goes as it is (the tail would go at once too, after a copy). */
+    if (copy || (left <= RELAY_COPY_MAX && d->inflight > 0)) {
+        for (unsigned i = 0; i < n && rc == 0; i++)
+            rc = relay_tail_append(d, bufs[i].base, bufs[i].len);
+        /* No write is out whose completion would send the tail: send it now. */
+        if (rc == 0 && d->inflight == 0)
+            rc = relay_tail_submit(d);
+    } else {
+        rc = relay_tail_submit(d);
+        if (rc == 0) {
+            size_t held = b != NULL ? RELAY_BLOCK_SIZE : left; /* NULL: static bytes */
+            if (b != NULL)
+                relay_block_ref(b);
+            d->queued += held;
+            rc = relay_queue(d, b, bufs, n, held);
+        }
     }
-    w->req.data = d;
-    w->blk = b;
-    rc = uv_write(&w->req, d->dst, bufs, n, relay_on_send);
-    if (rc != 0) {
-        relay_wreq_put(d->pool, w);
-        d->on_event(d, RELAY_EV_WRITE_ERR, rc);
-        return rc;
-    }
-    if (b != NULL)
-        relay_block_ref(b);
-    relay_check_hiwat(d);
-    return 0;
+    if (rc == 0)
+        relay_check_hiwat(d);
+    return rc;
 }
 
 void relay_tls_flush(struct relay_dir *d)
@@ -264,7 +394,7 @@ void relay_tls_flush(struct relay_dir *d)
         }
         uv_buf_t buf =
             uv_buf_init(b->data, (unsigned)tls_take(d->dst_tls, b->data, RELAY_BLOCK_SIZE));
-        int rc = relay_send_raw(d, b, &buf, 1);
+        int rc = relay_write(d, b, &buf, 1, false);
         relay_block_unref(d->pool, b);
         if (rc != 0)
             return;
@@ -274,7 +404,7 @@ void relay_tls_flush(struct relay_dir *d)
 int relay_send(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs, unsigned n)
 {
     if (d->dst_tls == NULL)
-        return relay_send_raw(d, b, bufs, n);
+        return relay_write(d, b, bufs, n, false);
     /* tls_write copies: b is not needed once the plaintext is encrypted. */
     for (unsigned i = 0; i < n; i++) {
         int rc = tls_write(d->dst_tls, bufs[i].base, bufs[i].len);
@@ -289,19 +419,12 @@ int relay_send(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs,
 
 int relay_send_copy(struct relay_dir *d, const char *p, size_t len)
 {
-    struct relay_block *b = relay_block_get(d->pool);
-
-    if (b == NULL) {
-        d->on_event(d, RELAY_EV_WRITE_ERR, UV_ENOMEM);
-        return UV_ENOMEM;
-    }
     if (len > RELAY_BLOCK_SIZE)
         len = RELAY_BLOCK_SIZE;
-    memcpy(b->data, p, len);
-    uv_buf_t buf = uv_buf_init(b->data, (unsigned)len);
-    int rc = relay_send(d, b, &buf, 1);
-    relay_block_unref(d->pool, b); /* relay_send holds its own reference */
-    return rc;
+    uv_buf_t buf = uv_buf_init((char *)p, (unsigned)len);
+    if (d->dst_tls != NULL)
+        return relay_send(d, NULL, &buf, 1); /* tls_write copies */
+    return relay_write(d, NULL, &buf, 1, true);
 }
 
 /* src sent EOF (a FIN, or a TLS close_notify). */
@@ -326,28 +449,9 @@ static void relay_deliver(struct relay_dir *d, struct relay_block *b, size_t len
         d->on_data(d, b, len);
         return;
     }
-    if (d->dst_tls != NULL) {
-        uv_buf_t out = uv_buf_init(b->data, (unsigned)len);
-        (void)relay_send(d, b, &out, 1);
-        relay_block_unref(d->pool, b);
-        return;
-    }
     uv_buf_t out = uv_buf_init(b->data, (unsigned)len);
-    unsigned n = 1;
-    int rc = relay_try_write(d, &out, &n);
-    if (rc == 0 && n == 0) {
-        relay_block_unref(d->pool, b); /* all written: the usual case */
-        return;
-    }
-    b->req.data = d;
-    if (rc == 0)
-        rc = uv_write(&b->req, d->dst, &out, 1, relay_on_write);
-    if (rc != 0) {
-        relay_block_unref(d->pool, b);
-        d->on_event(d, RELAY_EV_WRITE_ERR, rc);
-        return;
-    }
-    relay_check_hiwat(d);
+    (void)relay_send(d, b, &out, 1); /* usually written at once; a failure went to on_event */
+    relay_block_unref(d->pool, b);
 }
 
 /* Decrypts what src_tls holds and delivers it, while the direction may
@@ -379,7 +483,7 @@ static void relay_tls_drain(struct relay_dir *d)
             c = d->carry_len;
             memcpy(b->data, d->carry, c);
         }
-        ssize_t n = tls_read(t, b->data + c, RELAY_BLOCK_SIZE - c);
+        ssize_t n = tls_read(t, b->data + c, relay_read_cap(d, RELAY_BLOCK_SIZE - c));
         if (n > 0) {
             d->bytes += (uint64_t)n;
             relay_deliver(d, b, c + (size_t)n);

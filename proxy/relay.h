@@ -3,10 +3,30 @@
  * A relay_dir reads from src and writes what it read to dst without copying:
  * the read buffer is a block from the worker's pool. Writes are tried at once
  * (uv_try_write), which completes most of them without a request and without
- * touching epoll; only what the socket does not take is queued, with the
- * uv_write_t embedded in the block. Memory is bounded by watermarks: reading stops
- * while dst's write queue is above RELAY_HIWAT and resumes on the crossing
+ * touching epoll; only what the socket does not take is queued.
+ *
+ * Memory is accounted by what is held, not by payload bytes. A queued write
+ * of more than RELAY_COPY_MAX bytes keeps its block (no copy: full reads stay
+ * zero-copy) and counts RELAY_BLOCK_SIZE; smaller ones while other writes
+ * are out, and every copy (relay_send_copy: mxproxy's own replies), are
+ * appended to the direction's tail block, which goes to libuv when the
+ * writes before it complete. So a
+ * stream of one-byte reads, or of short replies, fills blocks instead of
+ * pinning one each. Reading src stops while the memory queued toward dst
+ * (relay_dir.queued) is above RELAY_HIWAT, and resumes once it is at or
  * below RELAY_LOWAT.
+ *
+ * Whoever produced them, bytes queued toward a peer count for that peer: when
+ * reading a peer can itself queue bytes toward it (OpenSSL's records on a TLS
+ * socket, mxproxy's replies to what an on_data owner reads), reading it also
+ * stops while the queue toward it is above the mark, so a peer that does not
+ * read what it provokes stops being read. Such a direction then reads at most
+ * RELAY_TIED_READ bytes at a time while that queue is not empty, which bounds
+ * what one read can provoke. A queue thus holds at most RELAY_HIWAT plus what
+ * one read adds: a block, or the answers to one read (an owner that answers
+ * every byte of a first full read may add its replies to RELAY_BLOCK_SIZE
+ * bytes). Plain relaying in mode tcp is not tied: a client may upload while
+ * it does not read.
  *
  * A direction may instead hand every read to its owner (on_data), which
  * inspects the bytes and sends what it chooses with relay_send(): SMTP mode
@@ -37,10 +57,11 @@ struct tls_conn;
 #define RELAY_LOWAT (64 * 1024)      /* resume at or below this */
 #define RELAY_POOL_KEEP 64           /* idle blocks a pool keeps per worker */
 #define RELAY_SEND_MAX_BUFS 16       /* uv_buf_t per relay_send() call */
+#define RELAY_COPY_MAX (4 * 1024)    /* queued writes up to this size are copied to the tail */
+#define RELAY_TIED_READ 1024         /* read size of a tied direction while its peer lags */
 
-/* A read buffer and the write request that carries it to the other side. */
+/* A read buffer, or the tail that gathers small queued writes. */
 struct relay_block {
-    uv_write_t req;           /* for the plain path; req.data -> the relay_dir */
     struct relay_block *next; /* pool free list link */
     unsigned refs;            /* owners: the reader, queued relay_send()s, held input */
     char data[RELAY_BLOCK_SIZE];
@@ -50,6 +71,7 @@ struct relay_block {
 struct relay_wreq {
     uv_write_t req;          /* req.data -> the relay_dir */
     struct relay_block *blk; /* referenced until the write completes; may be NULL */
+    size_t held;             /* what this write counts in relay_dir.queued */
     struct relay_wreq *next; /* pool free list link */
 };
 
@@ -95,10 +117,14 @@ struct relay_dir {
     struct tls_conn *src_tls;   /* decrypts src's bytes, or NULL; not owned */
     struct tls_conn *dst_tls;   /* encrypts what goes to dst, or NULL; not owned */
     struct relay_dir *rev;      /* the other direction (its dst is our src) */
+    struct relay_block *tail;   /* small writes gathered while others are queued, or NULL */
+    size_t tail_len;            /* bytes in tail->data */
+    size_t queued;              /* memory held for dst: blocks of queued writes, the tail */
+    unsigned inflight;          /* uv_write requests not yet completed */
 };
 
 #define RELAY_F_READING 0x01u /* uv_read_start is in effect on src */
-#define RELAY_F_PAUSED 0x02u  /* stopped by backpressure, restart on LOWAT */
+#define RELAY_F_PAUSED 0x02u  /* stopped by backpressure (see relay_over), restart on LOWAT */
 #define RELAY_F_EOF 0x04u     /* src sent EOF */
 #define RELAY_F_DONE 0x08u    /* dst shut down after EOF: nothing more will flow */
 #define RELAY_F_STOPPED 0x10u /* the owner stopped the direction; never restart */
@@ -124,15 +150,17 @@ int relay_release(struct relay_dir *d);
 
 /* Writes bufs (at most RELAY_SEND_MAX_BUFS; the array is copied) to d->dst
  * in order after everything queued before: what the socket takes at once is
- * written now, the rest is queued and b (may be NULL when the bytes are
- * static) gets a reference until it is written.
+ * written now; the rest is copied to the tail when it is at most
+ * RELAY_COPY_MAX bytes, else queued in place and b (may be NULL when the
+ * bytes are static) gets a reference until it is written.
  * Applies backpressure to d->src like the plain path. Returns 0 or a
  * negative UV_E* code, which on_event has already seen as
  * RELAY_EV_WRITE_ERR: the caller only stops. */
 int relay_send(struct relay_dir *d, struct relay_block *b, const uv_buf_t *bufs, unsigned n);
 
-/* Queues a copy of len bytes (at most RELAY_BLOCK_SIZE) for d->dst; errors
- * as relay_send(). */
+/* Sends len bytes (at most RELAY_BLOCK_SIZE) to d->dst, copying what is not
+ * written at once into the tail, so short replies share blocks; p is the
+ * caller's again on return. Errors as relay_send(). */
 int relay_send_copy(struct relay_dir *d, const char *p, size_t len);
 
 /* Shuts d->dst down after the queued writes, as EOF does; on_event gets

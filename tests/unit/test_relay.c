@@ -19,6 +19,9 @@ struct fixture {
     int peer_a, peer_b;
     struct relay_pool pool;
     struct relay_dir dir;
+    struct relay_dir back; /* b_side -> a_side, for the tied tests */
+    bool with_back;        /* back is in use */
+    size_t answered;       /* bytes the on_data owner answered */
     int n_eof, n_done, n_read_err, n_write_err;
     int last_status;
 };
@@ -81,6 +84,8 @@ static void fixture_init(struct fixture *f)
 static void fixture_close(struct fixture *f)
 {
     relay_stop(&f->dir);
+    if (f->with_back)
+        relay_stop(&f->back);
     uv_close((uv_handle_t *)&f->a_side, NULL);
     uv_close((uv_handle_t *)&f->b_side, NULL);
     ASSERT_OK(uv_run(&f->loop, UV_RUN_DEFAULT));
@@ -217,11 +222,148 @@ static void test_peer_close_is_eof(void)
     fixture_close(&f);
 }
 
+/* The byte at offset i of the streams these tests send. */
+static unsigned char pattern(size_t i)
+{
+    return (unsigned char)('a' + i % 23);
+}
+
+/* Pushes len pattern bytes from *off on, as many as peer_a takes. */
+static size_t push_pattern(int fd, size_t *off, size_t len)
+{
+    unsigned char buf[16384];
+    if (len > sizeof(buf))
+        len = sizeof(buf);
+    for (size_t i = 0; i < len; i++)
+        buf[i] = pattern(*off + i);
+    size_t n = push(fd, buf, len);
+    *off += n;
+    return n;
+}
+
+/* One-byte reads toward a peer that does not read share blocks: the memory
+ * held grows by a block per RELAY_BLOCK_SIZE bytes, not per read, and the
+ * bytes arrive whole and in order once the peer reads. */
+static void test_small_reads_share_blocks(void)
+{
+    enum { TRICKLE = 20000 };
+    static unsigned char got[4 * 1024 * 1024];
+    struct fixture f;
+    size_t sent = 0, n_got = 0;
+
+    fixture_init(&f);
+    ASSERT_OK(relay_start(&f.dir));
+    /* Fill the kernel toward peer_b until the relay itself holds bytes. */
+    for (int round = 0; round < 1000 && f.dir.queued == 0; round++) {
+        push_pattern(f.peer_a, &sent, 16384);
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+    }
+    ASSERT(f.dir.queued > 0);
+    for (int round = 0; round < 10; round++)
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+    ASSERT(!(f.dir.flags & RELAY_F_PAUSED));
+    size_t q0 = f.dir.queued, bytes0 = (size_t)f.dir.bytes;
+    ASSERT_EQ(bytes0, sent);
+
+    for (int i = 0; i < TRICKLE; i++) {
+        ASSERT_EQ(push_pattern(f.peer_a, &sent, 1), 1);
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+    }
+    ASSERT_EQ((size_t)f.dir.bytes, sent); /* every byte was read... */
+    /* ...and they hold a few blocks, not one each (that would pause). */
+    ASSERT(f.dir.queued <= q0 + (TRICKLE / RELAY_BLOCK_SIZE + 2) * RELAY_BLOCK_SIZE);
+    ASSERT(!(f.dir.flags & RELAY_F_PAUSED));
+
+    for (int round = 0; round < 100000 && n_got < sent; round++) {
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+        n_got += pull(f.peer_b, got + n_got, sizeof(got) - n_got);
+    }
+    ASSERT_EQ(n_got, sent);
+    for (size_t i = 0; i < n_got; i++)
+        ASSERT_EQ(got[i], pattern(i));
+    ASSERT_EQ(f.dir.queued, 0);
+    ASSERT(f.dir.tail == NULL);
+    ASSERT_EQ(f.n_read_err + f.n_write_err, 0);
+    fixture_close(&f);
+}
+
+/* on_data owner answering every byte read with a 16-byte reply toward the
+ * peer it read from. */
+static void on_data_answer(struct relay_dir *d, struct relay_block *b, size_t len)
+{
+    struct fixture *f = d->owner;
+    char reply[16];
+
+    memset(reply, 'r', sizeof(reply));
+    reply[sizeof(reply) - 1] = '\n';
+    for (size_t i = 0; i < len; i++) {
+        if (relay_send_copy(&f->back, reply, sizeof(reply)) != 0)
+            break;
+        f->answered++;
+    }
+    relay_block_unref(d->pool, b);
+}
+
+/* A peer that does not read the replies it provokes stops being read: the
+ * queue toward it stays near the high-water mark, however much it sends,
+ * and everything flows again once it reads. */
+static void test_unread_replies_pause_the_reader(void)
+{
+    static unsigned char got[64 * 1024];
+    struct fixture f;
+    size_t sent = 0, max_queued = 0, replies = 0;
+
+    fixture_init(&f);
+    f.with_back = true;
+    relay_init(&f.back, (uv_stream_t *)&f.b_side, (uv_stream_t *)&f.a_side, &f.pool, on_event, &f);
+    f.dir.rev = &f.back;
+    f.back.rev = &f.dir;
+    f.dir.on_data = on_data_answer;
+    ASSERT_OK(relay_start(&f.dir));
+
+    /* peer_a sends a lot and reads nothing. */
+    for (int round = 0; round < 4000 && !(f.dir.flags & RELAY_F_PAUSED); round++) {
+        push_pattern(f.peer_a, &sent, 4096);
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+    }
+    ASSERT(f.dir.flags & RELAY_F_PAUSED);
+    for (int round = 0; round < 200; round++) {
+        push_pattern(f.peer_a, &sent, 4096);
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+        if (f.back.queued > max_queued)
+            max_queued = f.back.queued;
+    }
+    ASSERT(f.dir.flags & RELAY_F_PAUSED);
+    ASSERT(!(f.dir.flags & RELAY_F_READING));
+    /* At most the mark, what one full read provoked, and the open tail. */
+    ASSERT(max_queued <= RELAY_HIWAT + RELAY_BLOCK_SIZE * 16 + RELAY_BLOCK_SIZE);
+    ASSERT(f.dir.bytes < sent); /* bytes wait in the kernel, not in the relay */
+
+    /* peer_a reads its replies: reading resumes, every byte is answered. */
+    for (int round = 0; round < 200000 && (replies < f.dir.bytes * 16 || f.dir.bytes < sent);
+         round++) {
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+        size_t n = pull(f.peer_a, got, sizeof(got));
+        for (size_t i = 0; i < n; i++)
+            ASSERT_EQ(got[i], (replies + i) % 16 == 15 ? '\n' : 'r');
+        replies += n;
+    }
+    ASSERT_EQ((size_t)f.dir.bytes, sent);
+    ASSERT_EQ(f.answered, sent);
+    ASSERT_EQ(replies, sent * 16);
+    ASSERT(!(f.dir.flags & RELAY_F_PAUSED));
+    ASSERT_EQ(f.back.queued, 0);
+    ASSERT_EQ(f.n_read_err + f.n_write_err, 0);
+    fixture_close(&f);
+}
+
 int main(void)
 {
     test_backpressure_and_half_close();
     test_close_cancels_queued_writes();
     test_peer_close_is_eof();
+    test_small_reads_share_blocks();
+    test_unread_replies_pause_the_reader();
     printf("test_relay: ok\n");
     return 0;
 }
