@@ -310,6 +310,8 @@ static bool session_smtp_keep_tail(struct session *s, const char *p, size_t n)
 {
     struct session_smtp *m = s->smtp;
 
+    if (n == 0)
+        return true;
     if (m->tail_len + n > m->tail_cap) {
         size_t cap = m->tail_cap > 0 ? m->tail_cap : 512;
         while (cap < m->tail_len + n)
