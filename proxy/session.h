@@ -27,8 +27,9 @@ enum session_end {
     SESSION_END_SMUGGLING,               /* mode smtp: SMTP smuggling rejected, then 421 */
     SESSION_END_TLS_ERROR,               /* a TLS handshake or record failed (ev=tls_error) */
     SESSION_END_PROXY_PROTOCOL_ERROR,    /* a bad or missing PROXY header (accept_proxy_protocol) */
-    SESSION_END_LOOP,   /* transparent: the original destination is mxproxy itself */
-    SESSION_END_COUNT_, /* not an end: the number of them */
+    SESSION_END_LOOP,        /* transparent: the original destination is mxproxy itself */
+    SESSION_END_LOCAL_ERROR, /* mxproxy ran short of descriptors or memory for the backend */
+    SESSION_END_COUNT_,      /* not an end: the number of them */
 };
 
 const char *session_end_name(enum session_end end);

@@ -1111,6 +1111,15 @@ void session_smtp_connect_failed(struct session *s, const char *why)
     s->smtp->primary = reply;
 }
 
+void session_smtp_local_error(struct session *s, const char *why)
+{
+    (void)why;
+    static const char reply[] = "421 4.3.2 mxproxy: local resources exhausted, try again later";
+
+    session_smtp_say(s, reply);
+    s->smtp->primary = reply;
+}
+
 void session_smtp_goodbye(struct session *s, enum session_end end)
 {
     struct session_smtp *m = s->smtp;
