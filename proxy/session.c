@@ -756,25 +756,6 @@ void session_drop_backend(struct session *s)
         uv_close((uv_handle_t *)&s->backend, session_on_backend_closed);
 }
 
-static void session_on_dropped_closed(uv_handle_t *h)
-{
-    free(h);
-}
-
-/* Out of memory: accept and close the pending connection so the listener
- * does not stall on it. If even that fails, libuv keeps it queued. */
-static void session_drop_pending(struct listener *l)
-{
-    uv_tcp_t *tmp = malloc(sizeof(*tmp));
-
-    log_msg(LOG_ERROR, "accept_error", "out of memory");
-    if (tmp == NULL)
-        return;
-    uv_tcp_init(&l->w->loop, tmp);
-    (void)uv_accept((uv_stream_t *)&l->handle, (uv_stream_t *)tmp);
-    uv_close((uv_handle_t *)tmp, session_on_dropped_closed);
-}
-
 /* TPROXY keeps the destination as the local address, intercepted or not:
  * the client came straight to mxproxy when that destination is this
  * listener's port on one of this host's own addresses (any of them for a
@@ -990,13 +971,14 @@ static int session_send_proxy_header(struct session *s)
     return rc;
 }
 
-void session_accept(struct listener *l)
+void session_accept(struct listener *l, int fd)
 {
     struct worker *w = l->w;
     struct session *s = calloc(1, sizeof(*s));
 
     if (s == NULL) {
-        session_drop_pending(l);
+        close(fd);
+        listener_accept_failed(l, UV_ENOMEM);
         return;
     }
     s->w = w;
@@ -1021,8 +1003,9 @@ void session_accept(struct listener *l)
     atomic_fetch_add(&w->n_sessions, 1);
     metrics_session_opened(&w->metrics, s->cl->name);
 
-    int rc = uv_accept((uv_stream_t *)&l->handle, (uv_stream_t *)&s->client);
+    int rc = uv_tcp_open(&s->client, fd);
     if (rc != 0) {
+        close(fd); /* the handle did not take it */
         session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
         return;
     }

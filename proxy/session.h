@@ -34,9 +34,10 @@ enum session_end {
 
 const char *session_end_name(enum session_end end);
 
-/* Accepts one pending connection on l and starts its session. Errors are
- * logged; a session that cannot start is closed. */
-void session_accept(struct listener *l);
+/* Starts a session for fd, a connection just accepted on l; takes fd.
+ * Errors are logged; a session that cannot start is closed, and when no
+ * session can even be made, l pauses (listener_accept_failed). */
+void session_accept(struct listener *l, int fd);
 
 /* Closes every session of w with end=drain. */
 void session_close_all(struct worker *w);

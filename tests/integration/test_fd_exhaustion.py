@@ -1,6 +1,8 @@
-"""Running out of file descriptors: mxproxy answers a backend socket it
-cannot make with end=local_error (421 4.3.2 in mode smtp) without blaming
-the backend, and serves again once descriptors are free. The descriptor limit is lowered on the running process (prlimit),
+"""Running out of file descriptors: mxproxy backs off accepting instead of
+spinning, says so (ev=accept_error with count=, mxproxy_accept_errors_total),
+answers a backend socket it cannot make with end=local_error (421 4.3.2 in
+mode smtp) without blaming the backend, and serves again once descriptors
+are free. The descriptor limit is lowered on the running process (prlimit),
 to leave an exact number of descriptors free."""
 
 import os
@@ -146,6 +148,120 @@ class FdExhaustionTest(mxtest.ProxyTestCase):
         self.assertEqual((close["end"], close["error"]), ("local_error", EMFILE_TEXT))
         self.assertEqual(p.find(ev="backend_down"), [])
         self.assertEqual(len(b.conns), 1)
+
+    def test_one_worker_accept_shortage_is_logged_and_served_later(self):
+        """With no descriptor left, the connection waits in the backlog (it is
+        not accepted and dropped), ev=accept_error says so once, and the client
+        is served as soon as a session frees descriptors."""
+        b = self.smtp_backend("mx")
+        p = self.start(b, mode="smtp")
+        c0 = self.client(p.port)
+        self.assertEqual(c0.read_reply(), b"220 mx ESMTP\r\n")
+        set_nofile(p.pid, limit_leaving(p.pid, 0))
+        m = p.mark()
+        c = self.client(p.port)
+        e = p.wait_event(start=m, ev="accept_error")
+        self.assertEvent(e, "accept_error", {"listener": "smtp", "addr": "%s:%d" % (HOST, p.port),
+                                             "worker": "0", "error": EMFILE_TEXT, "count": "1"},
+                         lvl="error")
+        c.assert_open(wait=0.5)
+        self.assertEqual(c0.cmd(b"QUIT"), b"221 2.0.0 mx bye\r\n")
+        c0.close()
+        self.assertEqual(c.read_reply(timeout=3), b"220 mx ESMTP\r\n")
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 mx bye\r\n")
+        c.close()
+        # The errors counted after the first line come out within a second.
+        time.sleep(1.2)
+        set_nofile(p.pid, 4096)
+        lines = [e for e in p.events[m:] if e["ev"] == "accept_error"]
+        samples = self.metrics(p)
+        errors = value(samples, "mxproxy_accept_errors_total", listener="smtp", error="emfile")
+        self.assertGreaterEqual(errors, 1)
+        self.assertEqual(sum(int(e["count"]) for e in lines), errors)
+        self.assertEqual(value(samples, "mxproxy_accept_errors_total", listener="smtp",
+                               error="enfile"), 0)
+        self.assertEqual(len(p.find(ev="close")), 2)
+
+    def test_flood_two_workers(self):
+        """150 clients reconnecting for 6 s into 2 workers with ~60 spare
+        descriptors: afterwards mxproxy is idle (no accept loop spinning),
+        every session closed, at most one ev=accept_error per second per
+        worker with counts that add up to the metric, a new client is served
+        and SIGTERM ends the process at once."""
+        sink = self.sink()
+        p = self.start(sink, workers=2, mode="smtp")
+        c0 = self.client(p.port)
+        self.assertEqual(c0.read_reply(), mxtest.SINK_GREETING)
+        c0.close()
+        p.close_of(p.sid_of(c0))
+        c0 = self.client(p.port)  # reaches the other worker too, most likely
+        c0.read_reply()
+        c0.close()
+        p.close_of(p.sid_of(c0))
+        baseline = open_sockets(p.pid)  # the listening sockets
+        set_nofile(p.pid, limit_leaving(p.pid, 60))
+        m = p.mark()
+        stop = time.monotonic() + 6.0
+        results = {"greeted": 0, "local": 0, "waited": 0, "other": 0}
+        lock = threading.Lock()
+
+        def flood():
+            while time.monotonic() < stop:
+                what = "other"
+                try:
+                    s = socket.create_connection((HOST, p.port), timeout=1.0)
+                    try:
+                        s.settimeout(0.5)
+                        data = s.recv(100)
+                        what = ("greeted" if data.startswith(b"220 ") else
+                                "local" if data == LOCAL_421 else "other")
+                        if what == "greeted":
+                            time.sleep(0.3)  # hold the session's descriptors a while
+                    except socket.timeout:
+                        what = "waited"
+                    finally:
+                        s.close()
+                except OSError:
+                    pass
+                with lock:
+                    results[what] += 1
+
+        threads = [threading.Thread(target=flood, daemon=True) for _ in range(150)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        flood_s = time.monotonic() - t0
+        # Every session closes, with the limit still low.
+        left = wait_sockets(p.pid, baseline, 20)
+        self.assertLessEqual(left, baseline, "sessions did not close; clients saw %r" % results)
+        cpu0 = cpu_seconds(p.pid)
+        time.sleep(2.0)
+        cpu = cpu_seconds(p.pid) - cpu0
+        self.assertLess(cpu, 0.2, "mxproxy used %.2fs of CPU in 2s after the flood" % cpu)
+        # A new client is served, under the same limit.
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(timeout=3), mxtest.SINK_GREETING)
+        c.close()
+        set_nofile(p.pid, 4096)
+        lines = [e for e in p.events[m:] if e["ev"] == "accept_error"]
+        self.assertGreater(len(lines), 0, "accept never ran short: clients saw %r" % results)
+        samples = self.metrics(p)
+        errors = sum(value(samples, "mxproxy_accept_errors_total", listener="smtp", error=k)
+                     for k in ("emfile", "enfile", "enomem", "enobufs", "other"))
+        self.assertEqual(sum(int(e["count"]) for e in lines), errors)
+        for worker in ("0", "1"):
+            times = [log_time(e) for e in lines if e["worker"] == worker]
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            self.assertTrue(all(g >= 0.9 for g in gaps),
+                            "worker %s: accept_error lines %r s apart" % (worker, gaps))
+            self.assertLessEqual(len(times), int(flood_s + 20) + 2)
+        for e in lines:
+            self.assertEqual((e["lvl"], e["listener"], e["error"]), ("error", "smtp", EMFILE_TEXT))
+        self.assertEqual(p.find(ev="backend_down"), [])
+        p.signal(signal.SIGTERM)
+        self.assertEqual(p.wait_exit(5), 0)
 
 
 if __name__ == "__main__":
