@@ -118,9 +118,10 @@ static void listener_on_closed(uv_handle_t *h)
         free(l);
 }
 
-/* A non-blocking socket bound to cl->listen with SO_REUSEPORT, not yet
- * listening. Returns the descriptor or a negative UV_E* code. */
-static int listener_socket(const struct config_listener *cl)
+/* A non-blocking socket bound to cl->listen, not yet listening; with
+ * reuseport, SO_REUSEPORT lets this process's workers share the address.
+ * Returns the descriptor or a negative UV_E* code. */
+static int listener_socket(const struct config_listener *cl, bool reuseport)
 {
     const struct sockaddr *sa = (const struct sockaddr *)&cl->listen.sa;
     int one = 1;
@@ -133,7 +134,7 @@ static int listener_socket(const struct config_listener *cl)
      * keep a restart from binding. */
     if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0)
         rc = -errno;
-    if (rc == 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)
+    if (rc == 0 && reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)
         rc = -errno;
     /* IPv6 listeners take IPv6 only: [::]:25 beside 0.0.0.0:25 must not
      * silently split IPv4 traffic between two listeners. */
@@ -151,6 +152,16 @@ static int listener_socket(const struct config_listener *cl)
     return fd;
 }
 
+int listener_probe(const struct config_listener *cl)
+{
+    int fd = listener_socket(cl, false);
+
+    if (fd < 0)
+        return fd;
+    close(fd);
+    return 0;
+}
+
 int listener_open(struct worker *w, const struct config_listener *cl, struct listener **out)
 {
     struct listener *l = calloc(1, sizeof(*l));
@@ -161,7 +172,7 @@ int listener_open(struct worker *w, const struct config_listener *cl, struct lis
         return UV_ENOMEM;
     l->w = w;
     l->cl = cl;
-    l->fd = listener_socket(cl);
+    l->fd = listener_socket(cl, true);
     if (l->fd < 0) {
         rc = l->fd;
         free(l);

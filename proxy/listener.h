@@ -50,6 +50,13 @@ struct listener {
  * returns a negative UV_E* code and closes what it opened. */
 int listener_open(struct worker *w, const struct config_listener *cl, struct listener **out);
 
+/* Checks that no other socket is bound to cl->listen, before this process
+ * binds it: a socket bound without SO_REUSEPORT conflicts with any socket on
+ * the address, so a second mxproxy cannot silently share a port with the
+ * first. Returns 0, UV_EADDRINUSE, or another negative UV_E* code from
+ * socket() or bind() (for the real bind to report). */
+int listener_probe(const struct config_listener *cl);
+
 /* Accepting on l failed with err (a negative UV_E* code), or a connection
  * just accepted had to be dropped for it: counts and logs it (at most one
  * line per LISTENER_LOG_EVERY_MS) and pauses l for LISTENER_BACKOFF_MS. */
