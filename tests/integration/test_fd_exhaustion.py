@@ -14,7 +14,7 @@ import time
 
 import mxtest
 from mxtest import HOST, config, listener, free_port
-from test_admin import get, parse_prometheus, value
+from test_admin import get, http, parse_prometheus, value
 
 LOCAL_421 = b"421 4.3.2 mxproxy: local resources exhausted, try again later\r\n"
 EMFILE_TEXT = "too many open files"
@@ -260,6 +260,50 @@ class FdExhaustionTest(mxtest.ProxyTestCase):
         for e in lines:
             self.assertEqual((e["lvl"], e["listener"], e["error"]), ("error", "smtp", EMFILE_TEXT))
         self.assertEqual(p.find(ev="backend_down"), [])
+        p.signal(signal.SIGTERM)
+        self.assertEqual(p.wait_exit(5), 0)
+
+    def test_admin_endpoint_under_shortage(self):
+        """Health checks while descriptors run out: the admin endpoint's
+        accept backs off like the listeners' (libuv's uv_listen() spins on
+        the main loop when a worker takes its spare descriptor, and signals
+        are no longer handled)."""
+        sink = self.sink()
+        p = self.start(sink, workers=2, mode="smtp")
+        set_nofile(p.pid, limit_leaving(p.pid, 4))
+        stop = time.monotonic() + 5.0
+
+        def connect(port, admin):
+            while time.monotonic() < stop:
+                try:
+                    if admin:
+                        http(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=0.5)
+                        continue
+                    s = socket.create_connection((HOST, port), timeout=0.5)
+                    try:
+                        s.settimeout(0.3)
+                        if s.recv(100).startswith(b"220 "):
+                            time.sleep(0.2)
+                    finally:
+                        s.close()
+                except (OSError, AssertionError, ValueError):
+                    pass  # refused, reset or cut short: the shortage at work
+
+        threads = [threading.Thread(target=connect, args=(p.port, False), daemon=True)
+                   for _ in range(60)]
+        threads += [threading.Thread(target=connect, args=(p.admin, True), daemon=True)
+                    for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        time.sleep(1.0)
+        cpu0 = cpu_seconds(p.pid)
+        time.sleep(2.0)
+        cpu = cpu_seconds(p.pid) - cpu0
+        self.assertLess(cpu, 0.2, "mxproxy used %.2fs of CPU in 2s after the flood" % cpu)
+        code, _, body = get(p.admin, "/healthz")
+        self.assertEqual((code, body), (200, b"ok\n"))
         p.signal(signal.SIGTERM)
         self.assertEqual(p.wait_exit(5), 0)
 
