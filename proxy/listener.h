@@ -40,7 +40,7 @@ struct listener {
     size_t rr;                        /* round-robin position among backends */
     bool paused;                      /* accepting stopped until the timer fires */
     bool err_logged;                  /* err_logged_at is valid */
-    uint64_t err_logged_at;           /* uv_now() of the last ev=accept_error */
+    uint64_t err_logged_at;           /* uv_hrtime() in ms of the last ev=accept_error */
     uint64_t err_count;               /* accept errors since that line */
     int err_last;                     /* the latest of them, a negative UV_E* code */
 };

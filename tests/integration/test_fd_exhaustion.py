@@ -254,12 +254,14 @@ class FdExhaustionTest(mxtest.ProxyTestCase):
         for worker in ("0", "1"):
             times = [log_time(e) for e in lines if e["worker"] == worker]
             gaps = [b - a for a, b in zip(times, times[1:])]
-            self.assertTrue(all(g >= 0.9 for g in gaps),
+            self.assertTrue(all(g >= 0.99 for g in gaps),
                             "worker %s: accept_error lines %r s apart" % (worker, gaps))
             self.assertLessEqual(len(times), int(flood_s + 20) + 2)
         for e in lines:
             self.assertEqual((e["lvl"], e["listener"], e["error"]), ("error", "smtp", EMFILE_TEXT))
         self.assertEqual(p.find(ev="backend_down"), [])
+        print("  clients %r; %d accept errors in %d lines; %.2fs CPU in 2s after"
+              % (results, errors, len(lines), cpu))
         p.signal(signal.SIGTERM)
         self.assertEqual(p.wait_exit(5), 0)
 
