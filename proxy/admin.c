@@ -18,6 +18,8 @@
 #define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 #define ADMIN_BACKLOG 511           /* a burst of connects waits here, not in SYN retries */
+#define ADMIN_BACKOFF_MS 100        /* no accept for this long after an accept error */
+#define ADMIN_ACCEPT_BATCH 16       /* accepts per wakeup */
 #define ADMIN_DROP_LOG_MS 1000      /* at most one ev=admin_drop line per reason this often */
 #define ADMIN_METRICS_INITIAL 16384 /* first guess at the metrics text size, bytes */
 #define ADMIN_RENDER_TRIES 4        /* the text may grow between two renders */
@@ -39,14 +41,16 @@ static const char *const admin_drop_names[ADMIN_DROP_N] = {
 };
 
 struct admin {
-    uv_tcp_t listener;            /* the bound socket; data -> this */
+    uv_poll_t listener;           /* readable when connections wait; data -> this */
+    uv_timer_t backoff;           /* ends a pause of accepting after an error */
+    int fd;                       /* the bound socket */
     uv_timer_t log_timer;         /* paces ev=admin_drop lines; data -> this */
     struct admin_ops ops;         /* the program's callbacks */
     struct admin_limits lim;      /* see admin_set_limits */
     struct admin_conn *conns;     /* open connections, newest first, doubly linked */
     unsigned n_conns;             /* length of conns, closing ones included */
     bool stopping;                /* admin_stop ran: free after the last close */
-    bool listener_closed;         /* the listener's close callback ran */
+    unsigned listener_handles;    /* listener and backoff, until their close callbacks */
     bool log_timer_closed;        /* log_timer is not (or no longer) a handle */
     size_t metrics_hint;          /* size of the last metrics text, to allocate once */
     uint64_t drops[ADMIN_DROP_N]; /* closes not logged yet, per reason */
@@ -95,7 +99,7 @@ enum admin_parse {
 
 static void admin_maybe_free(struct admin *a)
 {
-    if (a->stopping && a->listener_closed && a->log_timer_closed && a->n_conns == 0)
+    if (a->stopping && a->listener_handles == 0 && a->log_timer_closed && a->n_conns == 0)
         free(a);
 }
 
@@ -164,7 +168,7 @@ static void admin_note_drop(struct admin *a, enum admin_drop_reason r,
 static void admin_on_listener_closed(uv_handle_t *h)
 {
     struct admin *a = h->data;
-    a->listener_closed = true;
+    a->listener_handles--;
     admin_maybe_free(a);
 }
 
@@ -461,24 +465,6 @@ static void admin_conn_on_timer(uv_timer_t *t)
     admin_conn_close(c); /* the client does not take the answer, or does not close */
 }
 
-static void admin_on_dropped_closed(uv_handle_t *h)
-{
-    free(h);
-}
-
-/* Out of memory: accept and close at once, so the backlog does not fill
- * with connections nobody will answer. */
-static void admin_drop(struct admin *a)
-{
-    uv_tcp_t *t = malloc(sizeof(*t));
-
-    if (t == NULL)
-        return;
-    uv_tcp_init(a->listener.loop, t);
-    (void)uv_accept((uv_stream_t *)&a->listener, (uv_stream_t *)t);
-    uv_close((uv_handle_t *)t, admin_on_dropped_closed);
-}
-
 /* True when a and b are the same IPv4 or IPv6 address, whatever the ports. */
 static bool admin_same_host(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
 {
@@ -540,21 +526,21 @@ static bool admin_make_room(struct admin *a, struct admin_conn *c, bool same_pee
     }
 }
 
-static void admin_on_connection(uv_stream_t *server, int status)
+/* One accepted connection (fd). Out of memory it is closed at once, so the
+ * backlog does not fill with connections nobody will answer. */
+static void admin_on_connection(struct admin *a, int fd)
 {
-    struct admin *a = server->data;
+    uv_loop_t *loop = a->listener.loop;
     struct admin_conn *c;
     int len = (int)sizeof(struct sockaddr_storage);
 
-    if (status < 0 || a->stopping)
-        return;
     if ((c = calloc(1, sizeof(*c))) == NULL) {
-        admin_drop(a);
+        close(fd);
         return;
     }
     c->a = a;
-    uv_tcp_init(server->loop, &c->tcp);
-    uv_timer_init(server->loop, &c->timer);
+    uv_tcp_init(loop, &c->tcp);
+    uv_timer_init(loop, &c->timer);
     c->tcp.data = c;
     c->timer.data = c;
     c->open_handles = 2;
@@ -563,7 +549,8 @@ static void admin_on_connection(uv_stream_t *server, int status)
         a->conns->prev = c;
     a->conns = c;
     a->n_conns++;
-    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
+    if (uv_tcp_open(&c->tcp, fd) != 0) {
+        close(fd);
         admin_conn_close(c);
         return;
     }
@@ -579,6 +566,43 @@ static void admin_on_connection(uv_stream_t *server, int status)
         return;
     }
     uv_timer_start(&c->timer, admin_conn_on_timer, a->lim.header_timeout_ms, 0);
+}
+
+static void admin_on_readable(uv_poll_t *p, int status, int events);
+
+static void admin_on_backoff(uv_timer_t *t)
+{
+    struct admin *a = t->data;
+
+    if (uv_poll_start(&a->listener, UV_READABLE, admin_on_readable) != 0)
+        abort(); /* only fails for a closing handle, whose timer is stopped */
+}
+
+/* Accepts by hand rather than with uv_listen(): on EMFILE libuv closes its
+ * spare descriptor to accept and drop a connection, and when a worker thread
+ * takes the freed descriptor first, it calls back with EMFILE in a loop that
+ * never returns, so the main loop stops handling signals. Here an error
+ * pauses accepting for ADMIN_BACKOFF_MS; clients wait in the backlog. */
+static void admin_on_readable(uv_poll_t *p, int status, int events)
+{
+    struct admin *a = p->data;
+
+    (void)events;
+    for (int i = 0; status == 0 && i < ADMIN_ACCEPT_BATCH && !a->stopping; i++) {
+        int fd = accept4(a->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            admin_on_connection(a, fd);
+            continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return;
+        if (errno != EINTR && errno != ECONNABORTED)
+            status = -errno; /* EMFILE, ENFILE, ENOBUFS, ENOMEM */
+    }
+    if (status < 0) {
+        uv_poll_stop(&a->listener);
+        uv_timer_start(&a->backoff, admin_on_backoff, ADMIN_BACKOFF_MS, 0);
+    }
 }
 
 /* socket/bind/listen by hand, so a failure leaves no libuv handle that would
@@ -622,15 +646,20 @@ int admin_start(struct admin **out, uv_loop_t *loop, const struct config_addr *a
     };
     a->log_timer_closed = true; /* not a handle until the listener works */
     snprintf(a->addr, sizeof(a->addr), "%s", addr->text);
-    uv_tcp_init(loop, &a->listener);
-    a->listener.data = a;
-    rc = uv_tcp_open(&a->listener, fd);
-    if (rc == 0)
-        rc = uv_listen((uv_stream_t *)&a->listener, ADMIN_BACKLOG, admin_on_connection);
+    rc = uv_poll_init_socket(loop, &a->listener, fd);
     if (rc != 0) {
-        /* The handle exists now: it is freed in its close callback. */
-        a->stopping = true;
-        uv_close((uv_handle_t *)&a->listener, admin_on_listener_closed);
+        close(fd);
+        free(a);
+        return rc;
+    }
+    a->fd = fd;
+    a->listener.data = a;
+    uv_timer_init(loop, &a->backoff);
+    a->backoff.data = a;
+    a->listener_handles = 2;
+    rc = uv_poll_start(&a->listener, UV_READABLE, admin_on_readable);
+    if (rc != 0) {
+        admin_stop(a); /* the handles exist now: a is freed in their close callbacks */
         return rc;
     }
     uv_timer_init(loop, &a->log_timer);
@@ -659,7 +688,10 @@ void admin_stop(struct admin *a)
         return;
     a->stopping = true;
     admin_flush_drops(a); /* what the pacing held back */
+    /* Polling stops at once, so the descriptor may go now. */
     uv_close((uv_handle_t *)&a->listener, admin_on_listener_closed);
+    uv_close((uv_handle_t *)&a->backoff, admin_on_listener_closed);
+    close(a->fd);
     if (!a->log_timer_closed)
         uv_close((uv_handle_t *)&a->log_timer, admin_on_log_timer_closed);
     for (struct admin_conn *c = a->conns; c != NULL; c = c->next)

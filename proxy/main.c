@@ -11,6 +11,7 @@
 
 #include "admin.h"
 #include "config.h"
+#include "listener.h"
 #include "log.h"
 #include "metrics.h"
 #include "sockaddr.h"
@@ -149,6 +150,44 @@ static void main_reload_admin(const struct config *next)
     mx.admin_addr = next->admin;
 }
 
+/* True when cur (the running config, or NULL) has a listener on the port
+ * of addr: this process may hold a socket there, so a probe of addr could
+ * find mxproxy itself (127.0.0.1:25 becoming 0.0.0.0:25 on reload). */
+static bool main_holds_port(const struct config *cur, const struct config_addr *addr)
+{
+    if (cur == NULL)
+        return false;
+    for (size_t i = 0; i < cur->n_listeners; i++) {
+        const struct sockaddr *a = (const struct sockaddr *)&cur->listeners[i].listen.sa;
+        if (a->sa_family == addr->sa.ss_family &&
+            sockaddr_port(a) == sockaddr_port((const struct sockaddr *)&addr->sa))
+            return true;
+    }
+    return false;
+}
+
+/* Refuses listen addresses another process already holds: every worker
+ * socket sets SO_REUSEPORT, which would otherwise let a second mxproxy (or
+ * anything of the same user) share the port and take part of the clients.
+ * Probes each address of next that cur does not hold. Returns 0, or -1 with
+ * "FILE:LINE: listener 'NAME': address already in use" in err. Other bind
+ * errors are left to the workers' binds, which report them. */
+static int main_probe_listeners(const struct config *next, const struct config *cur, char *err,
+                                size_t cap)
+{
+    for (size_t i = 0; i < next->n_listeners; i++) {
+        const struct config_listener *cl = &next->listeners[i];
+        if (main_holds_port(cur, &cl->listen))
+            continue;
+        if (listener_probe(cl) == UV_EADDRINUSE) {
+            snprintf(err, cap, "%s:%d: listener '%s': address already in use", next->path, cl->line,
+                     cl->name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static void main_reload(void)
 {
     char err[CONFIG_ERR_MAX];
@@ -159,6 +198,10 @@ static void main_reload(void)
     if (rc == 0 && config_check_supported(next, err, sizeof(err)) != 0) {
         config_unref(next);
         rc = -ENOTSUP;
+    }
+    if (rc == 0 && main_probe_listeners(next, mx.cfg, err, sizeof(err)) != 0) {
+        config_unref(next);
+        rc = -EADDRINUSE;
     }
     if (rc != 0) {
         log_begin(&l, LOG_ERROR, "reload_error");
@@ -374,6 +417,11 @@ int main(int argc, char **argv)
         return 0;
     }
 
+    if (main_probe_listeners(mx.cfg, NULL, err, sizeof(err)) != 0) {
+        fprintf(stderr, "%s\n", err);
+        config_unref(mx.cfg);
+        return 1;
+    }
     signal(SIGPIPE, SIG_IGN);
     main_raise_nofile();
     log_open(2, mx.cfg->log_format == CONFIG_LOG_JSON ? LOG_FORMAT_JSON : LOG_FORMAT_LOGFMT,

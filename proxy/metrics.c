@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <uv.h>
 
 /* Upper bounds of the histogram buckets in nanoseconds, and as le= text. */
 static const uint64_t metrics_bounds_ns[METRICS_BUCKETS] = {
@@ -17,6 +18,9 @@ static const char *const metrics_bounds_text[METRICS_BUCKETS] = {
     "0.05",   "0.1",     "0.25",   "0.5",   "1",      "2.5",   "5",    "10",
 };
 static const char *const metrics_classes[METRICS_CLASSES] = {"2xx", "3xx", "4xx", "5xx"};
+static const char *const metrics_accept_error_names[METRICS_ACCEPT_ERRORS] = {
+    "emfile", "enfile", "enomem", "enobufs", "other",
+};
 
 /* One writer per counter: a plain add published with a relaxed store, so
  * the hot path takes no locked instruction and a reader never sees a torn
@@ -88,6 +92,16 @@ static void metrics_observe(struct metrics_hist *h, uint64_t ns)
         i++;
     metrics_add(&h->buckets[i], 1);
     metrics_add(&h->sum_ns, ns);
+}
+
+void metrics_accept_error(struct metrics *m, const char *listener, int err)
+{
+    unsigned i = err == UV_EMFILE    ? 0
+                 : err == UV_ENFILE  ? 1
+                 : err == UV_ENOMEM  ? 2
+                 : err == UV_ENOBUFS ? 3
+                                     : 4;
+    metrics_add(&metrics_slot(m, listener)->accept_errors[i], 1);
 }
 
 void metrics_connect_time(struct metrics *m, uint64_t ns)
@@ -295,6 +309,45 @@ static void metrics_render_sessions(struct metrics_out *o, struct metrics *const
     }
 }
 
+/* mxproxy_accept_errors_total: every listener and error, from 0. */
+static void metrics_render_accept_errors(struct metrics_out *o, struct metrics *const *pw,
+                                         unsigned n)
+{
+    const char *name = NULL;
+    bool other = metrics_has_other(pw, n);
+
+    metrics_head(o, "mxproxy_accept_errors_total", "counter",
+                 "Failed accepts by listener and error (ev=accept_error); accepting pauses "
+                 "briefly after each.");
+    for (;;) {
+        name = metrics_next_name(pw, n, name);
+        if (name == NULL && !other)
+            break;
+        for (unsigned e = 0; e < METRICS_ACCEPT_ERRORS; e++) {
+            uint64_t sum = 0;
+            for (unsigned w = 0; w < n; w++) {
+                const struct metrics_listener *l = NULL;
+                unsigned k = atomic_load_explicit(&pw[w]->n_listeners, memory_order_acquire);
+                if (name == NULL) {
+                    l = &pw[w]->other;
+                } else {
+                    for (unsigned i = 0; i < k && l == NULL; i++) {
+                        if (strcmp(pw[w]->listeners[i].name, name) == 0)
+                            l = &pw[w]->listeners[i];
+                    }
+                }
+                if (l != NULL)
+                    sum += metrics_get(&l->accept_errors[e]);
+            }
+            metrics_sample(o, "mxproxy_accept_errors_total", "listener",
+                           name != NULL ? name : METRICS_OTHER_LISTENER, "error",
+                           metrics_accept_error_names[e], sum);
+        }
+        if (name == NULL)
+            break; /* the overflow slot comes last */
+    }
+}
+
 static const char *metrics_verb(enum smtp_cmd cmd)
 {
     return cmd == SMTP_CMD_NONE ? "none" : smtp_cmd_name(cmd);
@@ -368,6 +421,8 @@ size_t metrics_render(struct metrics *const *per_worker, unsigned n, char *out, 
                            "class", metrics_classes[c], sum);
         }
     }
+
+    metrics_render_accept_errors(&o, per_worker, n);
 
     metrics_head(&o, "mxproxy_bytes_total", "counter",
                  "Bytes read from clients (up) and from backends (down), counted when a "

@@ -29,6 +29,7 @@
 #define METRICS_NO_LATENCY UINT64_MAX    /* metrics_reply(): count, do not time */
 #define METRICS_OTHER_LISTENER "~other"  /* label for names past the table */
 #define METRICS_NAME_MAX CONFIG_NAME_MAX /* bytes of a listener name with NUL */
+#define METRICS_ACCEPT_ERRORS 5          /* error= values of accept_errors_total */
 
 typedef _Atomic uint64_t metrics_counter;
 
@@ -38,6 +39,7 @@ struct metrics_listener {
     char name[METRICS_NAME_MAX];        /* [listener NAME], NUL-terminated */
     metrics_counter ends[METRICS_ENDS]; /* closed sessions by enum session_end */
     metrics_counter active;             /* opened minus closed; wraps below 0 in one worker */
+    metrics_counter accept_errors[METRICS_ACCEPT_ERRORS]; /* by metrics_accept_error_names */
 };
 
 /* A latency histogram: per-bucket (not cumulative) counts, rendered cumulative. */
@@ -75,6 +77,10 @@ void metrics_greeting(struct metrics *m, uint64_t ns);
  * command-to-reply latency, or METRICS_NO_LATENCY for replies that are not
  * timed (mxproxy's own answers, greetings). */
 void metrics_reply(struct metrics *m, enum smtp_cmd cmd, int code, uint64_t ns);
+
+/* Accepting on listener failed with err (a negative UV_E* code): counted as
+ * error="emfile", "enfile", "enomem", "enobufs" or "other". */
+void metrics_accept_error(struct metrics *m, const char *listener, int err);
 
 /* A TLS handshake with the client (client true) or the backend ended. */
 void metrics_tls(struct metrics *m, bool client, bool ok);

@@ -43,6 +43,7 @@ static const char *const session_end_names[] = {
     [SESSION_END_PROXY_PROTOCOL_ERROR] = "proxy_protocol_error",
     [SESSION_END_LOOP] = "loop",
     [SESSION_END_XCLIENT_ERROR] = "xclient_error",
+    [SESSION_END_LOCAL_ERROR] = "local_error",
 };
 
 static_assert(sizeof(session_end_names) / sizeof(session_end_names[0]) == SESSION_END_COUNT_,
@@ -268,6 +269,33 @@ static void session_connect_failed(struct session *s, int status)
     uv_timer_stop(&s->timer);
     if (!uv_is_closing((uv_handle_t *)&s->backend))
         uv_close((uv_handle_t *)&s->backend, session_on_backend_closed);
+}
+
+/* This host ran short of something a backend connection needs: not the
+ * backend's fault, and no other backend would fare better. */
+static bool session_error_is_local(int status)
+{
+    return status == UV_EMFILE || status == UV_ENFILE || status == UV_ENOMEM ||
+           status == UV_ENOBUFS;
+}
+
+/* Ends the session for a local shortage (status) met while connecting:
+ * end=local_error, the backend is neither marked down nor replaced. */
+static void session_local_error(struct session *s, int status)
+{
+    const char *why = uv_strerror(status);
+
+    s->last_error = status;
+    s->flags |= SESSION_F_NO_BACKEND; /* the backend closes without a retry */
+    uv_timer_stop(&s->timer);
+    if ((s->flags & SESSION_F_BACKEND) && !uv_is_closing((uv_handle_t *)&s->backend))
+        uv_close((uv_handle_t *)&s->backend, session_on_backend_closed);
+    if (s->smtp != NULL) {
+        session_smtp_local_error(s, why);
+        session_close_after_flush(s, SESSION_END_LOCAL_ERROR, why);
+        return;
+    }
+    session_close(s, SESSION_END_LOCAL_ERROR, why);
 }
 
 void session_wire_tls(struct session *s)
@@ -559,7 +587,10 @@ static void session_on_connect(uv_connect_t *req, int status)
     if (s->flags & (SESSION_F_CLOSING | SESSION_F_TIMED_OUT))
         return; /* UV_ECANCELED from our own uv_close */
     if (status < 0) {
-        session_connect_failed(s, status);
+        if (session_error_is_local(status))
+            session_local_error(s, status);
+        else
+            session_connect_failed(s, status);
         return;
     }
     s->flags |= SESSION_F_CONNECTED;
@@ -669,7 +700,12 @@ static void session_connect_next(struct session *s)
     s->tries++;
     s->flags &= ~SESSION_F_TIMED_OUT;
     b = session_backend(s);
-    uv_tcp_init_ex(&s->w->loop, &s->backend, b->sa.ss_family); /* the socket now, for options */
+    rc = uv_tcp_init_ex(&s->w->loop, &s->backend, b->sa.ss_family); /* the socket now */
+    if (rc != 0) {
+        /* libuv has unlinked the handle again: it must not be closed. */
+        session_local_error(s, rc);
+        return;
+    }
     s->open_handles++;
     s->flags |= SESSION_F_BACKEND;
     s->t_connect = uv_hrtime();
@@ -679,7 +715,10 @@ static void session_connect_next(struct session *s)
         rc = uv_tcp_connect(&s->connect_req, &s->backend, (const struct sockaddr *)&b->sa,
                             session_on_connect);
     if (rc != 0) {
-        session_connect_failed(s, rc);
+        if (session_error_is_local(rc))
+            session_local_error(s, rc);
+        else
+            session_connect_failed(s, rc);
         return;
     }
     uv_timer_start(&s->timer, session_on_timer, s->cl->connect_timeout_ms, 0);
@@ -727,7 +766,8 @@ void session_close(struct session *s, enum session_end end, const char *error)
         log_uint(&l, "bytes_down", s->down.bytes);
         log_ms(&l, "ms", uv_hrtime() - s->t_accept);
         log_str(&l, "client", session_client_addr(s));
-        if (s->tries > 0 && end != SESSION_END_CONNECT_FAILED && end != SESSION_END_LIMIT)
+        if (s->tries > 0 && end != SESSION_END_CONNECT_FAILED && end != SESSION_END_LIMIT &&
+            end != SESSION_END_LOCAL_ERROR)
             log_str(&l, "backend", session_backend(s)->text);
         if (error != NULL)
             log_str(&l, "error", error);
@@ -776,25 +816,6 @@ void session_drop_backend(struct session *s)
     if (!uv_is_closing((uv_handle_t *)&s->backend) &&
         uv_tcp_close_reset(&s->backend, session_on_backend_closed) != 0)
         uv_close((uv_handle_t *)&s->backend, session_on_backend_closed);
-}
-
-static void session_on_dropped_closed(uv_handle_t *h)
-{
-    free(h);
-}
-
-/* Out of memory: accept and close the pending connection so the listener
- * does not stall on it. If even that fails, libuv keeps it queued. */
-static void session_drop_pending(struct listener *l)
-{
-    uv_tcp_t *tmp = malloc(sizeof(*tmp));
-
-    log_msg(LOG_ERROR, "accept_error", "out of memory");
-    if (tmp == NULL)
-        return;
-    uv_tcp_init(&l->w->loop, tmp);
-    (void)uv_accept((uv_stream_t *)&l->handle, (uv_stream_t *)tmp);
-    uv_close((uv_handle_t *)tmp, session_on_dropped_closed);
 }
 
 /* TPROXY keeps the destination as the local address, intercepted or not:
@@ -1028,13 +1049,14 @@ static void session_refuse_over_limit(struct session *s)
     session_close(s, SESSION_END_LIMIT, NULL);
 }
 
-void session_accept(struct listener *l)
+void session_accept(struct listener *l, int fd)
 {
     struct worker *w = l->w;
     struct session *s = calloc(1, sizeof(*s));
 
     if (s == NULL) {
-        session_drop_pending(l);
+        close(fd);
+        listener_accept_failed(l, UV_ENOMEM);
         return;
     }
     s->w = w;
@@ -1059,8 +1081,9 @@ void session_accept(struct listener *l)
     atomic_fetch_add(&w->n_sessions, 1);
     metrics_session_opened(&w->metrics, s->cl->name);
 
-    int rc = uv_accept((uv_stream_t *)&l->handle, (uv_stream_t *)&s->client);
+    int rc = uv_tcp_open(&s->client, fd);
     if (rc != 0) {
+        close(fd); /* the handle did not take it */
         session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
         return;
     }

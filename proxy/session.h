@@ -29,14 +29,16 @@ enum session_end {
     SESSION_END_PROXY_PROTOCOL_ERROR,    /* a bad or missing PROXY header (accept_proxy_protocol) */
     SESSION_END_LOOP,          /* transparent: the original destination is mxproxy itself */
     SESSION_END_XCLIENT_ERROR, /* xclient = on: the backend could not be told who the client is */
+    SESSION_END_LOCAL_ERROR,   /* mxproxy ran short of descriptors or memory for the backend */
     SESSION_END_COUNT_,        /* not an end: the number of them */
 };
 
 const char *session_end_name(enum session_end end);
 
-/* Accepts one pending connection on l and starts its session. Errors are
- * logged; a session that cannot start is closed. */
-void session_accept(struct listener *l);
+/* Starts a session for fd, a connection just accepted on l; takes fd.
+ * Errors are logged; a session that cannot start is closed, and when no
+ * session can even be made, l pauses (listener_accept_failed). */
+void session_accept(struct listener *l, int fd);
 
 /* The drain deadline (drain_timeout, or a second signal): closes every
  * session of w with end=drain, except a mode smtp session whose backend

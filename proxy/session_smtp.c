@@ -1670,6 +1670,20 @@ bool session_smtp_greeted(const struct session *s)
     return s->smtp->pp.greeted;
 }
 
+void session_smtp_local_error(struct session *s, const char *why)
+{
+    (void)why;
+    static const char reply[] = "421 4.3.2 mxproxy: local resources exhausted, try again later";
+    struct smtp_pair p;
+
+    /* As for a failed connect: commands sent before the greeting never came
+     * are logged aborted. */
+    while (smtp_pairs_abort(&s->smtp->pp, &p))
+        session_smtp_log_pair(s, &p);
+    session_smtp_say(s, reply);
+    s->smtp->primary = reply;
+}
+
 void session_smtp_goodbye(struct session *s, enum session_end end)
 {
     struct session_smtp *m = s->smtp;

@@ -36,6 +36,11 @@ void session_smtp_on_connected(struct session *s);
  * sent. why is static text for error=. */
 void session_smtp_connect_failed(struct session *s, const char *why);
 
+/* mxproxy itself ran short of descriptors or memory for the backend
+ * connection: answers "421 4.3.2" and closes once it is sent. why is static
+ * text for error=. */
+void session_smtp_local_error(struct session *s, const char *why);
+
 /* The backend sent EOF: answers the oldest outstanding command with 421,
  * logs the others as aborted, then closes after the client has everything. */
 void session_smtp_on_backend_eof(struct session *s);

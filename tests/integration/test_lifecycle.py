@@ -1,8 +1,10 @@
 """SIGHUP reload (backends, invalid config, listeners) and SIGTERM/SIGINT drain."""
 
 import hashlib
+import os
 import signal
 import smtplib
+import socket
 import subprocess
 import time
 
@@ -212,6 +214,78 @@ class DrainTest(mxtest.ProxyTestCase):
         self.assertLess(time.monotonic() - t0, 1.0, "nothing to drain: exit at once")
         self.assertEqual(p.find(ev="drain")[0]["sessions"], "0")
         self.assertEqual(p.events[-1]["ev"], "stop")
+
+
+class PortOwnerTest(mxtest.ProxyTestCase):
+    """SO_REUSEPORT is for this process's own workers: a second process on a
+    listen address fails to start (or to reload) instead of taking half the
+    connections."""
+
+    def start_second(self, text):
+        """mxproxy -c on text, expected to exit at once: (code, stdout, stderr, path)."""
+        path = os.path.join(self.tmpdir, "second.conf")
+        with open(path, "w") as f:
+            f.write(text)
+        r = subprocess.run([mxtest.binary(), "-c", path], stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=10, start_new_session=True)
+        return r.returncode, r.stdout.decode(), r.stderr.decode(), path
+
+    def test_second_process_on_the_same_address_exits_1(self):
+        x = self.smtp_backend("x")
+        y = self.smtp_backend("y")
+        port = free_port()
+        listen = "%s:%d" % (HOST, port)
+        p = self.start_proxy(config(listener("smtp", listen, x.addr), workers=2))
+        for addr in (listen, "0.0.0.0:%d" % port):
+            text = config(listener("first", "%s:%d" % (HOST, free_port()), y.addr),
+                          listener("second", addr, y.addr), workers=2)
+            line = text.splitlines().index("[listener second]") + 1
+            rc, out, err, path = self.start_second(text)
+            self.assertEqual((rc, out, err),
+                             (1, "", "%s:%d: listener 'second': address already in use\n"
+                              % (path, line)))
+        # Nothing of the second process took a connection; the first still serves.
+        for _ in range(4):
+            c = self.client(port)
+            self.assertEqual(c.recv_until(b"\r\n"), b"220 x ESMTP\r\n")
+            c.close()
+        self.assertEqual(len(y.conns), 0)
+        # Its own reload still works, and keeps sharing the port between its workers.
+        m = p.reload(config(listener("smtp", listen, y.addr), workers=2))
+        p.wait_event(start=m, ev="reload")
+        for _ in range(4):
+            c = self.client(port)
+            self.assertEqual(c.recv_until(b"\r\n"), b"220 y ESMTP\r\n")
+            c.close()
+        self.assertEqual(p.find(ev="reload_error"), [])
+
+    def test_address_held_by_another_program(self):
+        """A socket with SO_REUSEPORT of the same user would share the port
+        with mxproxy's workers: start and reload refuse that address."""
+        b = self.smtp_backend("mx")
+        other = socket.socket()
+        self.addCleanup(other.close)
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind((HOST, 0))
+        other.listen(8)
+        taken = "%s:%d" % other.getsockname()
+        text = config(listener("smtp", taken, b.addr))
+        line = text.splitlines().index("[listener smtp]") + 1
+        rc, out, err, path = self.start_second(text)
+        self.assertEqual((rc, out, err),
+                         (1, "", "%s:%d: listener 'smtp': address already in use\n" % (path, line)))
+        port = free_port()
+        listen = "%s:%d" % (HOST, port)
+        p = self.start_proxy(config(listener("smtp", listen, b.addr)))
+        text = config(listener("smtp", listen, b.addr), listener("stolen", taken, b.addr))
+        line = text.splitlines().index("[listener stolen]") + 1
+        m = p.reload(text)
+        err = p.wait_event(start=m, ev="reload_error")
+        self.assertEqual(err["error"], "%s:%d: listener 'stolen': address already in use"
+                         % (p.path, line))
+        self.assertEqual(p.find(ev="listen", listener="stolen"), [])
+        c = self.client(port)
+        self.assertEqual(c.recv_until(b"\r\n"), b"220 mx ESMTP\r\n")
 
 
 if __name__ == "__main__":

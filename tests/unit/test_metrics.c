@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <uv.h>
+
 #include "metrics.h"
 #include "test.h"
 
@@ -166,6 +168,38 @@ static void test_sum_across_workers(void)
     free(a);
     free(b);
     free(c);
+}
+
+/* Accept errors: by listener and error kind, summed over workers, every
+ * kind listed from 0. */
+static void test_accept_errors(void)
+{
+    struct metrics *a = metrics_new(), *b = metrics_new();
+    struct metrics *pw[] = {a, b};
+
+    metrics_listener_seen(a, "smtp");
+    metrics_accept_error(a, "smtp", UV_EMFILE);
+    metrics_accept_error(b, "smtp", UV_EMFILE);
+    metrics_accept_error(b, "smtp", UV_ENFILE);
+    metrics_accept_error(b, "smtp", UV_ENOBUFS);
+    metrics_accept_error(b, "smtp", UV_ENOMEM);
+    metrics_accept_error(b, "smtp", UV_ECONNRESET);
+    render(pw, 2);
+
+    size_t len;
+    const char *s =
+        section("# HELP mxproxy_accept_errors_total", "# HELP mxproxy_bytes_total", &len);
+    const char want[] = "# HELP mxproxy_accept_errors_total Failed accepts by listener and error "
+                        "(ev=accept_error); accepting pauses briefly after each.\n"
+                        "# TYPE mxproxy_accept_errors_total counter\n"
+                        "mxproxy_accept_errors_total{listener=\"smtp\",error=\"emfile\"} 2\n"
+                        "mxproxy_accept_errors_total{listener=\"smtp\",error=\"enfile\"} 1\n"
+                        "mxproxy_accept_errors_total{listener=\"smtp\",error=\"enomem\"} 1\n"
+                        "mxproxy_accept_errors_total{listener=\"smtp\",error=\"enobufs\"} 1\n"
+                        "mxproxy_accept_errors_total{listener=\"smtp\",error=\"other\"} 1\n";
+    ASSERT_MEMEQ(s, len, want, sizeof(want) - 1);
+    free(a);
+    free(b);
 }
 
 static void test_histogram_buckets(void)
@@ -367,6 +401,7 @@ int main(void)
 {
     test_counting();
     test_sum_across_workers();
+    test_accept_errors();
     test_histogram_buckets();
     test_exact_text();
     test_label_escaping();
