@@ -101,8 +101,8 @@ struct session_smtp {
 #define SESSION_SMTP_F_IDENTIFIED 0x1000u
 #define SESSION_SMTP_F_CAPS_NEW 0x2000u /* caps holds the reply being matched right now */
 #define SESSION_SMTP_F_HELO_DUE 0x4000u /* client TLS began; no EHLO/HELO inside it yet */
-#define SESSION_SMTP_F_DRAIN 0x400u    /* drain deadline passed: owed replies, then 421 */
-#define SESSION_SMTP_F_IN_CHUNK 0x800u /* a BDAT chunk is on its way: the client owes bytes */
+#define SESSION_SMTP_F_DRAIN 0x400u     /* drain deadline passed: owed replies, then 421 */
+#define SESSION_SMTP_F_IN_CHUNK 0x800u  /* a BDAT chunk is on its way: the client owes bytes */
 
 #define SESSION_SMTP_EHLO_MAX 4096 /* an EHLO reply longer than this is not rewritten */
 /* A backend reply reaches the client only whole, through its last line's end,
