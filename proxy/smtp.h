@@ -83,7 +83,10 @@ enum smtp_cmd {
 /* What to do with a lone "." in a DATA body that is not a proper CRLF "." CRLF. */
 enum smtp_smuggling {
     SMTP_SMUGGLING_REJECT = 0, /* report it, drop the rest of the message (default) */
-    SMTP_SMUGGLING_NORMALIZE,  /* bare CR/LF become CRLF, such a lone dot becomes ".." */
+    SMTP_SMUGGLING_NORMALIZE,  /* every bare CR or LF becomes CRLF, and a dot that then
+                                  begins a line without having been stuffed by the client
+                                  (after a bare CR or LF, or a lone dot) becomes "..", so the
+                                  backend's un-stuffing loses no byte */
     SMTP_SMUGGLING_OFF,        /* forward the body byte for byte */
 };
 
@@ -119,7 +122,7 @@ enum smtp_ev {
      * including its LF and dropped. ev.reason names the fault. Answered as SMTP_EV_TOO_LONG. */
     SMTP_EV_INVALID,
     /* DATA body bytes: forward ev.fwd. It points into the input, or in normalize mode to a
-     * static replacement ("\r\n" for a bare CR or LF). */
+     * static replacement ("\r\n" for a bare CR or LF, ".." for a dot right after one). */
     SMTP_EV_DATA,
     /* The end of the DATA body. Normally ev.fwd is ".\r\n": forward it; the server's answer
      * belongs to SMTP_CMD_DOT. ev.size is the body size in bytes as received, the CRLF before
