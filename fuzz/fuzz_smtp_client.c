@@ -224,7 +224,7 @@ static void fuzz_check_auth(struct fuzz_run *r, const struct smtp_event *ev)
         return;
     }
     FUZZ_CHECK(ev->cmd == SMTP_CMD_AUTH);
-    FUZZ_CHECK(ev->line == ev->fwd);
+    FUZZ_CHECK(ev->line != NULL && ev->line == ev->fwd);
     if (cred < n) {
         FUZZ_CHECK(ev->line_len <= cred);
         FUZZ_CHECK(ev->flags & SMTP_EV_F_AUTH_INITIAL);

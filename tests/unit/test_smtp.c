@@ -513,6 +513,7 @@ static void test_normalize_keeps_every_byte(void)
             ASSERT_TR(&r, fmt("CMD DATA|DATA||0|0\nWAIT DATA=354\nDATA\nEND .||%zu|0\n"
                               "CMD QUIT|QUIT||0|0\n",
                               strlen(cases[k].body)));
+        dstr_add(&text, "", 0);
         unstuff(cases[k].fwd, strlen(cases[k].fwd), &text);
         ASSERT_MEMEQ(text.p, text.n, cases[k].text, strlen(cases[k].text));
         run_free(&r);
