@@ -38,6 +38,11 @@
  * parser never asks the caller to hold more than max_line_length bytes, except in the WAIT state
  * (see SMTP_EV_WAIT).
  *
+ * Command lines are split as a server's tokenizer splits them (Postfix smtpd): the verb is the
+ * first token after any leading blanks, tokens are separated by any run of SP, HTAB, VT or FF,
+ * verbs match in any case. So every line a server takes for AUTH, DATA or STARTTLS is that
+ * command here too, and the part of an AUTH line that may hold a credential is never loggable.
+ *
  * Replies steer the client parser: after DATA, AUTH and XCLIENT it waits for the server's
  * answer before it reads further client bytes, because the meaning of those bytes depends on
  * the answer. The caller reports every reply it matched to a command with smtp_client_on_reply().
@@ -166,11 +171,15 @@ struct smtp_event {
     size_t fwd_len;
     enum smtp_cmd cmd; /* COMMAND, WAIT: the command; BDAT_END: BDAT; DATA_END: DOT;
                           AUTH_RESPONSE and AUTH cancels: AUTH; else SMTP_CMD_NONE */
-    const char *line;  /* COMMAND: loggable command text without CRLF; for AUTH only
-                          "AUTH <mechanism>" (see SMTP_EV_F_AUTH_INITIAL). NULL otherwise */
+    const char *line;  /* COMMAND: loggable command text without CRLF; for AUTH only the
+                          line up to the end of the mechanism name, blanks as sent ("AUTH
+                          PLAIN", "\tauth\tlogin"), or up to AUTH when there is no name or
+                          one longer than SASL's 20 characters (see SMTP_EV_F_AUTH_INITIAL).
+                          NULL otherwise */
     size_t line_len;
     const char *arg; /* COMMAND: HELO/EHLO name, MAIL/RCPT address without <>, AUTH
-                        mechanism; NULL for other commands and events */
+                        mechanism (empty when line stops at AUTH); NULL for other commands
+                        and events */
     size_t arg_len;
     uint64_t size;      /* BDAT chunk size (COMMAND, BDAT_END), body size (DATA_END),
                            bytes dropped (DISCARD, INJECTED) */
