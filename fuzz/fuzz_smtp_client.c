@@ -11,12 +11,19 @@
  *     normalize no more than twice the input;
  *   - in reject and normalize mode the body the backend sees never holds a lone dot between
  *     CR/LF delimiters, and in normalize mode no bare CR or LF;
- *   - the caller never holds more than max_line_length bytes outside WAIT.
+ *   - the caller never holds more than max_line_length bytes outside WAIT;
+ *   - no credential reaches loggable text: for every command line that a server's tokenizer
+ *     takes for AUTH (Postfix: leading blanks skipped, tokens split at SP/HTAB/VT/FF; aiosmtpd
+ *     splits the arguments at every byte Python's str.split() takes for a space), the parser
+ *     says AUTH, its ev.line ends before the first byte of whatever follows the mechanism
+ *     token, and the pair text built from it is that ev.line plus at most " [redacted]"; after
+ *     a 334 to AUTH the next line is a credential line, never a command.
  */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "smtp.h"
 #include "smtp_pairs.h"
@@ -46,6 +53,7 @@ struct fuzz_run {
     enum smtp_smuggling mode;
     uint32_t seed;
     unsigned waits; /* WAITs answered so far: picks the reply */
+    bool cred_next; /* AUTH got a 334: the next line is a credential */
     bool tls_stuck; /* the STARTTLS barrier is never lifted */
     /* results */
     char *out;
@@ -154,6 +162,7 @@ static void fuzz_answer_wait(struct fuzz_run *r, enum smtp_cmd cmd)
         code = xclient_codes[pick % 3];
         break;
     }
+    r->cred_next = cmd == SMTP_CMD_AUTH && code == 334;
     for (;;) {
         fuzz_drain_local(r);
         size_t left = smtp_pairs_outstanding(&r->pp);
@@ -165,6 +174,72 @@ static void fuzz_answer_wait(struct fuzz_run *r, enum smtp_cmd cmd)
         if (left == 1)
             return;
     }
+}
+
+/* Blanks as Postfix's smtpd tokenizer skips them, and the ASCII bytes Python's str.split()
+ * (aiosmtpd's AUTH argument split) treats as spaces. */
+static bool fuzz_pf_blank(char c)
+{
+    return c == ' ' || c == '\t' || c == '\v' || c == '\f';
+}
+
+static bool fuzz_py_space(char c)
+{
+    return fuzz_pf_blank(c) || c == '\r' || c == '\n' || (c >= 0x1c && c <= 0x1f);
+}
+
+/* An independent reading of a command line s[0, n) as a server tokenizes it: returns true when
+ * it is AUTH, and in *cred the offset where the text after the mechanism token starts (n when
+ * nothing but blanks follows it). */
+static bool fuzz_auth_oracle(const char *s, size_t n, size_t *cred)
+{
+    size_t i = 0, b;
+
+    while (i < n && fuzz_pf_blank(s[i]))
+        i++;
+    b = i;
+    while (i < n && !fuzz_pf_blank(s[i]))
+        i++;
+    if (i - b != 4 || strncasecmp(s + b, "AUTH", 4) != 0)
+        return false;
+    while (i < n && fuzz_py_space(s[i]))
+        i++;
+    while (i < n && !fuzz_py_space(s[i]))
+        i++;
+    while (i < n && fuzz_py_space(s[i]))
+        i++;
+    *cred = i;
+    return true;
+}
+
+/* The credential rule for one COMMAND event and the pair entry it just created. */
+static void fuzz_check_auth(struct fuzz_run *r, const struct smtp_event *ev)
+{
+    static const char red[] = " [redacted]";
+    size_t cred = 0, n = ev->fwd_len - 2; /* a COMMAND's fwd is the line with CRLF */
+    const struct smtp_pairs_entry *e;
+
+    if (!fuzz_auth_oracle(ev->fwd, n, &cred)) {
+        FUZZ_CHECK(ev->cmd != SMTP_CMD_AUTH);
+        return;
+    }
+    FUZZ_CHECK(ev->cmd == SMTP_CMD_AUTH);
+    FUZZ_CHECK(ev->line != NULL && ev->line == ev->fwd);
+    if (cred < n) {
+        FUZZ_CHECK(ev->line_len <= cred);
+        FUZZ_CHECK(ev->flags & SMTP_EV_F_AUTH_INITIAL);
+    }
+    FUZZ_CHECK(smtp_pairs_outstanding(&r->pp) > 0);
+    e = &r->pp.q[(r->pp.head + r->pp.count - 1) % SMTP_PAIRS_CAP];
+    FUZZ_CHECK(e->cmd == SMTP_CMD_AUTH);
+    size_t keep = e->text_len;
+    if (ev->flags & SMTP_EV_F_AUTH_INITIAL) {
+        FUZZ_CHECK(keep >= sizeof(red) - 1);
+        FUZZ_CHECK(memcmp(e->text + keep - (sizeof(red) - 1), red, sizeof(red) - 1) == 0);
+        keep -= sizeof(red) - 1;
+    }
+    FUZZ_CHECK(keep <= ev->line_len);
+    FUZZ_CHECK(memcmp(e->text, ev->line, keep) == 0);
 }
 
 /* Parses hold[0, *held) as far as possible; returns when more input is needed. */
@@ -225,8 +300,16 @@ static void fuzz_drive(struct fuzz_run *r, char *hold, size_t *held)
             FUZZ_CHECK(ev.fwd_len == 3 && memcmp(ev.fwd, ".\r\n", 3) == 0);
             FUZZ_CHECK(r->mode == SMTP_SMUGGLING_OFF || (r->ctx[0] == '\r' && r->ctx[1] == '\n'));
         }
+        if (r->cred_next && ev.type != SMTP_EV_DISCARD) {
+            FUZZ_CHECK(ev.type != SMTP_EV_COMMAND);
+            r->cred_next = false;
+        }
+        if (ev.type == SMTP_EV_AUTH_RESPONSE)
+            FUZZ_CHECK(ev.line == NULL && ev.line_len == 0 && ev.arg == NULL);
         fuzz_record(r, &ev);
         FUZZ_CHECK(smtp_pairs_on_client_event(&r->pp, &ev, 0) == 0);
+        if (ev.type == SMTP_EV_COMMAND)
+            fuzz_check_auth(r, &ev);
         fuzz_drain_local(r);
         if (ev.type == SMTP_EV_COMMAND && ev.cmd == SMTP_CMD_STARTTLS && !r->tls_stuck) {
             /* Either lift the barrier at once or never: the same in every run. */

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -46,6 +47,13 @@ static void log_write_all(int fd, const char *p, size_t n)
         if (w < 0) {
             if (errno == EINTR)
                 continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                /* A non-blocking stderr (shared with a parent that set O_NONBLOCK): wait
+                 * rather than leave the rest of a line unwritten. */
+                struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+                if (poll(&pfd, 1, -1) >= 0 || errno == EINTR)
+                    continue;
+            }
             return; /* nowhere to report a broken stderr */
         }
         p += w;
@@ -112,18 +120,16 @@ static void *log_writer_main(void *arg)
 
         size_t off = log_q.head % LOG_QUEUE_SIZE;
         size_t n = log_q.tail - log_q.head;
-        /* Where the ring wraps, a line may go on at its start: the note on
-         * dropped lines waits for a write that ends at the tail, a line end. */
-        bool whole = n <= LOG_QUEUE_SIZE - off;
-        if (!whole)
-            n = LOG_QUEUE_SIZE - off;
-        uint64_t dropped = whole ? log_q.dropped : 0;
-        if (whole)
-            log_q.dropped = 0;
+        size_t first = n < LOG_QUEUE_SIZE - off ? n : LOG_QUEUE_SIZE - off;
+        uint64_t dropped = log_q.dropped;
+        log_q.dropped = 0;
         pthread_mutex_unlock(&log_q.lock);
 
-        /* The ring bytes [off, off+n) are ours until head moves past them. */
-        log_write_all(log_q.fd, log_q.ring + off, n);
+        /* The ring bytes [head, head+n) are ours until head moves past them. They are whole
+         * lines; a line may wrap around the end of the ring, so both parts are written before
+         * anything else, or the drop report would land inside that line. */
+        log_write_all(log_q.fd, log_q.ring + off, first);
+        log_write_all(log_q.fd, log_q.ring, n - first);
         if (dropped > 0) {
             struct log_line l;
             log_begin(&l, LOG_WARN, "log_dropped");
@@ -219,15 +225,18 @@ static bool log_key(struct log_line *l, const char *key)
     return true;
 }
 
-/* Length of the valid UTF-8 sequence at p (1..4), or 0 when invalid. */
-static size_t log_utf8_len(const unsigned char *p, size_t n)
+/* Length of the valid UTF-8 sequence at p (1..4), or 0 when invalid; *cpo gets its code
+ * point. */
+static size_t log_utf8_len(const unsigned char *p, size_t n, uint32_t *cpo)
 {
     unsigned char c = p[0];
     size_t need;
     uint32_t cp;
 
-    if (c < 0x80)
+    if (c < 0x80) {
+        *cpo = c;
         return 1;
+    }
     if (c >= 0xc2 && c <= 0xdf) {
         need = 2;
         cp = c & 0x1f;
@@ -250,6 +259,7 @@ static size_t log_utf8_len(const unsigned char *p, size_t n)
     if ((need == 3 && cp < 0x800) || (need == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
         (cp >= 0xd800 && cp <= 0xdfff))
         return 0; /* overlong, out of range or a surrogate */
+    *cpo = cp;
     return need;
 }
 
@@ -311,8 +321,20 @@ size_t log_escape(char *out, size_t cap, const char *value, size_t len, bool jso
         } else if (c < 0x80) {
             LOG_PUT(c);
         } else {
-            size_t n = log_utf8_len(v + i, len - i);
-            if (n == 0) {
+            uint32_t cp = 0;
+            size_t n = log_utf8_len(v + i, len - i, &cp);
+            if (n != 0 && ((cp >= 0x80 && cp <= 0x9f) || cp == 0x2028 || cp == 0x2029)) {
+                /* C1 controls (NEL among them) and the Unicode line and paragraph separators
+                 * are line breaks to some readers (Python's str.splitlines()): \u escapes keep
+                 * the line one line in both formats. */
+                LOG_PUT('\\');
+                LOG_PUT('u');
+                LOG_PUT(hex[cp >> 12]);
+                LOG_PUT(hex[(cp >> 8) & 15]);
+                LOG_PUT(hex[(cp >> 4) & 15]);
+                LOG_PUT(hex[cp & 15]);
+                i += n - 1;
+            } else if (n == 0) {
                 /* Invalid UTF-8 is shown as the text \xHH, valid in both formats. */
                 if (json)
                     LOG_PUT('\\');

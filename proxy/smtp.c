@@ -27,6 +27,8 @@ enum {
     SMTP_BOL_CR,
 };
 
+#define SMTP_SASL_MECH_MAX 20 /* longest SASL mechanism name (RFC 4422 3.1) */
+
 /* Verbs that change how the parser reads what follows. */
 #define SMTP_VERB_F_WAIT 0x01u    /* hold later bytes until the reply */
 #define SMTP_VERB_F_BARRIER 0x02u /* drop later bytes until the reply */
@@ -123,11 +125,36 @@ static bool smtp_prefix(const char *s, size_t n, const char *word)
     return true;
 }
 
+/* Blanks between the tokens of a command line, and before the verb: SP and HTAB, and VT and
+ * FF, which Postfix's smtpd tokenizer (ISSPACE) skips as well. The parser must split a line
+ * where the server does, or a credential after a TAB would be taken for part of the mechanism
+ * name, and a "DATA" or "STARTTLS" the server obeys would pass as an unknown verb. */
+static bool smtp_blank(char c)
+{
+    return c == ' ' || c == '\t' || c == '\v' || c == '\f';
+}
+
 static size_t smtp_skip_sp(const char *s, size_t i, size_t n)
 {
-    while (i < n && s[i] == ' ')
+    while (i < n && smtp_blank(s[i]))
         i++;
     return i;
+}
+
+/* End of the token that starts at s[i]. */
+static size_t smtp_token_end(const char *s, size_t i, size_t n)
+{
+    while (i < n && !smtp_blank(s[i]))
+        i++;
+    return i;
+}
+
+/* A character of a SASL mechanism name (RFC 4422 3.1: upper-case letters, digits, '-', '_';
+ * servers match it in any case). */
+static bool smtp_sasl_char(char c)
+{
+    c = smtp_upper(c);
+    return (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
 }
 
 static const struct smtp_verb *smtp_verb_find(const char *s, size_t n)
@@ -161,8 +188,7 @@ static void smtp_parse_path(const char *s, size_t i, size_t n, const char *kw,
         return;
     }
     size_t b = i;
-    while (i < n && s[i] != ' ')
-        i++;
+    i = smtp_token_end(s, i, n);
     if (i == b) {
         ev->flags |= SMTP_EV_F_BAD_ARGS;
         return;
@@ -188,7 +214,7 @@ static bool smtp_parse_bdat(const char *s, size_t i, size_t n, struct smtp_event
     }
     if (i == b)
         return false;
-    if (i < n && s[i] != ' ')
+    if (i < n && !smtp_blank(s[i]))
         return false;
     i = smtp_skip_sp(s, i, n);
     if (i < n) {
@@ -207,12 +233,11 @@ static bool smtp_parse_bdat(const char *s, size_t i, size_t n, struct smtp_event
  * that reads what follows it. */
 static void smtp_command(struct smtp_client *p, const char *s, size_t n, struct smtp_event *ev)
 {
-    size_t vl = 0;
+    /* The verb is the first token, after any blanks, as servers read it; vl is its end. */
+    size_t vb = smtp_skip_sp(s, 0, n), vl = smtp_token_end(s, vb, n);
     const struct smtp_verb *v;
 
-    while (vl < n && s[vl] != ' ')
-        vl++;
-    v = smtp_verb_find(s, vl);
+    v = smtp_verb_find(s + vb, vl - vb);
     ev->cmd = v != NULL ? v->cmd : SMTP_CMD_UNKNOWN;
     ev->line = s;
     ev->line_len = n;
@@ -220,7 +245,7 @@ static void smtp_command(struct smtp_client *p, const char *s, size_t n, struct 
     case SMTP_CMD_HELO:
     case SMTP_CMD_EHLO: {
         size_t e = n, i = smtp_skip_sp(s, vl, n);
-        while (e > i && s[e - 1] == ' ')
+        while (e > i && smtp_blank(s[e - 1]))
             e--;
         ev->arg = s + i;
         ev->arg_len = e - i;
@@ -245,13 +270,18 @@ static void smtp_command(struct smtp_client *p, const char *s, size_t n, struct 
         p->state = ev->size > 0 ? SMTP_CS_BDAT : SMTP_CS_BDAT_END;
         break;
     case SMTP_CMD_AUTH: {
+        /* Whatever follows the mechanism name is a credential: keep it out of the log text.
+         * The name ends at its first byte that no mechanism name has, whichever separator a
+         * server splits on (Python's str.split() also takes \x1c-\x1f and Unicode spaces);
+         * one longer than SASL's 20 characters is no name and is not shown either. */
         size_t b = smtp_skip_sp(s, vl, n), e = b;
-        while (e < n && s[e] != ' ')
+        while (e < n && smtp_sasl_char(s[e]))
             e++;
+        if (e - b > SMTP_SASL_MECH_MAX)
+            e = b = vl;
         ev->arg = s + b;
         ev->arg_len = e - b;
-        /* Whatever follows the mechanism is a credential: keep it out of the log text. */
-        ev->line_len = e;
+        ev->line_len = e > b ? e : vl;
         if (smtp_skip_sp(s, e, n) < n)
             ev->flags |= SMTP_EV_F_AUTH_INITIAL;
         break;
@@ -454,6 +484,15 @@ static size_t smtp_body(struct smtp_client *p, const char *buf, size_t len, stru
             }
             bool end = bol == SMTP_BOL_CRLF && after == SMTP_BOL_CRLF;
             bool detect = !swallow && p->smuggling != SMTP_SMUGGLING_OFF;
+            if (normalize && after == SMTP_BOL_NONE && bol != SMTP_BOL_CRLF) {
+                /* The bare CR or LF before this dot becomes CRLF, so the dot now begins a
+                 * line the client never dot-stuffed: stuff it, or the backend would strip it
+                 * and a byte of the message would be lost. */
+                if (i > 0)
+                    break;
+                p->bol = SMTP_BOL_NONE;
+                return smtp_body_replace(p, SMTP_EV_DATA, smtp_dotdot, 2, 1, ev);
+            }
             if (after != SMTP_BOL_NONE && (end || detect)) {
                 if (i > 0)
                     break;

@@ -38,6 +38,11 @@
  * parser never asks the caller to hold more than max_line_length bytes, except in the WAIT state
  * (see SMTP_EV_WAIT).
  *
+ * Command lines are split as a server's tokenizer splits them (Postfix smtpd): the verb is the
+ * first token after any leading blanks, tokens are separated by any run of SP, HTAB, VT or FF,
+ * verbs match in any case. So every line a server takes for AUTH, DATA or STARTTLS is that
+ * command here too, and the part of an AUTH line that may hold a credential is never loggable.
+ *
  * Replies steer the client parser: after DATA, AUTH and XCLIENT it waits for the server's
  * answer before it reads further client bytes, because the meaning of those bytes depends on
  * the answer. The caller reports every reply it matched to a command with smtp_client_on_reply().
@@ -84,7 +89,10 @@ enum smtp_cmd {
 /* What to do with a lone "." in a DATA body that is not a proper CRLF "." CRLF. */
 enum smtp_smuggling {
     SMTP_SMUGGLING_REJECT = 0, /* report it, drop the rest of the message (default) */
-    SMTP_SMUGGLING_NORMALIZE,  /* bare CR/LF become CRLF, such a lone dot becomes ".." */
+    SMTP_SMUGGLING_NORMALIZE,  /* every bare CR or LF becomes CRLF, and a dot that then
+                                  begins a line without having been stuffed by the client
+                                  (after a bare CR or LF, or a lone dot) becomes "..", so the
+                                  backend's un-stuffing loses no byte */
     SMTP_SMUGGLING_OFF,        /* forward the body byte for byte */
 };
 
@@ -120,7 +128,7 @@ enum smtp_ev {
      * including its LF and dropped. ev.reason names the fault. Answered as SMTP_EV_TOO_LONG. */
     SMTP_EV_INVALID,
     /* DATA body bytes: forward ev.fwd. It points into the input, or in normalize mode to a
-     * static replacement ("\r\n" for a bare CR or LF). */
+     * static replacement ("\r\n" for a bare CR or LF, ".." for a dot right after one). */
     SMTP_EV_DATA,
     /* The end of the DATA body. Normally ev.fwd is ".\r\n": forward it; the server's answer
      * belongs to SMTP_CMD_DOT. ev.size is the body size in bytes as received, the CRLF before
@@ -164,11 +172,15 @@ struct smtp_event {
     size_t fwd_len;
     enum smtp_cmd cmd; /* COMMAND, WAIT: the command; BDAT_END: BDAT; DATA_END: DOT;
                           AUTH_RESPONSE and AUTH cancels: AUTH; else SMTP_CMD_NONE */
-    const char *line;  /* COMMAND: loggable command text without CRLF; for AUTH only
-                          "AUTH <mechanism>" (see SMTP_EV_F_AUTH_INITIAL). NULL otherwise */
+    const char *line;  /* COMMAND: loggable command text without CRLF; for AUTH only the
+                          line up to the end of the mechanism name, blanks as sent ("AUTH
+                          PLAIN", "\tauth\tlogin"), or up to AUTH when there is no name or
+                          one longer than SASL's 20 characters (see SMTP_EV_F_AUTH_INITIAL).
+                          NULL otherwise */
     size_t line_len;
     const char *arg; /* COMMAND: HELO/EHLO name, MAIL/RCPT address without <>, AUTH
-                        mechanism; NULL for other commands and events */
+                        mechanism (empty when line stops at AUTH); NULL for other commands
+                        and events */
     size_t arg_len;
     uint64_t size;      /* BDAT chunk size (COMMAND, BDAT_END), body size (DATA_END),
                            bytes dropped (DISCARD, INJECTED) */

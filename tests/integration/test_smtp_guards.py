@@ -251,6 +251,28 @@ class SmtpGuardsTest(mxtest.ProxyTestCase):
                 self.assertEvent(warn[0], "smuggling", {"pattern": name, "action": "normalize"},
                                  lvl="warn")
 
+    def test_smuggling_normalize_loses_no_byte(self):
+        # One rule: every bare CR or LF becomes CRLF, then a dot that begins a line only
+        # because of that rewrite is stuffed, so the server's un-stuffing keeps it.
+        b = self.scripted()
+        p = self.start_smtp_proxy(b.addr, smuggling="normalize")
+        body = b"a\n.foo\rb\r\n..stuffed\n..two\r\n"
+        want = b"a\r\n..foo\r\nb\r\n..stuffed\r\n...two\r\n"
+        c, sid = self.open(p)
+        self.send_envelope(c)
+        for chunk in (body[:2], body[2:3], body[3:], b".\r\n"):  # split around the dot
+            c.send(chunk)
+            time.sleep(0.02)
+        self.assertEqual(c.read_reply(), b"250 2.0.0 queued as 1\r\n")
+        self.quit(c)
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.bodies, [want])
+        stored = b"".join(l[1:] if l.startswith(b".") else l
+                          for l in rec.bodies[0].splitlines(keepends=True))
+        self.assertEqual(stored, b"a\r\n.foo\r\nb\r\n.stuffed\r\n..two\r\n")
+        self.assertEqual(p.find(ev="smuggling", sid=sid), [])
+
     def test_smuggling_off_passes_bytes_and_fools_a_lenient_server(self):
         # smuggling = off is for servers that are not lenient: mxproxy then
         # forwards the body byte for byte. A lenient server behind it is

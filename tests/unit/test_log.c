@@ -1,4 +1,7 @@
 /* test_log.c: escaping and line building of log.c. */
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -38,6 +41,32 @@ static void test_escape_json(void)
     expect_escape("\x01\x7f", 2, 1, "\"\\u0001\\u007f\"");
     expect_escape("bad\xff", 4, 1, "\"bad\\\\xff\"");
     expect_escape("\xf0\x9f\x93\xa7", 4, 1, "\"\xf0\x9f\x93\xa7\"");
+}
+
+/* Line breaks to Unicode-aware readers (Python's str.splitlines() splits on NEL, the other C1
+ * controls FS/GS/RS are below 0x20 already, and on U+2028/U+2029) are \u escapes in both
+ * formats; the printable neighbours stay raw. */
+static void test_escape_unicode_breaks(void)
+{
+    expect_escape("a\xc2\x85"
+                  "b",
+                  4, 0, "\"a\\u0085b\"");
+    expect_escape("a\xc2\x85"
+                  "b",
+                  4, 1, "\"a\\u0085b\"");
+    expect_escape("\xc2\x80\xc2\x9f", 4, 0, "\"\\u0080\\u009f\"");
+    expect_escape("\xc2\x80\xc2\x9f", 4, 1, "\"\\u0080\\u009f\"");
+    expect_escape("\xe2\x80\xa8\xe2\x80\xa9", 6, 0, "\"\\u2028\\u2029\"");
+    expect_escape("\xe2\x80\xa8\xe2\x80\xa9", 6, 1, "\"\\u2028\\u2029\"");
+    expect_escape("\xc2\xa0\xe2\x80\xa7\xe2\x80\xaa", 8, 0,
+                  "\"\xc2\xa0\xe2\x80\xa7\xe2\x80\xaa\""); /* U+00A0, U+2027, U+202A */
+    /* Every C1 control, in both formats. */
+    for (unsigned cp = 0x80; cp <= 0x9f; cp++) {
+        char in[2] = {(char)0xc2, (char)cp}, want[16];
+        snprintf(want, sizeof(want), "\"\\u%04x\"", cp);
+        expect_escape(in, 2, 0, want);
+        expect_escape(in, 2, 1, want);
+    }
 }
 
 static void test_escape_bounded(void)
@@ -121,12 +150,98 @@ static void test_lines(void)
     ASSERT_EQ(line3[len3 - 1], '\n');
 }
 
+struct drain {
+    int fd;
+    atomic_bool go; /* the reader starts only once the queue has overflowed */
+    char *buf;
+    size_t len, cap;
+};
+
+static void *drain_main(void *arg)
+{
+    struct drain *d = arg;
+    ssize_t r;
+
+    while (!atomic_load(&d->go))
+        usleep(1000);
+    while (d->len < d->cap && (r = read(d->fd, d->buf + d->len, d->cap - d->len)) > 0)
+        d->len += (size_t)r;
+    return NULL;
+}
+
+/* The writer's queue overflows while stderr is blocked: lines are dropped, and what is written
+ * is whole lines only, with the drop report on a line of its own. Lines of 1000 bytes do not
+ * divide the queue, so a queued line always straddles its end. */
+static void test_dropped_lines_stay_whole(void)
+{
+    enum { LINES = 3000, VALUE = 900 };
+    static char value[VALUE];
+    int fds[2];
+    pthread_t reader;
+    struct drain d = {.cap = 8u << 20};
+    struct log_line l;
+    size_t written = 0, reported = 0, reports = 0;
+
+    ASSERT_OK(pipe(fds));
+    fcntl(fds[1], F_SETPIPE_SZ, 4096); /* the smallest pipe: the writer blocks at once */
+    d.fd = fds[0];
+    d.buf = malloc(d.cap);
+    ASSERT(d.buf != NULL);
+    ASSERT_OK(pthread_create(&reader, NULL, drain_main, &d));
+    memset(value, 'v', sizeof(value));
+    ASSERT_OK(log_open(fds[1], LOG_FORMAT_LOGFMT, LOG_INFO));
+    /* Three lines the pipe still takes: the writer's place in its queue is then past the
+     * start, so once the queue is full its lines wrap around the queue's end. */
+    for (unsigned i = 0; i < LINES; i++) {
+        if (i == 3)
+            usleep(100 * 1000);
+        log_begin(&l, LOG_INFO, "fill");
+        log_uint(&l, "n", 100000 + i);
+        log_strn(&l, "v", value, sizeof(value));
+        log_end(&l);
+    }
+    atomic_store(&d.go, true);
+    log_close();
+    close(fds[1]);
+    ASSERT_OK(pthread_join(reader, NULL));
+    close(fds[0]);
+
+    for (size_t pos = 0; pos < d.len;) {
+        char *lf = memchr(d.buf + pos, '\n', d.len - pos);
+        ASSERT(lf != NULL);
+        size_t n = (size_t)(lf - (d.buf + pos)) + 1;
+        const char *line = d.buf + pos, *rest = line + 30;
+        ASSERT(n > 30);
+        ASSERT(strncmp(line, "ts=", 3) == 0);
+        ASSERT_EQ(line[29], 'Z');
+        if (strncmp(rest, " lvl=warn ev=log_dropped lines=", 31) == 0) {
+            char *end;
+            unsigned long v = strtoul(rest + 31, &end, 10);
+            ASSERT(end == lf);
+            reported += v;
+            reports++;
+        } else {
+            static const char head[] = " lvl=info ev=fill n=";
+            ASSERT_MEMEQ(rest, strlen(head), head, strlen(head));
+            ASSERT_EQ(n, 30 + strlen(head) + 6 + 3 + VALUE + 1);
+            written++;
+        }
+        pos += n;
+    }
+    ASSERT(reports >= 1);
+    ASSERT(reported > 0);
+    ASSERT_EQ(written + reported, LINES);
+    free(d.buf);
+}
+
 int main(void)
 {
     test_escape_logfmt();
     test_escape_json();
+    test_escape_unicode_breaks();
     test_escape_bounded();
     test_lines();
+    test_dropped_lines_stay_whole();
     printf("test_log: ok\n");
     return 0;
 }

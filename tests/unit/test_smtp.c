@@ -442,11 +442,85 @@ static void test_bare_lf_elsewhere(void)
     ASSERT_OUT(&r, in, sizeof(in) - 1);
     run_free(&r);
 
-    static const char want[] = "DATA\r\nline1\r\nline2\r\nline3\r\n..\r\n.x\r\n\r\n.\r\n";
+    /* normalize: every bare line end is CRLF, and ".x", which now begins a line, is stuffed */
+    static const char want[] = "DATA\r\nline1\r\nline2\r\nline3\r\n..\r\n..x\r\n\r\n.\r\n";
     RUN(&opt_normalize, in, &r, 354);
     ASSERT_TR(&r, fmt("CMD DATA|DATA||0|0\nWAIT DATA=354\nDATA\nEND .||%zu|0\n", body));
     ASSERT_OUT(&r, want, sizeof(want) - 1);
     run_free(&r);
+}
+
+/* Un-stuffs a body as a server does (RFC 5321 4.5.2): the first of two leading dots goes. */
+static void unstuff(const char *in, size_t len, struct dstr *out)
+{
+    for (size_t i = 0; i < len;) {
+        const char *lf = memchr(in + i, '\n', len - i);
+        size_t end = lf != NULL ? (size_t)(lf - in) + 1 : len;
+        size_t skip = in[i] == '.' ? 1 : 0;
+        dstr_add(out, in + i + skip, end - i - skip);
+        i = end;
+    }
+}
+
+/* smuggling = normalize: one rule, Postfix's: every bare CR or LF in a body becomes CRLF. A
+ * line that begins after such a rewritten line end was never dot-stuffed by the client, so a
+ * dot at its start is stuffed: after the backend un-stuffs, no byte of the text is lost. */
+static void test_normalize_keeps_every_byte(void)
+{
+    static const struct {
+        const char *body; /* what the client sends after DATA, up to its CRLF.CRLF */
+        const char *fwd;  /* what the backend gets */
+        const char *text; /* what the backend stores after un-stuffing */
+        const char *pattern;
+    } cases[] = {
+        /* The two examples. */
+        {"a\nb\r\n", "a\r\nb\r\n", "a\r\nb\r\n", NULL},
+        {"a\n.foo\r\n", "a\r\n..foo\r\n", "a\r\n.foo\r\n", NULL},
+        /* The same with a bare CR, with a stuffed-looking line, at the start of the body. */
+        {"a\r.foo\r\n", "a\r\n..foo\r\n", "a\r\n.foo\r\n", NULL},
+        {"a\n..foo\r\n", "a\r\n...foo\r\n", "a\r\n..foo\r\n", NULL},
+        {"\n.foo\r\n", "\r\n..foo\r\n", "\r\n.foo\r\n", NULL},
+        /* A dot the client stuffed after a real CRLF stays as it is. */
+        {"a\r\n..foo\nb\r\n", "a\r\n..foo\r\nb\r\n", "a\r\n.foo\r\nb\r\n", NULL},
+        /* End-of-data look-alikes: each lone dot is kept as a "." line of the message. */
+        {"a\n.\r\nb\r\n", "a\r\n..\r\nb\r\n", "a\r\n.\r\nb\r\n", "LF.CRLF"},
+        {"a\r\n.\nb\r\n", "a\r\n..\r\nb\r\n", "a\r\n.\r\nb\r\n", "CRLF.LF"},
+        {"a\n.\nb\r\n", "a\r\n..\r\nb\r\n", "a\r\n.\r\nb\r\n", "LF.LF"},
+        {"a\r.\rb\r\n", "a\r\n..\r\nb\r\n", "a\r\n.\r\nb\r\n", "CR.CR"},
+        {"a\r.\r\nb\r\n", "a\r\n..\r\nb\r\n", "a\r\n.\r\nb\r\n", "CR.CRLF"},
+        {"a\n.\rb\r\n", "a\r\n..\r\nb\r\n", "a\r\n.\r\nb\r\n", "LF.CR"},
+        {"a\r\n.\rb\r\n", "a\r\n..\r\nb\r\n", "a\r\n.\r\nb\r\n", "CRLF.CR"},
+        /* A look-alike right before the real end. */
+        {"a\n.\r\n", "a\r\n..\r\n", "a\r\n.\r\n", "LF.CRLF"},
+        /* A bare LF as the last line end of the body: the real end still needs CRLF.CRLF. */
+        {"a\n\r\n", "a\r\n\r\n", "a\r\n\r\n", NULL},
+    };
+    static const int replies[] = {354};
+
+    for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+        struct dstr in = {0}, want = {0}, text = {0};
+        struct run r;
+
+        dstr_printf(&in, "DATA\r\n%s.\r\nQUIT\r\n", cases[k].body);
+        dstr_printf(&want, "DATA\r\n%s.\r\nQUIT\r\n", cases[k].fwd);
+        run_client(&opt_normalize, in.p, in.n, replies, 1, &r);
+        ASSERT_OUT(&r, want.p, want.n);
+        if (cases[k].pattern != NULL)
+            ASSERT_TR(&r, fmt("CMD DATA|DATA||0|0\nWAIT DATA=354\nDATA\nSMUGGLING |%s|0|0\n"
+                              "DATA\nEND .||%zu|0\nCMD QUIT|QUIT||0|0\n",
+                              cases[k].pattern, strlen(cases[k].body)));
+        else
+            ASSERT_TR(&r, fmt("CMD DATA|DATA||0|0\nWAIT DATA=354\nDATA\nEND .||%zu|0\n"
+                              "CMD QUIT|QUIT||0|0\n",
+                              strlen(cases[k].body)));
+        dstr_add(&text, "", 0);
+        unstuff(cases[k].fwd, strlen(cases[k].fwd), &text);
+        ASSERT_MEMEQ(text.p, text.n, cases[k].text, strlen(cases[k].text));
+        run_free(&r);
+        dstr_free(&in);
+        dstr_free(&want);
+        dstr_free(&text);
+    }
 }
 
 static void test_bdat(void)
@@ -514,6 +588,89 @@ static void test_auth(void)
     ASSERT_OUT(&r, "AUTH LOGIN\r\n*\r\nQUIT\r\n", 21);
     run_free(&r);
     memset(g_secrets, 0, sizeof(g_secrets));
+}
+
+/* AUTH is recognised as a server's tokenizer reads it: any leading blanks, any run of SP, HTAB
+ * (VT, FF) between tokens, any case. The loggable text stops at the mechanism name, whatever
+ * separates the credential from it; credential lines after 334 are never loggable. */
+static void test_auth_tokenizer(void)
+{
+    static const struct {
+        const char *line; /* the AUTH line, CRLF excluded */
+        const char *text; /* ev.line */
+        const char *mech; /* ev.arg */
+        unsigned flags;
+    } cases[] = {
+        {"AUTH\tPLAIN AGFsaWNlAHNlY3JldA==", "AUTH\tPLAIN", "PLAIN", SMTP_EV_F_AUTH_INITIAL},
+        {" AUTH PLAIN AGFsaWNlAHNlY3JldA==", " AUTH PLAIN", "PLAIN", SMTP_EV_F_AUTH_INITIAL},
+        {"\t \tAUTH PLAIN AGFsaWNlAHNlY3JldA==", "\t \tAUTH PLAIN", "PLAIN",
+         SMTP_EV_F_AUTH_INITIAL},
+        {"AUTH PLAIN\tAGFsaWNlAHNlY3JldA==", "AUTH PLAIN", "PLAIN", SMTP_EV_F_AUTH_INITIAL},
+        {"auth  plain   AGFsaWNlAHNlY3JldA==", "auth  plain", "plain", SMTP_EV_F_AUTH_INITIAL},
+        {"AUTH PLAIN \t AGFsaWNlAHNlY3JldA== ", "AUTH PLAIN", "PLAIN", SMTP_EV_F_AUTH_INITIAL},
+        {"AUTH PLAIN\vAGFsaWNlAHNlY3JldA==", "AUTH PLAIN", "PLAIN", SMTP_EV_F_AUTH_INITIAL},
+        {"AUTH PLAIN\fAGFsaWNlAHNlY3JldA==", "AUTH PLAIN", "PLAIN", SMTP_EV_F_AUTH_INITIAL},
+        /* Python's str.split() also splits at \x1c-\x1f (aiosmtpd splits AUTH arguments so) */
+        {"AUTH PLAIN\x1c"
+         "AGFsaWNlAHNlY3JldA==",
+         "AUTH PLAIN", "PLAIN", SMTP_EV_F_AUTH_INITIAL},
+        {"AUTH PLAIN=", "AUTH PLAIN", "PLAIN", SMTP_EV_F_AUTH_INITIAL},
+        {"AUTH SCRAM-SHA-256 biwsbj1hbGljZSxyPXNlY3JldA==", "AUTH SCRAM-SHA-256", "SCRAM-SHA-256",
+         SMTP_EV_F_AUTH_INITIAL},
+        /* No mechanism name, or one too long for SASL: nothing after the verb is shown. */
+        {"AUTH +AGFsaWNlAHNlY3JldA==", "AUTH", "", SMTP_EV_F_AUTH_INITIAL},
+        {"AUTH AGFsaWNlAHNlY3JldAAGFsaWNlAHNlY3JldA", "AUTH", "", SMTP_EV_F_AUTH_INITIAL},
+        /* Without an initial response. */
+        {"AUTH\tLOGIN", "AUTH\tLOGIN", "LOGIN", 0},
+        {"\tauth login\t ", "\tauth login", "login", 0},
+        {"AUTH PLAIN", "AUTH PLAIN", "PLAIN", 0},
+    };
+
+    g_secrets[0] = "AGFsaWNlAHNlY3JldA";
+    g_secrets[1] = "YWxpY2U=";
+    g_secrets[2] = "c2VjcmV0";
+    g_secrets[3] = "biwsbj1hbGljZSxyPXNlY3JldA";
+    for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+        struct dstr in = {0};
+        struct run r;
+        static const int replies[] = {334, 334, 235};
+
+        /* A LOGIN-style exchange follows every line: whatever the server answers, the next
+         * lines are credentials, never commands. */
+        dstr_printf(&in, "%s\r\nYWxpY2U=\r\nc2VjcmV0\r\nQUIT\r\n", cases[k].line);
+        run_client(&opt_reject, in.p, in.n, replies, 3, &r);
+        ASSERT_TR(&r, fmt("CMD AUTH|%s|%s|0|%x\nWAIT AUTH=334\nAUTHRESP AUTH||0|0\n"
+                          "WAIT AUTH=334\nAUTHRESP AUTH||0|0\nWAIT AUTH=235\n"
+                          "CMD QUIT|QUIT||0|0\n",
+                          cases[k].text, cases[k].mech, cases[k].flags));
+        ASSERT_OUT(&r, in.p, in.n); /* forwarded byte for byte */
+        run_free(&r);
+        dstr_free(&in);
+    }
+    memset(g_secrets, 0, sizeof(g_secrets));
+}
+
+/* The verb and the tokens after it are split the same way for every command, so a DATA, BDAT
+ * or STARTTLS that a server obeys is never read as an unknown line (the body would then be
+ * taken for commands and escape the smuggling guard). Well-formed lines are unchanged. */
+static void test_verb_blanks(void)
+{
+    static const char in[] = " DATA\r\nx\n.\r\n.\r\n"
+                             "DATA\t\r\ny\r\n.\r\n"
+                             "MAIL\tFROM:\t<a@b>\r\nRCPT TO:c@d\t\r\nEHLO\tname\t\r\n"
+                             "BDAT\t3\tLAST\r\nabc"
+                             "\tSTARTTLS\r\nNOOP\r\n";
+    struct run r;
+
+    RUN(&opt_reject, in, &r, 354, 354);
+    ASSERT_TR(&r, "CMD DATA| DATA||0|0\nWAIT DATA=354\nDATA\nSMUGGLING |LF.CRLF|0|0\n"
+                  "DISCARD\nEND .||5|8\n"
+                  "CMD DATA|DATA\t||0|0\nWAIT DATA=354\nDATA\nEND .||3|0\n"
+                  "CMD MAIL|MAIL\tFROM:\t<a@b>|a@b|0|0\nCMD RCPT|RCPT TO:c@d\t|c@d|0|0\n"
+                  "CMD EHLO|EHLO\tname\t|name|0|0\n"
+                  "CMD BDAT|BDAT\t3\tLAST||3|1\nBDATDATA\nBDATEND BDAT||3|1\n"
+                  "CMD STARTTLS|\tSTARTTLS||0|0\nINJECTED\n");
+    run_free(&r);
 }
 
 static void test_overlong_and_invalid(void)
@@ -938,8 +1095,11 @@ int main(void)
     test_smuggling_patterns();
     test_smuggling_more();
     test_bare_lf_elsewhere();
+    test_normalize_keeps_every_byte();
     test_bdat();
     test_auth();
+    test_auth_tokenizer();
+    test_verb_blanks();
     test_overlong_and_invalid();
     test_starttls();
     test_xclient();

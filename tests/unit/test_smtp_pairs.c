@@ -277,6 +277,52 @@ static void test_auth_login(void)
     free(s);
 }
 
+/* Every form a server accepts as AUTH is paired as AUTH, with the credential redacted and the
+ * continuation lines kept out of the pair text. */
+static void test_auth_variants(void)
+{
+    static const struct {
+        const char *line, *cmd_text;
+    } cases[] = {
+        {"AUTH\tPLAIN AGFsaWNlAHNlY3JldA==\r\n", "AUTH\tPLAIN [redacted]"},
+        {" AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", " AUTH PLAIN [redacted]"},
+        {"AUTH PLAIN\tAGFsaWNlAHNlY3JldA==\r\n", "AUTH PLAIN [redacted]"},
+        {"auth  plain   AGFsaWNlAHNlY3JldA==\r\n", "auth  plain [redacted]"},
+        {"AUTH PLAIN\x1f"
+         "AGFsaWNlAHNlY3JldA==\r\n",
+         "AUTH PLAIN [redacted]"},
+        {"AUTH AGFsaWNlAHNlY3JldAAGFsaWNlAHNlY3JldA\r\n", "AUTH [redacted]"},
+        {"AUTH\tLOGIN\r\n", "AUTH\tLOGIN"},
+        {"\tAUTH LOGIN\r\n", "\tAUTH LOGIN"},
+        {"AUTH PLAIN\r\n", "AUTH PLAIN"},
+    };
+
+    for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+        struct sim *s = sim_new();
+        char want[512];
+
+        s->secrets[0] = "AGFsaWNlAHNlY3JldA";
+        s->secrets[1] = "YWxpY2U=";
+        s->secrets[2] = "c2VjcmV0";
+        sim_server(s, "220 hi\r\n");
+        sim_client(s, cases[k].line);
+        ASSERT_EQ(sim_server(s, "334 \r\n"), SMTP_PAIRS_INTERMEDIATE);
+        sim_client(s, "YWxpY2U=\r\n");
+        ASSERT_EQ(sim_server(s, "334 UGFzc3dvcmQ6\r\n"), SMTP_PAIRS_INTERMEDIATE);
+        sim_client(s, "c2VjcmV0\r\nQUIT\r\n");
+        ASSERT_EQ(sim_server(s, "235 2.7.0 ok\r\n221 bye\r\n"), SMTP_PAIRS_MATCHED);
+        snprintf(want, sizeof(want),
+                 "greeting [] 220  [hi] lines=1 f=0 size=0 rounds=0\n"
+                 "(334 round 1)\n(334 round 2)\n"
+                 "cmd [%s] 235 2.7.0 [ok] lines=1 f=0 size=0 rounds=2\n"
+                 "cmd [QUIT] 221  [bye] lines=1 f=0 size=0 rounds=0\n",
+                 cases[k].cmd_text);
+        ASSERT_LOG(s, want);
+        ASSERT_EQ(smtp_pairs_summary(&s->pp)->auth_ok, 1);
+        free(s);
+    }
+}
+
 static void test_auth_cancel(void)
 {
     struct sim *s = sim_new();
@@ -637,6 +683,7 @@ int main(void)
     test_bdat_chunks();
     test_auth_plain();
     test_auth_login();
+    test_auth_variants();
     test_auth_cancel();
     test_primary_rcpt_then_data();
     test_primary_mail_rejected();
