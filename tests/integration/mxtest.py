@@ -1800,3 +1800,34 @@ smtputf8_enable = no
         if self.proc is not None:
             stop_process(self.proc, signal.SIGTERM, 10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- Sessions through a ScriptedSmtpBackend with its default replies, and mxproxy's 421s ---
+
+SCRIPTED_EHLO_REPLY = (b"250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n"
+                       b"250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n")
+BACKEND_CLOSED = b"421 4.4.2 mxproxy: backend closed the connection\r\n"
+IDLE = b"421 4.4.2 mxproxy: idle timeout, closing connection\r\n"
+SHUTTING_DOWN = b"421 4.3.2 mxproxy: service shutting down, closing connection\r\n"
+
+
+def scripted_greeting_pair(text="scripted ESMTP"):
+    """The ev=pair fields of a ScriptedSmtpBackend's greeting."""
+    return pair("<greeting>", 220, text)
+
+
+def scripted_ehlo_pair(name="client.example", pipelined=0):
+    """The ev=pair fields of EHLO name answered by a ScriptedSmtpBackend."""
+    return pair("EHLO " + name, 250, "scripted", lines=6, pipelined=pipelined)
+
+
+class ScriptedSessionTestCase(ProxyTestCase):
+    """A ProxyTestCase whose open() starts a session through a ScriptedSmtpBackend."""
+
+    def open(self, proxy):
+        """A client of proxy that read the greeting and sent EHLO client.example, each
+        answered exactly as a ScriptedSmtpBackend does; returns (client, sid)."""
+        c = self.client(proxy.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(b"EHLO client.example"), SCRIPTED_EHLO_REPLY)
+        return c, proxy.sid_of(c)
