@@ -197,12 +197,18 @@ class DrainTest(mxtest.ProxyTestCase):
             dot,
         ]
 
-    def test_reply_owed_past_drain_grace_is_cut_without_421(self):
+    def start_held_and_idle(self, glob):
+        """A HoldingBackend behind a proxy with glob, one session owed the reply to its dot
+        and one idle past the greeting; returns (backend, proxy, held, idle)."""
         b = self.track(HoldingBackend())
-        p = self.start_smtp_proxy(b.addr, glob={"drain_timeout": "1s", "drain_grace": "1s"})
+        p = self.start_smtp_proxy(b.addr, glob=glob)
         held = self.open_with_dot_outstanding(b, p.port)
         idle = self.client(p.port)
         self.assertEqual(idle.read_reply(), b"220 holding ESMTP\r\n")
+        return b, p, held, idle
+
+    def test_reply_owed_past_drain_grace_is_cut_without_421(self):
+        b, p, held, idle = self.start_held_and_idle({"drain_timeout": "1s", "drain_grace": "1s"})
         m = p.mark()
         p.signal(signal.SIGTERM)
         drain = p.wait_event(start=m, ev="drain")
@@ -220,11 +226,8 @@ class DrainTest(mxtest.ProxyTestCase):
         self.assertEqual(p.wait_exit(5), 0)
 
     def test_second_signal_still_waits_third_cuts(self):
-        b = self.track(HoldingBackend())
-        p = self.start_smtp_proxy(b.addr, glob={"drain_timeout": "30s", "drain_grace": "30s"})
-        held = self.open_with_dot_outstanding(b, p.port)
-        idle = self.client(p.port)
-        self.assertEqual(idle.read_reply(), b"220 holding ESMTP\r\n")
+        _, p, held, idle = self.start_held_and_idle({"drain_timeout": "30s",
+                                                     "drain_grace": "30s"})
         m = p.mark()
         p.signal(signal.SIGTERM)
         p.wait_event(start=m, ev="drain")
