@@ -116,6 +116,14 @@ class XclientTest(ProxyTestCase):
     def client2(self, port):
         return self.track(Client(port, 5.0, source=CLIENT_IP))
 
+    def greeted(self, port, **opts):
+        """A proxy with opts to smtpd's port and a client from 127.0.0.2 that read smtpd's
+        greeting through it; returns (proxy, client)."""
+        p = self.start_smtp_proxy("127.0.0.1:%d" % port, **opts)
+        c = self.client2(p.port)
+        self.assertEqual(c.read_reply(), GREETING)
+        return p, c
+
     def direct_transcript(self, port, helo):
         """Greeting and EHLO reply smtpd sends straight to 127.0.0.2."""
         c = self.client2(port)
@@ -131,9 +139,7 @@ class XclientTest(ProxyTestCase):
         self.assertEqual(greeting, GREETING)
         self.assertNotIn(b"XCLIENT", ehlo)  # 127.0.0.2 is not authorized
 
-        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, xclient="on", transcript="full")
-        c = self.client2(p.port)
-        self.assertEqual(c.read_reply(), GREETING)
+        p, c = self.greeted(pf.xport, xclient="on", transcript="full")
         self.assertEqual(c.cmd(b"EHLO client.example.test"), ehlo)
         self.assertEqual(c.cmd(b"MAIL FROM:<a@client.example.test>"), b"250 2.1.0 Ok\r\n")
         self.assertEqual(c.cmd(b"RCPT TO:<u@mx.postfix.test>"), b"250 2.1.5 Ok\r\n")
@@ -204,10 +210,7 @@ class XclientTest(ProxyTestCase):
         """smtpd does not offer XCLIENT to mxproxy: the client gets 421 4.7.0
         and smtpd never sees a command of the client's."""
         pf = self.postfix
-        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.plainport, xclient="on",
-                                  transcript="full")
-        c = self.client2(p.port)
-        self.assertEqual(c.read_reply(), GREETING)
+        p, c = self.greeted(pf.plainport, xclient="on", transcript="full")
         self.assertEqual(c.cmd(b"EHLO client.example.test"), XCLIENT_421)
         self.assertEqual(c.wait_closed(3), ("eof", b""))
         sid = p.wait_event(ev="open", client="%s:%d" % (CLIENT_IP, c.local_port))["sid"]
@@ -224,9 +227,7 @@ class XclientTest(ProxyTestCase):
 
     def test_xclient_off_smtpd_sees_mxproxy(self):
         pf = self.postfix
-        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, transcript="full")
-        c = self.client2(p.port)
-        self.assertEqual(c.read_reply(), GREETING)
+        p, c = self.greeted(pf.xport, transcript="full")
         ehlo = c.cmd(b"EHLO client.example.test")
         # smtpd offers XCLIENT and XFORWARD to mxproxy's address; the client never sees them
         self.assertNotIn(b"XCLIENT", ehlo)
@@ -238,9 +239,7 @@ class XclientTest(ProxyTestCase):
 
     def test_pass_client_xclient_on_is_a_trusted_chain(self):
         pf = self.postfix
-        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, pass_client_xclient="on")
-        c = self.client2(p.port)
-        self.assertEqual(c.read_reply(), GREETING)
+        p, c = self.greeted(pf.xport, pass_client_xclient="on")
         ehlo = c.cmd(b"EHLO client.example.test")
         self.assertIn(b"\r\n250-XCLIENT ", ehlo)
         self.assertIn(b"\r\n250-XFORWARD ", ehlo)
@@ -278,9 +277,7 @@ class XclientTest(ProxyTestCase):
         pf = self.postfix
         if not re.search(r"^127\.0\.0\.1\s+localhost\b", open("/etc/hosts").read(), re.M):
             self.skipTest("127.0.0.1 is not 'localhost' in /etc/hosts")
-        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.nameport, xclient="on")
-        c = self.client2(p.port)
-        self.assertEqual(c.read_reply(), GREETING)
+        p, c = self.greeted(pf.nameport, xclient="on")
         self.assertNotIn(b"XCLIENT", c.cmd(b"EHLO client.example.test"))
         self.assertEqual(c.cmd(b"MAIL FROM:<a@client.example.test>"), b"250 2.1.0 Ok\r\n")
         self.assertEqual(c.cmd(b"RCPT TO:<u@mx.postfix.test>"), b"250 2.1.5 Ok\r\n")
@@ -333,9 +330,7 @@ class XclientTest(ProxyTestCase):
     def test_pipelined_ehlo_mail_rcpt_data_in_one_write(self):
         pf = self.postfix
         _, ehlo = self.direct_transcript(pf.xport, b"client.example.test")
-        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, xclient="on")
-        c = self.client2(p.port)
-        self.assertEqual(c.read_reply(), GREETING)
+        p, c = self.greeted(pf.xport, xclient="on")
         c.send(b"EHLO client.example.test\r\nMAIL FROM:<a@client.example.test>\r\n"
                b"RCPT TO:<victim@foreign.example>\r\nRCPT TO:<u@mx.postfix.test>\r\nDATA\r\n")
         want = (ehlo + b"250 2.1.0 Ok\r\n" + RELAY_DENIED + b"250 2.1.5 Ok\r\n"
