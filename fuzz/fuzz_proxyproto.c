@@ -6,6 +6,7 @@
  * is re-encoded as v1 and v2 and decoded again: the addresses and TLVs must survive. The same
  * bytes are then read as an EHLO reply line and used as a HELO value for XCLIENT.
  */
+#include "fuzz.h"
 #include "proxyproto.h"
 #include "sockaddr.h"
 
@@ -13,16 +14,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define FUZZ_CHECK(cond)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);               \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
 
 struct fuzz_run {
     enum proxyproto_status st;

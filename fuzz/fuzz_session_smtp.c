@@ -39,6 +39,7 @@
 #include <uv.h>
 
 #include "config.h"
+#include "fuzz.h"
 #include "listener.h"
 #include "log.h"
 #include "session.h"
@@ -46,15 +47,6 @@
 #include "worker.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define FUZZ_CHECK(cond)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #cond);           \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
 
 #define FUZZ_VARIANTS 24                  /* listeners: 2 client_tls x 2 xclient x 2 backend x 3 */
 #define FUZZ_MEM_BOUND (3u * 1024 * 1024) /* bytes a session may hold above its start */

@@ -25,18 +25,9 @@
 #include <string.h>
 #include <strings.h>
 
+#include "fuzz.h"
 #include "smtp.h"
 #include "smtp_pairs.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define FUZZ_CHECK(cond)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #cond);           \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
 
 struct fuzz_ev {
     uint8_t type;

@@ -239,6 +239,21 @@ static const char *metrics_next_name(struct metrics *const *pw, unsigned n, cons
     return best;
 }
 
+/* One worker's slot named name (NULL: its overflow slot); NULL when it has no such slot. */
+static const struct metrics_listener *metrics_find_listener(const struct metrics *m,
+                                                            const char *name)
+{
+    unsigned k = atomic_load_explicit(&m->n_listeners, memory_order_acquire);
+
+    if (name == NULL)
+        return &m->other;
+    for (unsigned i = 0; i < k; i++) {
+        if (strcmp(m->listeners[i].name, name) == 0)
+            return &m->listeners[i];
+    }
+    return NULL;
+}
+
 /* The sum over workers of the slot named name (NULL: the overflow slot). */
 static void metrics_sum_listener(struct metrics *const *pw, unsigned n, const char *name,
                                  uint64_t ends[METRICS_ENDS], uint64_t *active)
@@ -246,17 +261,8 @@ static void metrics_sum_listener(struct metrics *const *pw, unsigned n, const ch
     memset(ends, 0, METRICS_ENDS * sizeof(ends[0]));
     *active = 0;
     for (unsigned w = 0; w < n; w++) {
-        unsigned k = atomic_load_explicit(&pw[w]->n_listeners, memory_order_acquire);
-        const struct metrics_listener *l = NULL;
+        const struct metrics_listener *l = metrics_find_listener(pw[w], name);
 
-        if (name == NULL) {
-            l = &pw[w]->other;
-        } else {
-            for (unsigned i = 0; i < k && l == NULL; i++) {
-                if (strcmp(pw[w]->listeners[i].name, name) == 0)
-                    l = &pw[w]->listeners[i];
-            }
-        }
         if (l == NULL)
             continue;
         for (unsigned e = 0; e < METRICS_ENDS; e++)
@@ -326,16 +332,7 @@ static void metrics_render_accept_errors(struct metrics_out *o, struct metrics *
         for (unsigned e = 0; e < METRICS_ACCEPT_ERRORS; e++) {
             uint64_t sum = 0;
             for (unsigned w = 0; w < n; w++) {
-                const struct metrics_listener *l = NULL;
-                unsigned k = atomic_load_explicit(&pw[w]->n_listeners, memory_order_acquire);
-                if (name == NULL) {
-                    l = &pw[w]->other;
-                } else {
-                    for (unsigned i = 0; i < k && l == NULL; i++) {
-                        if (strcmp(pw[w]->listeners[i].name, name) == 0)
-                            l = &pw[w]->listeners[i];
-                    }
-                }
+                const struct metrics_listener *l = metrics_find_listener(pw[w], name);
                 if (l != NULL)
                     sum += metrics_get(&l->accept_errors[e]);
             }

@@ -1686,3 +1686,148 @@ def netns_unavailable():
         return "cannot create a network namespace: %s" % r.stdout.decode().strip()
     subprocess.run(["ip", "netns", "del", name], timeout=10)
     return None
+
+
+# --- A private Postfix instance, shared by the tests that run one ---
+
+POSTFIX = "/usr/sbin/postfix"
+
+
+class PrivatePostfix:
+    """A private Postfix instance: its own main.cf, master.cf, queue and mail log in a temporary
+    directory, run as `postfix -c DIR start-fg` (needs root). A test file subclasses it and,
+    in its __init__, calls super().__init__() (which makes .dir with queue/, data/ and subdirs),
+    writes its files (write_main_cf, write_master_cf, write), then start()."""
+
+    # Postfix's internal services every instance runs; write_master_cf adds its own before them.
+    BASE_SERVICES = """postlog   unix-dgram n - n - 1 postlogd
+cleanup   unix n - n - 0 cleanup
+qmgr      unix n - n 300 1 qmgr
+rewrite   unix - - n - - trivial-rewrite
+bounce    unix - - n - 0 bounce
+defer     unix - - n - 0 bounce
+trace     unix - - n - 0 bounce
+verify    unix - - n - 1 verify
+proxymap  unix - - n - - proxymap
+anvil     unix - - n - 1 anvil
+scache    unix - - n - 1 scache
+discard   unix - - n - - discard
+error     unix - - n - - error
+retry     unix - - n - - error
+"""
+    wait_timeout = 5.0  # wait_log's default
+
+    def __init__(self, prefix="mxtest-postfix-", subdirs=()):
+        import pwd
+
+        self.proc = None
+        self.dir = d = tempfile.mkdtemp(prefix=prefix)
+        os.chmod(d, 0o755)
+        for sub in ("queue", "data") + tuple(subdirs):
+            os.mkdir(os.path.join(d, sub))
+        self.postfix_pw = pw = pwd.getpwnam("postfix")
+        os.chown(os.path.join(d, "data"), pw.pw_uid, pw.pw_gid)
+        self.maillog = os.path.join(d, "maillog")
+
+    def write(self, name, text):
+        """Writes text to the file name in .dir; returns its path."""
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def write_main_cf(self, settings):
+        """main.cf: queue, data directory and owners, then settings (lines, each ending in a
+        newline), then the mail log in .dir."""
+        self.write("main.cf", """compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+{settings}maillog_file_prefixes = {d}
+maillog_file = {d}/maillog
+biff = no
+smtputf8_enable = no
+""".format(d=self.dir, settings=settings))
+
+    def write_master_cf(self, services):
+        """master.cf: services (lines, each ending in a newline), then BASE_SERVICES."""
+        self.write("master.cf", services + self.BASE_SERVICES)
+
+    def start(self, ports=()):
+        """Starts Postfix; waits for each of ports (15 s for the first, 5 s for each other),
+        or with no ports for the master's "daemon started". Closes the instance on failure."""
+        self.proc = subprocess.Popen([POSTFIX, "-c", self.dir, "start-fg"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     cwd=self.dir)
+        try:
+            if ports:
+                for i, port in enumerate(ports):
+                    wait_port(port, 15 if i == 0 else 5, self.proc)
+            else:
+                self.wait_log(r"postfix/master\[\d+\]: daemon started", 15)
+        except BaseException:
+            self.close()
+            raise
+
+    def log(self):
+        """The mail log so far ("" before Postfix wrote one)."""
+        try:
+            with open(self.maillog, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, regex, timeout=None):
+        """The first match of regex in the mail log, polled until timeout (wait_timeout when
+        None) or until Postfix exits."""
+        if timeout is None:
+            timeout = self.wait_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(regex, self.log(), re.M)
+            if m:
+                return m
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError("no %r in postfix's log within %.1fs:\n%s"
+                                     % (regex, timeout, self.log()[-3000:]))
+            time.sleep(0.05)
+
+    def close(self):
+        subprocess.run([POSTFIX, "-c", self.dir, "stop"], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20)
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, 10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- Sessions through a ScriptedSmtpBackend with its default replies, and mxproxy's 421s ---
+
+SCRIPTED_EHLO_REPLY = (b"250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n"
+                       b"250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n")
+BACKEND_CLOSED = b"421 4.4.2 mxproxy: backend closed the connection\r\n"
+IDLE = b"421 4.4.2 mxproxy: idle timeout, closing connection\r\n"
+SHUTTING_DOWN = b"421 4.3.2 mxproxy: service shutting down, closing connection\r\n"
+
+
+def scripted_greeting_pair(text="scripted ESMTP"):
+    """The ev=pair fields of a ScriptedSmtpBackend's greeting."""
+    return pair("<greeting>", 220, text)
+
+
+def scripted_ehlo_pair(name="client.example", pipelined=0):
+    """The ev=pair fields of EHLO name answered by a ScriptedSmtpBackend."""
+    return pair("EHLO " + name, 250, "scripted", lines=6, pipelined=pipelined)
+
+
+class ScriptedSessionTestCase(ProxyTestCase):
+    """A ProxyTestCase whose open() starts a session through a ScriptedSmtpBackend."""
+
+    def open(self, proxy):
+        """A client of proxy that read the greeting and sent EHLO client.example, each
+        answered exactly as a ScriptedSmtpBackend does; returns (client, sid)."""
+        c = self.client(proxy.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(b"EHLO client.example"), SCRIPTED_EHLO_REPLY)
+        return c, proxy.sid_of(c)

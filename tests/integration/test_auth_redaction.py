@@ -16,11 +16,7 @@ escaped), each base64 text and its first half.
 
 import base64
 import os
-import pwd
-import shutil
-import signal
 import subprocess
-import tempfile
 import threading
 import unittest
 
@@ -96,35 +92,26 @@ POSTFIX = "/usr/sbin/postfix"
 SASLPASSWD2 = "/usr/sbin/saslpasswd2"
 
 
-class PostfixSasl:
+class PostfixSasl(mxtest.PrivatePostfix):
     """A private Postfix instance (as in test_xclient.py) whose smtpd offers AUTH PLAIN LOGIN
     through Cyrus SASL with a sasldb holding USER/PASSWORD. Two smtpd services: .port
     advertises "AUTH PLAIN LOGIN" only, .eqport also the old "AUTH=PLAIN LOGIN" line
     (broken_sasl_auth_clients)."""
 
     def __init__(self):
-        self.dir = d = tempfile.mkdtemp(prefix="mxtest-postfix-sasl-")
-        os.chmod(d, 0o755)
-        for sub in ("queue", "data", "sasl"):
-            os.mkdir(os.path.join(d, sub))
-        pw = pwd.getpwnam("postfix")
-        os.chown(os.path.join(d, "data"), pw.pw_uid, pw.pw_gid)
+        super().__init__(prefix="mxtest-postfix-sasl-", subdirs=("sasl",))
+        d = self.dir
+        pw = self.postfix_pw
         sasldb = os.path.join(d, "sasl", "sasldb2")
         subprocess.run([SASLPASSWD2, "-f", sasldb, "-c", "-p", "-u", "mx.postfix.test",
                         USER.decode()], input=PASSWORD, check=True, timeout=20,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.chown(sasldb, pw.pw_uid, pw.pw_gid)
-        with open(os.path.join(d, "sasl", "smtpd.conf"), "w") as f:
-            f.write("pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\n"
-                    "sasldb_path: %s\n" % sasldb)
+        self.write(os.path.join("sasl", "smtpd.conf"),
+                   "pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\n"
+                   "sasldb_path: %s\n" % sasldb)
         self.port, self.eqport = mxtest.free_port(), mxtest.free_port()
-        with open(os.path.join(d, "main.cf"), "w") as f:
-            f.write("""compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = mx.postfix.test
+        self.write_main_cf("""myhostname = mx.postfix.test
 mydomain = postfix.test
 mydestination = $myhostname
 inet_interfaces = loopback-only
@@ -143,51 +130,11 @@ smtpd_sasl_path = smtpd
 smtpd_sasl_local_domain = mx.postfix.test
 smtpd_sasl_security_options = noanonymous
 cyrus_sasl_config_path = {d}/sasl
-maillog_file_prefixes = {d}
-maillog_file = {d}/maillog
-biff = no
-smtputf8_enable = no
 """.format(d=d))
-        with open(os.path.join(d, "master.cf"), "w") as f:
-            f.write("""127.0.0.1:{p} inet n - n - - smtpd
+        self.write_master_cf("""127.0.0.1:{p} inet n - n - - smtpd
 127.0.0.1:{e} inet n - n - - smtpd -o broken_sasl_auth_clients=yes
-postlog   unix-dgram n - n - 1 postlogd
-cleanup   unix n - n - 0 cleanup
-qmgr      unix n - n 300 1 qmgr
-rewrite   unix - - n - - trivial-rewrite
-bounce    unix - - n - 0 bounce
-defer     unix - - n - 0 bounce
-trace     unix - - n - 0 bounce
-verify    unix - - n - 1 verify
-proxymap  unix - - n - - proxymap
-anvil     unix - - n - 1 anvil
-scache    unix - - n - 1 scache
-discard   unix - - n - - discard
-error     unix - - n - - error
-retry     unix - - n - - error
 """.format(p=self.port, e=self.eqport))
-        self.proc = subprocess.Popen([POSTFIX, "-c", d, "start-fg"], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True, cwd=d)
-        try:
-            mxtest.wait_port(self.port, 15, self.proc)
-            mxtest.wait_port(self.eqport, 5, self.proc)
-        except BaseException:
-            self.close()
-            raise
-
-    def log(self):
-        try:
-            with open(os.path.join(self.dir, "maillog"), errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def close(self):
-        subprocess.run([POSTFIX, "-c", self.dir, "stop"], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20)
-        mxtest.stop_process(self.proc, signal.SIGTERM, 10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.start((self.port, self.eqport))
 
 
 def _postfix_unavailable():

@@ -104,14 +104,20 @@ class SmtplibSender(threading.Thread):
 
 class DrainTest(mxtest.ProxyTestCase):
 
-    def stalled_in_data(self, port):
-        """A raw client half-way through a message body: no reply owed."""
+    def in_data(self, port, helo, sender):
+        """A raw client through EHLO helo, MAIL FROM:<sender> and RCPT TO:<b@example.com>,
+        each answered, and past DATA's go-ahead."""
         c = self.client(port)
         self.assertEqual(c.read_reply(), b"220 holding ESMTP\r\n")
-        self.assertEqual(c.cmd(b"EHLO stalled.example"), EHLO_REPLY)
-        self.assertEqual(c.cmd(b"MAIL FROM:<s@example.com>"), b"250 2.1.0 sender ok\r\n")
+        self.assertEqual(c.cmd(b"EHLO " + helo), EHLO_REPLY)
+        self.assertEqual(c.cmd(b"MAIL FROM:<%s>" % sender), b"250 2.1.0 sender ok\r\n")
         self.assertEqual(c.cmd(b"RCPT TO:<b@example.com>"), b"250 2.1.5 recipient ok\r\n")
         self.assertEqual(c.cmd(b"DATA"), GO_AHEAD)
+        return c
+
+    def stalled_in_data(self, port):
+        """A raw client half-way through a message body: no reply owed."""
+        c = self.in_data(port, b"stalled.example", b"s@example.com")
         c.send(b"Message-ID: <stalled>\r\n\r\nhalf a body\r\n")
         return c
 
@@ -176,12 +182,7 @@ class DrainTest(mxtest.ProxyTestCase):
 
     def open_with_dot_outstanding(self, b, port):
         """A raw client whose final dot the backend holds the reply to."""
-        c = self.client(port)
-        self.assertEqual(c.read_reply(), b"220 holding ESMTP\r\n")
-        self.assertEqual(c.cmd(b"EHLO held.example"), EHLO_REPLY)
-        self.assertEqual(c.cmd(b"MAIL FROM:<h@example.com>"), b"250 2.1.0 sender ok\r\n")
-        self.assertEqual(c.cmd(b"RCPT TO:<b@example.com>"), b"250 2.1.5 recipient ok\r\n")
-        self.assertEqual(c.cmd(b"DATA"), GO_AHEAD)
+        c = self.in_data(port, b"held.example", b"h@example.com")
         c.send(HELD_BODY + b".\r\n")
         self.assertTrue(b.dots.acquire(timeout=5), "the dot did not reach the backend")
         b.datas.acquire(timeout=0)
@@ -197,12 +198,18 @@ class DrainTest(mxtest.ProxyTestCase):
             dot,
         ]
 
-    def test_reply_owed_past_drain_grace_is_cut_without_421(self):
+    def start_held_and_idle(self, glob):
+        """A HoldingBackend behind a proxy with glob, one session owed the reply to its dot
+        and one idle past the greeting; returns (backend, proxy, held, idle)."""
         b = self.track(HoldingBackend())
-        p = self.start_smtp_proxy(b.addr, glob={"drain_timeout": "1s", "drain_grace": "1s"})
+        p = self.start_smtp_proxy(b.addr, glob=glob)
         held = self.open_with_dot_outstanding(b, p.port)
         idle = self.client(p.port)
         self.assertEqual(idle.read_reply(), b"220 holding ESMTP\r\n")
+        return b, p, held, idle
+
+    def test_reply_owed_past_drain_grace_is_cut_without_421(self):
+        b, p, held, idle = self.start_held_and_idle({"drain_timeout": "1s", "drain_grace": "1s"})
         m = p.mark()
         p.signal(signal.SIGTERM)
         drain = p.wait_event(start=m, ev="drain")
@@ -220,11 +227,8 @@ class DrainTest(mxtest.ProxyTestCase):
         self.assertEqual(p.wait_exit(5), 0)
 
     def test_second_signal_still_waits_third_cuts(self):
-        b = self.track(HoldingBackend())
-        p = self.start_smtp_proxy(b.addr, glob={"drain_timeout": "30s", "drain_grace": "30s"})
-        held = self.open_with_dot_outstanding(b, p.port)
-        idle = self.client(p.port)
-        self.assertEqual(idle.read_reply(), b"220 holding ESMTP\r\n")
+        _, p, held, idle = self.start_held_and_idle({"drain_timeout": "30s",
+                                                     "drain_grace": "30s"})
         m = p.mark()
         p.signal(signal.SIGTERM)
         p.wait_event(start=m, ev="drain")

@@ -30,7 +30,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import unittest
 
@@ -178,25 +177,14 @@ class OpenSmtpd:
         mxtest.stop_process(self.proc, signal.SIGTERM, 10)
 
 
-class PostfixClient:
+class PostfixClient(mxtest.PrivatePostfix):
     """A private Postfix that only sends: relayhost = mxproxy, TLS required."""
 
+    wait_timeout = 10.0
+
     def __init__(self, relay_port):
-        self.dir = tempfile.mkdtemp(prefix="mxtest-postfix-client-")
-        os.chmod(self.dir, 0o755)
-        d = self.dir
-        for sub in ("queue", "data"):
-            os.mkdir(os.path.join(d, sub))
-        pw = pwd.getpwnam("postfix")
-        os.chown(os.path.join(d, "data"), pw.pw_uid, pw.pw_gid)
-        self.maillog = os.path.join(d, "maillog")
-        with open(os.path.join(d, "main.cf"), "w") as f:
-            f.write("""compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = client.postfix.test
+        super().__init__(prefix="mxtest-postfix-client-")
+        self.write_main_cf("""myhostname = client.postfix.test
 mydomain = postfix.test
 myorigin = $myhostname
 mydestination =
@@ -208,69 +196,19 @@ smtp_tls_loglevel = 1
 smtp_address_preference = ipv4
 alias_maps =
 alias_database =
-maillog_file_prefixes = {d}
-maillog_file = {d}/maillog
-biff = no
-smtputf8_enable = no
-""".format(d=d, port=relay_port))
-        with open(os.path.join(d, "master.cf"), "w") as f:
-            f.write("""pickup    unix n - n 60 1 pickup
-cleanup   unix n - n - 0 cleanup
-qmgr      unix n - n 300 1 qmgr
-rewrite   unix - - n - - trivial-rewrite
-bounce    unix - - n - 0 bounce
-defer     unix - - n - 0 bounce
-trace     unix - - n - 0 bounce
-verify    unix - - n - 1 verify
-proxymap  unix - - n - - proxymap
+""".format(port=relay_port))
+        self.write_master_cf("""pickup    unix n - n 60 1 pickup
 smtp      unix - - n - - smtp
 tlsmgr    unix - - n 1000? 1 tlsmgr
 relay     unix - - n - - smtp
-error     unix - - n - - error
-retry     unix - - n - - error
-discard   unix - - n - - discard
-anvil     unix - - n - 1 anvil
-scache    unix - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
 """)
-        self.proc = subprocess.Popen([POSTFIX, "-c", d, "start-fg"], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True, cwd=d)
-        try:
-            self.wait_log(r"postfix/master\[\d+\]: daemon started", 15)
-        except BaseException:
-            self.close()
-            raise
-
-    def log(self):
-        try:
-            with open(self.maillog, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def wait_log(self, regex, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            m = re.search(regex, self.log(), re.M)
-            if m:
-                return m
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError("no %r in postfix's log within %.1fs:\n%s"
-                                     % (regex, timeout, self.log()[-3000:]))
-            time.sleep(0.05)
+        self.start()
 
     def sendmail(self, sender, rcpt, message):
         rc, out, err = run(["/usr/sbin/sendmail", "-C", self.dir, "-f", sender, rcpt],
                            input=message)
         if rc != 0:
             raise AssertionError("sendmail: %d %s %s" % (rc, out, err))
-
-    def close(self):
-        subprocess.run([POSTFIX, "-c", self.dir, "stop"], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20)
-        mxtest.stop_process(self.proc, signal.SIGTERM, 10)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class OpenSmtpdTest(ProxyTestCase):

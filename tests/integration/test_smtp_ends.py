@@ -12,32 +12,15 @@ import subprocess
 import time
 
 import mxtest
-from mxtest import ADDR, MS, pair, smtp_close
+from mxtest import ADDR, BACKEND_CLOSED, IDLE, MS, SHUTTING_DOWN, pair, smtp_close
+from mxtest import SCRIPTED_EHLO_REPLY as EHLO_REPLY
+from mxtest import scripted_ehlo_pair as ehlo_pair, scripted_greeting_pair as greeting_pair
 
-EHLO_REPLY = (b"250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n"
-              b"250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n")
 REJECT_RCPT = b"550 5.1.1 <nobody@example.com>: Recipient address rejected\r\n"
-BACKEND_CLOSED = b"421 4.4.2 mxproxy: backend closed the connection\r\n"
 NO_SERVER = b"421 4.4.1 mxproxy: no mail server available, try again later\r\n"
-IDLE = b"421 4.4.2 mxproxy: idle timeout, closing connection\r\n"
-SHUTTING_DOWN = b"421 4.3.2 mxproxy: service shutting down, closing connection\r\n"
 
 
-def greeting_pair(text="scripted ESMTP"):
-    return pair("<greeting>", 220, text)
-
-
-def ehlo_pair(name="client.example", pipelined=0):
-    return pair("EHLO " + name, 250, "scripted", lines=6, pipelined=pipelined)
-
-
-class SmtpEndsTest(mxtest.ProxyTestCase):
-
-    def open(self, proxy):
-        c = self.client(proxy.port)
-        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
-        self.assertEqual(c.cmd(b"EHLO client.example"), EHLO_REPLY)
-        return c, proxy.sid_of(c)
+class SmtpEndsTest(mxtest.ScriptedSessionTestCase):
 
     # ---- real clients
 

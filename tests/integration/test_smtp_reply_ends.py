@@ -17,28 +17,17 @@ import subprocess
 import time
 
 import mxtest
-from mxtest import HOST, TlsSmtpBackend, client_context, pair, pki, smtp_close
+from mxtest import (BACKEND_CLOSED, HOST, IDLE, SHUTTING_DOWN, TlsSmtpBackend, client_context,
+                    pair, pki, smtp_close)
+from mxtest import scripted_ehlo_pair as ehlo_pair, scripted_greeting_pair as greeting_pair
 
-EHLO_REPLY = (b"250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n"
-              b"250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n")
-BACKEND_CLOSED = b"421 4.4.2 mxproxy: backend closed the connection\r\n"
 PROTOCOL_ERROR = b"421 4.4.2 mxproxy: backend protocol error\r\n"
-IDLE = b"421 4.4.2 mxproxy: idle timeout, closing connection\r\n"
-SHUTTING_DOWN = b"421 4.3.2 mxproxy: service shutting down, closing connection\r\n"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 TCP_ENDS = ("client_eof", "client_reset", "backend_closed", "backend_reset")
 
 
 def text(reply):
     return reply.decode().rstrip("\r\n")
-
-
-def greeting_pair():
-    return pair("<greeting>", 220, "scripted ESMTP")
-
-
-def ehlo_pair():
-    return pair("EHLO client.example", 250, "scripted", lines=6)
 
 
 def send_then(data, then="close", pause=0.0, more=b""):
@@ -62,14 +51,8 @@ def send_then(data, then="close", pause=0.0, more=b""):
     return action
 
 
-class WholeRepliesTest(mxtest.ProxyTestCase):
+class WholeRepliesTest(mxtest.ScriptedSessionTestCase):
     """Item 10.3: a backend reply reaches the client only whole."""
-
-    def open(self, proxy):
-        c = self.client(proxy.port)
-        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
-        self.assertEqual(c.cmd(b"EHLO client.example"), EHLO_REPLY)
-        return c, proxy.sid_of(c)
 
     def cut_short(self, fragment):
         """The backend answers MAIL with fragment and closes: the client gets
@@ -230,14 +213,8 @@ class WholeRepliesTest(mxtest.ProxyTestCase):
         self.assertEqual(p.wait_exit(5), 0)
 
 
-class BackendResetTest(mxtest.ProxyTestCase):
+class BackendResetTest(mxtest.ScriptedSessionTestCase):
     """Item 10.4: a backend reset is answered like a close."""
-
-    def open(self, proxy):
-        c = self.client(proxy.port)
-        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
-        self.assertEqual(c.cmd(b"EHLO client.example"), EHLO_REPLY)
-        return c, proxy.sid_of(c)
 
     def test_reset_after_final_dot(self):
         def take_body_then_reset(backend, rec, line):
@@ -280,14 +257,8 @@ class BackendResetTest(mxtest.ProxyTestCase):
             "backend_reset", error="connection reset by peer", helo="client.example"))
 
 
-class QuitAnsweredTest(mxtest.ProxyTestCase):
+class QuitAnsweredTest(mxtest.ScriptedSessionTestCase):
     """Item 10.11: once QUIT is answered, end=quit."""
-
-    def open(self, proxy):
-        c = self.client(proxy.port)
-        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
-        self.assertEqual(c.cmd(b"EHLO client.example"), EHLO_REPLY)
-        return c, proxy.sid_of(c)
 
     def test_client_resets_after_221(self):
         # The backend keeps its side open after 221: the client's RST ends it.

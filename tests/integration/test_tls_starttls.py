@@ -100,6 +100,16 @@ class StarttlsTestCase(mxtest.ProxyTestCase):
         self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
         self.assertEqual(c.wait_closed(3), ("eof", b""))
 
+    def plain_session(self, **opts):
+        """A plain backend, a starttls proxy with opts in front of it and a client that read
+        the greeting and sent EHLO (STARTTLS offered); returns (backend, proxy, client)."""
+        b = self.plain_backend()
+        p = self.starttls_proxy(b.addr, **opts)
+        c = self.tls_client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        self.assertEqual(c.cmd(EHLO), OFFERED_EHLO)
+        return b, p, c
+
     def to_tls(self, c, ehlo_before=OFFERED_EHLO):
         """Greeting, EHLO (STARTTLS offered), STARTTLS answered by mxproxy,
         handshake."""
@@ -191,11 +201,7 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.assertEqual(b.wait_conns(1).commands, [EHLO, b"NOOP", b"QUIT"])
 
     def test_require_tls_530_before_starttls(self):
-        b = self.plain_backend()
-        p = self.starttls_proxy(b.addr, require_tls="on")
-        c = self.tls_client(p.port)
-        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
-        self.assertEqual(c.cmd(EHLO), OFFERED_EHLO)
+        b, p, c = self.plain_session(require_tls="on")
         for line in (b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.com>", b"DATA",
                      b"AUTH PLAIN AGFAYg==", b"mail from:<lower@example.com>"):
             with self.subTest(cmd=line):
@@ -220,11 +226,7 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.assertEqual(local[3]["cmd"], "AUTH PLAIN [redacted]")  # never the credentials
 
     def test_require_tls_bdat_refused_and_its_chunk_swallowed(self):
-        b = self.plain_backend()
-        p = self.starttls_proxy(b.addr, require_tls="on")
-        c = self.tls_client(p.port)
-        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
-        self.assertEqual(c.cmd(EHLO), OFFERED_EHLO)
+        b, p, c = self.plain_session(require_tls="on")
         c.send(b"BDAT 10 LAST\r\nSTARTTLS\r\n")  # the chunk is data, not a command
         self.assertEqual(c.read_reply(), MUST)
         c.assert_open(0.3)
@@ -234,11 +236,7 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.assertNotIsInstance(c.sock, ssl.SSLSocket)
 
     def test_injection_after_starttls_dropped(self):
-        b = self.plain_backend()
-        p = self.starttls_proxy(b.addr)
-        c = self.tls_client(p.port)
-        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
-        self.assertEqual(c.cmd(EHLO), OFFERED_EHLO)
+        b, p, c = self.plain_session()
         c.send(b"STARTTLS\r\nRSET\r\n")
         self.assertEqual(c.read_reply(), READY)
         c.start_tls()  # fails if a plaintext reply to RSET came first
@@ -290,11 +288,7 @@ class ClientStarttlsTest(StarttlsTestCase):
     def test_pipelined_rset_starttls_then_ehlo_noop_in_one_record(self):
         """The 220 goes out after the backend's reply to RSET: the first read
         inside TLS is all commands, none dropped as injected."""
-        b = self.plain_backend()
-        p = self.starttls_proxy(b.addr)
-        c = self.tls_client(p.port)
-        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
-        self.assertEqual(c.cmd(EHLO), OFFERED_EHLO)
+        b, p, c = self.plain_session()
         c.send(b"RSET\r\nSTARTTLS\r\n")
         self.assertEqual(c.read_reply(), b"250 2.0.0 ok\r\n")
         self.assertEqual(c.read_reply(), READY)
@@ -399,11 +393,7 @@ class ClientStarttlsTest(StarttlsTestCase):
         """The backend never sees the TLS, so it would keep a transaction
         that RFC 3207 ends: STARTTLS is refused while one is open, as
         Postfix and OpenSMTPD refuse it themselves."""
-        b = self.plain_backend()
-        p = self.starttls_proxy(b.addr)
-        c = self.tls_client(p.port)
-        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
-        self.assertEqual(c.cmd(EHLO), OFFERED_EHLO)
+        b, p, c = self.plain_session()
         self.assertEqual(c.cmd(b"MAIL FROM:<a@example.com>"), b"250 2.1.0 sender ok\r\n")
         self.assertEqual(c.cmd(b"STARTTLS"),
                          b"503 5.5.1 Error: MAIL transaction in progress\r\n")

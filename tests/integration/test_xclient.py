@@ -26,16 +26,11 @@ with xclient = on.
 
 import base64
 import os
-import pwd
 import re
 import select
-import shutil
-import signal
 import smtplib
 import socket
 import ssl
-import subprocess
-import tempfile
 import time
 import unittest
 
@@ -51,29 +46,17 @@ REFUSED = b"550 5.7.0 Command not permitted\r\n"
 TLS_421 = b"421 4.7.0 mxproxy: TLS with the mail server failed, try again later\r\n"
 
 
-class Postfix:
+class Postfix(mxtest.PrivatePostfix):
     """A private Postfix instance; .xport and .plainport are its smtpd ports,
     .tlsport the xclient one with STARTTLS (pair: a CertPair), .nameport one
     that looks up client names and refuses 'localhost', 127.0.0.1's name."""
 
     def __init__(self, pair):
-        self.dir = tempfile.mkdtemp(prefix="mxtest-postfix-")
-        os.chmod(self.dir, 0o755)
+        super().__init__()
         d = self.dir
-        for sub in ("queue", "data"):
-            os.mkdir(os.path.join(d, sub))
-        pw = pwd.getpwnam("postfix")
-        os.chown(os.path.join(d, "data"), pw.pw_uid, pw.pw_gid)
-        self.maillog = os.path.join(d, "maillog")
         self.xport, self.plainport, self.tlsport = free_port(), free_port(), free_port()
         self.nameport = free_port()
-        with open(os.path.join(d, "main.cf"), "w") as f:
-            f.write("""compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = mx.postfix.test
+        self.write_main_cf("""myhostname = mx.postfix.test
 mydomain = postfix.test
 mydestination = $myhostname
 inet_interfaces = loopback-only
@@ -91,17 +74,10 @@ smtpd_peername_lookup = no
 smtpd_client_port_logging = yes
 smtpd_authorized_xclient_hosts = 127.0.0.1
 smtpd_authorized_xforward_hosts = 127.0.0.1
-maillog_file_prefixes = {d}
-maillog_file = {d}/maillog
-biff = no
-smtputf8_enable = no
 """.format(d=d))
-        with open(os.path.join(d, "header_checks"), "w") as f:
-            f.write("/^Received:/ WARN\n")
-        with open(os.path.join(d, "names"), "w") as f:
-            f.write("/^localhost$/ REJECT the name of mxproxy's address\n")
-        with open(os.path.join(d, "master.cf"), "w") as f:
-            f.write("""127.0.0.1:{x} inet n - n - - smtpd
+        self.write("header_checks", "/^Received:/ WARN\n")
+        self.write("names", "/^localhost$/ REJECT the name of mxproxy's address\n")
+        self.write_master_cf("""127.0.0.1:{x} inet n - n - - smtpd
 127.0.0.1:{p} inet n - n - - smtpd -o smtpd_authorized_xclient_hosts=
   -o smtpd_authorized_xforward_hosts=
 127.0.0.1:{n} inet n - n - - smtpd -o smtpd_peername_lookup=yes
@@ -109,59 +85,10 @@ smtputf8_enable = no
 127.0.0.1:{t} inet n - n - - smtpd -o smtpd_tls_security_level=may
   -o smtpd_tls_cert_file={cert} -o smtpd_tls_key_file={key} -o smtpd_tls_received_header=yes
   -o smtpd_tls_loglevel=1
-postlog   unix-dgram n - n - 1 postlogd
 tlsmgr    unix - - n 1000? 1 tlsmgr
-cleanup   unix n - n - 0 cleanup
-qmgr      unix n - n 300 1 qmgr
-rewrite   unix - - n - - trivial-rewrite
-bounce    unix - - n - 0 bounce
-defer     unix - - n - 0 bounce
-trace     unix - - n - 0 bounce
-verify    unix - - n - 1 verify
-proxymap  unix - - n - - proxymap
-anvil     unix - - n - 1 anvil
-scache    unix - - n - 1 scache
-discard   unix - - n - - discard
-error     unix - - n - - error
-retry     unix - - n - - error
 """.format(x=self.xport, p=self.plainport, t=self.tlsport, n=self.nameport, d=d,
            cert=pair.cert, key=pair.key))
-        self.proc = subprocess.Popen([POSTFIX, "-c", d, "start-fg"], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True, cwd=d)
-        try:
-            mxtest.wait_port(self.xport, 15, self.proc)
-            mxtest.wait_port(self.plainport, 5, self.proc)
-            mxtest.wait_port(self.tlsport, 5, self.proc)
-            mxtest.wait_port(self.nameport, 5, self.proc)
-        except BaseException:
-            self.close()
-            raise
-
-    def log(self):
-        try:
-            with open(self.maillog, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def wait_log(self, regex, timeout=5.0):
-        """The first match of regex in the mail log, polled until timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = re.search(regex, self.log(), re.M)
-            if m:
-                return m
-            if time.monotonic() > deadline:
-                raise AssertionError("no %r in postfix's log within %.1fs:\n%s"
-                                     % (regex, timeout, self.log()[-3000:]))
-            time.sleep(0.05)
-
-    def close(self):
-        subprocess.run([POSTFIX, "-c", self.dir, "stop"], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20)
-        mxtest.stop_process(self.proc, signal.SIGTERM, 10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.start((self.xport, self.plainport, self.tlsport, self.nameport))
 
 
 def _unavailable():
@@ -189,6 +116,14 @@ class XclientTest(ProxyTestCase):
     def client2(self, port):
         return self.track(Client(port, 5.0, source=CLIENT_IP))
 
+    def greeted(self, port, **opts):
+        """A proxy with opts to smtpd's port and a client from 127.0.0.2 that read smtpd's
+        greeting through it; returns (proxy, client)."""
+        p = self.start_smtp_proxy("127.0.0.1:%d" % port, **opts)
+        c = self.client2(p.port)
+        self.assertEqual(c.read_reply(), GREETING)
+        return p, c
+
     def direct_transcript(self, port, helo):
         """Greeting and EHLO reply smtpd sends straight to 127.0.0.2."""
         c = self.client2(port)
@@ -204,9 +139,7 @@ class XclientTest(ProxyTestCase):
         self.assertEqual(greeting, GREETING)
         self.assertNotIn(b"XCLIENT", ehlo)  # 127.0.0.2 is not authorized
 
-        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, xclient="on", transcript="full")
-        c = self.client2(p.port)
-        self.assertEqual(c.read_reply(), GREETING)
+        p, c = self.greeted(pf.xport, xclient="on", transcript="full")
         self.assertEqual(c.cmd(b"EHLO client.example.test"), ehlo)
         self.assertEqual(c.cmd(b"MAIL FROM:<a@client.example.test>"), b"250 2.1.0 Ok\r\n")
         self.assertEqual(c.cmd(b"RCPT TO:<u@mx.postfix.test>"), b"250 2.1.5 Ok\r\n")
@@ -277,10 +210,7 @@ class XclientTest(ProxyTestCase):
         """smtpd does not offer XCLIENT to mxproxy: the client gets 421 4.7.0
         and smtpd never sees a command of the client's."""
         pf = self.postfix
-        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.plainport, xclient="on",
-                                  transcript="full")
-        c = self.client2(p.port)
-        self.assertEqual(c.read_reply(), GREETING)
+        p, c = self.greeted(pf.plainport, xclient="on", transcript="full")
         self.assertEqual(c.cmd(b"EHLO client.example.test"), XCLIENT_421)
         self.assertEqual(c.wait_closed(3), ("eof", b""))
         sid = p.wait_event(ev="open", client="%s:%d" % (CLIENT_IP, c.local_port))["sid"]
@@ -297,9 +227,7 @@ class XclientTest(ProxyTestCase):
 
     def test_xclient_off_smtpd_sees_mxproxy(self):
         pf = self.postfix
-        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, transcript="full")
-        c = self.client2(p.port)
-        self.assertEqual(c.read_reply(), GREETING)
+        p, c = self.greeted(pf.xport, transcript="full")
         ehlo = c.cmd(b"EHLO client.example.test")
         # smtpd offers XCLIENT and XFORWARD to mxproxy's address; the client never sees them
         self.assertNotIn(b"XCLIENT", ehlo)
@@ -311,9 +239,7 @@ class XclientTest(ProxyTestCase):
 
     def test_pass_client_xclient_on_is_a_trusted_chain(self):
         pf = self.postfix
-        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, pass_client_xclient="on")
-        c = self.client2(p.port)
-        self.assertEqual(c.read_reply(), GREETING)
+        p, c = self.greeted(pf.xport, pass_client_xclient="on")
         ehlo = c.cmd(b"EHLO client.example.test")
         self.assertIn(b"\r\n250-XCLIENT ", ehlo)
         self.assertIn(b"\r\n250-XFORWARD ", ehlo)
@@ -351,9 +277,7 @@ class XclientTest(ProxyTestCase):
         pf = self.postfix
         if not re.search(r"^127\.0\.0\.1\s+localhost\b", open("/etc/hosts").read(), re.M):
             self.skipTest("127.0.0.1 is not 'localhost' in /etc/hosts")
-        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.nameport, xclient="on")
-        c = self.client2(p.port)
-        self.assertEqual(c.read_reply(), GREETING)
+        p, c = self.greeted(pf.nameport, xclient="on")
         self.assertNotIn(b"XCLIENT", c.cmd(b"EHLO client.example.test"))
         self.assertEqual(c.cmd(b"MAIL FROM:<a@client.example.test>"), b"250 2.1.0 Ok\r\n")
         self.assertEqual(c.cmd(b"RCPT TO:<u@mx.postfix.test>"), b"250 2.1.5 Ok\r\n")
@@ -406,9 +330,7 @@ class XclientTest(ProxyTestCase):
     def test_pipelined_ehlo_mail_rcpt_data_in_one_write(self):
         pf = self.postfix
         _, ehlo = self.direct_transcript(pf.xport, b"client.example.test")
-        p = self.start_smtp_proxy("127.0.0.1:%d" % pf.xport, xclient="on")
-        c = self.client2(p.port)
-        self.assertEqual(c.read_reply(), GREETING)
+        p, c = self.greeted(pf.xport, xclient="on")
         c.send(b"EHLO client.example.test\r\nMAIL FROM:<a@client.example.test>\r\n"
                b"RCPT TO:<victim@foreign.example>\r\nRCPT TO:<u@mx.postfix.test>\r\nDATA\r\n")
         want = (ehlo + b"250 2.1.0 Ok\r\n" + RELAY_DENIED + b"250 2.1.5 Ok\r\n"
