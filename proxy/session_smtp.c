@@ -709,12 +709,12 @@ static void session_smtp_answer_locals(struct session *s)
 
     while (!(s->flags & SESSION_F_CLOSING) &&
            smtp_pairs_take_local(&m->pp, session_smtp_now(), &p)) {
-        answered = true;
         snprintf(text, sizeof(text), "%d %s %.*s", p.code, p.esc, (int)p.text_len, p.text);
         session_smtp_say(s, text);
         session_smtp_log_pair(s, &p);
         /* A refused DATA or AUTH ends the parser's wait for the reply. */
         smtp_client_on_reply(&m->cp, p.cmd, p.code);
+        answered = true;
         if (p.local == SMTP_LOCAL_STARTTLS) {
             session_smtp_start_client_tls(s);
             return;
