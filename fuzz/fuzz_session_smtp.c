@@ -22,7 +22,8 @@
  *     log level debug.
  *
  * The first input byte picks one of several listeners (client STARTTLS,
- * XCLIENT, backend STARTTLS, smuggling mode), set up once per process.
+ * require_tls, XCLIENT, backend STARTTLS, smuggling mode), set up once per
+ * process.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -159,7 +160,8 @@ static int fuzz_listen_backend(void)
     return ntohs(a.sin_port);
 }
 
-/* One [listener] per variant: client_tls, xclient, backend_tls, smuggling. */
+/* One [listener] per variant: client_tls, xclient, backend_tls, smuggling;
+ * require_tls on half of the client_tls = starttls ones. */
 static void fuzz_make_config(const char *dir, int backend_port)
 {
     static const char *const smuggling[] = {"reject", "normalize", "off"};
@@ -182,8 +184,8 @@ static void fuzz_make_config(const char *dir, int backend_port)
             (v / 6) % 2 ? "backend_tls = starttls\nbackend_verify = off\n" : "",
             (v / 12) % 2 ? "client_tls = starttls\n" : "");
         if ((v / 12) % 2)
-            len += (size_t)snprintf(text + len, cap - len, "cert = %s/mx.crt\nkey = %s/mx.key\n",
-                                    dir, dir);
+            len += (size_t)snprintf(text + len, cap - len, "cert = %s/mx.crt\nkey = %s/mx.key\n%s",
+                                    dir, dir, v % 2 ? "require_tls = on\n" : "");
         FUZZ_CHECK(len < cap);
     }
     if (config_load_string(text, "fuzz.ini", &fuzz_cfg, err, sizeof(err)) != 0) {

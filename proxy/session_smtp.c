@@ -851,12 +851,16 @@ static void session_smtp_start_client_tls(struct session *s)
     session_smtp_log_injection(s);
 }
 
-/* Answers, in order, the lines mxproxy refused itself. */
+/* Answers, in order, the lines mxproxy refused itself. An answer may end the
+ * parser's wait (DATA, AUTH, XCLIENT) or free a FIFO slot: the client bytes
+ * held meanwhile are parsed again, after the answers, so that no pipelined
+ * command is left unparsed behind a local answer. */
 static void session_smtp_answer_locals(struct session *s)
 {
     struct session_smtp *m = s->smtp;
     struct smtp_pair p;
     char text[SMTP_REPLY_TEXT_MAX + 32];
+    bool answered = false;
 
     while (!(s->flags & SESSION_F_CLOSING) &&
            smtp_pairs_take_local(&m->pp, session_smtp_now(), &p)) {
@@ -869,6 +873,7 @@ static void session_smtp_answer_locals(struct session *s)
         session_smtp_log_pair(s, &p);
         /* A refused DATA or AUTH ends the parser's wait for the reply. */
         smtp_client_on_reply(&m->cp, p.cmd, p.code);
+        answered = true;
         if (p.local == SMTP_LOCAL_STARTTLS) {
             session_smtp_start_client_tls(s);
             return;
@@ -882,6 +887,8 @@ static void session_smtp_answer_locals(struct session *s)
             return;
         }
     }
+    if (answered)
+        session_smtp_resume_client(s);
 }
 
 /* ---- backend side --------------------------------------------------------------------- */

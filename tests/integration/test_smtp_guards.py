@@ -90,6 +90,26 @@ class SmtpGuardsTest(mxtest.ProxyTestCase):
         rec = b.wait_conns(1)
         self.assertEqual(bytes(rec.received), EHLO + b"NOOP\r\nNOOP\r\nQUIT\r\n")
 
+    def test_pipelined_after_refused_xclient_and_overlong_line(self):
+        # Local answers (550, 500) in the middle of one write, more of them
+        # than fit in flight: what follows them, a transaction and a body held
+        # until the 354, is still parsed.
+        b = self.scripted()
+        p = self.start_smtp_proxy(b.addr, max_line_length=512)
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        c.send(EHLO + b"XCLIENT ADDR=192.0.2.66\r\n" + ENVELOPE + b"hi\r\n.\r\n" +
+               b"NOOP " + b"x" * 600 + b"\r\n" + b"XFORWARD NAME=x\r\n" * 100 + b"NOOP\r\n")
+        want = (EHLO_REPLY + b"550 5.7.0 Command not permitted\r\n" + ENVELOPE_REPLIES +
+                b"250 2.0.0 queued as 1\r\n" + TOO_LONG +
+                b"550 5.7.0 Command not permitted\r\n" * 100 + OK)
+        self.assertEqual(c.recv_exact(len(want)), want)
+        self.quit(c)
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(bytes(rec.received),
+                         EHLO + ENVELOPE + b"hi\r\n.\r\nNOOP\r\nQUIT\r\n")
+
     def test_line_length_limit_counts_crlf(self):
         b = self.scripted()
         p = self.start_smtp_proxy(b.addr, max_line_length=512)

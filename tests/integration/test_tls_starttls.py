@@ -235,6 +235,46 @@ class ClientStarttlsTest(StarttlsTestCase):
         self.assertEqual(b.wait_conns(1).commands, [EHLO, b"NOOP", b"QUIT"])
         self.assertNotIsInstance(c.sock, ssl.SSLSocket)
 
+    # A local 530 ends the parser's wait (DATA, AUTH): the commands the client
+    # pipelined behind it are parsed, never left waiting.
+
+    def pipelined_after_local(self, data, want):
+        b = self.plain_backend()
+        p = self.starttls_proxy(b.addr, require_tls="on")
+        c = self.tls_client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        c.send(data)  # one write, before the backend answered the EHLO
+        self.assertEqual(c.read_reply(), OFFERED_EHLO)
+        for reply in want:
+            self.assertEqual(c.read_reply(), reply)
+        self.quit(c)
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [EHLO, b"NOOP", b"QUIT"])
+        self.assertEqual(rec.auth_lines, [])
+        return p, p.sid_of(c)
+
+    def test_require_tls_pipelined_data_then_noop(self):
+        p, sid = self.pipelined_after_local(EHLO + b"\r\nDATA\r\nNOOP\r\n",
+                                            [MUST, b"250 2.0.0 ok\r\n"])
+        p.close_of(sid)
+        cmds = [(e["cmd"], e["code"], e.get("local")) for e in p.find(ev="pair", sid=sid)]
+        self.assertEqual(cmds, [("<greeting>", "220", None), ("EHLO client.example", "250", None),
+                                ("DATA", "530", "1"), ("NOOP", "250", None),
+                                ("QUIT", "221", None)])
+
+    def test_require_tls_pipelined_auth_then_noop(self):
+        self.pipelined_after_local(EHLO + b"\r\nAUTH PLAIN xxx\r\nNOOP\r\n",
+                                   [MUST, b"250 2.0.0 ok\r\n"])
+
+    def test_require_tls_pipelined_bdat_chunk_then_noop(self):
+        self.pipelined_after_local(EHLO + b"\r\nBDAT 5 LAST\r\nNOOP\rNOOP\r\n",
+                                   [MUST, b"250 2.0.0 ok\r\n"])
+
+    def test_require_tls_bdat_after_a_local_refusal(self):
+        self.pipelined_after_local(EHLO + b"\r\nDATA\r\nBDAT 5 LAST\r\nNOOP\rNOOP\r\n",
+                                   [MUST, MUST, b"250 2.0.0 ok\r\n"])
+
     def test_injection_after_starttls_dropped(self):
         b, p, c = self.plain_session()
         c.send(b"STARTTLS\r\nRSET\r\n")

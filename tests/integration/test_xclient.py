@@ -603,6 +603,24 @@ class XclientScriptedTest(ProxyTestCase):
         self.assertEqual([e["text"] for e in p.find(ev="line", sid=sid, dir="client")][:1],
                          ["AUTH PLAIN [redacted]"])
 
+    def test_require_tls_answer_after_xclient_releases_what_follows(self):
+        """The commands held during mxproxy's XCLIENT exchange: DATA, refused
+        530 by mxproxy once the EHLO is answered, must not strand the NOOP
+        pipelined behind it."""
+        b = self.scripted(ext=XEXT)
+        p = self.start_smtp_proxy(b.addr, xclient="on", client_tls="starttls", require_tls="on",
+                                  cert=self.pki.mx.cert, key=self.pki.mx.key)
+        c = self.client(p.port)
+        self.assertEqual(c.read_reply(), b"220 scripted ESMTP\r\n")
+        c.send(EHLO + b"\r\nDATA\r\nNOOP\r\n")
+        want = (XEHLO.replace(b"250-scripted\r\n", b"250-scripted\r\n250-STARTTLS\r\n") +
+                b"530 5.7.0 Must issue a STARTTLS command first\r\n250 2.0.0 ok\r\n")
+        self.assertEqual(c.recv_exact(len(want)), want)
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        rec = b.wait_conns(1)
+        self.assertTrue(rec.closed.wait(3))
+        self.assertEqual(rec.commands, [EHLO, self.xclient_line(c, p), EHLO, b"NOOP", b"QUIT"])
+
     def test_one_byte_at_a_time(self):
         b = self.scripted(ext=XEXT)
         p = self.start_smtp_proxy(b.addr, xclient="on")
