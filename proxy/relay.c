@@ -508,6 +508,18 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
     size_t carried = relay_carried;
 
     relay_carried = 0;
+    if ((d->flags & RELAY_F_CONNECTING) && nread != 0) {
+        /* Reading a connecting socket: its first event says how the connect went. */
+        d->flags &= ~RELAY_F_CONNECTING;
+        if (nread > 0 || nread == UV_EOF) {
+            d->on_event(d, RELAY_EV_CONNECTED, 0);
+            if (d->flags & RELAY_F_STOPPED) {
+                if (buf->base != NULL)
+                    relay_block_unref(d->pool, relay_block_of(buf, carried));
+                return;
+            }
+        }
+    }
     if (nread <= 0) {
         if (buf->base != NULL)
             relay_block_unref(d->pool, relay_block_of(buf, carried));
