@@ -54,11 +54,10 @@ struct log_stage {
 
 static _Thread_local struct log_stage *log_stage;
 
-/* The timestamp up to the seconds, formatted once per second per thread. */
-static _Thread_local struct {
-    time_t sec;       /* the second it was made for; 0: none yet */
-    char text[24];    /* "YYYY-MM-DDTHH:MM:SS." */
-} log_ts_cache;
+/* The timestamp up to the seconds, formatted once per second per thread: the second it was
+ * made for (0: none yet) and "YYYY-MM-DDTHH:MM:SS.". */
+static _Thread_local time_t log_ts_sec;
+static _Thread_local char log_ts_text[24];
 
 static void log_write_all(int fd, const char *p, size_t n)
 {
@@ -364,8 +363,7 @@ size_t log_escape(char *out, size_t cap, const char *value, size_t len, bool jso
         if (o < cap)                                                                               \
             out[o++] = (char)(ch);                                                                 \
     } while (0)
-    if (quote)
-        LOG_PUT('"');
+    LOG_PUT('"'); /* quoted from here on */
     for (size_t i = 0; i < len && o + 7 < cap; i++) {
         unsigned char c = v[i];
         if (c == '"' || c == '\\') {
@@ -430,8 +428,7 @@ size_t log_escape(char *out, size_t cap, const char *value, size_t len, bool jso
             }
         }
     }
-    if (quote)
-        LOG_PUT('"');
+    LOG_PUT('"');
 #undef LOG_PUT
     out[o] = '\0';
     return o;
@@ -464,9 +461,9 @@ static void log_fmt_fixed(char *out, unsigned long value, size_t width)
 /* "YYYY-MM-DDTHH:MM:SS." for sec, cached per thread: gmtime_r once a second. */
 static const char *log_ts_prefix(time_t sec)
 {
-    if (log_ts_cache.sec != sec || sec == 0) {
+    if (log_ts_sec != sec || sec == 0) {
         struct tm tm;
-        char *t = log_ts_cache.text;
+        char *t = log_ts_text;
         gmtime_r(&sec, &tm);
         log_fmt_fixed(t, (unsigned long)(tm.tm_year + 1900) % 10000, 4);
         t[4] = '-';
@@ -480,9 +477,9 @@ static const char *log_ts_prefix(time_t sec)
         t[16] = ':';
         log_fmt_fixed(t + 17, (unsigned long)tm.tm_sec, 2);
         t[19] = '.';
-        log_ts_cache.sec = sec;
+        log_ts_sec = sec;
     }
-    return log_ts_cache.text;
+    return log_ts_text;
 }
 
 void log_begin(struct log_line *l, enum log_level lvl, const char *ev)

@@ -132,9 +132,9 @@ struct relay_dir {
 #define RELAY_F_STOPPED 0x10u /* the owner stopped the direction; never restart */
 #define RELAY_F_HELD 0x20u    /* the owner holds reading (relay_hold) */
 #define RELAY_F_NO_FIN 0x40u  /* on EOF, do not shut dst down (the owner will) */
-#define RELAY_F_CONNECTING                                                                         \
-    0x80u /* src is a socket still connecting: its first read event is reported first (bytes  \
-             or EOF: RELAY_EV_CONNECTED; an error: RELAY_EV_READ_ERR, flag cleared) */
+/* src is a socket still connecting: its first read event is reported first (bytes or EOF:
+ * RELAY_EV_CONNECTED; an error: RELAY_EV_READ_ERR, the flag cleared) */
+#define RELAY_F_CONNECTING 0x80u
 
 /* Prepares d; src and dst must be initialised libuv streams. Sets
  * src->data = d. Does not start reading. */

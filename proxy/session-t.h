@@ -95,9 +95,9 @@ struct session {
 #define SESSION_F_OPEN_LOGGED                                                                      \
     0x400u /* ev=open was written */ /* the PROXY header went to the backend */
 #define SESSION_F_NO_BACKEND 0x80u   /* the backend was dropped on purpose; no retry */
-#define SESSION_F_READ_CONNECT                                                                     \
-    0x800u /* this connect attempt reads the backend at once: its first bytes (or a probe of \
-              the socket's state) complete the connect, no POLLOUT turn */
+/* this connect attempt reads the backend at once: its first bytes (or a probe of the
+ * socket's state) complete the connect, with no POLLOUT turn */
+#define SESSION_F_READ_CONNECT 0x800u
 
 #define SESSION_TLS_HANDSHAKE_MS 5000 /* a client TLS handshake must finish within this */
 

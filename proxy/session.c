@@ -655,8 +655,8 @@ static void session_backend_connected(struct session *s)
     relay_init(&s->up, (uv_stream_t *)&s->client, (uv_stream_t *)&s->backend, &s->w->pool,
                session_on_relay_event, s);
     if (!(s->flags & SESSION_F_READ_CONNECT)) /* else down is reading the backend already */
-        relay_init(&s->down, (uv_stream_t *)&s->backend, (uv_stream_t *)&s->client,
-                   &s->w->pool, session_on_relay_event, s);
+        relay_init(&s->down, (uv_stream_t *)&s->backend, (uv_stream_t *)&s->client, &s->w->pool,
+                   session_on_relay_event, s);
     /* With implicit client TLS a v2 header carries the TLS details: it goes
      * out when the client's handshake is done (the backend waits for it
      * before greeting, and the client cannot read the greeting before then). */
@@ -794,8 +794,8 @@ static void session_connect_reading(struct session *s, const struct config_addr 
         errno != EINPROGRESS)
         rc = -errno;
     if (rc == 0) {
-        relay_init(&s->down, (uv_stream_t *)&s->backend, (uv_stream_t *)&s->client,
-                   &s->w->pool, session_on_relay_event, s);
+        relay_init(&s->down, (uv_stream_t *)&s->backend, (uv_stream_t *)&s->client, &s->w->pool,
+                   session_on_relay_event, s);
         session_wire_tls(s); /* a 421 to an implicit-TLS client still goes encrypted */
         s->down.flags |= RELAY_F_CONNECTING;
         rc = relay_start(&s->down);
@@ -804,8 +804,8 @@ static void session_connect_reading(struct session *s, const struct config_addr 
         session_connect_error(s, rc);
         return;
     }
-    unsigned first = s->cl->connect_timeout_ms < SESSION_PROBE_MS ? s->cl->connect_timeout_ms
-                                                                    : SESSION_PROBE_MS;
+    unsigned first =
+        s->cl->connect_timeout_ms < SESSION_PROBE_MS ? s->cl->connect_timeout_ms : SESSION_PROBE_MS;
     uv_timer_start(&s->timer, session_on_timer, first, 0);
 }
 
