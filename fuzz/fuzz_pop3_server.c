@@ -104,7 +104,10 @@ static void fuzz_check_capa(const char *in, size_t len, const struct pop3_respon
         bool had = pop3_capa_has(in, len, "STLS");
 
         FUZZ_CHECK(n >= 0 && (size_t)n <= cap);
-        FUZZ_CHECK(pop3_server_parse(&sp, out, (size_t)n, POP3_FRAME_MULTI, 0, &ev) == (size_t)n);
+        size_t k = pop3_server_parse(&sp, out, (size_t)n, POP3_FRAME_MULTI, 0, &ev);
+        FUZZ_CHECK(ev.type == POP3_SEV_BODY && k < (size_t)n);
+        FUZZ_CHECK(pop3_server_parse(&sp, out + k, (size_t)n - k, POP3_FRAME_MULTI, 0, &ev) ==
+                   (size_t)n - k);
         FUZZ_CHECK(ev.type == POP3_SEV_RESPONSE && ev.resp->multi);
         FUZZ_CHECK(ev.resp->status == POP3_STATUS_OK);
         FUZZ_CHECK(ev.resp->text_len == r->text_len);
@@ -153,9 +156,15 @@ static size_t fuzz_run(const char *in, size_t len, uint32_t seed, bool split, ch
             FUZZ_CHECK(k > 0);
             FUZZ_CHECK(r->text_len <= POP3_TEXT_MAX && r->text[r->text_len] == '\0');
             FUZZ_CHECK(r->size <= r->wire && r->lines <= r->wire);
-            wire += r->wire;
-            FUZZ_CHECK(wire == pos + off);
+            FUZZ_CHECK(wire + r->wire == pos + off);
+            FUZZ_CHECK((ev.type == POP3_SEV_BODY) == pop3_server_in_body(&sp));
+            if (ev.type != POP3_SEV_BODY)
+                wire += r->wire;
             switch (ev.type) {
+            case POP3_SEV_BODY:
+                FUZZ_CHECK(r->status == POP3_STATUS_OK && r->multi && frame == POP3_FRAME_MULTI);
+                FUZZ_CHECK(r->lines == 0 && r->size == 0);
+                break;
             case POP3_SEV_RESPONSE:
                 FUZZ_CHECK(r->status == POP3_STATUS_OK || r->status == POP3_STATUS_ERR);
                 FUZZ_CHECK(!r->multi || (r->status == POP3_STATUS_OK && frame == POP3_FRAME_MULTI));
@@ -183,7 +192,7 @@ static size_t fuzz_run(const char *in, size_t len, uint32_t seed, bool split, ch
             memcpy(out + olen, r->text, r->text_len);
             olen += r->text_len;
             out[olen++] = '\n';
-            if (ev.type != POP3_SEV_GARBAGE) {
+            if (ev.type == POP3_SEV_RESPONSE || ev.type == POP3_SEV_CONTINUATION) {
                 enum pop3_pairs_res res = pop3_pairs_on_response(pp, r, &pair);
                 FUZZ_CHECK(res != POP3_PAIRS_INTERMEDIATE || r->status == POP3_STATUS_CONT);
                 fuzz_check_pair(&pair);

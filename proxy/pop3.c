@@ -393,7 +393,7 @@ enum {
     POP3_SS_TEXT,      /* rest of the status line */
     POP3_SS_CONT,      /* rest of a continuation line (not kept) */
     POP3_SS_BAD,       /* rest of a line that is no status line */
-    POP3_SS_BOL,       /* body: start of a line */
+    POP3_SS_BOL,       /* body: start of a line (the body states come last) */
     POP3_SS_DOT,       /* body: a line began with "." */
     POP3_SS_DOTCR,     /* body: a line began with ".\r" */
     POP3_SS_LINE,      /* body: inside a line */
@@ -448,11 +448,21 @@ static void pop3_status_end(struct pop3_server *p, struct pop3_server_event *ev)
     struct pop3_response *r = &p->cur;
 
     if (r->status == POP3_STATUS_OK && p->frame == POP3_FRAME_MULTI) {
+        /* The response goes on: cur stays the parser's, and is kept, not reset. */
         r->multi = true;
+        r->text[r->text_len] = '\0';
         p->state = POP3_SS_BOL;
+        p->pending_cr = false;
+        ev->type = POP3_SEV_BODY;
+        ev->resp = r;
         return;
     }
     pop3_server_done(p, POP3_SEV_RESPONSE, ev);
+}
+
+bool pop3_server_in_body(const struct pop3_server *p)
+{
+    return p->state >= POP3_SS_BOL;
 }
 
 /* A body line ended (its LF was just read). */

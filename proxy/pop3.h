@@ -227,12 +227,15 @@ enum pop3_sev {
     POP3_SEV_GARBAGE,      /* a line that is no status line ended at the last consumed byte;
                               the parser starts afresh with the next line. ev.resp->text holds
                               the start of the bad line */
+    POP3_SEV_BODY,         /* the status line of a multi-line response ended at the last
+                              consumed byte: status, text and wire (the status line's bytes)
+                              are set, the body follows, then POP3_SEV_RESPONSE */
 };
 
 struct pop3_server_event {
     enum pop3_sev type;
-    const struct pop3_response *resp; /* RESPONSE, CONTINUATION, GARBAGE: owned by the parser,
-                                         valid until the next pop3_server_parse() call on it */
+    const struct pop3_response *resp; /* all but AGAIN: owned by the parser, valid until the
+                                         next pop3_server_parse() call on it */
 };
 
 /* Parser state; fields are private. */
@@ -254,6 +257,10 @@ struct pop3_server {
  * t_first of a response whose first byte is in this call. Memory stays bounded for any input. */
 size_t pop3_server_parse(struct pop3_server *p, const char *buf, size_t len, enum pop3_frame frame,
                          uint64_t now_ns, struct pop3_server_event *ev);
+
+/* True between POP3_SEV_BODY and the end of that response: the client is reading a body, and
+ * nothing but the rest of it may be sent to it. */
+bool pop3_server_in_body(const struct pop3_server *p);
 
 /* --- CAPA responses ---------------------------------------------------------------------- */
 

@@ -18,9 +18,9 @@
  *                 pop3_client_on_reply() and log pair.
  *  server bytes:  forward them to the client unchanged; parse them with
  *                 pop3_server_parse(sp, ..., pop3_pairs_frame(pp), ...); for each RESPONSE or
- *                 CONTINUATION call pop3_pairs_on_response(pp, resp, &pair), then
- *                 pop3_client_on_reply(cp, pair.cmd, pair.status) (this may end a WAIT: parse
- *                 the held client bytes again), log pair unless the result is
+ *                 CONTINUATION (not BODY: the pair is made at the body's end) call
+ * pop3_pairs_on_response(pp, resp, &pair), then pop3_client_on_reply(cp, pair.cmd, pair.status)
+ * (this may end a WAIT: parse the held client bytes again), log pair unless the result is
  *                 POP3_PAIRS_INTERMEDIATE, and drain local answers as above.
  *                 POP3_SEV_GARBAGE is a protocol error: mxproxy answers the client and closes,
  *                 as for "backend gone".

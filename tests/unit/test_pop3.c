@@ -592,15 +592,17 @@ static void server_transcript(const char *in, size_t len, const size_t *cuts, si
             ASSERT(r->text_len <= POP3_TEXT_MAX);
             ASSERT_EQ(r->text[r->text_len], '\0');
             ASSERT_EQ(r->t_first, 7);
-            total += r->wire;
-            ASSERT_EQ(total, a + off);
+            ASSERT_EQ(total + r->wire, a + off);
+            ASSERT_EQ(ev.type == POP3_SEV_BODY, pop3_server_in_body(&p));
+            if (ev.type != POP3_SEV_BODY)
+                total += r->wire;
             if (ev.type == POP3_SEV_RESPONSE && frames[next] != '\0')
                 next++;
             if (ev.type == POP3_SEV_CONTINUATION) {
                 ASSERT_EQ(r->status, POP3_STATUS_CONT);
                 ASSERT_EQ(r->text_len, 0);
             }
-            dstr_printf(tr, "%c %s|%.*s|%d|%u|%llu|%d|%llu\n", "-RCG"[ev.type],
+            dstr_printf(tr, "%c %s|%.*s|%d|%u|%llu|%d|%llu\n", "-RCGB"[ev.type],
                         pop3_status_name(r->status), (int)r -> text_len, r -> text, r -> multi,
                         r -> lines, (unsigned long long)r -> size, r -> truncated,
                         (unsigned long long)r -> wire);
@@ -649,9 +651,11 @@ static void test_server_responses(void)
                              "-ERR unknown command\r\n";
     ASSERT_SERVER(s1, "SMSMMS",
                   "R +OK|Dovecot ready. <1.2@host>|0|0|0|0|31\n"
+                  "B +OK|2 messages:|1|0|0|0|17\n"
                   "R +OK|2 messages:|1|2|14|0|34\n"
                   "R +OK|2 320|0|0|0|0|11\n"
                   "R -ERR|[SYS/PERM] no such message|0|0|0|0|33\n"
+                  "B +OK||1|0|0|0|5\n"
                   "R +OK||1|0|0|0|8\n"
                   "R -ERR|unknown command|0|0|0|0|22\n");
 
@@ -669,12 +673,13 @@ static void test_server_responses(void)
                                ".\r\n"
                                "+OK bye\r\n";
     ASSERT_SERVER(retr, "M",
+                  "B +OK|36 octets|1|0|0|0|15\n"
                   "R +OK|36 octets|1|8|36|0|58\n"
                   "R +OK|bye|0|0|0|0|9\n");
 
     /* A terminator with a bare LF ends the body too (as poplib and fetchmail read it). */
     static const char lf[] = "+OK\nline\n.\n+OK x\n";
-    ASSERT_SERVER(lf, "MS", "R +OK||1|1|5|0|11\nR +OK|x|0|0|0|0|6\n");
+    ASSERT_SERVER(lf, "MS", "B +OK||1|0|0|0|4\nR +OK||1|1|5|0|11\nR +OK|x|0|0|0|0|6\n");
 
     /* "+OK" without a space, and a CR inside the text. */
     static const char odd[] = "+OKfoo\r\n-ERR\r\n-ERRa\rb\r\n+OK  two\r\n";
@@ -697,7 +702,7 @@ static void test_server_sasl(void)
 
     /* A bare AUTH lists mechanisms, multi-line. */
     static const char mechs[] = "+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n";
-    ASSERT_SERVER(mechs, "M", "R +OK||1|2|14|0|22\n");
+    ASSERT_SERVER(mechs, "M", "B +OK||1|0|0|0|5\nR +OK||1|2|14|0|22\n");
 }
 
 static void test_server_garbage(void)
@@ -735,7 +740,7 @@ static void test_server_garbage(void)
         "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee");
     ASSERT(strncmp(tr.p, want, strlen(want)) == 0);
     /* A body line of 100000 bytes is no status text: nothing is truncated. */
-    ASSERT_STREQ(tr.p + strlen(want), "R +OK||1|1|100002|0|100010\n");
+    ASSERT_STREQ(tr.p + strlen(want), "B +OK||1|0|0|0|5\nR +OK||1|1|100002|0|100010\n");
     dstr_free(&big);
     dstr_free(&tr);
 }
@@ -749,8 +754,13 @@ static void test_server_frame_latch(void)
 
     ASSERT_EQ(pop3_server_parse(&p, "+O", 2, POP3_FRAME_MULTI, 1, &ev), 2);
     ASSERT_EQ(ev.type, POP3_SEV_AGAIN);
-    ASSERT_EQ(pop3_server_parse(&p, "K\r\nx\r\n.\r\n", 9, POP3_FRAME_SINGLE, 2, &ev), 9);
+    ASSERT_EQ(pop3_server_parse(&p, "K\r\nx\r\n.\r\n", 9, POP3_FRAME_SINGLE, 2, &ev), 3);
+    ASSERT_EQ(ev.type, POP3_SEV_BODY);
+    ASSERT(pop3_server_in_body(&p));
+    ASSERT_EQ(ev.resp->wire, 5);
+    ASSERT_EQ(pop3_server_parse(&p, "x\r\n.\r\n", 6, POP3_FRAME_SINGLE, 2, &ev), 6);
     ASSERT_EQ(ev.type, POP3_SEV_RESPONSE);
+    ASSERT(!pop3_server_in_body(&p));
     ASSERT(ev.resp->multi);
     ASSERT_EQ(ev.resp->lines, 1);
     ASSERT_EQ(ev.resp->t_first, 1);

@@ -125,8 +125,8 @@ static enum pop3_pairs_res sim_server(struct sim *s, const char *bytes)
         size_t chunk = s->bytewise ? 1 : len - off;
 
         off += pop3_server_parse(&s->sp, bytes + off, chunk, pop3_pairs_frame(&s->pp), s->now, &ev);
-        if (ev.type == POP3_SEV_AGAIN)
-            continue;
+        if (ev.type == POP3_SEV_AGAIN || ev.type == POP3_SEV_BODY)
+            continue; /* a body starts: the pair is made at its end */
         ASSERT(ev.type != POP3_SEV_GARBAGE);
         res = pop3_pairs_on_response(&s->pp, ev.resp, &p);
         pop3_client_on_reply(&s->cp, p.cmd, p.status);
