@@ -1,7 +1,7 @@
 /* session.c: accept, connect to a backend at once, relay, close. */
 #include "session.h"
-#include "session-t.h"
-#include "session_smtp.h"
+#include "session_impl.h"
+#include "proto.h"
 
 #include <assert.h>
 #include <errno.h>
@@ -106,7 +106,8 @@ static void session_maybe_free(struct session *s)
     if (s->next != NULL)
         s->next->prev = s->prev;
     atomic_fetch_sub(&w->n_sessions, 1);
-    session_smtp_free(s);
+    if (s->proto != NULL)
+        s->proto->free(s);
     free(s->pp_in);
     free(s->early);
     free(s->dst_backend);
@@ -161,9 +162,9 @@ static void session_on_backend_closed(uv_handle_t *h)
         session_connect_next(s);
         return;
     }
-    if (s->smtp != NULL) {
+    if (s->proto != NULL) {
         /* A server-first client waits for a reply: give it a 421, not a bare close. */
-        session_smtp_connect_failed(s, session_connect_error_text(s->last_error));
+        s->proto->say(s, PROTO_SAY_UNAVAILABLE, session_connect_error_text(s->last_error));
         session_close_after_flush(s, SESSION_END_CONNECT_FAILED,
                                   session_connect_error_text(s->last_error));
         return;
@@ -290,8 +291,8 @@ static void session_local_error(struct session *s, int status)
     uv_timer_stop(&s->timer);
     if ((s->flags & SESSION_F_BACKEND) && !uv_is_closing((uv_handle_t *)&s->backend))
         uv_close((uv_handle_t *)&s->backend, session_on_backend_closed);
-    if (s->smtp != NULL) {
-        session_smtp_local_error(s, why);
+    if (s->proto != NULL) {
+        s->proto->say(s, PROTO_SAY_LOCAL_ERROR, why);
         session_close_after_flush(s, SESSION_END_LOCAL_ERROR, why);
         return;
     }
@@ -358,8 +359,8 @@ static void session_tls_failed(struct session *s, bool client, int status)
     if (!client && tls_verify_error(t) != NULL)
         log_str(&l, "verify", tls_verify_error(t));
     log_end(&l);
-    if (!client && s->smtp != NULL && !(s->flags & SESSION_F_FLUSHING)) {
-        session_smtp_backend_tls_failed(s, reason);
+    if (!client && s->proto != NULL && !(s->flags & SESSION_F_FLUSHING)) {
+        s->proto->backend_tls_failed(s, reason);
         return;
     }
     session_close(s, SESSION_END_TLS_ERROR, reason);
@@ -369,8 +370,9 @@ static void session_tls_failed(struct session *s, bool client, int status)
  * first gets a 421, in mode tcp the connection just closes. */
 static void session_end_now(struct session *s, enum session_end end)
 {
-    if (s->smtp != NULL && (s->flags & SESSION_F_CONNECTED) && !(s->flags & SESSION_F_FLUSHING)) {
-        session_smtp_goodbye(s, end);
+    if (s->proto != NULL && (s->flags & SESSION_F_CONNECTED) && !(s->flags & SESSION_F_FLUSHING)) {
+        s->proto->say(s, end == SESSION_END_IDLE_TIMEOUT ? PROTO_SAY_IDLE : PROTO_SAY_DRAIN,
+                      NULL);
         session_close_after_flush(s, end, NULL);
         return;
     }
@@ -391,7 +393,7 @@ static enum session_end session_reset_end(const struct session *s, bool client)
  * the session is opaque or already ending. */
 static bool session_answers_backend_reset(const struct session *s)
 {
-    return s->smtp != NULL && !session_smtp_opaque(s) &&
+    return s->proto != NULL && !s->proto->opaque(s) &&
            !(s->flags & (SESSION_F_FLUSHING | SESSION_F_NO_BACKEND));
 }
 
@@ -404,8 +406,8 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         return;
     switch (ev) {
     case RELAY_EV_EOF:
-        if (!up && s->smtp != NULL && !session_smtp_opaque(s)) {
-            session_smtp_on_backend_eof(s);
+        if (!up && s->proto != NULL && !s->proto->opaque(s)) {
+            s->proto->backend_eof(s);
             return;
         }
         if (!(s->flags & SESSION_F_FIRST_CLOSE)) {
@@ -425,7 +427,7 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
     case RELAY_EV_READ_ERR:
         /* up reads the client, down reads the backend. */
         if (!up && session_answers_backend_reset(s)) {
-            session_smtp_on_backend_reset(s, session_reset_end(s, false), uv_strerror(status));
+            s->proto->backend_reset(s, session_reset_end(s, false), uv_strerror(status));
             return;
         }
         session_close(s, session_reset_end(s, up), uv_strerror(status));
@@ -436,8 +438,8 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         if (up && s->cl->proxy_protocol != CONFIG_PROXY_PROTOCOL_OFF &&
             !(s->flags & SESSION_F_PP_SENT))
             (void)session_send_proxy_header(s); /* v2 with the TLS details */
-        if (!up && s->smtp != NULL)
-            session_smtp_backend_tls_ready(s);
+        if (!up && s->proto != NULL)
+            s->proto->backend_tls_ready(s);
         return;
     case RELAY_EV_TLS_ERR:
         session_tls_failed(s, up, status);
@@ -445,7 +447,7 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
     case RELAY_EV_WRITE_ERR:
         /* up writes to the backend, down writes to the client. */
         if (up && session_answers_backend_reset(s)) {
-            session_smtp_on_backend_reset(s, session_reset_end(s, false), uv_strerror(status));
+            s->proto->backend_reset(s, session_reset_end(s, false), uv_strerror(status));
             return;
         }
         session_close(s, session_reset_end(s, !up), uv_strerror(status));
@@ -463,7 +465,7 @@ static bool session_tls_pending(const struct session *s)
 /* Mode smtp: the backend connected but its greeting is not complete yet. */
 static bool session_greeting_pending(const struct session *s)
 {
-    return s->smtp != NULL && !session_smtp_greeted(s);
+    return s->proto != NULL && !s->proto->greeted(s);
 }
 
 /* Milliseconds until the timer must look again: the idle deadline, or the
@@ -626,8 +628,8 @@ static void session_on_connect(uv_connect_t *req, int status)
         return;
     }
     session_wire_tls(s);
-    if (s->smtp != NULL)
-        session_smtp_on_connected(s);
+    if (s->proto != NULL)
+        s->proto->connected(s);
     /* The backend first: its greeting is forwarded the moment it arrives. */
     rc = relay_start(&s->down);
     if (rc == 0)
@@ -747,8 +749,8 @@ void session_close(struct session *s, enum session_end end, const char *error)
         return;
     session_log_open(s);
     s->flags |= SESSION_F_CLOSING;
-    if (s->smtp != NULL)
-        end = session_smtp_end(s, end);
+    if (s->proto != NULL)
+        end = s->proto->end(s, end);
     metrics_session_closed(&s->w->metrics, s->cl->name, end, s->up.bytes, s->down.bytes);
     if (s->flags & SESSION_F_CONNECTED) {
         relay_stop(&s->up);
@@ -779,8 +781,8 @@ void session_close(struct session *s, enum session_end end, const char *error)
         }
         if (s->backend_tls != NULL && tls_handshake_done(s->backend_tls))
             log_str(&l, "tls_backend", session_tls_text(s->backend_tls, text, sizeof(text)));
-        if (s->smtp != NULL)
-            session_smtp_log_close(s, &l);
+        if (s->proto != NULL)
+            s->proto->log_close(s, &l);
         log_end(&l);
     }
 
@@ -1041,8 +1043,11 @@ static void session_refuse_over_limit(struct session *s)
 {
     atomic_fetch_sub(&s->cl->shared->active, 1);
     s->flags &= ~SESSION_F_COUNTED;
-    if (s->cl->mode == CONFIG_MODE_SMTP && session_smtp_new(s) == 0) {
-        session_smtp_over_limit(s);
+    s->proto = proto_for_mode(s->cl->mode);
+    if (s->proto != NULL && s->proto->open(s) != 0)
+        s->proto = NULL;
+    if (s->proto != NULL) {
+        s->proto->say(s, PROTO_SAY_LIMIT, NULL);
         session_close_after_flush(s, SESSION_END_LIMIT, NULL);
         return;
     }
@@ -1093,7 +1098,9 @@ void session_accept(struct listener *l, int fd)
         session_refuse_over_limit(s);
         return;
     }
-    if (s->cl->mode == CONFIG_MODE_SMTP && session_smtp_new(s) != 0) {
+    s->proto = proto_for_mode(s->cl->mode);
+    if (s->proto != NULL && s->proto->open(s) != 0) {
+        s->proto = NULL;
         session_close(s, SESSION_END_CLIENT_RESET, "out of memory");
         return;
     }
@@ -1119,7 +1126,7 @@ static void session_drain_deadline(struct session *s)
 {
     if (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING))
         return; /* ending already, within SESSION_FLUSH_GRACE_MS */
-    if (s->smtp != NULL && (s->flags & SESSION_F_CONNECTED) && session_smtp_drain_wait(s))
+    if (s->proto != NULL && (s->flags & SESSION_F_CONNECTED) && s->proto->drain_wait(s))
         return;
     session_end_now(s, SESSION_END_DRAIN);
 }
@@ -1143,8 +1150,8 @@ void session_cut_all(struct worker *w)
             s = next;
             continue;
         }
-        if (s->smtp != NULL && (s->flags & SESSION_F_CONNECTED)) {
-            session_smtp_drain_cut(s);
+        if (s->proto != NULL && (s->flags & SESSION_F_CONNECTED)) {
+            s->proto->drain_cut(s);
             session_close_after_flush(s, SESSION_END_DRAIN, NULL);
         } else {
             session_close(s, SESSION_END_DRAIN, NULL);

@@ -1,8 +1,8 @@
-/* session-t.h: struct session, shared by session.c (connections, relay,
- * close) and session_smtp.c (the SMTP-aware part of mode smtp). Nothing
- * else includes it. */
-#ifndef MXPROXY_SESSION_T_H
-#define MXPROXY_SESSION_T_H
+/* session_impl.h: struct session, shared by session.c (connections, relay,
+ * close) and the protocol modules (dialog.c, proto_*.c) that session.c
+ * reaches only through s->proto (proto.h). Nothing else includes it. */
+#ifndef MXPROXY_SESSION_IMPL_H
+#define MXPROXY_SESSION_IMPL_H
 
 #include <assert.h>
 #include <netinet/in.h>
@@ -37,7 +37,7 @@ static inline void session_sa_set(union session_sa *dst, const struct sockaddr_s
 }
 
 struct proxyproto_parser;
-struct session_smtp;
+struct proto;
 struct tls_conn;
 struct worker;
 
@@ -71,7 +71,8 @@ struct session {
     enum session_end first_close;     /* who closed first, valid with SESSION_F_FIRST_CLOSE */
     enum session_end pending_end;     /* close_after_flush: the end= to log */
     const char *pending_error;        /* close_after_flush: the error= to log, static text */
-    struct session_smtp *smtp;        /* mode smtp state, NULL in mode tcp */
+    const struct proto *proto;        /* the mode's protocol (proto.h), NULL in mode tcp */
+    void *proto_state;                /* the protocol's per-session state, its own type */
     struct tls_conn *client_tls;      /* TLS with the client, or NULL */
     struct tls_conn *backend_tls;     /* TLS with the backend, or NULL */
     union session_sa client_sa;       /* the client: the peer, or what a PROXY header said */
@@ -95,6 +96,18 @@ struct session {
 #define SESSION_F_OPEN_LOGGED                                                                      \
     0x400u /* ev=open was written */ /* the PROXY header went to the backend */
 #define SESSION_F_NO_BACKEND 0x80u   /* the backend was dropped on purpose; no retry */
+
+/* session_close ran: only close callbacks remain. */
+static inline bool session_closing(const struct session *s)
+{
+    return (s->flags & SESSION_F_CLOSING) != 0;
+}
+
+/* Closing, or closing after the client has what is queued for it. */
+static inline bool session_ending(const struct session *s)
+{
+    return (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) != 0;
+}
 
 #define SESSION_TLS_HANDSHAKE_MS 5000 /* a client TLS handshake must finish within this */
 
@@ -132,4 +145,4 @@ const char *session_backend_name(const struct session *s, char *buf, size_t cap)
  * receiving (an unfinished message), without ending the session. */
 void session_drop_backend(struct session *s);
 
-#endif /* MXPROXY_SESSION_T_H */
+#endif /* MXPROXY_SESSION_IMPL_H */
