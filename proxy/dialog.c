@@ -21,8 +21,7 @@ struct dialog_spare {
     max_align_t data[];
 };
 
-const struct dialect_verb *dialect_verb_find(const struct dialect *dl, const char *word,
-                                             size_t len)
+const struct dialect_verb *dialect_verb_find(const struct dialect *dl, const char *word, size_t len)
 {
     for (const struct dialect_verb *v = dl->verbs; v != NULL && v->name != NULL; v++)
         if (strlen(v->name) == len && strncasecmp(v->name, word, len) == 0)

@@ -71,12 +71,13 @@ enum dialect_match {
 };
 
 /* What a verb does to the dialog (dialect_verb.flags). */
-#define DIALECT_V_WAIT 0x01u       /* nothing after it is parsed before its reply (DATA, AUTH,
-                                      IMAP APPEND with a synchronizing literal, IDLE) */
-#define DIALECT_V_BARRIER 0x02u    /* ends a pipeline group (RFC 2920: EHLO, DATA, QUIT...) */
-#define DIALECT_V_STARTTLS 0x04u   /* asks for TLS (STARTTLS, STLS) */
-#define DIALECT_V_BEFORE_TLS 0x08u /* allowed before TLS when TLS is required */
-#define DIALECT_V_ENDS 0x10u       /* its reply ends the session (QUIT, LOGOUT) */
+#define DIALECT_V_WAIT                                                                             \
+    0x01u                           /* nothing after it is parsed before its reply (DATA, AUTH,    \
+                                       IMAP APPEND with a synchronizing literal, IDLE) */
+#define DIALECT_V_BARRIER 0x02u     /* ends a pipeline group (RFC 2920: EHLO, DATA, QUIT...) */
+#define DIALECT_V_STARTTLS 0x04u    /* asks for TLS (STARTTLS, STLS) */
+#define DIALECT_V_BEFORE_TLS 0x08u  /* allowed before TLS when TLS is required */
+#define DIALECT_V_ENDS 0x10u        /* its reply ends the session (QUIT, LOGOUT) */
 #define DIALECT_V_CREDENTIALS 0x20u /* its arguments are logged [redacted] (AUTH, LOGIN, PASS) */
 
 /* One row of a verb table; the table ends with a row whose name is NULL. */
@@ -88,13 +89,13 @@ struct dialect_verb {
 
 /* mxproxy's own replies, one line each without CRLF; NULL: none. */
 struct dialect_replies {
-    const char *unavailable;   /* no backend (SMTP "421 4.4.1 ...") */
-    const char *local_error;   /* mxproxy short of descriptors or memory */
-    const char *limit;         /* max_connections reached */
-    const char *idle;          /* idle_timeout */
-    const char *drain;         /* drain deadline */
-    const char *backend_gone;  /* the backend closed with commands outstanding */
-    const char *backend_tls;   /* TLS with the backend failed (never a downgrade) */
+    const char *unavailable;  /* no backend (SMTP "421 4.4.1 ...") */
+    const char *local_error;  /* mxproxy short of descriptors or memory */
+    const char *limit;        /* max_connections reached */
+    const char *idle;         /* idle_timeout */
+    const char *drain;        /* drain deadline */
+    const char *backend_gone; /* the backend closed with commands outstanding */
+    const char *backend_tls;  /* TLS with the backend failed (never a downgrade) */
 };
 
 /* What a protocol supplies to the shared machinery. const, one per protocol. */

@@ -18,7 +18,6 @@
 #include "tls.h"
 #include "worker.h"
 
-
 /* mxproxy's own exchange with the backend (backend_tls = starttls,
  * xclient = on), before the client's first command reaches it (QUIT
  * excepted: it is relayed as it is, and nothing after it ever is).
@@ -44,42 +43,49 @@ enum session_smtp_hs {
 };
 
 struct session_smtp {
-    struct dialog d;             /* first: the shared dialog machinery (dialog.h) */
-    struct smtp_client cp;       /* client command parser */
-    struct smtp_server sp;       /* backend reply parser */
-    struct smtp_pairs pp;        /* outstanding commands, summary */
-    const char *primary;         /* a primary error mxproxy made up (static text), or NULL */
-    char *ehlo;                  /* an EHLO reply being gathered for rewriting */
-    size_t ehlo_len;             /* bytes in ehlo */
-    char *replay;                /* the client's first command, sent after the handshake */
-    size_t replay_len;           /* bytes in replay */
-    enum smtp_cmd replay_cmd;    /* its verb */
-    size_t replay_arg;           /* HELO/EHLO: where its name starts in replay */
-    size_t replay_arg_len;       /* and its length (0: no name) */
-    enum session_smtp_hs hs;     /* mxproxy's own exchange with the backend */
-    unsigned hs_caps;            /* what its last EHLO reply offered: SESSION_SMTP_CAP_* */
-    char *hs_line;               /* the line of an own reply being read */
-    size_t hs_line_len;          /* bytes in hs_line */
-    unsigned hs_lines;           /* lines of the own reply read so far */
-    uint64_t hs_bytes;           /* bytes of the own reply read so far */
-    unsigned xtodo;              /* XCLIENT attributes still to send (XCLIENT_F_*) */
-    size_t rsize;                /* bytes of the backend reply in progress, across reads */
-    char *helo_before_tls;       /* passthrough: the HELO/EHLO name given before STARTTLS */
-    char *caps;                  /* client_tls = starttls: the backend's reply to the client's
-                                    EHLO/HELO before TLS, then mxproxy's answer after it */
-    size_t caps_len;             /* bytes in caps */
-    enum smtp_cmd caps_cmd;      /* the command caps was the backend's reply to */
+    struct dialog d;          /* first: the shared dialog machinery (dialog.h) */
+    struct smtp_client cp;    /* client command parser */
+    struct smtp_server sp;    /* backend reply parser */
+    struct smtp_pairs pp;     /* outstanding commands, summary */
+    const char *primary;      /* a primary error mxproxy made up (static text), or NULL */
+    char *ehlo;               /* an EHLO reply being gathered for rewriting */
+    size_t ehlo_len;          /* bytes in ehlo */
+    char *replay;             /* the client's first command, sent after the handshake */
+    size_t replay_len;        /* bytes in replay */
+    enum smtp_cmd replay_cmd; /* its verb */
+    size_t replay_arg;        /* HELO/EHLO: where its name starts in replay */
+    size_t replay_arg_len;    /* and its length (0: no name) */
+    enum session_smtp_hs hs;  /* mxproxy's own exchange with the backend */
+    unsigned hs_caps;         /* what its last EHLO reply offered: SESSION_SMTP_CAP_* */
+    char *hs_line;            /* the line of an own reply being read */
+    size_t hs_line_len;       /* bytes in hs_line */
+    unsigned hs_lines;        /* lines of the own reply read so far */
+    uint64_t hs_bytes;        /* bytes of the own reply read so far */
+    unsigned xtodo;           /* XCLIENT attributes still to send (XCLIENT_F_*) */
+    size_t rsize;             /* bytes of the backend reply in progress, across reads */
+    char *helo_before_tls;    /* passthrough: the HELO/EHLO name given before STARTTLS */
+    char *caps;               /* client_tls = starttls: the backend's reply to the client's
+                                 EHLO/HELO before TLS, then mxproxy's answer after it */
+    size_t caps_len;          /* bytes in caps */
+    enum smtp_cmd caps_cmd;   /* the command caps was the backend's reply to */
 };
 
-/* m->d.flags: the dialog's DIALOG_F_* and these. */
-#define SESSION_SMTP_F_DROP_BDAT DIALOG_F_PROTO(0) /* the current BDAT was refused: drop its chunk */
-#define SESSION_SMTP_F_HS_CUT DIALOG_F_PROTO(1)    /* the own reply line being read is too long */
-#define SESSION_SMTP_F_QUIT DIALOG_F_PROTO(2) /* QUIT came first and was relayed: nothing else is */
-/* The backend accepted an EHLO/HELO from the client's side in its current SMTP session. */
+/* m->d.flags: the dialog's DIALOG_F_* and these:
+ *   DROP_BDAT   the current BDAT was refused: drop its chunk
+ *   HS_CUT      the own reply line being read is over SESSION_SMTP_HS_LINE_MAX
+ *   QUIT        QUIT came first and was relayed: nothing else is
+ *   IDENTIFIED  the backend accepted an EHLO/HELO from the client's side in its
+ *               current SMTP session
+ *   CAPS_NEW    caps holds the reply being matched right now
+ *   HELO_DUE    client TLS began; no EHLO/HELO inside it yet
+ *   IN_CHUNK    a BDAT chunk is on its way: the client owes bytes */
+#define SESSION_SMTP_F_DROP_BDAT DIALOG_F_PROTO(0)
+#define SESSION_SMTP_F_HS_CUT DIALOG_F_PROTO(1)
+#define SESSION_SMTP_F_QUIT DIALOG_F_PROTO(2)
 #define SESSION_SMTP_F_IDENTIFIED DIALOG_F_PROTO(3)
-#define SESSION_SMTP_F_CAPS_NEW DIALOG_F_PROTO(4) /* caps holds the reply being matched right now */
-#define SESSION_SMTP_F_HELO_DUE DIALOG_F_PROTO(5) /* client TLS began; no EHLO/HELO inside it yet */
-#define SESSION_SMTP_F_IN_CHUNK DIALOG_F_PROTO(6) /* a BDAT chunk is on its way: the client owes bytes */
+#define SESSION_SMTP_F_CAPS_NEW DIALOG_F_PROTO(4)
+#define SESSION_SMTP_F_HELO_DUE DIALOG_F_PROTO(5)
+#define SESSION_SMTP_F_IN_CHUNK DIALOG_F_PROTO(6)
 
 #define SESSION_SMTP_EHLO_MAX 4096 /* an EHLO reply longer than this is not rewritten */
 /* A backend reply reaches the client only whole, through its last line's end,
@@ -176,15 +182,14 @@ static enum smtp_smuggling session_smtp_smuggling(const struct config_listener *
 
 /* ---- FIFO storage --------------------------------------------------------------------- */
 
-
-
 static bool session_smtp_fifo_attach(struct session *s)
 {
     struct session_smtp *m = SMTP_M(s);
 
     if (m->d.fifo != NULL)
         return true;
-    struct smtp_pairs_entry *q = dialog_fifo_lend(s, sizeof(struct smtp_pairs_entry) * SMTP_PAIRS_CAP);
+    struct smtp_pairs_entry *q =
+        dialog_fifo_lend(s, sizeof(struct smtp_pairs_entry) * SMTP_PAIRS_CAP);
     if (q == NULL)
         return false;
     smtp_pairs_attach(&m->pp, q);
@@ -203,9 +208,6 @@ static void session_smtp_fifo_detach(struct session *s)
 }
 
 /* ---- logging ---------------------------------------------------------------------------- */
-
-
-
 
 /* Counts every pair, logged or not (transcript = off). */
 static void session_smtp_count_pair(const struct session *s, const struct smtp_pair *p)
@@ -271,14 +273,6 @@ static void session_smtp_log_pair(const struct session *s, const struct smtp_pai
 }
 
 /* ---- sending ------------------------------------------------------------------------- */
-
-
-
-
-
-
-
-
 
 /* ---- client side ---------------------------------------------------------------------- */
 
@@ -353,8 +347,6 @@ static void session_smtp_client_event(struct session *s, const struct smtp_event
     }
 }
 
-
-
 static bool session_smtp_tls_active(const struct session *s)
 {
     return s->client_tls != NULL;
@@ -368,8 +360,6 @@ static bool session_smtp_hs_busy(const struct session *s)
 
     return hs != SESSION_SMTP_HS_IDLE && hs != SESSION_SMTP_HS_DONE;
 }
-
-
 
 static bool session_smtp_hs_wanted(const struct session *s);
 static void session_smtp_hs_start(struct session *s, const struct smtp_event *ev);
@@ -480,7 +470,7 @@ static void session_smtp_say_caps(struct session *s, struct smtp_pair *p)
         if (r->truncated)
             p->flags |= SMTP_PAIR_F_TRUNCATED;
     }
-    if (!(s->flags & SESSION_F_CLOSING)) {
+    if (!session_closing(s)) {
         if (dialog_logs_lines(s)) {
             for (size_t pos = 0, end; pos < m->caps_len; pos = end) {
                 end = smtp_line_end(m->caps, pos, m->caps_len);
@@ -575,8 +565,7 @@ static void session_smtp_client_bytes(struct session *s, struct relay_block *b, 
      * a backend reply (STARTTLS pipelined behind RSET) left no plaintext
      * behind: these bytes came through TLS and are all commands. */
     m->d.flags &= ~DIALOG_F_SWITCHED;
-    while (rc == 0 && !(s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) &&
-           !(m->d.flags & (DIALOG_F_OPAQUE | DIALOG_F_ENDING))) {
+    while (rc == 0 && !session_ending(s) && !(m->d.flags & (DIALOG_F_OPAQUE | DIALOG_F_ENDING))) {
         struct smtp_event ev;
         size_t n;
 
@@ -688,8 +677,7 @@ static void session_smtp_answer_locals(struct session *s)
     char text[SMTP_REPLY_TEXT_MAX + 32];
     bool answered = false;
 
-    while (!(s->flags & SESSION_F_CLOSING) &&
-           smtp_pairs_take_local(&m->pp, session_smtp_now(), &p)) {
+    while (!session_closing(s) && smtp_pairs_take_local(&m->pp, session_smtp_now(), &p)) {
         if (p.local == SMTP_LOCAL_EHLO) {
             session_smtp_say_caps(s, &p);
         } else {
@@ -718,7 +706,6 @@ static void session_smtp_answer_locals(struct session *s)
 }
 
 /* ---- backend side --------------------------------------------------------------------- */
-
 
 /* Remembers the HELO/EHLO name given so far (passthrough: the only one seen). */
 static void session_smtp_keep_helo(struct session *s)
@@ -792,17 +779,6 @@ static void session_smtp_abort(struct session *s, const char *reply, enum sessio
     }
     session_close_after_flush(s, end, error);
 }
-
-/* end= for a backend that went away: who closed first decides. */
-static enum session_end session_smtp_backend_gone_end(struct session *s)
-{
-    if (!(s->flags & SESSION_F_FIRST_CLOSE)) {
-        s->flags |= SESSION_F_FIRST_CLOSE;
-        s->first_close = SESSION_END_BACKEND_CLOSED;
-    }
-    return s->first_close;
-}
-
 
 /* relay on_data for the backend direction: bytes go to the client as they
  * are; replies are matched on the way. */
@@ -1237,8 +1213,7 @@ static void session_smtp_backend_broke(struct session *s, const char *text, size
     dialog_flush_down(s);
     dialog_drop_tail(s);
     session_drop_backend(s);
-    session_smtp_abort(s, "421 4.4.2 mxproxy: backend protocol error",
-                       session_smtp_backend_gone_end(s),
+    session_smtp_abort(s, "421 4.4.2 mxproxy: backend protocol error", session_backend_gone_end(s),
                        text != NULL ? "backend sent a line that is not an SMTP reply"
                                     : "backend sent a reply over 65536 bytes");
 }
@@ -1258,8 +1233,7 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
     m->d.down = b;
     m->d.down_start = 0;
     m->d.down_end = 0;
-    while (off < len && !(m->d.flags & DIALOG_F_OPAQUE) &&
-           !(s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING))) {
+    while (off < len && !(m->d.flags & DIALOG_F_OPAQUE) && !session_ending(s)) {
         struct smtp_server_event ev;
         size_t at = off; /* where this reply, or the rest of a held one, begins */
         size_t n = smtp_server_parse(&m->sp, b->data + off, len - off, now, &ev);
@@ -1334,8 +1308,8 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
             if (gather)
                 session_smtp_send_ehlo(s, ev.reply->code);
             session_smtp_on_reply(s, ev.reply);
-            if (m->hs == SESSION_SMTP_HS_GREETING && m->pp.greeted &&
-                !(s->flags & SESSION_F_CLOSING) && !(m->d.flags & DIALOG_F_ENDING))
+            if (m->hs == SESSION_SMTP_HS_GREETING && m->pp.greeted && !session_closing(s) &&
+                !(m->d.flags & DIALOG_F_ENDING))
                 session_smtp_hs_enter(s, session_smtp_hs_next(s, m->hs));
         } else if (ev.type == SMTP_SEV_GARBAGE) {
             /* The bad line, and a reply it cut short, never reach the client. */
@@ -1346,7 +1320,7 @@ static void session_smtp_on_backend_data(struct relay_dir *d, struct relay_block
     }
     if (m->d.down_end < len && (m->d.flags & DIALOG_F_OPAQUE))
         m->d.down_end = len; /* after STARTTLS passthrough the rest is TLS: forward it too */
-    if (!(s->flags & SESSION_F_CLOSING))
+    if (!session_closing(s))
         dialog_flush_down(s);
     m->d.down = NULL;
     relay_block_unref(d->pool, b);
@@ -1358,11 +1332,11 @@ static void session_smtp_on_backend_eof(struct session *s)
         session_smtp_hs_failed(s, "backend closed the connection", NULL);
         return;
     }
-    session_smtp_abort(s, SMTP_SAY(backend_gone),
-                       session_smtp_backend_gone_end(s), NULL);
+    session_smtp_abort(s, SMTP_SAY(backend_gone), session_backend_gone_end(s), NULL);
 }
 
-static void session_smtp_on_backend_reset(struct session *s, enum session_end end, const char *error)
+static void session_smtp_on_backend_reset(struct session *s, enum session_end end,
+                                          const char *error)
 {
     if (session_smtp_hs_own(s) || SMTP_M(s)->hs == SESSION_SMTP_HS_HANDSHAKE) {
         session_smtp_hs_failed(s, "backend reset the connection", NULL);
@@ -1380,8 +1354,7 @@ static void session_smtp_backend_tls_failed(struct session *s, const char *reaso
 {
     session_drop_backend(s);
     /* Never a plaintext downgrade: whoever waits gets 421, once. */
-    session_smtp_abort(s, SMTP_SAY(backend_tls),
-                       SESSION_END_TLS_ERROR, reason);
+    session_smtp_abort(s, SMTP_SAY(backend_tls), SESSION_END_TLS_ERROR, reason);
 }
 
 /* ---- session hooks ------------------------------------------------------------------- */
@@ -1473,9 +1446,7 @@ static void session_smtp_goodbye(struct session *s, enum session_end end)
     if (m->d.flags & DIALOG_F_OPAQUE)
         return; /* the client speaks TLS to the backend: a plaintext reply would be noise */
     dialog_drop_tail(s); /* never glued to the start of an unfinished reply */
-    dialog_say(s, end == SESSION_END_IDLE_TIMEOUT
-                            ? SMTP_SAY(idle)
-                            : SMTP_SAY(drain));
+    dialog_say(s, end == SESSION_END_IDLE_TIMEOUT ? SMTP_SAY(idle) : SMTP_SAY(drain));
     m->d.flags |= DIALOG_F_ENDING;
 }
 
@@ -1533,8 +1504,8 @@ static void session_smtp_drain_answered(struct session *s)
 {
     struct session_smtp *m = SMTP_M(s);
 
-    if (!(m->d.flags & DIALOG_F_DRAIN) || (m->d.flags & DIALOG_F_ENDING) ||
-        (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) || session_smtp_owed(m) > 0)
+    if (!(m->d.flags & DIALOG_F_DRAIN) || (m->d.flags & DIALOG_F_ENDING) || session_ending(s) ||
+        session_smtp_owed(m) > 0)
         return;
     session_smtp_drop_chunk(s);
     if (smtp_pairs_summary(&m->pp)->quit_answered) {
