@@ -9,6 +9,7 @@
 #include "log.h"
 #include "relay.h"
 #include "session_impl.h"
+#include "sockaddr.h"
 #include "tls.h"
 #include "worker.h"
 
@@ -227,6 +228,17 @@ void dialog_carry_done(struct session *s)
     }
 }
 
+struct relay_block *dialog_take_held(struct session *s, size_t *off, size_t *end)
+{
+    struct dialog *d = dialog_of(s);
+    struct relay_block *b = d->held;
+
+    d->held = NULL;
+    *off = d->held_off;
+    *end = d->held_end;
+    return b;
+}
+
 void dialog_release(struct session *s)
 {
     if (dialog_of(s)->held == NULL && !session_ending(s)) {
@@ -313,7 +325,36 @@ void dialog_say(struct session *s, const char *text)
     (void)relay_send_copy(&s->down, line, (size_t)n); /* a failure closes through on_event */
 }
 
+void dialog_stop(struct session *s)
+{
+    relay_hold(&s->up); /* nothing the client says can reach anyone now */
+    dialog_of(s)->flags |= DIALOG_F_ENDING;
+    dialog_drop_tail(s);
+}
+
 /* ---- TLS ------------------------------------------------------------------------- */
+
+bool dialog_start_backend_tls(struct session *s, const char **why)
+{
+    char host[SOCKADDR_TEXT_MAX];
+
+    *why = NULL;
+    if (tls_conn_new(&s->backend_tls, s->cl->tls_client,
+                     session_backend_name(s, host, sizeof(host))) != 0) {
+        session_close(s, SESSION_END_BACKEND_RESET, "out of memory");
+        return false;
+    }
+    session_wire_tls(s);
+    int hs = tls_handshake(s->backend_tls); /* the ClientHello */
+    relay_tls_flush(&s->up);
+    if (hs < 0) {
+        *why = tls_error_reason(s->backend_tls);
+        if (*why == NULL)
+            *why = "TLS failure";
+        return false;
+    }
+    return true;
+}
 
 void dialog_log_injection(struct session *s)
 {

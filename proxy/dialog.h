@@ -47,6 +47,39 @@
  * shape depends on the pending command). dialect.match says which, for the
  * reader; the shared code never parses.
  *
+ * The shape of a protocol's two on_data hooks (proto_smtp.c is the full one):
+ *
+ *   client (s->up.on_data):
+ *     if (d->flags & DIALOG_F_OPAQUE) relay the block as it is;
+ *     else for each parser event over b[off, len):
+ *       AGAIN  -> dialog_carry(rest) and stop;
+ *       WAIT   -> (more bytes behind it) dialog_hold(b, off, len) and stop;
+ *                 an IMAP synchronizing literal {n} or IDLE, SMTP DATA/AUTH,
+ *                 POP3 AUTH: the parser resumes after the reply;
+ *       else   -> record the command (FIFO / tag table: no room -> hold),
+ *                 decide forward / answer locally (verb flags: STARTTLS,
+ *                 BEFORE_TLS...), dialog_out_add() what is forwarded,
+ *                 answer local ones with dialog_say() in command order;
+ *                 literal octets and DATA bodies are forwarded, never logged
+ *                 nor parsed as commands;
+ *       DIALOG_F_SWITCHED after a local STARTTLS answer: the rest of the
+ *       read is injected plaintext -> d->injected += rest, stop;
+ *     dialog_out_flush(); dialog_carry_done(); relay_block_unref(b).
+ *   backend (s->down.on_data):
+ *     d->down = b, down_start = down_end = 0; for each response parsed:
+ *       not whole -> dialog_keep_tail() its start, stop;
+ *       whole     -> down_end = its end, dialog_send_tail() if a start was
+ *                    held, match it (FIFO or tag; untagged/"+" continuations
+ *                    go straight through), dialog_flush_down() before
+ *                    logging ev=pair, then resume held client bytes
+ *                    (dialog_take_held, parse, unref, dialog_release);
+ *     a STARTTLS OK passed through -> dialog_go_opaque("starttls_passthrough")
+ *     (IMAP COMPRESS: "compress_passthrough"); finally dialog_flush_down(),
+ *     d->down = NULL, relay_block_unref(b).
+ *   backend gone (proto->backend_eof/reset): dialog_stop(), dialog_say() the
+ *     dialect's backend_gone reply if a command is outstanding, log each
+ *     outstanding command (aborted=1 but the first), session_close_after_flush().
+ *
  * Everything runs on the session's worker thread.
  */
 #ifndef MXPROXY_DIALOG_H
@@ -188,8 +221,13 @@ int dialog_carry(struct session *s, const char *p, size_t len);
 /* After a read: frees the carry once lines are whole again and nothing is held. */
 void dialog_carry_done(struct session *s);
 
-/* Restarts reading the client after held bytes were all parsed; closes the
- * session when that fails. */
+/* Takes the held bytes back to parse them again (the caller then owns the
+ * reference and unrefs the block); *off and *end are their range. NULL when
+ * nothing is held. */
+struct relay_block *dialog_take_held(struct session *s, size_t *off, size_t *end);
+
+/* Restarts reading the client after held bytes were all parsed (none were
+ * held again); closes the session when that fails. */
 void dialog_release(struct session *s);
 
 /* Sends one of mxproxy's own lines (with its CRLF) to the backend; logged
@@ -211,6 +249,14 @@ bool dialog_keep_tail(struct session *s, const char *p, size_t n);
 void dialog_send_tail(struct session *s);
 void dialog_drop_tail(struct session *s);
 
+/* The dialog is over (the backend is gone or unusable, a final canned reply
+ * follows): the client is no longer read, nothing more is parsed
+ * (DIALOG_F_ENDING) and an unfinished backend reply is forgotten. The
+ * protocol then says its reply (dialog_say), logs the outstanding commands
+ * (the first answered by that reply, the others aborted=1) and calls
+ * session_close_after_flush(). */
+void dialog_stop(struct session *s);
+
 /* ---- TLS ------------------------------------------------------------------------- */
 
 /* ev=starttls_injection for the bytes counted in d->injected, then zero. */
@@ -226,6 +272,14 @@ bool dialog_start_client_tls(struct session *s);
  * terminate: the bytes are relayed untouched from now on and the backend's
  * EOF reaches the client as in mode tcp. Logs ev=event. */
 void dialog_go_opaque(struct session *s, const char *event);
+
+/* Starts TLS with the backend in the middle of the connection (after its
+ * reply to STARTTLS/STLS): sends the ClientHello. Returns true when the
+ * handshake is under way (proto->backend_tls_ready or backend_tls_failed
+ * follows). Returns false with *why NULL when the session was closed (out of
+ * memory), or with *why (static text) when the handshake failed at once: the
+ * protocol answers the client, never a plaintext downgrade. */
+bool dialog_start_backend_tls(struct session *s, const char **why);
 
 /* ---- command FIFO storage --------------------------------------------------------- */
 

@@ -10,13 +10,13 @@
 #include "dialog.h"
 #include "log.h"
 #include "metrics.h"
-#include "proxyproto.h"
 #include "relay.h"
 #include "session_impl.h"
 #include "smtp.h"
 #include "smtp_pairs.h"
 #include "tls.h"
 #include "worker.h"
+#include "xclient.h"
 
 /* mxproxy's own exchange with the backend (backend_tls = starttls,
  * xclient = on), before the client's first command reaches it (QUIT
@@ -637,14 +637,14 @@ static void session_smtp_on_client_data(struct relay_dir *d, struct relay_block 
 static void session_smtp_resume_client(struct session *s)
 {
     struct session_smtp *m = SMTP_M(s);
-    struct relay_block *b = m->d.held;
+    size_t off, end;
 
-    if (b == NULL || session_smtp_hs_busy(s))
+    if (m->d.held == NULL || session_smtp_hs_busy(s))
         return; /* nothing held, or mxproxy's exchange with the backend comes first */
     if (m->d.flags & DIALOG_F_DRAIN)
         return; /* draining: nothing more the client said reaches the backend */
-    m->d.held = NULL;
-    session_smtp_client_bytes(s, b, m->d.held_off, m->d.held_end);
+    struct relay_block *b = dialog_take_held(s, &off, &end);
+    session_smtp_client_bytes(s, b, off, end);
     relay_block_unref(s->up.pool, b);
     dialog_release(s);
 }
@@ -754,9 +754,7 @@ static void session_smtp_abort(struct session *s, const char *reply, enum sessio
     struct smtp_pair p;
     bool first = true;
 
-    relay_hold(&s->up); /* nothing the client says can reach anyone now */
-    m->d.flags |= DIALOG_F_ENDING;
-    dialog_drop_tail(s); /* a reply the backend left unfinished: the 421 replaces it */
+    dialog_stop(s); /* a reply the backend left unfinished: the 421 replaces it */
     while (smtp_pairs_abort(&m->pp, &p)) {
         if (first) {
             dialog_say(s, reply);
@@ -996,19 +994,9 @@ static void session_smtp_hs_enter(struct session *s, enum session_smtp_hs next)
         dialog_send_backend(s, "STARTTLS\r\n", 10);
         return;
     case SESSION_SMTP_HS_HANDSHAKE: {
-        char host[SOCKADDR_TEXT_MAX];
-        if (tls_conn_new(&s->backend_tls, s->cl->tls_client,
-                         session_backend_name(s, host, sizeof(host))) != 0) {
-            session_close(s, SESSION_END_BACKEND_RESET, "out of memory");
-            return;
-        }
-        session_wire_tls(s);
-        int hs = tls_handshake(s->backend_tls); /* the ClientHello */
-        relay_tls_flush(&s->up);
-        if (hs < 0) {
-            const char *why = tls_error_reason(s->backend_tls);
-            session_smtp_backend_starttls_failed(s, why != NULL ? why : "TLS failure");
-        }
+        const char *why = NULL;
+        if (!dialog_start_backend_tls(s, &why) && why != NULL)
+            session_smtp_backend_starttls_failed(s, why);
         return; /* session_smtp_backend_tls_ready moves on */
     }
     case SESSION_SMTP_HS_XCLIENT:
