@@ -74,6 +74,7 @@ static const struct config_word config_log_levels[] = {
 static const struct config_word config_modes[] = {
     {"tcp", CONFIG_MODE_TCP},
     {"smtp", CONFIG_MODE_SMTP},
+    {"pop3", CONFIG_MODE_POP3},
     {NULL, 0},
 };
 
@@ -146,6 +147,7 @@ typedef int (*config_parse_fn)(struct config_parser *p, const struct config_key 
 #define CONFIG_KEY_F_TLS 0x4u    /* a TLS key: remembered in tls_line for messages */
 
 #define CONFIG_SMTP CONFIG_MODE_BIT(CONFIG_MODE_SMTP) /* .modes of a key mode smtp owns */
+#define CONFIG_POP3 CONFIG_MODE_BIT(CONFIG_MODE_POP3) /* ... and mode pop3 */
 
 /* One row per key: where it may appear, how its value is parsed, where it goes. */
 struct config_key {
@@ -237,7 +239,7 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(greeting_timeout_ms),
      .min = 1,
      .max = CONFIG_DURATION_MAX_MS,
-     .modes = CONFIG_SMTP},
+     .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "max_connections",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_uint,
@@ -256,7 +258,7 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(max_line_length),
      .min = CONFIG_LINE_LENGTH_MIN,
      .max = CONFIG_LINE_LENGTH_MAX,
-     .modes = CONFIG_SMTP},
+     .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "smuggling",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_smuggling,
@@ -264,7 +266,7 @@ static const struct config_key config_keys[] = {
     {.name = "transcript",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_transcript,
-     .modes = CONFIG_SMTP},
+     .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "admin", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_admin},
     {.name = "admin_max_connections",
      .section = CONFIG_SECTION_GLOBAL,
@@ -320,7 +322,7 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(require_tls),
      .words = config_onoff,
      .flags = CONFIG_KEY_F_TLS,
-     .modes = CONFIG_SMTP},
+     .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "backend_tls",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_enum,
@@ -380,7 +382,7 @@ static const struct config_key config_keys[] = {
      .parse = config_parse_enum,
      .offset = CONFIG_L(xclient),
      .words = config_onoff,
-     .modes = CONFIG_SMTP},
+     .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "pass_client_xclient",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_enum,
@@ -1334,7 +1336,7 @@ static bool config_addr_overlaps(const struct config_addr *a, const struct confi
 /* Settings that only make sense together. */
 static int config_check_features(struct config_parser *p, const struct config_listener *l)
 {
-    bool smtp = l->mode == CONFIG_MODE_SMTP;
+    bool smtp = l->mode == CONFIG_MODE_SMTP || l->mode == CONFIG_MODE_POP3; /* STARTTLS */
     int line = l->tls_line > 0 ? l->tls_line : l->line;
 
     if (l->n_certs != l->n_keys) {
@@ -1366,7 +1368,7 @@ static int config_check_features(struct config_parser *p, const struct config_li
     if (!smtp && (l->client_tls == CONFIG_CLIENT_TLS_STARTTLS ||
                   l->client_tls == CONFIG_CLIENT_TLS_PASSTHROUGH ||
                   l->backend_tls == CONFIG_BACKEND_TLS_STARTTLS)) {
-        config_fail(p, -EINVAL, line, "listener '%s': STARTTLS needs mode = smtp", l->name);
+        config_fail(p, -EINVAL, line, "listener '%s': STARTTLS needs mode = smtp or pop3", l->name);
         return -1;
     }
     if (l->require_tls && l->client_tls != CONFIG_CLIENT_TLS_STARTTLS) {

@@ -42,6 +42,7 @@ enum config_log_level {
 enum config_mode {
     CONFIG_MODE_TCP = 0, /* opaque byte relay (default) */
     CONFIG_MODE_SMTP,    /* SMTP-aware relay (proto_smtp.c) */
+    CONFIG_MODE_POP3,    /* POP3-aware relay (proto_pop3.c) */
 };
 
 /* A key that only some modes own names them as a mask of these bits

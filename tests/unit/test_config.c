@@ -248,7 +248,7 @@ static void test_durations(void)
     expect_err(LISTENER "mode = smtp\ngreeting_timeout = 0\n",
                "t.ini:5: invalid value '0' for 'greeting_timeout': must be more than 0");
     expect_err(LISTENER "greeting_timeout = 5s\n",
-               "t.ini:4: 'greeting_timeout' needs mode = smtp in [listener smtp]");
+               "t.ini:4: 'greeting_timeout' needs mode = smtp or pop3 in [listener smtp]");
     expect_err(LISTENER "mode = smtp\ngreeting_timeout = 5s\ngreeting_timeout = 6s\n",
                "t.ini:6: duplicate key 'greeting_timeout' in [listener smtp]");
     expect_err("[global]\ndrain_grace = 5x\n" LISTENER,
@@ -429,7 +429,7 @@ static void test_errors(void)
                "t.ini:2: invalid value 'JSON' for 'log_level': expected debug, info, warn or "
                "error");
     expect_err(LISTENER "mode = lmtp\n",
-               "t.ini:4: invalid value 'lmtp' for 'mode': expected tcp or smtp");
+               "t.ini:4: invalid value 'lmtp' for 'mode': expected tcp, smtp or pop3");
 
     expect_err("[listener smtp]\nlisten = 127.0.0.1:25\nbackend = 127.0.0.1:26\n"
                "listen = 127.0.0.1:27\n",
@@ -437,7 +437,7 @@ static void test_errors(void)
     expect_err("[global]\nworkers = 2\n" LISTENER "[global]\nworkers = 2\n",
                "t.ini:7: duplicate key 'workers' in [global]");
     expect_err(LISTENER "transcript = full\n",
-               "t.ini:4: 'transcript' needs mode = smtp in [listener smtp]");
+               "t.ini:4: 'transcript' needs mode = smtp or pop3 in [listener smtp]");
     expect_err(LISTENER "mode = tcp\nsmuggling = off\nmax_line_length = 1000\n",
                "t.ini:5: 'smuggling' needs mode = smtp in [listener smtp]");
     expect_err(LISTENER "mode = smtp\nsmuggling = strip\n",
@@ -785,7 +785,7 @@ static void test_tls_and_interception_keys(void)
     expect_err(LISTENER "cert = a\nkey = b\n",
                "t.ini:4: listener 'smtp': 'cert' needs client_tls = implicit or starttls");
     expect_err(LISTENER "client_tls = starttls\ncert = a\nkey = b\n",
-               "t.ini:4: listener 'smtp': STARTTLS needs mode = smtp");
+               "t.ini:4: listener 'smtp': STARTTLS needs mode = smtp or pop3");
     expect_err(LISTENER "mode = smtp\nrequire_tls = on\n",
                "t.ini:5: listener 'smtp': require_tls needs client_tls = starttls");
     expect_err(LISTENER "backend_sni = x\n",
@@ -807,7 +807,7 @@ static void test_tls_and_interception_keys(void)
     expect_err(LISTENER "transparent = redirect\nsource = client\n",
                "t.ini:1: listener 'smtp': source = client needs transparent = tproxy");
     expect_err(LISTENER "xclient = on\n",
-               "t.ini:4: 'xclient' needs mode = smtp in [listener smtp]");
+               "t.ini:4: 'xclient' needs mode = smtp or pop3 in [listener smtp]");
     expect_err(LISTENER "pass_client_xclient = on\n",
                "t.ini:4: 'pass_client_xclient' needs mode = smtp in [listener smtp]");
     expect_err(LISTENER "mode = smtp\npass_client_xclient = yes\n",
