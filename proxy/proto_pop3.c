@@ -306,10 +306,14 @@ static bool session_pop3_intercept(struct session *s, const struct pop3_event *e
         (void)pop3_pairs_answer_locally(&m->pp, POP3_LOCAL_XCLIENT);
         return false;
     }
+    if (ev->cmd == POP3_CMD_STLS && session_pop3_tls_active(s)) {
+        /* TLS with mxproxy already (implicit, or STLS done): never TLS inside TLS. */
+        (void)pop3_pairs_answer_locally(&m->pp, POP3_LOCAL_TLS_ACTIVE);
+        return false;
+    }
     if (cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS) {
         if (ev->cmd == POP3_CMD_STLS) {
-            (void)pop3_pairs_answer_locally(
-                &m->pp, session_pop3_tls_active(s) ? POP3_LOCAL_TLS_ACTIVE : POP3_LOCAL_STLS);
+            (void)pop3_pairs_answer_locally(&m->pp, POP3_LOCAL_STLS);
             return false;
         }
         if (cl->require_tls && !session_pop3_tls_active(s) && !session_pop3_before_tls(ev->cmd)) {
@@ -466,8 +470,9 @@ static void session_pop3_answer_locals(struct session *s)
 
 /* ---- backend side --------------------------------------------------------------------- */
 
-/* Sends the gathered CAPA response to the client: STLS offered before TLS and withdrawn inside
- * it (as it is, if it cannot be rewritten). */
+/* Sends the gathered CAPA response to the client: STLS offered before TLS (client_tls =
+ * starttls) and withdrawn inside it, implicit TLS included (as it is, if it cannot be
+ * rewritten). */
 static void session_pop3_send_capa(struct session *s)
 {
     struct session_pop3 *m = POP3_M(s);
@@ -876,8 +881,9 @@ static void session_pop3_on_backend_data(struct relay_dir *d, struct relay_block
         enum pop3_frame frame = own ? POP3_FRAME_SINGLE : pop3_pairs_frame(&m->pp);
         size_t n = pop3_server_parse(&m->sp, b->data + off, len - off, frame, now, &ev);
 
-        if (!in_body && !own && m->pp.greeted && s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS &&
-            pop3_pairs_oldest(&m->pp) == POP3_CMD_CAPA && m->capa_len == 0)
+        if (!in_body && !own && m->pp.greeted && pop3_pairs_oldest(&m->pp) == POP3_CMD_CAPA &&
+            m->capa_len == 0 &&
+            (s->cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS || session_pop3_tls_active(s)))
             m->d.flags |= SESSION_POP3_F_GATHER; /* a new CAPA response: rewrite it */
         if (dialog_logs_lines(s))
             session_pop3_transcript(s, b->data + off, n, in_body, &ev);
