@@ -615,6 +615,34 @@ class Pop3Failures(Pop3TestCase):
         self.assertEqual(p.close_of(sid)["end"], "xclient_error")
         self.assertEqual(b.received, [])
 
+    def test_require_tls_idle_and_limit(self):
+        """require_tls refuses a login before STLS; idle_timeout and max_connections say why
+        with their own -ERR [SYS/TEMP]."""
+        pki = mxtest.pki()
+        p = self.start_pop3(client_tls="starttls", require_tls="on", cert=pki.mx.cert,
+                            key=pki.mx.key, idle_timeout="400ms", max_connections=1)
+        c = self.track(Raw(p.port))
+        sid = self.sid_from(p, c.port)
+        c.line()
+        c.send(b"CAPA\r\nUSER alice\r\nAUTH PLAIN\r\nNOOP\r\n")
+        capa = c.multi()
+        self.assertIn(b"\r\nSTLS\r\n", capa)
+        self.assertEqual(c.line(), b"-ERR Must issue a STLS command first\r\n")
+        self.assertEqual(c.line(), b"-ERR Must issue a STLS command first\r\n")
+        self.assertEqual(c.line(), b"-ERR Unknown command.\r\n")  # Dovecot's: NOOP may pass
+        # A second client over max_connections = 1.
+        d = self.track(Raw(p.port))
+        self.assertEqual(d.read_eof(), b"-ERR [SYS/TEMP] mxproxy: too many connections, try "
+                                       b"again later\r\n")
+        t0 = time.monotonic()
+        self.assertEqual(c.read_eof(), b"-ERR [SYS/TEMP] mxproxy: idle timeout, closing "
+                                       b"connection\r\n")
+        self.assertWithin(time.monotonic() - t0, 0.2, 2.0, "idle_timeout")
+        close = p.close_of(sid)
+        self.assertEqual((close["end"], close["authenticated"]), ("idle_timeout", "0"))
+        self.assertEqual(close["primary_error"], "-ERR Must issue a STLS command first")
+        self.assertEqual(len(p.find(ev="pair", sid=sid, local="1")), 2)
+
     def test_config_keys(self):
         """mxproxy -t: keys of mode smtp alone are refused in mode pop3."""
         for key, value in (("smuggling", "off"), ("pass_client_xclient", "on")):
