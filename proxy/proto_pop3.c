@@ -48,7 +48,6 @@ struct session_pop3 {
     size_t replay_len;       /* bytes in replay */
     enum session_pop3_hs hs; /* mxproxy's own exchange with the backend */
     size_t rsize;            /* bytes of the status line in progress, across reads */
-    uint64_t body_at;        /* transcript: where the message body being skipped began */
 };
 
 /* m->d.flags: the dialog's DIALOG_F_* and these:
