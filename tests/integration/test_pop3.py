@@ -465,6 +465,24 @@ class Pop3Dovecot(Pop3TestCase):
         DOVECOT.wait_log(r"Login: user=<alice>, method=PLAIN, rip=127\.0\.0\.2, "
                          r"rport=%d, lip=127\.0\.0\.1, mpid=\d+, TLS" % cport)
 
+    def test_backend_tls_implicit(self):
+        """backend_tls = implicit: mxproxy speaks TLS to Dovecot's pop3s port from the first
+        byte; the greeting and responses are read inside it."""
+        pki = mxtest.pki()
+        p = self.start_pop3(backend=dovecot_addr("pop3s"), backend_tls="implicit",
+                            backend_ca=pki.ca, backend_sni="mx.example.test", xclient="on")
+        c = POP3From(HOST, p.port, timeout=5)
+        cport = c.sock.getsockname()[1]
+        sid = self.sid_from(p, cport)
+        self.assertNotIn("STLS", c.capa())
+        c.user(ALICE)
+        c.pass_(ALICE_PW)
+        self.assertEqual(c.retr(1)[1], M1.split(b"\r\n")[:-1])
+        c.quit()
+        self.assertEqual(p.close_of(sid)["end"], "quit")
+        DOVECOT.wait_log(r"Login: user=<alice>, method=PLAIN, rip=127\.0\.0\.2, "
+                         r"rport=%d, lip=127\.0\.0\.1, mpid=\d+, TLS" % cport)
+
     def test_fetchmail_retrieves_every_message(self):
         """fetchmail fetches all of bob's messages over POP3 through mxproxy, each intact."""
         p = self.start_pop3()

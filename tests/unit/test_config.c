@@ -440,6 +440,19 @@ static void test_errors(void)
                "t.ini:4: 'transcript' needs mode = smtp or pop3 in [listener smtp]");
     expect_err(LISTENER "mode = tcp\nsmuggling = off\nmax_line_length = 1000\n",
                "t.ini:5: 'smuggling' needs mode = smtp in [listener smtp]");
+    /* Mode pop3 owns the line-dialog keys mode smtp shares, not SMTP's own. */
+    struct config *pop = load_ok(LISTENER "mode = pop3\nmax_line_length = 1000\n"
+                                          "transcript = full\nxclient = on\n"
+                                          "greeting_timeout = 2s\n");
+    ASSERT_EQ(pop->listeners[0].mode, CONFIG_MODE_POP3);
+    ASSERT_EQ(pop->listeners[0].max_line_length, 1000);
+    ASSERT_EQ(pop->listeners[0].xclient, 1);
+    ASSERT_STREQ(config_mode_name(CONFIG_MODE_POP3), "pop3");
+    config_unref(pop);
+    expect_err(LISTENER "mode = pop3\nsmuggling = off\n",
+               "t.ini:5: 'smuggling' needs mode = smtp in [listener smtp]");
+    expect_err(LISTENER "mode = pop3\npass_client_xclient = on\n",
+               "t.ini:5: 'pass_client_xclient' needs mode = smtp in [listener smtp]");
     expect_err(LISTENER "mode = smtp\nsmuggling = strip\n",
                "t.ini:5: invalid value 'strip' for 'smuggling': expected reject, normalize or "
                "off");
