@@ -926,6 +926,13 @@ static void session_pop3_on_backend_data(struct relay_dir *d, struct relay_block
             break;
         }
         m->rsize = 0;
+        if (ev.type == POP3_SEV_GARBAGE) {
+            /* The bad line, and whatever of it was held from earlier reads, never reaches
+             * the client. */
+            m->d.down_end = at;
+            session_pop3_backend_broke(s, ev.resp->text, ev.resp->text_len);
+            break;
+        }
         m->d.down_end = off;
         if (m->d.tail_len > 0 && own)
             dialog_drop_tail(s);
@@ -950,12 +957,6 @@ static void session_pop3_on_backend_data(struct relay_dir *d, struct relay_block
             if (m->hs == SESSION_POP3_HS_GREETING && m->pp.greeted && !session_closing(s) &&
                 !(m->d.flags & DIALOG_F_ENDING))
                 session_pop3_hs_enter(s, session_pop3_hs_next(s, m->hs));
-            break;
-        case POP3_SEV_GARBAGE:
-            /* The bad line never reaches the client. */
-            m->d.down_end = at;
-            session_pop3_backend_broke(s, ev.resp->text, ev.resp->text_len);
-            off = len;
             break;
         default:
             abort();
