@@ -124,8 +124,13 @@ def render_section(readme, heading):
         elif line.startswith("|"):
             if i in at:
                 out += ["", render_rows(at[i][1], at[i][2]), ""]
-        elif line.startswith("  ") and out and out[-1].strip():
-            out[-1] += " " + inline(line.strip())  # a list item's next line
+        elif line.startswith(" "):
+            # scdoc indents with tabs only: a list item's next line joins it, other
+            # indented text loses its blanks.
+            if out and out[-1].strip():
+                out[-1] += " " + inline(line.strip())
+            else:
+                out.append(inline(line.strip()))
         else:
             out.append(inline(line))
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out).strip("\n"))
