@@ -2,7 +2,8 @@
 for conf/mxproxy.ini, the README's swaks and openssl s_client lines go through, mxproxy logs
 exactly the lines the README shows (fields and values; only timestamps, ids, timings, client
 ports, sizes and host names may differ), and a Ctrl-C (SIGINT to the command's process group,
-as a terminal sends it) stops mxproxy and both servers. A real mail server in place of the
+as a terminal sends it) stops mxproxy and both servers, the servers only once mxproxy has
+drained an open session. A real mail server in place of the
 first backend line is used as it is, and no test server is started for it.
 
 MXTEST_PRINT_RUN=1 prints the lines of a run as the README shows them."""
@@ -221,6 +222,32 @@ class RunCommandTest(unittest.TestCase):
                          % (len(shown), len(got), "\n".join(got)))
         for port in self.ports:
             self.assertTrue(mxtest.connect_refused(port), "port %d still open" % port)
+
+    def test_ctrl_c_drains_before_the_servers_stop(self):
+        """An open session outlives the Ctrl-C: mxproxy drains it, its test server still
+        answers, and only when mxproxy has exited are the servers stopped."""
+        self.start(self.config())
+        c = mxtest.Client(self.ports[0])
+        self.addCleanup(c.close)
+        self.assertEqual(c.recv_until(b"\r\n"), mxtest.SINK_GREETING)
+        c.send(b"EHLO me\r\nMAIL FROM:<me@example.com>\r\n")
+        c.recv_until(b"250 2.1.0 Ok\r\n")
+        pids = self.started_pids()
+        os.killpg(self.proc.pid, signal.SIGINT)
+        self.wait_line(r"ev=drain sessions=1 ")
+        time.sleep(0.3)
+        self.assertIsNone(self.proc.poll(), "conf/run exited with a session open")
+        for pid in pids:
+            self.assertTrue(os.path.exists("/proc/%d" % pid), "pid %d stopped early" % pid)
+        c.send(b"RCPT TO:<you@example.com>\r\nQUIT\r\n")
+        self.assertEqual(c.recv_until(b"221 Bye\r\n"), b"250 2.1.5 Ok\r\n221 Bye\r\n")
+        self.assertEqual(self.proc.wait(15), 0, self.stderr())
+        self.wait_line(r"ev=close .*end=quit .*rcpt_ok=1")
+        deadline = time.monotonic() + 5
+        for pid in pids:
+            while os.path.exists("/proc/%d" % pid):
+                self.assertLess(time.monotonic(), deadline, "pid %d still runs" % pid)
+                time.sleep(0.02)
 
     def test_own_mail_server_by_changing_one_backend_line(self):
         mine = mxtest.SmtpSink()
