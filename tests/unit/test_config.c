@@ -653,8 +653,8 @@ static void test_load_file(void)
     ASSERT_OK(unlink(path));
 }
 
-/* conf/mxproxy.ini is the documented example: it must load, and what it
- * calls the defaults must be the defaults. */
+/* conf/reference.ini shows every key at its default: it must load, and what
+ * it calls the defaults must be the defaults. */
 static void test_example_file(void)
 {
     static const char self[] = "tests/unit/test_config.c";
@@ -667,7 +667,7 @@ static void test_example_file(void)
 
     /* CMake compiles with absolute source paths; the repo root is above us. */
     ASSERT(n >= strlen(self) && strcmp(&file[n - strlen(self)], self) == 0);
-    snprintf(path, sizeof(path), "%.*sconf/mxproxy.ini", (int)(n - strlen(self)), file);
+    snprintf(path, sizeof(path), "%.*sconf/reference.ini", (int)(n - strlen(self)), file);
     if (config_load_file(path, &c, err, sizeof(err)) != 0)
         TEST_FAIL_("%s", err);
 
