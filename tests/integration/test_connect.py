@@ -3,7 +3,8 @@
 mxproxy makes the backend socket itself, connects it and reads it at once: the backend's
 first bytes (its greeting) complete the connect, with no POLLOUT registration and no
 SO_ERROR query in between. A backend that waits for its client is found connected by a
-probe of the socket; a refused connect still fails over.
+probe of the socket; a refused connect still fails over. The same holds in every mode:
+mode tcp and mode smtp in front of smtp-sink, mode pop3 in front of a small POP3 server.
 """
 
 import os
@@ -28,12 +29,42 @@ class ClientFirstBackend(mxtest.TcpBackend):
             self.send(rec, data)
 
 
+POP3_GREETING = b"+OK pop3 ready\r\n"
+POP3_BYE = b"+OK bye\r\n"
+
+
+class Pop3Backend(mxtest.TcpBackend):
+    """Greets as a POP3 server, answers QUIT and closes; any other command gets -ERR."""
+
+    def handle(self, rec):
+        self.send(rec, POP3_GREETING)
+        buf = b""
+        while True:
+            data = self.recv(rec)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                if line.upper() == b"QUIT":
+                    self.send(rec, POP3_BYE)
+                    return
+                self.send(rec, b"-ERR unknown\r\n")
+
+
 class ConnectTest(mxtest.ProxyTestCase):
 
     def proxy_to(self, backends, **opts):
         port = free_port()
         p = self.start_proxy(config(listener("bench", "%s:%d" % (HOST, port), backends, **opts)))
         return p, port
+
+    def server(self, mode):
+        """A backend for mode: its address, its greeting, the QUIT command and its reply."""
+        if mode == "pop3":
+            b = self.track(Pop3Backend("pop3"))
+            return b.addr, POP3_GREETING, b"QUIT", POP3_BYE
+        return self.sink().addr, SINK_GREETING, b"QUIT", b"221 Bye\r\n"
 
     def test_backend_waiting_for_its_client_is_connected(self):
         b = self.track(ClientFirstBackend("echo"))
@@ -52,22 +83,37 @@ class ConnectTest(mxtest.ProxyTestCase):
         self.assertEqual(p.find(ev="connect_error"), [])
 
     def test_refused_backend_fails_over(self):
-        dead = "%s:%d" % (HOST, free_port())  # nothing listens there
-        sink = self.sink()
-        p, port = self.proxy_to([dead, sink.addr])
-        c = self.client(port)
-        self.assertEqual(c.recv_until(b"\r\n", timeout=2), SINK_GREETING)
-        sid = p.sid_of(c)
-        p.wait_event(ev="connect", sid=sid, backend=sink.addr)
-        errors = p.find(ev="connect_error", sid=sid)
-        self.assertEqual([(e["backend"], e["error"]) for e in errors],
-                         [(dead, "connection refused")])
-        self.assertEqual([e["backend"] for e in p.find(ev="connect", sid=sid)], [sink.addr])
+        for mode in ("tcp", "smtp", "pop3"):
+            with self.subTest(mode=mode):
+                dead = "%s:%d" % (HOST, free_port())  # nothing listens there
+                addr, greeting, quit_cmd, bye = self.server(mode)
+                p, port = self.proxy_to([dead, addr], mode=mode)
+                c = self.client(port)
+                self.assertEqual(c.recv_until(b"\r\n", timeout=2), greeting)
+                sid = p.sid_of(c)
+                p.wait_event(ev="connect", sid=sid, backend=addr)
+                errors = p.find(ev="connect_error", sid=sid)
+                self.assertEqual([(e["backend"], e["error"]) for e in errors],
+                                 [(dead, "connection refused")])
+                self.assertEqual([e["backend"] for e in p.find(ev="connect", sid=sid)], [addr])
+                c.send(quit_cmd + b"\r\n")
+                self.assertEqual(c.recv_until(b"\r\n", timeout=2), bye)
+                c.close()
+                close = p.close_of(sid)
+                self.assertEqual(close["backend"], addr)
+                # mode tcp: whichever side closed first after the 221
+                self.assertIn(close["end"], ("client_eof", "backend_closed") if mode == "tcp"
+                              else ("quit",))
 
     @unittest.skipIf(shutil.which("strace") is None, "strace is not installed")
     def test_one_session_registers_each_socket_once(self):
-        sink = self.sink()
-        p, port = self.proxy_to(sink.addr)
+        for mode in ("tcp", "smtp", "pop3"):
+            with self.subTest(mode=mode):
+                self.registers_each_socket_once(mode)
+
+    def registers_each_socket_once(self, mode):
+        addr, greeting, quit_cmd, bye = self.server(mode)
+        p, port = self.proxy_to(addr, mode=mode)
         out = os.path.join(self.tmpdir, "strace.out")
         st = subprocess.Popen(["strace", "-f", "-e", "trace=epoll_ctl,getsockopt", "-o", out,
                                "-p", str(p.pid)], stdout=subprocess.DEVNULL,
@@ -79,8 +125,9 @@ class ConnectTest(mxtest.ProxyTestCase):
                 self.skipTest("strace cannot attach here: %r" % line)
             time.sleep(0.3)  # the other threads
             c = self.client(port)
-            self.assertEqual(c.recv_until(b"\r\n", timeout=2), SINK_GREETING)
-            self.assertEqual(c.cmd(b"QUIT"), b"221 Bye\r\n")
+            self.assertEqual(c.recv_until(b"\r\n", timeout=2), greeting)
+            c.send(quit_cmd + b"\r\n")
+            self.assertEqual(c.recv_until(b"\r\n", timeout=2), bye)
             sid = p.sid_of(c)
             c.close()
             p.close_of(sid)
