@@ -105,6 +105,34 @@ class ConnectTest(mxtest.ProxyTestCase):
                 self.assertIn(close["end"], ("client_eof", "backend_closed") if mode == "tcp"
                               else ("quit",))
 
+    def test_pop3_silent_backend_is_probed_then_given_up(self):
+        """A POP3 backend that accepts and never greets: the probe finds it connected, then
+        greeting_timeout moves the session to the next backend, whose greeting the client
+        gets as its first bytes."""
+        silent = self.track(ClientFirstBackend("silent"))
+        live = self.track(Pop3Backend("pop3"))
+        p, port = self.proxy_to([silent.addr, live.addr], mode="pop3",
+                                greeting_timeout="500ms")
+        c = self.client(port)
+        self.assertEqual(c.recv_until(b"\r\n", timeout=3), POP3_GREETING)
+        sid = p.sid_of(c)
+        p.wait_event(ev="connect", sid=sid, backend=live.addr)
+        connects = p.find(ev="connect", sid=sid)
+        self.assertEqual([e["backend"] for e in connects], [silent.addr, live.addr])
+        # The silent one was connected by the first probe, 50 ms after its connect began.
+        self.assertGreaterEqual(float(connects[0]["ms"]), 40.0)
+        errors = p.find(ev="connect_error", sid=sid)
+        self.assertEqual([(e["backend"], e["error"]) for e in errors],
+                         [(silent.addr, "no greeting")])
+        rec = silent.wait_conns(1)
+        self.assertTrue(rec.eof.wait(2), "the silent backend's connection was left open")
+        self.assertEqual(rec.rx, 0, "nothing may reach a backend that never greeted")
+        c.send(b"QUIT\r\n")
+        self.assertEqual(c.recv_until(b"\r\n", timeout=2), POP3_BYE)
+        c.close()
+        close = p.close_of(sid)
+        self.assertEqual((close["end"], close["backend"]), ("quit", live.addr))
+
     @unittest.skipIf(shutil.which("strace") is None, "strace is not installed")
     def test_one_session_registers_each_socket_once(self):
         for mode in ("tcp", "smtp", "pop3"):
