@@ -8,6 +8,7 @@ mode tcp and mode smtp in front of smtp-sink, mode pop3 in front of a small POP3
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -143,8 +144,8 @@ class ConnectTest(mxtest.ProxyTestCase):
         addr, greeting, quit_cmd, bye = self.server(mode)
         p, port = self.proxy_to(addr, mode=mode)
         out = os.path.join(self.tmpdir, "strace.out")
-        st = subprocess.Popen(["strace", "-f", "-e", "trace=epoll_ctl,getsockopt", "-o", out,
-                               "-p", str(p.pid)], stdout=subprocess.DEVNULL,
+        st = subprocess.Popen(["strace", "-f", "-e", "trace=epoll_ctl,getsockopt,connect",
+                               "-o", out, "-p", str(p.pid)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
         try:
             # strace says "Process N attached" once per thread; wait for the first.
@@ -164,15 +165,24 @@ class ConnectTest(mxtest.ProxyTestCase):
             st.send_signal(signal.SIGINT)
             st.wait(timeout=10)
         with open(out) as f:
-            calls = [ln for ln in f if "epoll_ctl(" in ln or "getsockopt(" in ln]
-        # Each socket is added once, for reading: libuv's uv_tcp_connect adds the backend for
-        # POLLOUT, asks SO_ERROR, then adds it again for reading (EEXIST, then MOD). The DELs
-        # are libuv's at close (and one for a socket at EOF that is no longer read).
+            calls = f.readlines()
+        backend_fds = [m.group(1) for m in (re.search(r" connect\((\d+),", ln) for ln in calls)
+                       if m]
+        self.assertEqual(len(backend_fds), 1, "".join(calls))
+        # The backend is added once, for reading: libuv's uv_tcp_connect adds it for POLLOUT,
+        # asks SO_ERROR, then adds it again for reading (EEXIST, then MOD). The DELs are
+        # libuv's at close (and one for a socket at EOF that is no longer read).
         self.assertEqual([ln for ln in calls if "SO_ERROR" in ln], [])
         ctl = [ln for ln in calls if "epoll_ctl(" in ln]
-        self.assertEqual(len([ln for ln in ctl if "EPOLL_CTL_ADD" in ln]), 2, "".join(ctl))
+        on_backend = [ln for ln in ctl
+                      if re.search(r"epoll_ctl\(\d+, \w+, %s," % backend_fds[0], ln)]
+        self.assertEqual(len([ln for ln in on_backend if "EPOLL_CTL_ADD" in ln]), 1,
+                         "".join(ctl))
         self.assertEqual([ln for ln in ctl if "EPOLL_CTL_MOD" in ln or "EEXIST" in ln], [],
                          "".join(ctl))
+        if mode == "tcp":
+            # The client too: mode tcp never stops reading it before the end.
+            self.assertEqual(len([ln for ln in ctl if "EPOLL_CTL_ADD" in ln]), 2, "".join(ctl))
 
 if __name__ == "__main__":
     mxtest.main()
