@@ -143,6 +143,13 @@ class ConnectTest(mxtest.ProxyTestCase):
     def registers_each_socket_once(self, mode):
         addr, greeting, quit_cmd, bye = self.server(mode)
         p, port = self.proxy_to(addr, mode=mode)
+        # One session before tracing: the worker has then polled once, so the listening
+        # socket and the loop's own descriptors are registered before strace looks.
+        c = self.client(port)
+        self.assertEqual(c.recv_until(b"\r\n", timeout=2), greeting)
+        sid = p.sid_of(c)
+        c.close()
+        p.close_of(sid)
         out = os.path.join(self.tmpdir, "strace.out")
         st = subprocess.Popen(["strace", "-f", "-e", "trace=epoll_ctl,getsockopt,connect",
                                "-o", out, "-p", str(p.pid)], stdout=subprocess.DEVNULL,
