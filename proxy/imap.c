@@ -8,17 +8,17 @@
 
 /* Client parser states. */
 enum {
-    IMAP_CS_LINE = 0,      /* a command line, or the part of one after a literal */
-    IMAP_CS_LITERAL,       /* literal data, lit_left bytes still to come */
-    IMAP_CS_WAIT_LIT,      /* after a synchronizing announcement: "+" or a refusal */
-    IMAP_CS_WAIT_AUTH,     /* AUTHENTICATE: "+" (a challenge) or the tagged end */
-    IMAP_CS_AUTH_LINE,     /* one AUTHENTICATE continuation line */
-    IMAP_CS_WAIT_IDLE,     /* IDLE sent: "+" or a refusal */
-    IMAP_CS_IDLE,          /* idling: the next line is DONE */
-    IMAP_CS_WAIT_REPLY,    /* DONE or COMPRESS sent: the tagged reply */
-    IMAP_CS_BARRIER,       /* after STARTTLS, dropping bytes until its reply */
-    IMAP_CS_SKIP,          /* dropping the rest of a refused line */
-    IMAP_CS_SKIP_LITERAL,  /* dropping a refused line's non-synchronizing literal */
+    IMAP_CS_LINE = 0,     /* a command line, or the part of one after a literal */
+    IMAP_CS_LITERAL,      /* literal data, lit_left bytes still to come */
+    IMAP_CS_WAIT_LIT,     /* after a synchronizing announcement: "+" or a refusal */
+    IMAP_CS_WAIT_AUTH,    /* AUTHENTICATE: "+" (a challenge) or the tagged end */
+    IMAP_CS_AUTH_LINE,    /* one AUTHENTICATE continuation line */
+    IMAP_CS_WAIT_IDLE,    /* IDLE sent: "+" or a refusal */
+    IMAP_CS_IDLE,         /* idling: the next line is DONE */
+    IMAP_CS_WAIT_REPLY,   /* DONE or COMPRESS sent: the tagged reply */
+    IMAP_CS_BARRIER,      /* after STARTTLS, dropping bytes until its reply */
+    IMAP_CS_SKIP,         /* dropping the rest of a refused line */
+    IMAP_CS_SKIP_LITERAL, /* dropping a refused line's non-synchronizing literal */
 };
 
 /* SKIP: where the scanner for a literal's announcement at the end of the line stands. */
@@ -31,56 +31,54 @@ enum {
     IMAP_MK_CR,       /* "{1}\r" */
 };
 
+/* Indexed by enum imap_cmd. */
 static const struct imap_verb {
     const char *name;
-    enum imap_cmd cmd;
     unsigned flags;
 } imap_verbs[] = {
-    [IMAP_CMD_NONE] = {"", IMAP_CMD_NONE, 0},
-    [IMAP_CMD_UNKNOWN] = {"UNKNOWN", IMAP_CMD_UNKNOWN, 0},
-    [IMAP_CMD_CAPABILITY] = {"CAPABILITY", IMAP_CMD_CAPABILITY, IMAP_CMD_F_PRE_AUTH},
-    [IMAP_CMD_NOOP] = {"NOOP", IMAP_CMD_NOOP, IMAP_CMD_F_PRE_AUTH},
-    [IMAP_CMD_LOGOUT] = {"LOGOUT", IMAP_CMD_LOGOUT, IMAP_CMD_F_PRE_AUTH | IMAP_CMD_F_ENDS},
-    [IMAP_CMD_STARTTLS] = {"STARTTLS", IMAP_CMD_STARTTLS,
-                           IMAP_CMD_F_PRE_AUTH | IMAP_CMD_F_BARRIER},
-    [IMAP_CMD_AUTHENTICATE] = {"AUTHENTICATE", IMAP_CMD_AUTHENTICATE,
-                               IMAP_CMD_F_WAIT | IMAP_CMD_F_REDACT},
-    [IMAP_CMD_LOGIN] = {"LOGIN", IMAP_CMD_LOGIN, IMAP_CMD_F_REDACT},
-    [IMAP_CMD_ENABLE] = {"ENABLE", IMAP_CMD_ENABLE, 0},
-    [IMAP_CMD_ID] = {"ID", IMAP_CMD_ID, IMAP_CMD_F_PRE_AUTH},
-    [IMAP_CMD_SELECT] = {"SELECT", IMAP_CMD_SELECT, 0},
-    [IMAP_CMD_EXAMINE] = {"EXAMINE", IMAP_CMD_EXAMINE, 0},
-    [IMAP_CMD_CREATE] = {"CREATE", IMAP_CMD_CREATE, 0},
-    [IMAP_CMD_DELETE] = {"DELETE", IMAP_CMD_DELETE, 0},
-    [IMAP_CMD_RENAME] = {"RENAME", IMAP_CMD_RENAME, 0},
-    [IMAP_CMD_SUBSCRIBE] = {"SUBSCRIBE", IMAP_CMD_SUBSCRIBE, 0},
-    [IMAP_CMD_UNSUBSCRIBE] = {"UNSUBSCRIBE", IMAP_CMD_UNSUBSCRIBE, 0},
-    [IMAP_CMD_LIST] = {"LIST", IMAP_CMD_LIST, 0},
-    [IMAP_CMD_LSUB] = {"LSUB", IMAP_CMD_LSUB, 0},
-    [IMAP_CMD_NAMESPACE] = {"NAMESPACE", IMAP_CMD_NAMESPACE, 0},
-    [IMAP_CMD_STATUS] = {"STATUS", IMAP_CMD_STATUS, 0},
-    [IMAP_CMD_APPEND] = {"APPEND", IMAP_CMD_APPEND, 0},
-    [IMAP_CMD_IDLE] = {"IDLE", IMAP_CMD_IDLE, IMAP_CMD_F_WAIT},
-    [IMAP_CMD_CHECK] = {"CHECK", IMAP_CMD_CHECK, 0},
-    [IMAP_CMD_CLOSE] = {"CLOSE", IMAP_CMD_CLOSE, 0},
-    [IMAP_CMD_UNSELECT] = {"UNSELECT", IMAP_CMD_UNSELECT, 0},
-    [IMAP_CMD_EXPUNGE] = {"EXPUNGE", IMAP_CMD_EXPUNGE, 0},
-    [IMAP_CMD_SEARCH] = {"SEARCH", IMAP_CMD_SEARCH, 0},
-    [IMAP_CMD_FETCH] = {"FETCH", IMAP_CMD_FETCH, 0},
-    [IMAP_CMD_STORE] = {"STORE", IMAP_CMD_STORE, 0},
-    [IMAP_CMD_COPY] = {"COPY", IMAP_CMD_COPY, 0},
-    [IMAP_CMD_MOVE] = {"MOVE", IMAP_CMD_MOVE, 0},
-    [IMAP_CMD_UID] = {"UID", IMAP_CMD_UID, 0},
-    [IMAP_CMD_COMPRESS] = {"COMPRESS", IMAP_CMD_COMPRESS, IMAP_CMD_F_WAIT},
-    [IMAP_CMD_GETQUOTAROOT] = {"GETQUOTAROOT", IMAP_CMD_GETQUOTAROOT, 0},
-    [IMAP_CMD_GETQUOTA] = {"GETQUOTA", IMAP_CMD_GETQUOTA, 0},
-    [IMAP_CMD_SETQUOTA] = {"SETQUOTA", IMAP_CMD_SETQUOTA, 0},
-    [IMAP_CMD_GETACL] = {"GETACL", IMAP_CMD_GETACL, 0},
-    [IMAP_CMD_SETACL] = {"SETACL", IMAP_CMD_SETACL, 0},
-    [IMAP_CMD_MYRIGHTS] = {"MYRIGHTS", IMAP_CMD_MYRIGHTS, 0},
-    [IMAP_CMD_GETMETADATA] = {"GETMETADATA", IMAP_CMD_GETMETADATA, 0},
-    [IMAP_CMD_SETMETADATA] = {"SETMETADATA", IMAP_CMD_SETMETADATA, 0},
-    [IMAP_CMD_NOTIFY] = {"NOTIFY", IMAP_CMD_NOTIFY, 0},
+    [IMAP_CMD_NONE] = {"", 0},
+    [IMAP_CMD_UNKNOWN] = {"UNKNOWN", 0},
+    [IMAP_CMD_CAPABILITY] = {"CAPABILITY", IMAP_CMD_F_PRE_AUTH},
+    [IMAP_CMD_NOOP] = {"NOOP", IMAP_CMD_F_PRE_AUTH},
+    [IMAP_CMD_LOGOUT] = {"LOGOUT", IMAP_CMD_F_PRE_AUTH | IMAP_CMD_F_ENDS},
+    [IMAP_CMD_STARTTLS] = {"STARTTLS", IMAP_CMD_F_PRE_AUTH | IMAP_CMD_F_BARRIER},
+    [IMAP_CMD_AUTHENTICATE] = {"AUTHENTICATE", IMAP_CMD_F_WAIT | IMAP_CMD_F_REDACT},
+    [IMAP_CMD_LOGIN] = {"LOGIN", IMAP_CMD_F_REDACT},
+    [IMAP_CMD_ENABLE] = {"ENABLE", 0},
+    [IMAP_CMD_ID] = {"ID", IMAP_CMD_F_PRE_AUTH},
+    [IMAP_CMD_SELECT] = {"SELECT", 0},
+    [IMAP_CMD_EXAMINE] = {"EXAMINE", 0},
+    [IMAP_CMD_CREATE] = {"CREATE", 0},
+    [IMAP_CMD_DELETE] = {"DELETE", 0},
+    [IMAP_CMD_RENAME] = {"RENAME", 0},
+    [IMAP_CMD_SUBSCRIBE] = {"SUBSCRIBE", 0},
+    [IMAP_CMD_UNSUBSCRIBE] = {"UNSUBSCRIBE", 0},
+    [IMAP_CMD_LIST] = {"LIST", 0},
+    [IMAP_CMD_LSUB] = {"LSUB", 0},
+    [IMAP_CMD_NAMESPACE] = {"NAMESPACE", 0},
+    [IMAP_CMD_STATUS] = {"STATUS", 0},
+    [IMAP_CMD_APPEND] = {"APPEND", 0},
+    [IMAP_CMD_IDLE] = {"IDLE", IMAP_CMD_F_WAIT},
+    [IMAP_CMD_CHECK] = {"CHECK", 0},
+    [IMAP_CMD_CLOSE] = {"CLOSE", 0},
+    [IMAP_CMD_UNSELECT] = {"UNSELECT", 0},
+    [IMAP_CMD_EXPUNGE] = {"EXPUNGE", 0},
+    [IMAP_CMD_SEARCH] = {"SEARCH", 0},
+    [IMAP_CMD_FETCH] = {"FETCH", 0},
+    [IMAP_CMD_STORE] = {"STORE", 0},
+    [IMAP_CMD_COPY] = {"COPY", 0},
+    [IMAP_CMD_MOVE] = {"MOVE", 0},
+    [IMAP_CMD_UID] = {"UID", 0},
+    [IMAP_CMD_COMPRESS] = {"COMPRESS", IMAP_CMD_F_WAIT},
+    [IMAP_CMD_GETQUOTAROOT] = {"GETQUOTAROOT", 0},
+    [IMAP_CMD_GETQUOTA] = {"GETQUOTA", 0},
+    [IMAP_CMD_SETQUOTA] = {"SETQUOTA", 0},
+    [IMAP_CMD_GETACL] = {"GETACL", 0},
+    [IMAP_CMD_SETACL] = {"SETACL", 0},
+    [IMAP_CMD_MYRIGHTS] = {"MYRIGHTS", 0},
+    [IMAP_CMD_GETMETADATA] = {"GETMETADATA", 0},
+    [IMAP_CMD_SETMETADATA] = {"SETMETADATA", 0},
+    [IMAP_CMD_NOTIFY] = {"NOTIFY", 0},
 };
 
 static_assert(sizeof(imap_verbs) / sizeof(imap_verbs[0]) == IMAP_CMD_COUNT_,
@@ -215,8 +213,7 @@ static size_t imap_read_tag(struct imap_client *p, const char *s, size_t n, bool
 
     while (t < n && imap_tag_char(s[t]))
         t++;
-    if (t == 0 || (t < n && s[t] != ' ' && s[t] != '\r' && s[t] != '\n') ||
-        (t == n && !complete)) {
+    if (t == 0 || (t < n && s[t] != ' ' && s[t] != '\r' && s[t] != '\n') || (t == n && !complete)) {
         imap_set_tag(p, "", 0);
         return 0;
     }
@@ -245,7 +242,8 @@ static void imap_head(struct imap_client *p, const char *s, size_t n)
         ve = imap_token_end(s, vb, n);
         p->cmd = ve > vb ? imap_verb_find(s + vb, ve - vb) : IMAP_CMD_UNKNOWN;
         /* A tag that is itself a credential verb: a client that forgot its tags. */
-        if (imap_verb_find(s, t) == IMAP_CMD_LOGIN || imap_verb_find(s, t) == IMAP_CMD_AUTHENTICATE) {
+        if (imap_verb_find(s, t) == IMAP_CMD_LOGIN ||
+            imap_verb_find(s, t) == IMAP_CMD_AUTHENTICATE) {
             p->redact = true;
             imap_text_add(p, imap_redacted + 1, sizeof(imap_redacted) - 2);
             return;
@@ -657,7 +655,7 @@ enum {
 #define IMAP_SERVER_TAIL 32 /* bytes of a streamed line held back: an announcement fits */
 
 static const char *const imap_status_names[] = {
-    [IMAP_ST_NONE] = "", [IMAP_ST_OK] = "OK",   [IMAP_ST_NO] = "NO",
+    [IMAP_ST_NONE] = "",   [IMAP_ST_OK] = "OK",   [IMAP_ST_NO] = "NO",
     [IMAP_ST_BAD] = "BAD", [IMAP_ST_BYE] = "BYE", [IMAP_ST_PREAUTH] = "PREAUTH",
 };
 
@@ -709,7 +707,7 @@ static void imap_resp_text(struct imap_resp *r, const char *s, size_t n)
  * its first IMAP_SERVER_HOLD bytes). */
 static void imap_server_head(struct imap_resp *r, const char *s, size_t n)
 {
-    size_t i, e;
+    size_t e;
 
     if (n >= 1 && s[0] == '+' && (n == 1 || s[1] == ' ')) {
         r->kind = IMAP_RESP_CONTINUE;
@@ -717,8 +715,9 @@ static void imap_server_head(struct imap_resp *r, const char *s, size_t n)
         return;
     }
     if (n >= 2 && s[0] == '*' && s[1] == ' ') {
+        size_t i = 2;
+
         r->kind = IMAP_RESP_UNTAGGED;
-        i = 2;
         if (i < n && s[i] >= '0' && s[i] <= '9') {
             uint64_t v = 0;
             for (e = i; e < n && s[e] >= '0' && s[e] <= '9' && e - i < 19; e++)
@@ -794,9 +793,13 @@ size_t imap_server_parse(struct imap_server *p, const char *buf, size_t len, uin
     }
     assert(p->state == IMAP_SS_LINE);
 
-    size_t window = len < IMAP_SERVER_HOLD ? len : IMAP_SERVER_HOLD;
-    size_t from = p->scan <= window ? p->scan : 0;
-    const char *lf = from < window ? memchr(buf + from, '\n', window - from) : NULL;
+    size_t window = len;
+    const char *lf = NULL;
+
+    if (window > IMAP_SERVER_HOLD)
+        window = IMAP_SERVER_HOLD;
+    if (p->scan < window)
+        lf = memchr(buf + p->scan, '\n', window - p->scan);
 
     if (lf == NULL) {
         if (len < IMAP_SERVER_HOLD) {

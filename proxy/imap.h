@@ -159,11 +159,11 @@ enum imap_ev {
     IMAP_EV_INJECTED,
 };
 
-#define IMAP_EV_F_SYNC 0x01u      /* BEGIN/PART: the literal waits for the server's "+" */
-#define IMAP_EV_F_CONTINUED 0x02u /* COMMAND: the end of a command that began with BEGIN */
-#define IMAP_EV_F_NO_TAG 0x04u    /* BEGIN/COMMAND: no valid tag; the server answers untagged */
-#define IMAP_EV_F_CANCEL 0x08u    /* AUTH_RESPONSE "*", or TOO_LONG/INVALID replaced by "*" */
-#define IMAP_EV_F_MIDCMD 0x10u    /* TOO_LONG/INVALID after parts of the command went out */
+#define IMAP_EV_F_SYNC 0x01u         /* BEGIN/PART: the literal waits for the server's "+" */
+#define IMAP_EV_F_CONTINUED 0x02u    /* COMMAND: the end of a command that began with BEGIN */
+#define IMAP_EV_F_NO_TAG 0x04u       /* BEGIN/COMMAND: no valid tag; the server answers untagged */
+#define IMAP_EV_F_CANCEL 0x08u       /* AUTH_RESPONSE "*", or TOO_LONG/INVALID replaced by "*" */
+#define IMAP_EV_F_MIDCMD 0x10u       /* TOO_LONG/INVALID after parts of the command went out */
 #define IMAP_EV_F_AUTH_INITIAL 0x20u /* AUTHENTICATE with an initial response (SASL-IR) */
 
 /* One result of imap_client_parse(). ev.fwd points into the buf passed to that call (valid
@@ -174,10 +174,10 @@ struct imap_event {
     enum imap_ev type;
     const char *fwd; /* bytes to send to the backend, NULL when fwd_len == 0 */
     size_t fwd_len;
-    enum imap_cmd cmd;  /* BEGIN, COMMAND, WAIT, AUTH_RESPONSE, DONE, TOO_LONG, INVALID */
-    const char *tag;    /* BEGIN, COMMAND, WAIT, TOO_LONG, INVALID: the tag ("" if none) */
+    enum imap_cmd cmd; /* BEGIN, COMMAND, WAIT, AUTH_RESPONSE, DONE, TOO_LONG, INVALID */
+    const char *tag;   /* BEGIN, COMMAND, WAIT, TOO_LONG, INVALID: the tag ("" if none) */
     size_t tag_len;
-    const char *text;   /* COMMAND: loggable command text without the tag; else NULL */
+    const char *text; /* COMMAND: loggable command text without the tag; else NULL */
     size_t text_len;
     uint64_t size;      /* COMMAND: literal octets; LITERAL, DISCARD, INJECTED: bytes */
     const char *reason; /* INVALID: "bare LF", "bare CR", "NUL"; TOO_LONG: "line too long" */
@@ -190,26 +190,26 @@ struct imap_client_opts {
 
 /* Parser state; fields are private, the struct is public so it can be embedded. */
 struct imap_client {
-    size_t max_line;             /* effective line limit, 0 until the first call */
-    unsigned state;              /* IMAP_CS_* in imap.c */
-    size_t scan;                 /* line: bytes of the held part already examined */
-    const char *bad;             /* line: first fault found in the examined bytes */
-    bool in_cmd;                 /* a BEGIN went out; the command is not complete */
-    bool redact;                 /* the command's later parts are not loggable */
-    size_t line_used;            /* bytes of the command's earlier parts */
-    uint64_t lit_left;           /* literal bytes still to come (LITERAL, SKIP_LITERAL) */
-    uint64_t lit_total;          /* literal octets of the command so far */
-    uint64_t lit_next;           /* size of the literal announced, waiting for "+" */
-    enum imap_cmd cmd;           /* the command in progress or waited for */
-    unsigned flags;              /* IMAP_EV_F_* of the command in progress */
-    unsigned skip_next;          /* state after a skipped line (CMD, or WAIT_AUTH) */
-    unsigned mark;               /* SKIP: literal announcement scanner state */
-    uint64_t mark_val;           /* SKIP: the announced size so far */
-    bool mark_sync;              /* SKIP: the announcement has no '+' or '-' */
-    uint64_t injected;           /* total INJECTED bytes, for the session log */
-    size_t tag_len;              /* bytes in tag */
-    char tag[IMAP_TAG_MAX + 1];  /* tag of the command in progress, NUL-terminated */
-    size_t text_len;             /* bytes in text */
+    size_t max_line;              /* effective line limit, 0 until the first call */
+    unsigned state;               /* IMAP_CS_* in imap.c */
+    size_t scan;                  /* line: bytes of the held part already examined */
+    const char *bad;              /* line: first fault found in the examined bytes */
+    bool in_cmd;                  /* a BEGIN went out; the command is not complete */
+    bool redact;                  /* the command's later parts are not loggable */
+    size_t line_used;             /* bytes of the command's earlier parts */
+    uint64_t lit_left;            /* literal bytes still to come (LITERAL, SKIP_LITERAL) */
+    uint64_t lit_total;           /* literal octets of the command so far */
+    uint64_t lit_next;            /* size of the literal announced, waiting for "+" */
+    enum imap_cmd cmd;            /* the command in progress or waited for */
+    unsigned flags;               /* IMAP_EV_F_* of the command in progress */
+    unsigned skip_next;           /* state after a skipped line (CMD, or WAIT_AUTH) */
+    unsigned mark;                /* SKIP: literal announcement scanner state */
+    uint64_t mark_val;            /* SKIP: the announced size so far */
+    bool mark_sync;               /* SKIP: the announcement has no '+' or '-' */
+    uint64_t injected;            /* total INJECTED bytes, for the session log */
+    size_t tag_len;               /* bytes in tag */
+    char tag[IMAP_TAG_MAX + 1];   /* tag of the command in progress, NUL-terminated */
+    size_t text_len;              /* bytes in text */
     char text[IMAP_TEXT_MAX + 1]; /* loggable text of the command in progress */
 };
 
@@ -262,15 +262,15 @@ enum imap_status {
 struct imap_resp {
     enum imap_resp_kind kind;
     enum imap_status status;
-    char tag[IMAP_TAG_MAX + 1];      /* TAGGED: the tag */
+    char tag[IMAP_TAG_MAX + 1]; /* TAGGED: the tag */
     size_t tag_len;
     char keyword[IMAP_KEYWORD_MAX + 1]; /* UNTAGGED: "OK", "CAPABILITY", "EXISTS", upper-cased */
-    uint64_t number;                 /* UNTAGGED: the number of "* 5 EXISTS" */
-    bool has_number;                 /* number is set */
-    char code[IMAP_KEYWORD_MAX + 1]; /* first word inside a leading "[...]", upper-cased */
-    char text[IMAP_TEXT_MAX + 1];    /* status responses and "+": text after the status word,
-                                        "[code]" included; data responses: after the keyword;
-                                        garbage: the start of the line */
+    uint64_t number;                    /* UNTAGGED: the number of "* 5 EXISTS" */
+    bool has_number;                    /* number is set */
+    char code[IMAP_KEYWORD_MAX + 1];    /* first word inside a leading "[...]", upper-cased */
+    char text[IMAP_TEXT_MAX + 1];       /* status responses and "+": text after the status word,
+                                           "[code]" included; data responses: after the keyword;
+                                           garbage: the start of the line */
     size_t text_len;
     bool truncated;    /* text was cut to IMAP_TEXT_MAX */
     unsigned literals; /* literals in the response */
@@ -285,8 +285,9 @@ enum imap_sev {
     IMAP_SEV_RESPONSE,  /* ev.fwd: the end of a response, *ev.resp: the whole response */
 };
 
-#define IMAP_SEV_F_WHOLE 0x01u /* RESPONSE: ev.fwd is the entire response (one line of at most
-                                  IMAP_SERVER_HOLD bytes, no literal): it may be rewritten */
+#define IMAP_SEV_F_WHOLE                                                                           \
+    0x01u /* RESPONSE: ev.fwd is the entire response (one line of at most                          \
+             IMAP_SERVER_HOLD bytes, no literal): it may be rewritten */
 
 struct imap_server_event {
     enum imap_sev type;
@@ -298,13 +299,13 @@ struct imap_server_event {
 
 /* Parser state; fields are private. */
 struct imap_server {
-    unsigned state;        /* IMAP_SS_* in imap.c */
-    size_t scan;           /* bytes of the held line already searched for its LF */
-    bool head_done;        /* the response's first line was summarised */
-    bool streamed;         /* part of the response went out before its end */
-    bool handed_out;       /* cur was handed out: reset it at the next call */
-    uint64_t lit_left;     /* literal bytes still to come */
-    struct imap_resp cur;  /* the response in progress */
+    unsigned state;       /* IMAP_SS_* in imap.c */
+    size_t scan;          /* bytes of the held line already searched for its LF */
+    bool head_done;       /* the response's first line was summarised */
+    bool streamed;        /* part of the response went out before its end */
+    bool handed_out;      /* cur was handed out: reset it at the next call */
+    uint64_t lit_left;    /* literal bytes still to come */
+    struct imap_resp cur; /* the response in progress */
 };
 
 /* Parses the start of buf[0, len) like imap_client_parse(): returns the bytes consumed and

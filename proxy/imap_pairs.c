@@ -82,8 +82,7 @@ static struct imap_pairs_entry *imap_pairs_oldest(struct imap_pairs *pp)
 
 static struct imap_pairs_entry *imap_pairs_newest(struct imap_pairs *pp)
 {
-    return pp->has_current && pp->q != NULL && pp->q[pp->current].used ? &pp->q[pp->current]
-                                                                       : NULL;
+    return pp->has_current && pp->q != NULL && pp->q[pp->current].used ? &pp->q[pp->current] : NULL;
 }
 
 static struct imap_pairs_entry *imap_pairs_push(struct imap_pairs *pp, const struct imap_event *ev,
@@ -108,9 +107,10 @@ static struct imap_pairs_entry *imap_pairs_push(struct imap_pairs *pp, const str
     e->untagged_at = pp->untagged;
     if (pp->count > 0)
         e->flags |= IMAP_PAIR_F_PIPELINED;
-    e->tag_len = (unsigned char)(ev->tag_len < IMAP_TAG_MAX ? ev->tag_len : IMAP_TAG_MAX);
-    if (e->tag_len > 0)
+    if (ev->tag != NULL) {
+        e->tag_len = (unsigned char)(ev->tag_len < IMAP_TAG_MAX ? ev->tag_len : IMAP_TAG_MAX);
         memcpy(e->tag, ev->tag, e->tag_len);
+    }
     pp->count++;
     pp->current = slot;
     pp->has_current = true;
@@ -120,11 +120,10 @@ static struct imap_pairs_entry *imap_pairs_push(struct imap_pairs *pp, const str
 static void imap_pairs_complete(struct imap_pairs *pp, struct imap_pairs_entry *e,
                                 const struct imap_event *ev, uint64_t now_ns)
 {
-    size_t n = ev->text_len < IMAP_TEXT_MAX ? ev->text_len : IMAP_TEXT_MAX;
-
-    if (n > 0)
-        memcpy(e->text, ev->text, n);
-    e->text_len = (unsigned char)n;
+    if (ev->text != NULL) {
+        e->text_len = (unsigned char)(ev->text_len < IMAP_TEXT_MAX ? ev->text_len : IMAP_TEXT_MAX);
+        memcpy(e->text, ev->text, e->text_len);
+    }
     e->size = ev->size;
     e->t_cmd = now_ns;
     e->complete = true;
@@ -132,8 +131,7 @@ static void imap_pairs_complete(struct imap_pairs *pp, struct imap_pairs_entry *
         pp->sum.logout_sent = true;
 }
 
-int imap_pairs_on_client_event(struct imap_pairs *pp, const struct imap_event *ev,
-                               uint64_t now_ns)
+int imap_pairs_on_client_event(struct imap_pairs *pp, const struct imap_event *ev, uint64_t now_ns)
 {
     struct imap_pairs_entry *e;
     enum imap_local local = IMAP_LOCAL_INVALID;
@@ -201,8 +199,7 @@ int imap_pairs_answer_locally(struct imap_pairs *pp, enum imap_local local)
 }
 
 /* Moves entry e into *out (kind and status are the caller's) and frees its slot. */
-static void imap_pairs_pop(struct imap_pairs *pp, struct imap_pairs_entry *e,
-                           struct imap_pair *out)
+static void imap_pairs_pop(struct imap_pairs *pp, struct imap_pairs_entry *e, struct imap_pair *out)
 {
     out->cmd = e->cmd;
     out->local = e->local;

@@ -64,42 +64,42 @@ enum imap_local {
 struct imap_pair {
     enum imap_pair_kind kind;
     enum imap_cmd cmd;
-    enum imap_local local;               /* IMAP_PAIR_LOCAL: why */
-    char tag[IMAP_TAG_MAX + 1];          /* the command's tag; "*" for the greeting */
+    enum imap_local local;      /* IMAP_PAIR_LOCAL: why */
+    char tag[IMAP_TAG_MAX + 1]; /* the command's tag; "*" for the greeting */
     size_t tag_len;
-    char cmd_text[IMAP_TEXT_MAX + 1];    /* "SELECT INBOX", "LOGIN [redacted]" */
+    char cmd_text[IMAP_TEXT_MAX + 1]; /* "SELECT INBOX", "LOGIN [redacted]" */
     size_t cmd_text_len;
-    enum imap_status status;             /* OK/NO/BAD; greeting: OK/PREAUTH/BYE; NONE: aborted */
-    char text[IMAP_TEXT_MAX + 1];        /* response text after the status, "[code]" included */
+    enum imap_status status;      /* OK/NO/BAD; greeting: OK/PREAUTH/BYE; NONE: aborted */
+    char text[IMAP_TEXT_MAX + 1]; /* response text after the status, "[code]" included */
     size_t text_len;
-    char code[IMAP_KEYWORD_MAX + 1];     /* first word of the response code, "" if none */
-    unsigned untagged; /* untagged responses while the command was outstanding */
-    unsigned rounds;   /* AUTHENTICATE: "+" challenges answered */
-    uint64_t size;     /* literal octets the command carried (APPEND: the message) */
-    unsigned flags;    /* IMAP_PAIR_F_* */
-    uint64_t t_cmd;    /* now_ns when the command was complete (IDLE: the IDLE line) */
-    uint64_t t_reply;  /* the response's t_first */
+    char code[IMAP_KEYWORD_MAX + 1]; /* first word of the response code, "" if none */
+    unsigned untagged;               /* untagged responses while the command was outstanding */
+    unsigned rounds;                 /* AUTHENTICATE: "+" challenges answered */
+    uint64_t size;                   /* literal octets the command carried (APPEND: the message) */
+    unsigned flags;                  /* IMAP_PAIR_F_* */
+    uint64_t t_cmd;   /* now_ns when the command was complete (IDLE: the IDLE line) */
+    uint64_t t_reply; /* the response's t_first */
 };
 
 struct imap_pairs_summary {
-    bool logout_sent;     /* LOGOUT went to the server */
-    bool logout_answered; /* and its tagged response came back */
-    bool bye_seen;        /* an untagged BYE came */
-    bool auth_ok;         /* LOGIN or AUTHENTICATE answered OK (or the greeting was PREAUTH) */
-    bool has_primary;     /* primary is set */
+    bool logout_sent;         /* LOGOUT went to the server */
+    bool logout_answered;     /* and its tagged response came back */
+    bool bye_seen;            /* an untagged BYE came */
+    bool auth_ok;             /* LOGIN or AUTHENTICATE answered OK (or the greeting was PREAUTH) */
+    bool has_primary;         /* primary is set */
     struct imap_pair primary; /* the first tagged NO/BAD (an AUTHENTICATE the client cancelled
                                  aside), or a BYE that no LOGOUT asked for */
 };
 
 /* One outstanding command; private. */
 struct imap_pairs_entry {
-    bool used;         /* the slot holds a command */
-    bool complete;     /* the command's last byte went out */
+    bool used;     /* the slot holds a command */
+    bool complete; /* the command's last byte went out */
     enum imap_cmd cmd;
     enum imap_local local;
-    unsigned flags;    /* IMAP_PAIR_F_* known at send time */
+    unsigned flags; /* IMAP_PAIR_F_* known at send time */
     unsigned rounds;
-    uint64_t seq;      /* order of arrival */
+    uint64_t seq; /* order of arrival */
     uint64_t size;
     uint64_t t_cmd;
     uint64_t untagged_at; /* the session's untagged count when the command was sent */
@@ -121,12 +121,12 @@ struct imap_pairs {
 };
 
 enum imap_pairs_res {
-    IMAP_PAIRS_MATCHED = 0,  /* *out is a complete pair (kind COMMAND): log it */
-    IMAP_PAIRS_GREETING,     /* *out is the greeting (kind GREETING): log it */
-    IMAP_PAIRS_UNTAGGED,     /* counted; *out has the status (BYE) but is no log line */
-    IMAP_PAIRS_CONTINUE,     /* a "+": *out has the command it belongs to; no log line */
-    IMAP_PAIRS_UNSOLICITED,  /* *out (kind UNSOLICITED): a tag no command has: log it */
-    IMAP_PAIRS_GARBAGE,      /* not a response line at all: a protocol error */
+    IMAP_PAIRS_MATCHED = 0, /* *out is a complete pair (kind COMMAND): log it */
+    IMAP_PAIRS_GREETING,    /* *out is the greeting (kind GREETING): log it */
+    IMAP_PAIRS_UNTAGGED,    /* counted; *out has the status (BYE) but is no log line */
+    IMAP_PAIRS_CONTINUE,    /* a "+": *out has the command it belongs to; no log line */
+    IMAP_PAIRS_UNSOLICITED, /* *out (kind UNSOLICITED): a tag no command has: log it */
+    IMAP_PAIRS_GARBAGE,     /* not a response line at all: a protocol error */
 };
 
 /* Lends storage of IMAP_PAIRS_CAP entries; pp uses it until imap_pairs_detach(). */
@@ -146,8 +146,7 @@ size_t imap_pairs_outstanding(const struct imap_pairs *pp);
  * slot unless they cancel an AUTHENTICATE or cut a command short (IMAP_EV_F_MIDCMD: the session
  * ends); an AUTHENTICATE cancel marks its entry. Returns 0, or -ENOBUFS when a slot was needed
  * and none is free (check imap_pairs_room() first). */
-int imap_pairs_on_client_event(struct imap_pairs *pp, const struct imap_event *ev,
-                               uint64_t now_ns);
+int imap_pairs_on_client_event(struct imap_pairs *pp, const struct imap_event *ev, uint64_t now_ns);
 
 /* Makes the newest command one that mxproxy answers itself with local's answer, in order
  * with the server's responses; the caller did not forward it. Returns 0, or -ENOENT. */

@@ -67,12 +67,18 @@ struct run {
 };
 
 static const char *const ev_names[] = {
-    [IMAP_EV_AGAIN] = "AGAIN",       [IMAP_EV_WAIT] = "WAIT",
-    [IMAP_EV_BEGIN] = "BEGIN",       [IMAP_EV_PART] = "PART",
-    [IMAP_EV_LITERAL] = "LITERAL",   [IMAP_EV_COMMAND] = "CMD",
-    [IMAP_EV_AUTH_RESPONSE] = "AUTHRESP", [IMAP_EV_DONE] = "DONE",
-    [IMAP_EV_TOO_LONG] = "TOO_LONG", [IMAP_EV_INVALID] = "INVALID",
-    [IMAP_EV_DISCARD] = "DISCARD",   [IMAP_EV_INJECTED] = "INJECTED",
+    [IMAP_EV_AGAIN] = "AGAIN",
+    [IMAP_EV_WAIT] = "WAIT",
+    [IMAP_EV_BEGIN] = "BEGIN",
+    [IMAP_EV_PART] = "PART",
+    [IMAP_EV_LITERAL] = "LITERAL",
+    [IMAP_EV_COMMAND] = "CMD",
+    [IMAP_EV_AUTH_RESPONSE] = "AUTHRESP",
+    [IMAP_EV_DONE] = "DONE",
+    [IMAP_EV_TOO_LONG] = "TOO_LONG",
+    [IMAP_EV_INVALID] = "INVALID",
+    [IMAP_EV_DISCARD] = "DISCARD",
+    [IMAP_EV_INJECTED] = "INJECTED",
 };
 
 static void check_secret(const char *p, size_t n)
@@ -142,8 +148,8 @@ static void drive(struct imap_client *p, struct dstr *hold, struct script *sc, s
             if (sc->s[sc->next] == '\0')
                 break;
             char how = sc->s[sc->next++];
-            dstr_printf(&r->tr, "WAIT %.*s|%s=%c\n", (int)ev.tag_len, ev.tag,
-                        imap_cmd_name(ev.cmd), how);
+            dstr_printf(&r->tr, "WAIT %.*s|%s=%c\n", (int)ev.tag_len, ev.tag, imap_cmd_name(ev.cmd),
+                        how);
             if (how == '+')
                 imap_client_on_continue(p);
             else
@@ -298,10 +304,11 @@ static void test_append_literal(void)
     run_free(&r);
 
     /* Literals do not count toward the line limit; literal8 and zero-length literals. */
-    static const char big[] = "a APPEND INBOX {70+}\r\n"
-                              "0123456789012345678901234567890123456789012345678901234567890123456789"
-                              " ~{0+}\r\n\r\n"
-                              "b SEARCH SUBJECT {0}\r\n\r\n";
+    static const char big[] =
+        "a APPEND INBOX {70+}\r\n"
+        "0123456789012345678901234567890123456789012345678901234567890123456789"
+        " ~{0+}\r\n\r\n"
+        "b SEARCH SUBJECT {0}\r\n\r\n";
     RUN(64, big, "+", &r);
     ASSERT_TR(&r, "BEGIN a|APPEND||0\nLITERAL\nPART a|APPEND||0\n"
                   "CMD a|APPEND|APPEND INBOX {70+} ~{0+}|70|2\n"
@@ -339,9 +346,10 @@ static void test_authenticate(void)
     run_free(&r);
 
     /* An overlong continuation line becomes a cancel for the server. */
-    static const char lng[] = "a AUTHENTICATE PLAIN\r\n"
-                              "AGpvZQ0123456789012345678901234567890123456789012345678901234567890123"
-                              "\r\nb NOOP\r\n";
+    static const char lng[] =
+        "a AUTHENTICATE PLAIN\r\n"
+        "AGpvZQ0123456789012345678901234567890123456789012345678901234567890123"
+        "\r\nb NOOP\r\n";
     RUN(64, lng, "+T", &r);
     ASSERT_TR(&r, "CMD a|AUTHENTICATE|AUTHENTICATE PLAIN|0|0\n"
                   "WAIT a|AUTHENTICATE=+\n"
@@ -399,12 +407,13 @@ static void test_starttls_compress(void)
 
 static void test_refused_lines(void)
 {
-    static const char in[] = "a NOOP\n"
-                             "b NO\rOP\r\n"
-                             "c NO\0OP\r\n"
-                             "d 0123456789012345678901234567890123456789012345678901234567890123456789"
-                             "\r\n"
-                             "e NOOP\r\n";
+    static const char in[] =
+        "a NOOP\n"
+        "b NO\rOP\r\n"
+        "c NO\0OP\r\n"
+        "d 0123456789012345678901234567890123456789012345678901234567890123456789"
+        "\r\n"
+        "e NOOP\r\n";
     struct run r;
 
     RUN(64, in, "", &r);
@@ -417,11 +426,12 @@ static void test_refused_lines(void)
     run_free(&r);
 
     /* A refused line's non-synchronizing literal is dropped with it, and the line's rest. */
-    static const char lit[] = "a APPEND INBOX 01234567890123456789012345678901234567890123456789 {9+}\r\n"
-                              "b LOGOUT\r rest\r\n"
-                              "c NOOP {4+}\n"
-                              "dd\r\n\r\n"
-                              "e NOOP\r\n";
+    static const char lit[] =
+        "a APPEND INBOX 01234567890123456789012345678901234567890123456789 {9+}\r\n"
+        "b LOGOUT\r rest\r\n"
+        "c NOOP {4+}\n"
+        "dd\r\n\r\n"
+        "e NOOP\r\n";
     RUN(64, lit, "", &r);
     ASSERT_TR(&r, "TOO_LONG a||line too long|0\nDISCARD\n"
                   "INVALID c||bare LF|0\nDISCARD\n"
@@ -482,11 +492,10 @@ static void sdrive(struct imap_server *p, struct dstr *hold, struct srun *r)
                 dstr_printf(&r->tr, "DATA\n");
         } else {
             const struct imap_resp *x = ev.resp;
-            dstr_printf(&r->tr, "%s %s|%s|%s|%s%llu|%s|%s|%u|%llu|%llu|%u%s\n",
-                        kind_names[x->kind], x->tag, imap_status_name(x->status), x->keyword,
-                        x->has_number ? "#" : "", (unsigned long long)x->number, x->code,
-                        x->text, x->literals, (unsigned long long)x->lit_size,
-                        (unsigned long long)x->size, x->truncated,
+            dstr_printf(&r->tr, "%s %s|%s|%s|%s%llu|%s|%s|%u|%llu|%llu|%u%s\n", kind_names[x->kind],
+                        x->tag, imap_status_name(x->status), x->keyword, x->has_number ? "#" : "",
+                        (unsigned long long)x->number, x->code, x->text, x->literals,
+                        (unsigned long long)x->lit_size, (unsigned long long)x->size, x->truncated,
                         (ev.flags & IMAP_SEV_F_WHOLE) ? " whole" : "");
         }
         r->last = (int)ev.type;
@@ -553,19 +562,20 @@ static void test_server(void)
         "* BYE Logging out\r\n"
         "hello there\r\n";
 
-    run_server(in, sizeof(in) - 1,
-               "UNTAGGED |OK|OK|0|CAPABILITY|[CAPABILITY IMAP4rev1 STARTTLS] Dovecot ready.|0|0|53|0"
-               " whole\n"
-               "UNTAGGED ||EXISTS|#3|||0|0|12|0 whole\n"
-               "DATA\nUNTAGGED ||FETCH|#1||(UID 5 BODY[] {19}|1|19|66|0\n"
-               "DATA\nUNTAGGED ||FETCH|#2||(BODY[1] {0}|2|3|45|0\n"
-               "CONTINUE |||0||idling|0|0|10|0 whole\n"
-               "CONTINUE |||0|||0|0|3|0 whole\n"
-               "TAGGED a1|OK||0|READ-WRITE|[READ-WRITE] Select completed|0|0|36|0 whole\n"
-               "TAGGED a2|NO||0|AUTHENTICATIONFAILED|[AUTHENTICATIONFAILED] Authentication "
-               "failed.|0|0|53|0 whole\n"
-               "UNTAGGED |BYE|BYE|0||Logging out|0|0|19|0 whole\n"
-               "GARBAGE |||0||hello there|0|0|13|0 whole\n");
+    run_server(
+        in, sizeof(in) - 1,
+        "UNTAGGED |OK|OK|0|CAPABILITY|[CAPABILITY IMAP4rev1 STARTTLS] Dovecot ready.|0|0|53|0"
+        " whole\n"
+        "UNTAGGED ||EXISTS|#3|||0|0|12|0 whole\n"
+        "DATA\nUNTAGGED ||FETCH|#1||(UID 5 BODY[] {19}|1|19|66|0\n"
+        "DATA\nUNTAGGED ||FETCH|#2||(BODY[1] {0}|2|3|45|0\n"
+        "CONTINUE |||0||idling|0|0|10|0 whole\n"
+        "CONTINUE |||0|||0|0|3|0 whole\n"
+        "TAGGED a1|OK||0|READ-WRITE|[READ-WRITE] Select completed|0|0|36|0 whole\n"
+        "TAGGED a2|NO||0|AUTHENTICATIONFAILED|[AUTHENTICATIONFAILED] Authentication "
+        "failed.|0|0|53|0 whole\n"
+        "UNTAGGED |BYE|BYE|0||Logging out|0|0|19|0 whole\n"
+        "GARBAGE |||0||hello there|0|0|13|0 whole\n");
 }
 
 static void test_server_long_line(void)
@@ -583,6 +593,7 @@ static void test_server_long_line(void)
     n += (size_t)sprintf(in + n, " {4}\r\nabcd\r\na OK done\r\n");
     struct srun a, b;
     srun_cuts(in, n, 0, 0, &a);
+    ASSERT(a.out.p != NULL && a.tr.p != NULL);
     ASSERT_MEMEQ(a.out.p, a.out.n, in, n);
     ASSERT(strncmp(a.tr.p, "DATA\nUNTAGGED ||SEARCH|0||8 1 3 5", 33) == 0);
     ASSERT(strstr(a.tr.p, "|1|4|24568|1\nTAGGED a|OK||0||done|0|0|11|0 whole\n") != NULL);
@@ -600,8 +611,7 @@ static void test_server_long_line(void)
 
 static struct imap_pairs_entry g_fifo[IMAP_PAIRS_CAP];
 
-static void feed_client(struct imap_client *cp, struct imap_pairs *pp, const char *s,
-                        uint64_t now)
+static void feed_client(struct imap_client *cp, struct imap_pairs *pp, const char *s, uint64_t now)
 {
     size_t len = strlen(s), off = 0;
 
@@ -674,8 +684,9 @@ static void test_pairs(void)
     ASSERT_EQ(pair.size, 5);
     ASSERT_EQ(pair.untagged, 2);
     ASSERT_EQ(pair.flags, IMAP_PAIR_F_PIPELINED);
-    ASSERT_EQ(feed_server(&sp, &cp, &pp, "a2 NO [NONEXISTENT] Mailbox doesn't exist\r\n", 43, &pair),
-              IMAP_PAIRS_MATCHED);
+    ASSERT_EQ(
+        feed_server(&sp, &cp, &pp, "a2 NO [NONEXISTENT] Mailbox doesn't exist\r\n", 43, &pair),
+        IMAP_PAIRS_MATCHED);
     ASSERT_STREQ(pair.cmd_text, "SELECT INBOX");
     ASSERT_STREQ(pair.text, "[NONEXISTENT] Mailbox doesn't exist");
     ASSERT_EQ(pair.untagged, 2);
@@ -706,8 +717,8 @@ static void test_pairs(void)
     /* An overlong line is answered locally, in order; a tag nobody sent is unsolicited. */
     feed_client(&cp, &pp, "a6 NOOP\r\n", 1100);
     cp.max_line = 64;
-    feed_client(&cp, &pp,
-                "a7 X 012345678901234567890123456789012345678901234567890123456789\r\n", 1101);
+    feed_client(&cp, &pp, "a7 X 012345678901234567890123456789012345678901234567890123456789\r\n",
+                1101);
     ASSERT(!imap_pairs_take_local(&pp, 1102, &pair));
     ASSERT_EQ(feed_server(&sp, &cp, &pp, "zz OK what\r\n", 1103, &pair), IMAP_PAIRS_UNSOLICITED);
     ASSERT_EQ(feed_server(&sp, &cp, &pp, "a6 OK NOOP completed.\r\n", 1104, &pair),
