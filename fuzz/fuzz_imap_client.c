@@ -8,7 +8,8 @@
  *   - resumability: the same events (spans merged) and the same forwarded bytes both ways;
  *   - spans: ev.fwd lies inside the bytes the call consumed, or is the static "*\r\n" cancel;
  *     ev.tag and ev.text point into the parser and are bounded;
- *   - the parser never asks the caller to hold more than max_line_length bytes;
+ *   - the parser never asks the caller to hold more than max_line_length bytes, nor more
+ *     than IMAP_STREAM_AT (longer lines go out in parts);
  *   - nothing is forwarded twice: the output is at most the input plus the cancels;
  *   - credentials: the text of a LOGIN is the verb alone or the verb and " [redacted]"; an
  *     AUTHENTICATE's is the verb, at most a mechanism, and " [redacted]" with an initial
@@ -152,7 +153,7 @@ static void fuzz_drive(struct fuzz_run *r, char *hold, size_t *held)
         FUZZ_CHECK(n <= left);
         if (ev.type == IMAP_EV_AGAIN) {
             FUZZ_CHECK(n == 0);
-            FUZZ_CHECK(left <= r->cp.max_line);
+            FUZZ_CHECK(left <= r->cp.max_line && left <= IMAP_STREAM_AT);
             break;
         }
         if (ev.type == IMAP_EV_WAIT) {

@@ -427,22 +427,56 @@ static void imap_refuse(struct imap_client *p, unsigned st, const char *buf, siz
     p->bad = NULL;
 }
 
+/* A command line longer than IMAP_STREAM_AT (but within the limit): its first part goes out
+ * now, the last bytes stay so that a literal's announcement at its end is seen whole. */
+static size_t imap_stream(struct imap_client *p, const char *buf, struct imap_event *ev)
+{
+    size_t n = IMAP_STREAM_AT - IMAP_STREAM_TAIL;
+    bool cont = p->in_cmd;
+
+    if (!cont)
+        imap_head(p, buf, n);
+    else if (!p->redact)
+        imap_text_add(p, buf, n);
+    p->line_used += n;
+    p->in_cmd = true;
+    p->bad = NULL;
+    imap_ev_reset(ev, cont ? IMAP_EV_PART : IMAP_EV_BEGIN);
+    ev->flags |= p->flags & (IMAP_EV_F_NO_TAG | IMAP_EV_F_AUTH_INITIAL);
+    ev->cmd = p->cmd;
+    ev->tag = p->tag;
+    ev->tag_len = p->tag_len;
+    ev->fwd = buf;
+    ev->fwd_len = n;
+    return n;
+}
+
 /* Command, continuation and DONE lines. */
 static size_t imap_line(struct imap_client *p, const char *buf, size_t len, struct imap_event *ev)
 {
     unsigned st = p->state;
     size_t room = st == IMAP_CS_LINE ? p->max_line - p->line_used : p->max_line;
+    size_t lim = room < IMAP_STREAM_AT ? room : IMAP_STREAM_AT;
     size_t end = 0, n;
     uint64_t lit = 0;
     bool sync = true;
 
-    switch (imap_find_line(p, buf, len, room, &end)) {
+    switch (imap_find_line(p, buf, len, lim, &end)) {
     case IMAP_LINE_MORE:
         imap_ev_reset(ev, IMAP_EV_AGAIN);
         return 0;
     case IMAP_LINE_LONG:
-        imap_ev_reset(ev, IMAP_EV_TOO_LONG);
-        ev->reason = "line too long";
+        if (st == IMAP_CS_LINE && lim < room) {
+            /* Long but allowed: it goes out in parts, so the caller never holds more than
+             * IMAP_STREAM_AT bytes; a fault in the part is one the backend must not see. */
+            if (p->bad == NULL)
+                return imap_stream(p, buf, ev);
+            imap_ev_reset(ev, IMAP_EV_INVALID);
+            ev->reason = p->bad;
+        } else {
+            imap_ev_reset(ev, IMAP_EV_TOO_LONG);
+            ev->reason = "line too long";
+        }
         imap_mark_reset(p);
         imap_mark_feed(p, buf, end);
         imap_refuse(p, st, buf, end, ev);

@@ -31,7 +31,10 @@
  * Every consumed byte is either forwarded (it is covered by ev.fwd) or dropped (TOO_LONG,
  * INVALID, DISCARD, INJECTED). Unconsumed bytes are held by the caller, which must present them
  * again, unchanged, at the start of the next call. The parser never asks the caller to hold more
- * than max_line_length bytes, except in the WAIT states (see IMAP_EV_WAIT).
+ * than max_line_length or IMAP_STREAM_AT bytes, whichever is less, except in the WAIT states
+ * (see IMAP_EV_WAIT): a command line longer than IMAP_STREAM_AT goes out in parts (BEGIN,
+ * PART) as it arrives, and a fault in it found later cuts the command short
+ * (IMAP_EV_F_MIDCMD). AUTHENTICATE and DONE lines are limited to IMAP_STREAM_AT.
  *
  * A command line counts toward max_line_length with all its parts (the text before, between
  * and after its literals) but without the literal data. The server's answers steer the client
@@ -57,6 +60,8 @@
 #define IMAP_KEYWORD_MAX 24         /* bytes of an untagged keyword or response code kept */
 #define IMAP_SERVER_HOLD 8192       /* a response line up to this long is handed out whole */
 #define IMAP_SASL_MECH_MAX 20       /* longest SASL mechanism name (RFC 4422 3.1) */
+#define IMAP_STREAM_AT 12288        /* a command line longer than this goes out in parts */
+#define IMAP_STREAM_TAIL 32         /* bytes of such a line held back: an announcement fits */
 
 /* Verbs; use imap_cmd_name() for text (the `command` label of the IMAP metrics). */
 enum imap_cmd {
@@ -123,8 +128,9 @@ enum imap_ev {
      * the client's bytes until imap_client_on_continue() or imap_client_on_tagged(). */
     IMAP_EV_WAIT,
     /* The first part of a command cut by a literal: ev.fwd is that part with its CRLF, the
-     * literal's announcement "{n}" at its end. ev.tag and ev.cmd are set. With
-     * IMAP_EV_F_SYNC the literal is synchronizing: a WAIT for the server's "+" comes next. */
+     * literal's announcement "{n}" at its end; or of a line longer than IMAP_STREAM_AT, cut
+     * there. ev.tag and ev.cmd are set. With IMAP_EV_F_SYNC the literal is synchronizing: a
+     * WAIT for the server's "+" comes next. */
     IMAP_EV_BEGIN,
     /* A later part of a command, between two literals: forward ev.fwd; IMAP_EV_F_SYNC as for
      * BEGIN. */

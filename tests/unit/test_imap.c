@@ -224,6 +224,8 @@ static void run_client(size_t max, const char *in, size_t len, const char *scrip
 }
 
 #define RUN(max, str, script, r) run_client((max), (str), sizeof(str) - 1, (script), (r))
+#define ASSERT_PREFIX(s, want)                                                                     \
+    ASSERT_MEMEQ((s), strlen(want) <= strlen(s) ? strlen(want) : strlen(s), (want), strlen(want))
 #define ASSERT_TR(r, want) ASSERT_MEMEQ((r)->tr.p, (r)->tr.n, (want), strlen(want))
 #define ASSERT_OUT_IN(r, in) ASSERT_MEMEQ((r)->out.p, (r)->out.n, (in), sizeof(in) - 1)
 
@@ -445,6 +447,55 @@ static void test_refused_lines(void)
     RUN(64, mid, "", &r);
     ASSERT_TR(&r, "BEGIN a|APPEND||0\nLITERAL\nTOO_LONG a|APPEND|line too long|10\nDISCARD\n");
     run_free(&r);
+}
+
+static void test_long_lines(void)
+{
+    /* Over IMAP_STREAM_AT bytes but within the limit: the line goes out in parts, the caller
+     * never holds more than IMAP_STREAM_AT bytes, the announcement at its end is still seen. */
+    size_t n = 0, len = 3 * IMAP_STREAM_AT;
+    char *in = malloc(len + 128);
+    struct run r;
+
+    ASSERT(in != NULL);
+    n += (size_t)sprintf(in, "a UID SEARCH UID 1");
+    while (n < len)
+        n += (size_t)sprintf(in + n, ",%u", (unsigned)n);
+    n += (size_t)sprintf(in + n, " {3+}\r\nabc\r\nb NOOP\r\n");
+    struct run s;
+    run_cuts(0, in, n, NULL, 0, "", &r);
+    ASSERT_PREFIX(r.tr.p, "BEGIN a|UID||0\nPART a|UID||0\nPART a|UID||0\nPART a|UID||0\nLITERAL\n"
+                          "CMD a|UID|UID SEARCH UID 1,18,21,");
+    ASSERT(strstr(r.tr.p, "|3|2\nCMD b|NOOP|NOOP|0|0\n") != NULL);
+    ASSERT_MEMEQ(r.out.p, r.out.n, in, n);
+    size_t *cuts = calloc(n, sizeof(*cuts));
+    ASSERT(cuts != NULL);
+    for (size_t i = 0; i + 1 < n; i++)
+        cuts[i] = i + 1;
+    run_cuts(0, in, n, cuts, n - 1, "", &s);
+    same_run(&r, &s, "byte by byte", 0);
+    run_free(&s);
+    for (size_t k = IMAP_STREAM_AT - 40; k < IMAP_STREAM_AT + 40; k++) {
+        run_cuts(0, in, n, &k, 1, "", &s);
+        same_run(&r, &s, "split at", k);
+        run_free(&s);
+    }
+    run_free(&r);
+
+    /* A NUL in such a line: dropped, and the command is cut short once parts went out. */
+    in[IMAP_STREAM_AT / 2] = '\0';
+    run_cuts(0, in, n, NULL, 0, "", &r);
+    ASSERT_PREFIX(r.tr.p, "INVALID a||NUL|0\nDISCARD\nCMD b|NOOP|NOOP|0|0\n");
+    run_free(&r);
+    in[IMAP_STREAM_AT / 2] = '1';
+    in[2 * IMAP_STREAM_AT] = '\0';
+    run_cuts(0, in, n, NULL, 0, "", &r);
+    ASSERT_PREFIX(
+        r.tr.p,
+        "BEGIN a|UID||0\nPART a|UID||0\nINVALID a|UID|NUL|10\nDISCARD\nCMD b|NOOP|NOOP|0|0\n");
+    run_free(&r);
+    free(cuts);
+    free(in);
 }
 
 static void test_no_tag(void)
@@ -826,6 +877,7 @@ int main(void)
     test_starttls_compress();
     test_refused_lines();
     test_no_tag();
+    test_long_lines();
     test_server();
     test_server_long_line();
     test_pairs();
