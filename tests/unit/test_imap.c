@@ -28,6 +28,7 @@ static void dstr_add(struct dstr *d, const void *s, size_t n)
         ASSERT(d->p != NULL);
         d->cap = cap;
     }
+    ASSERT(d->p != NULL);
     if (n > 0)
         memcpy(d->p + d->n, s, n);
     d->n += n;
