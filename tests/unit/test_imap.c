@@ -465,6 +465,7 @@ static void test_long_lines(void)
     n += (size_t)sprintf(in + n, " {3+}\r\nabc\r\nb NOOP\r\n");
     struct run s;
     run_cuts(0, in, n, NULL, 0, "", &r);
+    ASSERT(r.tr.p != NULL && r.out.p != NULL);
     ASSERT_PREFIX(r.tr.p, "BEGIN a|UID||0\nPART a|UID||0\nPART a|UID||0\nPART a|UID||0\nLITERAL\n"
                           "CMD a|UID|UID SEARCH UID 1,18,21,");
     ASSERT(strstr(r.tr.p, "|3|2\nCMD b|NOOP|NOOP|0|0\n") != NULL);
@@ -486,6 +487,7 @@ static void test_long_lines(void)
     /* A NUL in such a line: dropped, and the command is cut short once parts went out. */
     in[IMAP_STREAM_AT / 2] = '\0';
     run_cuts(0, in, n, NULL, 0, "", &r);
+    ASSERT(r.tr.p != NULL);
     ASSERT_PREFIX(r.tr.p, "INVALID a||NUL|0\nDISCARD\nCMD b|NOOP|NOOP|0|0\n");
     run_free(&r);
     in[IMAP_STREAM_AT / 2] = '1';
