@@ -1,12 +1,15 @@
 /* metrics.c: per-worker counters, summed into Prometheus text; see metrics.h. */
 #include "metrics.h"
 
+#include <assert.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uv.h>
+
+#include "smtp.h"
 
 /* Upper bounds of the histogram buckets in nanoseconds, and as le= text. */
 static const uint64_t metrics_bounds_ns[METRICS_BUCKETS] = {
@@ -114,7 +117,9 @@ void metrics_greeting(struct metrics *m, uint64_t ns)
     metrics_observe(&m->greeting, ns);
 }
 
-void metrics_reply(struct metrics *m, enum smtp_cmd cmd, int code, uint64_t ns)
+static_assert(METRICS_VERBS == SMTP_CMD_DOT + 1, "one reply row per enum smtp_cmd");
+
+void metrics_reply(struct metrics *m, unsigned cmd, int code, uint64_t ns)
 {
     if ((unsigned)cmd >= METRICS_VERBS || code < 200 || code > 599)
         return;

@@ -7,8 +7,8 @@
 #include "config.h"
 #include "listener.h"
 #include "log.h"
+#include "proto.h"
 #include "session.h"
-#include "session_smtp.h"
 #include "sockaddr.h"
 
 static void worker_log_listen(const struct worker *w, const struct config_listener *cl,
@@ -274,5 +274,5 @@ void worker_join(struct worker *w)
     config_unref(w->cfg);
     w->cfg = NULL;
     relay_pool_drain(&w->pool);
-    session_smtp_pool_drain(w);
+    proto_pool_drain(w);
 }

@@ -17,7 +17,7 @@
 struct config;
 struct listener;
 struct session;
-struct smtp_fifo;
+struct dialog_spare;
 
 struct worker {
     unsigned id; /* 0..workers-1; worker 0 logs per-process events */
@@ -41,8 +41,8 @@ struct worker {
     int start_error;                               /* first listener error at start, for main */
     struct relay_pool pool;                        /* read/write blocks for every session here */
     struct metrics metrics;                        /* written here only, summed by admin.c */
-    struct smtp_fifo *smtp_fifo_free;              /* spare mode-smtp command FIFOs */
-    unsigned smtp_fifo_n;                          /* length of smtp_fifo_free */
+    struct dialog_spare *dialog_spare;             /* spare command FIFOs (dialog.c) */
+    unsigned dialog_spare_n;                       /* length of dialog_spare */
     void (*on_listeners_closed)(struct worker *w); /* called on the worker thread */
     void (*on_exit)(struct worker *w);             /* called on the worker thread */
 };

@@ -93,7 +93,7 @@ static void test_defaults(void)
     ASSERT_EQ(l->max_line_length, 4096);
     ASSERT_EQ(l->smuggling, CONFIG_SMUGGLING_REJECT);
     ASSERT_EQ(l->transcript, CONFIG_TRANSCRIPT_PAIRS);
-    ASSERT(l->smtp_key == NULL);
+    ASSERT_EQ(l->mode_keys.n, 0);
     ASSERT(l->backend_retry_at != NULL);
     ASSERT_EQ(atomic_load(&l->backend_retry_at[0]), 0);
     ASSERT(l->shared != NULL);

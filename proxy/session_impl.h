@@ -1,8 +1,8 @@
-/* session-t.h: struct session, shared by session.c (connections, relay,
- * close) and session_smtp.c (the SMTP-aware part of mode smtp). Nothing
- * else includes it. */
-#ifndef MXPROXY_SESSION_T_H
-#define MXPROXY_SESSION_T_H
+/* session_impl.h: struct session, shared by session.c (connections, relay,
+ * close) and the protocol modules (dialog.c, proto_*.c) that session.c
+ * reaches only through s->proto (proto.h). Nothing else includes it. */
+#ifndef MXPROXY_SESSION_IMPL_H
+#define MXPROXY_SESSION_IMPL_H
 
 #include <assert.h>
 #include <netinet/in.h>
@@ -37,13 +37,25 @@ static inline void session_sa_set(union session_sa *dst, const struct sockaddr_s
 }
 
 struct proxyproto_parser;
-struct session_smtp;
+struct proto;
 struct tls_conn;
 struct worker;
 
 static_assert(CONFIG_BACKENDS_MAX <= 64, "session.tried holds one bit per backend");
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
+
+/* Where a session is in its life; changed only by session_enter_phase(),
+ * which logs ev=phase from= to= at debug level. Phases only move forward,
+ * except RELAYING -> CONNECTING (greeting_timeout: the next backend). */
+enum session_phase {
+    SESSION_PHASE_ACCEPTED = 0, /* accepted; nothing started yet */
+    SESSION_PHASE_PROXY_HEADER, /* reading the load balancer's PROXY header */
+    SESSION_PHASE_CONNECTING,   /* a backend connect is under way */
+    SESSION_PHASE_RELAYING,     /* the backend connected: both directions relay */
+    SESSION_PHASE_FLUSHING,     /* close_after_flush: the client's last bytes, then FIN */
+    SESSION_PHASE_CLOSING,      /* session_close ran: only close callbacks remain */
+};
 
 struct session {
     uv_tcp_t client;                  /* accepted socket; data -> up (relay) */
@@ -61,6 +73,7 @@ struct session {
     uint64_t t_connect;               /* uv_hrtime() when the current connect began */
     uint64_t connected_at;            /* uv_now() when the backend connected */
     uint64_t tls_started_at;          /* uv_now() when the client TLS handshake could begin */
+    enum session_phase phase;         /* SESSION_PHASE_*, see session_enter_phase() */
     unsigned flags;                   /* SESSION_F_* */
     unsigned open_handles;            /* uv handles not yet through their close_cb */
     unsigned rr_start;                /* round-robin position: where the search starts */
@@ -71,7 +84,8 @@ struct session {
     enum session_end first_close;     /* who closed first, valid with SESSION_F_FIRST_CLOSE */
     enum session_end pending_end;     /* close_after_flush: the end= to log */
     const char *pending_error;        /* close_after_flush: the error= to log, static text */
-    struct session_smtp *smtp;        /* mode smtp state, NULL in mode tcp */
+    const struct proto *proto;        /* the mode's protocol (proto.h), NULL in mode tcp */
+    void *proto_state;                /* the protocol's per-session state, its own type */
     struct tls_conn *client_tls;      /* TLS with the client, or NULL */
     struct tls_conn *backend_tls;     /* TLS with the backend, or NULL */
     union session_sa client_sa;       /* the client: the peer, or what a PROXY header said */
@@ -83,18 +97,42 @@ struct session {
     char client_addr[SOCKADDR_TEXT_MAX]; /* client= */
 };
 
-#define SESSION_F_CLOSING 0x01u     /* session_close ran: only close callbacks remain */
-#define SESSION_F_CONNECTED 0x02u   /* the backend connected; relays set up */
-#define SESSION_F_BACKEND 0x04u     /* backend handle initialised and not yet closed */
-#define SESSION_F_FIRST_CLOSE 0x08u /* first_close records the side that closed first */
-#define SESSION_F_COUNTED 0x10u     /* counted in the listener's active sessions */
-#define SESSION_F_TIMED_OUT 0x20u   /* the current connect attempt timed out */
-#define SESSION_F_FLUSHING 0x40u    /* close_after_flush: waiting for the client FIN */
-#define SESSION_F_PP_WAIT 0x100u    /* reading the load balancer's PROXY header */
-#define SESSION_F_PP_SENT 0x200u
-#define SESSION_F_OPEN_LOGGED                                                                      \
-    0x400u /* ev=open was written */ /* the PROXY header went to the backend */
+/* Facts about a session, whatever its phase (s->flags). */
+#define SESSION_F_RELAYS 0x02u       /* the relays run with a connected backend */
+#define SESSION_F_BACKEND 0x04u      /* backend handle initialised and not yet closed */
+#define SESSION_F_FIRST_CLOSE 0x08u  /* first_close records the side that closed first */
+#define SESSION_F_COUNTED 0x10u      /* counted in the listener's active sessions */
+#define SESSION_F_TIMED_OUT 0x20u    /* the current connect attempt timed out */
 #define SESSION_F_NO_BACKEND 0x80u   /* the backend was dropped on purpose; no retry */
+#define SESSION_F_PP_SENT 0x200u     /* the PROXY header went to the backend */
+#define SESSION_F_OPEN_LOGGED 0x400u /* ev=open was written */
+
+/* Moves s to phase next (logged at debug level). Once FLUSHING or CLOSING,
+ * a session never goes back to an earlier phase: such a call is a no-op. */
+void session_enter_phase(struct session *s, enum session_phase next);
+
+/* session_close ran: only close callbacks remain. */
+static inline bool session_closing(const struct session *s)
+{
+    return s->phase == SESSION_PHASE_CLOSING;
+}
+
+/* Closing, or closing after the client has what is queued for it. */
+static inline bool session_ending(const struct session *s)
+{
+    return s->phase >= SESSION_PHASE_FLUSHING;
+}
+
+/* end= for a backend that went away: the side that closed first, which is
+ * the backend unless the client already had. */
+static inline enum session_end session_backend_gone_end(struct session *s)
+{
+    if (!(s->flags & SESSION_F_FIRST_CLOSE)) {
+        s->flags |= SESSION_F_FIRST_CLOSE;
+        s->first_close = SESSION_END_BACKEND_CLOSED;
+    }
+    return s->first_close;
+}
 
 #define SESSION_TLS_HANDSHAKE_MS 5000 /* a client TLS handshake must finish within this */
 
@@ -132,4 +170,4 @@ const char *session_backend_name(const struct session *s, char *buf, size_t cap)
  * receiving (an unfinished message), without ending the session. */
 void session_drop_backend(struct session *s);
 
-#endif /* MXPROXY_SESSION_T_H */
+#endif /* MXPROXY_SESSION_IMPL_H */
