@@ -632,6 +632,11 @@ size_t imap_client_parse(struct imap_client *p, const char *buf, size_t len, str
     }
 }
 
+bool imap_client_idling(const struct imap_client *p)
+{
+    return p->state == IMAP_CS_WAIT_IDLE || p->state == IMAP_CS_IDLE;
+}
+
 void imap_client_on_continue(struct imap_client *p)
 {
     switch (p->state) {
@@ -817,6 +822,7 @@ size_t imap_server_parse(struct imap_server *p, const char *buf, size_t len, uin
     if (p->state == IMAP_SS_LITERAL) {
         size_t n = p->lit_left < len ? (size_t)p->lit_left : len;
         imap_sev_reset(ev, IMAP_SEV_DATA);
+        ev->flags = IMAP_SEV_F_LITERAL;
         ev->fwd = buf;
         ev->fwd_len = n;
         p->lit_left -= n;

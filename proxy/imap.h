@@ -239,6 +239,10 @@ void imap_client_on_continue(struct imap_client *p);
  * every tagged response. */
 void imap_client_on_tagged(struct imap_client *p, const char *tag, size_t len);
 
+/* True while an IDLE waits for its "+" or for the client's DONE: the server owes its tagged
+ * response only after the DONE. */
+bool imap_client_idling(const struct imap_client *p);
+
 /* Name of a verb: "SELECT"; "UNKNOWN"; "" for IMAP_CMD_NONE. */
 const char *imap_cmd_name(enum imap_cmd cmd);
 
@@ -291,6 +295,7 @@ enum imap_sev {
     IMAP_SEV_RESPONSE,  /* ev.fwd: the end of a response, *ev.resp: the whole response */
 };
 
+#define IMAP_SEV_F_LITERAL 0x02u /* DATA: literal data (a message body): never log it */
 #define IMAP_SEV_F_WHOLE                                                                           \
     0x01u /* RESPONSE: ev.fwd is the entire response (one line of at most                          \
              IMAP_SERVER_HOLD bytes, no literal): it may be rewritten */

@@ -24,6 +24,8 @@
 #define METRICS_ENDS SESSION_END_COUNT_  /* end= values */
 #define METRICS_VERBS 19                 /* values of enum smtp_cmd (checked in metrics.c) */
 #define METRICS_CLASSES 4                /* 2xx, 3xx, 4xx, 5xx */
+#define METRICS_IMAP_CMDS 43             /* values of enum imap_cmd (checked in metrics.c) */
+#define METRICS_IMAP_STATUSES 6          /* values of enum imap_status (checked in metrics.c) */
 #define METRICS_BUCKETS 16               /* finite histogram bounds, 0.0001..10 s */
 #define METRICS_NO_LATENCY UINT64_MAX    /* metrics_reply(): count, do not time */
 #define METRICS_OTHER_LISTENER "~other"  /* label for names past the table */
@@ -52,6 +54,7 @@ struct metrics {
     struct metrics_listener listeners[METRICS_LISTENERS_MAX]; /* in order of first use */
     struct metrics_listener other;                            /* names that found no free slot */
     metrics_counter replies[METRICS_VERBS][METRICS_CLASSES];  /* by smtp_cmd and code / 100 - 2 */
+    metrics_counter imap[METRICS_IMAP_CMDS][METRICS_IMAP_STATUSES]; /* by imap_cmd and status */
     metrics_counter bytes_up;     /* read from clients, closed sessions */
     metrics_counter bytes_down;   /* read from backends, closed sessions */
     metrics_counter tls[2][2];    /* [client?][ok?] handshakes */
@@ -77,6 +80,11 @@ void metrics_greeting(struct metrics *m, uint64_t ns);
  * METRICS_NO_LATENCY for replies that are not timed (mxproxy's own answers,
  * greetings). */
 void metrics_reply(struct metrics *m, unsigned cmd, int code, uint64_t ns);
+
+/* A mode imap response: the tagged status (or the greeting's, cmd IMAP_CMD_NONE) that ended
+ * cmd, an enum imap_cmd; status is an enum imap_status (NONE is not counted). Also mxproxy's
+ * own tagged answers. Response times go to the same histogram as SMTP's (ns as above). */
+void metrics_imap_response(struct metrics *m, unsigned cmd, unsigned status, uint64_t ns);
 
 /* Accepting on listener failed with err (a negative UV_E* code): counted as
  * error="emfile", "enfile", "enomem", "enobufs" or "other". */
