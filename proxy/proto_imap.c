@@ -472,20 +472,24 @@ static unsigned session_imap_capa_edit(const struct session *s)
     return edit;
 }
 
-/* The backend is gone or unusable: the client gets reply (one line, no CRLF) instead of a
- * bare close, every outstanding tag is logged aborted=1, and the session closes. */
-static void session_imap_abort(struct session *s, const char *reply, enum session_end end,
-                               const char *error)
+/* The backend is gone or unusable: with commands outstanding (or always, with always) the
+ * client gets reply (one line, no CRLF) instead of a bare close; every outstanding tag is
+ * logged aborted=1, and the session closes. A backend that closes with nothing owed (after
+ * LOGOUT, or after its own BYE) has said what it had to say. */
+static void session_imap_abort(struct session *s, const char *reply, bool always,
+                               enum session_end end, const char *error)
 {
     struct session_imap *m = IMAP_M(s);
     struct imap_pair p;
 
     dialog_stop(s);
-    dialog_say(s, reply);
+    if (always || imap_pairs_outstanding(&m->pp) > 0) {
+        dialog_say(s, reply);
+        if (!imap_pairs_summary(&m->pp)->has_primary && m->primary == NULL)
+            m->primary = reply + 2; /* without "* " */
+    }
     while (imap_pairs_abort(&m->pp, &p))
         session_imap_log_pair(s, &p);
-    if (!imap_pairs_summary(&m->pp)->has_primary && m->primary == NULL)
-        m->primary = reply + 2; /* without "* " */
     session_close_after_flush(s, end, error);
 }
 
@@ -493,7 +497,7 @@ static void session_imap_backend_tls_failed(struct session *s, const char *reaso
 {
     session_drop_backend(s);
     /* Never a plaintext downgrade. */
-    session_imap_abort(s, IMAP_SAY(backend_tls), SESSION_END_TLS_ERROR, reason);
+    session_imap_abort(s, IMAP_SAY(backend_tls), true, SESSION_END_TLS_ERROR, reason);
 }
 
 static void session_imap_backend_starttls_failed(struct session *s, const char *reason)
@@ -656,7 +660,7 @@ static void session_imap_backend_broke(struct session *s, const struct imap_resp
     }
     dialog_flush_down(s);
     session_drop_backend(s);
-    session_imap_abort(s, IMAP_SAY(backend_gone), session_backend_gone_end(s), why);
+    session_imap_abort(s, IMAP_SAY(backend_gone), true, session_backend_gone_end(s), why);
 }
 
 /* One whole response for the client (already forwarded up to its end). */
@@ -826,13 +830,13 @@ static void session_imap_on_backend_eof(struct session *s)
             return;
         }
     }
-    session_imap_abort(s, IMAP_SAY(backend_gone), session_backend_gone_end(s), NULL);
+    session_imap_abort(s, IMAP_SAY(backend_gone), false, session_backend_gone_end(s), NULL);
 }
 
 static void session_imap_on_backend_reset(struct session *s, enum session_end end,
                                           const char *error)
 {
-    session_imap_abort(s, IMAP_SAY(backend_gone), end, error);
+    session_imap_abort(s, IMAP_SAY(backend_gone), false, end, error);
 }
 
 static bool session_imap_opaque(const struct session *s)
