@@ -75,6 +75,7 @@ static const struct config_word config_modes[] = {
     {"tcp", CONFIG_MODE_TCP},
     {"smtp", CONFIG_MODE_SMTP},
     {"imap", CONFIG_MODE_IMAP},
+    {"pop3", CONFIG_MODE_POP3},
     {NULL, 0},
 };
 
@@ -148,6 +149,7 @@ typedef int (*config_parse_fn)(struct config_parser *p, const struct config_key 
 
 #define CONFIG_SMTP CONFIG_MODE_BIT(CONFIG_MODE_SMTP) /* .modes of a key mode smtp owns */
 #define CONFIG_IMAP CONFIG_MODE_BIT(CONFIG_MODE_IMAP) /* .modes of a key mode imap owns */
+#define CONFIG_POP3 CONFIG_MODE_BIT(CONFIG_MODE_POP3) /* ... and mode pop3 */
 
 /* One row per key: where it may appear, how its value is parsed, where it goes. */
 struct config_key {
@@ -241,7 +243,7 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(greeting_timeout_ms),
      .min = 1,
      .max = CONFIG_DURATION_MAX_MS,
-     .modes = CONFIG_SMTP | CONFIG_IMAP},
+     .modes = CONFIG_SMTP | CONFIG_IMAP | CONFIG_POP3},
     {.name = "max_connections",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_uint,
@@ -260,7 +262,7 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(max_line_length),
      .min = CONFIG_LINE_LENGTH_MIN,
      .max = CONFIG_LINE_LENGTH_MAX,
-     .modes = CONFIG_SMTP | CONFIG_IMAP},
+     .modes = CONFIG_SMTP | CONFIG_IMAP | CONFIG_POP3},
     {.name = "smuggling",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_smuggling,
@@ -268,7 +270,7 @@ static const struct config_key config_keys[] = {
     {.name = "transcript",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_transcript,
-     .modes = CONFIG_SMTP | CONFIG_IMAP},
+     .modes = CONFIG_SMTP | CONFIG_IMAP | CONFIG_POP3},
     {.name = "admin", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_admin},
     {.name = "admin_max_connections",
      .section = CONFIG_SECTION_GLOBAL,
@@ -324,7 +326,7 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(require_tls),
      .words = config_onoff,
      .flags = CONFIG_KEY_F_TLS,
-     .modes = CONFIG_SMTP},
+     .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "backend_tls",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_enum,
@@ -384,7 +386,7 @@ static const struct config_key config_keys[] = {
      .parse = config_parse_enum,
      .offset = CONFIG_L(xclient),
      .words = config_onoff,
-     .modes = CONFIG_SMTP},
+     .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "imap_id",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_enum,
@@ -1328,20 +1330,27 @@ static int config_on_key(void *user, const char *section, const char *name, cons
 /* ---- after the last line ---- */
 
 /* Every mode-bound key l was given must be owned by l's mode: the first one
- * that is not fails with "'KEY' needs mode = M[ or M...] in [listener L]". */
+ * that is not fails with "'KEY' needs mode = M[, M...][ or M] in [listener L]". */
 static int config_check_mode_keys(struct config_parser *p, const struct config_listener *l)
 {
     for (unsigned i = 0; i < l->mode_keys.n; i++) {
         const struct config_key *k = &config_keys[l->mode_keys.row[i]];
         char modes[64] = "";
         size_t n = 0;
+        unsigned left = 0;
 
         if (k->modes & CONFIG_MODE_BIT(l->mode))
             continue;
         for (const struct config_word *w = config_modes; w->name != NULL; w++)
-            if (k->modes & CONFIG_MODE_BIT(w->value))
-                n += (size_t)snprintf(modes + n, n < sizeof(modes) ? sizeof(modes) - n : 0, "%s%s",
-                                      n > 0 ? " or " : "", w->name);
+            left += (k->modes & CONFIG_MODE_BIT(w->value)) != 0;
+        /* "a", "a or b", "a, b or c" */
+        for (const struct config_word *w = config_modes; w->name != NULL; w++) {
+            if ((k->modes & CONFIG_MODE_BIT(w->value)) == 0)
+                continue;
+            left--;
+            n += (size_t)snprintf(modes + n, n < sizeof(modes) ? sizeof(modes) - n : 0, "%s%s",
+                                  w->name, left > 1 ? ", " : left == 1 ? " or " : "");
+        }
         config_fail(p, -EINVAL, l->mode_keys.line[i], "'%s' needs mode = %s in [listener %s]",
                     k->name, modes, l->name);
         return -EINVAL;
@@ -1400,7 +1409,8 @@ static bool config_addr_overlaps(const struct config_addr *a, const struct confi
 /* Settings that only make sense together. */
 static int config_check_features(struct config_parser *p, const struct config_listener *l)
 {
-    bool dialog = l->mode == CONFIG_MODE_SMTP || l->mode == CONFIG_MODE_IMAP;
+    bool dialog = l->mode == CONFIG_MODE_SMTP || l->mode == CONFIG_MODE_IMAP ||
+                  l->mode == CONFIG_MODE_POP3; /* modes with STARTTLS */
     int line = l->tls_line > 0 ? l->tls_line : l->line;
 
     if (l->n_certs != l->n_keys) {
@@ -1432,7 +1442,8 @@ static int config_check_features(struct config_parser *p, const struct config_li
     if (!dialog && (l->client_tls == CONFIG_CLIENT_TLS_STARTTLS ||
                     l->client_tls == CONFIG_CLIENT_TLS_PASSTHROUGH ||
                     l->backend_tls == CONFIG_BACKEND_TLS_STARTTLS)) {
-        config_fail(p, -EINVAL, line, "listener '%s': STARTTLS needs mode = smtp", l->name);
+        config_fail(p, -EINVAL, line, "listener '%s': STARTTLS needs mode = smtp, imap or pop3",
+                    l->name);
         return -1;
     }
     if (l->require_tls && l->client_tls != CONFIG_CLIENT_TLS_STARTTLS) {

@@ -47,6 +47,7 @@ enum config_log_level {
 enum config_mode {
     CONFIG_MODE_TCP = 0, /* opaque byte relay (default) */
     CONFIG_MODE_SMTP,    /* SMTP-aware relay (proto_smtp.c) */
+    CONFIG_MODE_POP3,    /* POP3-aware relay (proto_pop3.c) */
     CONFIG_MODE_IMAP,    /* IMAP-aware relay (proto_imap.c) */
 };
 

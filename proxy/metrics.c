@@ -10,6 +10,7 @@
 #include <uv.h>
 
 #include "imap.h"
+#include "pop3.h"
 #include "smtp.h"
 
 /* Upper bounds of the histogram buckets in nanoseconds, and as le= text. */
@@ -138,6 +139,15 @@ void metrics_reply(struct metrics *m, unsigned cmd, int code, uint64_t ns)
     metrics_add(&m->replies[cmd][code / 100 - 2], 1);
     if (ns != METRICS_NO_LATENCY)
         metrics_observe(&m->reply, ns);
+}
+
+static_assert(METRICS_POP3_CMDS == POP3_CMD_COUNT, "one response row per enum pop3_cmd");
+
+void metrics_pop3_response(struct metrics *m, unsigned cmd, bool ok)
+{
+    if (cmd >= METRICS_POP3_CMDS)
+        return;
+    metrics_add(&m->pop3[cmd][ok ? 1 : 0], 1);
 }
 
 void metrics_tls(struct metrics *m, bool client, bool ok)
@@ -449,6 +459,20 @@ size_t metrics_render(struct metrics *const *per_worker, unsigned n, char *out, 
                 metrics_sample(&o, "mxproxy_imap_responses_total", "command",
                                v == IMAP_CMD_NONE ? "none" : imap_cmd_name((enum imap_cmd)v),
                                "status", imap_status_name((enum imap_status)st), sum);
+        }
+    }
+
+    metrics_head(&o, "mxproxy_pop3_responses_total", "counter",
+                 "POP3 responses to clients by the command they answer and status (mode pop3); "
+                 "command=\"none\" is the greeting.");
+    for (unsigned v = 0; v < METRICS_POP3_CMDS; v++) {
+        for (unsigned ok = 0; ok < 2; ok++) {
+            sum = 0;
+            for (unsigned w = 0; w < n; w++)
+                sum += metrics_get(&per_worker[w]->pop3[v][ok]);
+            metrics_sample(&o, "mxproxy_pop3_responses_total", "command",
+                           v == POP3_CMD_NONE ? "none" : pop3_cmd_name((enum pop3_cmd)v), "status",
+                           ok ? "+OK" : "-ERR", sum);
         }
     }
 

@@ -23,6 +23,7 @@
 #define METRICS_LISTENERS_MAX 64         /* listener names kept per worker */
 #define METRICS_ENDS SESSION_END_COUNT_  /* end= values */
 #define METRICS_VERBS 19                 /* values of enum smtp_cmd (checked in metrics.c) */
+#define METRICS_POP3_CMDS 20             /* values of enum pop3_cmd (checked in metrics.c) */
 #define METRICS_CLASSES 4                /* 2xx, 3xx, 4xx, 5xx */
 #define METRICS_IMAP_CMDS 43             /* values of enum imap_cmd (checked in metrics.c) */
 #define METRICS_IMAP_STATUSES 6          /* values of enum imap_status (checked in metrics.c) */
@@ -55,6 +56,7 @@ struct metrics {
     struct metrics_listener other;                            /* names that found no free slot */
     metrics_counter replies[METRICS_VERBS][METRICS_CLASSES];  /* by smtp_cmd and code / 100 - 2 */
     metrics_counter imap[METRICS_IMAP_CMDS][METRICS_IMAP_STATUSES]; /* by imap_cmd and status */
+    metrics_counter pop3[METRICS_POP3_CMDS][2];               /* mode pop3: by pop3_cmd, [+OK?] */
     metrics_counter bytes_up;     /* read from clients, closed sessions */
     metrics_counter bytes_down;   /* read from backends, closed sessions */
     metrics_counter tls[2][2];    /* [client?][ok?] handshakes */
@@ -85,6 +87,10 @@ void metrics_reply(struct metrics *m, unsigned cmd, int code, uint64_t ns);
  * cmd, an enum imap_cmd; status is an enum imap_status (NONE is not counted). Also mxproxy's
  * own tagged answers. Response times go to the same histogram as SMTP's (ns as above). */
 void metrics_imap_response(struct metrics *m, unsigned cmd, unsigned status, uint64_t ns);
+
+/* A mode pop3 response (+OK when ok, else -ERR) to cmd, an enum pop3_cmd (POP3_CMD_NONE: the
+ * greeting, or a response to no command). */
+void metrics_pop3_response(struct metrics *m, unsigned cmd, bool ok);
 
 /* Accepting on listener failed with err (a negative UV_E* code): counted as
  * error="emfile", "enfile", "enomem", "enobufs" or "other". */

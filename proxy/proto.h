@@ -101,6 +101,7 @@ const struct proto *proto_for_mode(enum config_mode mode);
 void proto_pool_drain(struct worker *w);
 
 extern const struct proto proto_smtp;
+extern const struct proto proto_pop3;
 extern const struct proto proto_imap;
 
 #endif /* MXPROXY_PROTO_H */
