@@ -2,16 +2,19 @@
 imaplib, curl (imap://, --ssl-reqd, imaps://), mbsync (isync) and raw sockets.
 
 Every test checks exact bytes on the wire and exact log fields: ev=pair proto=imap per tagged
-response (LOGIN, AUTHENTICATE and literals never logged), end=logout and
-end=client_eof_without_logout, the canned `* BYE [UNAVAILABLE]`, STARTTLS termination and
-passthrough and its injection guard, implicit TLS both ways, backend STARTTLS, COMPRESS turning
-the session opaque, imap_id giving Dovecot the client's address, max_line_length.
+response (LOGIN, AUTHENTICATE and literals never logged, literal octets never parsed either
+way), end=logout and end=client_eof_without_logout, the canned `* BYE [UNAVAILABLE]` (backend
+gone, no backend, idle_timeout, drain, max_connections), STARTTLS termination and passthrough
+and its injection guard, implicit TLS both ways, backend STARTTLS, COMPRESS turning the session
+opaque, imap_id giving Dovecot the client's address (also behind the PROXY protocol),
+max_line_length, and mbsync syncing 200 messages intact.
 """
 
 import base64
 import imaplib
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -44,6 +47,12 @@ def message(i):
     return ("From: mxtest <mxtest@example.test>\r\nTo: joe@example.test\r\n"
             "Subject: mxtest message %d\r\nMessage-ID: <%d@mxtest>\r\n\r\n" % (i, i)
             + "".join("line %d of message %d\r\n" % (k, i) for k in range(i % 7 + 1))).encode()
+
+
+# A body whose lines read like IMAP responses: inside a FETCH literal they are data.
+TRAP = (b"Subject: looks like responses\r\nMessage-ID: <trap@mxtest>\r\n\r\n"
+        b"x1 OK fake completion\r\n* BYE fake goodbye\r\n+ fake continuation\r\n"
+        b"* 99 EXISTS\r\n")
 
 
 def imap_pair(tag, cmd, status, reply, untagged=0, pipelined=0, ms=MS, **extra):
@@ -94,6 +103,7 @@ class ImapTest(mxtest.ProxyTestCase):
         try:
             for i in range(N_MESSAGES):
                 cls.dovecot.add_message(USER, message(i))
+            cls.dovecot.add_message("amy", TRAP)
             for i in range(3):
                 cls.dovecot.add_message("amy", message(i))
                 cls.plain.add_message(USER, message(i))
@@ -111,13 +121,13 @@ class ImapTest(mxtest.ProxyTestCase):
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def start_imap(self, backend=None, admin=False, **opts):
+    def start_imap(self, backend=None, admin=False, glob=None, **opts):
         port = mxtest.free_port()
         opts.setdefault("mode", "imap")
         if opts.get("client_tls") in ("starttls", "implicit"):
             opts.setdefault("cert", self.tls_leaf.cert)
             opts.setdefault("key", self.tls_leaf.key)
-        glob = {}
+        glob = dict(glob or {})
         if admin:
             glob["admin"] = "%s:%d" % (HOST, mxtest.free_port())
         backend = backend or "%s:%d" % (HOST, self.dovecot.ports["imap"])
@@ -339,6 +349,11 @@ class ImapTest(mxtest.ProxyTestCase):
             got += tls.recv(4096)
         self.assertNotIn(b"STARTTLS", got)
         self.assertNotIn(b"LOGINDISABLED", got)
+        tls.sendall(b"e STARTTLS\r\n")
+        got = b""
+        while not got.endswith(b"\r\n"):
+            got += tls.recv(4096)
+        self.assertEqual(got, b"e BAD TLS already active\r\n")
         tls.sendall(b"d LOGOUT\r\n")
         while b"d OK" not in got:
             got += tls.recv(4096)
@@ -349,6 +364,8 @@ class ImapTest(mxtest.ProxyTestCase):
             {"proto": "imap", "tag": "b", "cmd": "STARTTLS", "status": "OK",
              "reply": "Begin TLS negotiation now", "ms": MS, "pipelined": 0, "local": 1},
             imap_pair("c", "CAPABILITY", "OK", Like(r".*"), untagged=1),
+            {"proto": "imap", "tag": "e", "cmd": "STARTTLS", "status": "BAD",
+             "reply": "TLS already active", "ms": MS, "pipelined": 0, "local": 1},
             imap_pair("d", "LOGOUT", "OK", Like(r"Logout completed.*"), untagged=1)])
         self.assertEqual(close["end"], "logout")
 
@@ -460,6 +477,34 @@ class ImapTest(mxtest.ProxyTestCase):
         self.assertNotRegex(log, r"Login: user=<joe>, method=PLAIN, rip=127\.0\.0\.1, rport=%d,"
                             % port)
 
+    def test_imap_id_behind_proxy_protocol(self):
+        """accept_proxy_protocol with imap_id = on: Dovecot logs the address of the PROXY
+        header; a client's own ID naming another address does not change it."""
+        p = self.start_imap(imap_id="on", accept_proxy_protocol="on")
+        c = self.raw(p.port)
+        c.send(b"PROXY TCP4 192.0.2.10 198.51.100.20 40000 143\r\n")
+        self.assertEqual(c.recv_until(b"\r\n"), self.direct_greeting())
+        sid = p.wait_event(ev="proxy_protocol", client="192.0.2.10:40000")["sid"]
+        c.send(b'a ID ("x-originating-ip" "10.9.9.9" "x-originating-port" "4444")\r\n')
+        self.assertRegex(c.tagged("a"), rb"^\* ID .*\r\na OK ID completed.*\r\n$")
+        c.send(b"b LOGIN joe %s\r\n" % PASSWORD.encode())
+        self.assertRegex(c.tagged("b"), rb"b OK .*Logged in\r\n$")
+        self.dovecot.wait_log(r"imap-login: Info: Login: user=<joe>, method=PLAIN, "
+                              r"rip=192\.0\.2\.10, rport=40000, lip=127\.0\.0\.1, ")
+        self.assertNotIn("rip=10.9.9.9", self.dovecot.log())
+        c.send(b"c LOGOUT\r\n")
+        c.tagged("c")
+        c.close()
+        close = self.assertPairs(p, sid, [
+            greeting_pair(Like(r".*")),
+            imap_pair("a", 'ID ("x-originating-ip" "10.9.9.9" "x-originating-port" "4444")',
+                      "OK", Like(r"ID completed.*"), untagged=1),
+            imap_pair("b", "LOGIN [redacted]", "OK", Like(r"\[CAPABILITY IMAP4rev1 .*")),
+            imap_pair("c", "LOGOUT", "OK", Like(r"Logout completed.*"), untagged=1)])
+        self.assertEqual((close["end"], close["client"]), ("logout", "192.0.2.10:40000"))
+        self.assertEvent(p.find(ev="imap_id", sid=sid)[0], "imap_id",
+                         {"status": "OK", "reply": Like(r"ID completed.*")})
+
     def test_compress_turns_opaque(self):
         """COMPRESS=DEFLATE is relayed; after its OK the bytes are deflate and the session is
         opaque (ev=compress_passthrough)."""
@@ -524,6 +569,80 @@ class ImapTest(mxtest.ProxyTestCase):
         self.assertEqual(close["end"], "connect_failed")
         self.assertEqual(close["primary_error"],
                          "BYE [UNAVAILABLE] mxproxy: no mail server available")
+
+    def test_literals_are_data(self):
+        """Literal octets are never parsed: a FETCH body full of response-like lines, an
+        APPEND body full of command-like lines (synchronizing, then non-synchronizing)."""
+        p = self.start_imap()
+        c = self.raw(p.port)
+        c.recv_until(b"\r\n")
+        sid = p.sid_of(c)
+        c.send(b"a LOGIN amy amy-pw\r\nb EXAMINE INBOX\r\n")
+        c.tagged("a")
+        c.tagged("b")
+        c.send(b"c FETCH 1 BODY.PEEK[]\r\n")
+        got = c.tagged("c")
+        self.assertEqual(got, b"* 1 FETCH (BODY[] {%d}\r\n%s)\r\n" % (len(TRAP), TRAP)
+                         + re.search(rb"c OK Fetch completed.*\r\n$", got).group(0))
+        body = b"Subject: looks like commands\r\n\r\nz1 LOGOUT\r\nz2 STARTTLS\r\nDONE\r\n"
+        c.send(b"d APPEND INBOX {%d}\r\n" % len(body))
+        self.assertEqual(c.recv_until(b"\r\n"), b"+ OK\r\n")
+        c.send(body + b"\r\n")
+        self.assertRegex(c.tagged("d"), rb"d OK \[APPENDUID \d+ \d+\] Append completed")
+        c.send(b"e APPEND INBOX {%d+}\r\n%s\r\nf NOOP\r\n" % (len(body), body))
+        self.assertRegex(c.tagged("e"), rb"e OK \[APPENDUID \d+ \d+\] Append completed")
+        c.tagged("f")
+        c.close()
+        close = self.assertPairs(p, sid, [
+            greeting_pair(Like(r".*")),
+            imap_pair("a", "LOGIN [redacted]", "OK", Like(r"\[CAPABILITY IMAP4rev1 .*")),
+            imap_pair("b", "EXAMINE INBOX", "OK", Like(r"\[READ-ONLY\] Examine completed.*"),
+                      untagged=Like(r"\d+"), pipelined=1),
+            imap_pair("c", "FETCH 1 BODY.PEEK[]", "OK", Like(r"Fetch completed.*"), untagged=1),
+            imap_pair("d", "APPEND INBOX {%d}" % len(body), "OK", Like(r"\[APPENDUID .*"),
+                      untagged=Like(r"\d+"), size=len(body)),
+            imap_pair("e", "APPEND INBOX {%d+}" % len(body), "OK", Like(r"\[APPENDUID .*"),
+                      untagged=Like(r"\d+"), size=len(body)),
+            imap_pair("f", "NOOP", "OK", Like(r"NOOP completed.*"), untagged=Like(r"\d+"),
+                      pipelined=1)])
+        self.assertEqual(close["end"], "client_eof_without_logout")
+        self.assertNotIn("primary_error", close)
+
+    def test_curl_plain_and_drain(self):
+        """curl imap:// fetches through mxproxy; at the drain deadline an idle client gets
+        the BYE."""
+        p = self.start_imap(glob={"drain_timeout": "300ms"})
+        out = subprocess.run([CURL, "-sS", "-u", "%s:%s" % (USER, PASSWORD),
+                              "imap://%s:%d/INBOX;UID=3" % (HOST, p.port)],
+                             capture_output=True, timeout=20)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout, message(2))
+        close = p.wait_event(ev="close")
+        self.assertEqual(close["end"], "logout")
+        cmds = [e["cmd"] for e in p.find(ev="pair", sid=close["sid"])]
+        self.assertEqual(cmds[0], "<greeting>")
+        self.assertIn("UID FETCH 3 BODY[]", cmds)
+        self.assertEqual(cmds[-1], "LOGOUT")
+        self.assertNoSecret(p, PASSWORD)
+
+        c = self.raw(p.port)
+        c.recv_until(b"\r\n")
+        sid = p.sid_of(c)
+        p.signal(signal.SIGTERM)
+        self.assertEqual(c.wait_closed(), ("eof", BYE))
+        close = p.close_of(sid)
+        self.assertEqual(close["end"], "drain")
+        self.assertEqual(close["primary_error"], BYE[2:-2].decode())
+
+    def test_max_connections(self):
+        """Over max_connections the client gets mxproxy's own BYE, end=limit."""
+        p = self.start_imap(max_connections=1)
+        c = self.raw(p.port)
+        c.recv_until(b"\r\n")
+        d = self.raw(p.port)
+        self.assertEqual(d.wait_closed(),
+                         ("eof", b"* BYE [UNAVAILABLE] mxproxy: too many connections\r\n"))
+        self.assertEqual(p.wait_event(ev="close", end="limit")["end"], "limit")
 
     def test_idle_timeout(self):
         p = self.start_imap(idle_timeout="1s")
