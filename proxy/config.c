@@ -1347,9 +1347,9 @@ static int config_check_mode_keys(struct config_parser *p, const struct config_l
         for (const struct config_word *w = config_modes; w->name != NULL; w++) {
             if ((k->modes & CONFIG_MODE_BIT(w->value)) == 0)
                 continue;
-            left--;
+            const char *sep = --left > 1 ? ", " : " or ";
             n += (size_t)snprintf(modes + n, n < sizeof(modes) ? sizeof(modes) - n : 0, "%s%s",
-                                  w->name, left > 1 ? ", " : left == 1 ? " or " : "");
+                                  w->name, left > 0 ? sep : "");
         }
         config_fail(p, -EINVAL, l->mode_keys.line[i], "'%s' needs mode = %s in [listener %s]",
                     k->name, modes, l->name);

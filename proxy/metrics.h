@@ -55,7 +55,6 @@ struct metrics {
     struct metrics_listener listeners[METRICS_LISTENERS_MAX]; /* in order of first use */
     struct metrics_listener other;                            /* names that found no free slot */
     metrics_counter replies[METRICS_VERBS][METRICS_CLASSES];  /* by smtp_cmd and code / 100 - 2 */
-    metrics_counter imap[METRICS_IMAP_CMDS][METRICS_IMAP_STATUSES]; /* by imap_cmd and status */
     metrics_counter pop3[METRICS_POP3_CMDS][2];               /* mode pop3: by pop3_cmd, [+OK?] */
     metrics_counter bytes_up;     /* read from clients, closed sessions */
     metrics_counter bytes_down;   /* read from backends, closed sessions */
@@ -63,6 +62,8 @@ struct metrics {
     struct metrics_hist connect;  /* backend connect time */
     struct metrics_hist greeting; /* accept to first greeting byte */
     struct metrics_hist reply;    /* command to reply */
+    /* mode imap: by imap_cmd and imap_status */
+    metrics_counter imap[METRICS_IMAP_CMDS][METRICS_IMAP_STATUSES];
 };
 
 /* Hooks; call only on the worker thread that owns m (or before it starts).

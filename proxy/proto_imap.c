@@ -740,11 +740,10 @@ static bool session_imap_carry_down(struct session *s, const char *p, size_t n)
 /* transcript=full: the lines of backend bytes, literal data left out. */
 static void session_imap_server_lines(struct session *s, const struct imap_server_event *ev)
 {
-    char text[64];
-
     if (!dialog_logs_lines(s))
         return;
     if (ev->flags & IMAP_SEV_F_LITERAL) {
+        char text[64];
         int n = snprintf(text, sizeof(text), "<literal: %zu bytes>", ev->fwd_len);
         dialog_log_line(s, "server", text, (size_t)n, false);
         return;
