@@ -633,6 +633,7 @@ class ImapTest(mxtest.ProxyTestCase):
         close = p.close_of(sid)
         self.assertEqual(close["end"], "drain")
         self.assertEqual(close["primary_error"], BYE[2:-2].decode())
+        self.assertEqual(p.wait_exit(5), 0)
 
     def test_max_connections(self):
         """Over max_connections the client gets mxproxy's own BYE, end=limit."""
