@@ -477,6 +477,26 @@ class ImapTest(mxtest.ProxyTestCase):
         self.assertNotRegex(log, r"Login: user=<joe>, method=PLAIN, rip=127\.0\.0\.1, rport=%d,"
                             % port)
 
+    def test_backend_starttls_no_downgrade(self):
+        """backend_tls = starttls to a Dovecot without TLS: its refusal ends the session with
+        mxproxy's BYE; the client's command never reaches the backend in plaintext."""
+        p = self.start_imap("%s:%d" % (HOST, self.plain.ports["imap"]), backend_tls="starttls",
+                            backend_ca=mxtest.pki().ca, backend_sni="mx.example.test")
+        c = self.raw(p.port)
+        self.assertEqual(c.recv_until(b"\r\n"), self.direct_greeting(self.plain))
+        sid = p.sid_of(c)
+        seen = len(self.plain.log())
+        c.send(b"a LOGIN joe %s\r\n" % PASSWORD.encode())
+        self.assertEqual(c.wait_closed(),
+                         ("eof", b"* BYE [UNAVAILABLE] mxproxy: TLS with the mail server failed"
+                                 b"\r\n"))
+        self.assertEqual(p.wait_event(ev="tls_error", sid=sid)["reason"],
+                         "backend refused STARTTLS")
+        self.assertEqual(p.close_of(sid)["end"], "tls_error")
+        self.assertNoSecret(p, PASSWORD)
+        self.plain.wait_log(r"imap-login: Info: Disconnected")
+        self.assertNotIn("user=<joe>", self.plain.log()[seen:])
+
     def test_imap_id_behind_proxy_protocol(self):
         """accept_proxy_protocol with imap_id = on: Dovecot logs the address of the PROXY
         header; a client's own ID naming another address does not change it."""
