@@ -412,9 +412,15 @@ static void imap_refuse(struct imap_client *p, unsigned st, const char *buf, siz
         ev->flags |= IMAP_EV_F_CANCEL;
         p->skip_next = IMAP_CS_WAIT_AUTH;
     } else {
-        if (st == IMAP_CS_IDLE || p->in_cmd)
+        if (st == IMAP_CS_IDLE || p->in_cmd) {
             ev->flags |= IMAP_EV_F_MIDCMD;
-        else
+            if (p->in_cmd) {
+                /* What the command was, for the log line of its aborted pair. */
+                ev->text = p->text;
+                ev->text_len = p->text_len;
+                ev->size = p->lit_total;
+            }
+        } else
             imap_read_tag(p, buf, n, false);
         if (!p->in_cmd && st == IMAP_CS_LINE)
             p->cmd = IMAP_CMD_NONE;

@@ -152,7 +152,8 @@ enum imap_ev {
      * data of a non-synchronizing literal announced at its end. Nothing of it is forwarded: the
      * caller answers "<tag> BAD" itself (ev.tag is the tag when it was read, else empty: answer
      * "* BAD"). With IMAP_EV_F_MIDCMD an earlier part of the command was forwarded already
-     * (the backend waits for the rest): the session cannot go on. Inside AUTHENTICATE, ev.fwd
+     * (the backend waits for the rest): the session cannot go on; ev.text and ev.size then
+     * describe the command as far as it went (as for COMMAND). Inside AUTHENTICATE, ev.fwd
      * is "*\r\n", a cancel for the server, with IMAP_EV_F_CANCEL: forward it, do not answer. */
     IMAP_EV_TOO_LONG,
     /* A complete command line with a bare CR, a bare LF or a NUL in it, dropped up to and

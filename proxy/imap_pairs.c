@@ -174,8 +174,17 @@ int imap_pairs_on_client_event(struct imap_pairs *pp, const struct imap_event *e
                 e->flags |= IMAP_PAIR_F_CANCELLED;
             return 0;
         }
-        if (ev->flags & IMAP_EV_F_MIDCMD)
+        if (ev->flags & IMAP_EV_F_MIDCMD) {
+            /* Cut short: the command as far as it went, for its aborted pair. */
+            e = imap_pairs_newest(pp);
+            if (e != NULL && !e->complete && ev->text != NULL) {
+                e->text_len =
+                    (unsigned char)(ev->text_len < IMAP_TEXT_MAX ? ev->text_len : IMAP_TEXT_MAX);
+                memcpy(e->text, ev->text, e->text_len);
+                e->size = ev->size;
+            }
             return 0;
+        }
         if (imap_pairs_room(pp) == 0)
             return -ENOBUFS;
         e = imap_pairs_push(pp, ev, now_ns);

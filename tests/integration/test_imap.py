@@ -769,6 +769,25 @@ SyncState *
         self.assertNoSecret(p, PASSWORD)
         return close, len(want)
 
+    def test_line_too_long_after_a_literal(self):
+        """A command whose text before a literal already went to the backend and whose rest
+        runs past max_line_length cannot be answered BAD: the session ends with a BYE."""
+        p = self.start_imap(max_line_length=512)
+        c = self.raw(p.port)
+        c.recv_until(b"\r\n")
+        sid = p.sid_of(c)
+        c.send(b"a1 LOGIN joe %s\r\n" % PASSWORD.encode())
+        c.tagged("a1")
+        c.send(b"a2 APPEND INBOX (\\Seen) {5+}\r\nhello " + b"x" * 600 + b"\r\n")
+        self.assertEqual(c.wait_closed(), ("eof", b"* BYE mxproxy: command line refused\r\n"))
+        close = self.assertPairs(p, sid, [
+            greeting_pair(Like(r".*")),
+            imap_pair("a1", "LOGIN [redacted]", "OK", Like(r"\[CAPABILITY IMAP4rev1 .*")),
+            {"proto": "imap", "tag": "a2", "cmd": "APPEND INBOX (\\Seen) {5+}",
+             "untagged": 0, "pipelined": 0, "size": 5, "aborted": 1}])
+        self.assertEqual(close["primary_error"], "BYE mxproxy: command line refused")
+        self.assertEqual(p.find(ev="line_too_long", sid=sid)[0]["limit"], "512")
+
     def test_mbsync_200_messages(self):
         """mbsync pulls a 200-message mailbox through mxproxy, COMPRESS left out so every
         command is paired: the two maildirs hold the same messages."""

@@ -784,6 +784,17 @@ static void test_pairs(void)
     ASSERT_STREQ(line, "a7 BAD Line too long\r\n");
     ASSERT_STREQ(pair.cmd_text, "[line too long]");
 
+    /* A command cut short after a part went out keeps what it was for its aborted pair. */
+    feed_client(&cp, &pp,
+                "a8 APPEND INBOX {3+}\r\nabc"
+                " 0123456789012345678901234567890123456789012345678901234567890\r\n",
+                1106);
+    ASSERT(imap_pairs_abort(&pp, &pair));
+    ASSERT_STREQ(pair.tag, "a8");
+    ASSERT_STREQ(pair.cmd_text, "APPEND INBOX {3+}");
+    ASSERT_EQ(pair.size, 3);
+    ASSERT(!imap_pairs_abort(&pp, &pair));
+
     /* The backend goes away: every outstanding tag is aborted, oldest first. */
     feed_client(&cp, &pp, "b1 NOOP\r\nb2 LOGOUT\r\n", 1200);
     ASSERT(imap_pairs_summary(&pp)->logout_sent);
