@@ -786,6 +786,7 @@ SyncState *
             {"proto": "imap", "tag": "a2", "cmd": "APPEND INBOX (\\Seen) {5+}",
              "untagged": 0, "pipelined": 0, "size": 5, "aborted": 1}])
         self.assertEqual(close["primary_error"], "BYE mxproxy: command line refused")
+        self.assertEqual((close["end"], close["error"]), ("client_reset", "line too long"))
         self.assertEqual(p.find(ev="line_too_long", sid=sid)[0]["limit"], "512")
 
     def test_mbsync_200_messages(self):
