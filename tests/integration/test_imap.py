@@ -628,6 +628,25 @@ class ImapTest(mxtest.ProxyTestCase):
         self.assertEqual(close["end"], "client_eof_without_logout")
         self.assertNotIn("primary_error", close)
 
+    def test_more_commands_in_flight_than_slots(self):
+        """300 commands in one write, more than mxproxy keeps in flight (64): the rest wait
+        in mxproxy and go on as answers come; every one is answered and paired once."""
+        p = self.start_imap()
+        c = self.raw(p.port)
+        c.recv_until(b"\r\n")
+        sid = p.sid_of(c)
+        c.send(b"a LOGIN joe %s\r\n" % PASSWORD.encode()
+               + b"".join(b"t%d NOOP\r\n" % i for i in range(300)) + b"z LOGOUT\r\n")
+        got = c.tagged("z", timeout=10)
+        self.assertEqual(re.findall(rb"(?m)^(t\d+) OK NOOP completed", got),
+                         [b"t%d" % i for i in range(300)])
+        c.close()
+        p.close_of(sid)
+        pairs = p.find(ev="pair", sid=sid)
+        self.assertEqual([e["tag"] for e in pairs],
+                         ["*", "a"] + ["t%d" % i for i in range(300)] + ["z"])
+        self.assertEqual({e["status"] for e in pairs[2:]}, {"OK"})
+
     def test_curl_plain_and_drain(self):
         """curl imap:// fetches through mxproxy; at the drain deadline an idle client gets
         the BYE."""
