@@ -384,6 +384,54 @@ class ImapTest(mxtest.ProxyTestCase):
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual(out.stdout, message(0))
 
+    def test_logindisabled_withdrawn_inside_tls(self):
+        """A backend that says LOGINDISABLED (it sees no TLS): mxproxy keeps it before TLS and
+        withdraws it, with STARTTLS, inside the TLS it terminates; the rest byte for byte."""
+        caps = b"IMAP4rev1 LITERAL+ LOGINDISABLED AUTH=PLAIN ID"
+
+        class Strict(mxtest.TcpBackend):
+            def handle(self, rec):
+                self.send(rec, b"* OK [CAPABILITY %s] strict ready\r\n" % caps)
+                buf = b""
+                while True:
+                    data = self.recv(rec)
+                    if not data:
+                        return
+                    buf += data
+                    while b"\r\n" in buf:
+                        line, buf = buf.split(b"\r\n", 1)
+                        tag, verb = (line.split(b" ") + [b""])[:2]
+                        if verb.upper() == b"CAPABILITY":
+                            self.send(rec, b"* CAPABILITY %s\r\n%s OK done\r\n" % (caps, tag))
+                        elif verb.upper() == b"LOGOUT":
+                            self.send(rec, b"* BYE bye\r\n%s OK done\r\n" % tag)
+                            return
+                        else:
+                            self.send(rec, b"%s BAD what\r\n" % tag)
+        b = self.track(Strict("strict"))
+        p = self.start_imap(b.addr, client_tls="starttls")
+        c = self.raw(p.port)
+        self.assertEqual(c.recv_until(b"\r\n"),
+                         b"* OK [CAPABILITY IMAP4rev1 LITERAL+ LOGINDISABLED AUTH=PLAIN ID "
+                         b"STARTTLS] strict ready\r\n")
+        sid = p.sid_of(c)
+        c.send(b"a CAPABILITY\r\n")
+        self.assertEqual(c.tagged("a"), b"* CAPABILITY IMAP4rev1 LITERAL+ LOGINDISABLED "
+                                        b"AUTH=PLAIN ID STARTTLS\r\na OK done\r\n")
+        c.send(b"b STARTTLS\r\n")
+        self.assertEqual(c.recv_until(b"\r\n"), b"b OK Begin TLS negotiation now\r\n")
+        tls = mxtest.client_context().wrap_socket(c.sock, server_hostname="mx.example.test")
+        tls.sendall(b"c CAPABILITY\r\nd LOGOUT\r\n")
+        got = b""
+        while not got.endswith(b"d OK done\r\n"):
+            data = tls.recv(4096)
+            self.assertTrue(data, got)
+            got += data
+        self.assertEqual(got, b"* CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN ID\r\nc OK done\r\n"
+                              b"* BYE bye\r\nd OK done\r\n")
+        tls.close()
+        self.assertEqual(p.close_of(sid)["end"], "logout")
+
     def test_starttls_injection_guard(self):
         """Commands pipelined behind STARTTLS in plaintext are dropped, never run inside TLS."""
         p = self.start_imap("%s:%d" % (HOST, self.plain.ports["imap"]), client_tls="starttls")
