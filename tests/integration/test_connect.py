@@ -4,7 +4,7 @@ mxproxy makes the backend socket itself, connects it and reads it at once: the b
 first bytes (its greeting) complete the connect, with no POLLOUT registration and no
 SO_ERROR query in between. A backend that waits for its client is found connected by a
 probe of the socket; a refused connect still fails over. The same holds in every mode:
-mode tcp and mode smtp in front of smtp-sink, mode pop3 in front of a small POP3 server.
+mode tcp and mode smtp in front of smtp-sink, modes pop3 and imap in front of small servers.
 """
 
 import os
@@ -53,6 +53,29 @@ class Pop3Backend(mxtest.TcpBackend):
                 self.send(rec, b"-ERR unknown\r\n")
 
 
+IMAP_GREETING = b"* OK [CAPABILITY IMAP4rev1] imap ready\r\n"
+IMAP_BYE = b"* BYE bye\r\na OK LOGOUT done\r\n"
+
+
+class ImapBackend(mxtest.TcpBackend):
+    """Greets as an IMAP server, answers "a LOGOUT" and closes; anything else gets BAD."""
+
+    def handle(self, rec):
+        self.send(rec, IMAP_GREETING)
+        buf = b""
+        while True:
+            data = self.recv(rec)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                if line.upper() == b"A LOGOUT":
+                    self.send(rec, IMAP_BYE)
+                    return
+                self.send(rec, line.split(b" ", 1)[0] + b" BAD unknown\r\n")
+
+
 class ConnectTest(mxtest.ProxyTestCase):
 
     def proxy_to(self, backends, **opts):
@@ -61,10 +84,14 @@ class ConnectTest(mxtest.ProxyTestCase):
         return p, port
 
     def server(self, mode):
-        """A backend for mode: its address, its greeting, the QUIT command and its reply."""
+        """A backend for mode: its address, its greeting, the command that ends a session
+        and the whole reply to it."""
         if mode == "pop3":
             b = self.track(Pop3Backend("pop3"))
             return b.addr, POP3_GREETING, b"QUIT", POP3_BYE
+        if mode == "imap":
+            b = self.track(ImapBackend("imap"))
+            return b.addr, IMAP_GREETING, b"a LOGOUT", IMAP_BYE
         return self.sink().addr, SINK_GREETING, b"QUIT", b"221 Bye\r\n"
 
     def test_backend_waiting_for_its_client_is_connected(self):
@@ -84,7 +111,7 @@ class ConnectTest(mxtest.ProxyTestCase):
         self.assertEqual(p.find(ev="connect_error"), [])
 
     def test_refused_backend_fails_over(self):
-        for mode in ("tcp", "smtp", "pop3"):
+        for mode in ("tcp", "smtp", "pop3", "imap"):
             with self.subTest(mode=mode):
                 dead = "%s:%d" % (HOST, free_port())  # nothing listens there
                 addr, greeting, quit_cmd, bye = self.server(mode)
@@ -98,13 +125,13 @@ class ConnectTest(mxtest.ProxyTestCase):
                                  [(dead, "connection refused")])
                 self.assertEqual([e["backend"] for e in p.find(ev="connect", sid=sid)], [addr])
                 c.send(quit_cmd + b"\r\n")
-                self.assertEqual(c.recv_until(b"\r\n", timeout=2), bye)
+                self.assertEqual(c.recv_until(bye, timeout=2), bye)
                 c.close()
                 close = p.close_of(sid)
                 self.assertEqual(close["backend"], addr)
                 # mode tcp: whichever side closed first after the 221
-                self.assertIn(close["end"], ("client_eof", "backend_closed") if mode == "tcp"
-                              else ("quit",))
+                want = {"tcp": ("client_eof", "backend_closed"), "imap": ("logout",)}
+                self.assertIn(close["end"], want.get(mode, ("quit",)))
 
     def test_pop3_silent_backend_is_probed_then_given_up(self):
         """A POP3 backend that accepts and never greets: the probe finds it connected, then
@@ -136,7 +163,7 @@ class ConnectTest(mxtest.ProxyTestCase):
 
     @unittest.skipIf(shutil.which("strace") is None, "strace is not installed")
     def test_one_session_registers_each_socket_once(self):
-        for mode in ("tcp", "smtp", "pop3"):
+        for mode in ("tcp", "smtp", "pop3", "imap"):
             with self.subTest(mode=mode):
                 self.registers_each_socket_once(mode)
 
@@ -163,7 +190,7 @@ class ConnectTest(mxtest.ProxyTestCase):
             c = self.client(port)
             self.assertEqual(c.recv_until(b"\r\n", timeout=2), greeting)
             c.send(quit_cmd + b"\r\n")
-            self.assertEqual(c.recv_until(b"\r\n", timeout=2), bye)
+            self.assertEqual(c.recv_until(bye, timeout=2), bye)
             sid = p.sid_of(c)
             c.close()
             p.close_of(sid)
