@@ -518,11 +518,12 @@ class Pop3Dovecot(Pop3TestCase):
                 got.append(f.read())
         want = [m.replace(b"\r\n", b"\n") for m in BOB_MSGS]
         self.assertEqual(sorted(got), sorted(want))
+        # The close line first: every pair of the session is logged before it.
+        close = p.wait_event(ev="close")
+        self.assertEqual((close["end"], close["retrieved"]), ("quit", str(len(BOB_MSGS))))
         retrs = p.find(ev="pair", status="+OK")
         sizes = sorted(int(e["size"]) for e in retrs if e["cmd"].startswith("RETR "))
         self.assertEqual(sizes, sorted(len(m) for m in BOB_MSGS))
-        close = p.wait_event(ev="close")
-        self.assertEqual((close["end"], close["retrieved"]), ("quit", str(len(BOB_MSGS))))
         self.assertNoSecrets(p)
 
     def test_metrics(self):
