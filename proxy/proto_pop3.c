@@ -469,6 +469,15 @@ static void session_pop3_answer_locals(struct session *s)
 
 /* ---- backend side --------------------------------------------------------------------- */
 
+/* Forgets the CAPA response gathered so far. */
+static void session_pop3_capa_free(struct session_pop3 *m)
+{
+    free(m->capa);
+    m->capa = NULL;
+    m->capa_len = 0;
+    m->d.flags &= ~SESSION_POP3_F_GATHER;
+}
+
 /* Sends the gathered CAPA response to the client: STLS offered before TLS (client_tls =
  * starttls) and withdrawn inside it, implicit TLS included (as it is, if it cannot be
  * rewritten). */
@@ -485,10 +494,7 @@ static void session_pop3_send_capa(struct session *s)
         (void)relay_send_copy(&s->down, out, (size_t)n);
     else
         (void)relay_send_copy(&s->down, m->capa, m->capa_len);
-    free(m->capa);
-    m->capa = NULL;
-    m->capa_len = 0;
-    m->d.flags &= ~SESSION_POP3_F_GATHER;
+    session_pop3_capa_free(m);
 }
 
 /* Appends backend bytes to the CAPA response being gathered. Past SESSION_POP3_CAPA_MAX, what
@@ -517,10 +523,7 @@ static void session_pop3_ungather(struct session *s)
     dialog_flush_down(s);
     if (m->capa_len > 0)
         (void)relay_send_copy(&s->down, m->capa, m->capa_len);
-    free(m->capa);
-    m->capa = NULL;
-    m->capa_len = 0;
-    m->d.flags &= ~SESSION_POP3_F_GATHER;
+    session_pop3_capa_free(m);
 }
 
 /* The backend is gone or unusable: the oldest outstanding command gets reply (one line
@@ -531,13 +534,16 @@ static void session_pop3_abort(struct session *s, const char *reply, enum sessio
                                const char *error)
 {
     struct session_pop3 *m = POP3_M(s);
-    bool in_body = pop3_server_in_body(&m->sp);
+    /* A CAPA response being gathered has not reached the client, not even its status line:
+     * the -ERR replaces all of it, as it replaces an unfinished status line. */
+    bool gathering = (m->d.flags & SESSION_POP3_F_GATHER) != 0;
+    bool in_body = pop3_server_in_body(&m->sp) && !gathering;
     struct pop3_pair p;
     bool first = true;
 
     dialog_stop(s); /* a status line the backend left unfinished: the -ERR replaces it */
-    if (m->d.flags & SESSION_POP3_F_GATHER)
-        session_pop3_ungather(s);
+    if (gathering)
+        session_pop3_capa_free(m);
     while (pop3_pairs_abort(&m->pp, &p)) {
         if (first && !in_body) {
             dialog_say(s, reply);

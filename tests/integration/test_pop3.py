@@ -613,6 +613,26 @@ class Pop3Failures(Pop3TestCase):
         retr = p.find(ev="pair", sid=sid, cmd="RETR 1")
         self.assertEqual(retr[0]["aborted"], "1")
 
+    def test_backend_gone_in_a_capa_being_rewritten(self):
+        """client_tls = starttls holds the CAPA response to add STLS; a backend gone inside it
+        (mid status line, or after some capability lines) gets the client the -ERR alone,
+        never glued to the held bytes nor after a cut list."""
+        for cut in (b"+OK Capa", b"+OK\r\nUSER\r\nTOP\r\n"):
+            with self.subTest(cut=cut):
+                b = self.track(ScriptedPop3(b"+OK scripted\r\n", [("half", cut * 2)]))
+                p = self.start_pop3(backend=b.addr, client_tls="starttls",
+                                    cert=mxtest.pki().mx.cert, key=mxtest.pki().mx.key)
+                c = self.track(Raw(p.port))
+                sid = self.sid_from(p, c.port)
+                self.assertEqual(c.line(), b"+OK scripted\r\n")
+                c.send(b"CAPA\r\n")
+                self.assertEqual(c.read_eof(), b"-ERR [SYS/TEMP] mxproxy: backend closed the "
+                                               b"connection\r\n")
+                self.assertEqual(p.close_of(sid)["primary_error"],
+                                 "-ERR [SYS/TEMP] mxproxy: backend closed the connection")
+                capa = p.find(ev="pair", sid=sid, cmd="CAPA")
+                self.assertEqual((capa[0]["status"], capa[0]["local"]), ("-ERR", "1"))
+
     def test_backend_garbage(self):
         b = self.track(ScriptedPop3(b"+OK scripted\r\n", [b"HTTP/1.1 400 Bad Request\r\n"]))
         p = self.start_pop3(backend=b.addr)
