@@ -900,6 +900,11 @@ size_t imap_server_parse(struct imap_server *p, const char *buf, size_t len, uin
     return end;
 }
 
+bool imap_server_mid_response(const struct imap_server *p)
+{
+    return p->streamed && !p->handed_out;
+}
+
 /* --- capability lists -------------------------------------------------------------------- */
 
 /* Finds the capability list of the line s[0, n) (line end excluded): [*a, *b). */

@@ -638,6 +638,33 @@ class ImapTest(mxtest.ProxyTestCase):
         self.assertEqual(close["primary_error"],
                          "BYE [UNAVAILABLE] mxproxy: no mail server available")
 
+    def test_backend_gone_inside_a_response(self):
+        """A backend that closes inside a FETCH body already partly relayed: a BYE now would
+        be read as more of the body, so the client gets no line of mxproxy's, only the close;
+        the tag is still logged aborted=1."""
+        class Cut(mxtest.TcpBackend):
+            def handle(self, rec):
+                self.send(rec, b"* OK fake ready\r\n")
+                while b"a1 FETCH 1 BODY[]\r\n" not in rec.received:
+                    data = self.recv(rec)
+                    if not data:
+                        return
+                    rec.received += data
+                self.send(rec, b"* 1 FETCH (BODY[] {50}\r\nSubject: cut")
+        b = self.track(Cut("cut"))
+        p = self.start_imap(b.addr)
+        c = self.raw(p.port)
+        self.assertEqual(c.recv_until(b"\r\n"), b"* OK fake ready\r\n")
+        sid = p.sid_of(c)
+        c.send(b"a1 FETCH 1 BODY[]\r\n")
+        self.assertEqual(c.wait_closed(), ("eof", b"* 1 FETCH (BODY[] {50}\r\nSubject: cut"))
+        close = self.assertPairs(p, sid, [
+            greeting_pair("fake ready"),
+            {"proto": "imap", "tag": "a1", "cmd": "FETCH 1 BODY[]", "untagged": 0,
+             "pipelined": 0, "aborted": 1}])
+        self.assertEqual(close["end"], "backend_closed")
+        self.assertNotIn("primary_error", close)
+
     def test_literals_are_data(self):
         """Literal octets are never parsed: a FETCH body full of response-like lines, an
         APPEND body full of command-like lines (synchronizing, then non-synchronizing)."""
