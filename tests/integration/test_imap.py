@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 import urllib.request
@@ -664,6 +665,31 @@ class ImapTest(mxtest.ProxyTestCase):
              "pipelined": 0, "aborted": 1}])
         self.assertEqual(close["end"], "backend_closed")
         self.assertNotIn("primary_error", close)
+
+    def test_local_answer_waits_for_the_response_in_progress(self):
+        """mxproxy's own answer (BAD Line too long) to a line sent while an unsolicited FETCH
+        body is still arriving waits for that response's end: never inside the body."""
+        rest = threading.Event()
+        body = b"Subject: cut\r\n\r\nbody\r\n"
+        head = b"* OK fake ready\r\n* 1 FETCH (BODY[] {%d}\r\n%s" % (len(body), body[:9])
+
+        class Slow(mxtest.TcpBackend):
+            def handle(self, rec):
+                self.send(rec, head)
+                if rest.wait(5):
+                    self.send(rec, body[9:] + b")\r\n")
+                    self.recv(rec)
+        b = self.track(Slow("slow"))
+        p = self.start_imap(b.addr, max_line_length=512)
+        c = self.raw(p.port)
+        self.assertEqual(c.recv_exact(len(head)), head)
+        c.send(b"a2 NOOP " + b"y" * 600 + b"\r\n")
+        try:
+            c.assert_open(wait=0.3)
+        finally:
+            rest.set()
+        self.assertEqual(c.tagged("a2"), body[9:] + b")\r\na2 BAD Line too long\r\n")
+        c.close()
 
     def test_literals_are_data(self):
         """Literal octets are never parsed: a FETCH body full of response-like lines, an
