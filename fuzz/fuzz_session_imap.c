@@ -393,20 +393,26 @@ static void fuzz_send(struct fuzz_peer *p, const char *data, size_t len)
         p->cut = true;
 }
 
-/* Raw bytes never spell mxproxy's name (no 'x'), nor a credential or a literal's mark (no
- * 'z' or 'Z'): so any "mxproxy" the client sees is mxproxy's own, and a checked word in a log
- * can only come from the steps that send it. A '{' may announce a literal; a client line
- * may be a command that waits (IDLE, AUTHENTICATE, a literal) for an answer any backend
- * bytes may give. */
+/* Raw bytes (literal data too) never spell mxproxy's name (no 'x'), nor a credential or a
+ * literal's mark (no 'z' or 'Z'): so any "mxproxy" the client sees is mxproxy's own, and a checked
+ * word in a log can only come from the steps that send it. A '{' may announce a literal; a client
+ * line may be a command that waits (IDLE, AUTHENTICATE, a literal) for an answer any backend bytes
+ * may give. */
+static void fuzz_filter(char *out, const uint8_t *data, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        char c = (char)data[i];
+        out[i] = c == 'z' || c == 'Z' || c == 'x' ? 'y' : c;
+    }
+}
+
 static void fuzz_send_raw(struct fuzz_peer *p, const uint8_t *data, size_t len)
 {
     char buf[256];
 
-    for (size_t i = 0; i < len; i++) {
-        char c = (char)data[i];
-        buf[i] = c == 'z' || c == 'Z' || c == 'x' ? 'y' : c;
-        p->lit |= c == '{';
-    }
+    fuzz_filter(buf, data, len);
+    for (size_t i = 0; i < len; i++)
+        p->lit |= buf[i] == '{';
     if (p == &fuzz_client && len > 0)
         p->wait = true;
     fuzz_send(p, buf, len);
@@ -455,7 +461,7 @@ static void fuzz_send_append(bool sync, const uint8_t *data, size_t len)
                      dl, sync ? "" : "+", mark);
 
     FUZZ_CHECK(h > 0 && (size_t)h + len + 2 < sizeof(buf));
-    memcpy(buf + h, data, len);
+    fuzz_filter(buf + h, data, len);
     memcpy(buf + h + len, "\r\n", 2);
     buf[h + len + 2] = '\0';
     if (fuzz_client.lit || fuzz_client.cut) {
@@ -474,7 +480,7 @@ static void fuzz_send_fetch(const uint8_t *data, size_t len)
     int h = snprintf(buf, sizeof(buf), "* 1 FETCH (UID 7 BODY[] {%zu}\r\n%s", dl, mark);
 
     FUZZ_CHECK(h > 0 && (size_t)h + len + 3 < sizeof(buf));
-    memcpy(buf + h, data, len);
+    fuzz_filter(buf + h, data, len);
     memcpy(buf + h + len, ")\r\n", 3);
     if (fuzz_backend.lit || fuzz_backend.cut)
         memcpy(strstr(buf, mark), "pass", 4);
