@@ -488,6 +488,9 @@ static void fuzz_send_fetch(const uint8_t *data, size_t len)
     fuzz_send(&fuzz_backend, buf, (size_t)h + len + 3);
 }
 
+/* A line of a big literal's data that looks like a response. */
+static const char fuzz_lit_unit[] = "a1 OK\r\n";
+
 /* A tagged response to one of the "aN" commands. */
 static void fuzz_send_tagged(uint8_t arg)
 {
@@ -744,10 +747,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             {
                 char head[64];
                 unsigned count = (arg % 64u) * 16u + 1;
-                int h = snprintf(head, sizeof(head), "* 2 FETCH (BODY[] {%u}\r\n", count * 8u);
+                int h = snprintf(head, sizeof(head), "* 2 FETCH (BODY[] {%u}\r\n",
+                                 count * (unsigned)strlen(fuzz_lit_unit));
                 fuzz_line_start(&fuzz_backend);
                 fuzz_send(&fuzz_backend, head, (size_t)h);
-                fuzz_flood(&fuzz_backend, "a1 OK\r\n", count); /* data, not a response */
+                fuzz_flood(&fuzz_backend, fuzz_lit_unit, count); /* data, not a response */
                 fuzz_send(&fuzz_backend, ")\r\n", 3);
             }
             break;
