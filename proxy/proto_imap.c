@@ -721,7 +721,10 @@ static void session_imap_on_response(struct session *s, const struct imap_resp *
         break;
     case IMAP_PAIRS_UNSOLICITED:
     case IMAP_PAIRS_MATCHED:
-        imap_client_on_tagged(&m->cp, r->tag, r->tag_len);
+        /* Only the answer to a command the backend got ends what waits for it: a tag of a
+         * command mxproxy answers itself (STARTTLS) must not lift its barrier. */
+        if (res == IMAP_PAIRS_MATCHED)
+            imap_client_on_tagged(&m->cp, r->tag, r->tag_len);
         session_imap_log_pair(s, &p);
         if (res == IMAP_PAIRS_MATCHED && r->status == IMAP_ST_OK) {
             if (p.cmd == IMAP_CMD_STARTTLS) {

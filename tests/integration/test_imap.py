@@ -691,6 +691,40 @@ class ImapTest(mxtest.ProxyTestCase):
         self.assertEqual(c.tagged("a2"), body[9:] + b")\r\na2 BAD Line too long\r\n")
         c.close()
 
+    def test_backend_tag_of_a_local_starttls_keeps_the_barrier(self):
+        """A backend that answers the tag of a STARTTLS mxproxy answers itself does not lift
+        the STARTTLS barrier: a second STARTTLS sent behind it is dropped, never answered (and
+        TLS never started twice)."""
+        go = threading.Event()
+
+        class Echo(mxtest.TcpBackend):
+            def handle(self, rec):
+                self.send(rec, b"* OK ready\r\n")
+                while b"a1 NOOP\r\n" not in rec.received:
+                    data = self.recv(rec)
+                    if not data:
+                        return
+                    rec.received += data
+                self.send(rec, b"a5 BAD not yours\r\n")
+                if go.wait(5):
+                    self.send(rec, b"a1 OK done\r\n")
+                    self.recv(rec)
+        b = self.track(Echo("echo"))
+        p = self.start_imap(b.addr, client_tls="starttls")
+        c = self.raw(p.port)
+        c.recv_until(b"\r\n")
+        sid = p.sid_of(c)
+        c.send(b"a1 NOOP\r\na5 STARTTLS\r\n")
+        self.assertEqual(c.recv_until(b"\r\n"), b"a5 BAD not yours\r\n")
+        c.send(b"a6 STARTTLS\r\n")
+        time.sleep(0.2)
+        go.set()
+        self.assertEqual(c.recv_until(b"\r\n"), b"a1 OK done\r\n")
+        self.assertEqual(c.recv_until(b"\r\n"), b"a5 OK Begin TLS negotiation now\r\n")
+        c.close()
+        p.close_of(sid)
+        self.assertEqual([e["tag"] for e in p.find(ev="pair", sid=sid)], ["*", "a5", "a1", "a5"])
+
     def test_literals_are_data(self):
         """Literal octets are never parsed: a FETCH body full of response-like lines, an
         APPEND body full of command-like lines (synchronizing, then non-synchronizing)."""
