@@ -150,6 +150,25 @@ static size_t imap_token_end(const char *s, size_t i, size_t n)
     return i;
 }
 
+/* Does the token s[0, n) start with LOGIN or AUTHENTICATE (any case) glued to what follows by
+ * a byte that ends an atom but is no SP ("LOGIN\tjoe", "LOGIN{5}")? *len: the verb's length. */
+static bool imap_credential_prefix(const char *s, size_t n, size_t *len)
+{
+    static const char *const verbs[] = {"LOGIN", "AUTHENTICATE"};
+
+    for (size_t k = 0; k < sizeof(verbs) / sizeof(verbs[0]); k++) {
+        size_t vl = strlen(verbs[k]);
+        if (n <= vl || !imap_word_is(s, vl, verbs[k]))
+            continue;
+        unsigned char c = (unsigned char)s[vl];
+        if (c < 0x20 || c == 0x7f || c == '(' || c == ')' || c == '{' || c == '"') {
+            *len = vl;
+            return true;
+        }
+    }
+    return false;
+}
+
 static enum imap_cmd imap_verb_find(const char *s, size_t n)
 {
     for (unsigned i = IMAP_CMD_CAPABILITY; i < IMAP_CMD_COUNT_; i++)
@@ -224,7 +243,7 @@ static size_t imap_read_tag(struct imap_client *p, const char *s, size_t n, bool
 /* The first part s[0, n) of a command (line end excluded): tag, verb and loggable text. */
 static void imap_head(struct imap_client *p, const char *s, size_t n)
 {
-    size_t t = imap_read_tag(p, s, n, true), vb, ve;
+    size_t t = imap_read_tag(p, s, n, true), vb, ve, vl;
 
     p->flags = 0;
     p->redact = false;
@@ -248,6 +267,13 @@ static void imap_head(struct imap_client *p, const char *s, size_t n)
             imap_text_add(p, imap_redacted + 1, sizeof(imap_redacted) - 2);
             return;
         }
+    }
+    if (p->cmd == IMAP_CMD_UNKNOWN && imap_credential_prefix(s + vb, ve - vb, &vl)) {
+        /* No command a server runs, but the password may be real. */
+        p->redact = true;
+        imap_text_add(p, s + vb, vl);
+        imap_text_add(p, imap_redacted, sizeof(imap_redacted) - 1);
+        return;
     }
     if (p->cmd == IMAP_CMD_LOGIN) {
         p->redact = true;
@@ -898,6 +924,11 @@ size_t imap_server_parse(struct imap_server *p, const char *buf, size_t len, uin
     ev->resp = r;
     p->handed_out = true;
     return end;
+}
+
+bool imap_server_mid_response(const struct imap_server *p)
+{
+    return p->streamed && !p->handed_out;
 }
 
 /* --- capability lists -------------------------------------------------------------------- */

@@ -329,6 +329,11 @@ struct imap_server {
 size_t imap_server_parse(struct imap_server *p, const char *buf, size_t len, uint64_t now_ns,
                          struct imap_server_event *ev);
 
+/* True when part of a response went out as DATA (literal data, or the start of a long line)
+ * and its end has not come yet: a line of the caller's own written now would be read as more
+ * of that response. */
+bool imap_server_mid_response(const struct imap_server *p);
+
 /* Name of a status: "OK", "NO", "BAD", "BYE", "PREAUTH", "" for none. */
 const char *imap_status_name(enum imap_status st);
 

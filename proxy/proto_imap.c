@@ -225,6 +225,26 @@ static bool session_imap_hs_busy(const struct session *s)
     return session_imap_hs_wanted(s) && IMAP_M(s)->hs != SESSION_IMAP_HS_DONE;
 }
 
+static bool session_imap_hs_own(const struct session *s);
+
+/* True while the client is inside a response the backend began (literal data, or the start of
+ * a long line, went out; its end has not): a line of mxproxy's own now would be read as more
+ * of it, so mxproxy says nothing until the response ends, or nothing at all. */
+static bool session_imap_mid_response(const struct session *s)
+{
+    return imap_server_mid_response(&IMAP_M(s)->sp) && !session_imap_hs_own(s);
+}
+
+/* Says a BYE (one line, no CRLF) to the client, unless it would land inside a response; the
+ * client then sees the connection end. Returns true when said. */
+static bool session_imap_bye(struct session *s, const char *line)
+{
+    if (session_imap_mid_response(s))
+        return false;
+    dialog_say(s, line);
+    return true;
+}
+
 /* A command cut short after parts of it reached the backend: the backend waits for the
  * rest, which will never come. The session ends. */
 static void session_imap_cut_short(struct session *s, const char *why)
@@ -234,10 +254,10 @@ static void session_imap_cut_short(struct session *s, const char *why)
 
     dialog_stop(s);
     session_drop_backend(s);
-    dialog_say(s, "* BYE mxproxy: command line refused");
+    bool said = session_imap_bye(s, "* BYE mxproxy: command line refused");
     while (imap_pairs_abort(&m->pp, &p))
         session_imap_log_pair(s, &p);
-    if (!imap_pairs_summary(&m->pp)->has_primary && m->primary == NULL)
+    if (said && !imap_pairs_summary(&m->pp)->has_primary && m->primary == NULL)
         m->primary = "BYE mxproxy: command line refused";
     session_close_after_flush(s, SESSION_END_CLIENT_RESET, why);
 }
@@ -429,7 +449,9 @@ static void session_imap_answer_locals(struct session *s)
     char text[IMAP_TAG_MAX + IMAP_TEXT_MAX + 16];
     bool answered = false;
 
-    while (!session_closing(s) && imap_pairs_take_local(&m->pp, session_imap_now(), &p)) {
+    /* Inside a response the answers wait for its end (session_imap_on_response). */
+    while (!session_closing(s) && !session_imap_mid_response(s) &&
+           imap_pairs_take_local(&m->pp, session_imap_now(), &p)) {
         snprintf(text, sizeof(text), "%s %s %.*s", p.tag_len > 0 ? p.tag : "*",
                  imap_status_name(p.status), (int)p.text_len, p.text);
         dialog_say(s, text);
@@ -483,8 +505,7 @@ static void session_imap_abort(struct session *s, const char *reply, bool always
     struct imap_pair p;
 
     dialog_stop(s);
-    if (always || imap_pairs_outstanding(&m->pp) > 0) {
-        dialog_say(s, reply);
+    if ((always || imap_pairs_outstanding(&m->pp) > 0) && session_imap_bye(s, reply)) {
         if (!imap_pairs_summary(&m->pp)->has_primary && m->primary == NULL)
             m->primary = reply + 2; /* without "* " */
     }
@@ -700,7 +721,10 @@ static void session_imap_on_response(struct session *s, const struct imap_resp *
         break;
     case IMAP_PAIRS_UNSOLICITED:
     case IMAP_PAIRS_MATCHED:
-        imap_client_on_tagged(&m->cp, r->tag, r->tag_len);
+        /* Only the answer to a command the backend got ends what waits for it: a tag of a
+         * command mxproxy answers itself (STARTTLS) must not lift its barrier. */
+        if (res == IMAP_PAIRS_MATCHED)
+            imap_client_on_tagged(&m->cp, r->tag, r->tag_len);
         session_imap_log_pair(s, &p);
         if (res == IMAP_PAIRS_MATCHED && r->status == IMAP_ST_OK) {
             if (p.cmd == IMAP_CMD_STARTTLS) {
@@ -895,8 +919,8 @@ static void session_imap_refuse(struct session *s, const char *reply)
 
     while (imap_pairs_abort(&IMAP_M(s)->pp, &p))
         session_imap_log_pair(s, &p);
-    dialog_say(s, reply);
-    IMAP_M(s)->primary = reply + 2;
+    if (session_imap_bye(s, reply))
+        IMAP_M(s)->primary = reply + 2;
 }
 
 static void session_imap_goodbye(struct session *s, enum session_end end)
@@ -907,8 +931,8 @@ static void session_imap_goodbye(struct session *s, enum session_end end)
     if (m->d.flags & DIALOG_F_OPAQUE)
         return; /* TLS or deflate to the backend: a plaintext BYE would be noise */
     dialog_drop_tail(s);
-    dialog_say(s, IMAP_SAY(idle));
-    if (!imap_pairs_summary(&m->pp)->has_primary && m->primary == NULL)
+    if (session_imap_bye(s, IMAP_SAY(idle)) && !imap_pairs_summary(&m->pp)->has_primary &&
+        m->primary == NULL)
         m->primary = IMAP_SAY(idle) + 2;
     m->d.flags |= DIALOG_F_ENDING;
 }

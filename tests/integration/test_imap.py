@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 import urllib.request
@@ -637,6 +638,92 @@ class ImapTest(mxtest.ProxyTestCase):
         self.assertEqual(close["end"], "connect_failed")
         self.assertEqual(close["primary_error"],
                          "BYE [UNAVAILABLE] mxproxy: no mail server available")
+
+    def test_backend_gone_inside_a_response(self):
+        """A backend that closes inside a FETCH body already partly relayed: a BYE now would
+        be read as more of the body, so the client gets no line of mxproxy's, only the close;
+        the tag is still logged aborted=1."""
+        class Cut(mxtest.TcpBackend):
+            def handle(self, rec):
+                self.send(rec, b"* OK fake ready\r\n")
+                while b"a1 FETCH 1 BODY[]\r\n" not in rec.received:
+                    data = self.recv(rec)
+                    if not data:
+                        return
+                    rec.received += data
+                self.send(rec, b"* 1 FETCH (BODY[] {50}\r\nSubject: cut")
+        b = self.track(Cut("cut"))
+        p = self.start_imap(b.addr)
+        c = self.raw(p.port)
+        self.assertEqual(c.recv_until(b"\r\n"), b"* OK fake ready\r\n")
+        sid = p.sid_of(c)
+        c.send(b"a1 FETCH 1 BODY[]\r\n")
+        self.assertEqual(c.wait_closed(), ("eof", b"* 1 FETCH (BODY[] {50}\r\nSubject: cut"))
+        close = self.assertPairs(p, sid, [
+            greeting_pair("fake ready"),
+            {"proto": "imap", "tag": "a1", "cmd": "FETCH 1 BODY[]", "untagged": 0,
+             "pipelined": 0, "aborted": 1}])
+        self.assertEqual(close["end"], "backend_closed")
+        self.assertNotIn("primary_error", close)
+
+    def test_local_answer_waits_for_the_response_in_progress(self):
+        """mxproxy's own answer (BAD Line too long) to a line sent while an unsolicited FETCH
+        body is still arriving waits for that response's end: never inside the body."""
+        rest = threading.Event()
+        body = b"Subject: cut\r\n\r\nbody\r\n"
+        head = b"* OK fake ready\r\n* 1 FETCH (BODY[] {%d}\r\n%s" % (len(body), body[:9])
+
+        class Slow(mxtest.TcpBackend):
+            def handle(self, rec):
+                self.send(rec, head)
+                if rest.wait(5):
+                    self.send(rec, body[9:] + b")\r\n")
+                    self.recv(rec)
+        b = self.track(Slow("slow"))
+        p = self.start_imap(b.addr, max_line_length=512)
+        c = self.raw(p.port)
+        self.assertEqual(c.recv_exact(len(head)), head)
+        c.send(b"a2 NOOP " + b"y" * 600 + b"\r\n")
+        try:
+            c.assert_open(wait=0.3)
+        finally:
+            rest.set()
+        self.assertEqual(c.tagged("a2"), body[9:] + b")\r\na2 BAD Line too long\r\n")
+        c.close()
+
+    def test_backend_tag_of_a_local_starttls_keeps_the_barrier(self):
+        """A backend that answers the tag of a STARTTLS mxproxy answers itself does not lift
+        the STARTTLS barrier: a second STARTTLS sent behind it is dropped, never answered (and
+        TLS never started twice)."""
+        go = threading.Event()
+
+        class Echo(mxtest.TcpBackend):
+            def handle(self, rec):
+                self.send(rec, b"* OK ready\r\n")
+                while b"a1 NOOP\r\n" not in rec.received:
+                    data = self.recv(rec)
+                    if not data:
+                        return
+                    rec.received += data
+                self.send(rec, b"a5 BAD not yours\r\n")
+                if go.wait(5):
+                    self.send(rec, b"a1 OK done\r\n")
+                    self.recv(rec)
+        b = self.track(Echo("echo"))
+        p = self.start_imap(b.addr, client_tls="starttls")
+        c = self.raw(p.port)
+        c.recv_until(b"\r\n")
+        sid = p.sid_of(c)
+        c.send(b"a1 NOOP\r\na5 STARTTLS\r\n")
+        self.assertEqual(c.recv_until(b"\r\n"), b"a5 BAD not yours\r\n")
+        c.send(b"a6 STARTTLS\r\n")
+        time.sleep(0.2)
+        go.set()
+        self.assertEqual(c.recv_until(b"\r\n"), b"a1 OK done\r\n")
+        self.assertEqual(c.recv_until(b"\r\n"), b"a5 OK Begin TLS negotiation now\r\n")
+        c.close()
+        p.close_of(sid)
+        self.assertEqual([e["tag"] for e in p.find(ev="pair", sid=sid)], ["*", "a5", "a1", "a5"])
 
     def test_literals_are_data(self):
         """Literal octets are never parsed: a FETCH body full of response-like lines, an

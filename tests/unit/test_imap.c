@@ -257,7 +257,12 @@ static void test_login_redaction(void)
                              "b login joe Secret2\r\n"
                              "c LOGIN {3}\r\njoe {7}\r\nSecret3\r\n"
                              "d LOGIN {3+}\r\njoe {7+}\r\nSecret4\r\n"
-                             "LOGIN joe Secret1\r\n";
+                             "LOGIN joe Secret1\r\n"
+                             /* A verb glued to its arguments by a TAB or a '{': no command a
+                              * server runs, but a real password all the same. */
+                             "e login\tjoe Secret5\r\n"
+                             "f Authenticate\tPLAIN Secret6\r\n"
+                             "g LOGIN{3+}\r\njoe Secret7\r\n";
     struct run r;
 
     g_secrets[0] = "Secret";
@@ -276,7 +281,12 @@ static void test_login_redaction(void)
                   "PART d|LOGIN||0\n"
                   "LITERAL\n"
                   "CMD d|LOGIN|LOGIN [redacted]|10|2\n"
-                  "CMD LOGIN|UNKNOWN|[redacted]|0|0\n");
+                  "CMD LOGIN|UNKNOWN|[redacted]|0|0\n"
+                  "CMD e|UNKNOWN|login [redacted]|0|0\n"
+                  "CMD f|UNKNOWN|Authenticate [redacted]|0|0\n"
+                  "BEGIN g|UNKNOWN||0\n"
+                  "LITERAL\n"
+                  "CMD g|UNKNOWN|LOGIN [redacted]|3|2\n");
     ASSERT_OUT_IN(&r, in);
     run_free(&r);
     g_secrets[0] = NULL;
