@@ -30,6 +30,7 @@ enum session_end {
     SESSION_END_LOOP,          /* transparent: the original destination is mxproxy itself */
     SESSION_END_XCLIENT_ERROR, /* xclient = on: the backend could not be told who the client is */
     SESSION_END_LOCAL_ERROR,   /* mxproxy ran short of descriptors or memory for the backend */
+    SESSION_END_NO_BACKEND,    /* every backend is down (health checks): none was tried */
     SESSION_END_COUNT_,        /* not an end: the number of them */
 };
 

@@ -106,6 +106,7 @@ struct session {
 #define SESSION_F_NO_BACKEND 0x80u   /* the backend was dropped on purpose; no retry */
 #define SESSION_F_PP_SENT 0x200u     /* the PROXY header went to the backend */
 #define SESSION_F_OPEN_LOGGED 0x400u /* ev=open was written */
+#define SESSION_F_ON_BACKEND 0x800u  /* counted in backend_state[cur]->active */
 
 /* Moves s to phase next (logged at debug level). Once FLUSHING or CLOSING,
  * a session never goes back to an earlier phase: such a call is a no-op. */
