@@ -125,14 +125,14 @@ enum config_balance {
  * health checker. It hangs off config_listener_shared, keyed by the address
  * text, so it outlives a reload that keeps the backend. Never moves once made. */
 struct config_backend_state {
-    char text[CONFIG_ADDR_TEXT_MAX];    /* the backend, as config_addr.text */
-    atomic_bool down;                   /* health checks took it out */
-    atomic_uint active;                 /* sessions connecting or connected to it, all workers */
-    _Atomic uint64_t sessions;          /* sessions that connected to it */
-    _Atomic uint64_t connect_failures;  /* failed connects (and greeting timeouts) */
-    _Atomic uint64_t checks_ok;         /* health checks passed */
-    _Atomic uint64_t checks_failed;     /* health checks failed */
-    struct config_backend_state *next;  /* the shared object's list; main thread only */
+    char text[CONFIG_ADDR_TEXT_MAX];   /* the backend, as config_addr.text */
+    atomic_bool down;                  /* health checks took it out */
+    atomic_uint active;                /* sessions connecting or connected to it, all workers */
+    _Atomic uint64_t sessions;         /* sessions that connected to it */
+    _Atomic uint64_t connect_failures; /* failed connects (and greeting timeouts) */
+    _Atomic uint64_t checks_ok;        /* health checks passed */
+    _Atomic uint64_t checks_failed;    /* health checks failed */
+    struct config_backend_state *next; /* the shared object's list; main thread only */
 };
 
 /* One certificate and its key, for client-side TLS; the first is the default. */
@@ -155,8 +155,8 @@ struct config_addr {
 struct tls_ctx;
 
 struct config_listener_shared {
-    atomic_uint refs;   /* configs pointing here */
-    atomic_uint active; /* open sessions of this listener, all workers */
+    atomic_uint refs;                      /* configs pointing here */
+    atomic_uint active;                    /* open sessions of this listener, all workers */
     struct config_backend_state *backends; /* every backend address seen, append-only */
 };
 

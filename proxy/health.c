@@ -25,14 +25,14 @@ struct health_target;
  * callback. A check that ends (or whose target goes away) drops t first, so
  * callbacks still queued for the socket see t == NULL and do nothing. */
 struct health_conn {
-    uv_tcp_t tcp;                 /* the connection to the backend */
-    uv_connect_t connect_req;     /* its connect */
-    uv_write_t pp_req;            /* the PROXY header, when the listener sends one */
-    uv_write_t cmd_req;           /* EHLO or QUIT (probe.out) */
-    struct health_target *t;      /* the target checked, NULL once the check is over */
-    struct probe probe;           /* the dialogue */
-    char pp[PROXYPROTO_V2_MAX];   /* PROXY header bytes, alive until pp_req completes */
-    char rbuf[PROBE_LINE_MAX];    /* read buffer */
+    uv_tcp_t tcp;               /* the connection to the backend */
+    uv_connect_t connect_req;   /* its connect */
+    uv_write_t pp_req;          /* the PROXY header, when the listener sends one */
+    uv_write_t cmd_req;         /* EHLO or QUIT (probe.out) */
+    struct health_target *t;    /* the target checked, NULL once the check is over */
+    struct probe probe;         /* the dialogue */
+    char pp[PROXYPROTO_V2_MAX]; /* PROXY header bytes, alive until pp_req completes */
+    char rbuf[PROBE_LINE_MAX];  /* read buffer */
 };
 
 /* One backend of one listener, checked every health_interval. */
@@ -50,10 +50,10 @@ struct health_target {
 
 struct health {
     uv_loop_t *loop;
-    struct config *cfg;              /* the config checked, owned reference */
-    struct health_target **targets;  /* every backend of every checked listener */
+    struct config *cfg;             /* the config checked, owned reference */
+    struct health_target **targets; /* every backend of every checked listener */
     size_t n_targets;
-    char host[HEALTH_HOST_MAX];      /* EHLO name: this host's name */
+    char host[HEALTH_HOST_MAX]; /* EHLO name: this host's name */
 };
 
 static void health_on_timer(uv_timer_t *timer);

@@ -36,16 +36,16 @@ enum probe_status {
 };
 
 struct probe {
-    enum probe_proto proto; /* whose greeting */
-    bool smtp;              /* after the greeting, EHLO and QUIT (SMTP only) */
-    unsigned step;          /* 0: greeting, 1: EHLO reply, 2: QUIT reply, 3: done */
-    int code;               /* SMTP: code of the reply's first line, 0 before it */
-    size_t len;             /* bytes in line */
-    bool skipping;          /* the current line is over PROBE_LINE_MAX: judged at its end */
-    const char *ehlo_name;  /* EHLO argument, borrowed from probe_init's caller */
-    char line[PROBE_LINE_MAX];       /* the current line, without its terminator */
-    char out[PROBE_OUTPUT_MAX];      /* the command to send after PROBE_SEND */
-    char reason[PROBE_REASON_MAX];   /* after PROBE_FAIL */
+    enum probe_proto proto;        /* whose greeting */
+    bool smtp;                     /* after the greeting, EHLO and QUIT (SMTP only) */
+    unsigned step;                 /* 0: greeting, 1: EHLO reply, 2: QUIT reply, 3: done */
+    int code;                      /* SMTP: code of the reply's first line, 0 before it */
+    size_t len;                    /* bytes in line */
+    bool skipping;                 /* the current line is over PROBE_LINE_MAX: judged at its end */
+    const char *ehlo_name;         /* EHLO argument, borrowed from probe_init's caller */
+    char line[PROBE_LINE_MAX];     /* the current line, without its terminator */
+    char out[PROBE_OUTPUT_MAX];    /* the command to send after PROBE_SEND */
+    char reason[PROBE_REASON_MAX]; /* after PROBE_FAIL */
 };
 
 /* Readies p for one check. smtp: the "smtp" check (greeting, EHLO ehlo_name,

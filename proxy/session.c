@@ -273,8 +273,7 @@ static unsigned session_pick_backend(const struct session *s)
         }
         if (cl->balance != CONFIG_BALANCE_LEAST_CONNECTIONS)
             return i;
-        unsigned active =
-            atomic_load_explicit(&cl->backend_state[i]->active, memory_order_relaxed);
+        unsigned active = atomic_load_explicit(&cl->backend_state[i]->active, memory_order_relaxed);
         if (active < best_active) {
             best = i;
             best_active = active;
@@ -667,8 +666,7 @@ static void session_on_connect(uv_connect_t *req, int status)
     if (!s->cl->backend_original_dst) {
         if (atomic_load_explicit(&s->cl->backend_retry_at[s->cur], memory_order_relaxed) != 0)
             atomic_store_explicit(&s->cl->backend_retry_at[s->cur], 0, memory_order_relaxed);
-        atomic_fetch_add_explicit(&s->cl->backend_state[s->cur]->sessions, 1,
-                                  memory_order_relaxed);
+        atomic_fetch_add_explicit(&s->cl->backend_state[s->cur]->sessions, 1, memory_order_relaxed);
     }
     if (log_enabled(LOG_INFO)) {
         log_begin(&l, LOG_INFO, "connect");

@@ -638,7 +638,7 @@ static void test_health_keys(void)
                "t.ini:4: invalid value 'maybe' for 'health_check': expected off, connect, "
                "greeting or smtp");
     expect_err(HL "balance = random\n", "t.ini:4: invalid value 'random' for 'balance': expected "
-                                         "round_robin, least_connections or first");
+                                        "round_robin, least_connections or first");
     expect_err(HL "health_rise = 0\n",
                "t.ini:4: invalid value '0' for 'health_rise': expected an integer from 1 to 100");
     expect_err(HL "health_fall = 101\n",

@@ -30,7 +30,8 @@ static struct run run_probe(enum probe_proto proto, bool smtp, const char *serve
             ASSERT(used <= n - pos);
             pos += used;
             if (st == PROBE_SEND) {
-                strcat(r.sent, probe_output(&p));
+                size_t have = strlen(r.sent);
+                snprintf(r.sent + have, sizeof(r.sent) - have, "%s", probe_output(&p));
                 continue;
             }
             if (st == PROBE_AGAIN) {
