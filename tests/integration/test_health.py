@@ -256,6 +256,20 @@ class HealthTest(mxtest.ProxyTestCase):
         c1.read_reply()
         c1.wait_closed()
 
+    def test_passive_marking_says_why(self):
+        """health_check = off: a failed connect still marks the backend (fail_timeout), and the
+        line keeps its fields and adds reason=."""
+        dead = free_port()
+        live = self.track(Sink())
+        port = free_port()
+        p = self.start(mxtest.listener("mx", "%s:%d" % (HOST, port),
+                                       ["%s:%d" % (HOST, dead), live.addr], mode="smtp"))
+        self.assertEqual(self.smtp_session(p, port)[1], live.addr)
+        down = p.wait_event(ev="backend_down")
+        self.assertEvent(down, "backend_down", {"listener": "mx", "backend": "%s:%d" % (HOST, dead),
+                                                "for_ms": 10000, "reason": "connection refused"},
+                         lvl="warn")
+
     def test_config_check(self):
         path = os.path.join(self.tmpdir, "bad.ini")
         with open(path, "w") as f:
