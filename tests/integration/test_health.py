@@ -77,6 +77,32 @@ default_transport = discard
             time.sleep(0.05)
 
 
+class Pop3Backend(mxtest.TcpBackend):
+    """Greets with .greeting (switchable mid-test), answers QUIT with +OK and records every
+    line it received in .lines."""
+
+    def __init__(self, greeting=b"+OK ready\r\n"):
+        self.greeting = greeting
+        self.lines = []
+        super().__init__("pop3")
+
+    def handle(self, rec):
+        self.send(rec, self.greeting)
+        buf = b""
+        while True:
+            data = self.recv(rec)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                self.lines.append(line)
+                if line.upper() == b"QUIT":
+                    self.send(rec, b"+OK bye\r\n")
+                    return
+                self.send(rec, b"-ERR unknown\r\n")
+
+
 def metrics(proxy):
     with urllib.request.urlopen("http://%s/metrics" % proxy.admin, timeout=5) as r:
         return r.read().decode()
@@ -269,6 +295,55 @@ class HealthTest(mxtest.ProxyTestCase):
         self.assertEvent(down, "backend_down", {"listener": "mx", "backend": "%s:%d" % (HOST, dead),
                                                 "for_ms": 10000, "reason": "connection refused"},
                          lvl="warn")
+
+    def test_pop3_greeting_check(self):
+        """health_check = greeting in mode pop3: an -ERR greeting takes a backend out, +OK
+        brings it back; the check says QUIT after a good greeting."""
+        a = self.track(Pop3Backend())
+        b = self.track(Pop3Backend(b"+OK standby\r\n"))
+        port = free_port()
+        p = self.start(mxtest.listener("pop", "%s:%d" % (HOST, port), [a.addr, b.addr],
+                                       mode="pop3", balance="first", health_check="greeting",
+                                       **FAST))
+        deadline = time.monotonic() + 5
+        while b"QUIT" not in a.lines and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertIn(b"QUIT", a.lines)  # the goodbye after a passing check
+        a.greeting = b"-ERR [SYS/TEMP] overloaded\r\n"
+        down = p.wait_event(ev="backend_down", backend=a.addr, timeout=5)
+        self.assertEvent(down, "backend_down", {"listener": "pop", "backend": a.addr,
+                                                "check": "greeting", "reason": "greeting -ERR"},
+                         lvl="warn")
+        c = self.client(port)
+        self.assertEqual(c.recv_until(b"\r\n"), b"+OK standby\r\n")
+        c.send(b"QUIT\r\n")
+        self.assertEqual(c.recv_until(b"\r\n"), b"+OK bye\r\n")
+        c.wait_closed()
+        a.greeting = b"+OK ready\r\n"
+        up = p.wait_event(ev="backend_up", backend=a.addr, timeout=5)
+        self.assertEvent(up, "backend_up", {"listener": "pop", "backend": a.addr,
+                                            "check": "greeting"})
+        c = self.client(port)
+        self.assertEqual(c.recv_until(b"\r\n"), b"+OK ready\r\n")
+
+    def test_reload_keeps_state(self):
+        """A backend down before SIGHUP stays down after it (no backend_up, no session to it)
+        when the new config keeps its address."""
+        a, b = self.track(Sink()), self.track(Sink())
+        port = free_port()
+        text = mxtest.config(mxtest.listener("mx", "%s:%d" % (HOST, port), [a.addr, b.addr],
+                                             mode="smtp", balance="first",
+                                             health_check="smtp", **FAST))
+        p = self.start_proxy(text)
+        a.stop()
+        p.wait_event(ev="backend_down", backend=a.addr, timeout=5)
+        m = p.reload(text.replace("health_rise = 2", "health_rise = 3"))
+        p.wait_event(ev="reload", start=m)
+        for _ in range(3):
+            self.assertEqual(self.smtp_session(p, port)[1], b.addr)
+        self.assertEqual(p.find(ev="backend_up"), [])
+        self.assertEqual(p.find(ev="connect_error"), [])
+        self.assertEqual(len(p.find(ev="backend_down")), 1)
 
     def test_config_check(self):
         path = os.path.join(self.tmpdir, "bad.ini")
