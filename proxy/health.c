@@ -5,6 +5,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -18,6 +19,7 @@
 #define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 #define HEALTH_HOST_MAX 256 /* EHLO name, bytes with NUL */
+#define HEALTH_CMDS 2       /* commands a check sends at most: EHLO and QUIT */
 
 struct health_target;
 
@@ -25,14 +27,16 @@ struct health_target;
  * callback. A check that ends (or whose target goes away) drops t first, so
  * callbacks still queued for the socket see t == NULL and do nothing. */
 struct health_conn {
-    uv_tcp_t tcp;               /* the connection to the backend */
-    uv_connect_t connect_req;   /* its connect */
-    uv_write_t pp_req;          /* the PROXY header, when the listener sends one */
-    uv_write_t cmd_req;         /* EHLO or QUIT (probe.out) */
-    struct health_target *t;    /* the target checked, NULL once the check is over */
-    struct probe probe;         /* the dialogue */
-    char pp[PROXYPROTO_V2_MAX]; /* PROXY header bytes, alive until pp_req completes */
-    char rbuf[PROBE_LINE_MAX];  /* read buffer */
+    uv_tcp_t tcp;                            /* the connection to the backend */
+    uv_connect_t connect_req;                /* its connect */
+    uv_write_t pp_req;                       /* the PROXY header, when the listener sends one */
+    uv_write_t cmd_req[HEALTH_CMDS];         /* EHLO, then QUIT: each its own request and bytes, */
+    char cmd[HEALTH_CMDS][PROBE_OUTPUT_MAX]; /* as a backend that answers early may overlap them */
+    unsigned n_cmds;                         /* commands sent so far */
+    struct health_target *t;                 /* the target checked, NULL once the check is over */
+    struct probe probe;                      /* the dialogue */
+    char pp[PROXYPROTO_V2_MAX];              /* PROXY header bytes, alive until pp_req completes */
+    char rbuf[PROBE_LINE_MAX];               /* read buffer */
 };
 
 /* One backend of one listener, checked every health_interval. */
@@ -178,8 +182,11 @@ static void health_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         case PROBE_AGAIN:
             return;
         case PROBE_SEND: {
-            const char *out = probe_output(&c->probe);
-            int rc = health_write(c, &c->cmd_req, out, strlen(out));
+            if (c->n_cmds == HEALTH_CMDS)
+                abort(); /* probe.c sends EHLO and QUIT, nothing more */
+            char *out = c->cmd[c->n_cmds];
+            snprintf(out, PROBE_OUTPUT_MAX, "%s", probe_output(&c->probe));
+            int rc = health_write(c, &c->cmd_req[c->n_cmds++], out, strlen(out));
             if (rc != 0) {
                 health_check_end(t, false, uv_strerror(rc));
                 return;

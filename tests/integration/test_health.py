@@ -103,6 +103,35 @@ class Pop3Backend(mxtest.TcpBackend):
                 self.send(rec, b"-ERR unknown\r\n")
 
 
+class ProxiedSmtp(mxtest.TcpBackend):
+    """Expects a PROXY header first (as a backend behind proxy_protocol does), records the
+    header bytes in .headers, then greets 220 and closes on QUIT."""
+
+    V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+
+    def __init__(self, version):
+        self.version = version
+        self.headers = []
+        super().__init__("proxied")
+
+    def handle(self, rec):
+        want = b"PROXY UNKNOWN\r\n" if self.version == 1 else self.V2_LOCAL
+        got = b""
+        while len(got) < len(want):
+            data = self.recv(rec, len(want) - len(got))
+            if not data:
+                return
+            got += data
+        self.headers.append(got)
+        if got != want:
+            return
+        self.send(rec, b"220 proxied ESMTP\r\n")
+        while True:
+            data = self.recv(rec)
+            if not data or b"QUIT" in data:
+                return
+
+
 def metrics(proxy):
     with urllib.request.urlopen("http://%s/metrics" % proxy.admin, timeout=5) as r:
         return r.read().decode()
@@ -344,6 +373,22 @@ class HealthTest(mxtest.ProxyTestCase):
         self.assertEqual(p.find(ev="backend_up"), [])
         self.assertEqual(p.find(ev="connect_error"), [])
         self.assertEqual(len(p.find(ev="backend_down")), 1)
+
+    def test_checks_send_proxy_header(self):
+        """With proxy_protocol, a check opens with PROXY UNKNOWN (v1) or a v2 LOCAL header,
+        so a backend that demands the header passes."""
+        v1, v2 = self.track(ProxiedSmtp(1)), self.track(ProxiedSmtp(2))
+        p = self.start(
+            mxtest.listener("v1", "%s:%d" % (HOST, free_port()), v1.addr, mode="smtp",
+                            proxy_protocol="v1", health_check="greeting", **FAST),
+            mxtest.listener("v2", "%s:%d" % (HOST, free_port()), v2.addr, mode="smtp",
+                            proxy_protocol="v2", health_check="greeting", **FAST))
+        deadline = time.monotonic() + 5
+        while (len(v1.headers) < 3 or len(v2.headers) < 3) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertEqual(v1.headers[:3], [b"PROXY UNKNOWN\r\n"] * 3)
+        self.assertEqual(v2.headers[:3], [ProxiedSmtp.V2_LOCAL] * 3)
+        self.assertEqual(p.find(ev="backend_down"), [])
 
     def test_config_check(self):
         path = os.path.join(self.tmpdir, "bad.ini")
