@@ -264,15 +264,20 @@ static void health_check_begin(struct health_target *t)
         return;
     }
     t->started = uv_now(t->timer.loop);
+    /* Short of memory or descriptors here is not the backend's fault: no
+     * verdict, the next check comes one interval later. */
     struct health_conn *c = calloc(1, sizeof(*c));
     if (c == NULL) {
-        health_check_end(t, false, "out of memory");
+        uv_timer_start(&t->timer, health_on_timer, cl->health_interval_ms, 0);
         return;
     }
     int rc = uv_tcp_init_ex(t->timer.loop, &c->tcp, t->addr->sa.ss_family);
     if (rc != 0) {
         free(c); /* libuv unlinked the handle: it is not to be closed */
-        health_check_end(t, false, uv_strerror(rc));
+        if (rc == UV_EMFILE || rc == UV_ENFILE || rc == UV_ENOMEM || rc == UV_ENOBUFS)
+            uv_timer_start(&t->timer, health_on_timer, cl->health_interval_ms, 0);
+        else
+            health_check_end(t, false, uv_strerror(rc));
         return;
     }
     c->t = t;
