@@ -26,6 +26,7 @@
 
 #define CONFIG_FILE_MAX (1024 * 1024) /* bigger files are refused, not truncated */
 #define CONFIG_WORKERS_MAX 256
+#define CONFIG_HEALTH_COUNT_MAX 100 /* health_rise and health_fall, at most */
 #define CONFIG_MAX_CONNECTIONS_MAX 1000000
 #define CONFIG_HOST_MAX 253 /* longest DNS name, without the trailing dot */
 
@@ -134,6 +135,21 @@ static const struct config_word config_proxy_protocol_words[] = {
     {NULL, 0},
 };
 
+static const struct config_word config_health_words[] = {
+    {"off", CONFIG_HEALTH_OFF},
+    {"connect", CONFIG_HEALTH_CONNECT},
+    {"greeting", CONFIG_HEALTH_GREETING},
+    {"smtp", CONFIG_HEALTH_SMTP},
+    {NULL, 0},
+};
+
+static const struct config_word config_balance_words[] = {
+    {"round_robin", CONFIG_BALANCE_ROUND_ROBIN},
+    {"least_connections", CONFIG_BALANCE_LEAST_CONNECTIONS},
+    {"first", CONFIG_BALANCE_FIRST},
+    {NULL, 0},
+};
+
 static const struct config_word config_source_words[] = {
     {"client", 1},
     {"proxy", 0},
@@ -196,6 +212,8 @@ static int config_parse_backend(struct config_parser *p, const struct config_key
                                 const char *value);
 static int config_parse_tls_keylog(struct config_parser *p, const struct config_key *k,
                                    const char *value);
+static int config_parse_health(struct config_parser *p, const struct config_key *k,
+                               const char *value);
 
 #define CONFIG_G(field) offsetof(struct config, field)
 #define CONFIG_L(field) offsetof(struct config_listener, field)
@@ -258,6 +276,40 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(fail_timeout_ms),
      .min = 0,
      .max = CONFIG_DURATION_MAX_MS},
+    {.name = "health_check",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_health,
+     .offset = CONFIG_L(health_check),
+     .words = config_health_words},
+    {.name = "health_interval",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_duration,
+     .offset = CONFIG_L(health_interval_ms),
+     .min = 1,
+     .max = CONFIG_DURATION_MAX_MS},
+    {.name = "health_timeout",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_duration,
+     .offset = CONFIG_L(health_timeout_ms),
+     .min = 1,
+     .max = CONFIG_DURATION_MAX_MS},
+    {.name = "health_rise",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_uint,
+     .offset = CONFIG_L(health_rise),
+     .min = 1,
+     .max = CONFIG_HEALTH_COUNT_MAX},
+    {.name = "health_fall",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_uint,
+     .offset = CONFIG_L(health_fall),
+     .min = 1,
+     .max = CONFIG_HEALTH_COUNT_MAX},
+    {.name = "balance",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(balance),
+     .words = config_balance_words},
     {.name = "max_line_length",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_line_length,
@@ -432,8 +484,56 @@ static void config_fail_nomem(struct config_parser *p)
 
 static void config_shared_put(struct config_listener_shared *s)
 {
-    if (s != NULL && atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) == 1)
-        free(s);
+    if (s == NULL || atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    while (s->backends != NULL) {
+        struct config_backend_state *b = s->backends;
+        s->backends = b->next;
+        free(b);
+    }
+    free(s);
+}
+
+/* The state of the backend written text in s, made (at the list's end) on
+ * first use. NULL when out of memory. Main thread only: workers reach the
+ * entries through config_listener.backend_state, never through the list. */
+static struct config_backend_state *config_backend_state_of(struct config_listener_shared *s,
+                                                            const char *text)
+{
+    struct config_backend_state **at = &s->backends;
+
+    for (; *at != NULL; at = &(*at)->next) {
+        if (strcmp((*at)->text, text) == 0)
+            return *at;
+    }
+    struct config_backend_state *b = calloc(1, sizeof(*b));
+    if (b == NULL)
+        return NULL;
+    snprintf(b->text, sizeof(b->text), "%s", text);
+    atomic_init(&b->down, false);
+    atomic_init(&b->active, 0);
+    *at = b;
+    return b;
+}
+
+/* Points l->backend_state at the entries of shared s for l's backends.
+ * Returns 0, or -ENOMEM (l->backend_state is then unchanged). */
+static int config_map_backend_state(struct config_listener *l, struct config_listener_shared *s)
+{
+    struct config_backend_state **map = calloc(l->n_backends > 0 ? l->n_backends : 1, sizeof(*map));
+
+    if (map == NULL)
+        return -ENOMEM;
+    for (size_t i = 0; i < l->n_backends; i++) {
+        map[i] = config_backend_state_of(s, l->backends[i].text);
+        if (map[i] == NULL) {
+            free(map);
+            return -ENOMEM;
+        }
+    }
+    free(l->backend_state);
+    l->backend_state = map;
+    return 0;
 }
 
 static struct config_listener_shared *config_shared_new(void)
@@ -444,6 +544,7 @@ static struct config_listener_shared *config_shared_new(void)
         return NULL;
     atomic_init(&s->refs, 1);
     atomic_init(&s->active, 0);
+    s->backends = NULL;
     return s;
 }
 
@@ -452,6 +553,7 @@ static void config_free(struct config *c)
     for (size_t i = 0; i < c->n_listeners; i++) {
         free(c->listeners[i].backends);
         free(c->listeners[i].backend_retry_at);
+        free(c->listeners[i].backend_state);
         for (size_t j = 0; j < c->listeners[i].n_certs || j < c->listeners[i].n_keys; j++) {
             free(c->listeners[i].certs[j].cert);
             free(c->listeners[i].certs[j].key);
@@ -582,6 +684,10 @@ static void config_open_listener(struct config_parser *p, const char *name, size
         .greeting_timeout_ms = 30 * 1000,
         .max_connections = 0,
         .fail_timeout_ms = 10 * 1000,
+        .health_interval_ms = 5 * 1000,
+        .health_timeout_ms = 2 * 1000,
+        .health_rise = 2,
+        .health_fall = 3,
         .max_line_length = 4096,
         .smuggling = CONFIG_SMUGGLING_REJECT,
         .transcript = CONFIG_TRANSCRIPT_PAIRS,
@@ -947,6 +1053,16 @@ static int config_parse_enum(struct config_parser *p, const struct config_key *k
     if (config_parse_word(p, k, value, k->words, &v) != 0)
         return -1;
     *config_field(p, k) = (unsigned)v;
+    return 0;
+}
+
+/* health_check: its line is kept for the checks that need the whole section. */
+static int config_parse_health(struct config_parser *p, const struct config_key *k,
+                               const char *value)
+{
+    if (config_parse_enum(p, k, value) != 0)
+        return -1;
+    config_cur_listener(p)->health_line = p->lineno;
     return 0;
 }
 
@@ -1430,6 +1546,53 @@ static bool config_addr_overlaps(const struct config_addr *a, const struct confi
     return config_addr_is_any(a) || config_addr_is_any(b);
 }
 
+/* health_check against the rest of the section: what a check can speak. */
+static int config_check_health(struct config_parser *p, const struct config_listener *l)
+{
+    const char *name = config_health_check_name((enum config_health_check)l->health_check);
+    int line = l->health_line;
+
+    if (l->health_check == CONFIG_HEALTH_OFF)
+        return 0;
+    if (l->backend_original_dst) {
+        config_fail(p, -EINVAL, line,
+                    "listener '%s': health_check needs a 'backend' list (not original_dst)",
+                    l->name);
+        return -1;
+    }
+    if (l->health_timeout_ms > l->health_interval_ms) {
+        config_fail(p, -EINVAL, line,
+                    "listener '%s': health_timeout (%ums) is longer than health_interval (%ums)",
+                    l->name, l->health_timeout_ms, l->health_interval_ms);
+        return -1;
+    }
+    if (l->health_check == CONFIG_HEALTH_CONNECT)
+        return 0;
+    if (l->backend_tls == CONFIG_BACKEND_TLS_IMPLICIT) {
+        config_fail(p, -EINVAL, line,
+                    "listener '%s': health_check = %s reads plaintext; with backend_tls = "
+                    "implicit use health_check = connect",
+                    l->name, name);
+        return -1;
+    }
+    if (l->health_check == CONFIG_HEALTH_GREETING && l->mode == CONFIG_MODE_TCP) {
+        config_fail(p, -EINVAL, line,
+                    "listener '%s': health_check = greeting needs a mode with a greeting (smtp, "
+                    "imap or pop3); in mode tcp use connect or smtp",
+                    l->name);
+        return -1;
+    }
+    if (l->health_check == CONFIG_HEALTH_SMTP && l->mode != CONFIG_MODE_TCP &&
+        l->mode != CONFIG_MODE_SMTP) {
+        config_fail(p, -EINVAL, line,
+                    "listener '%s': health_check = smtp needs mode = smtp or tcp (mode %s: use "
+                    "greeting)",
+                    l->name, config_mode_name(l->mode));
+        return -1;
+    }
+    return 0;
+}
+
 /* Settings that only make sense together. */
 static int config_check_features(struct config_parser *p, const struct config_listener *l)
 {
@@ -1492,7 +1655,7 @@ static int config_check_features(struct config_parser *p, const struct config_li
                     "listener '%s': source = client needs transparent = tproxy", l->name);
         return -1;
     }
-    return 0;
+    return config_check_health(p, l);
 }
 
 /* Checks what no single line can: required keys and listen addresses that
@@ -1632,7 +1795,7 @@ static void config_alloc_runtime(struct config_parser *p)
         }
         l->backend_retry_at =
             calloc(l->n_backends > 0 ? l->n_backends : 1, sizeof(*l->backend_retry_at));
-        if (l->backend_retry_at == NULL) {
+        if (l->backend_retry_at == NULL || config_map_backend_state(l, l->shared) != 0) {
             config_fail_nomem(p);
             return;
         }
@@ -1762,6 +1925,9 @@ void config_inherit_shared(struct config *next, const struct config *prev)
 
         if (old == NULL || old->shared == l->shared)
             continue;
+        /* Out of memory: this listener's counters start afresh, nothing worse. */
+        if (config_map_backend_state(l, old->shared) != 0)
+            continue;
         atomic_fetch_add_explicit(&old->shared->refs, 1, memory_order_relaxed);
         config_shared_put(l->shared);
         l->shared = old->shared;
@@ -1831,4 +1997,9 @@ const char *config_client_tls_name(enum config_client_tls t)
 const char *config_backend_tls_name(enum config_backend_tls t)
 {
     return config_word_name(config_backend_tls_words, (int)t);
+}
+
+const char *config_health_check_name(enum config_health_check h)
+{
+    return config_word_name(config_health_words, (int)h);
 }

@@ -112,6 +112,35 @@ enum config_proxy_protocol {
     CONFIG_PROXY_PROTOCOL_V2,
 };
 
+/* Active health checks of a listener's backends ("health_check"). */
+enum config_health_check {
+    CONFIG_HEALTH_OFF = 0,  /* passive marking (fail_timeout) only (default) */
+    CONFIG_HEALTH_CONNECT,  /* a TCP connect succeeds */
+    CONFIG_HEALTH_GREETING, /* a complete positive greeting in the listener's mode */
+    CONFIG_HEALTH_SMTP,     /* SMTP greeting, EHLO and QUIT, all 2xx */
+};
+
+/* How a new session picks among the usable backends ("balance"). */
+enum config_balance {
+    CONFIG_BALANCE_ROUND_ROBIN = 0,   /* each session starts one further (default) */
+    CONFIG_BALANCE_LEAST_CONNECTIONS, /* fewest open sessions over all workers */
+    CONFIG_BALANCE_FIRST,             /* the first usable one in file order */
+};
+
+/* One backend address's run-time state, shared by every worker and the
+ * health checker. It hangs off config_listener_shared, keyed by the address
+ * text, so it outlives a reload that keeps the backend. Never moves once made. */
+struct config_backend_state {
+    char text[CONFIG_ADDR_TEXT_MAX];   /* the backend, as config_addr.text */
+    atomic_bool down;                  /* health checks took it out */
+    atomic_uint active;                /* sessions connecting or connected to it, all workers */
+    _Atomic uint64_t sessions;         /* sessions that connected to it */
+    _Atomic uint64_t connect_failures; /* failed connects (and greeting timeouts) */
+    _Atomic uint64_t checks_ok;        /* health checks passed */
+    _Atomic uint64_t checks_failed;    /* health checks failed */
+    struct config_backend_state *next; /* the shared object's list; main thread only */
+};
+
 /* One certificate and its key, for client-side TLS; the first is the default. */
 struct config_cert {
     char *cert;   /* PEM file, chain allowed */
@@ -132,8 +161,9 @@ struct config_addr {
 struct tls_ctx;
 
 struct config_listener_shared {
-    atomic_uint refs;   /* configs pointing here */
-    atomic_uint active; /* open sessions of this listener, all workers */
+    atomic_uint refs;                      /* configs pointing here */
+    atomic_uint active;                    /* open sessions of this listener, all workers */
+    struct config_backend_state *backends; /* every backend address seen, append-only */
 };
 
 struct config_listener {
@@ -148,6 +178,13 @@ struct config_listener {
     unsigned greeting_timeout_ms;       /* "greeting_timeout", mode smtp, default 30 s */
     unsigned max_connections;           /* "max_connections", 0 = unlimited (default) */
     unsigned fail_timeout_ms;           /* "fail_timeout", default 10 s, 0 = off */
+    unsigned health_check;              /* enum config_health_check, "health_check" */
+    unsigned health_interval_ms;        /* "health_interval", default 5 s */
+    unsigned health_timeout_ms;         /* "health_timeout", default 2 s */
+    unsigned health_rise;               /* "health_rise", default 2 */
+    unsigned health_fall;               /* "health_fall", default 3 */
+    int health_line;                    /* line of "health_check", for messages */
+    unsigned balance;                   /* enum config_balance, "balance" */
     unsigned max_line_length;           /* "max_line_length", mode smtp, default 4096 */
     enum config_smuggling smuggling;    /* "smuggling", mode smtp, default reject */
     enum config_transcript transcript;  /* "transcript", mode smtp, default pairs */
@@ -186,6 +223,8 @@ struct config_listener {
      * backend, the time (uv_hrtime() in ms) until which new sessions try it
      * only after every other backend; set after a failed connect. */
     _Atomic uint64_t *backend_retry_at;
+    /* Per backend, in file order: its state in shared->backends. */
+    struct config_backend_state **backend_state;
     struct config_listener_shared *shared; /* never NULL in a loaded config */
 };
 
@@ -244,5 +283,6 @@ const char *config_smuggling_name(enum config_smuggling m);
 const char *config_transcript_name(enum config_transcript t);
 const char *config_client_tls_name(enum config_client_tls t);
 const char *config_backend_tls_name(enum config_backend_tls t);
+const char *config_health_check_name(enum config_health_check h);
 
 #endif /* MXPROXY_CONFIG_H */

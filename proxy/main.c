@@ -11,6 +11,7 @@
 
 #include "admin.h"
 #include "config.h"
+#include "health.h"
 #include "listener.h"
 #include "log.h"
 #include "metrics.h"
@@ -39,6 +40,7 @@ static struct {
     bool has_admin;                /* admin_addr is the address admin serves (or failed to) */
     struct config_addr admin_addr; /* address of the current admin endpoint */
     struct metrics **metrics;      /* &workers[i].metrics, for metrics_render */
+    struct health *health;         /* the health checker, NULL once stopped */
 } mx;
 
 static void main_usage(FILE *out)
@@ -100,7 +102,11 @@ static bool main_admin_ready(void *arg)
 static size_t main_admin_render(void *arg, char *out, size_t cap)
 {
     (void)arg;
-    return metrics_render(mx.metrics, mx.n_workers, out, cap);
+    size_t n = metrics_render(mx.metrics, mx.n_workers, out, cap);
+    /* Appended over the NUL; when the first part did not fit, neither does the whole. */
+    size_t more = metrics_render_backends(mx.cfg, uv_hrtime() / 1000000, n < cap ? out + n : out,
+                                          n < cap ? cap - n : 0);
+    return n + more;
 }
 
 static void main_log_admin(enum log_level lvl, const char *ev, const char *addr, int rc)
@@ -262,6 +268,8 @@ static void main_reload(void)
                 "workers changed from %u to %u: takes effect after a restart", mx.n_workers,
                 next->workers);
     main_apply_logging(next);
+    if (health_reload(mx.health, next) != 0)
+        log_msg(LOG_ERROR, "reload_warning", "out of memory: health checks keep the old config");
     main_reload_admin(next);
     main_admin_limits(next);
     for (unsigned i = 0; i < mx.n_workers; i++)
@@ -330,6 +338,8 @@ static void main_on_wake(uv_async_t *a)
     }
     if (atomic_load(&mx.exited) == mx.n_workers) {
         /* Last step: /readyz answered 503 through the whole drain. */
+        health_stop(mx.health);
+        mx.health = NULL;
         admin_stop(mx.admin);
         mx.admin = NULL;
         uv_close((uv_handle_t *)&mx.sighup, NULL);
@@ -393,6 +403,11 @@ static int main_run(void)
             log_close(); /* the admin_error line says which address failed */
             return 1;
         }
+    }
+    /* Checks begin once the loop runs, alongside the first sessions. */
+    if (health_start(&mx.health, mx.loop, mx.cfg) != 0) {
+        fprintf(stderr, "mxproxy: out of memory\n");
+        return 1;
     }
     for (unsigned i = 0; i < mx.n_workers; i++) {
         struct worker *w = &mx.workers[i];

@@ -514,3 +514,100 @@ size_t metrics_render(struct metrics *const *per_worker, unsigned n, char *out, 
         out[o.len < cap ? o.len : cap - 1] = '\0';
     return o.len;
 }
+
+/* One mxproxy_backend_* family: HELP/TYPE, then a sample per backend of
+ * every listener (file order), its value from value(). result: an extra
+ * label value for mxproxy_backend_health_checks_total, else NULL. */
+typedef uint64_t (*metrics_backend_fn)(const struct config_listener *cl, size_t i, uint64_t now);
+
+static void metrics_backend_family(struct metrics_out *o, const struct config *c, uint64_t now,
+                                   const char *name, const char *result, metrics_backend_fn value)
+{
+    for (size_t l = 0; l < c->n_listeners; l++) {
+        const struct config_listener *cl = &c->listeners[l];
+        if (cl->backend_original_dst)
+            continue;
+        for (size_t i = 0; i < cl->n_backends; i++) {
+            metrics_puts(o, name);
+            metrics_puts(o, "{listener=\"");
+            metrics_label(o, cl->name);
+            metrics_puts(o, "\",backend=\"");
+            metrics_label(o, cl->backends[i].text);
+            if (result != NULL) {
+                metrics_puts(o, "\",result=\"");
+                metrics_puts(o, result);
+            }
+            metrics_puts(o, "\"} ");
+            metrics_u64(o, value(cl, i, now));
+            metrics_puts(o, "\n");
+        }
+    }
+}
+
+static uint64_t metrics_backend_up(const struct config_listener *cl, size_t i, uint64_t now)
+{
+    return !atomic_load_explicit(&cl->backend_state[i]->down, memory_order_relaxed) &&
+           atomic_load_explicit(&cl->backend_retry_at[i], memory_order_relaxed) <= now;
+}
+
+static uint64_t metrics_backend_sessions(const struct config_listener *cl, size_t i, uint64_t now)
+{
+    (void)now;
+    return metrics_get(&cl->backend_state[i]->sessions);
+}
+
+static uint64_t metrics_backend_active(const struct config_listener *cl, size_t i, uint64_t now)
+{
+    (void)now;
+    return atomic_load_explicit(&cl->backend_state[i]->active, memory_order_relaxed);
+}
+
+static uint64_t metrics_backend_failures(const struct config_listener *cl, size_t i, uint64_t now)
+{
+    (void)now;
+    return metrics_get(&cl->backend_state[i]->connect_failures);
+}
+
+static uint64_t metrics_backend_checks_ok(const struct config_listener *cl, size_t i, uint64_t now)
+{
+    (void)now;
+    return metrics_get(&cl->backend_state[i]->checks_ok);
+}
+
+static uint64_t metrics_backend_checks_failed(const struct config_listener *cl, size_t i,
+                                              uint64_t now)
+{
+    (void)now;
+    return metrics_get(&cl->backend_state[i]->checks_failed);
+}
+
+size_t metrics_render_backends(const struct config *c, uint64_t now_ms, char *out, size_t cap)
+{
+    struct metrics_out o = {.p = out, .cap = cap, .len = 0};
+
+    metrics_head(&o, "mxproxy_backend_up", "gauge",
+                 "1 when new sessions may use the backend; 0 when health checks or a failed "
+                 "connect (fail_timeout) took it out.");
+    metrics_backend_family(&o, c, now_ms, "mxproxy_backend_up", NULL, metrics_backend_up);
+    metrics_head(&o, "mxproxy_backend_sessions_total", "counter",
+                 "Sessions that connected to the backend.");
+    metrics_backend_family(&o, c, now_ms, "mxproxy_backend_sessions_total", NULL,
+                           metrics_backend_sessions);
+    metrics_head(&o, "mxproxy_backend_active_sessions", "gauge",
+                 "Sessions connecting or connected to the backend, all workers.");
+    metrics_backend_family(&o, c, now_ms, "mxproxy_backend_active_sessions", NULL,
+                           metrics_backend_active);
+    metrics_head(&o, "mxproxy_backend_connect_failures_total", "counter",
+                 "Failed connects to the backend, greeting timeouts included.");
+    metrics_backend_family(&o, c, now_ms, "mxproxy_backend_connect_failures_total", NULL,
+                           metrics_backend_failures);
+    metrics_head(&o, "mxproxy_backend_health_checks_total", "counter",
+                 "Active health checks of the backend by result.");
+    metrics_backend_family(&o, c, now_ms, "mxproxy_backend_health_checks_total", "ok",
+                           metrics_backend_checks_ok);
+    metrics_backend_family(&o, c, now_ms, "mxproxy_backend_health_checks_total", "failed",
+                           metrics_backend_checks_failed);
+    if (cap > 0)
+        out[o.len < cap ? o.len : cap - 1] = '\0';
+    return o.len;
+}

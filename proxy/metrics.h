@@ -108,4 +108,12 @@ void metrics_tls(struct metrics *m, bool client, bool ok);
  * allocates; listeners are listed by name, in byte order. */
 size_t metrics_render(struct metrics *const *per_worker, unsigned n, char *out, size_t cap);
 
+/* Writes the per-backend series of c's listeners (mxproxy_backend_*: up,
+ * sessions, open sessions, connect failures, health checks) into out, like
+ * metrics_render(), to follow its text. now_ms is uv_hrtime() in ms, the
+ * clock of fail_timeout. Reads the shared backend state with relaxed loads:
+ * safe while the workers and the health checker run. Listeners with backend
+ * = original_dst have no series. */
+size_t metrics_render_backends(const struct config *c, uint64_t now_ms, char *out, size_t cap);
+
 #endif /* MXPROXY_METRICS_H */

@@ -47,6 +47,7 @@ static const char *const session_end_names[] = {
     [SESSION_END_LOCAL_ERROR] = "local_error",
     [SESSION_END_LOGOUT] = "logout",
     [SESSION_END_CLIENT_EOF_WITHOUT_LOGOUT] = "client_eof_without_logout",
+    [SESSION_END_NO_BACKEND] = "no_backend",
 };
 
 static_assert(sizeof(session_end_names) / sizeof(session_end_names[0]) == SESSION_END_COUNT_,
@@ -119,6 +120,8 @@ const char *session_client_addr(struct session *s)
     return s->client_addr;
 }
 
+static void session_leave_backend(struct session *s);
+
 static void session_maybe_free(struct session *s)
 {
     if (s->open_handles > 0)
@@ -131,6 +134,7 @@ static void session_maybe_free(struct session *s)
     if (s->next != NULL)
         s->next->prev = s->prev;
     atomic_fetch_sub(&w->n_sessions, 1);
+    session_leave_backend(s);
     if (s->proto != NULL)
         s->proto->free(s);
     free(s->pp_in);
@@ -176,7 +180,9 @@ static void session_on_timer(uv_timer_t *t);
 /* A backend read at once (SESSION_F_READ_CONNECT) that has sent nothing after this many
  * ms is asked whether its connect completed (a backend waiting for its client). */
 #define SESSION_PROBE_MS 50
+static void session_no_backend(struct session *s);
 static unsigned session_n_backends(const struct session *s);
+static unsigned session_pick_backend(const struct session *s);
 static void session_pp_failed(struct session *s, const char *reason);
 static int session_send_proxy_header(struct session *s);
 
@@ -190,7 +196,7 @@ static void session_on_backend_closed(uv_handle_t *h)
         return;
     }
     /* A failed attempt: try the next backend at once, or give up. */
-    if (s->tries < session_n_backends(s)) {
+    if (s->tries < session_n_backends(s) && session_pick_backend(s) != UINT32_MAX) {
         session_connect_next(s);
         return;
     }
@@ -242,27 +248,57 @@ static uint64_t session_clock_ms(void)
     return uv_hrtime() / 1000000;
 }
 
-/* The next backend to try: in round-robin order from rr_start, the first one
- * not tried yet that has not failed within fail_timeout; if every untried
- * one has, the first untried one anyway (never give up without trying). */
+/* A backend the health checks took out: never tried, not even last. */
+static bool session_backend_down(const struct config_listener *cl, unsigned i)
+{
+    return atomic_load_explicit(&cl->backend_state[i]->down, memory_order_relaxed);
+}
+
+/* The next backend to try, or UINT32_MAX when none is left. Backends the
+ * health checks took out are skipped. Of the others not tried yet, those
+ * that have not failed within fail_timeout come first: balance = first takes
+ * the first in file order, round_robin the first from rr_start on,
+ * least_connections the one with the fewest open sessions over all workers
+ * (ties: from rr_start on). If every one has failed lately, the first of
+ * them in that order anyway (never give up without trying). */
 static unsigned session_pick_backend(const struct session *s)
 {
     const struct config_listener *cl = s->cl;
     uint64_t now = session_clock_ms();
     unsigned fallback = UINT32_MAX;
+    unsigned best = UINT32_MAX;
+    unsigned best_active = UINT32_MAX;
+    unsigned start = cl->balance == CONFIG_BALANCE_FIRST ? 0 : s->rr_start;
 
     if (cl->backend_original_dst)
         return s->tried != 0 ? UINT32_MAX : 0;
     for (unsigned k = 0; k < cl->n_backends; k++) {
-        unsigned i = (s->rr_start + k) % (unsigned)cl->n_backends;
-        if (s->tried & (UINT64_C(1) << i))
+        unsigned i = (start + k) % (unsigned)cl->n_backends;
+        if ((s->tried & (UINT64_C(1) << i)) || session_backend_down(cl, i))
             continue;
-        if (atomic_load_explicit(&cl->backend_retry_at[i], memory_order_relaxed) <= now)
+        if (atomic_load_explicit(&cl->backend_retry_at[i], memory_order_relaxed) > now) {
+            if (fallback == UINT32_MAX)
+                fallback = i;
+            continue;
+        }
+        if (cl->balance != CONFIG_BALANCE_LEAST_CONNECTIONS)
             return i;
-        if (fallback == UINT32_MAX)
-            fallback = i;
+        unsigned active = atomic_load_explicit(&cl->backend_state[i]->active, memory_order_relaxed);
+        if (active < best_active) {
+            best = i;
+            best_active = active;
+        }
     }
-    return fallback;
+    return best != UINT32_MAX ? best : fallback;
+}
+
+/* The session no longer occupies its backend (least_connections). */
+static void session_leave_backend(struct session *s)
+{
+    if (!(s->flags & SESSION_F_ON_BACKEND))
+        return;
+    s->flags &= ~SESSION_F_ON_BACKEND;
+    atomic_fetch_sub_explicit(&s->cl->backend_state[s->cur]->active, 1, memory_order_relaxed);
 }
 
 /* Puts the current backend last for fail_timeout; logs when it was fine. */
@@ -281,6 +317,7 @@ static void session_mark_backend_failed(const struct session *s)
         log_str(&l, "listener", cl->name);
         log_str(&l, "backend", session_backend(s)->text);
         log_uint(&l, "for_ms", cl->fail_timeout_ms);
+        log_str(&l, "reason", session_connect_error_text(s->last_error));
         log_end(&l);
     }
 }
@@ -292,6 +329,10 @@ static void session_connect_failed(struct session *s, int status)
 
     s->last_error = status;
     session_mark_backend_failed(s);
+    if (!s->cl->backend_original_dst)
+        atomic_fetch_add_explicit(&s->cl->backend_state[s->cur]->connect_failures, 1,
+                                  memory_order_relaxed);
+    session_leave_backend(s);
     if (log_enabled(LOG_WARN)) {
         log_begin(&l, LOG_WARN, "connect_error");
         log_sid(&l, s->id);
@@ -668,9 +709,11 @@ static void session_backend_connected(struct session *s)
     metrics_connect_time(&s->w->metrics, uv_hrtime() - s->t_connect);
     s->connected_at = uv_now(s->backend.loop);
     s->tls_started_at = s->connected_at; /* implicit TLS: the client is read from now on */
-    if (!s->cl->backend_original_dst &&
-        atomic_load_explicit(&s->cl->backend_retry_at[s->cur], memory_order_relaxed) != 0)
-        atomic_store_explicit(&s->cl->backend_retry_at[s->cur], 0, memory_order_relaxed);
+    if (!s->cl->backend_original_dst) {
+        if (atomic_load_explicit(&s->cl->backend_retry_at[s->cur], memory_order_relaxed) != 0)
+            atomic_store_explicit(&s->cl->backend_retry_at[s->cur], 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&s->cl->backend_state[s->cur]->sessions, 1, memory_order_relaxed);
+    }
     if (log_enabled(LOG_INFO)) {
         log_begin(&l, LOG_INFO, "connect");
         log_sid(&l, s->id);
@@ -846,6 +889,10 @@ static void session_connect_next(struct session *s)
     s->cur = next;
     s->tried |= UINT64_C(1) << next;
     s->tries++;
+    if (!s->cl->backend_original_dst) {
+        atomic_fetch_add_explicit(&s->cl->backend_state[next]->active, 1, memory_order_relaxed);
+        s->flags |= SESSION_F_ON_BACKEND;
+    }
     s->flags &= ~(SESSION_F_TIMED_OUT | SESSION_F_READ_CONNECT);
     session_enter_phase(s, SESSION_PHASE_CONNECTING);
     b = session_backend(s);
@@ -1036,7 +1083,25 @@ static void session_start_backend(struct session *s)
         memcpy(&s->dst_backend->sa, &s->orig_dst, s->dst_backend->salen);
         sockaddr_format(&s->orig_dst.sa, s->dst_backend->text, sizeof(s->dst_backend->text));
     }
+    if (session_pick_backend(s) == UINT32_MAX) {
+        session_no_backend(s);
+        return;
+    }
     session_connect_next(s);
+}
+
+/* Every backend is down (health checks): the client learns it at once, with
+ * no connect tried and so no connect_timeout paid. */
+static void session_no_backend(struct session *s)
+{
+    static const char why[] = "all backends down";
+
+    if (s->proto != NULL) {
+        s->proto->say(s, PROTO_SAY_UNAVAILABLE, why);
+        session_close_after_flush(s, SESSION_END_NO_BACKEND, why);
+        return;
+    }
+    session_close(s, SESSION_END_NO_BACKEND, why);
 }
 
 /* ---- PROXY protocol ----------------------------------------------------------------- */

@@ -594,6 +594,102 @@ static void test_refs_and_inherit(void)
     config_unref(b); /* frees ay and bz; ASan reports a leak or double free */
 }
 
+static void test_health_keys(void)
+{
+    struct config *c = load_ok(LISTENER);
+    const struct config_listener *l = &c->listeners[0];
+
+    ASSERT_EQ(l->health_check, CONFIG_HEALTH_OFF);
+    ASSERT_EQ(l->health_interval_ms, 5000);
+    ASSERT_EQ(l->health_timeout_ms, 2000);
+    ASSERT_EQ(l->health_rise, 2);
+    ASSERT_EQ(l->health_fall, 3);
+    ASSERT_EQ(l->balance, CONFIG_BALANCE_ROUND_ROBIN);
+    ASSERT(l->backend_state != NULL && l->backend_state[0] != NULL);
+    ASSERT_STREQ(l->backend_state[0]->text, "127.0.0.1:25");
+    ASSERT(!atomic_load(&l->backend_state[0]->down));
+    ASSERT_STREQ(config_health_check_name(CONFIG_HEALTH_GREETING), "greeting");
+    config_unref(c);
+
+    c = load_ok("[listener a]\nlisten = 127.0.0.1:25\nbackend = 127.0.0.1:1, 127.0.0.1:2\n"
+                "mode = smtp\nhealth_check = smtp\nhealth_interval = 1s\nhealth_timeout = 1s\n"
+                "health_rise = 1\nhealth_fall = 100\nbalance = least_connections\n"
+                "[listener b]\nlisten = 127.0.0.1:26\nbackend = 127.0.0.1:1\nmode = pop3\n"
+                "health_check = greeting\nbalance = first\n"
+                "[listener c]\nlisten = 127.0.0.1:27\nbackend = 127.0.0.1:1\n"
+                "health_check = connect\nbalance = round_robin\n");
+    l = &c->listeners[0];
+    ASSERT_EQ(l->health_check, CONFIG_HEALTH_SMTP);
+    ASSERT_EQ(l->health_interval_ms, 1000);
+    ASSERT_EQ(l->health_timeout_ms, 1000);
+    ASSERT_EQ(l->health_rise, 1);
+    ASSERT_EQ(l->health_fall, 100);
+    ASSERT_EQ(l->balance, CONFIG_BALANCE_LEAST_CONNECTIONS);
+    ASSERT(l->backend_state[0] != l->backend_state[1]);
+    ASSERT_EQ(c->listeners[1].health_check, CONFIG_HEALTH_GREETING);
+    ASSERT_EQ(c->listeners[1].balance, CONFIG_BALANCE_FIRST);
+    ASSERT_EQ(c->listeners[2].health_check, CONFIG_HEALTH_CONNECT);
+    /* Same address, other listener: its own state. */
+    ASSERT(c->listeners[1].backend_state[0] != l->backend_state[0]);
+    config_unref(c);
+
+#define HL "[listener h]\nlisten = 127.0.0.1:25\nbackend = 127.0.0.1:1\n"
+    expect_err(HL "health_check = maybe\n",
+               "t.ini:4: invalid value 'maybe' for 'health_check': expected off, connect, "
+               "greeting or smtp");
+    expect_err(HL "balance = random\n", "t.ini:4: invalid value 'random' for 'balance': expected "
+                                        "round_robin, least_connections or first");
+    expect_err(HL "health_rise = 0\n",
+               "t.ini:4: invalid value '0' for 'health_rise': expected an integer from 1 to 100");
+    expect_err(HL "health_fall = 101\n",
+               "t.ini:4: invalid value '101' for 'health_fall': expected an integer from 1 to 100");
+    expect_err(HL "health_interval = 0\n",
+               "t.ini:4: invalid value '0' for 'health_interval': must be more than 0");
+    expect_err(HL "health_check = connect\nhealth_timeout = 6s\n",
+               "t.ini:4: listener 'h': health_timeout (6000ms) is longer than health_interval "
+               "(5000ms)");
+    expect_err(HL "health_check = greeting\n",
+               "t.ini:4: listener 'h': health_check = greeting needs a mode with a greeting "
+               "(smtp or pop3); in mode tcp use connect or smtp");
+    expect_err(HL "mode = pop3\nhealth_check = smtp\n",
+               "t.ini:5: listener 'h': health_check = smtp needs mode = smtp or tcp (mode pop3: "
+               "use greeting)");
+    expect_err(HL "mode = smtp\nbackend_tls = implicit\nbackend_verify = off\n"
+                  "health_check = greeting\n",
+               "t.ini:7: listener 'h': health_check = greeting reads plaintext; with backend_tls "
+               "= implicit use health_check = connect");
+    expect_err("[listener h]\nlisten = 127.0.0.1:25\nbackend = original_dst\n"
+               "transparent = redirect\nhealth_check = connect\n",
+               "t.ini:5: listener 'h': health_check needs a 'backend' list (not original_dst)");
+#undef HL
+    /* smtp in mode tcp (an SMTP server behind an opaque relay) is fine. */
+    c = load_ok(LISTENER "health_check = smtp\n");
+    config_unref(c);
+}
+
+/* Backend state follows the address across a reload; a new address gets its own. */
+static void test_backend_state_inherit(void)
+{
+    struct config *a = load_ok("[listener x]\nlisten = 127.0.0.1:25\n"
+                               "backend = 127.0.0.1:1, 127.0.0.1:2\n");
+    struct config *b = load_ok("[listener x]\nlisten = 127.0.0.1:25\n"
+                               "backend = 127.0.0.1:3, 127.0.0.1:2\n");
+    struct config_backend_state *two = a->listeners[0].backend_state[1];
+
+    atomic_store(&two->down, true);
+    atomic_store(&two->sessions, 7);
+    config_inherit_shared(b, a);
+    ASSERT(b->listeners[0].backend_state[1] == two);
+    ASSERT(atomic_load(&b->listeners[0].backend_state[1]->down));
+    ASSERT_EQ(atomic_load(&b->listeners[0].backend_state[1]->sessions), 7);
+    ASSERT_STREQ(b->listeners[0].backend_state[0]->text, "127.0.0.1:3");
+    ASSERT(!atomic_load(&b->listeners[0].backend_state[0]->down));
+    ASSERT(b->listeners[0].backend_state[0] != a->listeners[0].backend_state[0]);
+    config_unref(a);
+    ASSERT_EQ(atomic_load(&b->listeners[0].backend_state[1]->sessions), 7);
+    config_unref(b); /* frees every state once; ASan reports a leak or double free */
+}
+
 static void write_file(const char *path, const char *text)
 {
     FILE *f = fopen(path, "w");
@@ -967,6 +1063,8 @@ int main(void)
     test_errors();
     test_first_error_kept();
     test_refs_and_inherit();
+    test_health_keys();
+    test_backend_state_inherit();
     test_load_file();
     test_example_file();
     test_tls_and_interception_keys();

@@ -398,8 +398,74 @@ static void test_concurrent_scrape(void)
     free(m);
 }
 
+/* The per-backend series: exact text, escaping, truncation like metrics_render(). */
+static void test_backends(void)
+{
+    static const char ini[] =
+        "[listener a]\nlisten = 127.0.0.1:25\nbackend = 127.0.0.1:1, [::1]:2\n"
+        "[listener t]\nlisten = 127.0.0.1:26\nbackend = original_dst\ntransparent = redirect\n";
+    char err[CONFIG_ERR_MAX];
+    struct config *c = NULL;
+
+    ASSERT_OK(config_load_string(ini, "t.ini", &c, err, sizeof(err)));
+    const struct config_listener *l = &c->listeners[0];
+    atomic_store(&l->backend_state[0]->down, true);
+    atomic_store(&l->backend_state[1]->sessions, 5);
+    atomic_store(&l->backend_state[1]->active, 2);
+    atomic_store(&l->backend_state[0]->connect_failures, 3);
+    atomic_store(&l->backend_state[0]->checks_failed, 4);
+    atomic_store(&l->backend_state[1]->checks_ok, 6);
+    atomic_store(&l->backend_retry_at[1], 1000); /* failed lately: out until 1000 ms */
+
+    static const char want[] =
+        "# HELP mxproxy_backend_up 1 when new sessions may use the backend; 0 when health checks "
+        "or a failed connect (fail_timeout) took it out.\n"
+        "# TYPE mxproxy_backend_up gauge\n"
+        "mxproxy_backend_up{listener=\"a\",backend=\"127.0.0.1:1\"} 0\n"
+        "mxproxy_backend_up{listener=\"a\",backend=\"[::1]:2\"} %d\n"
+        "# HELP mxproxy_backend_sessions_total Sessions that connected to the backend.\n"
+        "# TYPE mxproxy_backend_sessions_total counter\n"
+        "mxproxy_backend_sessions_total{listener=\"a\",backend=\"127.0.0.1:1\"} 0\n"
+        "mxproxy_backend_sessions_total{listener=\"a\",backend=\"[::1]:2\"} 5\n"
+        "# HELP mxproxy_backend_active_sessions Sessions connecting or connected to the backend, "
+        "all workers.\n"
+        "# TYPE mxproxy_backend_active_sessions gauge\n"
+        "mxproxy_backend_active_sessions{listener=\"a\",backend=\"127.0.0.1:1\"} 0\n"
+        "mxproxy_backend_active_sessions{listener=\"a\",backend=\"[::1]:2\"} 2\n"
+        "# HELP mxproxy_backend_connect_failures_total Failed connects to the backend, greeting "
+        "timeouts included.\n"
+        "# TYPE mxproxy_backend_connect_failures_total counter\n"
+        "mxproxy_backend_connect_failures_total{listener=\"a\",backend=\"127.0.0.1:1\"} 3\n"
+        "mxproxy_backend_connect_failures_total{listener=\"a\",backend=\"[::1]:2\"} 0\n"
+        "# HELP mxproxy_backend_health_checks_total Active health checks of the backend by "
+        "result.\n"
+        "# TYPE mxproxy_backend_health_checks_total counter\n"
+        "mxproxy_backend_health_checks_total{listener=\"a\",backend=\"127.0.0.1:1\",result="
+        "\"ok\"} 0\n"
+        "mxproxy_backend_health_checks_total{listener=\"a\",backend=\"[::1]:2\",result=\"ok\"} "
+        "6\n"
+        "mxproxy_backend_health_checks_total{listener=\"a\",backend=\"127.0.0.1:1\",result="
+        "\"failed\"} 4\n"
+        "mxproxy_backend_health_checks_total{listener=\"a\",backend=\"[::1]:2\",result="
+        "\"failed\"} 0\n";
+    static char expect[4096];
+    for (int up = 0; up <= 1; up++) {
+        snprintf(expect, sizeof(expect), want, up);
+        size_t len = metrics_render_backends(c, up ? 1000 : 999, text, sizeof(text));
+        ASSERT_EQ(len, strlen(expect));
+        ASSERT_STREQ(text, expect);
+    }
+    /* Cut short: the length still says what the whole needs, the buffer stays terminated. */
+    char small[16];
+    ASSERT_EQ(metrics_render_backends(c, 0, small, sizeof(small)), strlen(expect));
+    ASSERT_EQ(strlen(small), sizeof(small) - 1);
+    ASSERT_EQ(metrics_render_backends(c, 0, NULL, 0), strlen(expect));
+    config_unref(c);
+}
+
 int main(void)
 {
+    test_backends();
     test_counting();
     test_sum_across_workers();
     test_accept_errors();
