@@ -650,7 +650,7 @@ static void test_health_keys(void)
                "(5000ms)");
     expect_err(HL "health_check = greeting\n",
                "t.ini:4: listener 'h': health_check = greeting needs a mode with a greeting "
-               "(smtp or pop3); in mode tcp use connect or smtp");
+               "(smtp, imap or pop3); in mode tcp use connect or smtp");
     expect_err(HL "mode = pop3\nhealth_check = smtp\n",
                "t.ini:5: listener 'h': health_check = smtp needs mode = smtp or tcp (mode pop3: "
                "use greeting)");
