@@ -3,7 +3,8 @@
  * No I/O, no allocation: the caller owns every struct cidr. An IPv4-mapped IPv6 address
  * (::ffff:a.b.c.d, what a dual-stack socket reports for an IPv4 peer) is the IPv4 address
  * it carries, both as a block written that way (with a prefix of 96 or more) and as a
- * client, so one "allow = 192.0.2.0/24" line covers both.
+ * client, so one "allow = 192.0.2.0/24" line covers both. Families never cross: an IPv6
+ * block (even "::/0") never matches an IPv4 client, and an IPv4 block no IPv6 client.
  */
 #ifndef MXPROXY_CIDR_H
 #define MXPROXY_CIDR_H

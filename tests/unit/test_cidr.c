@@ -137,6 +137,8 @@ static void test_match(void)
     ASSERT(!match("0.0.0.0/0", v6("2001:db8::1"))); /* families never cross */
     ASSERT(!match("::/0", v4("203.0.113.9")));
     ASSERT(match("::/0", v6("2001:db8::1")));
+    ASSERT(!match("::/0", v6("::ffff:192.0.2.1"))); /* an IPv4 client, even so */
+    ASSERT(!match("::/80", v6("::ffff:192.0.2.1")));
     ASSERT(match("2001:db8::/32", v6("2001:db8:ffff::1")));
     ASSERT(!match("2001:db8::/32", v6("2001:db9::1")));
     ASSERT(match("2001:db8::/33", v6("2001:db8:7fff::1")));
