@@ -43,9 +43,8 @@ static struct sockaddr_storage fuzz_outside(const struct cidr *c)
 {
     struct sockaddr_storage ss = fuzz_edge(c, false);
     unsigned bit = c->prefix - 1u;
-    uint8_t *a = c->family == AF_INET
-                     ? (uint8_t *)&((struct sockaddr_in *)&ss)->sin_addr
-                     : ((struct sockaddr_in6 *)&ss)->sin6_addr.s6_addr;
+    uint8_t *a = c->family == AF_INET ? (uint8_t *)&((struct sockaddr_in *)&ss)->sin_addr
+                                      : ((struct sockaddr_in6 *)&ss)->sin6_addr.s6_addr;
     a[bit / 8] ^= (uint8_t)(0x80u >> (bit % 8));
     return ss;
 }

@@ -18,19 +18,19 @@
 
 /* One address block. A zero-initialised struct cidr matches nothing. */
 struct cidr {
-    uint8_t family; /* AF_INET or AF_INET6 (0: empty) */
-    uint8_t prefix; /* leading bits that must match: 0..32 or 0..128 */
+    uint8_t family;   /* AF_INET or AF_INET6 (0: empty) */
+    uint8_t prefix;   /* leading bits that must match: 0..32 or 0..128 */
     uint8_t addr[16]; /* network order; the first 4 bytes for AF_INET; host bits are 0 */
 };
 
 enum cidr_err {
     CIDR_OK = 0,
-    CIDR_ERR_EMPTY,     /* no text */
-    CIDR_ERR_TOO_LONG,  /* more than CIDR_TEXT_MAX bytes */
-    CIDR_ERR_ADDRESS,   /* not an IPv4 or IPv6 address */
-    CIDR_ERR_PREFIX,    /* the part after '/' is not a decimal number */
-    CIDR_ERR_PREFIX_MAX,/* prefix over 32 (IPv4) or 128 (IPv6) */
-    CIDR_ERR_HOST_BITS, /* bits set past the prefix ("10.0.0.1/8"): probably a typo */
+    CIDR_ERR_EMPTY,      /* no text */
+    CIDR_ERR_TOO_LONG,   /* more than CIDR_TEXT_MAX bytes */
+    CIDR_ERR_ADDRESS,    /* not an IPv4 or IPv6 address */
+    CIDR_ERR_PREFIX,     /* the part after '/' is not a decimal number */
+    CIDR_ERR_PREFIX_MAX, /* prefix over 32 (IPv4) or 128 (IPv6) */
+    CIDR_ERR_HOST_BITS,  /* bits set past the prefix ("10.0.0.1/8"): probably a typo */
 };
 
 /* Parses len bytes of text (no NUL needed; blanks are not trimmed): "ADDR" (a single host,

@@ -9,8 +9,8 @@
 #include <string.h>
 #include <sys/random.h>
 
-#define CLIMIT_MILLI 1000u      /* a token is this many milli-tokens */
-#define CLIMIT_REFILL_MS 1000u  /* an empty bucket is full again after this long */
+#define CLIMIT_MILLI 1000u     /* a token is this many milli-tokens */
+#define CLIMIT_REFILL_MS 1000u /* an empty bucket is full again after this long */
 
 /* One address. Guarded by the lock of its set. */
 struct climit_entry {
@@ -33,12 +33,12 @@ struct climit_lock {
 
 struct climit_table {
     struct climit_lock locks[CLIMIT_LOCKS];
-    uint64_t seed;                /* keys the hash */
-    size_t set_mask;              /* sets - 1; sets is a power of two */
-    _Atomic uint64_t in_use;      /* climit_stats */
-    _Atomic uint64_t evictions;   /* climit_stats */
-    _Atomic uint64_t untracked;   /* climit_stats */
-    struct climit_set *sets;      /* set_mask + 1 of them */
+    uint64_t seed;              /* keys the hash */
+    size_t set_mask;            /* sets - 1; sets is a power of two */
+    _Atomic uint64_t in_use;    /* climit_stats */
+    _Atomic uint64_t evictions; /* climit_stats */
+    _Atomic uint64_t untracked; /* climit_stats */
+    struct climit_set *sets;    /* set_mask + 1 of them */
 };
 
 bool climit_key_of(const struct sockaddr *sa, struct climit_key *k)
@@ -222,8 +222,8 @@ enum climit_verdict climit_acquire(struct climit_table *t, const struct climit_k
             atomic_fetch_add_explicit(&t->untracked, 1, memory_order_relaxed);
             return CLIMIT_UNTRACKED;
         }
-        *e = (struct climit_entry){.hi = k->hi, .lo = k->lo, .refill_ms = now_ms,
-                                   .tokens = rate * CLIMIT_MILLI};
+        *e = (struct climit_entry){
+            .hi = k->hi, .lo = k->lo, .refill_ms = now_ms, .tokens = rate * CLIMIT_MILLI};
     } else if (rate > 0) {
         climit_refill(e, rate, now_ms);
     }

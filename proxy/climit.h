@@ -24,10 +24,10 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
-#define CLIMIT_WAYS 8                  /* entries per set */
-#define CLIMIT_LOCKS 64                /* mutexes the sets are striped over */
-#define CLIMIT_RATE_MAX 1000000u       /* largest rate, new sessions per second */
-#define CLIMIT_ENTRIES_DEFAULT 16384u  /* the table a listener with limits gets */
+#define CLIMIT_WAYS 8                 /* entries per set */
+#define CLIMIT_LOCKS 64               /* mutexes the sets are striped over */
+#define CLIMIT_RATE_MAX 1000000u      /* largest rate, new sessions per second */
+#define CLIMIT_ENTRIES_DEFAULT 16384u /* the table a listener with limits gets */
 
 /* What an address is counted as. */
 struct climit_key {

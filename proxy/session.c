@@ -786,8 +786,8 @@ void session_close(struct session *s, enum session_end end, const char *error)
     }
     if (s->flags & SESSION_F_COUNTED)
         atomic_fetch_sub(&s->cl->shared->active, 1);
-    if (s->flags & SESSION_F_CLIENT_COUNTED) {
-        s->flags &= ~SESSION_F_CLIENT_COUNTED;
+    if (s->flags & SESSION_F_CLIMIT) {
+        s->flags &= ~SESSION_F_CLIMIT;
         climit_release(s->climit, &s->climit_key, uv_now(&s->w->loop));
     }
 
@@ -952,8 +952,7 @@ static bool session_admit_client(struct session *s)
 {
     const struct config_listener *cl = s->cl;
 
-    if (cl->n_allow == 0 && cl->n_deny == 0 && cl->max_per_client == 0 &&
-        cl->rate_per_client == 0)
+    if (cl->n_allow == 0 && cl->n_deny == 0 && cl->max_per_client == 0 && cl->rate_per_client == 0)
         return true;
     (void)session_client_addr(s); /* fills client_sa */
     const struct sockaddr *sa = &s->client_sa.sa;
@@ -969,7 +968,7 @@ static bool session_admit_client(struct session *s)
                            uv_now(&s->w->loop))) {
     case CLIMIT_OK:
         s->climit = t;
-        s->flags |= SESSION_F_CLIENT_COUNTED;
+        s->flags |= SESSION_F_CLIMIT;
         return true;
     case CLIMIT_UNTRACKED:
         return true;

@@ -96,7 +96,7 @@ struct session {
     char *early;                      /* client bytes that followed the PROXY header */
     size_t early_len;                 /* their number */
     char client_addr[SOCKADDR_TEXT_MAX]; /* client= */
-    struct climit_table *climit;         /* SESSION_F_CLIENT_COUNTED: the table counting it */
+    struct climit_table *climit;         /* SESSION_F_CLIMIT: the table counting it */
     struct climit_key climit_key;        /* ... and the client's key in it */
 };
 
@@ -109,7 +109,7 @@ struct session {
 #define SESSION_F_NO_BACKEND 0x80u   /* the backend was dropped on purpose; no retry */
 #define SESSION_F_PP_SENT 0x200u     /* the PROXY header went to the backend */
 #define SESSION_F_OPEN_LOGGED 0x400u /* ev=open was written */
-#define SESSION_F_CLIENT_COUNTED 0x800u /* counted in s->climit: released at close */
+#define SESSION_F_CLIMIT 0x800u      /* counted in s->climit: released at close */
 
 /* Moves s to phase next (logged at debug level). Once FLUSHING or CLOSING,
  * a session never goes back to an earlier phase: such a call is a no-op. */
