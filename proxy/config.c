@@ -194,6 +194,8 @@ static int config_parse_backend(struct config_parser *p, const struct config_key
                                 const char *value);
 static int config_parse_cidrs(struct config_parser *p, const struct config_key *k,
                               const char *value);
+static int config_parse_tls_keylog(struct config_parser *p, const struct config_key *k,
+                                   const char *value);
 
 #define CONFIG_G(field) offsetof(struct config, field)
 #define CONFIG_L(field) offsetof(struct config_listener, field)
@@ -292,6 +294,7 @@ static const struct config_key config_keys[] = {
      .parse = config_parse_transcript,
      .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "admin", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_admin},
+    {.name = "tls_keylog", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_tls_keylog},
     {.name = "admin_max_connections",
      .section = CONFIG_SECTION_GLOBAL,
      .parse = config_parse_uint,
@@ -485,6 +488,8 @@ static void config_free(struct config *c)
     }
     free(c->listeners);
     c->listeners = NULL;
+    free(c->tls_keylog);
+    tls_keylog_unref(c->keylog);
     free(c->path);
     c->path = NULL;
     free(c);
@@ -1106,6 +1111,25 @@ static int config_parse_listen(struct config_parser *p, const struct config_key 
     return config_parse_numeric_addr(p, k, value, &config_cur_listener(p)->listen);
 }
 
+/* "tls_keylog": a path, opened once the whole file is read (config_alloc_runtime). */
+static int config_parse_tls_keylog(struct config_parser *p, const struct config_key *k,
+                                   const char *value)
+{
+    (void)k;
+    if (value[0] == '\0') {
+        config_fail(p, -EINVAL, p->lineno, "tls_keylog: expected a file name");
+        return -1;
+    }
+    free(p->cfg->tls_keylog);
+    p->cfg->tls_keylog = strdup(value);
+    if (p->cfg->tls_keylog == NULL) {
+        config_fail_nomem(p);
+        return -1;
+    }
+    p->cfg->tls_keylog_line = p->lineno;
+    return 0;
+}
+
 static int config_parse_admin(struct config_parser *p, const struct config_key *k,
                               const char *value)
 {
@@ -1579,14 +1603,33 @@ static void config_load_tls(struct config_parser *p, struct config_listener *l)
 
 /* Allocates the per-backend state sessions update at run time, and the
  * TLS contexts. */
+/* tls_ctx_set_keylog for a listener's context when it has one. */
+static int config_set_keylog(struct tls_ctx *ctx, struct tls_keylog *k)
+{
+    return ctx != NULL ? tls_ctx_set_keylog(ctx, k) : 0;
+}
+
 static void config_alloc_runtime(struct config_parser *p)
 {
+    struct config *c = p->cfg;
+    char err[CONFIG_ERR_MAX - 64];
+
+    if (c->tls_keylog != NULL &&
+        tls_keylog_open(&c->keylog, c->tls_keylog, err, sizeof(err)) != 0) {
+        config_fail(p, -EINVAL, c->tls_keylog_line, "%s", err);
+        return;
+    }
     for (size_t i = 0; i < p->cfg->n_listeners; i++) {
         struct config_listener *l = &p->cfg->listeners[i];
 
         config_load_tls(p, l);
         if (p->err_code != 0)
             return;
+        if (c->keylog != NULL && (config_set_keylog(l->tls_server, c->keylog) != 0 ||
+                                  config_set_keylog(l->tls_client, c->keylog) != 0)) {
+            config_fail_nomem(p);
+            return;
+        }
         l->backend_retry_at =
             calloc(l->n_backends > 0 ? l->n_backends : 1, sizeof(*l->backend_retry_at));
         if (l->backend_retry_at == NULL) {

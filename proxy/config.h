@@ -206,6 +206,9 @@ struct config {
     unsigned admin_max_connections;    /* "admin_max_connections", default 64 */
     unsigned admin_max_per_peer;       /* "admin_max_connections_per_peer", default 8 */
     unsigned admin_header_timeout_ms;  /* "admin_header_timeout", default 3 s */
+    char *tls_keylog;                  /* "tls_keylog": file for TLS secrets, or NULL */
+    int tls_keylog_line;               /* its line, for errors */
+    struct tls_keylog *keylog;         /* tls_keylog opened, shared by every TLS context */
     struct config_listener *listeners; /* in file order */
     size_t n_listeners;                /* >= 1 in a loaded config */
 };
