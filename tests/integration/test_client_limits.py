@@ -114,27 +114,26 @@ class ClientLimitsTest(mxtest.ProxyTestCase):
         port = free_port()
         p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port), b.addr,
                                              max_connection_rate_per_client=3)))
+        other = self.client_from(port, "127.0.0.6")
+        self.assertEqual(other.recv_until(b"\r\n"), b"hello\r\n")
         burst = [self.client_from(port, "127.0.0.5") for _ in range(3)]
         for c in burst:
             self.assertEqual(c.recv_until(b"\r\n"), b"hello\r\n")
-        over = self.client_from(port, "127.0.0.5")
-        self.assertRefused(p, over, b"", tcp_close("client_limit",
-                                                   error="max_connection_rate_per_client"))
+        t_burst = time.monotonic()  # after the third token was taken
         # Closing sessions gives no token back: the rate counts new sessions.
         for c in burst:
             c.close()
-        again = self.client_from(port, "127.0.0.5")
-        self.assertRefused(p, again, b"", tcp_close("client_limit",
-                                                    error="max_connection_rate_per_client"))
-        other = self.client_from(port, "127.0.0.6")
-        self.assertEqual(other.recv_until(b"\r\n"), b"hello\r\n")
-        # A third of a second later one token is back, and only one.
-        time.sleep(0.45)
+        over = self.client_from(port, "127.0.0.5")
+        self.assertEqual(over.wait_closed(2), ("eof", b""))
+        # A third of a second on, one token is back, and only one (a second takes 2/3 s).
+        time.sleep(max(0.0, t_burst + 0.36 - time.monotonic()))
         later = self.client_from(port, "127.0.0.5")
         self.assertEqual(later.recv_until(b"\r\n"), b"hello\r\n")
         last = self.client_from(port, "127.0.0.5")
-        self.assertRefused(p, last, b"", tcp_close("client_limit",
-                                                   error="max_connection_rate_per_client"))
+        self.assertEqual(last.wait_closed(2), ("eof", b""))
+        for c in (over, last):
+            self.assertRefused(p, c, b"", tcp_close("client_limit",
+                                                    error="max_connection_rate_per_client"))
         self.assertEqual(len(b.conns), 5)
 
     def test_smtp_deny_and_allow(self):
