@@ -140,7 +140,12 @@ size_t climit_capacity(const struct climit_table *t)
 static void climit_refill(struct climit_entry *e, unsigned rate, uint64_t now_ms)
 {
     uint64_t full = (uint64_t)rate * CLIMIT_MILLI;
-    uint64_t gap = now_ms > e->refill_ms ? now_ms - e->refill_ms : 0;
+
+    /* Workers' loop clocks differ by a few ms: never move refill_ms back, or the
+     * next call from a later clock would be credited that time twice. */
+    if (now_ms <= e->refill_ms)
+        return;
+    uint64_t gap = now_ms - e->refill_ms;
 
     if (gap > CLIMIT_REFILL_MS)
         gap = CLIMIT_REFILL_MS;

@@ -108,6 +108,9 @@ static void test_rate(void)
     ASSERT_EQ(climit_acquire(t, &a, 0, 3, 200000), CLIMIT_OVER_RATE);
     /* time going backwards (another worker's clock a little behind) adds nothing */
     ASSERT_EQ(climit_acquire(t, &a, 0, 3, 199000), CLIMIT_OVER_RATE);
+    /* ... and does not move the bucket's clock back: 333 ms after 200000 still owes 1 ms */
+    ASSERT_EQ(climit_acquire(t, &a, 0, 3, 200333), CLIMIT_OVER_RATE);
+    ASSERT_EQ(climit_acquire(t, &a, 0, 3, 200334), CLIMIT_OK);
     /* the largest rate does not overflow */
     struct climit_key big = key4(0x0a000001);
     for (int i = 0; i < 1000; i++)
