@@ -91,6 +91,8 @@ enum relay_event {
     RELAY_EV_TLS_READY, /* the TLS handshake on src completed */
     RELAY_EV_TLS_ERR,   /* TLS on src (or, status -EPIPE... on dst) failed: see
                            tls_error_reason() of the tls_conn; status is the error */
+    RELAY_EV_CONNECTED, /* RELAY_F_CONNECTING: src's first bytes or EOF came, so its
+                           connect completed; they are delivered after on_event returns */
 };
 
 struct relay_dir;
@@ -130,6 +132,9 @@ struct relay_dir {
 #define RELAY_F_STOPPED 0x10u /* the owner stopped the direction; never restart */
 #define RELAY_F_HELD 0x20u    /* the owner holds reading (relay_hold) */
 #define RELAY_F_NO_FIN 0x40u  /* on EOF, do not shut dst down (the owner will) */
+/* src is a socket still connecting: its first read event is reported first (bytes or EOF:
+ * RELAY_EV_CONNECTED; an error: RELAY_EV_READ_ERR, the flag cleared) */
+#define RELAY_F_CONNECTING 0x80u
 
 /* Prepares d; src and dst must be initialised libuv streams. Sets
  * src->data = d. Does not start reading. */

@@ -1,8 +1,8 @@
 """Per-client limits and access lists: max_connections_per_client,
 max_connection_rate_per_client, allow and deny. Clients come from distinct
 127.x.y.z source addresses (or from a PROXY header); each refusal is checked
-byte for byte (mode smtp 421 4.7.0 / 554 5.7.1, mode pop3 -ERR, mode tcp a
-bare close), by its ev=close line (end=client_limit / end=denied, no backend),
+byte for byte (mode smtp 421 4.7.0 / 554 5.7.1, mode imap * BYE, mode pop3
+-ERR, mode tcp a bare close), by its ev=close line (end=client_limit / end=denied, no backend),
 and refused clients never reach a backend. /metrics counts the refusals,
 SIGHUP applies new lists, and a flood from 18,000 addresses (more than the
 per-listener table holds) keeps RSS bounded while every address stays limited.
@@ -26,6 +26,8 @@ SMTP_LIMIT = b"421 4.7.0 mxproxy: too many connections from your address\r\n"
 SMTP_DENIED = b"554 5.7.1 mxproxy: access denied\r\n"
 POP3_LIMIT = b"-ERR [SYS/TEMP] mxproxy: too many connections from your address, try again later\r\n"
 POP3_DENIED = b"-ERR [SYS/PERM] mxproxy: access denied\r\n"
+IMAP_LIMIT = b"* BYE [UNAVAILABLE] mxproxy: too many connections from your address\r\n"
+IMAP_DENIED = b"* BYE mxproxy: access denied\r\n"
 
 
 class HoldBackend(mxtest.TcpBackend):
@@ -199,6 +201,29 @@ class ClientLimitsTest(mxtest.ProxyTestCase):
         close = p.close_of(self.sid(p, denied))
         self.assertEqual((close["end"], close["primary_error"]),
                          ("denied", POP3_DENIED.decode().rstrip("\r\n")))
+        self.assertEqual(len(b.conns), 1)
+
+    def test_imap_replies(self):
+        b = HoldBackend(b"* OK ready\r\n", name="imap")
+        self.track(b)
+        port = free_port()
+        p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port), b.addr,
+                                             mode="imap", max_connections_per_client=1,
+                                             deny="127.0.0.50")))
+        first = self.client_from(port, "127.0.0.51")
+        self.assertEqual(first.recv_until(b"\r\n"), b"* OK ready\r\n")
+        second = self.client_from(port, "127.0.0.51")
+        self.assertEqual(second.wait_closed(2), ("eof", IMAP_LIMIT))
+        close = p.close_of(self.sid(p, second))
+        self.assertEqual((close["end"], close["error"], close["primary_error"]),
+                         ("client_limit", "max_connections_per_client",
+                          IMAP_LIMIT.decode()[2:].rstrip("\r\n")))
+        self.assertNotIn("backend", close)
+        denied = self.client_from(port, "127.0.0.50")
+        self.assertEqual(denied.wait_closed(2), ("eof", IMAP_DENIED))
+        close = p.close_of(self.sid(p, denied))
+        self.assertEqual((close["end"], close["primary_error"]),
+                         ("denied", IMAP_DENIED.decode()[2:].rstrip("\r\n")))
         self.assertEqual(len(b.conns), 1)
 
     def test_proxy_protocol_client_is_checked(self):
