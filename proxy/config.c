@@ -10,6 +10,8 @@
  * never turns a key into a continuation of the previous value.
  */
 #include "config.h"
+#include "cidr.h"
+#include "climit.h"
 #include "sockaddr.h"
 #include "tls.h"
 
@@ -210,6 +212,8 @@ static int config_parse_transcript(struct config_parser *p, const struct config_
                                    const char *value);
 static int config_parse_backend(struct config_parser *p, const struct config_key *k,
                                 const char *value);
+static int config_parse_cidrs(struct config_parser *p, const struct config_key *k,
+                              const char *value);
 static int config_parse_tls_keylog(struct config_parser *p, const struct config_key *k,
                                    const char *value);
 static int config_parse_health(struct config_parser *p, const struct config_key *k,
@@ -270,6 +274,26 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(max_connections),
      .min = 0,
      .max = CONFIG_MAX_CONNECTIONS_MAX},
+    {.name = "max_connections_per_client",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_uint,
+     .offset = CONFIG_L(max_per_client),
+     .min = 0,
+     .max = CONFIG_MAX_CONNECTIONS_MAX},
+    {.name = "max_connection_rate_per_client",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_uint,
+     .offset = CONFIG_L(rate_per_client),
+     .min = 0,
+     .max = CLIMIT_RATE_MAX},
+    {.name = "allow",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_cidrs,
+     .flags = CONFIG_KEY_F_REPEAT},
+    {.name = "deny",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_cidrs,
+     .flags = CONFIG_KEY_F_REPEAT},
     {.name = "fail_timeout",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_duration,
@@ -491,6 +515,7 @@ static void config_shared_put(struct config_listener_shared *s)
         s->backends = b->next;
         free(b);
     }
+    climit_table_free(atomic_load(&s->clients));
     free(s);
 }
 
@@ -545,6 +570,7 @@ static struct config_listener_shared *config_shared_new(void)
     atomic_init(&s->refs, 1);
     atomic_init(&s->active, 0);
     s->backends = NULL;
+    atomic_init(&s->clients, NULL);
     return s;
 }
 
@@ -565,6 +591,8 @@ static void config_free(struct config *c)
         free(c->listeners[i].backend_sni);
         free(c->listeners[i].ciphers);
         free(c->listeners[i].ciphersuites);
+        free(c->listeners[i].allow);
+        free(c->listeners[i].deny);
         c->listeners[i].backends = NULL;
         config_shared_put(c->listeners[i].shared);
         c->listeners[i].shared = NULL;
@@ -1417,6 +1445,52 @@ static int config_parse_backend(struct config_parser *p, const struct config_key
     return 0;
 }
 
+/* "allow" / "deny": "10.0.0.0/8, 2001:db8::/32"; lines add up, like backend. */
+static int config_parse_cidrs(struct config_parser *p, const struct config_key *k,
+                              const char *value)
+{
+    struct config_listener *l = config_cur_listener(p);
+    bool allow = strcmp(k->name, "allow") == 0;
+    struct cidr **list = allow ? &l->allow : &l->deny;
+    size_t *count = allow ? &l->n_allow : &l->n_deny;
+    struct cidr *grown;
+    size_t n = 1;
+    const char *s = value;
+
+    for (const char *c = value; *c != '\0'; c++)
+        n += *c == ',';
+    if (*count + n > CONFIG_CIDRS_MAX) {
+        config_fail(p, -EINVAL, p->lineno, "more than %d entries in '%s' of [listener %s]",
+                    CONFIG_CIDRS_MAX, k->name, l->name);
+        return -1;
+    }
+    grown = realloc(*list, (*count + n) * sizeof(**list));
+    if (grown == NULL) {
+        config_fail_nomem(p);
+        return -1;
+    }
+    *list = grown;
+    for (size_t i = 0; i < n; i++) {
+        size_t len = strcspn(s, ",");
+        size_t start = 0;
+        size_t end = len;
+
+        while (start < end && config_is_blank(s[start]))
+            start++;
+        while (end > start && config_is_blank(s[end - 1]))
+            end--;
+        enum cidr_err e = cidr_parse(s + start, end - start, &grown[*count]);
+        if (e != CIDR_OK) {
+            config_fail(p, -EINVAL, p->lineno, "invalid value '%.*s' for '%s': %s",
+                        (int)(end - start), s + start, k->name, cidr_strerror(e));
+            return -1;
+        }
+        (*count)++;
+        s += len + (s[len] == ',');
+    }
+    return 0;
+}
+
 /* inih's handler: one name = value line. Returns 1 to go on, 0 on error. */
 static int config_on_key(void *user, const char *section, const char *name, const char *value)
 {
@@ -1799,6 +1873,13 @@ static void config_alloc_runtime(struct config_parser *p)
             config_fail_nomem(p);
             return;
         }
+        struct climit_table *clients = NULL;
+        if ((l->max_per_client > 0 || l->rate_per_client > 0) &&
+            climit_table_new(&clients, CLIMIT_ENTRIES_DEFAULT, 0) != 0) {
+            config_fail_nomem(p);
+            return;
+        }
+        atomic_store(&l->shared->clients, clients);
     }
 }
 
@@ -1928,6 +2009,12 @@ void config_inherit_shared(struct config *next, const struct config *prev)
         /* Out of memory: this listener's counters start afresh, nothing worse. */
         if (config_map_backend_state(l, old->shared) != 0)
             continue;
+        /* The first table made for a listener stays, so counts survive the reload;
+         * sessions read it only while their config has a per-client limit. */
+        struct climit_table *none = NULL;
+        struct climit_table *mine = atomic_load(&l->shared->clients);
+        if (mine != NULL && atomic_compare_exchange_strong(&old->shared->clients, &none, mine))
+            atomic_store(&l->shared->clients, NULL);
         atomic_fetch_add_explicit(&old->shared->refs, 1, memory_order_relaxed);
         config_shared_put(l->shared);
         l->shared = old->shared;

@@ -22,6 +22,7 @@
 #define CONFIG_BACKENDS_MAX 64       /* "backend" entries per listener */
 #define CONFIG_CERTS_MAX 16          /* "cert" / "key" pairs per listener */
 #define CONFIG_ADMIN_CONNS_MAX 1024  /* admin_max_connections and _per_peer, at most */
+#define CONFIG_CIDRS_MAX 1024        /* "allow" or "deny" blocks per listener */
 
 /* Mode imap: max_line_length up to this (literals do not count), and its own defaults. */
 #define CONFIG_IMAP_LINE_LENGTH_MAX 1048576
@@ -159,11 +160,16 @@ struct config_addr {
 /* Counters that outlive a reload: a listener of the same name in the next
  * config shares this object, so max_connections holds across SIGHUP. */
 struct tls_ctx;
+struct climit_table;
+struct cidr;
 
 struct config_listener_shared {
     atomic_uint refs;                      /* configs pointing here */
     atomic_uint active;                    /* open sessions of this listener, all workers */
     struct config_backend_state *backends; /* every backend address seen, append-only */
+    /* Per-client counts (climit.h), made once a config of this listener sets a
+     * per-client limit, then kept for the life of this object; NULL before. */
+    struct climit_table *_Atomic clients;
 };
 
 struct config_listener {
@@ -177,6 +183,12 @@ struct config_listener {
     unsigned idle_timeout_ms;           /* "idle_timeout", default 300 s */
     unsigned greeting_timeout_ms;       /* "greeting_timeout", mode smtp, default 30 s */
     unsigned max_connections;           /* "max_connections", 0 = unlimited (default) */
+    unsigned max_per_client;            /* "max_connections_per_client", 0 = off (default) */
+    unsigned rate_per_client;           /* "max_connection_rate_per_client", 0 = off */
+    struct cidr *allow;                 /* "allow": if any, only clients inside one come in */
+    size_t n_allow;                     /* blocks in allow */
+    struct cidr *deny;                  /* "deny": clients inside one are refused */
+    size_t n_deny;                      /* blocks in deny */
     unsigned fail_timeout_ms;           /* "fail_timeout", default 10 s, 0 = off */
     unsigned health_check;              /* enum config_health_check, "health_check" */
     unsigned health_interval_ms;        /* "health_interval", default 5 s */

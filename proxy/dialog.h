@@ -125,6 +125,8 @@ struct dialect_replies {
     const char *unavailable;  /* no backend (SMTP "421 4.4.1 ...") */
     const char *local_error;  /* mxproxy short of descriptors or memory */
     const char *limit;        /* max_connections reached */
+    const char *client_limit; /* max_connections(_rate)_per_client reached */
+    const char *denied;       /* allow/deny refused the client: the greeting's stand-in */
     const char *idle;         /* idle_timeout */
     const char *drain;        /* drain deadline */
     const char *backend_gone; /* the backend closed with commands outstanding */

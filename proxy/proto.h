@@ -34,6 +34,8 @@ enum proto_say {
     PROTO_SAY_LIMIT,           /* max_connections reached; open() ran, nothing else */
     PROTO_SAY_IDLE,            /* idle_timeout: goodbye, then the session closes */
     PROTO_SAY_DRAIN,           /* drain deadline: goodbye, then the session closes */
+    PROTO_SAY_CLIENT_LIMIT,    /* a per-client limit refused the client; no backend yet */
+    PROTO_SAY_DENIED,          /* allow/deny refused the client; no backend yet */
 };
 
 struct proto {

@@ -86,6 +86,9 @@ static const struct dialect session_imap_dialect = {
             .unavailable = SESSION_IMAP_BYE,
             .local_error = "* BYE [UNAVAILABLE] mxproxy: local resources exhausted",
             .limit = "* BYE [UNAVAILABLE] mxproxy: too many connections",
+            .client_limit = "* BYE [UNAVAILABLE] mxproxy: too many connections from your address",
+            /* RFC 3501 7.1.5: a server refusing a client greets it with BYE. */
+            .denied = "* BYE mxproxy: access denied",
             .idle = SESSION_IMAP_BYE,
             .drain = SESSION_IMAP_BYE,
             .backend_gone = SESSION_IMAP_BYE,
@@ -1031,6 +1034,14 @@ static void session_imap_canned(struct session *s, enum proto_say what, const ch
     case PROTO_SAY_LIMIT:
         dialog_say(s, IMAP_SAY(limit));
         IMAP_M(s)->primary = IMAP_SAY(limit) + 2;
+        return;
+    case PROTO_SAY_CLIENT_LIMIT:
+        dialog_say(s, IMAP_SAY(client_limit));
+        IMAP_M(s)->primary = IMAP_SAY(client_limit) + 2;
+        return;
+    case PROTO_SAY_DENIED:
+        dialog_say(s, IMAP_SAY(denied));
+        IMAP_M(s)->primary = IMAP_SAY(denied) + 2;
         return;
     case PROTO_SAY_IDLE:
         session_imap_goodbye(s, SESSION_END_IDLE_TIMEOUT);

@@ -108,6 +108,10 @@ static const struct dialect session_pop3_dialect = {
             .unavailable = "-ERR [SYS/TEMP] mxproxy: no mail server available, try again later",
             .local_error = "-ERR [SYS/TEMP] mxproxy: local resources exhausted, try again later",
             .limit = "-ERR [SYS/TEMP] mxproxy: too many connections, try again later",
+            .client_limit =
+                "-ERR [SYS/TEMP] mxproxy: too many connections from your address, try again later",
+            /* RFC 3206: SYS/PERM, retrying will not help. */
+            .denied = "-ERR [SYS/PERM] mxproxy: access denied",
             .idle = "-ERR [SYS/TEMP] mxproxy: idle timeout, closing connection",
             .drain = "-ERR [SYS/TEMP] mxproxy: service shutting down, closing connection",
             .backend_gone = "-ERR [SYS/TEMP] mxproxy: backend closed the connection",
@@ -1176,6 +1180,14 @@ static void session_pop3_canned(struct session *s, enum proto_say what, const ch
     case PROTO_SAY_LIMIT:
         dialog_say(s, POP3_SAY(limit));
         POP3_M(s)->primary = POP3_SAY(limit);
+        return;
+    case PROTO_SAY_CLIENT_LIMIT:
+        dialog_say(s, POP3_SAY(client_limit));
+        POP3_M(s)->primary = POP3_SAY(client_limit);
+        return;
+    case PROTO_SAY_DENIED:
+        dialog_say(s, POP3_SAY(denied));
+        POP3_M(s)->primary = POP3_SAY(denied);
         return;
     case PROTO_SAY_IDLE:
         session_pop3_goodbye(s, SESSION_END_IDLE_TIMEOUT);

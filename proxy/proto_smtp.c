@@ -141,6 +141,9 @@ static const struct dialect session_smtp_dialect = {
             .unavailable = "421 4.4.1 mxproxy: no mail server available, try again later",
             .local_error = "421 4.3.2 mxproxy: local resources exhausted, try again later",
             .limit = "421 4.7.0 mxproxy: too many connections, try again later",
+            .client_limit = "421 4.7.0 mxproxy: too many connections from your address",
+            /* RFC 5321 3.1: a server that will not serve a client may greet it with 554. */
+            .denied = "554 5.7.1 mxproxy: access denied",
             .idle = "421 4.4.2 mxproxy: idle timeout, closing connection",
             .drain = "421 4.3.2 mxproxy: service shutting down, closing connection",
             .backend_gone = "421 4.4.2 mxproxy: backend closed the connection",
@@ -1438,10 +1441,8 @@ static void session_smtp_goodbye(struct session *s, enum session_end end)
     m->d.flags |= DIALOG_F_ENDING;
 }
 
-static void session_smtp_over_limit(struct session *s)
+static void session_smtp_over_limit(struct session *s, const char *reply)
 {
-    const char *reply = SMTP_SAY(limit);
-
     dialog_say(s, reply);
     SMTP_M(s)->primary = reply;
 }
@@ -1577,7 +1578,13 @@ static void session_smtp_canned(struct session *s, enum proto_say what, const ch
         session_smtp_local_error(s, why);
         return;
     case PROTO_SAY_LIMIT:
-        session_smtp_over_limit(s);
+        session_smtp_over_limit(s, SMTP_SAY(limit));
+        return;
+    case PROTO_SAY_CLIENT_LIMIT:
+        session_smtp_over_limit(s, SMTP_SAY(client_limit));
+        return;
+    case PROTO_SAY_DENIED:
+        session_smtp_over_limit(s, SMTP_SAY(denied));
         return;
     case PROTO_SAY_IDLE:
         session_smtp_goodbye(s, SESSION_END_IDLE_TIMEOUT);

@@ -18,6 +18,8 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "cidr.h"
+#include "climit.h"
 #include "config.h"
 #include "listener.h"
 #include "log.h"
@@ -48,6 +50,8 @@ static const char *const session_end_names[] = {
     [SESSION_END_LOGOUT] = "logout",
     [SESSION_END_CLIENT_EOF_WITHOUT_LOGOUT] = "client_eof_without_logout",
     [SESSION_END_NO_BACKEND] = "no_backend",
+    [SESSION_END_CLIENT_LIMIT] = "client_limit",
+    [SESSION_END_DENIED] = "denied",
 };
 
 static_assert(sizeof(session_end_names) / sizeof(session_end_names[0]) == SESSION_END_COUNT_,
@@ -955,6 +959,10 @@ void session_close(struct session *s, enum session_end end, const char *error)
     }
     if (s->flags & SESSION_F_COUNTED)
         atomic_fetch_sub(&s->cl->shared->active, 1);
+    if (s->flags & SESSION_F_CLIMIT) {
+        s->flags &= ~SESSION_F_CLIMIT;
+        climit_release(s->climit, &s->climit_key, uv_now(&s->w->loop));
+    }
 
     if (log_enabled(LOG_INFO)) {
         log_begin(&l, LOG_INFO, "close");
@@ -1115,6 +1123,58 @@ static void session_pp_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     *buf = uv_buf_init(scratch, sizeof(scratch));
 }
 
+/* allow/deny or a per-client limit turned the client away before any backend
+ * connect: a protocol says why (in place of a greeting), mode tcp closes. */
+static void session_refuse_client(struct session *s, enum proto_say what, enum session_end end,
+                                  const char *why)
+{
+    if (s->proto != NULL) {
+        s->proto->say(s, what, why);
+        session_close_after_flush(s, end, why);
+        return;
+    }
+    session_close(s, end, why);
+}
+
+/* The access lists, then the per-client limits, for the real client (what a
+ * PROXY header said, or the peer). Returns true when the session may go on;
+ * false when it is ending. */
+static bool session_admit_client(struct session *s)
+{
+    const struct config_listener *cl = s->cl;
+
+    if (cl->n_allow == 0 && cl->n_deny == 0 && cl->max_per_client == 0 && cl->rate_per_client == 0)
+        return true;
+    (void)session_client_addr(s); /* fills client_sa */
+    const struct sockaddr *sa = &s->client_sa.sa;
+    if (cidr_list_match(cl->deny, cl->n_deny, sa) ||
+        (cl->n_allow > 0 && !cidr_list_match(cl->allow, cl->n_allow, sa))) {
+        session_refuse_client(s, PROTO_SAY_DENIED, SESSION_END_DENIED, NULL);
+        return false;
+    }
+    struct climit_table *t = atomic_load_explicit(&cl->shared->clients, memory_order_acquire);
+    if (t == NULL || !climit_key_of(sa, &s->climit_key))
+        return true; /* no limit set (the table comes with the first one), or no address */
+    switch (climit_acquire(t, &s->climit_key, cl->max_per_client, cl->rate_per_client,
+                           uv_now(&s->w->loop))) {
+    case CLIMIT_OK:
+        s->climit = t;
+        s->flags |= SESSION_F_CLIMIT;
+        return true;
+    case CLIMIT_UNTRACKED:
+        return true;
+    case CLIMIT_OVER_CONNECTIONS:
+        session_refuse_client(s, PROTO_SAY_CLIENT_LIMIT, SESSION_END_CLIENT_LIMIT,
+                              "max_connections_per_client");
+        return false;
+    case CLIMIT_OVER_RATE:
+        session_refuse_client(s, PROTO_SAY_CLIENT_LIMIT, SESSION_END_CLIENT_LIMIT,
+                              "max_connection_rate_per_client");
+        return false;
+    }
+    abort();
+}
+
 static void session_pp_failed(struct session *s, const char *reason)
 {
     struct log_line l;
@@ -1181,7 +1241,8 @@ static void session_pp_on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_
     if (s->cl->transparent == CONFIG_TRANSPARENT_OFF)
         s->orig_dst.sa.sa_family =
             AF_UNSPEC; /* only a transparent listener trusts it as a target */
-    session_start_backend(s);
+    if (session_admit_client(s))
+        session_start_backend(s);
 }
 
 static void session_read_proxy_header(struct session *s)
@@ -1328,7 +1389,7 @@ void session_accept(struct listener *l, int fd)
     uv_tcp_nodelay(&s->client, 1);
     if (s->cl->accept_proxy_protocol)
         session_read_proxy_header(s); /* the backend is chosen once we know the client */
-    else
+    else if (session_admit_client(s))
         session_start_backend(s);
     /* Logged once the backend connect is under way: the line costs time
      * the greeting should not wait for. */

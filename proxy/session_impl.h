@@ -12,6 +12,7 @@
 #include <string.h>
 #include <uv.h>
 
+#include "climit.h"
 #include "config.h"
 #include "relay.h"
 #include "session.h"
@@ -95,6 +96,8 @@ struct session {
     char *early;                      /* client bytes that followed the PROXY header */
     size_t early_len;                 /* their number */
     char client_addr[SOCKADDR_TEXT_MAX]; /* client= */
+    struct climit_table *climit;         /* SESSION_F_CLIMIT: the table counting it */
+    struct climit_key climit_key;        /* ... and the client's key in it */
 };
 
 /* Facts about a session, whatever its phase (s->flags). */
@@ -109,6 +112,7 @@ struct session {
 /* this connect attempt reads the backend at once: its first bytes (or a probe of the
  * socket's state) complete the connect, with no POLLOUT turn */
 #define SESSION_F_READ_CONNECT 0x800u
+#define SESSION_F_CLIMIT 0x1000u /* counted in s->climit: released at close */
 #define SESSION_F_ON_BACKEND 0x2000u /* counted in backend_state[cur]->active */
 
 /* Moves s to phase next (logged at debug level). Once FLUSHING or CLOSING,

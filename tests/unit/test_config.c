@@ -3,6 +3,8 @@
  * Most cases go through config_load_string() with the name "t.ini", so every
  * expected message is the exact "t.ini:LINE: ..." the user would see.
  */
+#include "cidr.h"
+#include "climit.h"
 #include "config.h"
 #include "test.h"
 #include "tls_testcerts.h"
@@ -1018,6 +1020,77 @@ static void test_admin_keys(void)
                "t.ini:4: unknown key 'admin_header_timeout' in [listener smtp]");
 }
 
+static void test_client_keys(void)
+{
+    char text[80];
+    struct config *c = load_ok(LISTENER "max_connections_per_client = 5\n"
+                                        "max_connection_rate_per_client = 2\n"
+                                        "allow = 10.0.0.0/8, 2001:db8::/32\n"
+                                        "allow = 127.0.0.1\n"
+                                        "deny = 10.1.0.0/16\n");
+    const struct config_listener *l = &c->listeners[0];
+
+    ASSERT_EQ(l->max_per_client, 5);
+    ASSERT_EQ(l->rate_per_client, 2);
+    ASSERT_EQ(l->n_allow, 3);
+    ASSERT_STREQ(cidr_format(&l->allow[0], text, sizeof(text)), "10.0.0.0/8");
+    ASSERT_STREQ(cidr_format(&l->allow[1], text, sizeof(text)), "2001:db8::/32");
+    ASSERT_STREQ(cidr_format(&l->allow[2], text, sizeof(text)), "127.0.0.1/32");
+    ASSERT_EQ(l->n_deny, 1);
+    ASSERT_STREQ(cidr_format(&l->deny[0], text, sizeof(text)), "10.1.0.0/16");
+    struct climit_table *t = atomic_load(&l->shared->clients);
+    ASSERT(t != NULL);
+    ASSERT_EQ(climit_capacity(t), CLIMIT_ENTRIES_DEFAULT);
+
+    /* No limit, no table; a reload that sets one keeps the first table made. */
+    struct config *off = load_ok(LISTENER "allow = 0.0.0.0/0\n");
+    ASSERT(atomic_load(&off->listeners[0].shared->clients) == NULL);
+    ASSERT_EQ(off->listeners[0].max_per_client, 0);
+    ASSERT_EQ(off->listeners[0].rate_per_client, 0);
+    config_inherit_shared(c, off);
+    ASSERT(c->listeners[0].shared == off->listeners[0].shared);
+    ASSERT(atomic_load(&off->listeners[0].shared->clients) == t);
+    struct config *again = load_ok(LISTENER "max_connections_per_client = 1\n");
+    config_inherit_shared(again, c);
+    ASSERT(atomic_load(&again->listeners[0].shared->clients) == t); /* its own was dropped */
+    config_unref(off);
+    config_unref(c);
+    config_unref(again); /* frees t once; ASan reports a leak or double free */
+
+    expect_err(LISTENER "max_connections_per_client = -1\n",
+               "t.ini:4: invalid value '-1' for 'max_connections_per_client': expected an integer "
+               "from 0 to 1000000");
+    expect_err(LISTENER "max_connection_rate_per_client = 1000001\n",
+               "t.ini:4: invalid value '1000001' for 'max_connection_rate_per_client': expected an "
+               "integer from 0 to 1000000");
+    expect_err(LISTENER "allow = 10.0.0.1/8\n",
+               "t.ini:4: invalid value '10.0.0.1/8' for 'allow': host bits set past the prefix "
+               "length");
+    expect_err(LISTENER "deny = 10.0.0.0/8,, ::1\n",
+               "t.ini:4: invalid value '' for 'deny': empty address block");
+    expect_err(LISTENER "deny = mail.example.com\n",
+               "t.ini:4: invalid value 'mail.example.com' for 'deny': not an IPv4 or IPv6 "
+               "address");
+    expect_err(LISTENER "allow = ::1\ndeny = 2001:db8::/129\n",
+               "t.ini:5: invalid value '2001:db8::/129' for 'deny': prefix length too large");
+    expect_err(LISTENER "allow = 10.0.0.0/x\n",
+               "t.ini:4: invalid value '10.0.0.0/x' for 'allow': prefix length is not a number");
+
+    /* CONFIG_CIDRS_MAX blocks, over several lines, and not one more. */
+    size_t cap = 64 + CONFIG_CIDRS_MAX * 32;
+    char *big = malloc(cap);
+    ASSERT(big != NULL);
+    size_t len = (size_t)snprintf(big, cap, "%s", LISTENER);
+    for (unsigned i = 0; i < CONFIG_CIDRS_MAX; i++)
+        len += (size_t)snprintf(big + len, cap - len, "deny = 10.%u.%u.0/24\n", i / 256, i % 256);
+    c = load_ok(big);
+    ASSERT_EQ(c->listeners[0].n_deny, CONFIG_CIDRS_MAX);
+    config_unref(c);
+    snprintf(big + len, cap - len, "deny = 11.0.0.0/8\n");
+    expect_err(big, "t.ini:1028: more than 1024 entries in 'deny' of [listener smtp]");
+    free(big);
+}
+
 /* Mode imap owns its keys and has its own defaults (idle_timeout 30 min, 64 KiB lines),
  * unless the file gave them, before or after the mode. */
 static void test_mode_imap(void)
@@ -1070,6 +1143,7 @@ int main(void)
     test_tls_and_interception_keys();
     test_cipher_keys();
     test_admin_keys();
+    test_client_keys();
     printf("test_config: all passed\n");
     return 0;
 }
