@@ -14,14 +14,14 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
-#define CONFIG_NAME_MAX 64           /* listener names, bytes including NUL */
-#define CONFIG_ADDR_TEXT_MAX 64      /* "[v6addr]:port" as text, bytes including NUL */
-#define CONFIG_LINE_LENGTH_MIN 512   /* max_line_length bounds, bytes */
-#define CONFIG_LINE_LENGTH_MAX 12288 /* RFC 4954: an AUTH line may be this long */
-#define CONFIG_ERR_MAX 512           /* "FILE:LINE: message", bytes including NUL */
-#define CONFIG_BACKENDS_MAX 64       /* "backend" entries per listener */
-#define CONFIG_CERTS_MAX 16          /* "cert" / "key" pairs per listener */
-#define CONFIG_ADMIN_CONNS_MAX 1024  /* admin_max_connections and _per_peer, at most */
+#define CONFIG_NAME_MAX 64                /* listener names, bytes including NUL */
+#define CONFIG_ADDR_TEXT_MAX 64           /* "[v6addr]:port" as text, bytes including NUL */
+#define CONFIG_LINE_LENGTH_MIN 512        /* max_line_length bounds, bytes */
+#define CONFIG_LINE_LENGTH_MAX 12288      /* RFC 4954: an AUTH line may be this long */
+#define CONFIG_ERR_MAX 512                /* "FILE:LINE: message", bytes including NUL */
+#define CONFIG_BACKENDS_MAX 64            /* "backend" entries per listener */
+#define CONFIG_CERTS_MAX 16               /* "cert" / "key" pairs per listener */
+#define CONFIG_ADMIN_CONNS_MAX 1024       /* admin_max_connections and _per_peer, at most */
 #define CONFIG_RECENT_SESSIONS_MAX 100000 /* recent_sessions, at most */
 
 /* Mode imap: max_line_length up to this (literals do not count), and its own defaults. */

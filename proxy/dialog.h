@@ -191,13 +191,13 @@ bool dialog_logs_lines(const struct session *s);
 /* One ev=pair as the admin endpoint's session record (sessview.h) keeps it:
  * the texts the log line gets, so credentials are redacted the same way. */
 struct dialog_pair_note {
-    const char *cmd;    /* cmd= as logged: "<greeting>", "<none>" or the redacted command */
+    const char *cmd; /* cmd= as logged: "<greeting>", "<none>" or the redacted command */
     size_t cmd_len;
-    const char *code;   /* "250", "OK", "+OK"; "" when the command got no reply */
-    const char *reply;  /* reply= (SMTP: with its enhanced status code in front) */
+    const char *code;  /* "250", "OK", "+OK"; "" when the command got no reply */
+    const char *reply; /* reply= (SMTP: with its enhanced status code in front) */
     size_t reply_len;
-    uint64_t ms_ns;     /* ms=, with SESSVIEW_P_MS in flags */
-    unsigned flags;     /* SESSVIEW_P_* */
+    uint64_t ms_ns; /* ms=, with SESSVIEW_P_MS in flags */
+    unsigned flags; /* SESSVIEW_P_* */
 };
 
 /* Every protocol's ev=pair event calls this, logged or not (transcript = off):

@@ -17,18 +17,18 @@ struct sessview_rec {
     uint64_t t_close; /* uv_hrtime() at close; 0 while open */
     char listener[SESSVIEW_NAME_MAX];
     char mode[8];
-    struct sessview_state st;         /* as of the last update */
-    char end[SESSVIEW_TEXT_MAX];      /* end= once closed */
-    char error[SESSVIEW_TEXT_MAX];    /* error= once closed; "" for none */
-    bool failed;                      /* error= or primary_error= */
-    struct sessview_pair *pairs;      /* ring: pairs[(pairs_head + i) % pairs_cap] */
+    struct sessview_state st;      /* as of the last update */
+    char end[SESSVIEW_TEXT_MAX];   /* end= once closed */
+    char error[SESSVIEW_TEXT_MAX]; /* error= once closed; "" for none */
+    bool failed;                   /* error= or primary_error= */
+    struct sessview_pair *pairs;   /* ring: pairs[(pairs_head + i) % pairs_cap] */
     unsigned pairs_cap, pairs_head, pairs_n;
-    uint64_t pairs_total;             /* every pair seen, dropped ones included */
+    uint64_t pairs_total; /* every pair seen, dropped ones included */
 };
 
 /* A record copied out under the lock: the header and the pairs shown. */
 struct sessview_snap {
-    struct sessview_rec h;       /* h.pairs is snap-owned, oldest first, h.pairs_n long */
+    struct sessview_rec h; /* h.pairs is snap-owned, oldest first, h.pairs_n long */
 };
 
 static void sessview_copy_text(char *dst, size_t cap, const char *src)
@@ -190,15 +190,17 @@ void sessview_close(struct sessview *v, struct sessview_rec *r, const struct ses
     if (r->next != NULL)
         r->next->prev = r->prev;
     r->prev = r->next = NULL;
-    if (ring_cap != v->ring_cap && !sessview_ring_resize(v, ring_cap, &gone))
-        ring_cap = v->ring_cap; /* out of memory: the old size stays */
-    if (ring_cap == 0) {
+    if (ring_cap != v->ring_cap)
+        (void)sessview_ring_resize(v, ring_cap, &gone); /* out of memory: the old size stays */
+    if (v->ring_cap == 0) {
         r->next = gone;
         gone = r;
     } else if (v->ring_n == v->ring_cap) {
         struct sessview_rec *old = v->ring[v->ring_head];
-        old->next = gone;
-        gone = old;
+        if (old != NULL) {
+            old->next = gone;
+            gone = old;
+        }
         v->ring[v->ring_head] = r;
         v->ring_head = (v->ring_head + 1) % v->ring_cap;
     } else {
@@ -344,8 +346,8 @@ static void sessview_json_kuint(struct sessview_json *j, const char *key, uint64
 static void sessview_json_kms(struct sessview_json *j, const char *key, uint64_t us)
 {
     char buf[64];
-    int n = snprintf(buf, sizeof(buf), ",\"%s\":%llu.%03u", key,
-                     (unsigned long long)(us / 1000), (unsigned)(us % 1000));
+    int n = snprintf(buf, sizeof(buf), ",\"%s\":%llu.%03u", key, (unsigned long long)(us / 1000),
+                     (unsigned)(us % 1000));
     sessview_json_raw(j, buf, (size_t)n);
 }
 
@@ -449,8 +451,10 @@ long sessview_render(struct sessview *const *views, unsigned n, unsigned recent_
     now = uv_hrtime();
     if (open.oom || recent.oom)
         goto oom;
-    qsort(open.v, open.n, sizeof(*open.v), sessview_by_open_desc);
-    qsort(recent.v, recent.n, sizeof(*recent.v), sessview_by_close_desc);
+    if (open.n > 1)
+        qsort(open.v, open.n, sizeof(*open.v), sessview_by_open_desc);
+    if (recent.n > 1)
+        qsort(recent.v, recent.n, sizeof(*recent.v), sessview_by_close_desc);
     /* Each worker keeps its share rounded up: the newest recent_max are shown. */
     size_t shown = recent.n < recent_max ? recent.n : recent_max;
     if (f->has_sid) {
@@ -481,6 +485,7 @@ long sessview_render(struct sessview *const *views, unsigned n, unsigned recent_
     sessview_json_lit(&j, "\n");
     if (j.oom)
         goto oom;
+    j.p[j.len] = '\0'; /* room is always kept for it */
     sessview_snaps_free(&open);
     sessview_snaps_free(&recent);
     *out = j.p;

@@ -24,20 +24,20 @@
 #ifndef MXPROXY_SESSVIEW_H
 #define MXPROXY_SESSVIEW_H
 
+#include <netinet/in.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <netinet/in.h>
 #include <uv.h>
 
 #include "query.h"
 
-#define SESSVIEW_PAIRS_MAX 100  /* pairs kept per session; older ones are counted as dropped */
-#define SESSVIEW_PAIRS_LIST 5   /* pairs shown per session in GET /sessions */
-#define SESSVIEW_CMD_MAX 120    /* command text kept, bytes (longer is cut) */
-#define SESSVIEW_REPLY_MAX 160  /* reply text kept, bytes */
-#define SESSVIEW_FIELDS_MAX 1536/* the protocol's close-line fields, as a JSON fragment */
-#define SESSVIEW_TEXT_MAX 64    /* client, backend, TLS, end, error texts */
+#define SESSVIEW_PAIRS_MAX 100   /* pairs kept per session; older ones are counted as dropped */
+#define SESSVIEW_PAIRS_LIST 5    /* pairs shown per session in GET /sessions */
+#define SESSVIEW_CMD_MAX 120     /* command text kept, bytes (longer is cut) */
+#define SESSVIEW_REPLY_MAX 160   /* reply text kept, bytes */
+#define SESSVIEW_FIELDS_MAX 1536 /* the protocol's close-line fields, as a JSON fragment */
+#define SESSVIEW_TEXT_MAX 64     /* client, backend, TLS, end, error texts */
 
 #define SESSVIEW_P_PIPELINED 0x01u /* pipelined=1 */
 #define SESSVIEW_P_LOCAL 0x02u     /* local=1: mxproxy answered */
@@ -58,26 +58,26 @@ struct sessview_pair {
 /* The state of a session as the worker last saw it; the part a record
  * update copies. Texts are NUL-terminated. */
 struct sessview_state {
-    const char *phase;                /* static text */
-    char client[SESSVIEW_TEXT_MAX];   /* client=; "" before it is known */
+    const char *phase;              /* static text */
+    char client[SESSVIEW_TEXT_MAX]; /* client=; "" before it is known */
     union {
         struct sockaddr sa; /* AF_UNSPEC before it is known */
         struct sockaddr_in in;
         struct sockaddr_in6 in6;
     } client_sa;
-    uint64_t bytes_up, bytes_down;    /* as of the update */
-    char backend[SESSVIEW_TEXT_MAX];  /* "" before a connect */
+    uint64_t bytes_up, bytes_down;       /* as of the update */
+    char backend[SESSVIEW_TEXT_MAX];     /* "" before a connect */
     char tls_client[SESSVIEW_TEXT_MAX];  /* "" without TLS */
     char tls_backend[SESSVIEW_TEXT_MAX]; /* "" without TLS */
-    char fields[SESSVIEW_FIELDS_MAX]; /* ,"helo":...: the protocol's close fields, JSON */
+    char fields[SESSVIEW_FIELDS_MAX];    /* ,"helo":...: the protocol's close fields, JSON */
 };
 
 struct sessview_rec; /* opaque */
 
 struct sessview {
-    uv_mutex_t lock;                   /* see above */
-    struct sessview_rec *live;         /* open sessions, newest first */
-    struct sessview_rec **ring;        /* closed ones; ring[(head + i) % cap], oldest first */
+    uv_mutex_t lock;            /* see above */
+    struct sessview_rec *live;  /* open sessions, newest first */
+    struct sessview_rec **ring; /* closed ones; ring[(head + i) % cap], oldest first */
     unsigned ring_cap, ring_head, ring_n;
 };
 
