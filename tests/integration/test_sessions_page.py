@@ -290,6 +290,71 @@ class SessionsPageTest(mxtest.ProxyTestCase):
         self.assertEqual(http_get(p.admin, "/index.html")[0], 404)
 
 
+class LineBackend(mxtest.TcpBackend):
+    """Greets, then answers each command line with the answer of the first prefix it starts
+    with; closes after answering a line holding one of the words in ends."""
+
+    def __init__(self, greeting, answers, ends):
+        self.greeting, self.answers, self.ends = greeting, answers, ends
+        super().__init__("lines")
+
+    def handle(self, rec):
+        self.send(rec, self.greeting)
+        buf = b""
+        while True:
+            while b"\r\n" not in buf:
+                data = self.recv(rec)
+                if not data:
+                    return
+                buf += data
+            line, buf = buf.split(b"\r\n", 1)
+            self.send(rec, next(a for k, a in self.answers if line.startswith(k)))
+            if any(e in line.upper().split() for e in self.ends):
+                return
+
+
+class OtherModesTest(mxtest.ProxyTestCase):
+    """mode imap and pop3 feed the same records: pairs as the log has them, no password."""
+
+    def run_mode(self, mode, backend, lines, secret):
+        port, admin = free_port(), free_port()
+        p = self.start_proxy(config(listener(mode, "%s:%d" % (HOST, port), backend.addr,
+                                             mode=mode), admin="%s:%d" % (HOST, admin)))
+        c = self.client(port)
+        c.recv_until(b"\r\n")
+        for line, term in lines:
+            c.send(line + b"\r\n")
+            c.recv_until(term)
+        sid = p.sid_of(c)
+        close = p.close_of(sid)
+        s = get_json(admin, "/sessions/" + sid)
+        logged = [e["cmd"] for e in p.find(ev="pair", sid=sid)]
+        self.assertEqual([x["cmd"] for x in s["pairs"]], logged)
+        self.assertEqual((s["mode"], s["end"], s["failed"]), (mode, close["end"], True))
+        self.assertEqual(s["primary_error"], close["primary_error"])
+        self.assertNotIn(secret, http_get(admin, "/sessions/" + sid)[2])
+        return s
+
+    def test_imap(self):
+        b = self.track(LineBackend(b"* OK ready\r\n", [
+            (b"a1 LOGIN", b"a1 NO [AUTHENTICATIONFAILED] bad credentials\r\n"),
+            (b"a2 LOGOUT", b"* BYE bye\r\na2 OK done\r\n")], [b"LOGOUT"]))
+        s = self.run_mode("imap", b, [(b"a1 LOGIN alice s3cret-imap", b"a1 NO"),
+                                      (b"a2 LOGOUT", b"a2 OK done\r\n")], b"s3cret-imap")
+        self.assertEqual([(x["code"], x["primary"]) for x in s["pairs"]],
+                         [("OK", False), ("NO", True), ("OK", False)])
+
+    def test_pop3(self):
+        b = self.track(LineBackend(b"+OK ready\r\n", [
+            (b"USER", b"+OK\r\n"), (b"PASS", b"-ERR [AUTH] bad credentials\r\n"),
+            (b"QUIT", b"+OK bye\r\n")], [b"QUIT"]))
+        s = self.run_mode("pop3", b, [(b"USER alice", b"+OK\r\n"),
+                                      (b"PASS s3cret-pop", b"\r\n"),
+                                      (b"QUIT", b"+OK bye\r\n")], b"s3cret-pop")
+        self.assertEqual([(x["code"], x["primary"]) for x in s["pairs"]],
+                         [("+OK", False), ("+OK", False), ("-ERR", True), ("+OK", False)])
+
+
 class BrowserTest(mxtest.ProxyTestCase):
     """GET / in headless chromium: after the page's script ran, the DOM holds
     the session's commands and its primary error."""
