@@ -1379,7 +1379,7 @@ void session_view_pair(const struct session *s, const struct sessview_pair *p)
 static void session_view_close(struct session *s, enum session_end end, const char *error)
 {
     struct sessview_state st;
-    unsigned workers = s->cfg->workers > 0 ? s->cfg->workers : 1;
+    unsigned workers = s->w->cfg->workers > 0 ? s->w->cfg->workers : 1;
 
     if (s->view == NULL)
         return;
@@ -1387,6 +1387,6 @@ static void session_view_close(struct session *s, enum session_end end, const ch
     st.phase = "closed";
     /* Each worker keeps its share of recent_sessions, rounded up. */
     sessview_close(&s->w->view, s->view, &st, session_end_name(end), error,
-                   (s->cfg->recent_sessions + workers - 1) / workers);
+                   (s->w->cfg->recent_sessions + workers - 1) / workers);
     s->view = NULL;
 }

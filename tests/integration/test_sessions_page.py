@@ -175,7 +175,7 @@ class SessionsPageTest(mxtest.ProxyTestCase):
                              "--auth-password", secret, "--body", "hi"],
                             capture_output=True, timeout=30)
         self.assertEqual(rc.returncode, 0, rc.stdout + rc.stderr)
-        sid = p.find(ev="open")[0]["sid"]
+        sid = p.wait_event(ev="open")["sid"]
         p.close_of(sid)
         body = http_get(p.admin, "/sessions/" + sid)[2] + http_get(p.admin, "/sessions")[2]
         plain = base64.b64encode(b"\0alice\0" + secret.encode())
@@ -402,7 +402,7 @@ class BrowserTest(mxtest.ProxyTestCase):
             self.assertIn(text, live)
         self.assertNotIn("550 5.1.1 no such user", live)
 
-        sid = p.find(ev="open")[0]["sid"]
+        sid = p.wait_event(ev="open")["sid"]
         p.close_of(sid)
         after = self.chromium(url, "--dump-dom")
         for text in ("EHLO client.example", "RCPT TO:&lt;bad@example.com&gt;", "QUIT",
