@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import shutil
+import smtplib
 import socket
 import subprocess
 import threading
@@ -197,6 +198,29 @@ class SessionsPageTest(mxtest.ProxyTestCase):
         self.assertEqual(([x["cmd"] for x in listed], len(full), full[0]["cmd"]),
                          (["NOOP"] * 5, 8, "<greeting>"))
         self.assertEqual(full[3:], listed)
+
+    def test_tls_legs(self):
+        pki = mxtest.pki()
+        self.backend = self.scripted("mx", ext=("PIPELINING",))
+        port, admin = free_port(), free_port()
+        p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port), self.backend.addr,
+                                             mode="smtp", client_tls="starttls",
+                                             cert=pki.mx.cert, key=pki.mx.key),
+                                    admin="%s:%d" % (HOST, admin)))
+        c = smtplib.SMTP(HOST, port, timeout=5)
+        try:
+            c.ehlo("client.example")
+            c.starttls(context=mxtest.client_context(check_hostname=False))
+            c.ehlo("tls.example")
+            s = get_json(admin, "/sessions")["open"][0]
+            self.assertEqual((s["tls_client"], s["tls_backend"], s["helo"]),
+                             ("TLSv1.3/TLS_AES_256_GCM_SHA384", None, "tls.example"))
+            c.quit()
+        finally:
+            c.close()
+        close = p.close_of(s["sid"])
+        s = get_json(admin, "/sessions/" + s["sid"])
+        self.assertEqual((s["tls_client"], s["tls_backend"]), (close["tls_client"], None))
 
     def test_ring_bound(self):
         p = self.start(recent_sessions=3)
