@@ -238,6 +238,34 @@ class SessionsPageTest(mxtest.ProxyTestCase):
         self.assertEqual(http_get(p.admin, "/sessions/" + sids[0])[0], 404)
         self.assertEqual(get_json(p.admin, "/sessions/" + sids[4])["end"], "quit")
 
+    def quit_session(self, p):
+        c = self.client(p.port)
+        c.read_reply()
+        self.assertEqual(c.cmd(b"QUIT"), b"221 2.0.0 Bye\r\n")
+        sid = p.sid_of(c)
+        p.close_of(sid)
+        c.close()
+        return sid
+
+    def test_reload_resizes_ring(self):
+        p = self.start(recent_sessions=5)
+        sids = [self.quit_session(p) for _ in range(3)]
+        text = config(listener("smtp", "%s:%d" % (HOST, p.port), self.backend.addr, mode="smtp"),
+                      admin="%s:%d" % (HOST, p.admin), recent_sessions=1)
+        p.wait_event(start=p.reload(text), ev="reload")
+        self.assertEqual(len(get_json(p.admin, "/sessions")["recent"]), 1)  # shown: the newest
+        self.assertEqual(get_json(p.admin, "/sessions")["recent"][0]["sid"], sids[-1])
+        # The worker's ring shrinks at its first close under the new config (the worker
+        # applies it shortly after ev=reload): the older sessions are then gone, not hidden.
+        for _ in range(3):
+            last = self.quit_session(p)
+            if http_get(p.admin, "/sessions/" + sids[-1])[0] == 404:
+                break
+        self.assertEqual(http_get(p.admin, "/sessions/" + sids[0])[0], 404)
+        self.assertEqual(http_get(p.admin, "/sessions/" + sids[-1])[0], 404)
+        d = get_json(p.admin, "/sessions")
+        self.assertEqual(([s["sid"] for s in d["recent"]], d["recent_sessions"]), ([last], 1))
+
     def test_ring_off_and_pairs_bound(self):
         p = self.start(recent_sessions=0)
         c = self.client(p.port)
