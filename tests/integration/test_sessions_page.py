@@ -11,6 +11,7 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -22,6 +23,28 @@ SESSION_KEYS = ["sid", "listener", "mode", "client", "backend", "phase", "age_ms
 SMTP_KEYS = ["helo", "mail_from", "rcpt_ok", "rcpt_rejected", "messages"]
 PAIR_KEYS = ["cmd", "code", "reply", "at_ms", "ms", "pipelined", "local", "aborted", "primary"]
 REJECT = (b"RCPT TO:<bad", b"550 5.1.1 no such user\r\n")
+# GET /sessions in a loop until stdin closes; prints how many were answered (200, JSON).
+SCRAPER = r"""
+import json, select, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+print("started", flush=True)
+n = 0
+while not select.select([sys.stdin], [], [], 0)[0]:
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(b"GET /sessions HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    json.loads(body)
+    n += 1
+print(n)
+"""
 
 
 def http_get(port, path, timeout=5.0):
@@ -308,30 +331,32 @@ class SessionsPageTest(mxtest.ProxyTestCase):
             c.cmd(b"QUIT")
             c.close()
         base = sorted(self.session_times(p, 30))
-        stop, scrapes = threading.Event(), [0]
-
-        def scrape():
-            while not stop.is_set():
-                get_json(p.admin, "/sessions")
-                scrapes[0] += 1
-
-        t = threading.Thread(target=scrape)
-        t.start()
+        # The scrapes come from another process, so they cost this one's client no GIL time.
+        scraper = subprocess.Popen(
+            [sys.executable, "-c", SCRAPER, HOST, str(p.admin)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE)
         try:
+            self.assertEqual(scraper.stdout.readline(), b"started\n")
             loaded = sorted(self.session_times(p, 30))
         finally:
-            stop.set()
-            t.join(10)
-        self.assertGreater(scrapes[0], 10)
-        # The median moves little and no command waits long: the worker never
-        # waits for more than one record copy.
+            out, _ = scraper.communicate(b"", timeout=10)
+        scrapes = [int(out)]
         med_base, med = base[len(base) // 2], loaded[len(loaded) // 2]
-        self.assertLess(med, med_base + 0.005, (med_base, med))
-        self.assertLess(loaded[-1], 0.25, loaded[-5:])
         if os.environ.get("MXTEST_VERBOSE"):
-            print("NOOP round trip median %.3f ms idle, %.3f ms under %d scrapes; max %.3f ms"
-                  % (med_base * 1e3, med * 1e3, scrapes[0], loaded[-1] * 1e3))
-
+            p95 = lambda v: v[len(v) * 95 // 100] * 1e3
+            print("NOOP round trip median %.3f ms idle, %.3f ms under %d scrapes; p95 %.3f / "
+                  "%.3f ms; max %.3f ms; over 10 ms: %d / %d"
+                  % (med_base * 1e3, med * 1e3, scrapes[0], p95(base), p95(loaded),
+                     loaded[-1] * 1e3, sum(t > 0.010 for t in base),
+                     sum(t > 0.010 for t in loaded)))
+        self.assertGreater(scrapes[0], 10)
+        # A worker waits at most for one record copy (tens of microseconds), never for a
+        # scrape's JSON: the median stays, and no more than a couple of commands (CPU
+        # contention on a small machine, not the lock) take over 10 ms. Holding the lock
+        # for the render (20 ms) fails this.
+        self.assertLess(med, med_base + 0.002, (med_base, med))
+        slow_base, slow = sum(t > 0.010 for t in base), sum(t > 0.010 for t in loaded)
+        self.assertLessEqual(slow, slow_base + 2, (slow_base, slow, loaded[-8:]))
     def test_page_is_self_contained(self):
         p = self.start()
         code, ctype, body = http_get(p.admin, "/")
