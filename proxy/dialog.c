@@ -124,6 +124,10 @@ void dialog_note_pair(const struct session *s, const struct dialog_pair_note *n)
 
     if (s->view == NULL)
         return;
+    if (s->cl->transcript == CONFIG_TRANSCRIPT_OFF) {
+        session_view_update(s); /* no pairs in the log, none on the page; the rest moves on */
+        return;
+    }
     dialog_note_text(p.cmd, sizeof(p.cmd), n->cmd, n->cmd_len);
     dialog_note_text(p.code, sizeof(p.code), n->code, strlen(n->code));
     dialog_note_text(p.reply, sizeof(p.reply), n->reply, n->reply_len);

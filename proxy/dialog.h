@@ -200,8 +200,9 @@ struct dialog_pair_note {
     unsigned flags; /* SESSVIEW_P_* */
 };
 
-/* Every protocol's ev=pair event calls this, logged or not (transcript = off):
- * one hook feeding s's record, a no-op when s has none. */
+/* Every protocol's ev=pair event calls this, whatever the log level: one hook
+ * feeding s's record; a no-op when s has none or its listener has
+ * transcript = off (the page then shows no pairs, as the log has none). */
 void dialog_note_pair(const struct session *s, const struct dialog_pair_note *n);
 
 /* One ev=line (dir "client", "server" or "proxy"); text never holds credentials. */

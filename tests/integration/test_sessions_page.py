@@ -222,6 +222,23 @@ class SessionsPageTest(mxtest.ProxyTestCase):
                          (["NOOP"] * 5, 8, "<greeting>"))
         self.assertEqual(full[3:], listed)
 
+    def test_transcript_off_keeps_no_pairs(self):
+        self.backend = self.scripted("mx", rules=[REJECT])
+        port, admin = free_port(), free_port()
+        p = self.start_proxy(config(listener("smtp", "%s:%d" % (HOST, port), self.backend.addr,
+                                             mode="smtp", transcript="off"),
+                                    admin="%s:%d" % (HOST, admin)))
+        c = self.client(port)
+        c.read_reply()
+        c.cmd(b"HELO client.example")
+        c.cmd(b"MAIL FROM:<a@example.com>")
+        self.assertEqual(c.cmd(b"RCPT TO:<bad@example.com>"), b"550 5.1.1 no such user\r\n")
+        s = get_json(admin, "/sessions")["open"][0]
+        self.assertEqual((s["pairs"], s["pairs_total"], s["helo"], s["primary_error"],
+                          s["failed"]),
+                         ([], 0, "client.example", "550 5.1.1 no such user", True))
+        self.assertEqual(p.find(ev="pair"), [])
+
     def test_tls_legs(self):
         pki = mxtest.pki()
         self.backend = self.scripted("mx", ext=("PIPELINING",))
