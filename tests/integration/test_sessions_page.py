@@ -408,7 +408,8 @@ class LineBackend(mxtest.TcpBackend):
 
 
 class OtherModesTest(mxtest.ProxyTestCase):
-    """mode imap and pop3 feed the same records: pairs as the log has them, no password."""
+    """mode imap and pop3 feed the same records (pairs as the log has them, no password);
+    mode tcp has a record without pairs."""
 
     def run_mode(self, mode, backend, lines, secret):
         port, admin = free_port(), free_port()
@@ -428,6 +429,24 @@ class OtherModesTest(mxtest.ProxyTestCase):
         self.assertEqual(s["primary_error"], close["primary_error"])
         self.assertNotIn(secret, http_get(admin, "/sessions/" + sid)[2])
         return s
+
+    def test_tcp(self):
+        b = self.track(LineBackend(b"hello\r\n", [(b"", b"echo\r\n")], [b"BYE"]))
+        port, admin = free_port(), free_port()
+        p = self.start_proxy(config(listener("tcp", "%s:%d" % (HOST, port), b.addr),
+                                    admin="%s:%d" % (HOST, admin)))
+        c = self.client(port)
+        c.recv_until(b"hello\r\n")
+        c.send(b"BYE\r\n")
+        c.recv_until(b"echo\r\n")
+        sid = p.sid_of(c)
+        c.close()  # the backend closed after its answer: both directions are done
+        close = p.close_of(sid)
+        s = get_json(admin, "/sessions/" + sid)
+        self.assertEqual(list(s), SESSION_KEYS + ["end", "ms", "error", "failed", "pairs_total",
+                                                  "pairs_dropped", "pairs"])
+        self.assertEqual((s["mode"], s["end"], s["bytes_up"], s["bytes_down"], s["pairs"]),
+                         ("tcp", close["end"], 5, 13, []))
 
     def test_imap(self):
         b = self.track(LineBackend(b"* OK ready\r\n", [
