@@ -12,8 +12,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "admin_page.h"
 #include "config.h"
 #include "log.h"
+#include "query.h"
+#include "sessview.h"
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
@@ -89,6 +92,8 @@ struct admin_request {
     size_t method_len;
     const char *path; /* target without its query, starts with '/' */
     size_t path_len;
+    const char *query; /* after '?', without it; NULL when the target has none */
+    size_t query_len;
 };
 
 enum admin_parse {
@@ -236,6 +241,8 @@ static enum admin_parse admin_parse_request(const char *buf, size_t len, struct 
     const char *target_end = p;
     const char *q = memchr(r->path, '?', (size_t)(target_end - r->path));
     r->path_len = (size_t)((q != NULL ? q : target_end) - r->path);
+    r->query = q != NULL ? q + 1 : NULL;
+    r->query_len = q != NULL ? (size_t)(target_end - q - 1) : 0;
     if (*p != ' ')
         return ADMIN_PARSE_BAD;
     p++;
@@ -366,6 +373,44 @@ static bool admin_path_is(const struct admin_request *r, const char *path)
     return r->path_len == strlen(path) && memcmp(r->path, path, r->path_len) == 0;
 }
 
+#define ADMIN_SESSIONS "/sessions"
+#define ADMIN_JSON "application/json; charset=utf-8"
+
+/* GET /sessions[?QUERY] and GET /sessions/SID: JSON built by ops.sessions. */
+static int admin_sessions(struct admin_conn *c, const struct admin_request *r, bool head)
+{
+    struct admin *a = c->a;
+    struct sessview_filter f = {0};
+    size_t plen = strlen(ADMIN_SESSIONS);
+
+    if (!query_parse(r->query, r->query_len, &f.q)) {
+        admin_conn_text(c, 400, "Bad Request", "bad query\n", head);
+        return 400;
+    }
+    if (r->path_len > plen) {
+        if (r->path[plen] != '/' ||
+            !query_parse_sid(r->path + plen + 1, r->path_len - plen - 1, &f.sid)) {
+            admin_conn_text(c, 404, "Not Found", "not found\n", head);
+            return 404;
+        }
+        f.has_sid = true;
+    }
+    free(c->body);
+    c->body = NULL;
+    long len = a->ops.sessions(a->ops.arg, &f, &c->body);
+    if (len < 0) {
+        admin_conn_text(c, 500, "Internal Server Error", "out of memory\n", head);
+        return 500;
+    }
+    if (len == 0) {
+        admin_conn_text(c, 404, "Not Found", "no such session\n", head);
+        return 404;
+    }
+    admin_conn_respond(c, 200, "OK", ADMIN_JSON, c->body, (size_t)len, head,
+                       "Cache-Control: no-store\r\n");
+    return 200;
+}
+
 static void admin_conn_dispatch(struct admin_conn *c, const struct admin_request *r)
 {
     struct admin *a = c->a;
@@ -396,6 +441,15 @@ static void admin_conn_dispatch(struct admin_conn *c, const struct admin_request
             admin_conn_respond(c, code, "OK", "text/plain; version=0.0.4; charset=utf-8", c->body,
                                (size_t)len, head, "");
         }
+    } else if (a->ops.sessions != NULL &&
+               (admin_path_is(r, ADMIN_SESSIONS) ||
+                (r->path_len > strlen(ADMIN_SESSIONS) + 1 &&
+                 memcmp(r->path, ADMIN_SESSIONS "/", strlen(ADMIN_SESSIONS) + 1) == 0))) {
+        code = admin_sessions(c, r, head);
+    } else if (a->ops.sessions != NULL && admin_path_is(r, "/")) {
+        code = 200;
+        admin_conn_respond(c, code, "OK", "text/html; charset=utf-8", admin_page_html,
+                           admin_page_html_len, head, "Cache-Control: no-store\r\n");
     } else {
         code = 404;
         admin_conn_text(c, code, "Not Found", "not found\n", head);

@@ -20,6 +20,10 @@
  *   GET /healthz  200 "ok\n": the process and its main loop are alive
  *   GET /readyz   200 "ready\n", or 503 "draining\n" once a drain has begun
  *   GET /metrics  200, Prometheus text format 0.0.4
+ *   GET /sessions 200, JSON: open and recently closed sessions (sessview.h);
+ *                 ?client=CIDR&listener=NAME&error=1 select (query.h), a bad query 400
+ *   GET /sessions/SID  200, JSON: that session with every pair kept; 404 if none
+ *   GET /         200, HTML: the sessions page (admin_page.c), which polls /sessions
  *   other paths 404, other methods 405, malformed or oversized requests 400,
  *   a request not complete within header_timeout_ms 408.
  */
@@ -31,6 +35,7 @@
 #include <uv.h>
 
 struct config_addr;
+struct sessview_filter;
 
 #define ADMIN_REQ_MAX 8192    /* request line and headers, bytes */
 #define ADMIN_TIMEOUT_MS 5000 /* to take the answer */
@@ -53,7 +58,10 @@ struct admin_ops {
     /* Renders the metrics text into out like snprintf: returns the whole
      * length, which may be >= cap (then it is called again, larger). */
     size_t (*render)(void *arg, char *out, size_t cap);
-    void *arg; /* passed to both */
+    /* GET /sessions[/SID]: the JSON for f into *out (malloc'd, the endpoint
+     * frees it); returns its length, 0 for no such session, -1 out of memory. */
+    long (*sessions)(void *arg, const struct sessview_filter *f, char **out);
+    void *arg; /* passed to each */
 };
 
 struct admin; /* opaque */

@@ -369,6 +369,12 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_G(admin_header_timeout_ms),
      .min = 1,
      .max = CONFIG_DURATION_MAX_MS},
+    {.name = "recent_sessions",
+     .section = CONFIG_SECTION_GLOBAL,
+     .parse = config_parse_uint,
+     .offset = CONFIG_G(recent_sessions),
+     .min = 0,
+     .max = CONFIG_RECENT_SESSIONS_MAX},
     {.name = "client_tls",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_enum,
@@ -636,6 +642,7 @@ static struct config *config_new(const char *path)
     c->admin_max_connections = 64;
     c->admin_max_per_peer = 8;
     c->admin_header_timeout_ms = 3 * 1000;
+    c->recent_sessions = 1000;
     c->drain_grace_ms = 10 * 1000;
     return c;
 }

@@ -14,15 +14,16 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
-#define CONFIG_NAME_MAX 64           /* listener names, bytes including NUL */
-#define CONFIG_ADDR_TEXT_MAX 64      /* "[v6addr]:port" as text, bytes including NUL */
-#define CONFIG_LINE_LENGTH_MIN 512   /* max_line_length bounds, bytes */
-#define CONFIG_LINE_LENGTH_MAX 12288 /* RFC 4954: an AUTH line may be this long */
-#define CONFIG_ERR_MAX 512           /* "FILE:LINE: message", bytes including NUL */
-#define CONFIG_BACKENDS_MAX 64       /* "backend" entries per listener */
-#define CONFIG_CERTS_MAX 16          /* "cert" / "key" pairs per listener */
-#define CONFIG_ADMIN_CONNS_MAX 1024  /* admin_max_connections and _per_peer, at most */
-#define CONFIG_CIDRS_MAX 1024        /* "allow" or "deny" blocks per listener */
+#define CONFIG_NAME_MAX 64                /* listener names, bytes including NUL */
+#define CONFIG_ADDR_TEXT_MAX 64           /* "[v6addr]:port" as text, bytes including NUL */
+#define CONFIG_LINE_LENGTH_MIN 512        /* max_line_length bounds, bytes */
+#define CONFIG_LINE_LENGTH_MAX 12288      /* RFC 4954: an AUTH line may be this long */
+#define CONFIG_ERR_MAX 512                /* "FILE:LINE: message", bytes including NUL */
+#define CONFIG_BACKENDS_MAX 64            /* "backend" entries per listener */
+#define CONFIG_CERTS_MAX 16               /* "cert" / "key" pairs per listener */
+#define CONFIG_ADMIN_CONNS_MAX 1024       /* admin_max_connections and _per_peer, at most */
+#define CONFIG_RECENT_SESSIONS_MAX 100000 /* recent_sessions, at most */
+#define CONFIG_CIDRS_MAX 1024             /* "allow" or "deny" blocks per listener */
 
 /* Mode imap: max_line_length up to this (literals do not count), and its own defaults. */
 #define CONFIG_IMAP_LINE_LENGTH_MAX 1048576
@@ -253,6 +254,7 @@ struct config {
     unsigned admin_max_connections;    /* "admin_max_connections", default 64 */
     unsigned admin_max_per_peer;       /* "admin_max_connections_per_peer", default 8 */
     unsigned admin_header_timeout_ms;  /* "admin_header_timeout", default 3 s */
+    unsigned recent_sessions;          /* "recent_sessions": closed sessions kept, default 1000 */
     char *tls_keylog;                  /* "tls_keylog": file for TLS secrets, or NULL */
     int tls_keylog_line;               /* its line, for errors */
     struct tls_keylog *keylog;         /* tls_keylog opened, shared by every TLS context */

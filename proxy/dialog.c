@@ -9,6 +9,7 @@
 #include "log.h"
 #include "relay.h"
 #include "session_impl.h"
+#include "sessview.h"
 #include "sockaddr.h"
 #include "tls.h"
 #include "worker.h"
@@ -107,6 +108,33 @@ void dialog_free(struct session *s)
 bool dialog_logs_pairs(const struct session *s)
 {
     return s->cl->transcript != CONFIG_TRANSCRIPT_OFF && log_enabled(LOG_INFO);
+}
+
+static void dialog_note_text(char *dst, size_t cap, const char *src, size_t len)
+{
+    if (len >= cap)
+        len = cap - 1;
+    memcpy(dst, src, len);
+    dst[len] = '\0';
+}
+
+void dialog_note_pair(const struct session *s, const struct dialog_pair_note *n)
+{
+    struct sessview_pair p;
+
+    if (s->view == NULL)
+        return;
+    if (s->cl->transcript == CONFIG_TRANSCRIPT_OFF) {
+        session_view_update(s); /* no pairs in the log, none on the page; the rest moves on */
+        return;
+    }
+    dialog_note_text(p.cmd, sizeof(p.cmd), n->cmd, n->cmd_len);
+    dialog_note_text(p.code, sizeof(p.code), n->code, strlen(n->code));
+    dialog_note_text(p.reply, sizeof(p.reply), n->reply, n->reply_len);
+    p.at_us = (uv_hrtime() - s->t_accept) / 1000;
+    p.ms_us = n->ms_ns / 1000;
+    p.flags = n->flags;
+    session_view_pair(s, &p);
 }
 
 bool dialog_logs_lines(const struct session *s)

@@ -190,6 +190,23 @@ void dialog_free(struct session *s);
 bool dialog_logs_pairs(const struct session *s);
 bool dialog_logs_lines(const struct session *s);
 
+/* One ev=pair as the admin endpoint's session record (sessview.h) keeps it:
+ * the texts the log line gets, so credentials are redacted the same way. */
+struct dialog_pair_note {
+    const char *cmd; /* cmd= as logged: "<greeting>", "<none>" or the redacted command */
+    size_t cmd_len;
+    const char *code;  /* "250", "OK", "+OK"; "" when the command got no reply */
+    const char *reply; /* reply= (SMTP: with its enhanced status code in front) */
+    size_t reply_len;
+    uint64_t ms_ns; /* ms=, with SESSVIEW_P_MS in flags */
+    unsigned flags; /* SESSVIEW_P_* */
+};
+
+/* Every protocol's ev=pair event calls this, whatever the log level: one hook
+ * feeding s's record; a no-op when s has none or its listener has
+ * transcript = off (the page then shows no pairs, as the log has none). */
+void dialog_note_pair(const struct session *s, const struct dialog_pair_note *n);
+
 /* One ev=line (dir "client", "server" or "proxy"); text never holds credentials. */
 void dialog_log_line(const struct session *s, const char *dir, const char *text, size_t len,
                      bool cut);

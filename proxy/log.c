@@ -521,6 +521,14 @@ void log_begin(struct log_line *l, enum log_level lvl, const char *ev)
     log_str(l, "ev", ev);
 }
 
+void log_fields_begin(struct log_line *l)
+{
+    l->len = 0;
+    l->json = true;
+    l->truncated = false;
+    l->level = LOG_INFO;
+}
+
 void log_sid(struct log_line *l, uint64_t sid)
 {
     static const char hex[] = "0123456789abcdef";

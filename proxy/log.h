@@ -67,6 +67,11 @@ bool log_enabled(enum log_level lvl);
 /* Starts a line: ts=, lvl=, ev=. */
 void log_begin(struct log_line *l, enum log_level lvl, const char *ev);
 
+/* Starts a bare JSON fragment (no ts, lvl, ev): the fields added then read
+ * ,"key":value,... and l->buf[0, l->len) can be spliced into a JSON object
+ * (the admin endpoint's sessions). Never passed to log_end(). */
+void log_fields_begin(struct log_line *l);
+
 /* Adds the session id as a fixed-width 16-digit hex string. */
 void log_sid(struct log_line *l, uint64_t sid);
 

@@ -41,6 +41,7 @@ static struct {
     struct config_addr admin_addr; /* address of the current admin endpoint */
     struct metrics **metrics;      /* &workers[i].metrics, for metrics_render */
     struct health *health;         /* the health checker, NULL once stopped */
+    struct sessview **views;       /* &workers[i].view, for sessview_render */
 } mx;
 
 static void main_usage(FILE *out)
@@ -109,6 +110,12 @@ static size_t main_admin_render(void *arg, char *out, size_t cap)
     return n + more;
 }
 
+static long main_admin_sessions(void *arg, const struct sessview_filter *f, char **out)
+{
+    (void)arg;
+    return sessview_render(mx.views, mx.n_workers, mx.cfg->recent_sessions, f, out);
+}
+
 static void main_log_admin(enum log_level lvl, const char *ev, const char *addr, int rc)
 {
     struct log_line l;
@@ -125,6 +132,7 @@ static void main_log_admin(enum log_level lvl, const char *ev, const char *addr,
 static const struct admin_ops main_admin_ops = {
     .ready = main_admin_ready,
     .render = main_admin_render,
+    .sessions = main_admin_sessions,
 };
 
 /* Gives mx.admin (if any) the limits of config c. */
@@ -388,12 +396,15 @@ static int main_run(void)
     mx.n_workers = mx.cfg->workers;
     mx.workers = calloc(mx.n_workers, sizeof(*mx.workers));
     mx.metrics = calloc(mx.n_workers, sizeof(*mx.metrics));
-    if (mx.workers == NULL || mx.metrics == NULL) {
+    mx.views = calloc(mx.n_workers, sizeof(*mx.views));
+    if (mx.workers == NULL || mx.metrics == NULL || mx.views == NULL) {
         fprintf(stderr, "mxproxy: out of memory\n");
         return 1;
     }
-    for (unsigned i = 0; i < mx.n_workers; i++)
+    for (unsigned i = 0; i < mx.n_workers; i++) {
         mx.metrics[i] = &mx.workers[i].metrics;
+        mx.views[i] = &mx.workers[i].view;
+    }
     /* Bound before the workers, so a bad admin address stops the start
      * cleanly; it answers once the loop runs, after every listener is up. */
     if (mx.cfg->has_admin) {
@@ -442,6 +453,8 @@ static int main_run(void)
         worker_join(&mx.workers[i]);
     free(mx.metrics);
     mx.metrics = NULL;
+    free(mx.views);
+    mx.views = NULL;
     free(mx.workers);
     mx.workers = NULL;
     log_msg(LOG_INFO, "stop", "all sessions closed");

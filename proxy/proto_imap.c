@@ -163,11 +163,44 @@ static void session_imap_count_pair(const struct session *s, const struct imap_p
 
 /* ev=pair proto=imap tag= cmd= status= reply= untagged= ms= pipelined= [size=] [rounds=]
  * [local=1] [aborted=1] [primary=1]. */
+/* The pair for the admin endpoint's record, with the texts of the log line. */
+static void session_imap_note_pair(const struct session *s, const struct imap_pair *p)
+{
+    struct dialog_pair_note n = {.cmd = p->cmd_text, .cmd_len = p->cmd_text_len, .code = ""};
+
+    if (s->view == NULL)
+        return;
+    if (p->kind == IMAP_PAIR_GREETING || p->kind == IMAP_PAIR_UNSOLICITED) {
+        n.cmd = p->kind == IMAP_PAIR_GREETING ? "<greeting>" : "<none>";
+        n.cmd_len = strlen(n.cmd);
+    }
+    n.reply = "";
+    if (p->status != IMAP_ST_NONE) {
+        n.code = imap_status_name(p->status);
+        n.reply = p->text;
+        n.reply_len = p->text_len;
+    }
+    if (p->kind == IMAP_PAIR_GREETING) {
+        n.ms_ns = p->t_reply - s->t_accept;
+        n.flags |= SESSVIEW_P_MS;
+    } else if (p->kind != IMAP_PAIR_UNSOLICITED && p->status != IMAP_ST_NONE &&
+               p->t_reply >= p->t_cmd) {
+        n.ms_ns = p->t_reply - p->t_cmd;
+        n.flags |= SESSVIEW_P_MS;
+    }
+    n.flags |= (p->flags & IMAP_PAIR_F_PIPELINED) ? SESSVIEW_P_PIPELINED : 0;
+    n.flags |= (p->flags & IMAP_PAIR_F_PRIMARY) ? SESSVIEW_P_PRIMARY : 0;
+    n.flags |= p->kind == IMAP_PAIR_LOCAL ? SESSVIEW_P_LOCAL : 0;
+    n.flags |= p->kind == IMAP_PAIR_ABORTED ? SESSVIEW_P_ABORTED : 0;
+    dialog_note_pair(s, &n);
+}
+
 static void session_imap_log_pair(const struct session *s, const struct imap_pair *p)
 {
     struct log_line l;
 
     session_imap_count_pair(s, p);
+    session_imap_note_pair(s, p);
     if (!dialog_logs_pairs(s))
         return;
     log_begin(&l, LOG_INFO, "pair");

@@ -235,11 +235,47 @@ static void session_smtp_count_pair(const struct session *s, const struct smtp_p
     }
 }
 
+/* The pair for the admin endpoint's record, with the texts of the log line. */
+static void session_smtp_note_pair(const struct session *s, const struct smtp_pair *p)
+{
+    struct dialog_pair_note n = {.cmd = p->cmd_text, .cmd_len = p->cmd_text_len, .code = ""};
+    char code[8], reply[SMTP_ESC_MAX + SMTP_REPLY_TEXT_MAX + 2];
+
+    if (s->view == NULL)
+        return;
+    if (p->kind == SMTP_PAIR_GREETING || p->kind == SMTP_PAIR_UNSOLICITED) {
+        n.cmd = p->kind == SMTP_PAIR_GREETING ? "<greeting>" : "<none>";
+        n.cmd_len = strlen(n.cmd);
+    }
+    n.reply = "";
+    if (p->code != 0) {
+        snprintf(code, sizeof(code), "%d", p->code);
+        n.code = code;
+        int k = snprintf(reply, sizeof(reply), "%s%s%.*s", p->esc, p->esc[0] != '\0' ? " " : "",
+                         (int)p->text_len, p->text);
+        n.reply = reply;
+        n.reply_len = k < 0 ? 0 : (size_t)k < sizeof(reply) ? (size_t)k : sizeof(reply) - 1;
+    }
+    if (p->kind == SMTP_PAIR_GREETING) {
+        n.ms_ns = p->t_reply - s->t_accept;
+        n.flags |= SESSVIEW_P_MS;
+    } else if (p->kind != SMTP_PAIR_UNSOLICITED && p->code != 0 && p->t_reply >= p->t_cmd) {
+        n.ms_ns = p->t_reply - p->t_cmd;
+        n.flags |= SESSVIEW_P_MS;
+    }
+    n.flags |= (p->flags & SMTP_PAIR_F_PIPELINED) ? SESSVIEW_P_PIPELINED : 0;
+    n.flags |= (p->flags & SMTP_PAIR_F_PRIMARY) ? SESSVIEW_P_PRIMARY : 0;
+    n.flags |= p->kind == SMTP_PAIR_LOCAL ? SESSVIEW_P_LOCAL : 0;
+    n.flags |= p->kind == SMTP_PAIR_ABORTED ? SESSVIEW_P_ABORTED : 0;
+    dialog_note_pair(s, &n);
+}
+
 static void session_smtp_log_pair(const struct session *s, const struct smtp_pair *p)
 {
     struct log_line l;
 
     session_smtp_count_pair(s, p);
+    session_smtp_note_pair(s, p);
     if (!dialog_logs_pairs(s))
         return;
     log_begin(&l, LOG_INFO, "pair");

@@ -26,6 +26,7 @@
 #include "metrics.h"
 #include "proxyproto.h"
 #include "relay.h"
+#include "sessview.h"
 #include "sockaddr.h"
 #include "tls.h"
 #include "worker.h"
@@ -68,6 +69,9 @@ static const char *const session_phase_names[] = {
     [SESSION_PHASE_FLUSHING] = "flushing",     [SESSION_PHASE_CLOSING] = "closing",
 };
 
+static void session_view_open(struct session *s);
+static void session_view_close(struct session *s, enum session_end end, const char *error);
+
 void session_enter_phase(struct session *s, enum session_phase next)
 {
     struct log_line l;
@@ -82,6 +86,8 @@ void session_enter_phase(struct session *s, enum session_phase next)
         log_end(&l);
     }
     s->phase = next;
+    if (next != SESSION_PHASE_CLOSING)
+        session_view_update(s); /* session_close updates it with end= */
 }
 
 /* Unique within the process: a random 32-bit prefix set once, so ids from
@@ -990,6 +996,7 @@ void session_close(struct session *s, enum session_end end, const char *error)
             s->proto->log_close(s, &l);
         log_end(&l);
     }
+    session_view_close(s, end, error);
 
     uv_close((uv_handle_t *)&s->client, session_on_client_closed);
     uv_close((uv_handle_t *)&s->timer, session_on_timer_closed);
@@ -1368,6 +1375,7 @@ void session_accept(struct listener *l, int fd)
         return;
     }
     s->flags |= SESSION_F_COUNTED;
+    session_view_open(s);
     unsigned active = atomic_fetch_add(&s->cl->shared->active, 1) + 1;
     if (s->cl->max_connections > 0 && active > s->cl->max_connections) {
         session_refuse_over_limit(s);
@@ -1433,4 +1441,78 @@ void session_cut_all(struct worker *w)
         }
         s = next;
     }
+}
+
+/* ---- the admin endpoint's record (sessview.h) ---------------------------------------- */
+
+/* What the record shows of s now. */
+static void session_view_state(const struct session *s, struct sessview_state *st)
+{
+    memset(st, 0, sizeof(*st));
+    st->phase = session_phase_names[s->phase];
+    snprintf(st->client, sizeof(st->client), "%s", s->client_addr);
+    if (s->client_sa.sa.sa_family == AF_INET)
+        st->client_sa.in = s->client_sa.in;
+    else if (s->client_sa.sa.sa_family == AF_INET6)
+        st->client_sa.in6 = s->client_sa.in6;
+    st->bytes_up = s->up.bytes;
+    st->bytes_down = s->down.bytes;
+    if (s->tries > 0 && (!s->cl->backend_original_dst || s->dst_backend != NULL))
+        snprintf(st->backend, sizeof(st->backend), "%s", session_backend(s)->text);
+    if (s->client_tls != NULL && tls_handshake_done(s->client_tls))
+        session_tls_text(s->client_tls, st->tls_client, sizeof(st->tls_client));
+    if (s->backend_tls != NULL && tls_handshake_done(s->backend_tls))
+        session_tls_text(s->backend_tls, st->tls_backend, sizeof(st->tls_backend));
+    if (s->proto != NULL) {
+        struct log_line l;
+        log_fields_begin(&l);
+        s->proto->log_close(s, &l); /* the close line's own fields, JSON-escaped */
+        if (!l.truncated && l.len < sizeof(st->fields))
+            memcpy(st->fields, l.buf, l.len);
+        else
+            snprintf(st->fields, sizeof(st->fields), ",\"fields_truncated\":true");
+    }
+}
+
+/* A record only while the admin endpoint is configured: without it nothing reads them. */
+static void session_view_open(struct session *s)
+{
+    if (!s->cfg->has_admin)
+        return;
+    s->view = sessview_open(&s->w->view, s->id, s->cl->name, config_mode_name(s->cl->mode));
+    session_client_addr(s); /* the socket is open: client= and client_sa now */
+    session_view_update(s);
+}
+
+void session_view_update(const struct session *s)
+{
+    struct sessview_state st;
+
+    if (s->view == NULL)
+        return;
+    session_view_state(s, &st);
+    sessview_update(&s->w->view, s->view, &st);
+}
+
+void session_view_pair(const struct session *s, const struct sessview_pair *p)
+{
+    if (s->view == NULL)
+        return;
+    sessview_pair(&s->w->view, s->view, p);
+    session_view_update(s);
+}
+
+static void session_view_close(struct session *s, enum session_end end, const char *error)
+{
+    struct sessview_state st;
+    unsigned workers = s->w->cfg->workers > 0 ? s->w->cfg->workers : 1;
+
+    if (s->view == NULL)
+        return;
+    session_view_state(s, &st);
+    st.phase = "closed";
+    /* Each worker keeps its share of recent_sessions, rounded up. */
+    sessview_close(&s->w->view, s->view, &st, session_end_name(end), error,
+                   (s->w->cfg->recent_sessions + workers - 1) / workers);
+    s->view = NULL;
 }

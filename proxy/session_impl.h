@@ -38,6 +38,8 @@ static inline void session_sa_set(union session_sa *dst, const struct sockaddr_s
 }
 
 struct proxyproto_parser;
+struct sessview_pair;
+struct sessview_rec;
 struct proto;
 struct tls_conn;
 struct worker;
@@ -98,6 +100,7 @@ struct session {
     char client_addr[SOCKADDR_TEXT_MAX]; /* client= */
     struct climit_table *climit;         /* SESSION_F_CLIMIT: the table counting it */
     struct climit_key climit_key;        /* ... and the client's key in it */
+    struct sessview_rec *view;           /* the admin endpoint's record (sessview.h), or NULL */
 };
 
 /* Facts about a session, whatever its phase (s->flags). */
@@ -177,5 +180,12 @@ const char *session_backend_name(const struct session *s, char *buf, size_t cap)
 /* Closes the backend connection with a reset, so it discards whatever it was
  * receiving (an unfinished message), without ending the session. */
 void session_drop_backend(struct session *s);
+
+/* Refreshes s's record for the admin endpoint (phase, bytes, backend, TLS,
+ * the protocol's close fields); a no-op without one. */
+void session_view_update(const struct session *s);
+
+/* Adds one pair (already redacted, as logged) to s's record, then refreshes it. */
+void session_view_pair(const struct session *s, const struct sessview_pair *p);
 
 #endif /* MXPROXY_SESSION_IMPL_H */

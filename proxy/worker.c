@@ -219,6 +219,7 @@ int worker_start(struct worker *w, unsigned id, struct config *cfg)
     w->drain_timer.data = w;
     uv_prepare_init(&w->loop, &w->log_flush);
     uv_mutex_init(&w->lock);
+    sessview_init(&w->view);
     w->cfg = config_ref(cfg);
     /* libuv opens a spare descriptor for the loop with its first stream
      * handle. Listeners are poll handles, so that would be the first
@@ -295,4 +296,5 @@ void worker_join(struct worker *w)
     w->cfg = NULL;
     relay_pool_drain(&w->pool);
     proto_pool_drain(w);
+    sessview_destroy(&w->view);
 }

@@ -13,6 +13,7 @@
 
 #include "metrics.h"
 #include "relay.h"
+#include "sessview.h"
 
 struct config;
 struct listener;
@@ -43,6 +44,7 @@ struct worker {
     int start_error;                               /* first listener error at start, for main */
     struct relay_pool pool;                        /* read/write blocks for every session here */
     struct metrics metrics;                        /* written here only, summed by admin.c */
+    struct sessview view;                          /* session records, read by admin.c */
     struct dialog_spare *dialog_spare;             /* spare command FIFOs (dialog.c) */
     unsigned dialog_spare_n;                       /* length of dialog_spare */
     atomic_uint cfg_applied;                       /* cfg_posted as of the last config applied */

@@ -171,7 +171,8 @@ class AdminTest(mxtest.ProxyTestCase):
 
         self.smtp_ok(p)
         self.assertEqual(get(p.admin, "/nope")[::2], (404, b"not found\n"))
-        self.assertEqual(get(p.admin, "/")[0], 404)
+        self.assertEqual(get(p.admin, "/")[0], 200)  # the sessions page (test_sessions_page.py)
+        self.assertEqual(get(p.admin, "/sessionsx")[0], 404)
         code, headers, _ = http(p.admin, b"POST /metrics HTTP/1.1\r\nHost: x\r\n"
                                          b"Content-Length: 3\r\n\r\nabc")
         self.assertEqual(code, 405)

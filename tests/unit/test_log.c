@@ -303,8 +303,21 @@ static void test_thread_buffer(void)
     ASSERT_EQ(*line, '\0');
 }
 
+/* log_fields_begin: bare JSON fields, spliced into the admin endpoint's sessions. */
+static void test_fields_fragment(void)
+{
+    struct log_line l;
+
+    log_fields_begin(&l);
+    log_str(&l, "helo", "a \"b\"");
+    log_uint(&l, "rcpt_ok", 2);
+    ASSERT_MEMEQ(l.buf, l.len, ",\"helo\":\"a \\\"b\\\"\",\"rcpt_ok\":2", 29);
+    ASSERT(!l.truncated);
+}
+
 int main(void)
 {
+    test_fields_fragment();
     test_escape_logfmt();
     test_escape_json();
     test_escape_unicode_breaks();
