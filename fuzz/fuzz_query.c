@@ -24,13 +24,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (f.has_client) {
             struct sockaddr_storage ss;
             memset(&ss, 0, sizeof(ss));
-            FUZZ_CHECK(f.family == AF_INET || f.family == AF_INET6);
-            FUZZ_CHECK(f.prefix <= (f.family == AF_INET ? 32u : 128u));
-            ss.ss_family = (sa_family_t)f.family;
-            if (f.family == AF_INET)
-                memcpy(&((struct sockaddr_in *)&ss)->sin_addr, f.addr, 4);
+            FUZZ_CHECK(f.client.family == AF_INET || f.client.family == AF_INET6);
+            FUZZ_CHECK(f.client.prefix <= (f.client.family == AF_INET ? 32u : 128u));
+            ss.ss_family = f.client.family;
+            if (f.client.family == AF_INET)
+                memcpy(&((struct sockaddr_in *)&ss)->sin_addr, f.client.addr, 4);
             else
-                memcpy(&((struct sockaddr_in6 *)&ss)->sin6_addr, f.addr, 16);
+                memcpy(&((struct sockaddr_in6 *)&ss)->sin6_addr, f.client.addr, 16);
             FUZZ_CHECK(query_client_match(&f, (const struct sockaddr *)&ss));
         } else {
             struct sockaddr_storage none;

@@ -1,8 +1,6 @@
 /* query.c: admin query strings; see query.h. */
 #include "query.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <string.h>
 
 #define QUERY_VALUE_MAX 128 /* a decoded value, bytes with NUL */
@@ -46,41 +44,10 @@ static bool query_decode(const char *in, size_t len, char *out, size_t cap)
     return true;
 }
 
-/* "ADDR" or "ADDR/PREFIX" into f. */
+/* "ADDR" or "ADDR/PREFIX" into f, as an allow/deny block. */
 static bool query_parse_cidr(const char *v, struct query_filter *f)
 {
-    char addr[INET6_ADDRSTRLEN];
-    const char *slash = strchr(v, '/');
-    size_t alen = slash != NULL ? (size_t)(slash - v) : strlen(v);
-    unsigned prefix = 0, max;
-
-    if (alen == 0 || alen >= sizeof(addr))
-        return false;
-    memcpy(addr, v, alen);
-    addr[alen] = '\0';
-    if (inet_pton(AF_INET, addr, f->addr) == 1)
-        f->family = AF_INET;
-    else if (inet_pton(AF_INET6, addr, f->addr) == 1)
-        f->family = AF_INET6;
-    else
-        return false;
-    max = f->family == AF_INET ? 32 : 128;
-    if (slash == NULL) {
-        f->prefix = max;
-        return true;
-    }
-    const char *p = slash + 1;
-    if (*p == '\0' || strlen(p) > 3)
-        return false;
-    for (; *p != '\0'; p++) {
-        if (*p < '0' || *p > '9')
-            return false;
-        prefix = prefix * 10 + (unsigned)(*p - '0');
-    }
-    if (prefix > max)
-        return false;
-    f->prefix = prefix;
-    return true;
+    return cidr_parse(v, strlen(v), &f->client) == CIDR_OK;
 }
 
 static bool query_name_is(const char *name, size_t len, const char *want)
@@ -149,30 +116,5 @@ bool query_parse_sid(const char *s, size_t len, uint64_t *sid)
 
 bool query_client_match(const struct query_filter *f, const struct sockaddr *sa)
 {
-    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
-    const uint8_t *a;
-
-    if (!f->has_client)
-        return true;
-    if (sa->sa_family == AF_INET) {
-        a = (const uint8_t *)&((const struct sockaddr_in *)(const void *)sa)->sin_addr;
-        if (f->family != AF_INET)
-            return false;
-    } else if (sa->sa_family == AF_INET6) {
-        a = ((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr.s6_addr;
-        if (f->family == AF_INET) {
-            if (memcmp(a, mapped, sizeof(mapped)) != 0)
-                return false;
-            a += 12;
-        }
-    } else {
-        return false;
-    }
-    unsigned full = f->prefix / 8, rest = f->prefix % 8;
-    if (memcmp(a, f->addr, full) != 0)
-        return false;
-    if (rest == 0)
-        return true;
-    uint8_t mask = (uint8_t)(0xffu << (8 - rest));
-    return (a[full] & mask) == (f->addr[full] & mask);
+    return !f->has_client || cidr_match(&f->client, sa);
 }

@@ -14,13 +14,13 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "cidr.h"
+
 #define QUERY_NAME_MAX 64 /* listener= value, bytes with NUL */
 
 struct query_filter {
     bool has_client;               /* client= given */
-    int family;                    /* AF_INET or AF_INET6 */
-    unsigned prefix;               /* bits that must match */
-    uint8_t addr[16];              /* network byte order; 4 bytes used for AF_INET */
+    struct cidr client;            /* its block, parsed as allow/deny blocks are (cidr.h) */
     bool has_listener;             /* listener= given */
     char listener[QUERY_NAME_MAX]; /* NUL-terminated */
     bool error_only;               /* error=1: only sessions with a primary error or error= */
@@ -33,8 +33,8 @@ bool query_parse(const char *q, size_t len, struct query_filter *f);
 /* Parses a session id: 1..16 hex digits, case-insensitive. */
 bool query_parse_sid(const char *s, size_t len, uint64_t *sid);
 
-/* True when sa (AF_INET/AF_INET6) lies in f's client= network, or f has none.
- * An IPv4-mapped IPv6 address matches as the IPv4 address it carries. */
+/* True when sa (AF_INET/AF_INET6) lies in f's client= block, or f has none;
+ * cidr_match() decides (an IPv4-mapped address is the IPv4 one it carries). */
 bool query_client_match(const struct query_filter *f, const struct sockaddr *sa);
 
 #endif /* MXPROXY_QUERY_H */

@@ -35,7 +35,7 @@ static void test_good(void)
     ASSERT(query_parse(NULL, 0, &f));
     ASSERT(!f.has_client && !f.has_listener && !f.error_only);
     ASSERT(parse("client=10.0.0.0%2F8&listener=mx%20in&error=1", &f));
-    ASSERT(f.has_client && f.family == AF_INET && f.prefix == 8);
+    ASSERT(f.has_client && f.client.family == AF_INET && f.client.prefix == 8);
     ASSERT(f.has_listener);
     ASSERT_STREQ(f.listener, "mx in");
     ASSERT(f.error_only);
@@ -43,9 +43,9 @@ static void test_good(void)
     ASSERT(!f.error_only);
     ASSERT_STREQ(f.listener, "a b");
     ASSERT(parse("client=2001:db8::/32", &f));
-    ASSERT(f.family == AF_INET6 && f.prefix == 32);
+    ASSERT(f.client.family == AF_INET6 && f.client.prefix == 32);
     ASSERT(parse("client=127.0.0.1", &f));
-    ASSERT_EQ(f.prefix, 32);
+    ASSERT_EQ(f.client.prefix, 32);
 }
 
 static void test_bad(void)
