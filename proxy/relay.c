@@ -1,13 +1,33 @@
 /* relay.c: zero-copy forwarding with watermarks; see relay.h. */
 #include "relay.h"
 
+#include "krelay.h"
 #include "tls.h"
 
 #include <assert.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
+
+/* Sockmap state of a pair; outlives neither direction's relay_stop by more
+ * than its timer's close callback. */
+struct relay_sockmap {
+    uv_timer_t timer; /* polls the kernel's progress while a FIN waits */
+    unsigned live;    /* directions not yet stopped */
+};
+
+#define RELAY_SPLICE_MAX (64 * 1024) /* one splice: a default pipe's capacity */
+#define RELAY_FIN_POLL_MS 1          /* how often a waiting FIN looks again */
+
+static void relay_on_eof(struct relay_dir *d);
+static void relay_kernel_try(struct relay_dir *d, size_t nread);
+static void relay_sockmap_release(struct relay_dir *d);
+static void relay_sockmap_on_timer(uv_timer_t *t);
+static void relay_splice_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+static void relay_splice_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf);
 
 static struct relay_block *relay_block_get(struct relay_pool *pool)
 {
@@ -241,6 +261,7 @@ static void relay_on_send(uv_write_t *req, int status)
     if (d->inflight == 0 && relay_tail_submit(d) != 0)
         return;
     relay_after_write(d);
+    relay_kernel_try(d, 0);
 }
 
 /* Writes what the socket takes now, when nothing is queued before it; moves
@@ -435,8 +456,15 @@ static void relay_on_eof(struct relay_dir *d)
     d->flags = (d->flags & ~RELAY_F_READING) | RELAY_F_EOF;
     d->on_event(d, RELAY_EV_EOF, 0);
     /* The FIN goes out after every queued write: half-close is exact. */
-    if (!(d->flags & (RELAY_F_NO_FIN | RELAY_F_STOPPED)))
-        relay_shutdown_dst(d);
+    if (d->flags & (RELAY_F_NO_FIN | RELAY_F_STOPPED))
+        return;
+    if (d->flags & RELAY_F_SOCKMAP) {
+        d->flags |= RELAY_F_FIN_WAIT; /* after the bytes the kernel still holds */
+        if (!uv_is_active((uv_handle_t *)&d->smap->timer))
+            uv_timer_start(&d->smap->timer, relay_sockmap_on_timer, 0, RELAY_FIN_POLL_MS);
+        return;
+    }
+    relay_shutdown_dst(d);
 }
 
 /* Hands bytes read (or decrypted) from src on: to the owner, or to dst.
@@ -538,6 +566,7 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
     }
     d->bytes += (uint64_t)nread;
     relay_deliver(d, b, carried + (size_t)nread);
+    relay_kernel_try(d, (size_t)nread);
 }
 
 void relay_inject(struct relay_dir *d, const char *p, size_t len)
@@ -582,6 +611,7 @@ void relay_init(struct relay_dir *d, uv_stream_t *src, uv_stream_t *dst, struct 
         .pool = pool,
         .on_event = on_event,
         .owner = owner,
+        .pipe = {-1, -1},
     };
     src->data = d;
 }
@@ -591,7 +621,9 @@ int relay_start(struct relay_dir *d)
     if (d->flags &
         (RELAY_F_READING | RELAY_F_EOF | RELAY_F_STOPPED | RELAY_F_HELD | RELAY_F_PAUSED))
         return 0;
-    int rc = uv_read_start(d->src, relay_on_alloc, relay_on_read);
+    int rc = (d->flags & RELAY_F_SPLICE)
+                 ? uv_read_start(d->src, relay_splice_on_alloc, relay_splice_on_read)
+                 : uv_read_start(d->src, relay_on_alloc, relay_on_read);
     if (rc == 0)
         d->flags |= RELAY_F_READING;
     return rc;
@@ -603,6 +635,13 @@ void relay_stop(struct relay_dir *d)
     d->flags &= ~RELAY_F_READING;
     if (!uv_is_closing((uv_handle_t *)d->src))
         uv_read_stop(d->src);
+    if (d->flags & RELAY_F_SPLICE) {
+        close(d->pipe[0]);
+        close(d->pipe[1]);
+        d->pipe[0] = d->pipe[1] = -1;
+        d->flags &= ~RELAY_F_SPLICE;
+    }
+    relay_sockmap_release(d);
 }
 
 void relay_hold(struct relay_dir *d)
@@ -623,4 +662,263 @@ int relay_release(struct relay_dir *d)
     if (rc == 0 && d->src_tls != NULL && (d->flags & RELAY_F_READING))
         relay_tls_drain(d);
     return rc;
+}
+
+/* ---- kernel relay --------------------------------------------------------------------- */
+
+void relay_kernel_allow(struct relay_dir *d, enum relay_kernel mode)
+{
+    d->kernel = mode;
+    if (d->rev != NULL)
+        d->rev->kernel = mode;
+}
+
+static void relay_splice_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    (void)h;
+    (void)suggested;
+    *buf = uv_buf_init(NULL, 0); /* libuv reads nothing: relay_splice_on_read moves the bytes */
+}
+
+/* Moves n bytes from d's pipe to dst: by splice while dst takes them and
+ * nothing is queued before them, the rest copied into blocks and queued as
+ * relay_send would, so order and backpressure are the plain path's. The
+ * pipe is empty on return. Returns 0 or a UV_E* code, which on_event has
+ * seen. */
+static int relay_splice_flush(struct relay_dir *d, int dfd, size_t n)
+{
+    while (n > 0 && d->inflight == 0 && d->tail == NULL) {
+        ssize_t w = splice(d->pipe[0], NULL, dfd, NULL, n, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (w > 0) {
+            n -= (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && errno == EAGAIN)
+            break;
+        int rc = w < 0 ? -errno : UV_EPIPE;
+        d->on_event(d, RELAY_EV_WRITE_ERR, rc);
+        return rc;
+    }
+    while (n > 0) {
+        struct relay_block *b = relay_block_get(d->pool);
+        if (b == NULL) {
+            d->on_event(d, RELAY_EV_WRITE_ERR, UV_ENOMEM);
+            return UV_ENOMEM;
+        }
+        ssize_t r = read(d->pipe[0], b->data, n < RELAY_BLOCK_SIZE ? n : RELAY_BLOCK_SIZE);
+        if (r <= 0) {
+            int rc = r < 0 ? -errno : UV_EIO;
+            relay_block_unref(d->pool, b);
+            d->on_event(d, RELAY_EV_WRITE_ERR, rc);
+            return rc;
+        }
+        n -= (size_t)r;
+        uv_buf_t buf = uv_buf_init(b->data, (unsigned)r);
+        int rc = relay_write(d, b, &buf, 1, false);
+        relay_block_unref(d->pool, b);
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* src is readable (libuv's UV_ENOBUFS for the empty buffer): one splice
+ * into the pipe, then on to dst. libuv polls level-triggered, so what is
+ * left comes with the next turn of the loop. */
+static void relay_splice_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
+{
+    struct relay_dir *d = src->data;
+    uv_os_fd_t sfd, dfd;
+
+    (void)nread;
+    (void)buf;
+    if (uv_fileno((uv_handle_t *)d->src, &sfd) != 0 || uv_fileno((uv_handle_t *)d->dst, &dfd) != 0)
+        return;
+    ssize_t n =
+        splice(sfd, NULL, d->pipe[1], NULL, RELAY_SPLICE_MAX, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (n > 0) {
+        d->bytes += (uint64_t)n;
+        d->last_read = uv_now(src->loop);
+        (void)relay_splice_flush(d, dfd, (size_t)n); /* a failure went to on_event */
+        return;
+    }
+    if (n == 0) {
+        relay_on_eof(d);
+        return;
+    }
+    if (errno == EAGAIN || errno == EINTR)
+        return;
+    int rc = -errno;
+    uv_read_stop(src);
+    d->flags &= ~RELAY_F_READING;
+    d->on_event(d, RELAY_EV_READ_ERR, rc);
+}
+
+/* d may move its bytes by splice: plain bytes, still flowing. */
+static bool relay_splice_ok(const struct relay_dir *d)
+{
+    return !(d->flags & (RELAY_F_SPLICE | RELAY_F_EOF | RELAY_F_STOPPED)) && d->src_tls == NULL &&
+           d->dst_tls == NULL && d->carry_len == 0;
+}
+
+static void relay_splice_begin(struct relay_dir *d)
+{
+    if (pipe2(d->pipe, O_NONBLOCK | O_CLOEXEC) != 0) {
+        d->kernel = RELAY_KERNEL_OFF; /* out of descriptors: stay in user space */
+        d->pipe[0] = d->pipe[1] = -1;
+        return;
+    }
+    d->flags |= RELAY_F_SPLICE;
+    if (d->flags & RELAY_F_READING) {
+        uv_read_stop(d->src);
+        d->flags &= ~RELAY_F_READING;
+        if (relay_start(d) != 0)
+            d->on_event(d, RELAY_EV_READ_ERR, UV_EIO);
+    }
+}
+
+/* d may join the sockmap: nothing of it is in user space, nothing ended. */
+static bool relay_sockmap_quiet(const struct relay_dir *d)
+{
+    return (d->flags & (RELAY_F_READING | RELAY_F_EOF | RELAY_F_DONE | RELAY_F_STOPPED |
+                        RELAY_F_HELD | RELAY_F_PAUSED | RELAY_F_SPLICE | RELAY_F_SOCKMAP)) ==
+               RELAY_F_READING &&
+           d->inflight == 0 && d->tail == NULL && d->carry_len == 0 && d->src_tls == NULL &&
+           d->dst_tls == NULL && uv_stream_get_write_queue_size(d->dst) == 0;
+}
+
+static void relay_sockmap_on_close(uv_handle_t *h)
+{
+    free((struct relay_sockmap *)(void *)h); /* the timer is its first member */
+}
+
+/* Bytes d's src gave the kernel that it has not yet written to dst. */
+static int64_t relay_sockmap_pending(const struct relay_dir *d)
+{
+    struct krelay_count src, dst;
+    uv_os_fd_t sfd, dfd;
+
+    if (uv_fileno((uv_handle_t *)d->src, &sfd) != 0 ||
+        uv_fileno((uv_handle_t *)d->dst, &dfd) != 0 || krelay_counters(sfd, &src) != 0 ||
+        krelay_counters(dfd, &dst) != 0)
+        return 0; /* nothing to wait for that could be measured */
+    uint64_t in = src.rx - d->k_rx0 - ((d->flags & RELAY_F_EOF) ? 1 : 0); /* the FIN */
+    return (int64_t)(in - (dst.tx - d->k_tx0));
+}
+
+/* A FIN waits while the kernel still forwards what came before it. */
+static void relay_sockmap_on_timer(uv_timer_t *t)
+{
+    struct relay_dir *dirs[2] = {t->data, ((struct relay_dir *)t->data)->rev};
+    bool waiting = false;
+
+    for (unsigned i = 0; i < 2; i++) {
+        struct relay_dir *d = dirs[i];
+        if ((d->flags & (RELAY_F_FIN_WAIT | RELAY_F_STOPPED)) != RELAY_F_FIN_WAIT)
+            continue;
+        if (relay_sockmap_pending(d) > 0) {
+            waiting = true;
+            continue;
+        }
+        d->flags &= ~RELAY_F_FIN_WAIT;
+        relay_shutdown_dst(d); /* may end the session, and close this timer */
+        if (uv_is_closing((uv_handle_t *)t))
+            return;
+    }
+    if (!waiting)
+        uv_timer_stop(t);
+}
+
+/* Hands d and d->rev to the kernel, once: any failure leaves them in user
+ * space for good. */
+static void relay_sockmap_begin(struct relay_dir *d)
+{
+    struct relay_dir *r = d->rev;
+    struct krelay_count ca, cb;
+    uv_os_fd_t a, b;
+
+    d->kernel = r->kernel = RELAY_KERNEL_OFF;
+    if (!krelay_sockmap_available())
+        return;
+    if (uv_fileno((uv_handle_t *)d->src, &a) != 0 || uv_fileno((uv_handle_t *)d->dst, &b) != 0 ||
+        krelay_counters(a, &ca) != 0 || krelay_counters(b, &cb) != 0)
+        return;
+    struct relay_sockmap *m = malloc(sizeof(*m));
+    if (m == NULL)
+        return;
+    uv_timer_init(d->src->loop, &m->timer);
+    m->timer.data = d;
+    m->live = 2;
+    if (krelay_sockmap_pair(a, b) != 0) {
+        uv_close((uv_handle_t *)&m->timer, relay_sockmap_on_close);
+        return;
+    }
+    d->smap = r->smap = m;
+    d->flags |= RELAY_F_SOCKMAP;
+    r->flags |= RELAY_F_SOCKMAP;
+    d->k_bytes0 = d->bytes;
+    d->k_rx0 = ca.rx;
+    d->k_tx0 = cb.tx;
+    r->k_bytes0 = r->bytes;
+    r->k_rx0 = cb.rx;
+    r->k_tx0 = ca.tx;
+}
+
+/* relay_stop: the pair's sockmap state goes when both directions stopped.
+ * The sockets leave the map when they are closed. */
+static void relay_sockmap_release(struct relay_dir *d)
+{
+    struct relay_sockmap *m = d->smap;
+
+    if (m == NULL)
+        return;
+    d->smap = NULL;
+    if (--m->live > 0)
+        return;
+    uv_close((uv_handle_t *)&m->timer, relay_sockmap_on_close);
+}
+
+/* After a read or a completed write of d: the moment a direction may leave
+ * user space. nread: what the read took, 0 after a write. */
+static void relay_kernel_try(struct relay_dir *d, size_t nread)
+{
+    if (d->kernel == RELAY_KERNEL_SPLICE) {
+        if (nread >= RELAY_BLOCK_SIZE && relay_splice_ok(d))
+            relay_splice_begin(d);
+        return;
+    }
+    if (d->kernel == RELAY_KERNEL_SOCKMAP && d->rev != NULL &&
+        d->rev->kernel == RELAY_KERNEL_SOCKMAP && relay_sockmap_quiet(d) &&
+        relay_sockmap_quiet(d->rev))
+        relay_sockmap_begin(d);
+}
+
+/* One direction's counts from the kernel's: src's and dst's counters. */
+static void relay_sockmap_note(struct relay_dir *d, const struct krelay_count *src,
+                               const struct krelay_count *dst, uint64_t now)
+{
+    uint64_t t = dst->tx - d->k_tx0;
+    if ((d->flags & RELAY_F_DONE) && t > 0)
+        t--; /* our FIN */
+    d->bytes = d->k_bytes0 + t;
+    uint64_t at = now > src->idle_ms ? now - src->idle_ms : 0;
+    if (at > d->last_read)
+        d->last_read = at;
+}
+
+void relay_kernel_sample(struct relay_dir *d)
+{
+    struct krelay_count ca, cb;
+    uv_os_fd_t a, b;
+
+    if (!(d->flags & RELAY_F_SOCKMAP) || d->rev == NULL)
+        return;
+    if (uv_fileno((uv_handle_t *)d->src, &a) != 0 || uv_fileno((uv_handle_t *)d->dst, &b) != 0 ||
+        krelay_counters(a, &ca) != 0 || krelay_counters(b, &cb) != 0)
+        return;
+    uint64_t now = uv_now(d->src->loop);
+    relay_sockmap_note(d, &ca, &cb, now);
+    relay_sockmap_note(d->rev, &cb, &ca, now);
 }

@@ -46,6 +46,10 @@ static const char *const session_end_names[] = {
     [SESSION_END_LOCAL_ERROR] = "local_error",
 };
 
+static_assert((int)CONFIG_KERNEL_RELAY_SPLICE == (int)RELAY_KERNEL_SPLICE &&
+                  (int)CONFIG_KERNEL_RELAY_SOCKMAP == (int)RELAY_KERNEL_SOCKMAP,
+              "kernel_relay values are relay_kernel values");
+
 static_assert(sizeof(session_end_names) / sizeof(session_end_names[0]) == SESSION_END_COUNT_,
               "every enum session_end has a name");
 
@@ -556,6 +560,7 @@ static void session_on_timer(uv_timer_t *t)
     }
     /* Reads only stamp last_read; the timer checks lazily, so the hot path
      * never touches the timer heap. */
+    relay_kernel_sample(&s->up);
     uint64_t now = uv_now(t->loop);
     uint64_t last = s->connected_at;
     if (s->up.last_read > last)
@@ -628,6 +633,8 @@ static void session_on_connect(uv_connect_t *req, int status)
     session_wire_tls(s);
     if (s->smtp != NULL)
         session_smtp_on_connected(s);
+    else
+        relay_kernel_allow(&s->up, (enum relay_kernel)s->cl->kernel_relay); /* opaque */
     /* The backend first: its greeting is forwarded the moment it arrives. */
     rc = relay_start(&s->down);
     if (rc == 0)
@@ -749,6 +756,7 @@ void session_close(struct session *s, enum session_end end, const char *error)
     s->flags |= SESSION_F_CLOSING;
     if (s->smtp != NULL)
         end = session_smtp_end(s, end);
+    relay_kernel_sample(&s->up); /* bytes the kernel relayed */
     metrics_session_closed(&s->w->metrics, s->cl->name, end, s->up.bytes, s->down.bytes);
     if (s->flags & SESSION_F_CONNECTED) {
         relay_stop(&s->up);

@@ -904,6 +904,7 @@ static void session_smtp_go_opaque(struct session *s)
     s->up.carry_len = 0; /* bytes after STARTTLS were dropped as injected; keep none */
     /* The backend's EOF is passed on to the client, as in mode tcp. */
     s->down.flags &= ~RELAY_F_NO_FIN;
+    relay_kernel_allow(&s->up, (enum relay_kernel)s->cl->kernel_relay);
     if (log_enabled(LOG_INFO)) {
         log_begin(&l, LOG_INFO, "starttls_passthrough");
         log_sid(&l, s->id);

@@ -1,0 +1,27 @@
+/* krelay.bpf.c: the sockmap relay's stream verdict.
+ *
+ * Each socket of a relayed pair sits in krelay_peers under its peer's
+ * socket cookie: the program looks itself up by its own cookie and finds
+ * the socket its bytes go to. What it forwards goes straight to the peer's
+ * send path; user space sees neither the bytes nor a wake-up for them. */
+#include <bpf/bpf_helpers.h>
+#include <linux/bpf.h>
+
+struct {
+    __uint(type, BPF_MAP_TYPE_SOCKHASH);
+    __uint(max_entries, 65536);
+    __type(key, __u64);   /* the cookie of the socket whose bytes come in */
+    __type(value, __u64); /* the socket they go out on */
+} krelay_peers SEC(".maps");
+
+SEC("sk_skb/stream_verdict")
+int krelay_verdict(struct __sk_buff *skb)
+{
+    __u64 self = bpf_get_socket_cookie(skb);
+
+    /* No peer (it was closed and left the map): the bytes are dropped, as
+     * a write to a closed socket would fail; the session is ending. */
+    return bpf_sk_redirect_hash(skb, &krelay_peers, &self, 0);
+}
+
+char LICENSE[] SEC("license") = "GPL";
