@@ -4,8 +4,9 @@
  * socket cookie: the program looks itself up by its own cookie and finds
  * the socket its bytes go to. What it forwards goes straight to the peer's
  * send path; user space sees neither the bytes nor a wake-up for them. */
+#include <linux/bpf.h> /* first: the helpers need its types */
+
 #include <bpf/bpf_helpers.h>
-#include <linux/bpf.h>
 
 struct {
     __uint(type, BPF_MAP_TYPE_SOCKHASH);
