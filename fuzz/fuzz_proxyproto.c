@@ -9,6 +9,7 @@
 #include "fuzz.h"
 #include "proxyproto.h"
 #include "sockaddr.h"
+#include "xclient.h"
 
 #include <netinet/in.h>
 #include <stdio.h>

@@ -43,8 +43,8 @@ struct config_parser {
     int lineno;                  /* line most recently handed to inih, from 1 */
     enum config_section section; /* section the current line belongs to */
     size_t listener;             /* index in cfg->listeners when in a listener */
-    uint64_t global_seen;        /* one bit per config_keys[] row set in [global] */
-    uint64_t listener_seen;      /* the same for the current listener */
+    uint64_t global_seen[2];     /* one bit per config_keys[] row set in [global] */
+    uint64_t listener_seen[2];   /* the same for the current listener */
     struct config *cfg;          /* being built; freed by the caller on error */
     int err_code;                /* 0, or the negative errno of the first error */
     int err_line;                /* line of the first error, 0 when none applies */
@@ -74,6 +74,7 @@ static const struct config_word config_log_levels[] = {
 static const struct config_word config_modes[] = {
     {"tcp", CONFIG_MODE_TCP},
     {"smtp", CONFIG_MODE_SMTP},
+    {"pop3", CONFIG_MODE_POP3},
     {NULL, 0},
 };
 
@@ -150,8 +151,10 @@ typedef int (*config_parse_fn)(struct config_parser *p, const struct config_key 
                                const char *value);
 
 #define CONFIG_KEY_F_REPEAT 0x1u /* may be given again in a section; values add up */
-#define CONFIG_KEY_F_SMTP 0x2u   /* only meaningful with mode = smtp */
 #define CONFIG_KEY_F_TLS 0x4u    /* a TLS key: remembered in tls_line for messages */
+
+#define CONFIG_SMTP CONFIG_MODE_BIT(CONFIG_MODE_SMTP) /* .modes of a key mode smtp owns */
+#define CONFIG_POP3 CONFIG_MODE_BIT(CONFIG_MODE_POP3) /* ... and mode pop3 */
 
 /* One row per key: where it may appear, how its value is parsed, where it goes. */
 struct config_key {
@@ -162,6 +165,7 @@ struct config_key {
     unsigned min; /* integers and durations: smallest value accepted */
     unsigned max; /* largest value accepted */
     unsigned flags;
+    unsigned modes; /* CONFIG_MODE_BIT()s of the modes that own it; 0: every mode */
     const struct config_word *words; /* config_parse_enum: the accepted words */
 };
 
@@ -242,7 +246,7 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(greeting_timeout_ms),
      .min = 1,
      .max = CONFIG_DURATION_MAX_MS,
-     .flags = CONFIG_KEY_F_SMTP},
+     .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "max_connections",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_uint,
@@ -261,15 +265,15 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(max_line_length),
      .min = CONFIG_LINE_LENGTH_MIN,
      .max = CONFIG_LINE_LENGTH_MAX,
-     .flags = CONFIG_KEY_F_SMTP},
+     .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "smuggling",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_smuggling,
-     .flags = CONFIG_KEY_F_SMTP},
+     .modes = CONFIG_SMTP},
     {.name = "transcript",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_transcript,
-     .flags = CONFIG_KEY_F_SMTP},
+     .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "admin", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_admin},
     {.name = "admin_max_connections",
      .section = CONFIG_SECTION_GLOBAL,
@@ -324,7 +328,8 @@ static const struct config_key config_keys[] = {
      .parse = config_parse_enum,
      .offset = CONFIG_L(require_tls),
      .words = config_onoff,
-     .flags = CONFIG_KEY_F_TLS | CONFIG_KEY_F_SMTP},
+     .flags = CONFIG_KEY_F_TLS,
+     .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "backend_tls",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_enum,
@@ -389,17 +394,19 @@ static const struct config_key config_keys[] = {
      .parse = config_parse_enum,
      .offset = CONFIG_L(xclient),
      .words = config_onoff,
-     .flags = CONFIG_KEY_F_SMTP},
+     .modes = CONFIG_SMTP | CONFIG_POP3},
     {.name = "pass_client_xclient",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_enum,
      .offset = CONFIG_L(pass_client_xclient),
      .words = config_onoff,
-     .flags = CONFIG_KEY_F_SMTP},
+     .modes = CONFIG_SMTP},
 };
 
-_Static_assert(sizeof(config_keys) / sizeof(config_keys[0]) <= 64,
+#define CONFIG_N_KEYS (sizeof(config_keys) / sizeof(config_keys[0]))
+_Static_assert(CONFIG_N_KEYS <= sizeof(((struct config_parser *)0)->global_seen) * 8,
                "config_parser.*_seen hold one bit per key");
+_Static_assert(CONFIG_N_KEYS <= CONFIG_MODE_KEYS_MAX, "config_listener.mode_keys fits every key");
 
 /* Stores the first error only; later calls are ignored so the message always
  * names the earliest problem. */
@@ -587,7 +594,7 @@ static void config_open_listener(struct config_parser *p, const char *name, size
         return;
     }
     p->listener = c->n_listeners++;
-    p->listener_seen = 0;
+    memset(p->listener_seen, 0, sizeof(p->listener_seen));
     p->section = CONFIG_SECTION_LISTENER;
 }
 
@@ -1262,28 +1269,52 @@ static int config_on_key(void *user, const char *section, const char *name, cons
                     config_section_label(p, label, sizeof(label)));
         return 0;
     }
-    seen = p->section == CONFIG_SECTION_GLOBAL ? &p->global_seen : &p->listener_seen;
-    bit = UINT64_C(1) << (k - config_keys);
+    size_t row = (size_t)(k - config_keys);
+    seen = (p->section == CONFIG_SECTION_GLOBAL ? p->global_seen : p->listener_seen) + row / 64;
+    bit = UINT64_C(1) << (row % 64);
     if ((*seen & bit) != 0 && (k->flags & CONFIG_KEY_F_REPEAT) == 0) {
         config_fail(p, -EINVAL, p->lineno, "duplicate key '%s' in %s", name,
                     config_section_label(p, label, sizeof(label)));
         return 0;
     }
-    *seen |= bit;
     if (*value == '\0') {
         config_fail(p, -EINVAL, p->lineno, "empty value for '%s'", name);
         return 0;
     }
     if ((k->flags & CONFIG_KEY_F_TLS) && config_cur_listener(p)->tls_line == 0)
         config_cur_listener(p)->tls_line = p->lineno;
-    if ((k->flags & CONFIG_KEY_F_SMTP) && config_cur_listener(p)->smtp_key == NULL) {
-        config_cur_listener(p)->smtp_key = k->name; /* checked against mode at the end */
-        config_cur_listener(p)->smtp_key_line = p->lineno;
+    if (k->modes != 0 && (*seen & bit) == 0) {
+        struct config_listener *l = config_cur_listener(p); /* checked against mode at the end */
+        l->mode_keys.row[l->mode_keys.n] = (unsigned short)row;
+        l->mode_keys.line[l->mode_keys.n++] = p->lineno;
     }
+    *seen |= bit;
     return k->parse(p, k, value) == 0;
 }
 
 /* ---- after the last line ---- */
+
+/* Every mode-bound key l was given must be owned by l's mode: the first one
+ * that is not fails with "'KEY' needs mode = M[ or M...] in [listener L]". */
+static int config_check_mode_keys(struct config_parser *p, const struct config_listener *l)
+{
+    for (unsigned i = 0; i < l->mode_keys.n; i++) {
+        const struct config_key *k = &config_keys[l->mode_keys.row[i]];
+        char modes[64] = "";
+        size_t n = 0;
+
+        if (k->modes & CONFIG_MODE_BIT(l->mode))
+            continue;
+        for (const struct config_word *w = config_modes; w->name != NULL; w++)
+            if (k->modes & CONFIG_MODE_BIT(w->value))
+                n += (size_t)snprintf(modes + n, n < sizeof(modes) ? sizeof(modes) - n : 0, "%s%s",
+                                      n > 0 ? " or " : "", w->name);
+        config_fail(p, -EINVAL, l->mode_keys.line[i], "'%s' needs mode = %s in [listener %s]",
+                    k->name, modes, l->name);
+        return -EINVAL;
+    }
+    return 0;
+}
 
 static bool config_addr_is_any(const struct config_addr *a)
 {
@@ -1318,7 +1349,7 @@ static bool config_addr_overlaps(const struct config_addr *a, const struct confi
 /* Settings that only make sense together. */
 static int config_check_features(struct config_parser *p, const struct config_listener *l)
 {
-    bool smtp = l->mode == CONFIG_MODE_SMTP;
+    bool smtp = l->mode == CONFIG_MODE_SMTP || l->mode == CONFIG_MODE_POP3; /* STARTTLS */
     int line = l->tls_line > 0 ? l->tls_line : l->line;
 
     if (l->n_certs != l->n_keys) {
@@ -1350,7 +1381,7 @@ static int config_check_features(struct config_parser *p, const struct config_li
     if (!smtp && (l->client_tls == CONFIG_CLIENT_TLS_STARTTLS ||
                   l->client_tls == CONFIG_CLIENT_TLS_PASSTHROUGH ||
                   l->backend_tls == CONFIG_BACKEND_TLS_STARTTLS)) {
-        config_fail(p, -EINVAL, line, "listener '%s': STARTTLS needs mode = smtp", l->name);
+        config_fail(p, -EINVAL, line, "listener '%s': STARTTLS needs mode = smtp or pop3", l->name);
         return -1;
     }
     if (l->require_tls && l->client_tls != CONFIG_CLIENT_TLS_STARTTLS) {
@@ -1401,11 +1432,8 @@ static void config_check(struct config_parser *p)
         }
         if (config_check_features(p, l) != 0)
             return;
-        if (l->smtp_key != NULL && l->mode != CONFIG_MODE_SMTP) {
-            config_fail(p, -EINVAL, l->smtp_key_line, "'%s' needs mode = smtp in [listener %s]",
-                        l->smtp_key, l->name);
+        if (config_check_mode_keys(p, l) != 0)
             return;
-        }
         for (size_t j = 0; j < i; j++) {
             const struct config_listener *o = &c->listeners[j];
 

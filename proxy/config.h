@@ -41,7 +41,22 @@ enum config_log_level {
 
 enum config_mode {
     CONFIG_MODE_TCP = 0, /* opaque byte relay (default) */
-    CONFIG_MODE_SMTP,    /* SMTP-aware relay: accepted by the parser, see issue 4 */
+    CONFIG_MODE_SMTP,    /* SMTP-aware relay (proto_smtp.c) */
+    CONFIG_MODE_POP3,    /* POP3-aware relay (proto_pop3.c) */
+};
+
+/* A key that only some modes own names them as a mask of these bits
+ * (config.c's key table, .modes); 0 means every mode. */
+#define CONFIG_MODE_BIT(m) (1u << (m))
+
+#define CONFIG_MODE_KEYS_MAX 64 /* mode-bound keys one listener can give */
+
+/* The mode-bound keys a listener gave, in file order, checked against its
+ * mode once the whole file is read ("'KEY' needs mode = ..."). */
+struct config_mode_keys {
+    unsigned short row[CONFIG_MODE_KEYS_MAX]; /* rows of config.c's key table */
+    int line[CONFIG_MODE_KEYS_MAX];           /* where each was given */
+    unsigned n;                               /* entries */
 };
 
 /* What to do with a lone "." next to a bare CR or LF inside DATA (mode smtp). */
@@ -141,8 +156,7 @@ struct config_listener {
     unsigned max_line_length;           /* "max_line_length", mode smtp, default 4096 */
     enum config_smuggling smuggling;    /* "smuggling", mode smtp, default reject */
     enum config_transcript transcript;  /* "transcript", mode smtp, default pairs */
-    const char *smtp_key;               /* first mode-smtp-only key given, or NULL */
-    int smtp_key_line;                  /* its line, for "needs mode = smtp" */
+    struct config_mode_keys mode_keys;  /* keys given that only some modes own */
     bool backend_original_dst;          /* "backend = original_dst" */
     unsigned client_tls;                /* enum config_client_tls, "client_tls" */
     struct config_cert *certs;          /* "cert" / "key" pairs, in file order */

@@ -14,6 +14,7 @@
 #include "listener.h"
 #include "log.h"
 #include "metrics.h"
+#include "notify.h"
 #include "sockaddr.h"
 #include "worker.h"
 
@@ -30,6 +31,8 @@ static struct {
     bool draining;                 /* SIGTERM/SIGINT seen once */
     unsigned stop_signals;         /* SIGTERM/SIGINT seen after the first */
     bool drain_logged;             /* ev=drain written */
+    unsigned reloads;              /* configs posted to the workers by SIGHUP */
+    bool ready_owed;               /* RELOADING=1 sent, READY=1 not yet */
     atomic_uint listeners_closed;  /* workers that closed their listeners */
     atomic_uint exited;            /* workers whose loop ended */
     struct admin *admin;           /* the admin endpoint, or NULL */
@@ -43,6 +46,35 @@ static void main_usage(FILE *out)
     fprintf(out, "usage: mxproxy -c FILE     run in the foreground, logging to stderr\n"
                  "       mxproxy -t -c FILE  check FILE and exit (0: valid, 1: invalid)\n"
                  "       mxproxy -V          print the version\n");
+}
+
+/* Tells the service manager (systemd, Type=notify) of a state change; a
+ * failure is logged, never fatal: mxproxy serves all the same. */
+static void main_notify(enum notify_state s)
+{
+    char state[64];
+    struct log_line l;
+
+    int rc = notify_send(s);
+    if (rc == 0 || !log_enabled(LOG_WARN))
+        return;
+    notify_format(s, state, sizeof(state));
+    log_begin(&l, LOG_WARN, "notify_error");
+    log_str(&l, "state", state);
+    log_str(&l, "error", uv_strerror(rc));
+    log_end(&l);
+}
+
+/* READY=1 after a reload, once every worker has bound the new listeners. */
+static void main_notify_reloaded(void)
+{
+    if (!mx.ready_owed || mx.draining)
+        return;
+    for (unsigned i = 0; i < mx.n_workers; i++)
+        if (atomic_load(&mx.workers[i].cfg_applied) != mx.reloads)
+            return;
+    mx.ready_owed = false;
+    main_notify(NOTIFY_READY);
 }
 
 static void main_apply_logging(const struct config *c)
@@ -207,6 +239,7 @@ static void main_reload(void)
         log_begin(&l, LOG_ERROR, "reload_error");
         log_str(&l, "error", err);
         log_end(&l);
+        main_notify_reloaded(); /* the running config stays: nothing to wait for */
         return;
     }
     config_inherit_shared(next, mx.cfg);
@@ -219,6 +252,7 @@ static void main_reload(void)
     main_admin_limits(next);
     for (unsigned i = 0; i < mx.n_workers; i++)
         worker_post_config(&mx.workers[i], next);
+    mx.reloads++;
     config_unref(mx.cfg);
     mx.cfg = next;
     if (log_enabled(LOG_INFO)) {
@@ -233,12 +267,16 @@ static void main_on_signal(uv_signal_t *h, int signum)
 {
     (void)h;
     if (signum == SIGHUP) {
-        if (!mx.draining)
+        if (!mx.draining) {
+            main_notify(NOTIFY_RELOADING);
+            mx.ready_owed = true;
             main_reload();
+        }
         return;
     }
     if (!mx.draining) {
         mx.draining = true;
+        main_notify(NOTIFY_STOPPING);
         for (unsigned i = 0; i < mx.n_workers; i++)
             worker_post_drain(&mx.workers[i], mx.cfg->drain_timeout_ms);
         return;
@@ -263,6 +301,7 @@ static void main_on_signal(uv_signal_t *h, int signum)
 static void main_on_wake(uv_async_t *a)
 {
     (void)a;
+    main_notify_reloaded();
     if (!mx.drain_logged && atomic_load(&mx.listeners_closed) == mx.n_workers) {
         struct log_line l;
         mx.drain_logged = true;
@@ -289,6 +328,12 @@ static void main_on_worker_listeners_closed(struct worker *w)
 {
     (void)w;
     atomic_fetch_add(&mx.listeners_closed, 1);
+    uv_async_send(&mx.wake);
+}
+
+static void main_on_worker_config_applied(struct worker *w)
+{
+    (void)w;
     uv_async_send(&mx.wake);
 }
 
@@ -338,6 +383,7 @@ static int main_run(void)
         struct worker *w = &mx.workers[i];
         w->on_listeners_closed = main_on_worker_listeners_closed;
         w->on_exit = main_on_worker_exit;
+        w->on_config_applied = main_on_worker_config_applied;
         if (worker_start(w, i, mx.cfg) != 0) {
             log_close(); /* the listen_error line says which address failed */
             return 1;
@@ -357,6 +403,7 @@ static int main_run(void)
         log_str(&l, "config", mx.path);
         log_end(&l);
     }
+    main_notify(NOTIFY_READY); /* worker_start() bound every listener */
 
     uv_run(mx.loop, UV_RUN_DEFAULT);
 

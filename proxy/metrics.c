@@ -1,12 +1,16 @@
 /* metrics.c: per-worker counters, summed into Prometheus text; see metrics.h. */
 #include "metrics.h"
 
+#include <assert.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uv.h>
+
+#include "pop3.h"
+#include "smtp.h"
 
 /* Upper bounds of the histogram buckets in nanoseconds, and as le= text. */
 static const uint64_t metrics_bounds_ns[METRICS_BUCKETS] = {
@@ -114,13 +118,24 @@ void metrics_greeting(struct metrics *m, uint64_t ns)
     metrics_observe(&m->greeting, ns);
 }
 
-void metrics_reply(struct metrics *m, enum smtp_cmd cmd, int code, uint64_t ns)
+static_assert(METRICS_VERBS == SMTP_CMD_DOT + 1, "one reply row per enum smtp_cmd");
+
+void metrics_reply(struct metrics *m, unsigned cmd, int code, uint64_t ns)
 {
     if ((unsigned)cmd >= METRICS_VERBS || code < 200 || code > 599)
         return;
     metrics_add(&m->replies[cmd][code / 100 - 2], 1);
     if (ns != METRICS_NO_LATENCY)
         metrics_observe(&m->reply, ns);
+}
+
+static_assert(METRICS_POP3_CMDS == POP3_CMD_COUNT, "one response row per enum pop3_cmd");
+
+void metrics_pop3_response(struct metrics *m, unsigned cmd, bool ok)
+{
+    if (cmd >= METRICS_POP3_CMDS)
+        return;
+    metrics_add(&m->pop3[cmd][ok ? 1 : 0], 1);
 }
 
 void metrics_tls(struct metrics *m, bool client, bool ok)
@@ -416,6 +431,20 @@ size_t metrics_render(struct metrics *const *per_worker, unsigned n, char *out, 
                 sum += metrics_get(&per_worker[w]->replies[v][c]);
             metrics_sample(&o, "mxproxy_replies_total", "verb", metrics_verb((enum smtp_cmd)v),
                            "class", metrics_classes[c], sum);
+        }
+    }
+
+    metrics_head(&o, "mxproxy_pop3_responses_total", "counter",
+                 "POP3 responses to clients by the command they answer and status (mode pop3); "
+                 "command=\"none\" is the greeting.");
+    for (unsigned v = 0; v < METRICS_POP3_CMDS; v++) {
+        for (unsigned ok = 0; ok < 2; ok++) {
+            sum = 0;
+            for (unsigned w = 0; w < n; w++)
+                sum += metrics_get(&per_worker[w]->pop3[v][ok]);
+            metrics_sample(&o, "mxproxy_pop3_responses_total", "command",
+                           v == POP3_CMD_NONE ? "none" : pop3_cmd_name((enum pop3_cmd)v), "status",
+                           ok ? "+OK" : "-ERR", sum);
         }
     }
 

@@ -19,11 +19,11 @@
 
 #include "config.h"
 #include "session.h"
-#include "smtp.h"
 
 #define METRICS_LISTENERS_MAX 64         /* listener names kept per worker */
 #define METRICS_ENDS SESSION_END_COUNT_  /* end= values */
-#define METRICS_VERBS (SMTP_CMD_DOT + 1) /* values of enum smtp_cmd */
+#define METRICS_VERBS 19                 /* values of enum smtp_cmd (checked in metrics.c) */
+#define METRICS_POP3_CMDS 20             /* values of enum pop3_cmd (checked in metrics.c) */
 #define METRICS_CLASSES 4                /* 2xx, 3xx, 4xx, 5xx */
 #define METRICS_BUCKETS 16               /* finite histogram bounds, 0.0001..10 s */
 #define METRICS_NO_LATENCY UINT64_MAX    /* metrics_reply(): count, do not time */
@@ -53,6 +53,7 @@ struct metrics {
     struct metrics_listener listeners[METRICS_LISTENERS_MAX]; /* in order of first use */
     struct metrics_listener other;                            /* names that found no free slot */
     metrics_counter replies[METRICS_VERBS][METRICS_CLASSES];  /* by smtp_cmd and code / 100 - 2 */
+    metrics_counter pop3[METRICS_POP3_CMDS][2];               /* mode pop3: by pop3_cmd, [+OK?] */
     metrics_counter bytes_up;     /* read from clients, closed sessions */
     metrics_counter bytes_down;   /* read from backends, closed sessions */
     metrics_counter tls[2][2];    /* [client?][ok?] handshakes */
@@ -73,10 +74,15 @@ void metrics_session_closed(struct metrics *m, const char *listener, enum sessio
 void metrics_connect_time(struct metrics *m, uint64_t ns);
 void metrics_greeting(struct metrics *m, uint64_t ns);
 
-/* A reply with code (200..599; other codes are ignored) to cmd; ns is the
- * command-to-reply latency, or METRICS_NO_LATENCY for replies that are not
- * timed (mxproxy's own answers, greetings). */
-void metrics_reply(struct metrics *m, enum smtp_cmd cmd, int code, uint64_t ns);
+/* A mode smtp reply with code (200..599; other codes are ignored) to cmd,
+ * an enum smtp_cmd; ns is the command-to-reply latency, or
+ * METRICS_NO_LATENCY for replies that are not timed (mxproxy's own answers,
+ * greetings). */
+void metrics_reply(struct metrics *m, unsigned cmd, int code, uint64_t ns);
+
+/* A mode pop3 response (+OK when ok, else -ERR) to cmd, an enum pop3_cmd (POP3_CMD_NONE: the
+ * greeting, or a response to no command). */
+void metrics_pop3_response(struct metrics *m, unsigned cmd, bool ok);
 
 /* Accepting on listener failed with err (a negative UV_E* code): counted as
  * error="emfile", "enfile", "enomem", "enobufs" or "other". */

@@ -1,4 +1,4 @@
-/* proxyproto.h: PURE PROXY protocol (v1 text, v2 binary) and Postfix XCLIENT for mxproxy.
+/* proxyproto.h: PURE PROXY protocol (v1 text, v2 binary) for mxproxy.
  * No I/O, no libuv or OpenSSL types, no allocation.
  *
  * Towards a backend (encoders):
@@ -6,8 +6,7 @@
  *   proxyproto_encode_v1()   "PROXY TCP4 src dst sport dport\r\n", TCP6, or "PROXY UNKNOWN\r\n"
  *   proxyproto_encode_v2()   the binary header, with optional TLVs: AUTHORITY (SNI), SSL (with
  *                            VERSION, CN and CIPHER sub-TLVs), UNIQUE_ID, CRC32C
- *   xclient_format()         "XCLIENT ADDR=... PORT=... ...\r\n" for the attributes a backend
- *                            announced; xclient_ehlo_line_caps() reads that announcement
+ *   proxyproto_addr_text()   an address as text, as v1 writes it (xclient.c uses it too)
  *
  * From a load balancer (decoder, for listeners with accept_proxy_protocol = on): a resumable
  * parser fed bytes as they arrive, one at a time if need be. It tells v1 from v2 by the first
@@ -229,56 +228,14 @@ const char *proxyproto_strerror(enum proxyproto_err err);
 /* Makes p ready for a new header, keeping max_v2_len. */
 void proxyproto_reset(struct proxyproto_parser *p);
 
-/* --- XCLIENT (Postfix XCLIENT_README) -------------------------------------------------------- */
+/* --- address text ------------------------------------------------------------------------- */
 
-#define XCLIENT_LINE_MAX 512 /* an SMTP command line, CRLF included */
+#define PROXYPROTO_ADDR_TEXT_MAX 40 /* bytes of proxyproto_addr_text()'s text, NUL included */
 
-/* Attributes, as announced in "250-XCLIENT NAME ADDR ..." and sent in this order. */
-#define XCLIENT_F_ADDR 0x01          /* client IP: a.b.c.d or IPV6:x:y::z */
-#define XCLIENT_F_PORT 0x02          /* client TCP port */
-#define XCLIENT_F_PROTO 0x04         /* SMTP or ESMTP */
-#define XCLIENT_F_HELO 0x08          /* HELO/EHLO argument */
-#define XCLIENT_F_LOGIN 0x10         /* SASL login name */
-#define XCLIENT_F_NAME 0x20          /* client hostname from reverse DNS */
-#define XCLIENT_F_DESTADDR 0x40      /* the address the client connected to */
-#define XCLIENT_F_DESTPORT 0x80      /* its port */
-#define XCLIENT_F_REVERSE_NAME 0x100 /* client hostname from reverse DNS, not verified forward */
-#define XCLIENT_F_ALL 0x1ff
-
-enum xclient_proto {
-    XCLIENT_PROTO_NONE = 0, /* not known yet: PROTO is not sent */
-    XCLIENT_PROTO_SMTP,     /* the client said HELO */
-    XCLIENT_PROTO_ESMTP,    /* the client said EHLO */
-};
-
-/* What to tell the backend. NULL (or a non-IP address) is sent as [UNAVAILABLE]; a caller may
- * pass "[TEMPUNAVAIL]" as name after a transient DNS failure. */
-struct xclient_info {
-    const struct sockaddr *addr;     /* client address and port (ADDR, PORT) */
-    const struct sockaddr *destaddr; /* local address it connected to (DESTADDR, DESTPORT) */
-    const char *name;                /* NAME */
-    const char *reverse_name;        /* REVERSE_NAME */
-    const char *helo;                /* HELO */
-    const char *login;               /* LOGIN */
-    enum xclient_proto proto;        /* PROTO; XCLIENT_PROTO_NONE leaves it out */
-};
-
-/* Parses a space-separated attribute list ("NAME ADDR PROTO HELO"), case-insensitively, into
- * XCLIENT_F_* bits. Unknown names are ignored. */
-unsigned xclient_parse_caps(const char *list, size_t len);
-
-/* Reads one line of an EHLO reply ("250-XCLIENT NAME ADDR", "250 XCLIENT ...", or the text
- * without the code; a trailing CRLF is allowed). Returns true and sets *caps if it is the
- * XCLIENT line, false (and leaves *caps alone) otherwise. */
-bool xclient_ehlo_line_caps(const char *line, size_t len, unsigned *caps);
-
-/* Writes one "XCLIENT ATTR=value ...\r\n" line, NUL-terminated, with the attributes in *todo
- * (XCLIENT_F_* bits) in the order of the bit values. Values are xtext-encoded (RFC 1891). The
- * line stays within XCLIENT_LINE_MAX bytes: attributes that do not fit stay set in *todo for a
- * further XCLIENT command (send it after the 220 reply); those written are cleared. A value
- * whose encoding cannot fit on a line by itself is sent as [UNAVAILABLE].
- * Returns the line's length, 0 (nothing written) when *todo has no attribute left, or -ENOBUFS
- * if cap is below XCLIENT_LINE_MAX + 1. */
-int xclient_format(char *out, size_t cap, unsigned *todo, const struct xclient_info *info);
+/* The text of sa's address as the v1 header writes it: a.b.c.d, or RFC 5952 hex groups (lower
+ * case, "::" for the longest run of two or more zero groups, no dotted tail); an IPv4-mapped
+ * IPv6 address is written as IPv4 (*v6 false). Also gives the port (host order). Returns false
+ * (out untouched) when sa is NULL or not IP. out needs PROXYPROTO_ADDR_TEXT_MAX bytes. */
+bool proxyproto_addr_text(const struct sockaddr *sa, char *out, bool *v6, unsigned *port);
 
 #endif /* MXPROXY_PROXYPROTO_H */

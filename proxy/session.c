@@ -1,7 +1,7 @@
 /* session.c: accept, connect to a backend at once, relay, close. */
 #include "session.h"
-#include "session-t.h"
-#include "session_smtp.h"
+#include "proto.h"
+#include "session_impl.h"
 
 #include <assert.h>
 #include <errno.h>
@@ -58,6 +58,28 @@ const char *session_end_name(enum session_end end)
     return session_end_names[end];
 }
 
+static const char *const session_phase_names[] = {
+    [SESSION_PHASE_ACCEPTED] = "accepted",     [SESSION_PHASE_PROXY_HEADER] = "proxy_header",
+    [SESSION_PHASE_CONNECTING] = "connecting", [SESSION_PHASE_RELAYING] = "relaying",
+    [SESSION_PHASE_FLUSHING] = "flushing",     [SESSION_PHASE_CLOSING] = "closing",
+};
+
+void session_enter_phase(struct session *s, enum session_phase next)
+{
+    struct log_line l;
+
+    if (next == s->phase || (s->phase >= SESSION_PHASE_FLUSHING && next < s->phase))
+        return;
+    if (log_enabled(LOG_DEBUG)) {
+        log_begin(&l, LOG_DEBUG, "phase");
+        log_sid(&l, s->id);
+        log_str(&l, "from", session_phase_names[s->phase]);
+        log_str(&l, "to", session_phase_names[next]);
+        log_end(&l);
+    }
+    s->phase = next;
+}
+
 /* Unique within the process: a random 32-bit prefix set once, so ids from
  * two runs rarely collide in aggregated logs, then a counter. */
 static atomic_uint_fast64_t session_ids;
@@ -110,7 +132,8 @@ static void session_maybe_free(struct session *s)
     if (s->next != NULL)
         s->next->prev = s->prev;
     atomic_fetch_sub(&w->n_sessions, 1);
-    session_smtp_free(s);
+    if (s->proto != NULL)
+        s->proto->free(s);
     free(s->pp_in);
     free(s->early);
     free(s->dst_backend);
@@ -156,7 +179,7 @@ static void session_on_backend_closed(uv_handle_t *h)
     struct session *s = container_of(h, struct session, backend);
     s->open_handles--;
     s->flags &= ~SESSION_F_BACKEND;
-    if (s->flags & (SESSION_F_CLOSING | SESSION_F_NO_BACKEND)) {
+    if (session_closing(s) || (s->flags & SESSION_F_NO_BACKEND)) {
         session_maybe_free(s);
         return;
     }
@@ -165,9 +188,9 @@ static void session_on_backend_closed(uv_handle_t *h)
         session_connect_next(s);
         return;
     }
-    if (s->smtp != NULL) {
-        /* A server-first client waits for a reply: give it a 421, not a bare close. */
-        session_smtp_connect_failed(s, session_connect_error_text(s->last_error));
+    if (s->proto != NULL) {
+        /* A server-first client waits for a reply: give it one, not a bare close. */
+        s->proto->say(s, PROTO_SAY_UNAVAILABLE, session_connect_error_text(s->last_error));
         session_close_after_flush(s, SESSION_END_CONNECT_FAILED,
                                   session_connect_error_text(s->last_error));
         return;
@@ -294,8 +317,8 @@ static void session_local_error(struct session *s, int status)
     uv_timer_stop(&s->timer);
     if ((s->flags & SESSION_F_BACKEND) && !uv_is_closing((uv_handle_t *)&s->backend))
         uv_close((uv_handle_t *)&s->backend, session_on_backend_closed);
-    if (s->smtp != NULL) {
-        session_smtp_local_error(s, why);
+    if (s->proto != NULL) {
+        s->proto->say(s, PROTO_SAY_LOCAL_ERROR, why);
         session_close_after_flush(s, SESSION_END_LOCAL_ERROR, why);
         return;
     }
@@ -344,8 +367,8 @@ static void session_log_tls(struct session *s, bool client)
 static void session_end_now(struct session *s, enum session_end end);
 
 /* TLS with one side failed: one ev=tls_error line saying why, then the
- * session ends (with a 421 to the client in mode smtp when the backend's
- * TLS failed, so the client is never left with a bare EOF). */
+ * session ends (with the protocol's canned reply to the client when the
+ * backend's TLS failed, so the client is never left with a bare EOF). */
 static void session_tls_failed(struct session *s, bool client, int status)
 {
     struct tls_conn *t = client ? s->client_tls : s->backend_tls;
@@ -362,19 +385,19 @@ static void session_tls_failed(struct session *s, bool client, int status)
     if (!client && tls_verify_error(t) != NULL)
         log_str(&l, "verify", tls_verify_error(t));
     log_end(&l);
-    if (!client && s->smtp != NULL && !(s->flags & SESSION_F_FLUSHING)) {
-        session_smtp_backend_tls_failed(s, reason);
+    if (!client && s->proto != NULL && s->phase != SESSION_PHASE_FLUSHING) {
+        s->proto->backend_tls_failed(s, reason);
         return;
     }
     session_close(s, SESSION_END_TLS_ERROR, reason);
 }
 
-/* Ends the session the way its protocol expects: in mode smtp the client
- * first gets a 421, in mode tcp the connection just closes. */
+/* Ends the session the way its protocol expects: with a protocol the client
+ * first gets its goodbye, in mode tcp the connection just closes. */
 static void session_end_now(struct session *s, enum session_end end)
 {
-    if (s->smtp != NULL && (s->flags & SESSION_F_CONNECTED) && !(s->flags & SESSION_F_FLUSHING)) {
-        session_smtp_goodbye(s, end);
+    if (s->proto != NULL && s->phase == SESSION_PHASE_RELAYING) {
+        s->proto->say(s, end == SESSION_END_IDLE_TIMEOUT ? PROTO_SAY_IDLE : PROTO_SAY_DRAIN, NULL);
         session_close_after_flush(s, end, NULL);
         return;
     }
@@ -390,13 +413,13 @@ static enum session_end session_reset_end(const struct session *s, bool client)
     return client ? SESSION_END_CLIENT_RESET : SESSION_END_BACKEND_RESET;
 }
 
-/* Mode smtp answers a backend that failed (reset, or a write to it failed)
- * as one that closed: with a 421 for the oldest outstanding command. Not once
+/* A protocol answers a backend that failed (reset, or a write to it failed)
+ * as one that closed: with a reply for the oldest outstanding command. Not once
  * the session is opaque or already ending. */
 static bool session_answers_backend_reset(const struct session *s)
 {
-    return s->smtp != NULL && !session_smtp_opaque(s) &&
-           !(s->flags & (SESSION_F_FLUSHING | SESSION_F_NO_BACKEND));
+    return s->proto != NULL && !s->proto->opaque(s) && s->phase != SESSION_PHASE_FLUSHING &&
+           !(s->flags & SESSION_F_NO_BACKEND);
 }
 
 static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int status)
@@ -404,12 +427,12 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
     struct session *s = d->owner;
     bool up = d == &s->up;
 
-    if (s->flags & SESSION_F_CLOSING)
+    if (session_closing(s))
         return;
     switch (ev) {
     case RELAY_EV_EOF:
-        if (!up && s->smtp != NULL && !session_smtp_opaque(s)) {
-            session_smtp_on_backend_eof(s);
+        if (!up && s->proto != NULL && !s->proto->opaque(s)) {
+            s->proto->backend_eof(s);
             return;
         }
         if (!(s->flags & SESSION_F_FIRST_CLOSE)) {
@@ -418,7 +441,7 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         }
         return;
     case RELAY_EV_DONE:
-        if (s->flags & SESSION_F_FLUSHING) {
+        if (s->phase == SESSION_PHASE_FLUSHING) {
             if (!up)
                 session_close(s, s->pending_end, s->pending_error);
             return;
@@ -429,7 +452,7 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
     case RELAY_EV_READ_ERR:
         /* up reads the client, down reads the backend. */
         if (!up && session_answers_backend_reset(s)) {
-            session_smtp_on_backend_reset(s, session_reset_end(s, false), uv_strerror(status));
+            s->proto->backend_reset(s, session_reset_end(s, false), uv_strerror(status));
             return;
         }
         session_close(s, session_reset_end(s, up), uv_strerror(status));
@@ -440,8 +463,8 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
         if (up && s->cl->proxy_protocol != CONFIG_PROXY_PROTOCOL_OFF &&
             !(s->flags & SESSION_F_PP_SENT))
             (void)session_send_proxy_header(s); /* v2 with the TLS details */
-        if (!up && s->smtp != NULL)
-            session_smtp_backend_tls_ready(s);
+        if (!up && s->proto != NULL)
+            s->proto->backend_tls_ready(s);
         return;
     case RELAY_EV_TLS_ERR:
         session_tls_failed(s, up, status);
@@ -449,7 +472,7 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
     case RELAY_EV_WRITE_ERR:
         /* up writes to the backend, down writes to the client. */
         if (up && session_answers_backend_reset(s)) {
-            session_smtp_on_backend_reset(s, session_reset_end(s, false), uv_strerror(status));
+            s->proto->backend_reset(s, session_reset_end(s, false), uv_strerror(status));
             return;
         }
         session_close(s, session_reset_end(s, !up), uv_strerror(status));
@@ -464,10 +487,10 @@ static bool session_tls_pending(const struct session *s)
     return s->client_tls != NULL && !tls_handshake_done(s->client_tls);
 }
 
-/* Mode smtp: the backend connected but its greeting is not complete yet. */
+/* A protocol: the backend connected but its greeting is not complete yet. */
 static bool session_greeting_pending(const struct session *s)
 {
-    return s->smtp != NULL && !session_smtp_greeted(s);
+    return s->proto != NULL && !s->proto->greeted(s);
 }
 
 /* Milliseconds until the timer must look again: the idle deadline, or the
@@ -502,7 +525,7 @@ static void session_on_timer(uv_timer_t *t);
 void session_tls_started(struct session *s)
 {
     s->tls_started_at = uv_now(s->client.loop);
-    if (s->flags & SESSION_F_CONNECTED)
+    if (s->flags & SESSION_F_RELAYS)
         uv_timer_start(&s->timer, session_on_timer, session_timer_ms(s, s->tls_started_at), 0);
 }
 
@@ -524,14 +547,15 @@ static void session_tls_timeout(struct session *s)
  * connect (ev=connect_error error="no greeting", the backend put last) and
  * the next backend is tried. Once bytes went through (a client talking
  * first) or a client TLS handshake began, there is no going back: the
- * client gets the 421 4.4.1 of "no backend" at once. */
+ * client gets the protocol's "no backend" reply at once. */
 static void session_greeting_timeout(struct session *s)
 {
     bool clean = s->up.bytes == 0 && s->down.bytes == 0 && s->client_tls == NULL;
 
     relay_stop(&s->up);
     relay_stop(&s->down);
-    s->flags &= ~(SESSION_F_CONNECTED | SESSION_F_PP_SENT); /* the next backend starts afresh */
+    s->flags &= ~(SESSION_F_RELAYS | SESSION_F_PP_SENT); /* the next backend starts afresh */
+    session_enter_phase(s, SESSION_PHASE_CONNECTING);
     tls_conn_free(s->backend_tls);
     s->backend_tls = NULL;
     session_wire_tls(s);
@@ -544,16 +568,16 @@ static void session_on_timer(uv_timer_t *t)
 {
     struct session *s = container_of(t, struct session, timer);
 
-    if (s->flags & SESSION_F_FLUSHING) {
+    if (s->phase == SESSION_PHASE_FLUSHING) {
         /* The client does not take our last bytes: close anyway. */
         session_close(s, s->pending_end, s->pending_error);
         return;
     }
-    if (s->flags & SESSION_F_PP_WAIT) {
+    if (s->phase == SESSION_PHASE_PROXY_HEADER) {
         session_pp_failed(s, "timeout");
         return;
     }
-    if (!(s->flags & SESSION_F_CONNECTED)) {
+    if (s->phase != SESSION_PHASE_RELAYING) {
         s->flags |= SESSION_F_TIMED_OUT;
         session_connect_failed(s, UV_ETIMEDOUT);
         return;
@@ -589,7 +613,7 @@ static void session_on_connect(uv_connect_t *req, int status)
     struct log_line l;
     int rc;
 
-    if (s->flags & (SESSION_F_CLOSING | SESSION_F_TIMED_OUT))
+    if (session_closing(s) || (s->flags & SESSION_F_TIMED_OUT))
         return; /* UV_ECANCELED from our own uv_close */
     if (status < 0) {
         if (session_error_is_local(status))
@@ -598,7 +622,8 @@ static void session_on_connect(uv_connect_t *req, int status)
             session_connect_failed(s, status);
         return;
     }
-    s->flags |= SESSION_F_CONNECTED;
+    s->flags |= SESSION_F_RELAYS;
+    session_enter_phase(s, SESSION_PHASE_RELAYING);
     metrics_connect_time(&s->w->metrics, uv_hrtime() - s->t_connect);
     s->connected_at = uv_now(s->backend.loop);
     s->tls_started_at = s->connected_at; /* implicit TLS: the client is read from now on */
@@ -631,8 +656,8 @@ static void session_on_connect(uv_connect_t *req, int status)
         return;
     }
     session_wire_tls(s);
-    if (s->smtp != NULL)
-        session_smtp_on_connected(s);
+    if (s->proto != NULL)
+        s->proto->connected(s);
     else
         relay_kernel_allow(&s->up, (enum relay_kernel)s->cl->kernel_relay); /* opaque */
     /* The backend first: its greeting is forwarded the moment it arrives. */
@@ -647,7 +672,7 @@ static void session_on_connect(uv_connect_t *req, int status)
         relay_inject(&s->up, s->early, s->early_len);
         free(s->early);
         s->early = NULL;
-        if (s->flags & SESSION_F_CLOSING)
+        if (session_closing(s))
             return;
     }
     if (s->backend_tls != NULL) {
@@ -706,6 +731,7 @@ static void session_connect_next(struct session *s)
     s->tried |= UINT64_C(1) << next;
     s->tries++;
     s->flags &= ~SESSION_F_TIMED_OUT;
+    session_enter_phase(s, SESSION_PHASE_CONNECTING);
     b = session_backend(s);
     rc = uv_tcp_init_ex(&s->w->loop, &s->backend, b->sa.ss_family); /* the socket now */
     if (rc != 0) {
@@ -750,15 +776,15 @@ void session_close(struct session *s, enum session_end end, const char *error)
 {
     struct log_line l;
 
-    if (s->flags & SESSION_F_CLOSING)
+    if (session_closing(s))
         return;
     session_log_open(s);
-    s->flags |= SESSION_F_CLOSING;
-    if (s->smtp != NULL)
-        end = session_smtp_end(s, end);
+    session_enter_phase(s, SESSION_PHASE_CLOSING);
+    if (s->proto != NULL)
+        end = s->proto->end(s, end);
     relay_kernel_sample(&s->up); /* bytes the kernel relayed */
     metrics_session_closed(&s->w->metrics, s->cl->name, end, s->up.bytes, s->down.bytes);
-    if (s->flags & SESSION_F_CONNECTED) {
+    if (s->flags & SESSION_F_RELAYS) {
         relay_stop(&s->up);
         relay_stop(&s->down);
     }
@@ -787,8 +813,8 @@ void session_close(struct session *s, enum session_end end, const char *error)
         }
         if (s->backend_tls != NULL && tls_handshake_done(s->backend_tls))
             log_str(&l, "tls_backend", session_tls_text(s->backend_tls, text, sizeof(text)));
-        if (s->smtp != NULL)
-            session_smtp_log_close(s, &l);
+        if (s->proto != NULL)
+            s->proto->log_close(s, &l);
         log_end(&l);
     }
 
@@ -802,13 +828,13 @@ void session_close(struct session *s, enum session_end end, const char *error)
 
 void session_close_after_flush(struct session *s, enum session_end end, const char *error)
 {
-    if (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING))
+    if (session_ending(s))
         return;
-    s->flags |= SESSION_F_FLUSHING;
+    session_enter_phase(s, SESSION_PHASE_FLUSHING);
     s->pending_end = end;
     s->pending_error = error;
     relay_hold(&s->up);
-    if (s->flags & SESSION_F_CONNECTED)
+    if (s->flags & SESSION_F_RELAYS)
         relay_stop(&s->down);
     uv_timer_start(&s->timer, session_on_timer, SESSION_FLUSH_GRACE_MS, 0);
     /* The FIN follows every queued write; RELAY_EV_DONE then closes. */
@@ -941,7 +967,6 @@ static void session_pp_on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_
     }
     uv_read_stop(stream);
     uv_timer_stop(&s->timer);
-    s->flags &= ~SESSION_F_PP_WAIT;
     char via[SOCKADDR_TEXT_MAX];
     snprintf(via, sizeof(via), "%s", session_client_addr(s));
     if (hdr.command == PROXYPROTO_CMD_PROXY && hdr.family != AF_UNSPEC) {
@@ -983,7 +1008,7 @@ static void session_read_proxy_header(struct session *s)
         session_close(s, SESSION_END_CLIENT_RESET, "out of memory");
         return;
     }
-    s->flags |= SESSION_F_PP_WAIT;
+    session_enter_phase(s, SESSION_PHASE_PROXY_HEADER);
     int rc = uv_read_start((uv_stream_t *)&s->client, session_pp_alloc, session_pp_on_read);
     if (rc != 0) {
         session_close(s, SESSION_END_CLIENT_RESET, uv_strerror(rc));
@@ -1041,7 +1066,7 @@ static int session_send_proxy_header(struct session *s)
     return rc;
 }
 
-/* max_connections reached: mode smtp tells the client why (a server-first
+/* max_connections reached: a protocol tells the client why (a server-first
  * client would otherwise wait for a greeting, or retry at once), mode tcp
  * just closes. No backend is connected, and the session stops counting
  * against the limit now: refused clients never crowd out accepted ones. */
@@ -1049,8 +1074,11 @@ static void session_refuse_over_limit(struct session *s)
 {
     atomic_fetch_sub(&s->cl->shared->active, 1);
     s->flags &= ~SESSION_F_COUNTED;
-    if (s->cl->mode == CONFIG_MODE_SMTP && session_smtp_new(s) == 0) {
-        session_smtp_over_limit(s);
+    s->proto = proto_for_mode(s->cl->mode);
+    if (s->proto != NULL && s->proto->open(s) != 0)
+        s->proto = NULL;
+    if (s->proto != NULL) {
+        s->proto->say(s, PROTO_SAY_LIMIT, NULL);
         session_close_after_flush(s, SESSION_END_LIMIT, NULL);
         return;
     }
@@ -1076,7 +1104,7 @@ void session_accept(struct listener *l, int fd)
     uv_tcp_init(&w->loop, &s->client);
     uv_timer_init(&w->loop, &s->timer);
     s->open_handles = 2;
-    /* Ready before connecting, so mode smtp can answer a client whose
+    /* Ready before connecting, so a protocol can answer a client whose
      * backends are all down; reset once the backend connects. */
     relay_init(&s->up, (uv_stream_t *)&s->client, (uv_stream_t *)&s->backend, &w->pool,
                session_on_relay_event, s);
@@ -1101,7 +1129,9 @@ void session_accept(struct listener *l, int fd)
         session_refuse_over_limit(s);
         return;
     }
-    if (s->cl->mode == CONFIG_MODE_SMTP && session_smtp_new(s) != 0) {
+    s->proto = proto_for_mode(s->cl->mode);
+    if (s->proto != NULL && s->proto->open(s) != 0) {
+        s->proto = NULL;
         session_close(s, SESSION_END_CLIENT_RESET, "out of memory");
         return;
     }
@@ -1122,12 +1152,12 @@ void session_accept(struct listener *l, int fd)
     session_log_open(s);
 }
 
-/* A mode smtp session whose backend owes a reply waits for it. */
+/* A protocol session whose backend owes a reply waits for it. */
 static void session_drain_deadline(struct session *s)
 {
-    if (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING))
+    if (session_ending(s))
         return; /* ending already, within SESSION_FLUSH_GRACE_MS */
-    if (s->smtp != NULL && (s->flags & SESSION_F_CONNECTED) && session_smtp_drain_wait(s))
+    if (s->proto != NULL && s->phase == SESSION_PHASE_RELAYING && s->proto->drain_wait(s))
         return;
     session_end_now(s, SESSION_END_DRAIN);
 }
@@ -1147,12 +1177,12 @@ void session_cut_all(struct worker *w)
     struct session *s = w->sessions;
     while (s != NULL) {
         struct session *next = s->next;
-        if (s->flags & (SESSION_F_CLOSING | SESSION_F_FLUSHING)) {
+        if (session_ending(s)) {
             s = next;
             continue;
         }
-        if (s->smtp != NULL && (s->flags & SESSION_F_CONNECTED)) {
-            session_smtp_drain_cut(s);
+        if (s->proto != NULL && s->phase == SESSION_PHASE_RELAYING) {
+            s->proto->drain_cut(s);
             session_close_after_flush(s, SESSION_END_DRAIN, NULL);
         } else {
             session_close(s, SESSION_END_DRAIN, NULL);

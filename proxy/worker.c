@@ -7,8 +7,8 @@
 #include "config.h"
 #include "listener.h"
 #include "log.h"
+#include "proto.h"
 #include "session.h"
-#include "session_smtp.h"
 #include "sockaddr.h"
 
 static void worker_log_listen(const struct worker *w, const struct config_listener *cl,
@@ -145,11 +145,12 @@ static void worker_on_wake(uv_async_t *a)
     struct worker *w = a->data;
     struct config *cfg;
     bool drain, deadline, cut;
-    unsigned drain_ms;
+    unsigned drain_ms, posted;
 
     uv_mutex_lock(&w->lock);
     cfg = w->pending_cfg;
     w->pending_cfg = NULL;
+    posted = w->cfg_posted;
     drain = w->pending_drain;
     drain_ms = w->pending_drain_ms;
     deadline = w->pending_deadline;
@@ -166,6 +167,9 @@ static void worker_on_wake(uv_async_t *a)
         } else {
             config_unref(cfg);
         }
+        atomic_store(&w->cfg_applied, posted);
+        if (w->on_config_applied != NULL)
+            w->on_config_applied(w);
     }
     if (drain)
         worker_start_drain(w, drain_ms);
@@ -231,6 +235,7 @@ void worker_post_config(struct worker *w, struct config *cfg)
     uv_mutex_lock(&w->lock);
     config_unref(w->pending_cfg); /* a newer reload supersedes one not yet applied */
     w->pending_cfg = config_ref(cfg);
+    w->cfg_posted++;
     uv_mutex_unlock(&w->lock);
     uv_async_send(&w->wake);
 }
@@ -274,5 +279,5 @@ void worker_join(struct worker *w)
     config_unref(w->cfg);
     w->cfg = NULL;
     relay_pool_drain(&w->pool);
-    session_smtp_pool_drain(w);
+    proto_pool_drain(w);
 }

@@ -17,7 +17,7 @@
 struct config;
 struct listener;
 struct session;
-struct smtp_fifo;
+struct dialog_spare;
 
 struct worker {
     unsigned id; /* 0..workers-1; worker 0 logs per-process events */
@@ -31,6 +31,7 @@ struct worker {
     unsigned pending_drain_ms;  /* drain_timeout for pending_drain */
     bool pending_deadline;      /* the drain deadline is now (second signal) */
     bool pending_cut;           /* close every session now (third signal) */
+    unsigned cfg_posted;        /* worker_post_config() calls so far */
 
     struct config *cfg;                            /* config for new sessions, owned reference */
     struct listener *listeners;                    /* singly linked, this worker's sockets */
@@ -41,9 +42,11 @@ struct worker {
     int start_error;                               /* first listener error at start, for main */
     struct relay_pool pool;                        /* read/write blocks for every session here */
     struct metrics metrics;                        /* written here only, summed by admin.c */
-    struct smtp_fifo *smtp_fifo_free;              /* spare mode-smtp command FIFOs */
-    unsigned smtp_fifo_n;                          /* length of smtp_fifo_free */
+    struct dialog_spare *dialog_spare;             /* spare command FIFOs (dialog.c) */
+    unsigned dialog_spare_n;                       /* length of dialog_spare */
+    atomic_uint cfg_applied;                       /* cfg_posted as of the last config applied */
     void (*on_listeners_closed)(struct worker *w); /* called on the worker thread */
+    void (*on_config_applied)(struct worker *w);   /* called on the worker thread */
     void (*on_exit)(struct worker *w);             /* called on the worker thread */
 };
 
@@ -54,7 +57,9 @@ struct worker {
 int worker_start(struct worker *w, unsigned id, struct config *cfg);
 
 /* Asks the worker to use cfg for new sessions and to add or remove
- * listeners to match it. Takes a new reference to cfg. */
+ * listeners to match it. Takes a new reference to cfg. Once the worker has
+ * done so (or dropped cfg for a newer one, or because it drains), its
+ * cfg_applied equals the number of calls so far and on_config_applied runs. */
 void worker_post_config(struct worker *w, struct config *cfg);
 
 /* Asks the worker to close its listeners and finish its sessions within

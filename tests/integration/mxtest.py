@@ -1802,6 +1802,180 @@ smtputf8_enable = no
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# --- A private Dovecot instance (POP3 and IMAP backends) ---
+
+DOVECOT = "/usr/sbin/dovecot"
+
+
+class PrivateDovecot:
+    """A private Dovecot 2.3: its own dovecot.conf, users, maildirs and log in a temporary
+    directory, run in the foreground as `dovecot -F -c DIR/dovecot.conf` (needs root: mail
+    processes run as nobody, login processes as dovenull). It binds 127.0.0.1 only, on free
+    ports, one listener per name in protocols:
+
+        "pop3" (STLS offered), "pop3s" (implicit TLS), "imap" (STARTTLS offered), "imaps"
+
+    .ports[name] is each listener's port. users maps user names to passwords (PLAIN in a
+    passwd-file; mechanisms PLAIN and LOGIN, plaintext logins allowed without TLS).
+    login_trusted_networks is trusted (mxproxy's own address by default), so XCLIENT (POP3) and
+    ID (IMAP) from there set the client's address; Dovecot logs it as rip= in its login lines.
+    tls is the CertPair Dovecot presents (the test CA's mx.example.test by default).
+
+    Messages: add_message(user, raw) before or after start() (Maildir new/; raw: bytes with
+    LF or CRLF line ends, stored as given). Logs: log(), wait_log(regex). close() stops
+    Dovecot by pid and removes the directory."""
+
+    wait_timeout = 5.0  # wait_log's default
+
+    def __init__(self, protocols=("pop3",), users=None, trusted="127.0.0.1/32", tls=None,
+                 extra="", prefix="mxtest-dovecot-"):
+        import pwd
+
+        self.proc = None
+        self.users = dict(users or {"alice": "alice-secret"})
+        self.dir = d = tempfile.mkdtemp(prefix=prefix)
+        os.chmod(d, 0o755)
+        self.nobody = pwd.getpwnam("nobody")
+        self.mail = os.path.join(d, "mail")
+        os.mkdir(self.mail)
+        os.chown(self.mail, self.nobody.pw_uid, self.nobody.pw_gid)
+        for sub in ("run", "state"):
+            os.mkdir(os.path.join(d, sub))
+        self.logfile = os.path.join(d, "dovecot.log")
+        self._seq = 0
+        tls = tls or pki().mx
+        self.ports = {name: free_port() for name in protocols}
+        with open(os.path.join(d, "users"), "w") as f:
+            for user, password in self.users.items():
+                f.write("%s:{PLAIN}%s:%d:%d::%s/%s\n" % (user, password, self.nobody.pw_uid,
+                                                         self.nobody.pw_gid, self.mail, user))
+        for user in self.users:
+            self.maildir(user)
+        # Every listener a login service has by default is named here: those not asked for
+        # get port 0, so the instance never binds 110, 143, 993 or 995.
+        services, protos = "", []
+        for proto in ("pop3", "imap"):
+            block = ""
+            for name in (proto, proto + "s"):
+                if name in self.ports:
+                    block += ("  inet_listener %s {\n    address = %s\n    port = %d\n"
+                              "    ssl = %s\n  }\n" % (name, HOST, self.ports[name],
+                                                      "yes" if name.endswith("s") else "no"))
+                else:
+                    block += "  inet_listener %s {\n    port = 0\n  }\n" % name
+            services += "service %s-login {\n%s}\n" % (proto, block)
+            if proto in self.ports or proto + "s" in self.ports:
+                protos.append(proto)
+        protos = " ".join(protos)
+        self.conf = os.path.join(d, "dovecot.conf")
+        with open(self.conf, "w") as f:
+            f.write("""protocols = {protos}
+listen = {host}
+base_dir = {d}/run
+state_dir = {d}/state
+instance_name = {name}
+log_path = {log}
+info_log_path = {log}
+default_internal_user = dovecot
+default_login_user = dovenull
+first_valid_uid = {uid}
+mail_location = maildir:~
+ssl = yes
+ssl_cert = <{cert}
+ssl_key = <{key}
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+login_trusted_networks = {trusted}
+login_log_format_elements = user=<%u> method=%m rip=%r rport=%{{rport}} lip=%l mpid=%e %c session=<%{{session}}>
+passdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+service anvil {{
+  chroot =
+}}
+service stats {{
+  unix_listener stats-reader {{
+    mode = 0666
+  }}
+  unix_listener stats-writer {{
+    mode = 0666
+  }}
+}}
+{services}{extra}
+""".format(protos=protos, host=HOST, d=d, name=os.path.basename(d), log=self.logfile,
+           uid=self.nobody.pw_uid, cert=tls.cert, key=tls.key, trusted=trusted,
+           services=services, extra=extra))
+
+    def maildir(self, user):
+        """The Maildir of user (made, owned by nobody)."""
+        path = os.path.join(self.mail, user)
+        for sub in ("", "cur", "new", "tmp"):
+            p = os.path.join(path, sub)
+            if not os.path.isdir(p):
+                os.mkdir(p)
+                os.chown(p, self.nobody.pw_uid, self.nobody.pw_gid)
+        return path
+
+    def add_message(self, user, raw):
+        """Stores raw (bytes) as a new message in user's INBOX; returns its path."""
+        self._seq += 1
+        name = "%d.M%dP%d.mxtest" % (1700000000 + self._seq, self._seq, os.getpid())
+        path = os.path.join(self.maildir(user), "new", name)
+        with open(path, "wb") as f:
+            f.write(raw)
+        os.chown(path, self.nobody.pw_uid, self.nobody.pw_gid)
+        return path
+
+    def start(self):
+        """Starts Dovecot and waits (15 s) for every listener; closes the instance on failure."""
+        self.proc = subprocess.Popen([DOVECOT, "-F", "-c", self.conf], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True, cwd=self.dir)
+        try:
+            deadline = time.monotonic() + 15
+            for port in self.ports.values():
+                wait_port(port, max(0.1, deadline - time.monotonic()), self.proc)
+        except BaseException:
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() else ""
+            self.close()
+            raise AssertionError("dovecot did not start: %s\n%s" % (err, self.log()[-3000:]))
+
+    def log(self):
+        """Dovecot's log so far ("" before it wrote one)."""
+        try:
+            with open(self.logfile, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, regex, timeout=None):
+        """The first match of regex in Dovecot's log, polled until timeout (wait_timeout when
+        None) or until Dovecot exits."""
+        if timeout is None:
+            timeout = self.wait_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(regex, self.log(), re.M)
+            if m:
+                return m
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError("no %r in dovecot's log within %.1fs:\n%s"
+                                     % (regex, timeout, self.log()[-3000:]))
+            time.sleep(0.05)
+
+    def close(self):
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, 10)
+            self.proc.stderr.close()
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 # --- Sessions through a ScriptedSmtpBackend with its default replies, and mxproxy's 421s ---
 
 SCRIPTED_EHLO_REPLY = (b"250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n"

@@ -563,12 +563,13 @@ class SmtpConfigTest(unittest.TestCase):
             return r.returncode, r.stderr.decode().replace(path, "FILE"), line
 
     def test_keys_need_mode_smtp(self):
-        for key, value in (("max_line_length", "1000"), ("smuggling", "off"),
-                           ("transcript", "full")):
+        for key, value, modes in (("max_line_length", "1000", "smtp or pop3"),
+                                  ("smuggling", "off", "smtp"),
+                                  ("transcript", "full", "smtp or pop3")):
             with self.subTest(key=key):
                 rc, err, line = self.check("%s = %s\n" % (key, value), mode="tcp")
-                self.assertEqual((rc, err), (1, "FILE:%d: '%s' needs mode = smtp in "
-                                                "[listener edge]\n" % (line, key)))
+                self.assertEqual((rc, err), (1, "FILE:%d: '%s' needs mode = %s in "
+                                                "[listener edge]\n" % (line, key, modes)))
 
     def test_values(self):
         good = ["max_line_length = 512", "max_line_length = 12288", "smuggling = reject",

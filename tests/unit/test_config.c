@@ -93,7 +93,7 @@ static void test_defaults(void)
     ASSERT_EQ(l->max_line_length, 4096);
     ASSERT_EQ(l->smuggling, CONFIG_SMUGGLING_REJECT);
     ASSERT_EQ(l->transcript, CONFIG_TRANSCRIPT_PAIRS);
-    ASSERT(l->smtp_key == NULL);
+    ASSERT_EQ(l->mode_keys.n, 0);
     ASSERT(l->backend_retry_at != NULL);
     ASSERT_EQ(atomic_load(&l->backend_retry_at[0]), 0);
     ASSERT(l->shared != NULL);
@@ -248,7 +248,7 @@ static void test_durations(void)
     expect_err(LISTENER "mode = smtp\ngreeting_timeout = 0\n",
                "t.ini:5: invalid value '0' for 'greeting_timeout': must be more than 0");
     expect_err(LISTENER "greeting_timeout = 5s\n",
-               "t.ini:4: 'greeting_timeout' needs mode = smtp in [listener smtp]");
+               "t.ini:4: 'greeting_timeout' needs mode = smtp or pop3 in [listener smtp]");
     expect_err(LISTENER "mode = smtp\ngreeting_timeout = 5s\ngreeting_timeout = 6s\n",
                "t.ini:6: duplicate key 'greeting_timeout' in [listener smtp]");
     expect_err("[global]\ndrain_grace = 5x\n" LISTENER,
@@ -429,7 +429,7 @@ static void test_errors(void)
                "t.ini:2: invalid value 'JSON' for 'log_level': expected debug, info, warn or "
                "error");
     expect_err(LISTENER "mode = lmtp\n",
-               "t.ini:4: invalid value 'lmtp' for 'mode': expected tcp or smtp");
+               "t.ini:4: invalid value 'lmtp' for 'mode': expected tcp, smtp or pop3");
 
     expect_err("[listener smtp]\nlisten = 127.0.0.1:25\nbackend = 127.0.0.1:26\n"
                "listen = 127.0.0.1:27\n",
@@ -437,9 +437,22 @@ static void test_errors(void)
     expect_err("[global]\nworkers = 2\n" LISTENER "[global]\nworkers = 2\n",
                "t.ini:7: duplicate key 'workers' in [global]");
     expect_err(LISTENER "transcript = full\n",
-               "t.ini:4: 'transcript' needs mode = smtp in [listener smtp]");
+               "t.ini:4: 'transcript' needs mode = smtp or pop3 in [listener smtp]");
     expect_err(LISTENER "mode = tcp\nsmuggling = off\nmax_line_length = 1000\n",
                "t.ini:5: 'smuggling' needs mode = smtp in [listener smtp]");
+    /* Mode pop3 owns the line-dialog keys mode smtp shares, not SMTP's own. */
+    struct config *pop = load_ok(LISTENER "mode = pop3\nmax_line_length = 1000\n"
+                                          "transcript = full\nxclient = on\n"
+                                          "greeting_timeout = 2s\n");
+    ASSERT_EQ(pop->listeners[0].mode, CONFIG_MODE_POP3);
+    ASSERT_EQ(pop->listeners[0].max_line_length, 1000);
+    ASSERT_EQ(pop->listeners[0].xclient, 1);
+    ASSERT_STREQ(config_mode_name(CONFIG_MODE_POP3), "pop3");
+    config_unref(pop);
+    expect_err(LISTENER "mode = pop3\nsmuggling = off\n",
+               "t.ini:5: 'smuggling' needs mode = smtp in [listener smtp]");
+    expect_err(LISTENER "mode = pop3\npass_client_xclient = on\n",
+               "t.ini:5: 'pass_client_xclient' needs mode = smtp in [listener smtp]");
     expect_err(LISTENER "mode = smtp\nsmuggling = strip\n",
                "t.ini:5: invalid value 'strip' for 'smuggling': expected reject, normalize or "
                "off");
@@ -640,8 +653,8 @@ static void test_load_file(void)
     ASSERT_OK(unlink(path));
 }
 
-/* conf/mxproxy.ini is the documented example: it must load, and what it
- * calls the defaults must be the defaults. */
+/* conf/reference.ini shows every key at its default: it must load, and what
+ * it calls the defaults must be the defaults. */
 static void test_example_file(void)
 {
     static const char self[] = "tests/unit/test_config.c";
@@ -654,7 +667,7 @@ static void test_example_file(void)
 
     /* CMake compiles with absolute source paths; the repo root is above us. */
     ASSERT(n >= strlen(self) && strcmp(&file[n - strlen(self)], self) == 0);
-    snprintf(path, sizeof(path), "%.*sconf/mxproxy.ini", (int)(n - strlen(self)), file);
+    snprintf(path, sizeof(path), "%.*sconf/reference.ini", (int)(n - strlen(self)), file);
     if (config_load_file(path, &c, err, sizeof(err)) != 0)
         TEST_FAIL_("%s", err);
 
@@ -785,7 +798,7 @@ static void test_tls_and_interception_keys(void)
     expect_err(LISTENER "cert = a\nkey = b\n",
                "t.ini:4: listener 'smtp': 'cert' needs client_tls = implicit or starttls");
     expect_err(LISTENER "client_tls = starttls\ncert = a\nkey = b\n",
-               "t.ini:4: listener 'smtp': STARTTLS needs mode = smtp");
+               "t.ini:4: listener 'smtp': STARTTLS needs mode = smtp or pop3");
     expect_err(LISTENER "mode = smtp\nrequire_tls = on\n",
                "t.ini:5: listener 'smtp': require_tls needs client_tls = starttls");
     expect_err(LISTENER "backend_sni = x\n",
@@ -807,7 +820,7 @@ static void test_tls_and_interception_keys(void)
     expect_err(LISTENER "transparent = redirect\nsource = client\n",
                "t.ini:1: listener 'smtp': source = client needs transparent = tproxy");
     expect_err(LISTENER "xclient = on\n",
-               "t.ini:4: 'xclient' needs mode = smtp in [listener smtp]");
+               "t.ini:4: 'xclient' needs mode = smtp or pop3 in [listener smtp]");
     expect_err(LISTENER "pass_client_xclient = on\n",
                "t.ini:4: 'pass_client_xclient' needs mode = smtp in [listener smtp]");
     expect_err(LISTENER "mode = smtp\npass_client_xclient = yes\n",

@@ -8,6 +8,7 @@
 #include <uv.h>
 
 #include "metrics.h"
+#include "smtp.h"
 #include "test.h"
 
 #define TEXT_MAX (256 * 1024)
