@@ -8,6 +8,7 @@
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -40,6 +41,24 @@ static struct {
 static atomic_int log_min_level = LOG_INFO;
 static atomic_int log_cur_format = LOG_FORMAT_LOGFMT;
 
+/* A worker's own line buffer (log_thread_attach): log_end appends to it without a lock and
+ * log_flush hands it to the ring once per loop turn, so the shared lock is taken, and the
+ * writer woken, at most once per turn instead of once per line. */
+#define LOG_STAGE_SIZE (64 * 1024)
+
+struct log_stage {
+    size_t len;  /* bytes of whole lines in buf */
+    bool urgent; /* a warning or error is staged */
+    char buf[LOG_STAGE_SIZE];
+};
+
+static _Thread_local struct log_stage *log_stage;
+
+/* The timestamp up to the seconds, formatted once per second per thread: the second it was
+ * made for (0: none yet) and "YYYY-MM-DDTHH:MM:SS.". */
+static _Thread_local time_t log_ts_sec;
+static _Thread_local char log_ts_text[24];
+
 static void log_write_all(int fd, const char *p, size_t n)
 {
     while (n > 0) {
@@ -61,20 +80,29 @@ static void log_write_all(int fd, const char *p, size_t n)
     }
 }
 
-/* Copies a finished line into the ring, or counts it as dropped. urgent
- * lines (warnings and errors) cut the writer's batching pause short. */
+/* Copies whole lines p[0, n) into the ring, or counts as dropped those that do not fit.
+ * urgent lines (warnings and errors) cut the writer's batching pause short. */
 static void log_enqueue(const char *p, size_t n, bool urgent)
 {
     pthread_mutex_lock(&log_q.lock);
     if (!log_q.running) {
         pthread_mutex_unlock(&log_q.lock);
         log_write_all(log_q.fd, p, n); /* before log_open or after log_close */
-        (void)urgent;
         return;
     }
-    if (LOG_QUEUE_SIZE - (log_q.tail - log_q.head) < n) {
-        log_q.dropped++;
-    } else {
+    size_t room = LOG_QUEUE_SIZE - (log_q.tail - log_q.head);
+    if (room < n) {
+        /* Keep the whole lines that fit; count the rest, one per newline. */
+        size_t fit = 0;
+        for (size_t i = 0; i < room; i++)
+            if (p[i] == '\n')
+                fit = i + 1;
+        for (size_t i = fit; i < n; i++)
+            if (p[i] == '\n')
+                log_q.dropped++;
+        n = fit;
+    }
+    if (n > 0) {
         size_t off = log_q.tail % LOG_QUEUE_SIZE;
         size_t first = LOG_QUEUE_SIZE - off < n ? LOG_QUEUE_SIZE - off : n;
         memcpy(log_q.ring + off, p, first);
@@ -89,6 +117,36 @@ static void log_enqueue(const char *p, size_t n, bool urgent)
         }
     }
     pthread_mutex_unlock(&log_q.lock);
+}
+
+int log_thread_attach(void)
+{
+    if (log_stage != NULL)
+        return 0;
+    log_stage = malloc(sizeof(*log_stage));
+    if (log_stage == NULL)
+        return -ENOMEM;
+    log_stage->len = 0;
+    log_stage->urgent = false;
+    return 0;
+}
+
+void log_flush(void)
+{
+    struct log_stage *st = log_stage;
+
+    if (st == NULL || st->len == 0)
+        return;
+    log_enqueue(st->buf, st->len, st->urgent);
+    st->len = 0;
+    st->urgent = false;
+}
+
+void log_thread_detach(void)
+{
+    log_flush();
+    free(log_stage);
+    log_stage = NULL;
 }
 
 static void *log_writer_main(void *arg)
@@ -213,14 +271,19 @@ static bool log_key(struct log_line *l, const char *key)
         l->truncated = true;
         return false;
     }
+    char *p = l->buf + l->len;
     if (l->json) {
-        log_raw(l, ",\"", 2);
-        log_raw(l, key, klen);
-        log_raw(l, "\":", 2);
+        p[0] = ',';
+        p[1] = '"';
+        memcpy(p + 2, key, klen);
+        p[2 + klen] = '"';
+        p[3 + klen] = ':';
+        l->len += klen + 4;
     } else {
-        log_raw(l, " ", 1);
-        log_raw(l, key, klen);
-        log_raw(l, "=", 1);
+        p[0] = ' ';
+        memcpy(p + 1, key, klen);
+        p[1 + klen] = '=';
+        l->len += klen + 2;
     }
     return true;
 }
@@ -285,13 +348,22 @@ size_t log_escape(char *out, size_t cap, const char *value, size_t len, bool jso
     if (cap == 0)
         return 0;
     cap--; /* keep room for the NUL */
+    if (!quote) {
+        /* Nothing to quote means nothing to escape: the bytes go over as they are, cut
+         * where the loop below would stop. */
+        size_t k = cap > 7 ? cap - 7 : 0;
+        if (k > len)
+            k = len;
+        memcpy(out, value, k);
+        out[k] = '\0';
+        return k;
+    }
 #define LOG_PUT(ch)                                                                                \
     do {                                                                                           \
         if (o < cap)                                                                               \
             out[o++] = (char)(ch);                                                                 \
     } while (0)
-    if (quote)
-        LOG_PUT('"');
+    LOG_PUT('"'); /* quoted from here on */
     for (size_t i = 0; i < len && o + 7 < cap; i++) {
         unsigned char c = v[i];
         if (c == '"' || c == '\\') {
@@ -319,7 +391,14 @@ size_t log_escape(char *out, size_t cap, const char *value, size_t len, bool jso
             LOG_PUT(hex[c >> 4]);
             LOG_PUT(hex[c & 15]);
         } else if (c < 0x80) {
-            LOG_PUT(c);
+            /* A run of printable ASCII goes over in one copy, cut where the loop would stop. */
+            size_t k = 1, lim = cap - 7 - o;
+            while (k < lim && i + k < len && v[i + k] >= 0x20 && v[i + k] < 0x7f &&
+                   v[i + k] != '"' && v[i + k] != '\\')
+                k++;
+            memcpy(out + o, v + i, k);
+            o += k;
+            i += k - 1;
         } else {
             uint32_t cp = 0;
             size_t n = log_utf8_len(v + i, len - i, &cp);
@@ -349,41 +428,113 @@ size_t log_escape(char *out, size_t cap, const char *value, size_t len, bool jso
             }
         }
     }
-    if (quote)
-        LOG_PUT('"');
+    LOG_PUT('"');
 #undef LOG_PUT
     out[o] = '\0';
     return o;
 }
 
+/* Writes value in decimal to out (room for 20 digits); returns the digits written. */
+static size_t log_fmt_u64(char *out, uint64_t value)
+{
+    char tmp[20];
+    size_t n = 0;
+
+    do {
+        tmp[n++] = (char)('0' + value % 10);
+        value /= 10;
+    } while (value != 0);
+    for (size_t i = 0; i < n; i++)
+        out[i] = tmp[n - 1 - i];
+    return n;
+}
+
+/* Writes value as exactly width decimal digits, zero-padded (value < 10^width). */
+static void log_fmt_fixed(char *out, unsigned long value, size_t width)
+{
+    while (width > 0) {
+        out[--width] = (char)('0' + value % 10);
+        value /= 10;
+    }
+}
+
+/* "YYYY-MM-DDTHH:MM:SS." for sec, cached per thread: gmtime_r once a second. */
+static const char *log_ts_prefix(time_t sec)
+{
+    if (log_ts_sec != sec || sec == 0) {
+        struct tm tm;
+        char *t = log_ts_text;
+        gmtime_r(&sec, &tm);
+        log_fmt_fixed(t, (unsigned long)(tm.tm_year + 1900) % 10000, 4);
+        t[4] = '-';
+        log_fmt_fixed(t + 5, (unsigned long)tm.tm_mon + 1, 2);
+        t[7] = '-';
+        log_fmt_fixed(t + 8, (unsigned long)tm.tm_mday, 2);
+        t[10] = 'T';
+        log_fmt_fixed(t + 11, (unsigned long)tm.tm_hour, 2);
+        t[13] = ':';
+        log_fmt_fixed(t + 14, (unsigned long)tm.tm_min, 2);
+        t[16] = ':';
+        log_fmt_fixed(t + 17, (unsigned long)tm.tm_sec, 2);
+        t[19] = '.';
+        log_ts_sec = sec;
+    }
+    return log_ts_text;
+}
+
 void log_begin(struct log_line *l, enum log_level lvl, const char *ev)
 {
+    static const char lvl_logfmt[] = "Z lvl=", lvl_json[] = "Z\",\"lvl\":\"";
     struct timespec ts;
-    struct tm tm;
-    char head[96];
-    int n;
+    char *p;
 
-    l->len = 0;
     l->truncated = false;
     l->level = lvl;
     l->json = atomic_load_explicit(&log_cur_format, memory_order_relaxed) == LOG_FORMAT_JSON;
     clock_gettime(CLOCK_REALTIME, &ts);
-    gmtime_r(&ts.tv_sec, &tm);
-    n = snprintf(head, sizeof(head),
-                 l->json ? "{\"ts\":\"%04d-%02d-%02dT%02d:%02d:%02d.%06ldZ\",\"lvl\":\"%s\""
-                         : "ts=%04d-%02d-%02dT%02d:%02d:%02d.%06ldZ lvl=%s",
-                 tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                 ts.tv_nsec / 1000, log_level_names[lvl]);
-    log_raw(l, head, (size_t)n);
+    /* The head always fits: the buffer is empty. */
+    p = l->buf;
+    if (l->json) {
+        memcpy(p, "{\"ts\":\"", 7);
+        p += 7;
+    } else {
+        memcpy(p, "ts=", 3);
+        p += 3;
+    }
+    memcpy(p, log_ts_prefix(ts.tv_sec), 20);
+    p += 20;
+    log_fmt_fixed(p, (unsigned long)ts.tv_nsec / 1000, 6);
+    p += 6;
+    if (l->json) {
+        memcpy(p, lvl_json, sizeof(lvl_json) - 1);
+        p += sizeof(lvl_json) - 1;
+    } else {
+        memcpy(p, lvl_logfmt, sizeof(lvl_logfmt) - 1);
+        p += sizeof(lvl_logfmt) - 1;
+    }
+    size_t n = strlen(log_level_names[lvl]);
+    memcpy(p, log_level_names[lvl], n);
+    p += n;
+    if (l->json)
+        *p++ = '"';
+    l->len = (size_t)(p - l->buf);
     log_str(l, "ev", ev);
 }
 
 void log_sid(struct log_line *l, uint64_t sid)
 {
-    char v[24];
-    int n = snprintf(v, sizeof(v), l->json ? "\"%016" PRIx64 "\"" : "%016" PRIx64, sid);
+    static const char hex[] = "0123456789abcdef";
+    char v[18];
+    size_t n = 0;
+
+    if (l->json)
+        v[n++] = '"';
+    for (int shift = 60; shift >= 0; shift -= 4)
+        v[n++] = hex[(sid >> shift) & 15];
+    if (l->json)
+        v[n++] = '"';
     if (log_key(l, "sid"))
-        log_raw(l, v, (size_t)n);
+        log_raw(l, v, n);
 }
 
 void log_strn(struct log_line *l, const char *key, const char *value, size_t len)
@@ -406,19 +557,22 @@ void log_str(struct log_line *l, const char *key, const char *value)
 
 void log_uint(struct log_line *l, const char *key, uint64_t value)
 {
-    char v[24];
-    int n = snprintf(v, sizeof(v), "%" PRIu64, value);
+    char v[20];
+    size_t n = log_fmt_u64(v, value);
     if (log_key(l, key))
-        log_raw(l, v, (size_t)n);
+        log_raw(l, v, n);
 }
 
 void log_ms(struct log_line *l, const char *key, uint64_t ns)
 {
-    char v[32];
+    char v[24];
     uint64_t us = ns / 1000;
-    int n = snprintf(v, sizeof(v), "%" PRIu64 ".%03" PRIu64, us / 1000, us % 1000);
+    size_t n = log_fmt_u64(v, us / 1000);
+    v[n++] = '.';
+    log_fmt_fixed(v + n, (unsigned long)(us % 1000), 3);
+    n += 3;
     if (log_key(l, key))
-        log_raw(l, v, (size_t)n);
+        log_raw(l, v, n);
 }
 
 void log_end(struct log_line *l)
@@ -434,7 +588,16 @@ void log_end(struct log_line *l)
     if (l->json)
         l->buf[l->len++] = '}';
     l->buf[l->len++] = '\n';
-    log_enqueue(l->buf, l->len, l->level >= LOG_WARN);
+    struct log_stage *st = log_stage;
+    if (st == NULL) {
+        log_enqueue(l->buf, l->len, l->level >= LOG_WARN);
+        return;
+    }
+    if (LOG_STAGE_SIZE - st->len < l->len)
+        log_flush();
+    memcpy(st->buf + st->len, l->buf, l->len);
+    st->len += l->len;
+    st->urgent = st->urgent || l->level >= LOG_WARN;
 }
 
 void log_msg(enum log_level lvl, const char *ev, const char *fmt, ...)

@@ -2,6 +2,9 @@
  *
  * A line is built on the caller's stack with log_begin/log_*()/log_end and
  * handed to a bounded in-memory queue; a writer thread drains it to stderr.
+ * Worker threads gather their lines in a buffer of their own first and hand
+ * them over once per loop turn (log_thread_attach, log_flush): the hot path
+ * takes no lock.
  * The event loop therefore never blocks on a slow stderr: when the queue is
  * full the line is dropped and counted, and the writer reports the count
  * (ev=log_dropped) once it catches up.
@@ -43,6 +46,17 @@ int log_open(int fd, enum log_format fmt, enum log_level min);
 
 /* Flushes every queued line and stops the writer thread. */
 void log_close(void);
+
+/* Gives the calling thread (an event loop's) its own line buffer: from then on its lines
+ * gather there without a lock until log_flush(), which the thread calls once per loop turn
+ * and before it exits. Returns 0 or -ENOMEM (the thread then logs as any other). */
+int log_thread_attach(void);
+
+/* Hands the calling thread's gathered lines to the writer (waking it at most once). */
+void log_flush(void);
+
+/* Flushes and frees the calling thread's buffer. */
+void log_thread_detach(void);
 
 /* Changes format and threshold at run time (SIGHUP); safe from any thread. */
 void log_configure(enum log_format fmt, enum log_level min);

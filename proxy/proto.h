@@ -49,7 +49,9 @@ struct proto {
     void (*free)(struct session *s);
 
     /* The backend connected: install the relay on_data hooks on s->up and
-     * s->down. Runs before the relays start reading. */
+     * s->down. Runs before either relay delivers a byte (s->down may already
+     * be reading: the backend's first bytes can be what completed the
+     * connect, and they reach on_data after this hook). */
     void (*connected)(struct session *s);
 
     /* Says a canned reply (see enum proto_say) after whatever the backend

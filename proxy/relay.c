@@ -173,10 +173,13 @@ int relay_shutdown_dst(struct relay_dir *d)
     if (rc != 0)
         return rc; /* on_event has seen the write error */
     /* Nothing queued: the FIN can go now, without a request and an epoll
-     * round trip (the common case: writes are tried at once). */
+     * round trip (the common case: writes are tried at once). Whatever
+     * shutdown() says, this direction is done, as in relay_on_shutdown: a
+     * peer that is already gone (ENOTCONN) needs no FIN, and asking libuv
+     * would only make the same call fail again. */
     uv_os_fd_t fd;
-    if (uv_stream_get_write_queue_size(d->dst) == 0 && uv_fileno((uv_handle_t *)d->dst, &fd) == 0 &&
-        shutdown(fd, SHUT_WR) == 0) {
+    if (uv_stream_get_write_queue_size(d->dst) == 0 && uv_fileno((uv_handle_t *)d->dst, &fd) == 0) {
+        (void)shutdown(fd, SHUT_WR);
         d->flags |= RELAY_F_DONE;
         d->on_event(d, RELAY_EV_DONE, 0);
         return 0;
@@ -536,6 +539,18 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
     size_t carried = relay_carried;
 
     relay_carried = 0;
+    if ((d->flags & RELAY_F_CONNECTING) && nread != 0) {
+        /* Reading a connecting socket: its first event says how the connect went. */
+        d->flags &= ~RELAY_F_CONNECTING;
+        if (nread > 0 || nread == UV_EOF) {
+            d->on_event(d, RELAY_EV_CONNECTED, 0);
+            if (d->flags & RELAY_F_STOPPED) {
+                if (buf->base != NULL)
+                    relay_block_unref(d->pool, relay_block_of(buf, carried));
+                return;
+            }
+        }
+    }
     if (nread <= 0) {
         if (buf->base != NULL)
             relay_block_unref(d->pool, relay_block_of(buf, carried));

@@ -105,6 +105,8 @@ enum relay_event {
     RELAY_EV_TLS_READY, /* the TLS handshake on src completed */
     RELAY_EV_TLS_ERR,   /* TLS on src (or, status -EPIPE... on dst) failed: see
                            tls_error_reason() of the tls_conn; status is the error */
+    RELAY_EV_CONNECTED, /* RELAY_F_CONNECTING: src's first bytes or EOF came, so its
+                           connect completed; they are delivered after on_event returns */
 };
 
 /* Who may relay a direction's opaque bytes; the values of enum config_kernel_relay. */
@@ -151,16 +153,19 @@ struct relay_dir {
     uint64_t k_tx0;             /* sockmap: dst's written byte count then */
 };
 
-#define RELAY_F_READING 0x01u   /* uv_read_start is in effect on src */
-#define RELAY_F_PAUSED 0x02u    /* stopped by backpressure (see relay_over), restart on LOWAT */
-#define RELAY_F_EOF 0x04u       /* src sent EOF */
-#define RELAY_F_DONE 0x08u      /* dst shut down after EOF: nothing more will flow */
-#define RELAY_F_STOPPED 0x10u   /* the owner stopped the direction; never restart */
-#define RELAY_F_HELD 0x20u      /* the owner holds reading (relay_hold) */
-#define RELAY_F_NO_FIN 0x40u    /* on EOF, do not shut dst down (the owner will) */
-#define RELAY_F_SPLICE 0x80u    /* bytes move by splice(2) through pipe[] */
-#define RELAY_F_SOCKMAP 0x100u  /* the kernel forwards the bytes (smap) */
-#define RELAY_F_FIN_WAIT 0x200u /* sockmap: EOF seen, the FIN waits for the kernel's bytes */
+#define RELAY_F_READING 0x01u /* uv_read_start is in effect on src */
+#define RELAY_F_PAUSED 0x02u  /* stopped by backpressure (see relay_over), restart on LOWAT */
+#define RELAY_F_EOF 0x04u     /* src sent EOF */
+#define RELAY_F_DONE 0x08u    /* dst shut down after EOF: nothing more will flow */
+#define RELAY_F_STOPPED 0x10u /* the owner stopped the direction; never restart */
+#define RELAY_F_HELD 0x20u    /* the owner holds reading (relay_hold) */
+#define RELAY_F_NO_FIN 0x40u  /* on EOF, do not shut dst down (the owner will) */
+/* src is a socket still connecting: its first read event is reported first (bytes or EOF:
+ * RELAY_EV_CONNECTED; an error: RELAY_EV_READ_ERR, the flag cleared) */
+#define RELAY_F_CONNECTING 0x80u
+#define RELAY_F_SPLICE 0x100u   /* bytes move by splice(2) through pipe[] */
+#define RELAY_F_SOCKMAP 0x200u  /* the kernel forwards the bytes (smap) */
+#define RELAY_F_FIN_WAIT 0x400u /* sockmap: EOF seen, the FIN waits for the kernel's bytes */
 
 /* Prepares d; src and dst must be initialised libuv streams. Sets
  * src->data = d. Does not start reading. */

@@ -6,6 +6,7 @@
 #include <assert.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -170,6 +171,13 @@ static const char *session_connect_error_text(int status)
 }
 
 static void session_connect_next(struct session *s);
+static void session_connect_error(struct session *s, int rc);
+static void session_backend_connected(struct session *s);
+static void session_on_timer(uv_timer_t *t);
+
+/* A backend read at once (SESSION_F_READ_CONNECT) that has sent nothing after this many
+ * ms is asked whether its connect completed (a backend waiting for its client). */
+#define SESSION_PROBE_MS 50
 static unsigned session_n_backends(const struct session *s);
 static void session_pp_failed(struct session *s, const char *reason);
 static int session_send_proxy_header(struct session *s);
@@ -429,7 +437,20 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
 
     if (session_closing(s))
         return;
+    if (!up && (ev == RELAY_EV_CONNECTED || ev == RELAY_EV_READ_ERR) &&
+        s->phase == SESSION_PHASE_CONNECTING && (s->flags & SESSION_F_READ_CONNECT)) {
+        /* The backend's first read event ends the connect. */
+        if (ev == RELAY_EV_READ_ERR && status != UV_ECONNRESET && status != UV_EPIPE) {
+            session_connect_error(s, status); /* refused, unreachable: fail over */
+            return;
+        }
+        session_backend_connected(s); /* bytes, EOF, or a reset after the accept */
+        if (ev == RELAY_EV_CONNECTED || session_closing(s))
+            return;
+    }
     switch (ev) {
+    case RELAY_EV_CONNECTED:
+        return;
     case RELAY_EV_EOF:
         if (!up && s->proto != NULL && !s->proto->opaque(s)) {
             s->proto->backend_eof(s);
@@ -564,6 +585,35 @@ static void session_greeting_timeout(struct session *s)
     session_connect_failed(s, SESSION_ERR_NO_GREETING);
 }
 
+/* SESSION_F_READ_CONNECT and nothing heard from the backend yet: asks the socket whether
+ * the connect completed (a backend that waits for the client). Returns false once
+ * connect_timeout is over; otherwise the session is connected now or the timer looks
+ * again, twice as late each time (SESSION_PROBE_MS, then 2x, ... at most 1 s). */
+static bool session_probe_connect(struct session *s)
+{
+    uint64_t waited = (uv_hrtime() - s->t_connect) / 1000000;
+    unsigned limit = s->cl->connect_timeout_ms;
+    struct tcp_info ti;
+    socklen_t len = sizeof(ti);
+    uv_os_fd_t fd;
+
+    if (waited >= limit)
+        return false;
+    if (uv_fileno((uv_handle_t *)&s->backend, &fd) == 0 &&
+        getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 &&
+        (ti.tcpi_state == TCP_ESTABLISHED || ti.tcpi_state == TCP_CLOSE_WAIT)) {
+        session_backend_connected(s);
+        return true;
+    }
+    uint64_t next = waited < SESSION_PROBE_MS ? SESSION_PROBE_MS : waited;
+    if (next > 1000)
+        next = 1000;
+    if (next > limit - waited)
+        next = limit - waited;
+    uv_timer_start(&s->timer, session_on_timer, next, 0);
+    return true;
+}
+
 static void session_on_timer(uv_timer_t *t)
 {
     struct session *s = container_of(t, struct session, timer);
@@ -578,6 +628,8 @@ static void session_on_timer(uv_timer_t *t)
         return;
     }
     if (s->phase != SESSION_PHASE_RELAYING) {
+        if ((s->flags & SESSION_F_READ_CONNECT) && session_probe_connect(s))
+            return;
         s->flags |= SESSION_F_TIMED_OUT;
         session_connect_failed(s, UV_ETIMEDOUT);
         return;
@@ -607,22 +659,14 @@ static void session_on_timer(uv_timer_t *t)
     uv_timer_start(t, session_on_timer, session_timer_ms(s, now), 0);
 }
 
-static void session_on_connect(uv_connect_t *req, int status)
+/* The backend accepted: log it, set up both directions, start relaying. */
+static void session_backend_connected(struct session *s)
 {
-    struct session *s = container_of(req, struct session, connect_req);
     struct log_line l;
     int rc;
 
-    if (session_closing(s) || (s->flags & SESSION_F_TIMED_OUT))
-        return; /* UV_ECANCELED from our own uv_close */
-    if (status < 0) {
-        if (session_error_is_local(status))
-            session_local_error(s, status);
-        else
-            session_connect_failed(s, status);
-        return;
-    }
     s->flags |= SESSION_F_RELAYS;
+    s->down.flags &= ~RELAY_F_CONNECTING;
     session_enter_phase(s, SESSION_PHASE_RELAYING);
     metrics_connect_time(&s->w->metrics, uv_hrtime() - s->t_connect);
     s->connected_at = uv_now(s->backend.loop);
@@ -639,8 +683,9 @@ static void session_on_connect(uv_connect_t *req, int status)
     }
     relay_init(&s->up, (uv_stream_t *)&s->client, (uv_stream_t *)&s->backend, &s->w->pool,
                session_on_relay_event, s);
-    relay_init(&s->down, (uv_stream_t *)&s->backend, (uv_stream_t *)&s->client, &s->w->pool,
-               session_on_relay_event, s);
+    if (!(s->flags & SESSION_F_READ_CONNECT)) /* else down is reading the backend already */
+        relay_init(&s->down, (uv_stream_t *)&s->backend, (uv_stream_t *)&s->client, &s->w->pool,
+                   session_on_relay_event, s);
     /* With implicit client TLS a v2 header carries the TLS details: it goes
      * out when the client's handshake is done (the backend waits for it
      * before greeting, and the client cannot read the greeting before then). */
@@ -686,6 +731,22 @@ static void session_on_connect(uv_connect_t *req, int status)
     uv_timer_start(&s->timer, session_on_timer, session_timer_ms(s, uv_now(s->backend.loop)), 0);
 }
 
+static void session_on_connect(uv_connect_t *req, int status)
+{
+    struct session *s = container_of(req, struct session, connect_req);
+
+    if (session_closing(s) || (s->flags & SESSION_F_TIMED_OUT))
+        return; /* UV_ECANCELED from our own uv_close */
+    if (status < 0) {
+        if (session_error_is_local(status))
+            session_local_error(s, status);
+        else
+            session_connect_failed(s, status);
+        return;
+    }
+    session_backend_connected(s);
+}
+
 /* mark: SO_MARK, so iptables rules can exempt mxproxy's own connections
  * (no loop through REDIRECT); source = client: the backend sees the
  * client's address (TPROXY, IP_TRANSPARENT and a bind to it). */
@@ -719,6 +780,66 @@ static int session_prepare_backend_socket(struct session *s, const struct config
     return 0;
 }
 
+/* Connecting by reading (SESSION_F_READ_CONNECT) needs a backend that may speak first:
+ * none when mxproxy itself must write before the backend says anything. */
+static bool session_connect_by_read(const struct session *s)
+{
+    return s->cl->proxy_protocol == CONFIG_PROXY_PROTOCOL_OFF &&
+           s->cl->backend_tls != CONFIG_BACKEND_TLS_IMPLICIT;
+}
+
+/* Fails this attempt for a connect error met before any event. */
+static void session_connect_error(struct session *s, int rc)
+{
+    if (session_error_is_local(rc))
+        session_local_error(s, rc);
+    else
+        session_connect_failed(s, rc);
+}
+
+/* Creates and connects the backend socket by hand and reads it at once: the backend's
+ * greeting then completes the connect, with no POLLOUT registration, SO_ERROR query and
+ * re-registration for reading in between (libuv's uv_tcp_connect costs three epoll_ctl
+ * and a getsockopt more). A failed connect shows as a read error (RELAY_EV_READ_ERR); a
+ * backend that stays silent is found connected by session_probe_connect. */
+static void session_connect_reading(struct session *s, const struct config_addr *b)
+{
+    int fd = socket(b->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
+    if (fd < 0) {
+        session_local_error(s, -errno); /* the handle is not initialised: nothing to close */
+        return;
+    }
+    uv_tcp_init(&s->w->loop, &s->backend);
+    s->open_handles++;
+    s->flags |= SESSION_F_BACKEND | SESSION_F_READ_CONNECT;
+    s->t_connect = uv_hrtime();
+    int rc = uv_tcp_open(&s->backend, fd);
+    if (rc != 0) {
+        close(fd); /* the handle did not take it */
+        session_local_error(s, rc);
+        return;
+    }
+    uv_tcp_nodelay(&s->backend, 1);
+    rc = session_prepare_backend_socket(s, b);
+    if (rc == 0 && connect(fd, (const struct sockaddr *)&b->sa, b->salen) != 0 &&
+        errno != EINPROGRESS)
+        rc = -errno;
+    if (rc == 0) {
+        relay_init(&s->down, (uv_stream_t *)&s->backend, (uv_stream_t *)&s->client, &s->w->pool,
+                   session_on_relay_event, s);
+        session_wire_tls(s); /* a 421 to an implicit-TLS client still goes encrypted */
+        s->down.flags |= RELAY_F_CONNECTING;
+        rc = relay_start(&s->down);
+    }
+    if (rc != 0) {
+        session_connect_error(s, rc);
+        return;
+    }
+    unsigned first =
+        s->cl->connect_timeout_ms < SESSION_PROBE_MS ? s->cl->connect_timeout_ms : SESSION_PROBE_MS;
+    uv_timer_start(&s->timer, session_on_timer, first, 0);
+}
+
 static void session_connect_next(struct session *s)
 {
     const struct config_addr *b;
@@ -730,9 +851,13 @@ static void session_connect_next(struct session *s)
     s->cur = next;
     s->tried |= UINT64_C(1) << next;
     s->tries++;
-    s->flags &= ~SESSION_F_TIMED_OUT;
+    s->flags &= ~(SESSION_F_TIMED_OUT | SESSION_F_READ_CONNECT);
     session_enter_phase(s, SESSION_PHASE_CONNECTING);
     b = session_backend(s);
+    if (session_connect_by_read(s)) {
+        session_connect_reading(s, b);
+        return;
+    }
     rc = uv_tcp_init_ex(&s->w->loop, &s->backend, b->sa.ss_family); /* the socket now */
     if (rc != 0) {
         /* libuv has unlinked the handle again: it must not be closed. */
@@ -748,10 +873,7 @@ static void session_connect_next(struct session *s)
         rc = uv_tcp_connect(&s->connect_req, &s->backend, (const struct sockaddr *)&b->sa,
                             session_on_connect);
     if (rc != 0) {
-        if (session_error_is_local(rc))
-            session_local_error(s, rc);
-        else
-            session_connect_failed(s, rc);
+        session_connect_error(s, rc);
         return;
     }
     uv_timer_start(&s->timer, session_on_timer, s->cl->connect_timeout_ms, 0);
@@ -787,6 +909,8 @@ void session_close(struct session *s, enum session_end end, const char *error)
     if (s->flags & SESSION_F_RELAYS) {
         relay_stop(&s->up);
         relay_stop(&s->down);
+    } else if (s->flags & SESSION_F_READ_CONNECT) {
+        relay_stop(&s->down); /* reading the connecting backend */
     }
     if (s->flags & SESSION_F_COUNTED)
         atomic_fetch_sub(&s->cl->shared->active, 1);
@@ -834,7 +958,7 @@ void session_close_after_flush(struct session *s, enum session_end end, const ch
     s->pending_end = end;
     s->pending_error = error;
     relay_hold(&s->up);
-    if (s->flags & SESSION_F_RELAYS)
+    if (s->flags & (SESSION_F_RELAYS | SESSION_F_READ_CONNECT))
         relay_stop(&s->down);
     uv_timer_start(&s->timer, session_on_timer, SESSION_FLUSH_GRACE_MS, 0);
     /* The FIN follows every queued write; RELAY_EV_DONE then closes. */

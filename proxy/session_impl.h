@@ -106,6 +106,9 @@ struct session {
 #define SESSION_F_NO_BACKEND 0x80u   /* the backend was dropped on purpose; no retry */
 #define SESSION_F_PP_SENT 0x200u     /* the PROXY header went to the backend */
 #define SESSION_F_OPEN_LOGGED 0x400u /* ev=open was written */
+/* this connect attempt reads the backend at once: its first bytes (or a probe of the
+ * socket's state) complete the connect, with no POLLOUT turn */
+#define SESSION_F_READ_CONNECT 0x800u
 
 /* Moves s to phase next (logged at debug level). Once FLUSHING or CLOSING,
  * a session never goes back to an earlier phase: such a call is a no-op. */

@@ -92,6 +92,7 @@ static void worker_finish(struct worker *w)
         return;
     uv_close((uv_handle_t *)&w->wake, NULL);
     uv_close((uv_handle_t *)&w->drain_timer, NULL);
+    uv_close((uv_handle_t *)&w->log_flush, NULL);
 }
 
 void worker_session_gone(struct worker *w)
@@ -181,13 +182,26 @@ static void worker_on_wake(uv_async_t *a)
     }
 }
 
+/* Once per loop turn, before the loop may sleep: the lines this turn logged go to the
+ * writer together (one lock, at most one wake-up). */
+static void worker_on_prepare(uv_prepare_t *p)
+{
+    (void)p;
+    log_flush();
+}
+
 static void worker_main(void *arg)
 {
     struct worker *w = arg;
 
+    if (log_thread_attach() == 0) {
+        uv_prepare_start(&w->log_flush, worker_on_prepare);
+        uv_unref((uv_handle_t *)&w->log_flush); /* never keeps the loop alive */
+    }
     uv_run(&w->loop, UV_RUN_DEFAULT);
     if (w->on_exit != NULL)
         w->on_exit(w);
+    log_thread_detach();
 }
 
 int worker_start(struct worker *w, unsigned id, struct config *cfg)
@@ -203,6 +217,7 @@ int worker_start(struct worker *w, unsigned id, struct config *cfg)
     w->wake.data = w;
     uv_timer_init(&w->loop, &w->drain_timer);
     w->drain_timer.data = w;
+    uv_prepare_init(&w->loop, &w->log_flush);
     uv_mutex_init(&w->lock);
     w->cfg = config_ref(cfg);
     /* libuv opens a spare descriptor for the loop with its first stream

@@ -1,8 +1,10 @@
 /* test_log.c: escaping and line building of log.c. */
+#include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -234,6 +236,73 @@ static void test_dropped_lines_stay_whole(void)
     free(d.buf);
 }
 
+/* A thread with its own buffer (a worker): its lines reach the writer only at log_flush,
+ * all of them, in order, byte for byte as any other thread's; the timestamp is the
+ * current UTC second, formatted once a second. */
+static void *attached_main(void *arg)
+{
+    int rfd = *(int *)arg;
+    struct log_line l;
+    char probe[64];
+
+    ASSERT_OK(log_thread_attach());
+    for (unsigned i = 0; i < 3; i++) {
+        log_begin(&l, i == 2 ? LOG_WARN : LOG_INFO, "staged");
+        log_sid(&l, 0xfedcba9876543210ULL);
+        log_uint(&l, "n", i == 0 ? 0 : UINT64_MAX);
+        log_ms(&l, "ms", i * 1000999ULL);
+        log_end(&l);
+    }
+    usleep(30 * 1000); /* longer than the writer's batching pause */
+    ASSERT(read(rfd, probe, sizeof(probe)) < 0 && errno == EAGAIN); /* nothing yet */
+    log_flush();
+    log_thread_detach();
+    return NULL;
+}
+
+static void test_thread_buffer(void)
+{
+    int fds[2];
+    char out[4096];
+    pthread_t th;
+
+    ASSERT_OK(pipe(fds));
+    fcntl(fds[0], F_SETFL, O_NONBLOCK);
+    ASSERT_OK(log_open(fds[1], LOG_FORMAT_LOGFMT, LOG_INFO));
+    time_t before = time(NULL);
+    ASSERT_OK(pthread_create(&th, NULL, attached_main, &fds[0]));
+    ASSERT_OK(pthread_join(th, NULL));
+    time_t after = time(NULL);
+    log_close();
+    close(fds[1]);
+    fcntl(fds[0], F_SETFL, 0);
+    size_t n = read_pipe(fds[0], out, sizeof(out) - 1);
+    out[n] = '\0';
+    close(fds[0]);
+
+    static const char *const want[] = {
+        " lvl=info ev=staged sid=fedcba9876543210 n=0 ms=0.000\n",
+        " lvl=info ev=staged sid=fedcba9876543210 n=18446744073709551615 ms=1.000\n",
+        " lvl=warn ev=staged sid=fedcba9876543210 n=18446744073709551615 ms=2.001\n",
+    };
+    char *line = out;
+    for (unsigned i = 0; i < 3; i++) {
+        char *end = strchr(line, '\n');
+        ASSERT(end != NULL);
+        ASSERT(strncmp(line, "ts=", 3) == 0);
+        ASSERT_EQ(line[29], 'Z');
+        ASSERT_MEMEQ(line + 30, (size_t)(end + 1 - line - 30), want[i], strlen(want[i]));
+        /* The seconds part is the clock's, as strftime would write it. */
+        char t1[32], t2[32];
+        struct tm tm;
+        strftime(t1, sizeof(t1), "%Y-%m-%dT%H:%M:%S.", gmtime_r(&before, &tm));
+        strftime(t2, sizeof(t2), "%Y-%m-%dT%H:%M:%S.", gmtime_r(&after, &tm));
+        ASSERT(strncmp(line + 3, t1, 20) == 0 || strncmp(line + 3, t2, 20) == 0);
+        line = end + 1;
+    }
+    ASSERT_EQ(*line, '\0');
+}
+
 int main(void)
 {
     test_escape_logfmt();
@@ -242,6 +311,7 @@ int main(void)
     test_escape_bounded();
     test_lines();
     test_dropped_lines_stay_whole();
+    test_thread_buffer();
     printf("test_log: ok\n");
     return 0;
 }

@@ -6,6 +6,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include <uv.h>
@@ -22,7 +23,8 @@ struct fixture {
     struct relay_dir back; /* b_side -> a_side, for the tied tests */
     bool with_back;        /* back is in use */
     size_t answered;       /* bytes the on_data owner answered */
-    int n_eof, n_done, n_read_err, n_write_err;
+    int n_eof, n_done, n_read_err, n_write_err, n_connected;
+    size_t out_at_connected; /* bytes peer_b could read when RELAY_EV_CONNECTED came */
     int last_status;
 };
 
@@ -43,6 +45,13 @@ static void on_event(struct relay_dir *d, enum relay_event ev, int status)
     case RELAY_EV_WRITE_ERR:
         f->n_write_err++;
         break;
+    case RELAY_EV_CONNECTED: {
+        f->n_connected++;
+        int queued = 0;
+        ASSERT_OK(ioctl(f->peer_b, FIONREAD, &queued));
+        f->out_at_connected = (size_t)queued;
+        break;
+    }
     case RELAY_EV_TLS_READY:
     case RELAY_EV_TLS_ERR:
         ASSERT(!"no TLS in these tests");
@@ -357,8 +366,45 @@ static void test_unread_replies_pause_the_reader(void)
     fixture_close(&f);
 }
 
+/* RELAY_F_CONNECTING: the first bytes are announced once, before they are relayed;
+ * later reads are not; EOF as the first event is announced as well. */
+static void test_connecting_first_read(void)
+{
+    struct fixture f;
+    unsigned char buf[64];
+
+    fixture_init(&f);
+    f.dir.flags |= RELAY_F_CONNECTING;
+    ASSERT_OK(relay_start(&f.dir));
+    uv_run(&f.loop, UV_RUN_NOWAIT);
+    ASSERT_EQ(f.n_connected, 0); /* nothing read yet: still connecting */
+    ASSERT_EQ(push(f.peer_a, (const unsigned char *)"220 hi\r\n", 8), 8);
+    for (int i = 0; i < 100 && f.dir.bytes < 8; i++)
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+    ASSERT_EQ(f.n_connected, 1);
+    ASSERT_EQ(f.out_at_connected, 0); /* announced before the bytes went on */
+    ASSERT(!(f.dir.flags & RELAY_F_CONNECTING));
+    ASSERT_EQ(pull(f.peer_b, buf, sizeof(buf)), 8);
+    ASSERT_EQ(push(f.peer_a, (const unsigned char *)"more", 4), 4);
+    for (int i = 0; i < 100 && f.dir.bytes < 12; i++)
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+    ASSERT_EQ(f.n_connected, 1);
+    fixture_close(&f);
+
+    fixture_init(&f);
+    f.dir.flags |= RELAY_F_CONNECTING;
+    ASSERT_OK(relay_start(&f.dir));
+    ASSERT_OK(shutdown(f.peer_a, SHUT_WR));
+    for (int i = 0; i < 100 && f.n_eof == 0; i++)
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+    ASSERT_EQ(f.n_connected, 1);
+    ASSERT_EQ(f.n_eof, 1);
+    fixture_close(&f);
+}
+
 int main(void)
 {
+    test_connecting_first_read();
     test_backpressure_and_half_close();
     test_close_cancels_queued_writes();
     test_peer_close_is_eof();

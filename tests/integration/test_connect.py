@@ -1,0 +1,150 @@
+"""Connecting to a backend without extra loop turns.
+
+mxproxy makes the backend socket itself, connects it and reads it at once: the backend's
+first bytes (its greeting) complete the connect, with no POLLOUT registration and no
+SO_ERROR query in between. A backend that waits for its client is found connected by a
+probe of the socket; a refused connect still fails over. The same holds in every mode:
+mode tcp and mode smtp in front of smtp-sink, mode pop3 in front of a small POP3 server.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import unittest
+
+import mxtest
+from mxtest import HOST, SINK_GREETING, config, listener, free_port
+
+
+class ClientFirstBackend(mxtest.TcpBackend):
+    """Never speaks first: echoes what it receives."""
+
+    def handle(self, rec):
+        while True:
+            data = self.recv(rec)
+            if not data:
+                return
+            self.send(rec, data)
+
+
+POP3_GREETING = b"+OK pop3 ready\r\n"
+POP3_BYE = b"+OK bye\r\n"
+
+
+class Pop3Backend(mxtest.TcpBackend):
+    """Greets as a POP3 server, answers QUIT and closes; any other command gets -ERR."""
+
+    def handle(self, rec):
+        self.send(rec, POP3_GREETING)
+        buf = b""
+        while True:
+            data = self.recv(rec)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                if line.upper() == b"QUIT":
+                    self.send(rec, POP3_BYE)
+                    return
+                self.send(rec, b"-ERR unknown\r\n")
+
+
+class ConnectTest(mxtest.ProxyTestCase):
+
+    def proxy_to(self, backends, **opts):
+        port = free_port()
+        p = self.start_proxy(config(listener("bench", "%s:%d" % (HOST, port), backends, **opts)))
+        return p, port
+
+    def server(self, mode):
+        """A backend for mode: its address, its greeting, the QUIT command and its reply."""
+        if mode == "pop3":
+            b = self.track(Pop3Backend("pop3"))
+            return b.addr, POP3_GREETING, b"QUIT", POP3_BYE
+        return self.sink().addr, SINK_GREETING, b"QUIT", b"221 Bye\r\n"
+
+    def test_backend_waiting_for_its_client_is_connected(self):
+        b = self.track(ClientFirstBackend("echo"))
+        p, port = self.proxy_to(b.addr)
+        c = self.client(port)
+        sid = p.sid_of(c)
+        conn = p.wait_event(ev="connect", sid=sid, timeout=2)
+        self.assertEqual(conn["backend"], b.addr)
+        self.assertLess(float(conn["ms"]), 1000.0)  # the first probe comes after 50 ms
+        c.send(b"ping\r\n")
+        self.assertEqual(c.recv_until(b"\r\n", timeout=2), b"ping\r\n")
+        c.close()
+        close = p.close_of(sid)
+        self.assertEqual((close["end"], close["bytes_up"], close["bytes_down"]),
+                         ("client_eof", "6", "6"))
+        self.assertEqual(p.find(ev="connect_error"), [])
+
+    def test_refused_backend_fails_over(self):
+        for mode in ("tcp", "smtp", "pop3"):
+            with self.subTest(mode=mode):
+                dead = "%s:%d" % (HOST, free_port())  # nothing listens there
+                addr, greeting, quit_cmd, bye = self.server(mode)
+                p, port = self.proxy_to([dead, addr], mode=mode)
+                c = self.client(port)
+                self.assertEqual(c.recv_until(b"\r\n", timeout=2), greeting)
+                sid = p.sid_of(c)
+                p.wait_event(ev="connect", sid=sid, backend=addr)
+                errors = p.find(ev="connect_error", sid=sid)
+                self.assertEqual([(e["backend"], e["error"]) for e in errors],
+                                 [(dead, "connection refused")])
+                self.assertEqual([e["backend"] for e in p.find(ev="connect", sid=sid)], [addr])
+                c.send(quit_cmd + b"\r\n")
+                self.assertEqual(c.recv_until(b"\r\n", timeout=2), bye)
+                c.close()
+                close = p.close_of(sid)
+                self.assertEqual(close["backend"], addr)
+                # mode tcp: whichever side closed first after the 221
+                self.assertIn(close["end"], ("client_eof", "backend_closed") if mode == "tcp"
+                              else ("quit",))
+
+    @unittest.skipIf(shutil.which("strace") is None, "strace is not installed")
+    def test_one_session_registers_each_socket_once(self):
+        for mode in ("tcp", "smtp", "pop3"):
+            with self.subTest(mode=mode):
+                self.registers_each_socket_once(mode)
+
+    def registers_each_socket_once(self, mode):
+        addr, greeting, quit_cmd, bye = self.server(mode)
+        p, port = self.proxy_to(addr, mode=mode)
+        out = os.path.join(self.tmpdir, "strace.out")
+        st = subprocess.Popen(["strace", "-f", "-e", "trace=epoll_ctl,getsockopt", "-o", out,
+                               "-p", str(p.pid)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+        try:
+            # strace says "Process N attached" once per thread; wait for the first.
+            line = st.stderr.readline()
+            if b"attached" not in line:
+                self.skipTest("strace cannot attach here: %r" % line)
+            time.sleep(0.3)  # the other threads
+            c = self.client(port)
+            self.assertEqual(c.recv_until(b"\r\n", timeout=2), greeting)
+            c.send(quit_cmd + b"\r\n")
+            self.assertEqual(c.recv_until(b"\r\n", timeout=2), bye)
+            sid = p.sid_of(c)
+            c.close()
+            p.close_of(sid)
+            time.sleep(0.2)  # the close's own calls
+        finally:
+            st.send_signal(signal.SIGINT)
+            st.wait(timeout=10)
+        with open(out) as f:
+            calls = [ln for ln in f if "epoll_ctl(" in ln or "getsockopt(" in ln]
+        # Each socket is added once, for reading: libuv's uv_tcp_connect adds the backend for
+        # POLLOUT, asks SO_ERROR, then adds it again for reading (EEXIST, then MOD). The DELs
+        # are libuv's at close (and one for a socket at EOF that is no longer read).
+        self.assertEqual([ln for ln in calls if "SO_ERROR" in ln], [])
+        ctl = [ln for ln in calls if "epoll_ctl(" in ln]
+        self.assertEqual(len([ln for ln in ctl if "EPOLL_CTL_ADD" in ln]), 2, "".join(ctl))
+        self.assertEqual([ln for ln in ctl if "EPOLL_CTL_MOD" in ln or "EEXIST" in ln], [],
+                         "".join(ctl))
+
+if __name__ == "__main__":
+    mxtest.main()
