@@ -18,8 +18,15 @@ struct {
 SEC("sk_skb/stream_verdict")
 int krelay_verdict(struct __sk_buff *skb)
 {
-    __u64 self = bpf_get_socket_cookie(skb);
+    __u64 self;
 
+    /* A FIN alone comes as an empty skb. Redirected, it would make the
+     * peer's send path fail with EPIPE and break the peer's relay (the
+     * kernel counts a send of nothing as a hard error): it stays here, where
+     * the socket's reader sees the end of the stream as usual. */
+    if (skb->len == 0)
+        return SK_PASS;
+    self = bpf_get_socket_cookie(skb);
     /* No peer (it was closed and left the map): the bytes are dropped, as
      * a write to a closed socket would fail; the session is ending. */
     return bpf_sk_redirect_hash(skb, &krelay_peers, &self, 0);
