@@ -49,6 +49,9 @@ static int krelay_libbpf_print(enum libbpf_print_level level, const char *fmt, v
     return 0;
 }
 
+/* The loaded program and map: kept for the life of the process. */
+static struct krelay_bpf *krelay_skel;
+
 static void krelay_load(void)
 {
     char reason[256];
@@ -71,6 +74,7 @@ static void krelay_load(void)
     }
     /* The map keeps the program attached: the skeleton is never freed, the
      * map lives as long as the process. */
+    krelay_skel = skel;
     krelay_map_fd = map;
 }
 #else

@@ -751,8 +751,11 @@ static void relay_splice_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t
     (void)buf;
     if (uv_fileno((uv_handle_t *)d->src, &sfd) != 0 || uv_fileno((uv_handle_t *)d->dst, &dfd) != 0)
         return;
-    ssize_t n =
-        splice(sfd, NULL, d->pipe[1], NULL, RELAY_SPLICE_MAX, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    /* While dst lags (bytes queued), a block at a time, as the plain path
+     * reads: what dst does not take is copied and queued, and the queue must
+     * stay within the plain path's bound. */
+    size_t max = d->queued > 0 ? RELAY_BLOCK_SIZE : RELAY_SPLICE_MAX;
+    ssize_t n = splice(sfd, NULL, d->pipe[1], NULL, max, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     if (n > 0) {
         d->bytes += (uint64_t)n;
         d->last_read = uv_now(src->loop);
@@ -786,6 +789,7 @@ static void relay_splice_begin(struct relay_dir *d)
         return;
     }
     d->flags |= RELAY_F_SPLICE;
+    d->on_event(d, RELAY_EV_KERNEL, RELAY_KERNEL_SPLICE);
     if (d->flags & RELAY_F_READING) {
         uv_read_stop(d->src);
         d->flags &= ~RELAY_F_READING;
@@ -879,6 +883,7 @@ static void relay_sockmap_begin(struct relay_dir *d)
     r->k_bytes0 = r->bytes;
     r->k_rx0 = cb.rx;
     r->k_tx0 = ca.tx;
+    d->on_event(d, RELAY_EV_KERNEL, RELAY_KERNEL_SOCKMAP);
 }
 
 /* relay_stop: the pair's sockmap state goes when both directions stopped.

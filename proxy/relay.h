@@ -107,6 +107,8 @@ enum relay_event {
                            tls_error_reason() of the tls_conn; status is the error */
     RELAY_EV_CONNECTED, /* RELAY_F_CONNECTING: src's first bytes or EOF came, so its
                            connect completed; they are delivered after on_event returns */
+    RELAY_EV_KERNEL,    /* the kernel relays from now on: status is the enum relay_kernel
+                           (SOCKMAP: both directions, reported on the one that began) */
 };
 
 /* Who may relay a direction's opaque bytes; the values of enum config_kernel_relay. */

@@ -451,6 +451,16 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
     switch (ev) {
     case RELAY_EV_CONNECTED:
         return;
+    case RELAY_EV_KERNEL:
+        if (log_enabled(LOG_DEBUG)) {
+            struct log_line l;
+            log_begin(&l, LOG_DEBUG, "kernel_relay");
+            log_sid(&l, s->id);
+            log_str(&l, "kernel_relay", config_kernel_relay_name((enum config_kernel_relay)status));
+            log_str(&l, "dir", status == RELAY_KERNEL_SOCKMAP ? "both" : (up ? "up" : "down"));
+            log_end(&l);
+        }
+        return;
     case RELAY_EV_EOF:
         if (!up && s->proto != NULL && !s->proto->opaque(s)) {
             s->proto->backend_eof(s);
