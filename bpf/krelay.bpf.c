@@ -20,12 +20,13 @@ int krelay_verdict(struct __sk_buff *skb)
 {
     __u64 self;
 
-    /* A FIN alone comes as an empty skb. Redirected, it would make the
-     * peer's send path fail with EPIPE and break the peer's relay (the
-     * kernel counts a send of nothing as a hard error): it stays here, where
-     * the socket's reader sees the end of the stream as usual. */
+    /* A FIN alone comes as an empty skb. The kernel's backlog takes a send
+     * of nothing for a hard error: redirected, the empty skb breaks the
+     * peer's relay (EPIPE); passed to this socket while the peer's bytes
+     * still queue for it, it breaks this one's the same way. The FIN is in
+     * the TCP state already (the reader sees EOF): the empty skb goes. */
     if (skb->len == 0)
-        return SK_PASS;
+        return SK_DROP;
     self = bpf_get_socket_cookie(skb);
     /* No peer (it was closed and left the map): the bytes are dropped, as
      * a write to a closed socket would fail; the session is ending. */

@@ -98,26 +98,18 @@ static int krelay_cookie(int fd, uint64_t *out)
 }
 
 #ifdef MXPROXY_HAVE_SOCKMAP
-static int krelay_unread(int fd)
-{
-    int n = 0;
-
-    return ioctl(fd, SIOCINQ, &n) == 0 ? n : -errno;
-}
-
 /* Bytes that arrived before fd joined the map wait in its receive queue
- * until the next segment wakes the verdict up; setting SO_RCVLOWAT runs the
- * socket's data_ready at once (tcp_set_rcvlowat), which is the verdict's now. */
+ * until the next segment wakes the verdict up, and a read() of fd would
+ * still return them, ahead of nothing and behind nothing the kernel keeps in
+ * order. Setting SO_RCVLOWAT runs the socket's data_ready at once
+ * (tcp_set_rcvlowat), which is the verdict's now: the queue goes to the peer
+ * before anything else can. Always, whatever FIONREAD says: on a socket in
+ * the map it counts only what the verdict kept for the socket itself. */
 static int krelay_kick(int fd)
 {
     int one = 1;
-    int n = krelay_unread(fd);
 
-    if (n > 0 && setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one)) != 0)
-        return -errno;
-    if (n > 0)
-        n = krelay_unread(fd);
-    return n == 0 ? 0 : (n < 0 ? n : -EAGAIN);
+    return setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one)) == 0 ? 0 : -errno;
 }
 #endif
 
@@ -131,6 +123,12 @@ int krelay_sockmap_pair(int a, int b)
         return -ENOTSUP;
     if (krelay_cookie(a, &ca) != 0 || krelay_cookie(b, &cb) != 0)
         return -errno;
+    /* The verdict takes whole skbs off the receive queue: one that a read()
+     * has begun would go out again from its start. Only with both queues
+     * read empty (more arriving now comes in fresh skbs). */
+    int n = 0;
+    if (ioctl(a, SIOCINQ, &n) != 0 || n != 0 || ioctl(b, SIOCINQ, &n) != 0 || n != 0)
+        return -EAGAIN;
     /* Under its peer's cookie: the verdict looks up its own and finds the peer. */
     if (bpf_map_update_elem(krelay_map_fd, &cb, &va, BPF_NOEXIST) != 0)
         return -errno;

@@ -19,8 +19,9 @@ bool krelay_sockmap_available(void);
 
 /* Puts sockets a and b into the map, each as the other's peer: from now on
  * the kernel forwards what either receives to the other. Then makes sure no
- * byte received before that waits in a receive queue. Returns 0, or a
- * negative errno with neither socket left in the map. */
+ * byte received before that waits in a receive queue. Returns 0, -EAGAIN
+ * when a or b has unread bytes (read them first, then try again), or
+ * another negative errno; on failure neither socket is left in the map. */
 int krelay_sockmap_pair(int a, int b);
 
 /* Takes a and b out of the map again (after krelay_sockmap_pair). */

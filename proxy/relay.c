@@ -554,8 +554,12 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
     if (nread <= 0) {
         if (buf->base != NULL)
             relay_block_unref(d->pool, relay_block_of(buf, carried));
-        if (nread == 0)
-            return; /* EAGAIN; the carry stays with the owner for the next read */
+        if (nread == 0) {
+            /* EAGAIN; the carry stays with the owner for the next read. src
+             * is read empty: the moment a sockmap pair may begin. */
+            relay_kernel_try(d, 0);
+            return;
+        }
         if (nread != UV_EOF) {
             uv_read_stop(src);
             d->flags &= ~RELAY_F_READING;
@@ -867,13 +871,19 @@ static void relay_sockmap_begin(struct relay_dir *d)
     struct relay_sockmap *m = malloc(sizeof(*m));
     if (m == NULL)
         return;
+    int rc = krelay_sockmap_pair(a, b);
+    if (rc == -EAGAIN) {
+        free(m);
+        d->kernel = r->kernel = RELAY_KERNEL_SOCKMAP; /* after the next read */
+        return;
+    }
+    if (rc != 0) {
+        free(m);
+        return;
+    }
     uv_timer_init(d->src->loop, &m->timer);
     m->timer.data = d;
     m->live = 2;
-    if (krelay_sockmap_pair(a, b) != 0) {
-        uv_close((uv_handle_t *)&m->timer, relay_sockmap_on_close);
-        return;
-    }
     d->smap = r->smap = m;
     d->flags |= RELAY_F_SOCKMAP;
     r->flags |= RELAY_F_SOCKMAP;
