@@ -19,7 +19,17 @@ struct relay_sockmap {
     unsigned live;    /* directions not yet stopped */
 };
 
-#define RELAY_SPLICE_MAX (64 * 1024) /* one splice: a default pipe's capacity */
+#define RELAY_PIPE_SIZE (256 * 1024) /* asked of the kernel for a splice pipe (HIWAT) */
+
+/* A spliced direction's pipe and the poll that waits for room in dst. */
+struct relay_splice {
+    uv_poll_t poll;       /* on out_fd, while RELAY_F_PIPE_WAIT */
+    struct relay_dir *d;  /* NULL once the direction stopped */
+    int pipe[2];          /* read end, write end */
+    int out_fd;           /* dup() of dst's descriptor: libuv watches dst's own */
+    size_t in_pipe;       /* bytes in the pipe */
+    size_t cap;           /* the pipe's size: the most one splice from src takes */
+};
 #define RELAY_FIN_POLL_MS 1          /* how often a waiting FIN looks again */
 
 static void relay_on_eof(struct relay_dir *d);
@@ -28,6 +38,7 @@ static void relay_sockmap_release(struct relay_dir *d);
 static void relay_sockmap_on_timer(uv_timer_t *t);
 static void relay_splice_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
 static void relay_splice_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf);
+static void relay_splice_free(struct relay_dir *d);
 
 static struct relay_block *relay_block_get(struct relay_pool *pool)
 {
@@ -630,15 +641,14 @@ void relay_init(struct relay_dir *d, uv_stream_t *src, uv_stream_t *dst, struct 
         .pool = pool,
         .on_event = on_event,
         .owner = owner,
-        .pipe = {-1, -1},
     };
     src->data = d;
 }
 
 int relay_start(struct relay_dir *d)
 {
-    if (d->flags &
-        (RELAY_F_READING | RELAY_F_EOF | RELAY_F_STOPPED | RELAY_F_HELD | RELAY_F_PAUSED))
+    if (d->flags & (RELAY_F_READING | RELAY_F_EOF | RELAY_F_STOPPED | RELAY_F_HELD |
+                    RELAY_F_PAUSED | RELAY_F_PIPE_WAIT))
         return 0;
     int rc = (d->flags & RELAY_F_SPLICE)
                  ? uv_read_start(d->src, relay_splice_on_alloc, relay_splice_on_read)
@@ -654,12 +664,7 @@ void relay_stop(struct relay_dir *d)
     d->flags &= ~RELAY_F_READING;
     if (!uv_is_closing((uv_handle_t *)d->src))
         uv_read_stop(d->src);
-    if (d->flags & RELAY_F_SPLICE) {
-        close(d->pipe[0]);
-        close(d->pipe[1]);
-        d->pipe[0] = d->pipe[1] = -1;
-        d->flags &= ~RELAY_F_SPLICE;
-    }
+    relay_splice_free(d);
     relay_sockmap_release(d);
 }
 
@@ -699,41 +704,84 @@ static void relay_splice_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *bu
     *buf = uv_buf_init(NULL, 0); /* libuv reads nothing: relay_splice_on_read moves the bytes */
 }
 
-/* Moves n bytes from d's pipe to dst: by splice while dst takes them and
- * nothing is queued before them, the rest copied into blocks and queued as
- * relay_send would, so order and backpressure are the plain path's. The
- * pipe is empty on return. Returns 0 or a UV_E* code, which on_event has
- * seen. */
-static int relay_splice_flush(struct relay_dir *d, int dfd, size_t n)
+static void relay_splice_on_close(uv_handle_t *h)
 {
-    while (n > 0 && d->inflight == 0 && d->tail == NULL) {
-        ssize_t w = splice(d->pipe[0], NULL, dfd, NULL, n, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    struct relay_splice *sp = (struct relay_splice *)(void *)h; /* poll is its first member */
+
+    close(sp->out_fd);
+    free(sp);
+}
+
+/* relay_stop: the pipe goes, with what it still holds (as queued writes are cancelled). */
+static void relay_splice_free(struct relay_dir *d)
+{
+    struct relay_splice *sp = d->spl;
+
+    if (sp == NULL)
+        return;
+    d->spl = NULL;
+    d->flags &= ~(RELAY_F_SPLICE | RELAY_F_PIPE_WAIT);
+    close(sp->pipe[0]);
+    close(sp->pipe[1]);
+    sp->d = NULL;
+    uv_close((uv_handle_t *)&sp->poll, relay_splice_on_close);
+}
+
+static void relay_splice_on_writable(uv_poll_t *h, int status, int events);
+
+/* Moves the pipe's bytes on to dst. With user-space writes still queued
+ * (from before splicing began) they are copied behind those, as
+ * relay_send would queue them; else spliced while dst takes them, and what
+ * it does not take waits in the pipe, src unread, until dst has room.
+ * Returns 0 or a UV_E* code, which on_event has seen. */
+static int relay_splice_push(struct relay_dir *d)
+{
+    struct relay_splice *sp = d->spl;
+    uv_os_fd_t dfd;
+
+    if (uv_fileno((uv_handle_t *)d->dst, &dfd) != 0)
+        return 0;
+    while (sp->in_pipe > 0 && d->inflight == 0 && d->tail == NULL) {
+        ssize_t w = splice(sp->pipe[0], NULL, dfd, NULL, sp->in_pipe,
+                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (w > 0) {
-            n -= (size_t)w;
+            sp->in_pipe -= (size_t)w;
             continue;
         }
         if (w < 0 && errno == EINTR)
             continue;
-        if (w < 0 && errno == EAGAIN)
-            break;
+        if (w < 0 && errno == EAGAIN) {
+            if (!(d->flags & RELAY_F_PIPE_WAIT)) {
+                if (d->flags & RELAY_F_READING)
+                    uv_read_stop(d->src);
+                d->flags = (d->flags & ~RELAY_F_READING) | RELAY_F_PIPE_WAIT;
+                int rc = uv_poll_start(&sp->poll, UV_WRITABLE, relay_splice_on_writable);
+                if (rc != 0) {
+                    d->on_event(d, RELAY_EV_WRITE_ERR, rc);
+                    return rc;
+                }
+            }
+            return 0;
+        }
         int rc = w < 0 ? -errno : UV_EPIPE;
         d->on_event(d, RELAY_EV_WRITE_ERR, rc);
         return rc;
     }
-    while (n > 0) {
+    while (sp->in_pipe > 0) {
         struct relay_block *b = relay_block_get(d->pool);
         if (b == NULL) {
             d->on_event(d, RELAY_EV_WRITE_ERR, UV_ENOMEM);
             return UV_ENOMEM;
         }
-        ssize_t r = read(d->pipe[0], b->data, n < RELAY_BLOCK_SIZE ? n : RELAY_BLOCK_SIZE);
+        size_t n = sp->in_pipe < RELAY_BLOCK_SIZE ? sp->in_pipe : RELAY_BLOCK_SIZE;
+        ssize_t r = read(sp->pipe[0], b->data, n);
         if (r <= 0) {
             int rc = r < 0 ? -errno : UV_EIO;
             relay_block_unref(d->pool, b);
             d->on_event(d, RELAY_EV_WRITE_ERR, rc);
             return rc;
         }
-        n -= (size_t)r;
+        sp->in_pipe -= (size_t)r;
         uv_buf_t buf = uv_buf_init(b->data, (unsigned)r);
         int rc = relay_write(d, b, &buf, 1, false);
         relay_block_unref(d->pool, b);
@@ -743,27 +791,51 @@ static int relay_splice_flush(struct relay_dir *d, int dfd, size_t n)
     return 0;
 }
 
+/* dst has room again: the pipe goes on; once it is empty, src is read again. */
+static void relay_splice_on_writable(uv_poll_t *h, int status, int events)
+{
+    struct relay_splice *sp = (struct relay_splice *)(void *)h;
+    struct relay_dir *d = sp->d;
+
+    (void)events;
+    if (d == NULL)
+        return;
+    if (status < 0) {
+        uv_poll_stop(h);
+        d->flags &= ~RELAY_F_PIPE_WAIT;
+        d->on_event(d, RELAY_EV_WRITE_ERR, status);
+        return;
+    }
+    if (relay_splice_push(d) != 0 || sp->in_pipe > 0)
+        return;
+    uv_poll_stop(h);
+    d->flags &= ~RELAY_F_PIPE_WAIT;
+    if (relay_start(d) != 0)
+        d->on_event(d, RELAY_EV_READ_ERR, UV_EIO);
+}
+
 /* src is readable (libuv's UV_ENOBUFS for the empty buffer): one splice
  * into the pipe, then on to dst. libuv polls level-triggered, so what is
  * left comes with the next turn of the loop. */
 static void relay_splice_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
 {
     struct relay_dir *d = src->data;
-    uv_os_fd_t sfd, dfd;
+    struct relay_splice *sp = d->spl;
+    uv_os_fd_t sfd;
 
     (void)nread;
     (void)buf;
-    if (uv_fileno((uv_handle_t *)d->src, &sfd) != 0 || uv_fileno((uv_handle_t *)d->dst, &dfd) != 0)
+    if (sp == NULL || uv_fileno((uv_handle_t *)d->src, &sfd) != 0)
         return;
-    /* While dst lags (bytes queued), a block at a time, as the plain path
-     * reads: what dst does not take is copied and queued, and the queue must
-     * stay within the plain path's bound. */
-    size_t max = d->queued > 0 ? RELAY_BLOCK_SIZE : RELAY_SPLICE_MAX;
-    ssize_t n = splice(sfd, NULL, d->pipe[1], NULL, max, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    /* While user-space writes are queued (copies go behind them), a block
+     * at a time, as the plain path reads: the queue keeps its bound. */
+    size_t max = d->queued > 0 ? RELAY_BLOCK_SIZE : sp->cap - sp->in_pipe;
+    ssize_t n = splice(sfd, NULL, sp->pipe[1], NULL, max, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     if (n > 0) {
         d->bytes += (uint64_t)n;
         d->last_read = uv_now(src->loop);
-        (void)relay_splice_flush(d, dfd, (size_t)n); /* a failure went to on_event */
+        sp->in_pipe += (size_t)n;
+        (void)relay_splice_push(d); /* a failure went to on_event */
         return;
     }
     if (n == 0) {
@@ -787,11 +859,33 @@ static bool relay_splice_ok(const struct relay_dir *d)
 
 static void relay_splice_begin(struct relay_dir *d)
 {
-    if (pipe2(d->pipe, O_NONBLOCK | O_CLOEXEC) != 0) {
-        d->kernel = RELAY_KERNEL_OFF; /* out of descriptors: stay in user space */
-        d->pipe[0] = d->pipe[1] = -1;
+    struct relay_splice *sp = calloc(1, sizeof(*sp));
+    uv_os_fd_t dfd;
+
+    d->kernel = RELAY_KERNEL_OFF; /* once; any failure leaves d in user space */
+    if (sp == NULL || uv_fileno((uv_handle_t *)d->dst, &dfd) != 0) {
+        free(sp);
         return;
     }
+    sp->out_fd = fcntl(dfd, F_DUPFD_CLOEXEC, 0);
+    if (sp->out_fd < 0 || pipe2(sp->pipe, O_NONBLOCK | O_CLOEXEC) != 0) {
+        if (sp->out_fd >= 0)
+            close(sp->out_fd);
+        free(sp); /* out of descriptors */
+        return;
+    }
+    if (uv_poll_init(d->src->loop, &sp->poll, sp->out_fd) != 0) {
+        close(sp->pipe[0]);
+        close(sp->pipe[1]);
+        close(sp->out_fd);
+        free(sp);
+        return;
+    }
+    (void)fcntl(sp->pipe[1], F_SETPIPE_SZ, RELAY_PIPE_SIZE); /* else the default, 64 KiB */
+    int cap = fcntl(sp->pipe[1], F_GETPIPE_SZ);
+    sp->cap = cap > 0 ? (size_t)cap : 65536;
+    sp->d = d;
+    d->spl = sp;
     d->flags |= RELAY_F_SPLICE;
     d->on_event(d, RELAY_EV_KERNEL, RELAY_KERNEL_SPLICE);
     if (d->flags & RELAY_F_READING) {

@@ -46,9 +46,12 @@
  * opaque, they may skip user space. RELAY_KERNEL_SPLICE: a direction whose
  * read fills a whole block (a large transfer) moves on to splice(2) through
  * its own pipe: libuv still says when src is readable (a read with no
- * buffer), the bytes go src -> pipe -> dst without a copy; what dst does
- * not take at once is copied into blocks and queued as usual, so
- * backpressure and ordering are those of the plain path.
+ * buffer), the bytes go src -> pipe -> dst without a copy. What dst does
+ * not take at once stays in the pipe, and src is not read until a poll of
+ * dst (on a duplicate of its descriptor) finds room and the pipe is empty:
+ * the pipe is the queue, bounded by its size (backpressure), and nothing
+ * can overtake it. Bytes already queued in user space when splicing begins
+ * go first: until they are written, spliced bytes are copied behind them.
  * RELAY_KERNEL_SOCKMAP: once both directions are quiet (nothing queued, no
  * TLS, neither at EOF), the pair goes into the eBPF sockmap (krelay.c) and
  * the kernel forwards every byte; libuv then only sees EOFs and errors. A
@@ -120,6 +123,7 @@ enum relay_kernel {
 
 struct relay_dir;
 struct relay_sockmap;
+struct relay_splice;
 typedef void (*relay_event_cb)(struct relay_dir *d, enum relay_event ev, int status);
 
 /* Takes one reference to b, whose data[0, len) holds the carry (see
@@ -148,7 +152,7 @@ struct relay_dir {
     size_t queued;              /* memory held for dst: blocks of queued writes, the tail */
     unsigned inflight;          /* uv_write requests not yet completed */
     unsigned kernel;            /* enum relay_kernel the owner allows; OFF once tried */
-    int pipe[2];                /* splice: the direction's pipe, with RELAY_F_SPLICE */
+    struct relay_splice *spl;   /* splice: the direction's pipe, with RELAY_F_SPLICE */
     struct relay_sockmap *smap; /* sockmap: shared by both directions, or NULL */
     uint64_t k_bytes0;          /* sockmap: bytes when the kernel took over */
     uint64_t k_rx0;             /* sockmap: src's consumed byte count then */
@@ -165,9 +169,10 @@ struct relay_dir {
 /* src is a socket still connecting: its first read event is reported first (bytes or EOF:
  * RELAY_EV_CONNECTED; an error: RELAY_EV_READ_ERR, the flag cleared) */
 #define RELAY_F_CONNECTING 0x80u
-#define RELAY_F_SPLICE 0x100u   /* bytes move by splice(2) through pipe[] */
+#define RELAY_F_SPLICE 0x100u   /* bytes move by splice(2) through spl's pipe */
 #define RELAY_F_SOCKMAP 0x200u  /* the kernel forwards the bytes (smap) */
 #define RELAY_F_FIN_WAIT 0x400u /* sockmap: EOF seen, the FIN waits for the kernel's bytes */
+#define RELAY_F_PIPE_WAIT 0x800u /* splice: dst is full, the pipe holds bytes; src is not read */
 
 /* Prepares d; src and dst must be initialised libuv streams. Sets
  * src->data = d. Does not start reading. */
