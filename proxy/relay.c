@@ -36,6 +36,7 @@ static void relay_on_eof(struct relay_dir *d);
 static void relay_kernel_try(struct relay_dir *d, size_t nread);
 static void relay_sockmap_release(struct relay_dir *d);
 static void relay_sockmap_on_timer(uv_timer_t *t);
+static int64_t relay_sockmap_pending(const struct relay_dir *d);
 static void relay_splice_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
 static void relay_splice_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf);
 static void relay_splice_free(struct relay_dir *d);
@@ -472,7 +473,7 @@ static void relay_on_eof(struct relay_dir *d)
     /* The FIN goes out after every queued write: half-close is exact. */
     if (d->flags & (RELAY_F_NO_FIN | RELAY_F_STOPPED))
         return;
-    if (d->flags & RELAY_F_SOCKMAP) {
+    if ((d->flags & RELAY_F_SOCKMAP) && relay_sockmap_pending(d) > 0) {
         d->flags |= RELAY_F_FIN_WAIT; /* after the bytes the kernel still holds */
         if (!uv_is_active((uv_handle_t *)&d->smap->timer))
             uv_timer_start(&d->smap->timer, relay_sockmap_on_timer, 0, RELAY_FIN_POLL_MS);
