@@ -97,7 +97,7 @@ enum config_kernel_relay {
 };
 
 /* Measured in bench/RESULTS.md ("kernel_relay"). */
-#define CONFIG_KERNEL_RELAY_DEFAULT CONFIG_KERNEL_RELAY_OFF
+#define CONFIG_KERNEL_RELAY_DEFAULT CONFIG_KERNEL_RELAY_SPLICE
 
 enum config_tls_version {
     CONFIG_TLS_1_2 = 0, /* "TLSv1.2" (default) */
