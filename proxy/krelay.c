@@ -113,6 +113,13 @@ static int krelay_kick(int fd)
 }
 #endif
 
+bool krelay_read_empty(int a, int b)
+{
+    int na = 0, nb = 0;
+
+    return ioctl(a, SIOCINQ, &na) == 0 && na == 0 && ioctl(b, SIOCINQ, &nb) == 0 && nb == 0;
+}
+
 int krelay_sockmap_pair(int a, int b)
 {
 #ifdef MXPROXY_HAVE_SOCKMAP
@@ -126,8 +133,7 @@ int krelay_sockmap_pair(int a, int b)
     /* The verdict takes whole skbs off the receive queue: one that a read()
      * has begun would go out again from its start. Only with both queues
      * read empty (more arriving now comes in fresh skbs). */
-    int n = 0;
-    if (ioctl(a, SIOCINQ, &n) != 0 || n != 0 || ioctl(b, SIOCINQ, &n) != 0 || n != 0)
+    if (!krelay_read_empty(a, b))
         return -EAGAIN;
     /* Under its peer's cookie: the verdict looks up its own and finds the peer. */
     if (bpf_map_update_elem(krelay_map_fd, &cb, &va, BPF_NOEXIST) != 0)
@@ -169,16 +175,16 @@ int krelay_counters(int fd, struct krelay_count *c)
 {
     struct tcp_info ti;
     socklen_t len = sizeof(ti);
-    int outq = 0, inq = 0;
+    int outq = 0;
 
     memset(&ti, 0, sizeof(ti));
     if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0)
         return -errno;
     if (len < offsetof(struct tcp_info, tcpi_bytes_received) + sizeof(ti.tcpi_bytes_received))
         return -ENOTSUP;
-    if (ioctl(fd, SIOCOUTQ, &outq) != 0 || ioctl(fd, SIOCINQ, &inq) != 0)
+    if (ioctl(fd, SIOCOUTQ, &outq) != 0)
         return -errno;
-    c->rx = ti.tcpi_bytes_received - (uint64_t)inq;
+    c->rx = ti.tcpi_bytes_received;
     c->tx = ti.tcpi_bytes_acked + (uint64_t)outq;
     c->idle_ms = ti.tcpi_last_data_recv;
     return 0;

@@ -17,6 +17,9 @@
  * logs one ev=kernel_relay_unavailable line at warn, the first time only. */
 bool krelay_sockmap_available(void);
 
+/* Neither a nor b has received bytes not yet read (they are not in the map). */
+bool krelay_read_empty(int a, int b);
+
 /* Puts sockets a and b into the map, each as the other's peer: from now on
  * the kernel forwards what either receives to the other. Then makes sure no
  * byte received before that waits in a receive queue. Returns 0, -EAGAIN
@@ -29,7 +32,9 @@ void krelay_sockmap_unpair(int a, int b);
 
 /* What the kernel counted on a TCP socket; a FIN counts one byte. */
 struct krelay_count {
-    uint64_t rx;      /* bytes received and taken off the receive queue */
+    uint64_t rx;      /* bytes received (a socket paired only with its receive queue read
+                         empty, whose verdict takes every byte at once: all were forwarded or
+                         are on their way) */
     uint64_t tx;      /* bytes written to the socket: acknowledged or still queued */
     uint32_t idle_ms; /* milliseconds since data last arrived */
 };

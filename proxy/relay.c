@@ -960,8 +960,13 @@ static void relay_sockmap_begin(struct relay_dir *d)
     d->kernel = r->kernel = RELAY_KERNEL_OFF;
     if (!krelay_sockmap_available())
         return;
-    if (uv_fileno((uv_handle_t *)d->src, &a) != 0 || uv_fileno((uv_handle_t *)d->dst, &b) != 0 ||
-        krelay_counters(a, &ca) != 0 || krelay_counters(b, &cb) != 0)
+    if (uv_fileno((uv_handle_t *)d->src, &a) != 0 || uv_fileno((uv_handle_t *)d->dst, &b) != 0)
+        return;
+    if (!krelay_read_empty(a, b)) {
+        d->kernel = r->kernel = RELAY_KERNEL_SOCKMAP; /* after the next read */
+        return;
+    }
+    if (krelay_counters(a, &ca) != 0 || krelay_counters(b, &cb) != 0)
         return;
     struct relay_sockmap *m = malloc(sizeof(*m));
     if (m == NULL)
