@@ -23,7 +23,9 @@
 #endif
 
 static pthread_once_t krelay_once = PTHREAD_ONCE_INIT;
+#ifdef MXPROXY_HAVE_SOCKMAP
 static int krelay_map_fd = -1; /* the SOCKHASH, or -1: unavailable */
+#endif
 
 static void krelay_log_unavailable(const char *reason)
 {
@@ -87,7 +89,11 @@ static void krelay_load(void)
 bool krelay_sockmap_available(void)
 {
     (void)pthread_once(&krelay_once, krelay_load);
+#ifdef MXPROXY_HAVE_SOCKMAP
     return krelay_map_fd >= 0;
+#else
+    return false;
+#endif
 }
 
 static int krelay_cookie(int fd, uint64_t *out)

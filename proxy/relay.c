@@ -23,14 +23,14 @@ struct relay_sockmap {
 
 /* A spliced direction's pipe and the poll that waits for room in dst. */
 struct relay_splice {
-    uv_poll_t poll;       /* on out_fd, while RELAY_F_PIPE_WAIT */
-    struct relay_dir *d;  /* NULL once the direction stopped */
-    int pipe[2];          /* read end, write end */
-    int out_fd;           /* dup() of dst's descriptor: libuv watches dst's own */
-    size_t in_pipe;       /* bytes in the pipe */
-    size_t cap;           /* the pipe's size: the most one splice from src takes */
+    uv_poll_t poll;      /* on out_fd, while RELAY_F_PIPE_WAIT */
+    struct relay_dir *d; /* NULL once the direction stopped */
+    int pipe[2];         /* read end, write end */
+    int out_fd;          /* dup() of dst's descriptor: libuv watches dst's own */
+    size_t in_pipe;      /* bytes in the pipe */
+    size_t cap;          /* the pipe's size: the most one splice from src takes */
 };
-#define RELAY_FIN_POLL_MS 1          /* how often a waiting FIN looks again */
+#define RELAY_FIN_POLL_MS 1 /* how often a waiting FIN looks again */
 
 static void relay_on_eof(struct relay_dir *d);
 static void relay_kernel_try(struct relay_dir *d, size_t nread);
@@ -743,8 +743,8 @@ static int relay_splice_push(struct relay_dir *d)
     if (uv_fileno((uv_handle_t *)d->dst, &dfd) != 0)
         return 0;
     while (sp->in_pipe > 0 && d->inflight == 0 && d->tail == NULL) {
-        ssize_t w = splice(sp->pipe[0], NULL, dfd, NULL, sp->in_pipe,
-                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        ssize_t w =
+            splice(sp->pipe[0], NULL, dfd, NULL, sp->in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (w > 0) {
             sp->in_pipe -= (size_t)w;
             continue;

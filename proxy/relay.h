@@ -169,9 +169,9 @@ struct relay_dir {
 /* src is a socket still connecting: its first read event is reported first (bytes or EOF:
  * RELAY_EV_CONNECTED; an error: RELAY_EV_READ_ERR, the flag cleared) */
 #define RELAY_F_CONNECTING 0x80u
-#define RELAY_F_SPLICE 0x100u   /* bytes move by splice(2) through spl's pipe */
-#define RELAY_F_SOCKMAP 0x200u  /* the kernel forwards the bytes (smap) */
-#define RELAY_F_FIN_WAIT 0x400u /* sockmap: EOF seen, the FIN waits for the kernel's bytes */
+#define RELAY_F_SPLICE 0x100u    /* bytes move by splice(2) through spl's pipe */
+#define RELAY_F_SOCKMAP 0x200u   /* the kernel forwards the bytes (smap) */
+#define RELAY_F_FIN_WAIT 0x400u  /* sockmap: EOF seen, the FIN waits for the kernel's bytes */
 #define RELAY_F_PIPE_WAIT 0x800u /* splice: dst is full, the pipe holds bytes; src is not read */
 
 /* Prepares d; src and dst must be initialised libuv streams. Sets
