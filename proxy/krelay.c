@@ -96,6 +96,7 @@ bool krelay_sockmap_available(void)
 #endif
 }
 
+#ifdef MXPROXY_HAVE_SOCKMAP
 static int krelay_cookie(int fd, uint64_t *out)
 {
     socklen_t len = sizeof(*out);
@@ -103,7 +104,6 @@ static int krelay_cookie(int fd, uint64_t *out)
     return getsockopt(fd, SOL_SOCKET, SO_COOKIE, out, &len) == 0 ? 0 : -errno;
 }
 
-#ifdef MXPROXY_HAVE_SOCKMAP
 /* Bytes that arrived before fd joined the map wait in its receive queue
  * until the next segment wakes the verdict up, and a read() of fd would
  * still return them, ahead of nothing and behind nothing the kernel keeps in
