@@ -80,7 +80,9 @@ def one_session(port, msg_len):
     return t_greet
 
 
-def run_target(port, pid, sessions, concurrency, msg_len):
+def run_target(port, pid, sessions, concurrency, msg_len, session=None):
+    """Runs sessions (one_session unless given) against port; pid's CPU is measured."""
+    session = session or one_session
     lat, errors = [], []
     lock = threading.Lock()
     todo = [sessions]
@@ -92,7 +94,7 @@ def run_target(port, pid, sessions, concurrency, msg_len):
                     return
                 todo[0] -= 1
             try:
-                t = one_session(port, msg_len)
+                t = session(port, msg_len)
                 with lock:
                     lat.append(t)
             except Exception as e:  # counted, reported

@@ -74,6 +74,7 @@ static const struct config_word config_log_levels[] = {
 static const struct config_word config_modes[] = {
     {"tcp", CONFIG_MODE_TCP},
     {"smtp", CONFIG_MODE_SMTP},
+    {"imap", CONFIG_MODE_IMAP},
     {"pop3", CONFIG_MODE_POP3},
     {NULL, 0},
 };
@@ -154,6 +155,7 @@ typedef int (*config_parse_fn)(struct config_parser *p, const struct config_key 
 #define CONFIG_KEY_F_TLS 0x4u    /* a TLS key: remembered in tls_line for messages */
 
 #define CONFIG_SMTP CONFIG_MODE_BIT(CONFIG_MODE_SMTP) /* .modes of a key mode smtp owns */
+#define CONFIG_IMAP CONFIG_MODE_BIT(CONFIG_MODE_IMAP) /* .modes of a key mode imap owns */
 #define CONFIG_POP3 CONFIG_MODE_BIT(CONFIG_MODE_POP3) /* ... and mode pop3 */
 
 /* One row per key: where it may appear, how its value is parsed, where it goes. */
@@ -179,6 +181,8 @@ static int config_parse_log_level(struct config_parser *p, const struct config_k
                                   const char *value);
 static int config_parse_mode(struct config_parser *p, const struct config_key *k,
                              const char *value);
+static int config_parse_line_length(struct config_parser *p, const struct config_key *k,
+                                    const char *value);
 static int config_parse_listen(struct config_parser *p, const struct config_key *k,
                                const char *value);
 static int config_parse_smuggling(struct config_parser *p, const struct config_key *k,
@@ -197,6 +201,8 @@ static int config_parse_transcript(struct config_parser *p, const struct config_
                                    const char *value);
 static int config_parse_backend(struct config_parser *p, const struct config_key *k,
                                 const char *value);
+static int config_parse_tls_keylog(struct config_parser *p, const struct config_key *k,
+                                   const char *value);
 
 #define CONFIG_G(field) offsetof(struct config, field)
 #define CONFIG_L(field) offsetof(struct config_listener, field)
@@ -246,7 +252,7 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(greeting_timeout_ms),
      .min = 1,
      .max = CONFIG_DURATION_MAX_MS,
-     .modes = CONFIG_SMTP | CONFIG_POP3},
+     .modes = CONFIG_SMTP | CONFIG_IMAP | CONFIG_POP3},
     {.name = "max_connections",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_uint,
@@ -261,11 +267,11 @@ static const struct config_key config_keys[] = {
      .max = CONFIG_DURATION_MAX_MS},
     {.name = "max_line_length",
      .section = CONFIG_SECTION_LISTENER,
-     .parse = config_parse_uint,
+     .parse = config_parse_line_length,
      .offset = CONFIG_L(max_line_length),
      .min = CONFIG_LINE_LENGTH_MIN,
      .max = CONFIG_LINE_LENGTH_MAX,
-     .modes = CONFIG_SMTP | CONFIG_POP3},
+     .modes = CONFIG_SMTP | CONFIG_IMAP | CONFIG_POP3},
     {.name = "smuggling",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_smuggling,
@@ -273,8 +279,9 @@ static const struct config_key config_keys[] = {
     {.name = "transcript",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_transcript,
-     .modes = CONFIG_SMTP | CONFIG_POP3},
+     .modes = CONFIG_SMTP | CONFIG_IMAP | CONFIG_POP3},
     {.name = "admin", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_admin},
+    {.name = "tls_keylog", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_tls_keylog},
     {.name = "admin_max_connections",
      .section = CONFIG_SECTION_GLOBAL,
      .parse = config_parse_uint,
@@ -395,6 +402,12 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(xclient),
      .words = config_onoff,
      .modes = CONFIG_SMTP | CONFIG_POP3},
+    {.name = "imap_id",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(imap_id),
+     .words = config_onoff,
+     .modes = CONFIG_IMAP},
     {.name = "pass_client_xclient",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_enum,
@@ -468,6 +481,8 @@ static void config_free(struct config *c)
     }
     free(c->listeners);
     c->listeners = NULL;
+    free(c->tls_keylog);
+    tls_keylog_unref(c->keylog);
     free(c->path);
     c->path = NULL;
     free(c);
@@ -868,13 +883,51 @@ static int config_parse_log_level(struct config_parser *p, const struct config_k
     return 0;
 }
 
+/* Was the listener key name given in the current section so far? */
+static bool config_listener_key_seen(const struct config_parser *p, const char *name)
+{
+    for (size_t row = 0; row < sizeof(config_keys) / sizeof(config_keys[0]); row++)
+        if (config_keys[row].section == CONFIG_SECTION_LISTENER &&
+            strcmp(config_keys[row].name, name) == 0)
+            return (p->listener_seen[row / 64] & (UINT64_C(1) << (row % 64))) != 0;
+    return false;
+}
+
 static int config_parse_mode(struct config_parser *p, const struct config_key *k, const char *value)
 {
+    struct config_listener *l = config_cur_listener(p);
     int v;
 
     if (config_parse_word(p, k, value, config_modes, &v) != 0)
         return -1;
-    config_cur_listener(p)->mode = (enum config_mode)v;
+    l->mode = (enum config_mode)v;
+    if (l->mode == CONFIG_MODE_IMAP) {
+        /* Mode imap's own defaults, unless the file gave the keys before the mode. */
+        if (!config_listener_key_seen(p, "idle_timeout"))
+            l->idle_timeout_ms = CONFIG_IMAP_IDLE_TIMEOUT_MS;
+        if (!config_listener_key_seen(p, "max_line_length"))
+            l->max_line_length = CONFIG_IMAP_LINE_LENGTH;
+    }
+    return 0;
+}
+
+/* max_line_length: 512 to 12288 (RFC 4954's AUTH line), or up to 1 MiB in mode imap, where
+ * literals do not count; before any mode line it may be either (checked again at the end). */
+static int config_parse_line_length(struct config_parser *p, const struct config_key *k,
+                                    const char *value)
+{
+    struct config_listener *l = config_cur_listener(p);
+    bool imap = l->mode == CONFIG_MODE_IMAP || !config_listener_key_seen(p, "mode");
+    unsigned max = imap ? CONFIG_IMAP_LINE_LENGTH_MAX : k->max;
+    unsigned n;
+
+    if (config_strtou(value, max, &n) != 0 || n < k->min) {
+        config_fail(p, -EINVAL, p->lineno,
+                    "invalid value '%s' for '%s': expected an integer from %u to %u", value,
+                    k->name, k->min, max);
+        return -1;
+    }
+    l->max_line_length = n;
     return 0;
 }
 
@@ -1090,6 +1143,25 @@ static int config_parse_listen(struct config_parser *p, const struct config_key 
     return config_parse_numeric_addr(p, k, value, &config_cur_listener(p)->listen);
 }
 
+/* "tls_keylog": a path, opened once the whole file is read (config_alloc_runtime). */
+static int config_parse_tls_keylog(struct config_parser *p, const struct config_key *k,
+                                   const char *value)
+{
+    (void)k;
+    if (value[0] == '\0') {
+        config_fail(p, -EINVAL, p->lineno, "tls_keylog: expected a file name");
+        return -1;
+    }
+    free(p->cfg->tls_keylog);
+    p->cfg->tls_keylog = strdup(value);
+    if (p->cfg->tls_keylog == NULL) {
+        config_fail_nomem(p);
+        return -1;
+    }
+    p->cfg->tls_keylog_line = p->lineno;
+    return 0;
+}
+
 static int config_parse_admin(struct config_parser *p, const struct config_key *k,
                               const char *value)
 {
@@ -1295,22 +1367,47 @@ static int config_on_key(void *user, const char *section, const char *name, cons
 /* ---- after the last line ---- */
 
 /* Every mode-bound key l was given must be owned by l's mode: the first one
- * that is not fails with "'KEY' needs mode = M[ or M...] in [listener L]". */
+ * that is not fails with "'KEY' needs mode = M[, M...][ or M] in [listener L]". */
 static int config_check_mode_keys(struct config_parser *p, const struct config_listener *l)
 {
     for (unsigned i = 0; i < l->mode_keys.n; i++) {
         const struct config_key *k = &config_keys[l->mode_keys.row[i]];
         char modes[64] = "";
         size_t n = 0;
+        unsigned left = 0;
 
         if (k->modes & CONFIG_MODE_BIT(l->mode))
             continue;
         for (const struct config_word *w = config_modes; w->name != NULL; w++)
-            if (k->modes & CONFIG_MODE_BIT(w->value))
-                n += (size_t)snprintf(modes + n, n < sizeof(modes) ? sizeof(modes) - n : 0, "%s%s",
-                                      n > 0 ? " or " : "", w->name);
+            left += (k->modes & CONFIG_MODE_BIT(w->value)) != 0;
+        /* "a", "a or b", "a, b or c" */
+        for (const struct config_word *w = config_modes; w->name != NULL; w++) {
+            if ((k->modes & CONFIG_MODE_BIT(w->value)) == 0)
+                continue;
+            const char *sep = --left > 1 ? ", " : " or ";
+            n += (size_t)snprintf(modes + n, n < sizeof(modes) ? sizeof(modes) - n : 0, "%s%s",
+                                  w->name, left > 0 ? sep : "");
+        }
         config_fail(p, -EINVAL, l->mode_keys.line[i], "'%s' needs mode = %s in [listener %s]",
                     k->name, modes, l->name);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* A max_line_length over 12288 given before "mode = imap" was taken on trust; any other
+ * mode refuses it as the key itself would have. */
+static int config_check_line_length(struct config_parser *p, const struct config_listener *l)
+{
+    if (l->mode == CONFIG_MODE_IMAP || l->max_line_length <= CONFIG_LINE_LENGTH_MAX)
+        return 0;
+    for (unsigned i = 0; i < l->mode_keys.n; i++) {
+        const struct config_key *k = &config_keys[l->mode_keys.row[i]];
+        if (strcmp(k->name, "max_line_length") != 0)
+            continue;
+        config_fail(p, -EINVAL, l->mode_keys.line[i],
+                    "invalid value '%u' for '%s': expected an integer from %u to %u",
+                    l->max_line_length, k->name, k->min, k->max);
         return -EINVAL;
     }
     return 0;
@@ -1349,7 +1446,8 @@ static bool config_addr_overlaps(const struct config_addr *a, const struct confi
 /* Settings that only make sense together. */
 static int config_check_features(struct config_parser *p, const struct config_listener *l)
 {
-    bool smtp = l->mode == CONFIG_MODE_SMTP || l->mode == CONFIG_MODE_POP3; /* STARTTLS */
+    bool dialog = l->mode == CONFIG_MODE_SMTP || l->mode == CONFIG_MODE_IMAP ||
+                  l->mode == CONFIG_MODE_POP3; /* modes with STARTTLS */
     int line = l->tls_line > 0 ? l->tls_line : l->line;
 
     if (l->n_certs != l->n_keys) {
@@ -1378,10 +1476,11 @@ static int config_check_features(struct config_parser *p, const struct config_li
                     l->name, l->ciphers != NULL ? "ciphers" : "ciphersuites");
         return -1;
     }
-    if (!smtp && (l->client_tls == CONFIG_CLIENT_TLS_STARTTLS ||
-                  l->client_tls == CONFIG_CLIENT_TLS_PASSTHROUGH ||
-                  l->backend_tls == CONFIG_BACKEND_TLS_STARTTLS)) {
-        config_fail(p, -EINVAL, line, "listener '%s': STARTTLS needs mode = smtp or pop3", l->name);
+    if (!dialog && (l->client_tls == CONFIG_CLIENT_TLS_STARTTLS ||
+                    l->client_tls == CONFIG_CLIENT_TLS_PASSTHROUGH ||
+                    l->backend_tls == CONFIG_BACKEND_TLS_STARTTLS)) {
+        config_fail(p, -EINVAL, line, "listener '%s': STARTTLS needs mode = smtp, imap or pop3",
+                    l->name);
         return -1;
     }
     if (l->require_tls && l->client_tls != CONFIG_CLIENT_TLS_STARTTLS) {
@@ -1432,7 +1531,7 @@ static void config_check(struct config_parser *p)
         }
         if (config_check_features(p, l) != 0)
             return;
-        if (config_check_mode_keys(p, l) != 0)
+        if (config_check_mode_keys(p, l) != 0 || config_check_line_length(p, l) != 0)
             return;
         for (size_t j = 0; j < i; j++) {
             const struct config_listener *o = &c->listeners[j];
@@ -1517,14 +1616,33 @@ static void config_load_tls(struct config_parser *p, struct config_listener *l)
 
 /* Allocates the per-backend state sessions update at run time, and the
  * TLS contexts. */
+/* tls_ctx_set_keylog for a listener's context when it has one. */
+static int config_set_keylog(struct tls_ctx *ctx, struct tls_keylog *k)
+{
+    return ctx != NULL ? tls_ctx_set_keylog(ctx, k) : 0;
+}
+
 static void config_alloc_runtime(struct config_parser *p)
 {
+    struct config *c = p->cfg;
+    char err[CONFIG_ERR_MAX - 64];
+
+    if (c->tls_keylog != NULL &&
+        tls_keylog_open(&c->keylog, c->tls_keylog, err, sizeof(err)) != 0) {
+        config_fail(p, -EINVAL, c->tls_keylog_line, "%s", err);
+        return;
+    }
     for (size_t i = 0; i < p->cfg->n_listeners; i++) {
         struct config_listener *l = &p->cfg->listeners[i];
 
         config_load_tls(p, l);
         if (p->err_code != 0)
             return;
+        if (c->keylog != NULL && (config_set_keylog(l->tls_server, c->keylog) != 0 ||
+                                  config_set_keylog(l->tls_client, c->keylog) != 0)) {
+            config_fail_nomem(p);
+            return;
+        }
         l->backend_retry_at =
             calloc(l->n_backends > 0 ? l->n_backends : 1, sizeof(*l->backend_retry_at));
         if (l->backend_retry_at == NULL) {

@@ -23,6 +23,11 @@
 #define CONFIG_CERTS_MAX 16          /* "cert" / "key" pairs per listener */
 #define CONFIG_ADMIN_CONNS_MAX 1024  /* admin_max_connections and _per_peer, at most */
 
+/* Mode imap: max_line_length up to this (literals do not count), and its own defaults. */
+#define CONFIG_IMAP_LINE_LENGTH_MAX 1048576
+#define CONFIG_IMAP_LINE_LENGTH 65536                /* Dovecot's own limit */
+#define CONFIG_IMAP_IDLE_TIMEOUT_MS (30 * 60 * 1000) /* RFC 9051's autologout */
+
 /* Longest duration a key accepts, in ms (2^31 - 1, about 24.8 days), so any
  * timeout fits a signed 32-bit millisecond count. */
 #define CONFIG_DURATION_MAX_MS 2147483647u
@@ -43,6 +48,7 @@ enum config_mode {
     CONFIG_MODE_TCP = 0, /* opaque byte relay (default) */
     CONFIG_MODE_SMTP,    /* SMTP-aware relay (proto_smtp.c) */
     CONFIG_MODE_POP3,    /* POP3-aware relay (proto_pop3.c) */
+    CONFIG_MODE_IMAP,    /* IMAP-aware relay (proto_imap.c) */
 };
 
 /* A key that only some modes own names them as a mask of these bits
@@ -182,6 +188,8 @@ struct config_listener {
     unsigned accept_proxy_protocol;     /* "accept_proxy_protocol" on/off */
     unsigned proxy_protocol_timeout_ms; /* "proxy_protocol_timeout", default 5 s */
     unsigned xclient;                   /* "xclient" on/off, mode smtp */
+    unsigned imap_id;                   /* "imap_id" on/off, mode imap: ID with the client's
+                                           address before its first command */
     unsigned pass_client_xclient;       /* "pass_client_xclient" on/off, mode smtp: relay a
                                            client's own XCLIENT/XFORWARD (trusted chain) */
     struct tls_ctx *tls_server;         /* client_tls implicit/starttls: certificates, or NULL */
@@ -206,6 +214,9 @@ struct config {
     unsigned admin_max_connections;    /* "admin_max_connections", default 64 */
     unsigned admin_max_per_peer;       /* "admin_max_connections_per_peer", default 8 */
     unsigned admin_header_timeout_ms;  /* "admin_header_timeout", default 3 s */
+    char *tls_keylog;                  /* "tls_keylog": file for TLS secrets, or NULL */
+    int tls_keylog_line;               /* its line, for errors */
+    struct tls_keylog *keylog;         /* tls_keylog opened, shared by every TLS context */
     struct config_listener *listeners; /* in file order */
     size_t n_listeners;                /* >= 1 in a loaded config */
 };

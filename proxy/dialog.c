@@ -385,7 +385,7 @@ bool dialog_start_client_tls(struct session *s)
     return true;
 }
 
-void dialog_go_opaque(struct session *s, const char *event)
+void dialog_go_opaque(struct session *s, const char *ev)
 {
     struct dialog *d = dialog_of(s);
     struct log_line l;
@@ -396,7 +396,7 @@ void dialog_go_opaque(struct session *s, const char *event)
     s->down.flags &= ~RELAY_F_NO_FIN;
     relay_kernel_allow(&s->up, (enum relay_kernel)s->cl->kernel_relay);
     if (log_enabled(LOG_INFO)) {
-        log_begin(&l, LOG_INFO, event);
+        log_begin(&l, LOG_INFO, ev);
         log_sid(&l, s->id);
         log_end(&l);
     }

@@ -270,8 +270,8 @@ bool dialog_start_client_tls(struct session *s);
 
 /* The backend accepted STARTTLS (or COMPRESS) that mxproxy does not
  * terminate: the bytes are relayed untouched from now on and the backend's
- * EOF reaches the client as in mode tcp. Logs ev=event. */
-void dialog_go_opaque(struct session *s, const char *event);
+ * EOF reaches the client as in mode tcp. Logs ev=<ev>. */
+void dialog_go_opaque(struct session *s, const char *ev);
 
 /* Starts TLS with the backend in the middle of the connection (after its
  * reply to STARTTLS/STLS): sends the ClientHello. Returns true when the

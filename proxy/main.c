@@ -220,6 +220,20 @@ static int main_probe_listeners(const struct config *next, const struct config *
     return 0;
 }
 
+/* Secrets on disk decrypt every session: say so at start and at every reload, so it
+ * is never left on unnoticed. */
+static void main_warn_keylog(const struct config *c)
+{
+    struct log_line l;
+
+    if (c->tls_keylog != NULL && log_enabled(LOG_WARN)) {
+        log_begin(&l, LOG_WARN, "tls_keylog");
+        log_str(&l, "file", c->tls_keylog);
+        log_str(&l, "msg", "TLS secrets of every session are written to this file");
+        log_end(&l);
+    }
+}
+
 static void main_reload(void)
 {
     char err[CONFIG_ERR_MAX];
@@ -255,6 +269,7 @@ static void main_reload(void)
     mx.reloads++;
     config_unref(mx.cfg);
     mx.cfg = next;
+    main_warn_keylog(next);
     if (log_enabled(LOG_INFO)) {
         log_begin(&l, LOG_INFO, "reload");
         log_str(&l, "config", mx.path);
@@ -396,6 +411,7 @@ static int main_run(void)
     uv_signal_start(&mx.sigterm, main_on_signal, SIGTERM);
     uv_signal_start(&mx.sigint, main_on_signal, SIGINT);
 
+    main_warn_keylog(mx.cfg);
     if (log_enabled(LOG_INFO)) {
         log_begin(&l, LOG_INFO, "start");
         log_str(&l, "version", MXPROXY_VERSION);

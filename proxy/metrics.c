@@ -9,6 +9,7 @@
 #include <string.h>
 #include <uv.h>
 
+#include "imap.h"
 #include "pop3.h"
 #include "smtp.h"
 
@@ -119,6 +120,17 @@ void metrics_greeting(struct metrics *m, uint64_t ns)
 }
 
 static_assert(METRICS_VERBS == SMTP_CMD_DOT + 1, "one reply row per enum smtp_cmd");
+static_assert(METRICS_IMAP_CMDS == IMAP_CMD_COUNT_, "one response row per enum imap_cmd");
+static_assert(METRICS_IMAP_STATUSES == IMAP_ST_PREAUTH + 1, "one column per enum imap_status");
+
+void metrics_imap_response(struct metrics *m, unsigned cmd, unsigned status, uint64_t ns)
+{
+    if (cmd >= METRICS_IMAP_CMDS || status == IMAP_ST_NONE || status >= METRICS_IMAP_STATUSES)
+        return;
+    metrics_add(&m->imap[cmd][status], 1);
+    if (ns != METRICS_NO_LATENCY)
+        metrics_observe(&m->reply, ns);
+}
 
 void metrics_reply(struct metrics *m, unsigned cmd, int code, uint64_t ns)
 {
@@ -431,6 +443,22 @@ size_t metrics_render(struct metrics *const *per_worker, unsigned n, char *out, 
                 sum += metrics_get(&per_worker[w]->replies[v][c]);
             metrics_sample(&o, "mxproxy_replies_total", "verb", metrics_verb((enum smtp_cmd)v),
                            "class", metrics_classes[c], sum);
+        }
+    }
+
+    /* Only the pairs that happened: 43 commands times 5 statuses would be mostly zeros. */
+    metrics_head(&o, "mxproxy_imap_responses_total", "counter",
+                 "IMAP responses that ended a command, by command and status (mode imap); "
+                 "command=\"none\" is the greeting and lines mxproxy refused itself.");
+    for (unsigned v = 0; v < METRICS_IMAP_CMDS; v++) {
+        for (unsigned st = IMAP_ST_OK; st < METRICS_IMAP_STATUSES; st++) {
+            sum = 0;
+            for (unsigned w = 0; w < n; w++)
+                sum += metrics_get(&per_worker[w]->imap[v][st]);
+            if (sum > 0)
+                metrics_sample(&o, "mxproxy_imap_responses_total", "command",
+                               v == IMAP_CMD_NONE ? "none" : imap_cmd_name((enum imap_cmd)v),
+                               "status", imap_status_name((enum imap_status)st), sum);
         }
     }
 

@@ -25,6 +25,8 @@
 #define METRICS_VERBS 19                 /* values of enum smtp_cmd (checked in metrics.c) */
 #define METRICS_POP3_CMDS 20             /* values of enum pop3_cmd (checked in metrics.c) */
 #define METRICS_CLASSES 4                /* 2xx, 3xx, 4xx, 5xx */
+#define METRICS_IMAP_CMDS 43             /* values of enum imap_cmd (checked in metrics.c) */
+#define METRICS_IMAP_STATUSES 6          /* values of enum imap_status (checked in metrics.c) */
 #define METRICS_BUCKETS 16               /* finite histogram bounds, 0.0001..10 s */
 #define METRICS_NO_LATENCY UINT64_MAX    /* metrics_reply(): count, do not time */
 #define METRICS_OTHER_LISTENER "~other"  /* label for names past the table */
@@ -60,6 +62,8 @@ struct metrics {
     struct metrics_hist connect;  /* backend connect time */
     struct metrics_hist greeting; /* accept to first greeting byte */
     struct metrics_hist reply;    /* command to reply */
+    /* mode imap: by imap_cmd and imap_status */
+    metrics_counter imap[METRICS_IMAP_CMDS][METRICS_IMAP_STATUSES];
 };
 
 /* Hooks; call only on the worker thread that owns m (or before it starts).
@@ -79,6 +83,11 @@ void metrics_greeting(struct metrics *m, uint64_t ns);
  * METRICS_NO_LATENCY for replies that are not timed (mxproxy's own answers,
  * greetings). */
 void metrics_reply(struct metrics *m, unsigned cmd, int code, uint64_t ns);
+
+/* A mode imap response: the tagged status (or the greeting's, cmd IMAP_CMD_NONE) that ended
+ * cmd, an enum imap_cmd; status is an enum imap_status (NONE is not counted). Also mxproxy's
+ * own tagged answers. Response times go to the same histogram as SMTP's (ns as above). */
+void metrics_imap_response(struct metrics *m, unsigned cmd, unsigned status, uint64_t ns);
 
 /* A mode pop3 response (+OK when ok, else -ERR) to cmd, an enum pop3_cmd (POP3_CMD_NONE: the
  * greeting, or a response to no command). */

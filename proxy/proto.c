@@ -10,6 +10,7 @@ static const struct proto *const proto_by_mode[] = {
     [CONFIG_MODE_TCP] = NULL,
     [CONFIG_MODE_SMTP] = &proto_smtp,
     [CONFIG_MODE_POP3] = &proto_pop3,
+    [CONFIG_MODE_IMAP] = &proto_imap,
 };
 
 const struct proto *proto_for_mode(enum config_mode mode)

@@ -104,5 +104,6 @@ void proto_pool_drain(struct worker *w);
 
 extern const struct proto proto_smtp;
 extern const struct proto proto_pop3;
+extern const struct proto proto_imap;
 
 #endif /* MXPROXY_PROTO_H */

@@ -45,6 +45,8 @@ static const char *const session_end_names[] = {
     [SESSION_END_LOOP] = "loop",
     [SESSION_END_XCLIENT_ERROR] = "xclient_error",
     [SESSION_END_LOCAL_ERROR] = "local_error",
+    [SESSION_END_LOGOUT] = "logout",
+    [SESSION_END_CLIENT_EOF_WITHOUT_LOGOUT] = "client_eof_without_logout",
 };
 
 static_assert((int)CONFIG_KERNEL_RELAY_SPLICE == (int)RELAY_KERNEL_SPLICE &&

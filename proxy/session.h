@@ -30,7 +30,9 @@ enum session_end {
     SESSION_END_LOOP,          /* transparent: the original destination is mxproxy itself */
     SESSION_END_XCLIENT_ERROR, /* xclient = on: the backend could not be told who the client is */
     SESSION_END_LOCAL_ERROR,   /* mxproxy ran short of descriptors or memory for the backend */
-    SESSION_END_COUNT_,        /* not an end: the number of them */
+    SESSION_END_LOGOUT,        /* mode imap: the client sent LOGOUT and got the tagged reply */
+    SESSION_END_CLIENT_EOF_WITHOUT_LOGOUT, /* mode imap: the client closed without LOGOUT */
+    SESSION_END_COUNT_,                    /* not an end: the number of them */
 };
 
 const char *session_end_name(enum session_end end);

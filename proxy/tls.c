@@ -14,6 +14,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -21,6 +22,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include <openssl/bio.h>
 #include <openssl/err.h>
@@ -29,10 +33,18 @@
 #include <openssl/x509v3.h>
 
 struct tls_ctx {
-    atomic_uint refs; /* the creator's plus one per tls_conn */
-    bool server;      /* made by tls_server_ctx_new */
-    size_t n;         /* entries in ssl[] */
-    SSL_CTX *ssl[];   /* server: one per cert pair, [0] the default; client: one */
+    atomic_uint refs;          /* the creator's plus one per tls_conn */
+    bool server;               /* made by tls_server_ctx_new */
+    struct tls_keylog *keylog; /* referenced; NULL: secrets are not written */
+    size_t n;                  /* entries in ssl[] */
+    SSL_CTX *ssl[];            /* server: one per cert pair, [0] the default; client: one */
+};
+
+/* The file of tls_keylog. Contexts reference it, and connections their context, so the
+ * descriptor stays open while any handshake that could log to it may still run. */
+struct tls_keylog {
+    atomic_uint refs;
+    int fd; /* O_APPEND: each line is one write, whole, whichever thread writes it */
 };
 
 /* A byte queue; all-zero is empty and holds no memory. */
@@ -226,7 +238,89 @@ static void tls_ctx_free(struct tls_ctx *c)
 {
     for (size_t i = 0; i < c->n; i++)
         SSL_CTX_free(c->ssl[i]);
+    tls_keylog_unref(c->keylog);
     free(c);
+}
+
+/* ---- tls_keylog: secrets in the NSS key log format ------------------------------------------- */
+
+int tls_keylog_open(struct tls_keylog **out, const char *path, char *err, size_t errlen)
+{
+    struct tls_keylog *k;
+    struct stat st;
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW, 0600);
+
+    if (fd < 0) {
+        snprintf(err, errlen, "tls_keylog %s: %s", path, strerror(errno));
+        return -EINVAL;
+    }
+    /* Anyone who reads the file decrypts every session: it must be the owner's alone. */
+    const char *why = NULL;
+    if (fstat(fd, &st) != 0)
+        why = strerror(errno);
+    else if (!S_ISREG(st.st_mode))
+        why = "not a regular file";
+    else if ((st.st_mode & 077) != 0)
+        why = "open to group or others (chmod 600 it)";
+    if (why != NULL) {
+        snprintf(err, errlen, "tls_keylog %s: %s", path, why);
+        close(fd);
+        return -EINVAL;
+    }
+    k = malloc(sizeof(*k));
+    if (k == NULL) {
+        snprintf(err, errlen, "out of memory");
+        close(fd);
+        return -ENOMEM;
+    }
+    atomic_init(&k->refs, 1);
+    k->fd = fd;
+    *out = k;
+    return 0;
+}
+
+void tls_keylog_unref(struct tls_keylog *k)
+{
+    if (k != NULL && atomic_fetch_sub_explicit(&k->refs, 1, memory_order_acq_rel) == 1) {
+        close(k->fd);
+        free(k);
+    }
+}
+
+static int tls_keylog_index = -1;
+static pthread_once_t tls_keylog_once = PTHREAD_ONCE_INIT;
+
+static void tls_keylog_init_once(void)
+{
+    tls_keylog_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+}
+
+/* OpenSSL calls this on the connection's thread with one line without its newline. A
+ * failed or short write loses that line only; the handshake goes on. */
+static void tls_keylog_line(const SSL *ssl, const char *line)
+{
+    const struct tls_keylog *k = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), tls_keylog_index);
+    struct iovec iov[2] = {{(void *)line, strlen(line)}, {"\n", 1}};
+
+    if (k != NULL && writev(k->fd, iov, 2) < 0)
+        return; /* nothing to do: the session must not fail for its debugging aid */
+}
+
+int tls_ctx_set_keylog(struct tls_ctx *c, struct tls_keylog *k)
+{
+    if (pthread_once(&tls_keylog_once, tls_keylog_init_once) != 0 || tls_keylog_index < 0)
+        return -ENOMEM;
+    /* Every SSL_CTX: the SNI callback moves a connection to its certificate's. */
+    for (size_t i = 0; i < c->n; i++) {
+        if (SSL_CTX_set_ex_data(c->ssl[i], tls_keylog_index, k) != 1)
+            return -ENOMEM;
+        SSL_CTX_set_keylog_callback(c->ssl[i], k != NULL ? tls_keylog_line : NULL);
+    }
+    if (k != NULL)
+        atomic_fetch_add_explicit(&k->refs, 1, memory_order_relaxed);
+    tls_keylog_unref(c->keylog);
+    c->keylog = k;
+    return 0;
 }
 
 /* Settings shared by every SSL_CTX this module makes. */

@@ -105,6 +105,24 @@ int tls_ctx_set_ciphers(struct tls_ctx *c, const char *ciphers, const char *ciph
 int tls_client_ctx_new(struct tls_ctx **out, bool verify, const char *ca_file,
                        const char *min_version, char *err, size_t errlen);
 
+struct tls_keylog; /* an open tls_keylog file, reference-counted */
+
+/* Opens path for appending TLS secrets (created mode 0600 when missing; an
+ * existing file must be a regular file that group and others cannot read, and
+ * is never truncated). Returns 0 and sets *out (one reference, the caller's),
+ * or -EINVAL / -ENOMEM with "tls_keylog PATH: why" in err. */
+int tls_keylog_open(struct tls_keylog **out, const char *path, char *err, size_t errlen);
+
+/* Drops a reference; the last one closes the file. NULL is accepted. */
+void tls_keylog_unref(struct tls_keylog *k);
+
+/* Makes every handshake on c's connections append its secrets to k, one line
+ * each in the NSS key log format (SSLKEYLOGFILE: CLIENT_RANDOM for TLS 1.2,
+ * the CLIENT_/SERVER_HANDSHAKE_TRAFFIC_SECRET and _TRAFFIC_SECRET_0 lines for
+ * TLS 1.3), which Wireshark reads to decrypt a capture. c references k; NULL
+ * stops it. Call it before c is used by any connection. Returns 0 or -ENOMEM. */
+int tls_ctx_set_keylog(struct tls_ctx *c, struct tls_keylog *k);
+
 /* Takes one more reference. Any thread. */
 void tls_ctx_ref(struct tls_ctx *c);
 

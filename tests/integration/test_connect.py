@@ -4,10 +4,11 @@ mxproxy makes the backend socket itself, connects it and reads it at once: the b
 first bytes (its greeting) complete the connect, with no POLLOUT registration and no
 SO_ERROR query in between. A backend that waits for its client is found connected by a
 probe of the socket; a refused connect still fails over. The same holds in every mode:
-mode tcp and mode smtp in front of smtp-sink, mode pop3 in front of a small POP3 server.
+mode tcp and mode smtp in front of smtp-sink, modes pop3 and imap in front of small servers.
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,29 @@ class Pop3Backend(mxtest.TcpBackend):
                 self.send(rec, b"-ERR unknown\r\n")
 
 
+IMAP_GREETING = b"* OK [CAPABILITY IMAP4rev1] imap ready\r\n"
+IMAP_BYE = b"* BYE bye\r\na OK LOGOUT done\r\n"
+
+
+class ImapBackend(mxtest.TcpBackend):
+    """Greets as an IMAP server, answers "a LOGOUT" and closes; anything else gets BAD."""
+
+    def handle(self, rec):
+        self.send(rec, IMAP_GREETING)
+        buf = b""
+        while True:
+            data = self.recv(rec)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                if line.upper() == b"A LOGOUT":
+                    self.send(rec, IMAP_BYE)
+                    return
+                self.send(rec, line.split(b" ", 1)[0] + b" BAD unknown\r\n")
+
+
 class ConnectTest(mxtest.ProxyTestCase):
 
     def proxy_to(self, backends, **opts):
@@ -60,10 +84,14 @@ class ConnectTest(mxtest.ProxyTestCase):
         return p, port
 
     def server(self, mode):
-        """A backend for mode: its address, its greeting, the QUIT command and its reply."""
+        """A backend for mode: its address, its greeting, the command that ends a session
+        and the whole reply to it."""
         if mode == "pop3":
             b = self.track(Pop3Backend("pop3"))
             return b.addr, POP3_GREETING, b"QUIT", POP3_BYE
+        if mode == "imap":
+            b = self.track(ImapBackend("imap"))
+            return b.addr, IMAP_GREETING, b"a LOGOUT", IMAP_BYE
         return self.sink().addr, SINK_GREETING, b"QUIT", b"221 Bye\r\n"
 
     def test_backend_waiting_for_its_client_is_connected(self):
@@ -83,7 +111,7 @@ class ConnectTest(mxtest.ProxyTestCase):
         self.assertEqual(p.find(ev="connect_error"), [])
 
     def test_refused_backend_fails_over(self):
-        for mode in ("tcp", "smtp", "pop3"):
+        for mode in ("tcp", "smtp", "pop3", "imap"):
             with self.subTest(mode=mode):
                 dead = "%s:%d" % (HOST, free_port())  # nothing listens there
                 addr, greeting, quit_cmd, bye = self.server(mode)
@@ -97,26 +125,61 @@ class ConnectTest(mxtest.ProxyTestCase):
                                  [(dead, "connection refused")])
                 self.assertEqual([e["backend"] for e in p.find(ev="connect", sid=sid)], [addr])
                 c.send(quit_cmd + b"\r\n")
-                self.assertEqual(c.recv_until(b"\r\n", timeout=2), bye)
+                self.assertEqual(c.recv_until(bye, timeout=2), bye)
                 c.close()
                 close = p.close_of(sid)
                 self.assertEqual(close["backend"], addr)
                 # mode tcp: whichever side closed first after the 221
-                self.assertIn(close["end"], ("client_eof", "backend_closed") if mode == "tcp"
-                              else ("quit",))
+                want = {"tcp": ("client_eof", "backend_closed"), "imap": ("logout",)}
+                self.assertIn(close["end"], want.get(mode, ("quit",)))
+
+    def test_pop3_silent_backend_is_probed_then_given_up(self):
+        """A POP3 backend that accepts and never greets: the probe finds it connected, then
+        greeting_timeout moves the session to the next backend, whose greeting the client
+        gets as its first bytes."""
+        silent = self.track(ClientFirstBackend("silent"))
+        live = self.track(Pop3Backend("pop3"))
+        p, port = self.proxy_to([silent.addr, live.addr], mode="pop3",
+                                greeting_timeout="500ms")
+        c = self.client(port)
+        self.assertEqual(c.recv_until(b"\r\n", timeout=3), POP3_GREETING)
+        sid = p.sid_of(c)
+        p.wait_event(ev="connect", sid=sid, backend=live.addr)
+        connects = p.find(ev="connect", sid=sid)
+        self.assertEqual([e["backend"] for e in connects], [silent.addr, live.addr])
+        # The silent one was connected by the first probe, 50 ms after its connect began.
+        self.assertGreaterEqual(float(connects[0]["ms"]), 40.0)
+        errors = p.find(ev="connect_error", sid=sid)
+        self.assertEqual([(e["backend"], e["error"]) for e in errors],
+                         [(silent.addr, "no greeting")])
+        rec = silent.wait_conns(1)
+        self.assertTrue(rec.eof.wait(2), "the silent backend's connection was left open")
+        self.assertEqual(rec.rx, 0, "nothing may reach a backend that never greeted")
+        c.send(b"QUIT\r\n")
+        self.assertEqual(c.recv_until(b"\r\n", timeout=2), POP3_BYE)
+        c.close()
+        close = p.close_of(sid)
+        self.assertEqual((close["end"], close["backend"]), ("quit", live.addr))
 
     @unittest.skipIf(shutil.which("strace") is None, "strace is not installed")
     def test_one_session_registers_each_socket_once(self):
-        for mode in ("tcp", "smtp", "pop3"):
+        for mode in ("tcp", "smtp", "pop3", "imap"):
             with self.subTest(mode=mode):
                 self.registers_each_socket_once(mode)
 
     def registers_each_socket_once(self, mode):
         addr, greeting, quit_cmd, bye = self.server(mode)
         p, port = self.proxy_to(addr, mode=mode)
+        # One session before tracing: the worker has then polled once, so the listening
+        # socket and the loop's own descriptors are registered before strace looks.
+        c = self.client(port)
+        self.assertEqual(c.recv_until(b"\r\n", timeout=2), greeting)
+        sid = p.sid_of(c)
+        c.close()
+        p.close_of(sid)
         out = os.path.join(self.tmpdir, "strace.out")
-        st = subprocess.Popen(["strace", "-f", "-e", "trace=epoll_ctl,getsockopt", "-o", out,
-                               "-p", str(p.pid)], stdout=subprocess.DEVNULL,
+        st = subprocess.Popen(["strace", "-f", "-e", "trace=epoll_ctl,getsockopt,connect",
+                               "-o", out, "-p", str(p.pid)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
         try:
             # strace says "Process N attached" once per thread; wait for the first.
@@ -127,7 +190,7 @@ class ConnectTest(mxtest.ProxyTestCase):
             c = self.client(port)
             self.assertEqual(c.recv_until(b"\r\n", timeout=2), greeting)
             c.send(quit_cmd + b"\r\n")
-            self.assertEqual(c.recv_until(b"\r\n", timeout=2), bye)
+            self.assertEqual(c.recv_until(bye, timeout=2), bye)
             sid = p.sid_of(c)
             c.close()
             p.close_of(sid)
@@ -136,15 +199,24 @@ class ConnectTest(mxtest.ProxyTestCase):
             st.send_signal(signal.SIGINT)
             st.wait(timeout=10)
         with open(out) as f:
-            calls = [ln for ln in f if "epoll_ctl(" in ln or "getsockopt(" in ln]
-        # Each socket is added once, for reading: libuv's uv_tcp_connect adds the backend for
-        # POLLOUT, asks SO_ERROR, then adds it again for reading (EEXIST, then MOD). The DELs
-        # are libuv's at close (and one for a socket at EOF that is no longer read).
+            calls = f.readlines()
+        backend_fds = [m.group(1) for m in (re.search(r" connect\((\d+),", ln) for ln in calls)
+                       if m]
+        self.assertEqual(len(backend_fds), 1, "".join(calls))
+        # The backend is added once, for reading: libuv's uv_tcp_connect adds it for POLLOUT,
+        # asks SO_ERROR, then adds it again for reading (EEXIST, then MOD). The DELs are
+        # libuv's at close (and one for a socket at EOF that is no longer read).
         self.assertEqual([ln for ln in calls if "SO_ERROR" in ln], [])
         ctl = [ln for ln in calls if "epoll_ctl(" in ln]
-        self.assertEqual(len([ln for ln in ctl if "EPOLL_CTL_ADD" in ln]), 2, "".join(ctl))
+        on_backend = [ln for ln in ctl
+                      if re.search(r"epoll_ctl\(\d+, \w+, %s," % backend_fds[0], ln)]
+        self.assertEqual(len([ln for ln in on_backend if "EPOLL_CTL_ADD" in ln]), 1,
+                         "".join(ctl))
         self.assertEqual([ln for ln in ctl if "EPOLL_CTL_MOD" in ln or "EEXIST" in ln], [],
                          "".join(ctl))
+        if mode == "tcp":
+            # The client too: mode tcp never stops reading it before the end.
+            self.assertEqual(len([ln for ln in ctl if "EPOLL_CTL_ADD" in ln]), 2, "".join(ctl))
 
 if __name__ == "__main__":
     mxtest.main()

@@ -563,9 +563,9 @@ class SmtpConfigTest(unittest.TestCase):
             return r.returncode, r.stderr.decode().replace(path, "FILE"), line
 
     def test_keys_need_mode_smtp(self):
-        for key, value, modes in (("max_line_length", "1000", "smtp or pop3"),
+        for key, value, modes in (("max_line_length", "1000", "smtp, imap or pop3"),
                                   ("smuggling", "off", "smtp"),
-                                  ("transcript", "full", "smtp or pop3")):
+                                  ("transcript", "full", "smtp, imap or pop3")):
             with self.subTest(key=key):
                 rc, err, line = self.check("%s = %s\n" % (key, value), mode="tcp")
                 self.assertEqual((rc, err), (1, "FILE:%d: '%s' needs mode = %s in "

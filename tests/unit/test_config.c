@@ -248,7 +248,7 @@ static void test_durations(void)
     expect_err(LISTENER "mode = smtp\ngreeting_timeout = 0\n",
                "t.ini:5: invalid value '0' for 'greeting_timeout': must be more than 0");
     expect_err(LISTENER "greeting_timeout = 5s\n",
-               "t.ini:4: 'greeting_timeout' needs mode = smtp or pop3 in [listener smtp]");
+               "t.ini:4: 'greeting_timeout' needs mode = smtp, imap or pop3 in [listener smtp]");
     expect_err(LISTENER "mode = smtp\ngreeting_timeout = 5s\ngreeting_timeout = 6s\n",
                "t.ini:6: duplicate key 'greeting_timeout' in [listener smtp]");
     expect_err("[global]\ndrain_grace = 5x\n" LISTENER,
@@ -429,7 +429,7 @@ static void test_errors(void)
                "t.ini:2: invalid value 'JSON' for 'log_level': expected debug, info, warn or "
                "error");
     expect_err(LISTENER "mode = lmtp\n",
-               "t.ini:4: invalid value 'lmtp' for 'mode': expected tcp, smtp or pop3");
+               "t.ini:4: invalid value 'lmtp' for 'mode': expected tcp, smtp, imap or pop3");
 
     expect_err("[listener smtp]\nlisten = 127.0.0.1:25\nbackend = 127.0.0.1:26\n"
                "listen = 127.0.0.1:27\n",
@@ -437,7 +437,7 @@ static void test_errors(void)
     expect_err("[global]\nworkers = 2\n" LISTENER "[global]\nworkers = 2\n",
                "t.ini:7: duplicate key 'workers' in [global]");
     expect_err(LISTENER "transcript = full\n",
-               "t.ini:4: 'transcript' needs mode = smtp or pop3 in [listener smtp]");
+               "t.ini:4: 'transcript' needs mode = smtp, imap or pop3 in [listener smtp]");
     expect_err(LISTENER "mode = tcp\nsmuggling = off\nmax_line_length = 1000\n",
                "t.ini:5: 'smuggling' needs mode = smtp in [listener smtp]");
     /* Mode pop3 owns the line-dialog keys mode smtp shares, not SMTP's own. */
@@ -798,7 +798,7 @@ static void test_tls_and_interception_keys(void)
     expect_err(LISTENER "cert = a\nkey = b\n",
                "t.ini:4: listener 'smtp': 'cert' needs client_tls = implicit or starttls");
     expect_err(LISTENER "client_tls = starttls\ncert = a\nkey = b\n",
-               "t.ini:4: listener 'smtp': STARTTLS needs mode = smtp or pop3");
+               "t.ini:4: listener 'smtp': STARTTLS needs mode = smtp, imap or pop3");
     expect_err(LISTENER "mode = smtp\nrequire_tls = on\n",
                "t.ini:5: listener 'smtp': require_tls needs client_tls = starttls");
     expect_err(LISTENER "backend_sni = x\n",
@@ -950,9 +950,44 @@ static void test_kernel_relay_key(void)
                "t.ini:2: unknown key 'kernel_relay' in [global]");
 }
 
+/* Mode imap owns its keys and has its own defaults (idle_timeout 30 min, 64 KiB lines),
+ * unless the file gave them, before or after the mode. */
+static void test_mode_imap(void)
+{
+    struct config *c = load_ok(LISTENER "mode = imap\nimap_id = on\ntranscript = full\n");
+    const struct config_listener *l = &c->listeners[0];
+    ASSERT_EQ(l->mode, CONFIG_MODE_IMAP);
+    ASSERT_EQ(l->idle_timeout_ms, 30 * 60 * 1000);
+    ASSERT_EQ(l->max_line_length, 65536);
+    ASSERT_EQ(l->imap_id, 1);
+    config_unref(c);
+    c = load_ok(LISTENER "idle_timeout = 5m\nmax_line_length = 20000\nmode = imap\n");
+    l = &c->listeners[0];
+    ASSERT_EQ(l->idle_timeout_ms, 5 * 60 * 1000);
+    ASSERT_EQ(l->max_line_length, 20000);
+    config_unref(c);
+    c = load_ok(LISTENER "mode = imap\nmax_line_length = 1048576\nidle_timeout = 10s\n");
+    ASSERT_EQ(c->listeners[0].max_line_length, 1048576);
+    ASSERT_EQ(c->listeners[0].idle_timeout_ms, 10 * 1000);
+    config_unref(c);
+    expect_err(LISTENER "mode = smtp\nimap_id = on\n",
+               "t.ini:5: 'imap_id' needs mode = imap in [listener smtp]");
+    expect_err(LISTENER "mode = imap\nxclient = on\n",
+               "t.ini:5: 'xclient' needs mode = smtp or pop3 in [listener smtp]");
+    expect_err(LISTENER "mode = imap\nsmuggling = off\n",
+               "t.ini:5: 'smuggling' needs mode = smtp in [listener smtp]");
+    expect_err(LISTENER "mode = imap\nmax_line_length = 1048577\n",
+               "t.ini:5: invalid value '1048577' for 'max_line_length': expected an integer "
+               "from 512 to 1048576");
+    expect_err(LISTENER "max_line_length = 20000\nmode = smtp\n",
+               "t.ini:4: invalid value '20000' for 'max_line_length': expected an integer from "
+               "512 to 12288");
+}
+
 int main(void)
 {
     test_defaults();
+    test_mode_imap();
     test_every_key();
     test_durations();
     test_addresses();
