@@ -1,9 +1,13 @@
 /* krelay.bpf.c: the sockmap relay's stream verdict.
  *
- * Each socket of a relayed pair sits in krelay_peers under its peer's
- * socket cookie: the program looks itself up by its own cookie and finds
- * the socket its bytes go to. What it forwards goes straight to the peer's
- * send path; user space sees neither the bytes nor a wake-up for them. */
+ * Two maps, so that no socket runs the verdict before its peer can be
+ * found: krelay_peers holds each socket of a pair under its peer's cookie
+ * (the redirect targets; no program attached, joining it changes nothing
+ * for the socket), krelay_active holds each socket under its own cookie and
+ * carries the verdict. mxproxy fills krelay_peers first. The program looks
+ * up its own cookie in krelay_peers and hands the bytes straight to that
+ * socket's send path; user space sees neither the bytes nor a wake-up for
+ * them. */
 #include <linux/bpf.h> /* first: the helpers need its types */
 
 #include <bpf/bpf_helpers.h>
@@ -14,6 +18,13 @@ struct {
     __type(key, __u64);   /* the cookie of the socket whose bytes come in */
     __type(value, __u64); /* the socket they go out on */
 } krelay_peers SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_SOCKHASH);
+    __uint(max_entries, 65536);
+    __type(key, __u64);   /* a socket's own cookie */
+    __type(value, __u64); /* the socket: the verdict runs on what it receives */
+} krelay_active SEC(".maps");
 
 SEC("sk_skb/stream_verdict")
 int krelay_verdict(struct __sk_buff *skb)

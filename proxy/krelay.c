@@ -24,7 +24,8 @@
 
 static pthread_once_t krelay_once = PTHREAD_ONCE_INIT;
 #ifdef MXPROXY_HAVE_SOCKMAP
-static int krelay_map_fd = -1; /* the SOCKHASH, or -1: unavailable */
+static int krelay_map_fd = -1;    /* krelay_peers (redirect targets), or -1: unavailable */
+static int krelay_active_fd = -1; /* krelay_active (the verdict runs on its sockets) */
 #endif
 
 static void krelay_log_unavailable(const char *reason)
@@ -67,8 +68,9 @@ static void krelay_load(void)
         return;
     }
     int map = bpf_map__fd(skel->maps.krelay_peers);
+    int active = bpf_map__fd(skel->maps.krelay_active);
     int prog = bpf_program__fd(skel->progs.krelay_verdict);
-    if (bpf_prog_attach(prog, map, BPF_SK_SKB_STREAM_VERDICT, 0) != 0) {
+    if (bpf_prog_attach(prog, active, BPF_SK_SKB_STREAM_VERDICT, 0) != 0) {
         snprintf(reason, sizeof(reason), "attaching the eBPF program failed: %s", strerror(errno));
         krelay_log_unavailable(reason);
         krelay_bpf__destroy(skel);
@@ -77,6 +79,7 @@ static void krelay_load(void)
     /* The map keeps the program attached: the skeleton is never freed, the
      * map lives as long as the process. */
     krelay_skel = skel;
+    krelay_active_fd = active;
     krelay_map_fd = map;
 }
 #else
@@ -126,11 +129,19 @@ bool krelay_read_empty(int a, int b)
     return ioctl(a, SIOCINQ, &na) == 0 && na == 0 && ioctl(b, SIOCINQ, &nb) == 0 && nb == 0;
 }
 
+#ifdef MXPROXY_HAVE_SOCKMAP
+/* Deletes key from map; ENOENT (never added, or the socket closed) is fine. */
+static void krelay_delete(int map, uint64_t key)
+{
+    (void)bpf_map_delete_elem(map, &key);
+}
+#endif
+
 int krelay_sockmap_pair(int a, int b)
 {
 #ifdef MXPROXY_HAVE_SOCKMAP
     uint64_t ca, cb, va = (uint64_t)a, vb = (uint64_t)b;
-    int rc;
+    int rc = 0;
 
     if (krelay_map_fd < 0)
         return -ENOTSUP;
@@ -138,18 +149,19 @@ int krelay_sockmap_pair(int a, int b)
         return -errno;
     /* The verdict takes whole skbs off the receive queue: one that a read()
      * has begun would go out again from its start. Only with both queues
-     * read empty (more arriving now comes in fresh skbs). */
+     * read empty (more arriving now comes in fresh skbs, and nothing reads
+     * them until this returns). */
     if (!krelay_read_empty(a, b))
         return -EAGAIN;
-    /* Under its peer's cookie: the verdict looks up its own and finds the peer. */
-    if (bpf_map_update_elem(krelay_map_fd, &cb, &va, BPF_NOEXIST) != 0)
-        return -errno;
-    if (bpf_map_update_elem(krelay_map_fd, &ca, &vb, BPF_NOEXIST) != 0) {
+    /* The targets first, each under its peer's cookie; then the verdict on
+     * a and on b: whenever it runs on a socket, its peer is there. */
+    if (bpf_map_update_elem(krelay_map_fd, &cb, &va, BPF_NOEXIST) != 0 ||
+        bpf_map_update_elem(krelay_map_fd, &ca, &vb, BPF_NOEXIST) != 0 ||
+        bpf_map_update_elem(krelay_active_fd, &ca, &va, BPF_NOEXIST) != 0 ||
+        bpf_map_update_elem(krelay_active_fd, &cb, &vb, BPF_NOEXIST) != 0)
         rc = -errno;
-        (void)bpf_map_delete_elem(krelay_map_fd, &cb);
-        return rc;
-    }
-    rc = krelay_kick(a);
+    if (rc == 0)
+        rc = krelay_kick(a);
     if (rc == 0)
         rc = krelay_kick(b);
     if (rc != 0)
@@ -167,10 +179,12 @@ void krelay_sockmap_unpair(int a, int b)
 #ifdef MXPROXY_HAVE_SOCKMAP
     uint64_t ca, cb;
 
-    if (krelay_cookie(a, &ca) == 0)
-        (void)bpf_map_delete_elem(krelay_map_fd, &ca);
-    if (krelay_cookie(b, &cb) == 0)
-        (void)bpf_map_delete_elem(krelay_map_fd, &cb);
+    if (krelay_cookie(a, &ca) != 0 || krelay_cookie(b, &cb) != 0)
+        return;
+    krelay_delete(krelay_active_fd, ca);
+    krelay_delete(krelay_active_fd, cb);
+    krelay_delete(krelay_map_fd, ca);
+    krelay_delete(krelay_map_fd, cb);
 #else
     (void)a;
     (void)b;
