@@ -122,11 +122,28 @@ static int krelay_kick(int fd)
 }
 #endif
 
-bool krelay_read_empty(int a, int b)
+int krelay_consumed(int fd, struct krelay_count *c)
 {
-    int na = 0, nb = 0;
-
-    return ioctl(a, SIOCINQ, &na) == 0 && na == 0 && ioctl(b, SIOCINQ, &nb) == 0 && nb == 0;
+    /* The queue's length and the byte count come from two calls: a segment
+     * arriving between them would leave the two apart. Read the count on
+     * both sides of the length until it stands still. */
+    for (int i = 0; i < 4; i++) {
+        struct krelay_count after;
+        int n = 0;
+        int rc = krelay_counters(fd, c);
+        if (rc != 0)
+            return rc;
+        if (ioctl(fd, SIOCINQ, &n) != 0)
+            return -errno;
+        rc = krelay_counters(fd, &after);
+        if (rc != 0)
+            return rc;
+        if (after.rx == c->rx) {
+            c->rx -= (uint64_t)n;
+            return 0;
+        }
+    }
+    return -EAGAIN;
 }
 
 #ifdef MXPROXY_HAVE_SOCKMAP
@@ -147,12 +164,6 @@ int krelay_sockmap_pair(int a, int b)
         return -ENOTSUP;
     if (krelay_cookie(a, &ca) != 0 || krelay_cookie(b, &cb) != 0)
         return -errno;
-    /* The verdict takes whole skbs off the receive queue: one that a read()
-     * has begun would go out again from its start. Only with both queues
-     * read empty (more arriving now comes in fresh skbs, and nothing reads
-     * them until this returns). */
-    if (!krelay_read_empty(a, b))
-        return -EAGAIN;
     /* The targets first, each under its peer's cookie; then the verdict on
      * a and on b: whenever it runs on a socket, its peer is there. */
     if (bpf_map_update_elem(krelay_map_fd, &cb, &va, BPF_NOEXIST) != 0 ||

@@ -17,14 +17,12 @@
  * logs one ev=kernel_relay_unavailable line at warn, the first time only. */
 bool krelay_sockmap_available(void);
 
-/* Neither a nor b has received bytes not yet read (they are not in the map). */
-bool krelay_read_empty(int a, int b);
-
 /* Puts sockets a and b into the map, each as the other's peer: from now on
- * the kernel forwards what either receives to the other. Then makes sure no
- * byte received before that waits in a receive queue. Returns 0, -EAGAIN
- * when a or b has unread bytes (read them first, then try again), or
- * another negative errno; on failure neither socket is left in the map. */
+ * the kernel forwards what either receives to the other, bytes that wait
+ * unread in a receive queue first. Neither may hold a segment a read()
+ * began (the caller knows: its last read of it took less than it could).
+ * Returns 0 or a negative errno; on failure neither socket is left in the
+ * map. */
 int krelay_sockmap_pair(int a, int b);
 
 /* Takes a and b out of the map again (after krelay_sockmap_pair). */
@@ -41,5 +39,11 @@ struct krelay_count {
 
 /* Fills *c for fd. Returns 0 or a negative errno. */
 int krelay_counters(int fd, struct krelay_count *c);
+
+/* For a socket not in the map: fills *c as krelay_counters does, but with
+ * what waits unread in its receive queue taken off rx (what user space
+ * consumed). Returns 0, -EAGAIN when segments kept arriving, or another
+ * negative errno. */
+int krelay_consumed(int fd, struct krelay_count *c);
 
 #endif /* MXPROXY_KRELAY_H */

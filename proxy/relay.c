@@ -161,8 +161,8 @@ static void relay_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
         memcpy(b->data, d->carry, d->carry_len);
         relay_carried = d->carry_len;
     }
-    *buf = uv_buf_init(b->data + relay_carried,
-                       (unsigned)relay_read_cap(d, RELAY_BLOCK_SIZE - relay_carried));
+    d->ask = relay_read_cap(d, RELAY_BLOCK_SIZE - relay_carried);
+    *buf = uv_buf_init(b->data + relay_carried, (unsigned)d->ask);
 }
 
 static void relay_on_shutdown(uv_shutdown_t *req, int status)
@@ -569,6 +569,7 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
         if (nread == 0) {
             /* EAGAIN; the carry stays with the owner for the next read. src
              * is read empty: the moment a sockmap pair may begin. */
+            d->flags &= ~RELAY_F_PARTIAL;
             relay_kernel_try(d, 0);
             return;
         }
@@ -584,6 +585,11 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
 
     struct relay_block *b = relay_block_of(buf, carried);
     d->last_read = uv_now(src->loop);
+    /* A read that took less than it could emptied the receive queue. */
+    if ((size_t)nread < d->ask)
+        d->flags &= ~RELAY_F_PARTIAL;
+    else
+        d->flags |= RELAY_F_PARTIAL;
     if (d->src_tls != NULL) {
         int rc = tls_feed(d->src_tls, buf->base, (size_t)nread);
         relay_block_unref(d->pool, b); /* tls_feed copied the ciphertext */
@@ -897,12 +903,15 @@ static void relay_splice_begin(struct relay_dir *d)
     }
 }
 
-/* d may join the sockmap: nothing of it is in user space, nothing ended. */
+/* d may join the sockmap: nothing of it is in user space, nothing ended,
+ * and no segment of src is half read: the verdict takes whole segments off
+ * the receive queue, one that a read() began would go out again from its
+ * start. */
 static bool relay_sockmap_quiet(const struct relay_dir *d)
 {
     return (d->flags & (RELAY_F_READING | RELAY_F_EOF | RELAY_F_DONE | RELAY_F_STOPPED |
-                        RELAY_F_HELD | RELAY_F_PAUSED | RELAY_F_SPLICE | RELAY_F_SOCKMAP)) ==
-               RELAY_F_READING &&
+                        RELAY_F_HELD | RELAY_F_PAUSED | RELAY_F_SPLICE | RELAY_F_SOCKMAP |
+                        RELAY_F_PARTIAL)) == RELAY_F_READING &&
            d->inflight == 0 && d->tail == NULL && d->carry_len == 0 && d->src_tls == NULL &&
            d->dst_tls == NULL && uv_stream_get_write_queue_size(d->dst) == 0;
 }
@@ -962,21 +971,21 @@ static void relay_sockmap_begin(struct relay_dir *d)
         return;
     if (uv_fileno((uv_handle_t *)d->src, &a) != 0 || uv_fileno((uv_handle_t *)d->dst, &b) != 0)
         return;
-    if (!krelay_read_empty(a, b)) {
-        d->kernel = r->kernel = RELAY_KERNEL_SOCKMAP; /* after the next read */
+    /* What arrived since the last reads is counted as the kernel's: it
+     * forwards it (krelay_sockmap_pair's kick). */
+    int rc = krelay_consumed(a, &ca);
+    if (rc == 0)
+        rc = krelay_consumed(b, &cb);
+    if (rc == -EAGAIN) {
+        d->kernel = r->kernel = RELAY_KERNEL_SOCKMAP; /* a busy moment: after the next read */
         return;
     }
-    if (krelay_counters(a, &ca) != 0 || krelay_counters(b, &cb) != 0)
+    if (rc != 0)
         return;
     struct relay_sockmap *m = malloc(sizeof(*m));
     if (m == NULL)
         return;
-    int rc = krelay_sockmap_pair(a, b);
-    if (rc == -EAGAIN) {
-        free(m);
-        d->kernel = r->kernel = RELAY_KERNEL_SOCKMAP; /* after the next read */
-        return;
-    }
+    rc = krelay_sockmap_pair(a, b);
     if (rc != 0) {
         free(m);
         return;

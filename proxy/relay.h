@@ -157,6 +157,7 @@ struct relay_dir {
     uint64_t k_bytes0;          /* sockmap: bytes when the kernel took over */
     uint64_t k_rx0;             /* sockmap: src's consumed byte count then */
     uint64_t k_tx0;             /* sockmap: dst's written byte count then */
+    size_t ask;                 /* what the last read of src could take */
 };
 
 #define RELAY_F_READING 0x01u /* uv_read_start is in effect on src */
@@ -173,6 +174,8 @@ struct relay_dir {
 #define RELAY_F_SOCKMAP 0x200u   /* the kernel forwards the bytes (smap) */
 #define RELAY_F_FIN_WAIT 0x400u  /* sockmap: EOF seen, the FIN waits for the kernel's bytes */
 #define RELAY_F_PIPE_WAIT 0x800u /* splice: dst is full, the pipe holds bytes; src is not read */
+/* src's last read filled its buffer: the kernel may hold the rest of a segment it began */
+#define RELAY_F_PARTIAL 0x1000u
 
 /* Prepares d; src and dst must be initialised libuv streams. Sets
  * src->data = d. Does not start reading. */
