@@ -128,7 +128,7 @@ int krelay_consumed(int fd, struct krelay_count *c)
      * arriving between them would leave the two apart. Read the count on
      * both sides of the length until it stands still. */
     for (int i = 0; i < 4; i++) {
-        struct krelay_count after;
+        struct krelay_count after = {0};
         int n = 0;
         int rc = krelay_counters(fd, c);
         if (rc != 0)
