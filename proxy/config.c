@@ -96,6 +96,13 @@ static const struct config_word config_transcripts[] = {
     {NULL, 0},
 };
 
+static const struct config_word config_kernel_relays[] = {
+    {"off", CONFIG_KERNEL_RELAY_OFF},
+    {"splice", CONFIG_KERNEL_RELAY_SPLICE},
+    {"sockmap", CONFIG_KERNEL_RELAY_SOCKMAP},
+    {NULL, 0},
+};
+
 static const struct config_word config_onoff[] = {
     {"on", 1},
     {"off", 0},
@@ -418,6 +425,11 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_L(backend_tls),
      .words = config_backend_tls_words,
      .flags = CONFIG_KEY_F_TLS},
+    {.name = "kernel_relay",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_enum,
+     .offset = CONFIG_L(kernel_relay),
+     .words = config_kernel_relays},
     {.name = "backend_verify",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_enum,
@@ -728,6 +740,7 @@ static void config_open_listener(struct config_parser *p, const char *name, size
         .transcript = CONFIG_TRANSCRIPT_PAIRS,
         .backend_verify = 1,
         .proxy_protocol_timeout_ms = 5 * 1000,
+        .kernel_relay = CONFIG_KERNEL_RELAY_DEFAULT,
     };
     memcpy(l->name, name, len);
     l->name[len] = '\0';
@@ -2096,4 +2109,9 @@ const char *config_backend_tls_name(enum config_backend_tls t)
 const char *config_health_check_name(enum config_health_check h)
 {
     return config_word_name(config_health_words, (int)h);
+}
+
+const char *config_kernel_relay_name(enum config_kernel_relay k)
+{
+    return config_word_name(config_kernel_relays, (int)k);
 }

@@ -96,6 +96,17 @@ enum config_backend_tls {
     CONFIG_BACKEND_TLS_STARTTLS, /* EHLO + STARTTLS before the client's EHLO (mode smtp) */
 };
 
+/* Who relays opaque bytes ("kernel_relay"): mode tcp after the first bytes,
+ * mode smtp after a STARTTLS passthrough. */
+enum config_kernel_relay {
+    CONFIG_KERNEL_RELAY_OFF = 0, /* user space reads and writes every byte */
+    CONFIG_KERNEL_RELAY_SPLICE,  /* splice(2) through a pipe once a transfer is large */
+    CONFIG_KERNEL_RELAY_SOCKMAP, /* an eBPF sk_skb verdict forwards in the kernel */
+};
+
+/* Measured in bench/RESULTS.md ("kernel_relay"). */
+#define CONFIG_KERNEL_RELAY_DEFAULT CONFIG_KERNEL_RELAY_SPLICE
+
 enum config_tls_version {
     CONFIG_TLS_1_2 = 0, /* "TLSv1.2" (default) */
     CONFIG_TLS_1_3,     /* "TLSv1.3" */
@@ -220,6 +231,7 @@ struct config_listener {
     char *backend_sni;                  /* "backend_sni", NULL: no SNI, no name check */
     int tls_line;                       /* line of the first TLS key, for messages */
     unsigned transparent;               /* enum config_transparent, "transparent" */
+    unsigned kernel_relay;              /* enum config_kernel_relay, "kernel_relay" */
     unsigned mark;                      /* "mark": SO_MARK on backend sockets, 0 = none */
     unsigned source_client;             /* "source = client" (tproxy): bind to the client */
     unsigned proxy_protocol;            /* enum config_proxy_protocol, "proxy_protocol" */
@@ -298,5 +310,6 @@ const char *config_transcript_name(enum config_transcript t);
 const char *config_client_tls_name(enum config_client_tls t);
 const char *config_backend_tls_name(enum config_backend_tls t);
 const char *config_health_check_name(enum config_health_check h);
+const char *config_kernel_relay_name(enum config_kernel_relay k);
 
 #endif /* MXPROXY_CONFIG_H */

@@ -422,6 +422,7 @@ void dialog_go_opaque(struct session *s, const char *ev)
     s->up.carry_len = 0; /* bytes after STARTTLS were dropped as injected; keep none */
     /* The backend's EOF is passed on to the client, as in mode tcp. */
     s->down.flags &= ~RELAY_F_NO_FIN;
+    relay_kernel_allow(&s->up, (enum relay_kernel)s->cl->kernel_relay);
     if (log_enabled(LOG_INFO)) {
         log_begin(&l, LOG_INFO, ev);
         log_sid(&l, s->id);

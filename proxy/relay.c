@@ -1,13 +1,45 @@
 /* relay.c: zero-copy forwarding with watermarks; see relay.h. */
 #include "relay.h"
 
+#include "krelay.h"
 #include "tls.h"
 
 #include <assert.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
+
+/* Sockmap state of a pair; outlives neither direction's relay_stop by more
+ * than its timer's close callback. */
+struct relay_sockmap {
+    uv_timer_t timer; /* polls the kernel's progress while a FIN waits */
+    unsigned live;    /* directions not yet stopped */
+};
+
+#define RELAY_PIPE_SIZE (256 * 1024) /* asked of the kernel for a splice pipe (HIWAT) */
+
+/* A spliced direction's pipe and the poll that waits for room in dst. */
+struct relay_splice {
+    uv_poll_t poll;      /* on out_fd, while RELAY_F_PIPE_WAIT */
+    struct relay_dir *d; /* NULL once the direction stopped */
+    int pipe[2];         /* read end, write end */
+    int out_fd;          /* dup() of dst's descriptor: libuv watches dst's own */
+    size_t in_pipe;      /* bytes in the pipe */
+    size_t cap;          /* the pipe's size: the most one splice from src takes */
+};
+#define RELAY_FIN_POLL_MS 1 /* how often a waiting FIN looks again */
+
+static void relay_on_eof(struct relay_dir *d);
+static void relay_kernel_try(struct relay_dir *d, size_t nread);
+static void relay_sockmap_release(struct relay_dir *d);
+static void relay_sockmap_on_timer(uv_timer_t *t);
+static int64_t relay_sockmap_pending(const struct relay_dir *d);
+static void relay_splice_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+static void relay_splice_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf);
+static void relay_splice_free(struct relay_dir *d);
 
 static struct relay_block *relay_block_get(struct relay_pool *pool)
 {
@@ -129,8 +161,8 @@ static void relay_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
         memcpy(b->data, d->carry, d->carry_len);
         relay_carried = d->carry_len;
     }
-    *buf = uv_buf_init(b->data + relay_carried,
-                       (unsigned)relay_read_cap(d, RELAY_BLOCK_SIZE - relay_carried));
+    d->ask = relay_read_cap(d, RELAY_BLOCK_SIZE - relay_carried);
+    *buf = uv_buf_init(b->data + relay_carried, (unsigned)d->ask);
 }
 
 static void relay_on_shutdown(uv_shutdown_t *req, int status)
@@ -244,6 +276,7 @@ static void relay_on_send(uv_write_t *req, int status)
     if (d->inflight == 0 && relay_tail_submit(d) != 0)
         return;
     relay_after_write(d);
+    relay_kernel_try(d, 0);
 }
 
 /* Writes what the socket takes now, when nothing is queued before it; moves
@@ -438,8 +471,15 @@ static void relay_on_eof(struct relay_dir *d)
     d->flags = (d->flags & ~RELAY_F_READING) | RELAY_F_EOF;
     d->on_event(d, RELAY_EV_EOF, 0);
     /* The FIN goes out after every queued write: half-close is exact. */
-    if (!(d->flags & (RELAY_F_NO_FIN | RELAY_F_STOPPED)))
-        relay_shutdown_dst(d);
+    if (d->flags & (RELAY_F_NO_FIN | RELAY_F_STOPPED))
+        return;
+    if ((d->flags & RELAY_F_SOCKMAP) && relay_sockmap_pending(d) > 0) {
+        d->flags |= RELAY_F_FIN_WAIT; /* after the bytes the kernel still holds */
+        if (!uv_is_active((uv_handle_t *)&d->smap->timer))
+            uv_timer_start(&d->smap->timer, relay_sockmap_on_timer, 0, RELAY_FIN_POLL_MS);
+        return;
+    }
+    relay_shutdown_dst(d);
 }
 
 /* Hands bytes read (or decrypted) from src on: to the owner, or to dst.
@@ -526,8 +566,13 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
     if (nread <= 0) {
         if (buf->base != NULL)
             relay_block_unref(d->pool, relay_block_of(buf, carried));
-        if (nread == 0)
-            return; /* EAGAIN; the carry stays with the owner for the next read */
+        if (nread == 0) {
+            /* EAGAIN; the carry stays with the owner for the next read. src
+             * is read empty: the moment a sockmap pair may begin. */
+            d->flags &= ~RELAY_F_PARTIAL;
+            relay_kernel_try(d, 0);
+            return;
+        }
         if (nread != UV_EOF) {
             uv_read_stop(src);
             d->flags &= ~RELAY_F_READING;
@@ -540,6 +585,11 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
 
     struct relay_block *b = relay_block_of(buf, carried);
     d->last_read = uv_now(src->loop);
+    /* A read that took less than it could emptied the receive queue. */
+    if ((size_t)nread < d->ask)
+        d->flags &= ~RELAY_F_PARTIAL;
+    else
+        d->flags |= RELAY_F_PARTIAL;
     if (d->src_tls != NULL) {
         int rc = tls_feed(d->src_tls, buf->base, (size_t)nread);
         relay_block_unref(d->pool, b); /* tls_feed copied the ciphertext */
@@ -553,6 +603,7 @@ static void relay_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
     }
     d->bytes += (uint64_t)nread;
     relay_deliver(d, b, carried + (size_t)nread);
+    relay_kernel_try(d, (size_t)nread);
 }
 
 void relay_inject(struct relay_dir *d, const char *p, size_t len)
@@ -603,10 +654,12 @@ void relay_init(struct relay_dir *d, uv_stream_t *src, uv_stream_t *dst, struct 
 
 int relay_start(struct relay_dir *d)
 {
-    if (d->flags &
-        (RELAY_F_READING | RELAY_F_EOF | RELAY_F_STOPPED | RELAY_F_HELD | RELAY_F_PAUSED))
+    if (d->flags & (RELAY_F_READING | RELAY_F_EOF | RELAY_F_STOPPED | RELAY_F_HELD |
+                    RELAY_F_PAUSED | RELAY_F_PIPE_WAIT))
         return 0;
-    int rc = uv_read_start(d->src, relay_on_alloc, relay_on_read);
+    int rc = (d->flags & RELAY_F_SPLICE)
+                 ? uv_read_start(d->src, relay_splice_on_alloc, relay_splice_on_read)
+                 : uv_read_start(d->src, relay_on_alloc, relay_on_read);
     if (rc == 0)
         d->flags |= RELAY_F_READING;
     return rc;
@@ -618,6 +671,8 @@ void relay_stop(struct relay_dir *d)
     d->flags &= ~RELAY_F_READING;
     if (!uv_is_closing((uv_handle_t *)d->src))
         uv_read_stop(d->src);
+    relay_splice_free(d);
+    relay_sockmap_release(d);
 }
 
 void relay_hold(struct relay_dir *d)
@@ -638,4 +693,371 @@ int relay_release(struct relay_dir *d)
     if (rc == 0 && d->src_tls != NULL && (d->flags & RELAY_F_READING))
         relay_tls_drain(d);
     return rc;
+}
+
+/* ---- kernel relay --------------------------------------------------------------------- */
+
+void relay_kernel_allow(struct relay_dir *d, enum relay_kernel mode)
+{
+    d->kernel = mode;
+    if (d->rev != NULL)
+        d->rev->kernel = mode;
+}
+
+static void relay_splice_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    (void)h;
+    (void)suggested;
+    *buf = uv_buf_init(NULL, 0); /* libuv reads nothing: relay_splice_on_read moves the bytes */
+}
+
+static void relay_splice_on_close(uv_handle_t *h)
+{
+    struct relay_splice *sp = (struct relay_splice *)(void *)h; /* poll is its first member */
+
+    close(sp->out_fd);
+    free(sp);
+}
+
+/* relay_stop: the pipe goes, with what it still holds (as queued writes are cancelled). */
+static void relay_splice_free(struct relay_dir *d)
+{
+    struct relay_splice *sp = d->spl;
+
+    if (sp == NULL)
+        return;
+    d->spl = NULL;
+    d->flags &= ~(RELAY_F_SPLICE | RELAY_F_PIPE_WAIT);
+    close(sp->pipe[0]);
+    close(sp->pipe[1]);
+    sp->d = NULL;
+    uv_close((uv_handle_t *)&sp->poll, relay_splice_on_close);
+}
+
+static void relay_splice_on_writable(uv_poll_t *h, int status, int events);
+
+/* Moves the pipe's bytes on to dst. With user-space writes still queued
+ * (from before splicing began) they are copied behind those, as
+ * relay_send would queue them; else spliced while dst takes them, and what
+ * it does not take waits in the pipe, src unread, until dst has room.
+ * Returns 0 or a UV_E* code, which on_event has seen. */
+static int relay_splice_push(struct relay_dir *d)
+{
+    struct relay_splice *sp = d->spl;
+    uv_os_fd_t dfd;
+
+    if (uv_fileno((uv_handle_t *)d->dst, &dfd) != 0)
+        return 0;
+    while (sp->in_pipe > 0 && d->inflight == 0 && d->tail == NULL) {
+        ssize_t w =
+            splice(sp->pipe[0], NULL, dfd, NULL, sp->in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (w > 0) {
+            sp->in_pipe -= (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && errno == EAGAIN) {
+            if (!(d->flags & RELAY_F_PIPE_WAIT)) {
+                if (d->flags & RELAY_F_READING)
+                    uv_read_stop(d->src);
+                d->flags = (d->flags & ~RELAY_F_READING) | RELAY_F_PIPE_WAIT;
+                int rc = uv_poll_start(&sp->poll, UV_WRITABLE, relay_splice_on_writable);
+                if (rc != 0) {
+                    d->on_event(d, RELAY_EV_WRITE_ERR, rc);
+                    return rc;
+                }
+            }
+            return 0;
+        }
+        int rc = w < 0 ? -errno : UV_EPIPE;
+        d->on_event(d, RELAY_EV_WRITE_ERR, rc);
+        return rc;
+    }
+    while (sp->in_pipe > 0) {
+        struct relay_block *b = relay_block_get(d->pool);
+        if (b == NULL) {
+            d->on_event(d, RELAY_EV_WRITE_ERR, UV_ENOMEM);
+            return UV_ENOMEM;
+        }
+        size_t n = sp->in_pipe < RELAY_BLOCK_SIZE ? sp->in_pipe : RELAY_BLOCK_SIZE;
+        ssize_t r = read(sp->pipe[0], b->data, n);
+        if (r <= 0) {
+            int rc = r < 0 ? -errno : UV_EIO;
+            relay_block_unref(d->pool, b);
+            d->on_event(d, RELAY_EV_WRITE_ERR, rc);
+            return rc;
+        }
+        sp->in_pipe -= (size_t)r;
+        uv_buf_t buf = uv_buf_init(b->data, (unsigned)r);
+        int rc = relay_write(d, b, &buf, 1, false);
+        relay_block_unref(d->pool, b);
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* dst has room again: the pipe goes on; once it is empty, src is read again. */
+static void relay_splice_on_writable(uv_poll_t *h, int status, int events)
+{
+    struct relay_splice *sp = (struct relay_splice *)(void *)h;
+    struct relay_dir *d = sp->d;
+
+    (void)events;
+    if (d == NULL)
+        return;
+    if (status < 0) {
+        uv_poll_stop(h);
+        d->flags &= ~RELAY_F_PIPE_WAIT;
+        d->on_event(d, RELAY_EV_WRITE_ERR, status);
+        return;
+    }
+    if (relay_splice_push(d) != 0 || sp->in_pipe > 0)
+        return;
+    uv_poll_stop(h);
+    d->flags &= ~RELAY_F_PIPE_WAIT;
+    if (relay_start(d) != 0)
+        d->on_event(d, RELAY_EV_READ_ERR, UV_EIO);
+}
+
+/* src is readable (libuv's UV_ENOBUFS for the empty buffer): one splice
+ * into the pipe, then on to dst. libuv polls level-triggered, so what is
+ * left comes with the next turn of the loop. */
+static void relay_splice_on_read(uv_stream_t *src, ssize_t nread, const uv_buf_t *buf)
+{
+    struct relay_dir *d = src->data;
+    struct relay_splice *sp = d->spl;
+    uv_os_fd_t sfd;
+
+    (void)nread;
+    (void)buf;
+    if (sp == NULL || uv_fileno((uv_handle_t *)d->src, &sfd) != 0)
+        return;
+    /* While user-space writes are queued (copies go behind them), a block
+     * at a time, as the plain path reads: the queue keeps its bound. */
+    size_t max = d->queued > 0 ? RELAY_BLOCK_SIZE : sp->cap - sp->in_pipe;
+    ssize_t n = splice(sfd, NULL, sp->pipe[1], NULL, max, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (n > 0) {
+        d->bytes += (uint64_t)n;
+        d->last_read = uv_now(src->loop);
+        sp->in_pipe += (size_t)n;
+        (void)relay_splice_push(d); /* a failure went to on_event */
+        return;
+    }
+    if (n == 0) {
+        relay_on_eof(d);
+        return;
+    }
+    if (errno == EAGAIN || errno == EINTR)
+        return;
+    int rc = -errno;
+    uv_read_stop(src);
+    d->flags &= ~RELAY_F_READING;
+    d->on_event(d, RELAY_EV_READ_ERR, rc);
+}
+
+/* d may move its bytes by splice: plain bytes, still flowing. */
+static bool relay_splice_ok(const struct relay_dir *d)
+{
+    return !(d->flags & (RELAY_F_SPLICE | RELAY_F_EOF | RELAY_F_STOPPED)) && d->src_tls == NULL &&
+           d->dst_tls == NULL && d->carry_len == 0;
+}
+
+static void relay_splice_begin(struct relay_dir *d)
+{
+    struct relay_splice *sp = calloc(1, sizeof(*sp));
+    uv_os_fd_t dfd;
+
+    d->kernel = RELAY_KERNEL_OFF; /* once; any failure leaves d in user space */
+    if (sp == NULL || uv_fileno((uv_handle_t *)d->dst, &dfd) != 0) {
+        free(sp);
+        return;
+    }
+    sp->out_fd = fcntl(dfd, F_DUPFD_CLOEXEC, 0);
+    if (sp->out_fd < 0 || pipe2(sp->pipe, O_NONBLOCK | O_CLOEXEC) != 0) {
+        if (sp->out_fd >= 0)
+            close(sp->out_fd);
+        free(sp); /* out of descriptors */
+        return;
+    }
+    if (uv_poll_init(d->src->loop, &sp->poll, sp->out_fd) != 0) {
+        close(sp->pipe[0]);
+        close(sp->pipe[1]);
+        close(sp->out_fd);
+        free(sp);
+        return;
+    }
+    (void)fcntl(sp->pipe[1], F_SETPIPE_SZ, RELAY_PIPE_SIZE); /* else the default, 64 KiB */
+    int cap = fcntl(sp->pipe[1], F_GETPIPE_SZ);
+    sp->cap = cap > 0 ? (size_t)cap : 65536;
+    sp->d = d;
+    d->spl = sp;
+    d->flags |= RELAY_F_SPLICE;
+    d->on_event(d, RELAY_EV_KERNEL, RELAY_KERNEL_SPLICE);
+    if (d->flags & RELAY_F_READING) {
+        uv_read_stop(d->src);
+        d->flags &= ~RELAY_F_READING;
+        if (relay_start(d) != 0)
+            d->on_event(d, RELAY_EV_READ_ERR, UV_EIO);
+    }
+}
+
+/* d may join the sockmap: nothing of it is in user space, nothing ended,
+ * and no segment of src is half read: the verdict takes whole segments off
+ * the receive queue, one that a read() began would go out again from its
+ * start. */
+static bool relay_sockmap_quiet(const struct relay_dir *d)
+{
+    return (d->flags & (RELAY_F_READING | RELAY_F_EOF | RELAY_F_DONE | RELAY_F_STOPPED |
+                        RELAY_F_HELD | RELAY_F_PAUSED | RELAY_F_SPLICE | RELAY_F_SOCKMAP |
+                        RELAY_F_PARTIAL)) == RELAY_F_READING &&
+           d->inflight == 0 && d->tail == NULL && d->carry_len == 0 && d->src_tls == NULL &&
+           d->dst_tls == NULL && uv_stream_get_write_queue_size(d->dst) == 0;
+}
+
+static void relay_sockmap_on_close(uv_handle_t *h)
+{
+    free((struct relay_sockmap *)(void *)h); /* the timer is its first member */
+}
+
+/* Bytes d's src gave the kernel that it has not yet written to dst. */
+static int64_t relay_sockmap_pending(const struct relay_dir *d)
+{
+    struct krelay_count src, dst;
+    uv_os_fd_t sfd, dfd;
+
+    if (uv_fileno((uv_handle_t *)d->src, &sfd) != 0 ||
+        uv_fileno((uv_handle_t *)d->dst, &dfd) != 0 || krelay_counters(sfd, &src) != 0 ||
+        krelay_counters(dfd, &dst) != 0)
+        return 0; /* nothing to wait for that could be measured */
+    uint64_t in = src.rx - d->k_rx0 - ((d->flags & RELAY_F_EOF) ? 1 : 0); /* the FIN */
+    return (int64_t)(in - (dst.tx - d->k_tx0));
+}
+
+/* A FIN waits while the kernel still forwards what came before it. */
+static void relay_sockmap_on_timer(uv_timer_t *t)
+{
+    struct relay_dir *dirs[2] = {t->data, ((struct relay_dir *)t->data)->rev};
+    bool waiting = false;
+
+    for (unsigned i = 0; i < 2; i++) {
+        struct relay_dir *d = dirs[i];
+        if ((d->flags & (RELAY_F_FIN_WAIT | RELAY_F_STOPPED)) != RELAY_F_FIN_WAIT)
+            continue;
+        if (relay_sockmap_pending(d) > 0) {
+            waiting = true;
+            continue;
+        }
+        d->flags &= ~RELAY_F_FIN_WAIT;
+        relay_shutdown_dst(d); /* may end the session, and close this timer */
+        if (uv_is_closing((uv_handle_t *)t))
+            return;
+    }
+    if (!waiting)
+        uv_timer_stop(t);
+}
+
+/* Hands d and d->rev to the kernel, once: any failure leaves them in user
+ * space for good. */
+static void relay_sockmap_begin(struct relay_dir *d)
+{
+    struct relay_dir *r = d->rev;
+    struct krelay_count ca, cb;
+    uv_os_fd_t a, b;
+
+    d->kernel = r->kernel = RELAY_KERNEL_OFF;
+    if (!krelay_sockmap_available())
+        return;
+    if (uv_fileno((uv_handle_t *)d->src, &a) != 0 || uv_fileno((uv_handle_t *)d->dst, &b) != 0)
+        return;
+    /* What arrived since the last reads is counted as the kernel's: it
+     * forwards it (krelay_sockmap_pair's kick). */
+    int rc = krelay_consumed(a, &ca);
+    if (rc == 0)
+        rc = krelay_consumed(b, &cb);
+    if (rc == -EAGAIN) {
+        d->kernel = r->kernel = RELAY_KERNEL_SOCKMAP; /* a busy moment: after the next read */
+        return;
+    }
+    if (rc != 0)
+        return;
+    struct relay_sockmap *m = malloc(sizeof(*m));
+    if (m == NULL)
+        return;
+    rc = krelay_sockmap_pair(a, b);
+    if (rc != 0) {
+        free(m);
+        return;
+    }
+    uv_timer_init(d->src->loop, &m->timer);
+    m->timer.data = d;
+    m->live = 2;
+    d->smap = r->smap = m;
+    d->flags |= RELAY_F_SOCKMAP;
+    r->flags |= RELAY_F_SOCKMAP;
+    d->k_bytes0 = d->bytes;
+    d->k_rx0 = ca.rx;
+    d->k_tx0 = cb.tx;
+    r->k_bytes0 = r->bytes;
+    r->k_rx0 = cb.rx;
+    r->k_tx0 = ca.tx;
+    d->on_event(d, RELAY_EV_KERNEL, RELAY_KERNEL_SOCKMAP);
+}
+
+/* relay_stop: the pair's sockmap state goes when both directions stopped.
+ * The sockets leave the map when they are closed. */
+static void relay_sockmap_release(struct relay_dir *d)
+{
+    struct relay_sockmap *m = d->smap;
+
+    if (m == NULL)
+        return;
+    d->smap = NULL;
+    if (--m->live > 0)
+        return;
+    uv_close((uv_handle_t *)&m->timer, relay_sockmap_on_close);
+}
+
+/* After a read or a completed write of d: the moment a direction may leave
+ * user space. nread: what the read took, 0 after a write. */
+static void relay_kernel_try(struct relay_dir *d, size_t nread)
+{
+    if (d->kernel == RELAY_KERNEL_SPLICE) {
+        if (nread >= RELAY_BLOCK_SIZE && relay_splice_ok(d))
+            relay_splice_begin(d);
+        return;
+    }
+    if (d->kernel == RELAY_KERNEL_SOCKMAP && d->rev != NULL &&
+        d->rev->kernel == RELAY_KERNEL_SOCKMAP && relay_sockmap_quiet(d) &&
+        relay_sockmap_quiet(d->rev))
+        relay_sockmap_begin(d);
+}
+
+/* One direction's counts from the kernel's: src's and dst's counters. */
+static void relay_sockmap_note(struct relay_dir *d, const struct krelay_count *src,
+                               const struct krelay_count *dst, uint64_t now)
+{
+    uint64_t t = dst->tx - d->k_tx0;
+    if ((d->flags & RELAY_F_DONE) && t > 0)
+        t--; /* our FIN */
+    d->bytes = d->k_bytes0 + t;
+    uint64_t at = now > src->idle_ms ? now - src->idle_ms : 0;
+    if (at > d->last_read)
+        d->last_read = at;
+}
+
+void relay_kernel_sample(struct relay_dir *d)
+{
+    struct krelay_count ca, cb;
+    uv_os_fd_t a, b;
+
+    if (!(d->flags & RELAY_F_SOCKMAP) || d->rev == NULL)
+        return;
+    if (uv_fileno((uv_handle_t *)d->src, &a) != 0 || uv_fileno((uv_handle_t *)d->dst, &b) != 0 ||
+        krelay_counters(a, &ca) != 0 || krelay_counters(b, &cb) != 0)
+        return;
+    uint64_t now = uv_now(d->src->loop);
+    relay_sockmap_note(d, &ca, &cb, now);
+    relay_sockmap_note(d->rev, &cb, &ca, now);
 }

@@ -41,6 +41,23 @@
  *
  * The owner (the session) learns about EOF, errors and the end of a
  * direction through on_event; a relay_dir never closes handles itself.
+ *
+ * Kernel relay (relay_kernel_allow): once the owner says the bytes are
+ * opaque, they may skip user space. RELAY_KERNEL_SPLICE: a direction whose
+ * read fills a whole block (a large transfer) moves on to splice(2) through
+ * its own pipe: libuv still says when src is readable (a read with no
+ * buffer), the bytes go src -> pipe -> dst without a copy. What dst does
+ * not take at once stays in the pipe, and src is not read until a poll of
+ * dst (on a duplicate of its descriptor) finds room and the pipe is empty:
+ * the pipe is the queue, bounded by its size (backpressure), and nothing
+ * can overtake it. Bytes already queued in user space when splicing begins
+ * go first: until they are written, spliced bytes are copied behind them.
+ * RELAY_KERNEL_SOCKMAP: once both directions are quiet (nothing queued, no
+ * TLS, neither at EOF), the pair goes into the eBPF sockmap (krelay.c) and
+ * the kernel forwards every byte; libuv then only sees EOFs and errors. A
+ * FIN is passed on once the kernel has written everything before it
+ * (tcp_info byte counters), bytes and last_read are read from the same
+ * counters (relay_kernel_sample). Any failure leaves the pair in user space.
  */
 #ifndef MXPROXY_RELAY_H
 #define MXPROXY_RELAY_H
@@ -93,9 +110,20 @@ enum relay_event {
                            tls_error_reason() of the tls_conn; status is the error */
     RELAY_EV_CONNECTED, /* RELAY_F_CONNECTING: src's first bytes or EOF came, so its
                            connect completed; they are delivered after on_event returns */
+    RELAY_EV_KERNEL,    /* the kernel relays from now on: status is the enum relay_kernel
+                           (SOCKMAP: both directions, reported on the one that began) */
+};
+
+/* Who may relay a direction's opaque bytes; the values of enum config_kernel_relay. */
+enum relay_kernel {
+    RELAY_KERNEL_OFF = 0, /* user space */
+    RELAY_KERNEL_SPLICE,  /* splice(2) through a pipe, for large transfers */
+    RELAY_KERNEL_SOCKMAP, /* the eBPF sockmap forwards both directions */
 };
 
 struct relay_dir;
+struct relay_sockmap;
+struct relay_splice;
 typedef void (*relay_event_cb)(struct relay_dir *d, enum relay_event ev, int status);
 
 /* Takes one reference to b, whose data[0, len) holds the carry (see
@@ -123,6 +151,13 @@ struct relay_dir {
     size_t tail_len;            /* bytes in tail->data */
     size_t queued;              /* memory held for dst: blocks of queued writes, the tail */
     unsigned inflight;          /* uv_write requests not yet completed */
+    unsigned kernel;            /* enum relay_kernel the owner allows; OFF once tried */
+    struct relay_splice *spl;   /* splice: the direction's pipe, with RELAY_F_SPLICE */
+    struct relay_sockmap *smap; /* sockmap: shared by both directions, or NULL */
+    uint64_t k_bytes0;          /* sockmap: bytes when the kernel took over */
+    uint64_t k_rx0;             /* sockmap: src's consumed byte count then */
+    uint64_t k_tx0;             /* sockmap: dst's written byte count then */
+    size_t ask;                 /* what the last read of src could take */
 };
 
 #define RELAY_F_READING 0x01u /* uv_read_start is in effect on src */
@@ -135,6 +170,12 @@ struct relay_dir {
 /* src is a socket still connecting: its first read event is reported first (bytes or EOF:
  * RELAY_EV_CONNECTED; an error: RELAY_EV_READ_ERR, the flag cleared) */
 #define RELAY_F_CONNECTING 0x80u
+#define RELAY_F_SPLICE 0x100u    /* bytes move by splice(2) through spl's pipe */
+#define RELAY_F_SOCKMAP 0x200u   /* the kernel forwards the bytes (smap) */
+#define RELAY_F_FIN_WAIT 0x400u  /* sockmap: EOF seen, the FIN waits for the kernel's bytes */
+#define RELAY_F_PIPE_WAIT 0x800u /* splice: dst is full, the pipe holds bytes; src is not read */
+/* src's last read filled its buffer: the kernel may hold the rest of a segment it began */
+#define RELAY_F_PARTIAL 0x1000u
 
 /* Prepares d; src and dst must be initialised libuv streams. Sets
  * src->data = d. Does not start reading. */
@@ -183,6 +224,16 @@ void relay_inject(struct relay_dir *d, const char *p, size_t len);
 /* Sends whatever ciphertext d->dst_tls has for d->dst (handshake messages,
  * alerts, a close_notify). */
 void relay_tls_flush(struct relay_dir *d);
+
+/* The bytes of d and d->rev carry nothing the owner reads any more (mode
+ * tcp; SMTP after a STARTTLS passthrough): mode may hand them to the kernel
+ * from the next read on. Applies to both directions. */
+void relay_kernel_allow(struct relay_dir *d, enum relay_kernel mode);
+
+/* While the kernel relays d's pair, bytes and last_read of both directions
+ * are brought up to date only by this call: make it before reading them.
+ * Does nothing otherwise. */
+void relay_kernel_sample(struct relay_dir *d);
 
 /* Frees every block and request the pool keeps. */
 void relay_pool_drain(struct relay_pool *pool);

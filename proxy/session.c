@@ -55,6 +55,10 @@ static const char *const session_end_names[] = {
     [SESSION_END_DENIED] = "denied",
 };
 
+static_assert((int)CONFIG_KERNEL_RELAY_SPLICE == (int)RELAY_KERNEL_SPLICE &&
+                  (int)CONFIG_KERNEL_RELAY_SOCKMAP == (int)RELAY_KERNEL_SOCKMAP,
+              "kernel_relay values are relay_kernel values");
+
 static_assert(sizeof(session_end_names) / sizeof(session_end_names[0]) == SESSION_END_COUNT_,
               "every enum session_end has a name");
 
@@ -500,6 +504,16 @@ static void session_on_relay_event(struct relay_dir *d, enum relay_event ev, int
     switch (ev) {
     case RELAY_EV_CONNECTED:
         return;
+    case RELAY_EV_KERNEL:
+        if (log_enabled(LOG_DEBUG)) {
+            struct log_line l;
+            log_begin(&l, LOG_DEBUG, "kernel_relay");
+            log_sid(&l, s->id);
+            log_str(&l, "kernel_relay", config_kernel_relay_name((enum config_kernel_relay)status));
+            log_str(&l, "dir", status == RELAY_KERNEL_SOCKMAP ? "both" : (up ? "up" : "down"));
+            log_end(&l);
+        }
+        return;
     case RELAY_EV_EOF:
         if (!up && s->proto != NULL && !s->proto->opaque(s)) {
             s->proto->backend_eof(s);
@@ -685,6 +699,7 @@ static void session_on_timer(uv_timer_t *t)
     }
     /* Reads only stamp last_read; the timer checks lazily, so the hot path
      * never touches the timer heap. */
+    relay_kernel_sample(&s->up);
     uint64_t now = uv_now(t->loop);
     uint64_t last = s->connected_at;
     if (s->up.last_read > last)
@@ -753,6 +768,8 @@ static void session_backend_connected(struct session *s)
     session_wire_tls(s);
     if (s->proto != NULL)
         s->proto->connected(s);
+    else
+        relay_kernel_allow(&s->up, (enum relay_kernel)s->cl->kernel_relay); /* opaque */
     /* The backend first: its greeting is forwarded the moment it arrives. */
     rc = relay_start(&s->down);
     if (rc == 0)
@@ -956,6 +973,7 @@ void session_close(struct session *s, enum session_end end, const char *error)
     session_enter_phase(s, SESSION_PHASE_CLOSING);
     if (s->proto != NULL)
         end = s->proto->end(s, end);
+    relay_kernel_sample(&s->up); /* bytes the kernel relayed */
     metrics_session_closed(&s->w->metrics, s->cl->name, end, s->up.bytes, s->down.bytes);
     if (s->flags & SESSION_F_RELAYS) {
         relay_stop(&s->up);

@@ -1565,6 +1565,68 @@ def message_body(approx):
 
 
 # --------------------------------------------------------------------------
+# kernel_relay
+
+KERNEL_RELAYS = ("off", "splice", "sockmap")
+_sockmap_why = []
+
+
+class _Greeter(TcpBackend):
+    def handle(self, rec):
+        self.send(rec, b"220 probe\r\n")
+        while self.recv(rec):
+            pass
+
+
+def sockmap_unavailable():
+    """None when mxproxy relays by sockmap on this machine (a build with eBPF, BPF allowed),
+    else why not, for a skip. Asks the binary once: one mode tcp session through a probe
+    proxy logs ev=kernel_relay (debug) or ev=kernel_relay_unavailable."""
+    if not _sockmap_why:
+        tmp = tempfile.mkdtemp(prefix="mxtest-")
+        b = _Greeter("probe")
+        port = free_port()
+        p = Proxy(config(listener("probe", "%s:%d" % (HOST, port), b.addr, kernel_relay="sockmap"),
+                         log_level="debug"), tmp)
+        why = "mxproxy logged neither ev=kernel_relay nor ev=kernel_relay_unavailable"
+        try:
+            p.wait_started()
+            c = Client(port)
+            c.recv_until(b"\r\n")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if p.find(ev="kernel_relay"):
+                    why = None
+                    break
+                bad = p.find(ev="kernel_relay_unavailable")
+                if bad:
+                    why = "kernel_relay = sockmap unavailable: %s" % bad[0].get("reason")
+                    break
+                time.sleep(0.02)
+            c.close()
+        finally:
+            p.stop()
+            b.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        _sockmap_why.append(why)
+    return _sockmap_why[0]
+
+
+def kernel_relay_variants(base, module_globals, values=("splice", "sockmap")):
+    """Adds a subclass of the test case base per kernel_relay value to module_globals (named
+    BASE_VALUE, with KERNEL_RELAY = value); the sockmap one skips where sockmap is
+    unavailable."""
+    for value in values:
+        def setUp(self, _base=base, _value=value):
+            if _value == "sockmap" and sockmap_unavailable():
+                self.skipTest(sockmap_unavailable())
+            _base.setUp(self)
+        name = "%s_%s" % (base.__name__, value)
+        module_globals[name] = type(name, (base,), {"KERNEL_RELAY": value, "setUp": setUp,
+                                                    "__module__": base.__module__})
+
+
+# --------------------------------------------------------------------------
 # Runner
 
 

@@ -1091,6 +1091,34 @@ static void test_client_keys(void)
     free(big);
 }
 
+/* kernel_relay: per listener, every mode; splice unless set. */
+static void test_kernel_relay_key(void)
+{
+    static const struct {
+        const char *word;
+        unsigned value;
+    } words[] = {{"off", CONFIG_KERNEL_RELAY_OFF},
+                 {"splice", CONFIG_KERNEL_RELAY_SPLICE},
+                 {"sockmap", CONFIG_KERNEL_RELAY_SOCKMAP}};
+    char text[256];
+
+    struct config *c = load_ok(LISTENER);
+    ASSERT_EQ(c->listeners[0].kernel_relay, CONFIG_KERNEL_RELAY_SPLICE);
+    config_unref(c);
+    for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++) {
+        snprintf(text, sizeof(text), LISTENER "mode = smtp\nkernel_relay = %s\n", words[i].word);
+        c = load_ok(text);
+        ASSERT_EQ(c->listeners[0].kernel_relay, words[i].value);
+        ASSERT_STREQ(config_kernel_relay_name((enum config_kernel_relay)words[i].value),
+                     words[i].word);
+        config_unref(c);
+    }
+    expect_err(LISTENER "kernel_relay = ebpf\n",
+               "t.ini:4: invalid value 'ebpf' for 'kernel_relay': expected off, splice or sockmap");
+    expect_err("[global]\nkernel_relay = off\n" LISTENER,
+               "t.ini:2: unknown key 'kernel_relay' in [global]");
+}
+
 /* Mode imap owns its keys and has its own defaults (idle_timeout 30 min, 64 KiB lines),
  * unless the file gave them, before or after the mode. */
 static void test_mode_imap(void)
@@ -1144,6 +1172,7 @@ int main(void)
     test_cipher_keys();
     test_admin_keys();
     test_client_keys();
+    test_kernel_relay_key();
     printf("test_config: all passed\n");
     return 0;
 }

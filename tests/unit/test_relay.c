@@ -23,7 +23,7 @@ struct fixture {
     struct relay_dir back; /* b_side -> a_side, for the tied tests */
     bool with_back;        /* back is in use */
     size_t answered;       /* bytes the on_data owner answered */
-    int n_eof, n_done, n_read_err, n_write_err, n_connected;
+    int n_eof, n_done, n_read_err, n_write_err, n_connected, n_kernel;
     size_t out_at_connected; /* bytes peer_b could read when RELAY_EV_CONNECTED came */
     int last_status;
 };
@@ -52,6 +52,9 @@ static void on_event(struct relay_dir *d, enum relay_event ev, int status)
         f->out_at_connected = (size_t)queued;
         break;
     }
+    case RELAY_EV_KERNEL:
+        f->n_kernel++;
+        break;
     case RELAY_EV_TLS_READY:
     case RELAY_EV_TLS_ERR:
         ASSERT(!"no TLS in these tests");
@@ -127,8 +130,10 @@ static size_t pull(int fd, unsigned char *buf, size_t cap)
 }
 
 /* Bytes flow in order; the relay pauses while peer_b does not read, so the
- * queue stays bounded; half-close reaches peer_b after the last byte. */
-static void test_backpressure_and_half_close(void)
+ * queue stays bounded; half-close reaches peer_b after the last byte. The
+ * same with kernel = RELAY_KERNEL_SPLICE: the first full block moves the
+ * direction to splice(2), and nothing else may differ. */
+static void test_backpressure_and_half_close(enum relay_kernel kernel)
 {
     enum { TOTAL = 4 * 1024 * 1024 };
     static unsigned char src[TOTAL], dst[TOTAL];
@@ -139,13 +144,15 @@ static void test_backpressure_and_half_close(void)
     for (size_t i = 0; i < TOTAL; i++)
         src[i] = (unsigned char)(i * 7 + (i >> 13));
     fixture_init(&f);
+    relay_kernel_allow(&f.dir, kernel);
     ASSERT_OK(relay_start(&f.dir));
 
     /* Phase 1: peer_b reads nothing; the relay must stop reading. */
     for (int round = 0; round < 2000 && !saw_pause; round++) {
         sent += push(f.peer_a, src + sent, TOTAL - sent);
         uv_run(&f.loop, UV_RUN_NOWAIT);
-        saw_pause = (f.dir.flags & RELAY_F_PAUSED) != 0;
+        /* splice: the pipe holds what dst does not take, and src waits */
+        saw_pause = (f.dir.flags & (RELAY_F_PAUSED | RELAY_F_PIPE_WAIT)) != 0;
         size_t queued = uv_stream_get_write_queue_size((uv_stream_t *)&f.b_side);
         ASSERT(queued <= RELAY_HIWAT + RELAY_BLOCK_SIZE);
     }
@@ -181,6 +188,7 @@ static void test_backpressure_and_half_close(void)
     ASSERT_EQ(f.n_done, 1);
     ASSERT_EQ(f.n_read_err + f.n_write_err, 0);
     ASSERT(f.dir.flags & RELAY_F_DONE);
+    ASSERT_EQ(f.n_kernel, kernel == RELAY_KERNEL_SPLICE ? 1 : 0);
     /* Blocks went back to the pool, within its bound. */
     ASSERT(f.pool.n_free >= 1 && f.pool.n_free <= RELAY_POOL_KEEP);
     fixture_close(&f);
@@ -405,7 +413,8 @@ static void test_connecting_first_read(void)
 int main(void)
 {
     test_connecting_first_read();
-    test_backpressure_and_half_close();
+    test_backpressure_and_half_close(RELAY_KERNEL_OFF);
+    test_backpressure_and_half_close(RELAY_KERNEL_SPLICE);
     test_close_cancels_queued_writes();
     test_peer_close_is_eof();
     test_small_reads_share_blocks();
