@@ -32,7 +32,7 @@ enum session_end {
     SESSION_END_LOCAL_ERROR,   /* mxproxy ran short of descriptors or memory for the backend */
     SESSION_END_LOGOUT,        /* mode imap: the client sent LOGOUT and got the tagged reply */
     SESSION_END_CLIENT_EOF_WITHOUT_LOGOUT, /* mode imap: the client closed without LOGOUT */
-    SESSION_END_NO_BACKEND,                /* every backend is down (health checks): none was tried */
+    SESSION_END_NO_BACKEND,   /* every backend is down (health checks): none was tried */
     SESSION_END_CLIENT_LIMIT, /* refused: max_connections(_rate)_per_client for its address */
     SESSION_END_DENIED,       /* refused: the client is in deny, or not in a non-empty allow */
     SESSION_END_COUNT_,       /* not an end: the number of them */

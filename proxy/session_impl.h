@@ -115,7 +115,7 @@ struct session {
 /* this connect attempt reads the backend at once: its first bytes (or a probe of the
  * socket's state) complete the connect, with no POLLOUT turn */
 #define SESSION_F_READ_CONNECT 0x800u
-#define SESSION_F_CLIMIT 0x1000u /* counted in s->climit: released at close */
+#define SESSION_F_CLIMIT 0x1000u     /* counted in s->climit: released at close */
 #define SESSION_F_ON_BACKEND 0x2000u /* counted in backend_state[cur]->active */
 
 /* Moves s to phase next (logged at debug level). Once FLUSHING or CLOSING,
