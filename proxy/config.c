@@ -348,6 +348,11 @@ static const struct config_key config_keys[] = {
      .min = CONFIG_LINE_LENGTH_MIN,
      .max = CONFIG_LINE_LENGTH_MAX,
      .modes = CONFIG_SMTP | CONFIG_IMAP | CONFIG_POP3},
+    {.name = "transcript_clients",
+     .section = CONFIG_SECTION_LISTENER,
+     .parse = config_parse_cidrs,
+     .flags = CONFIG_KEY_F_REPEAT,
+     .modes = CONFIG_SMTP | CONFIG_IMAP | CONFIG_POP3},
     {.name = "smuggling",
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_smuggling,
@@ -610,6 +615,7 @@ static void config_free(struct config *c)
         free(c->listeners[i].ciphers);
         free(c->listeners[i].ciphersuites);
         free(c->listeners[i].allow);
+        free(c->listeners[i].transcript_clients);
         free(c->listeners[i].deny);
         c->listeners[i].backends = NULL;
         config_shared_put(c->listeners[i].shared);
@@ -1465,14 +1471,16 @@ static int config_parse_backend(struct config_parser *p, const struct config_key
     return 0;
 }
 
-/* "allow" / "deny": "10.0.0.0/8, 2001:db8::/32"; lines add up, like backend. */
+/* "allow" / "deny" / "transcript_clients": "10.0.0.0/8, 2001:db8::/32"; lines add up, like
+ * backend. */
 static int config_parse_cidrs(struct config_parser *p, const struct config_key *k,
                               const char *value)
 {
     struct config_listener *l = config_cur_listener(p);
     bool allow = strcmp(k->name, "allow") == 0;
-    struct cidr **list = allow ? &l->allow : &l->deny;
-    size_t *count = allow ? &l->n_allow : &l->n_deny;
+    bool full = strcmp(k->name, "transcript_clients") == 0;
+    struct cidr **list = full ? &l->transcript_clients : allow ? &l->allow : &l->deny;
+    size_t *count = full ? &l->n_transcript_clients : allow ? &l->n_allow : &l->n_deny;
     struct cidr *grown;
     size_t n = 1;
     const char *s = value;

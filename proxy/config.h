@@ -201,6 +201,8 @@ struct config_listener {
     size_t n_allow;                     /* blocks in allow */
     struct cidr *deny;                  /* "deny": clients inside one are refused */
     size_t n_deny;                      /* blocks in deny */
+    struct cidr *transcript_clients;    /* "transcript_clients": these log transcript = full */
+    size_t n_transcript_clients;        /* blocks in transcript_clients */
     unsigned fail_timeout_ms;           /* "fail_timeout", default 10 s, 0 = off */
     unsigned health_check;              /* enum config_health_check, "health_check" */
     unsigned health_interval_ms;        /* "health_interval", default 5 s */

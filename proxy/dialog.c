@@ -107,7 +107,7 @@ void dialog_free(struct session *s)
 
 bool dialog_logs_pairs(const struct session *s)
 {
-    return s->cl->transcript != CONFIG_TRANSCRIPT_OFF && log_enabled(LOG_INFO);
+    return s->transcript != CONFIG_TRANSCRIPT_OFF && log_enabled(LOG_INFO);
 }
 
 static void dialog_note_text(char *dst, size_t cap, const char *src, size_t len)
@@ -124,7 +124,7 @@ void dialog_note_pair(const struct session *s, const struct dialog_pair_note *n)
 
     if (s->view == NULL)
         return;
-    if (s->cl->transcript == CONFIG_TRANSCRIPT_OFF) {
+    if (s->transcript == CONFIG_TRANSCRIPT_OFF) {
         session_view_update(s); /* no pairs in the log, none on the page; the rest moves on */
         return;
     }
@@ -139,7 +139,7 @@ void dialog_note_pair(const struct session *s, const struct dialog_pair_note *n)
 
 bool dialog_logs_lines(const struct session *s)
 {
-    return s->cl->transcript == CONFIG_TRANSCRIPT_FULL && log_enabled(LOG_INFO);
+    return s->transcript == CONFIG_TRANSCRIPT_FULL && log_enabled(LOG_INFO);
 }
 
 void dialog_log_line(const struct session *s, const char *dir, const char *text, size_t len,

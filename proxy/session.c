@@ -1161,12 +1161,19 @@ static void session_refuse_client(struct session *s, enum proto_say what, enum s
     session_close(s, end, why);
 }
 
-/* The access lists, then the per-client limits, for the real client (what a
- * PROXY header said, or the peer). Returns true when the session may go on;
+/* transcript_clients, the access lists, then the per-client limits, for the real client
+ * (what a PROXY header said, or the peer). Returns true when the session may go on;
  * false when it is ending. */
 static bool session_admit_client(struct session *s)
 {
     const struct config_listener *cl = s->cl;
+
+    /* Known only now (after a PROXY header): whether this client gets a full transcript. */
+    if (cl->n_transcript_clients > 0) {
+        (void)session_client_addr(s); /* fills client_sa */
+        if (cidr_list_match(cl->transcript_clients, cl->n_transcript_clients, &s->client_sa.sa))
+            s->transcript = CONFIG_TRANSCRIPT_FULL;
+    }
 
     if (cl->n_allow == 0 && cl->n_deny == 0 && cl->max_per_client == 0 && cl->rate_per_client == 0)
         return true;
@@ -1367,6 +1374,7 @@ void session_accept(struct listener *l, int fd)
     s->w = w;
     s->cfg = config_ref(w->cfg);
     s->cl = l->cl;
+    s->transcript = l->cl->transcript;
     s->id = session_next_id();
     s->t_accept = uv_hrtime();
     s->rr_start = s->cl->n_backends > 0 ? (unsigned)(l->rr++ % s->cl->n_backends) : 0;

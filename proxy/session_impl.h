@@ -61,42 +61,43 @@ enum session_phase {
 };
 
 struct session {
-    uv_tcp_t client;                  /* accepted socket; data -> up (relay) */
-    uv_tcp_t backend;                 /* outgoing socket; data -> down (relay) */
-    uv_timer_t timer;                 /* connect timeout, then idle timeout */
-    uv_connect_t connect_req;         /* the backend connect in flight */
-    struct relay_dir up;              /* client -> backend */
-    struct relay_dir down;            /* backend -> client */
-    struct worker *w;                 /* owning worker; sessions never migrate */
-    struct config *cfg;               /* reference held for the session's life */
-    const struct config_listener *cl; /* this session's listener, inside cfg */
-    struct session *prev, *next;      /* w->sessions list */
-    uint64_t id;                      /* sid= */
-    uint64_t t_accept;                /* uv_hrtime() at accept */
-    uint64_t t_connect;               /* uv_hrtime() when the current connect began */
-    uint64_t connected_at;            /* uv_now() when the backend connected */
-    uint64_t tls_started_at;          /* uv_now() when the client TLS handshake could begin */
-    enum session_phase phase;         /* SESSION_PHASE_*, see session_enter_phase() */
-    unsigned flags;                   /* SESSION_F_* */
-    unsigned open_handles;            /* uv handles not yet through their close_cb */
-    unsigned rr_start;                /* round-robin position: where the search starts */
-    unsigned cur;                     /* index of the backend tried last, with tries > 0 */
-    unsigned tries;                   /* backends tried so far */
-    uint64_t tried;                   /* bit i: backend i was tried */
-    int last_error;                   /* last connect error, for end=connect_failed */
-    enum session_end first_close;     /* who closed first, valid with SESSION_F_FIRST_CLOSE */
-    enum session_end pending_end;     /* close_after_flush: the end= to log */
-    const char *pending_error;        /* close_after_flush: the error= to log, static text */
-    const struct proto *proto;        /* the mode's protocol (proto.h), NULL in mode tcp */
-    void *proto_state;                /* the protocol's per-session state, its own type */
-    struct tls_conn *client_tls;      /* TLS with the client, or NULL */
-    struct tls_conn *backend_tls;     /* TLS with the backend, or NULL */
-    union session_sa client_sa;       /* the client: the peer, or what a PROXY header said */
-    union session_sa orig_dst;        /* where the client meant to go, or AF_UNSPEC */
-    struct config_addr *dst_backend;  /* backend = original_dst: orig_dst as a backend, or NULL */
-    struct proxyproto_parser *pp_in;  /* accept_proxy_protocol: header being read */
-    char *early;                      /* client bytes that followed the PROXY header */
-    size_t early_len;                 /* their number */
+    uv_tcp_t client;                   /* accepted socket; data -> up (relay) */
+    uv_tcp_t backend;                  /* outgoing socket; data -> down (relay) */
+    uv_timer_t timer;                  /* connect timeout, then idle timeout */
+    uv_connect_t connect_req;          /* the backend connect in flight */
+    struct relay_dir up;               /* client -> backend */
+    struct relay_dir down;             /* backend -> client */
+    struct worker *w;                  /* owning worker; sessions never migrate */
+    struct config *cfg;                /* reference held for the session's life */
+    const struct config_listener *cl;  /* this session's listener, inside cfg */
+    enum config_transcript transcript; /* the listener's, or full for transcript_clients */
+    struct session *prev, *next;       /* w->sessions list */
+    uint64_t id;                       /* sid= */
+    uint64_t t_accept;                 /* uv_hrtime() at accept */
+    uint64_t t_connect;                /* uv_hrtime() when the current connect began */
+    uint64_t connected_at;             /* uv_now() when the backend connected */
+    uint64_t tls_started_at;           /* uv_now() when the client TLS handshake could begin */
+    enum session_phase phase;          /* SESSION_PHASE_*, see session_enter_phase() */
+    unsigned flags;                    /* SESSION_F_* */
+    unsigned open_handles;             /* uv handles not yet through their close_cb */
+    unsigned rr_start;                 /* round-robin position: where the search starts */
+    unsigned cur;                      /* index of the backend tried last, with tries > 0 */
+    unsigned tries;                    /* backends tried so far */
+    uint64_t tried;                    /* bit i: backend i was tried */
+    int last_error;                    /* last connect error, for end=connect_failed */
+    enum session_end first_close;      /* who closed first, valid with SESSION_F_FIRST_CLOSE */
+    enum session_end pending_end;      /* close_after_flush: the end= to log */
+    const char *pending_error;         /* close_after_flush: the error= to log, static text */
+    const struct proto *proto;         /* the mode's protocol (proto.h), NULL in mode tcp */
+    void *proto_state;                 /* the protocol's per-session state, its own type */
+    struct tls_conn *client_tls;       /* TLS with the client, or NULL */
+    struct tls_conn *backend_tls;      /* TLS with the backend, or NULL */
+    union session_sa client_sa;        /* the client: the peer, or what a PROXY header said */
+    union session_sa orig_dst;         /* where the client meant to go, or AF_UNSPEC */
+    struct config_addr *dst_backend;   /* backend = original_dst: orig_dst as a backend, or NULL */
+    struct proxyproto_parser *pp_in;   /* accept_proxy_protocol: header being read */
+    char *early;                       /* client bytes that followed the PROXY header */
+    size_t early_len;                  /* their number */
     char client_addr[SOCKADDR_TEXT_MAX]; /* client= */
     struct climit_table *climit;         /* SESSION_F_CLIMIT: the table counting it */
     struct climit_key climit_key;        /* ... and the client's key in it */
