@@ -44,6 +44,8 @@ static char krelay_libbpf_msg[160]; /* libbpf's last warning, for reason= */
 
 /* libbpf speaks through this instead of stderr, where the log lines go. */
 static int krelay_libbpf_print(enum libbpf_print_level level, const char *fmt, va_list ap)
+    __attribute__((format(printf, 2, 0)));
+static int krelay_libbpf_print(enum libbpf_print_level level, const char *fmt, va_list ap)
 {
     if (level == LIBBPF_WARN) {
         vsnprintf(krelay_libbpf_msg, sizeof(krelay_libbpf_msg), fmt, ap);
