@@ -125,8 +125,10 @@ static void fuzz_check_text(const struct imap_event *ev)
                 i++;
             FUZZ_CHECK(i - b <= IMAP_SASL_MECH_MAX);
         }
-        if (ev->flags & IMAP_EV_F_AUTH_INITIAL)
-            FUZZ_CHECK(n - i == sizeof(red) - 1 && memcmp(t + i, red, n - i) == 0);
+        /* A refused command (MIDCMD) carries no AUTH_INITIAL flag: either form, redacted. */
+        if (ev->flags & (IMAP_EV_F_AUTH_INITIAL | IMAP_EV_F_MIDCMD))
+            FUZZ_CHECK((n - i == sizeof(red) - 1 && memcmp(t + i, red, n - i) == 0) ||
+                       (i == n && !(ev->flags & IMAP_EV_F_AUTH_INITIAL)));
         else
             FUZZ_CHECK(i == n);
     }
@@ -180,7 +182,10 @@ static void fuzz_drive(struct fuzz_run *r, char *hold, size_t *held)
         }
         if (ev.tag != NULL)
             FUZZ_CHECK(ev.tag_len <= IMAP_TAG_MAX && ev.tag[ev.tag_len] == '\0');
-        if (ev.type == IMAP_EV_COMMAND)
+        /* A command refused mid-way still names itself (redacted) for its aborted pair. */
+        if (ev.type == IMAP_EV_COMMAND ||
+            ((ev.type == IMAP_EV_TOO_LONG || ev.type == IMAP_EV_INVALID) &&
+             (ev.flags & IMAP_EV_F_MIDCMD) && ev.text != NULL))
             fuzz_check_text(&ev);
         else
             FUZZ_CHECK(ev.text == NULL);

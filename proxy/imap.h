@@ -157,7 +157,8 @@ enum imap_ev {
      * is "*\r\n", a cancel for the server, with IMAP_EV_F_CANCEL: forward it, do not answer. */
     IMAP_EV_TOO_LONG,
     /* A complete command line with a bare CR, a bare LF or a NUL in it, dropped up to and
-     * including its LF. ev.reason names the fault. Answered and flagged as TOO_LONG. */
+     * including its LF. ev.reason names the fault. Answered and flagged as TOO_LONG (with
+     * IMAP_EV_F_MIDCMD, ev.text and ev.size as there). */
     IMAP_EV_INVALID,
     /* Consumed and dropped bytes (the rest of a refused line). ev.size is their number. */
     IMAP_EV_DISCARD,
