@@ -835,15 +835,20 @@ class DownloadBackend(TcpBackend):
             buf += data
         n = int(buf.split(b"\r\n")[0].split()[1])
         block = os.urandom(1024 * 1024)
+        # The digest is known before the first byte goes: a client that has
+        # read everything may compare before this thread runs again.
         h = hashlib.sha256()
+        left = n
+        while left > 0:
+            h.update(block[:left])
+            left -= min(left, len(block))
+        rec.digest = h.hexdigest()
         left = n
         while left > 0:
             chunk = block[:left]
             rec.sock.sendall(chunk)
             rec.tx += len(chunk)
-            h.update(chunk)
             left -= len(chunk)
-        rec.digest = h.hexdigest()
         rec.done = True
         while self.recv(rec):
             pass
