@@ -12,6 +12,7 @@
 #include "config.h"
 #include "cidr.h"
 #include "climit.h"
+#include "resolve.h"
 #include "sockaddr.h"
 #include "tls.h"
 
@@ -30,7 +31,6 @@
 #define CONFIG_WORKERS_MAX 256
 #define CONFIG_HEALTH_COUNT_MAX 100 /* health_rise and health_fall, at most */
 #define CONFIG_MAX_CONNECTIONS_MAX 1000000
-#define CONFIG_HOST_MAX 253 /* longest DNS name, without the trailing dot */
 
 enum config_section {
     CONFIG_SECTION_NONE = 0, /* before the first header */
@@ -41,17 +41,31 @@ enum config_section {
 
 /* Parse state shared by the line reader and the key handler. */
 struct config_parser {
-    const char *name;            /* FILE in messages */
-    const char *next;            /* text not yet handed to inih */
-    int lineno;                  /* line most recently handed to inih, from 1 */
-    enum config_section section; /* section the current line belongs to */
-    size_t listener;             /* index in cfg->listeners when in a listener */
-    uint64_t global_seen[2];     /* one bit per config_keys[] row set in [global] */
-    uint64_t listener_seen[2];   /* the same for the current listener */
-    struct config *cfg;          /* being built; freed by the caller on error */
-    int err_code;                /* 0, or the negative errno of the first error */
-    int err_line;                /* line of the first error, 0 when none applies */
-    char err[CONFIG_ERR_MAX];    /* first message, without "FILE:LINE: " */
+    const char *name;               /* FILE in messages */
+    const char *next;               /* text not yet handed to inih */
+    int lineno;                     /* line most recently handed to inih, from 1 */
+    enum config_section section;    /* section the current line belongs to */
+    size_t listener;                /* index in cfg->listeners when in a listener */
+    uint64_t global_seen[2];        /* one bit per config_keys[] row set in [global] */
+    uint64_t listener_seen[2];      /* the same for the current listener */
+    struct config *cfg;             /* being built; freed by the caller on error */
+    int err_code;                   /* 0, or the negative errno of the first error */
+    int err_line;                   /* line of the first error, 0 when none applies */
+    char err[CONFIG_ERR_MAX];       /* first message, without "FILE:LINE: " */
+    struct config_pending *pending; /* backend entries given by name, in file order */
+    size_t n_pending;
+    const struct config_name *pinned; /* answers to use instead of DNS (a rebuild) */
+    size_t n_pinned;
+};
+
+/* A "backend = NAME:PORT" entry waiting for its name's addresses: the whole
+ * file is read first, so "resolver" may come after the listeners. */
+struct config_pending {
+    size_t listener; /* index in cfg->listeners */
+    size_t index;    /* of its placeholder in that listener's backends */
+    size_t name;     /* index in cfg->names */
+    unsigned port;
+    int line;
 };
 
 /* One accepted word of an enumerated key. */
@@ -225,6 +239,8 @@ static int config_parse_tls_keylog(struct config_parser *p, const struct config_
                                    const char *value);
 static int config_parse_health(struct config_parser *p, const struct config_key *k,
                                const char *value);
+static int config_parse_resolver(struct config_parser *p, const struct config_key *k,
+                                 const char *value);
 
 #define CONFIG_G(field) offsetof(struct config, field)
 #define CONFIG_L(field) offsetof(struct config_listener, field)
@@ -248,6 +264,13 @@ static const struct config_key config_keys[] = {
      .section = CONFIG_SECTION_GLOBAL,
      .parse = config_parse_duration,
      .offset = CONFIG_G(drain_grace_ms),
+     .min = 0,
+     .max = CONFIG_DURATION_MAX_MS},
+    {.name = "resolver", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_resolver},
+    {.name = "resolve_interval",
+     .section = CONFIG_SECTION_GLOBAL,
+     .parse = config_parse_duration,
+     .offset = CONFIG_G(resolve_interval_ms),
      .min = 0,
      .max = CONFIG_DURATION_MAX_MS},
     {.name = "listen", .section = CONFIG_SECTION_LISTENER, .parse = config_parse_listen},
@@ -625,6 +648,8 @@ static void config_free(struct config *c)
     c->listeners = NULL;
     free(c->tls_keylog);
     tls_keylog_unref(c->keylog);
+    free(c->names);
+    free(c->source);
     free(c->path);
     c->path = NULL;
     free(c);
@@ -662,6 +687,7 @@ static struct config *config_new(const char *path)
     c->admin_header_timeout_ms = 3 * 1000;
     c->recent_sessions = 1000;
     c->drain_grace_ms = 10 * 1000;
+    c->resolve_interval_ms = 10 * 1000;
     return c;
 }
 
@@ -1319,6 +1345,16 @@ static int config_parse_tls_keylog(struct config_parser *p, const struct config_
     return 0;
 }
 
+/* "resolver": the DNS server backend names are asked of, numeric ("127.0.0.1:53"). */
+static int config_parse_resolver(struct config_parser *p, const struct config_key *k,
+                                 const char *value)
+{
+    if (config_parse_numeric_addr(p, k, value, &p->cfg->resolver) != 0)
+        return -1;
+    p->cfg->has_resolver = true;
+    return 0;
+}
+
 static int config_parse_admin(struct config_parser *p, const struct config_key *k,
                               const char *value)
 {
@@ -1328,17 +1364,37 @@ static int config_parse_admin(struct config_parser *p, const struct config_key *
     return 0;
 }
 
-/* A backend host without brackets: a dotted quad, or a plausible DNS name
- * resolved now to its first address. Returns 0, or -1 with the error stored. */
+/* The index of host in cfg->names, added when new; -1 when out of memory. */
+static long config_name_index(struct config_parser *p, const char *host)
+{
+    struct config *c = p->cfg;
+    struct config_name *grown;
+
+    for (size_t i = 0; i < c->n_names; i++)
+        if (strcasecmp(c->names[i].host, host) == 0)
+            return (long)i;
+    grown = realloc(c->names, (c->n_names + 1) * sizeof(*c->names));
+    if (grown == NULL)
+        return -1;
+    c->names = grown;
+    memset(&c->names[c->n_names], 0, sizeof(c->names[0]));
+    snprintf(c->names[c->n_names].host, sizeof(c->names[0].host), "%s", host);
+    c->names[c->n_names].line = p->lineno;
+    return (long)c->n_names++;
+}
+
+/* A backend host without brackets: a dotted quad, or a plausible DNS name,
+ * resolved once the whole file is read (config_expand_names) to every address
+ * it has; until then addr is a placeholder. Returns 0, or -1 with the error stored. */
 static int config_backend_host(struct config_parser *p, struct config_addr *addr, const char *entry,
                                const char *host, unsigned port)
 {
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_family = AF_UNSPEC};
-    struct addrinfo *res = NULL;
+    struct config_listener *l = config_cur_listener(p);
+    struct config_pending *grown;
     size_t len = strlen(host);
     bool dotted = true;
     bool name = len <= CONFIG_HOST_MAX;
-    int rc;
+    long idx;
 
     for (const char *s = host; *s != '\0'; s++) {
         dotted = dotted && (config_is_digit(*s) || *s == '.');
@@ -1352,28 +1408,100 @@ static int config_backend_host(struct config_parser *p, struct config_addr *addr
                     "invalid value '%s' for 'backend': expected host:port or [IPv6]:port", entry);
         return -1;
     }
-    rc = getaddrinfo(host, NULL, &hints, &res);
-    if (rc != 0 || res == NULL) {
-        config_fail(p, -EINVAL, p->lineno, "cannot resolve '%s': %s", host,
-                    rc != 0 ? gai_strerror(rc) : "no address");
+    idx = config_name_index(p, host);
+    grown = idx < 0 ? NULL : realloc(p->pending, (p->n_pending + 1) * sizeof(*p->pending));
+    if (grown == NULL) {
+        config_fail_nomem(p);
         return -1;
     }
+    p->pending = grown;
+    p->pending[p->n_pending++] = (struct config_pending){
+        .listener = p->listener,
+        .index = (size_t)(addr - l->backends),
+        .name = (size_t)idx,
+        .port = port,
+        .line = p->lineno,
+    };
     memset(addr, 0, sizeof(*addr));
-    if (res->ai_addrlen > sizeof(addr->sa) ||
-        (res->ai_family != AF_INET && res->ai_family != AF_INET6)) {
-        freeaddrinfo(res);
-        config_fail(p, -EINVAL, p->lineno, "cannot resolve '%s': no IPv4 or IPv6 address", host);
+    return 0;
+}
+
+/* A name's addresses: the pinned answer when a rebuild brought one, else DNS now. */
+static int config_resolve_name(struct config_parser *p, struct config_name *n)
+{
+    char why[RESOLVE_ERR_MAX];
+    const struct config *c = p->cfg;
+
+    for (size_t i = 0; i < p->n_pinned; i++) {
+        if (strcasecmp(p->pinned[i].host, n->host) == 0 && p->pinned[i].addrs.n > 0) {
+            n->addrs = p->pinned[i].addrs;
+            return 0;
+        }
+    }
+    if (resolve_host(c->has_resolver ? c->resolver.text : NULL, n->host, CONFIG_RESOLVE_TIMEOUT_MS,
+                     &n->addrs, why, sizeof(why)) != 0) {
+        config_fail(p, -EINVAL, n->line, "cannot resolve '%s': %s", n->host, why);
         return -1;
     }
-    memcpy(&addr->sa, res->ai_addr, res->ai_addrlen);
-    addr->salen = (socklen_t)res->ai_addrlen;
-    freeaddrinfo(res);
-    if (addr->sa.ss_family == AF_INET6)
-        ((struct sockaddr_in6 *)&addr->sa)->sin6_port = htons((uint16_t)port);
-    else
-        ((struct sockaddr_in *)&addr->sa)->sin_port = htons((uint16_t)port);
-    config_addr_format(addr);
     return 0;
+}
+
+/* Replaces every name placeholder by one backend per address of the name, in
+ * place, so file order holds ("balance = first"). */
+static void config_expand_names(struct config_parser *p)
+{
+    struct config *c = p->cfg;
+
+    for (size_t i = 0; i < c->n_names; i++)
+        if (config_resolve_name(p, &c->names[i]) != 0)
+            return;
+    for (size_t li = 0; li < c->n_listeners; li++) {
+        struct config_listener *l = &c->listeners[li];
+        struct config_addr *out = NULL;
+        size_t n = 0;
+        bool named = false;
+
+        for (size_t e = 0; e < p->n_pending; e++)
+            named = named || p->pending[e].listener == li;
+        if (!named)
+            continue;
+        out = calloc(CONFIG_BACKENDS_MAX, sizeof(*out));
+        if (out == NULL) {
+            config_fail_nomem(p);
+            return;
+        }
+        for (size_t b = 0; b < l->n_backends; b++) {
+            const struct config_pending *e = NULL;
+
+            for (size_t i = 0; i < p->n_pending && e == NULL; i++)
+                if (p->pending[i].listener == li && p->pending[i].index == b)
+                    e = &p->pending[i];
+            if (e == NULL) {
+                if (n < CONFIG_BACKENDS_MAX)
+                    out[n] = l->backends[b];
+                n++;
+                continue;
+            }
+            const struct config_name *name = &c->names[e->name];
+            for (size_t a = 0; a < name->addrs.n; a++, n++) {
+                if (n >= CONFIG_BACKENDS_MAX)
+                    continue;
+                out[n].salen = resolve_ip_sockaddr(&name->addrs.ip[a], e->port, &out[n].sa);
+                config_addr_format(&out[n]);
+            }
+            if (n > CONFIG_BACKENDS_MAX) {
+                free(out);
+                config_fail(p, -EINVAL, e->line,
+                            "'%s' resolves to %zu addresses: more than %d backends in "
+                            "[listener %s]",
+                            name->host, name->addrs.n, CONFIG_BACKENDS_MAX, l->name);
+                return;
+            }
+        }
+        free(l->backends);
+        l->backends = out;
+        l->n_backends = n;
+    }
 }
 
 static int config_backend_entry(struct config_parser *p, struct config_addr *addr,
@@ -1911,10 +2039,10 @@ static void config_alloc_runtime(struct config_parser *p)
     }
 }
 
-static int config_load_text(const char *text, const char *name, struct config **out, char *err,
-                            size_t errlen)
+static int config_load_text(const char *text, const char *name, const struct config_name *pinned,
+                            size_t n_pinned, struct config **out, char *err, size_t errlen)
 {
-    struct config_parser p = {.name = name, .next = text};
+    struct config_parser p = {.name = name, .next = text, .pinned = pinned, .n_pinned = n_pinned};
     int rc;
 
     p.cfg = config_new(name);
@@ -1933,7 +2061,12 @@ static int config_load_text(const char *text, const char *name, struct config **
         config_fail_nomem(&p);
     }
     if (p.err_code == 0)
+        config_expand_names(&p);
+    free(p.pending);
+    if (p.err_code == 0)
         config_check(&p);
+    if (p.err_code == 0 && (p.cfg->source = strdup(text)) == NULL)
+        config_fail_nomem(&p);
     if (p.err_code == 0)
         config_alloc_runtime(&p);
     if (p.err_code != 0) {
@@ -1951,7 +2084,7 @@ int config_load_string(const char *text, const char *name, struct config **out, 
     *out = NULL;
     if (name == NULL)
         name = "<string>";
-    return config_load_text(text, name, out, err, errlen);
+    return config_load_text(text, name, NULL, 0, out, err, errlen);
 }
 
 /* Reads the whole file, so the same line reader serves files and strings.
@@ -1966,7 +2099,7 @@ static int config_slurp(const char *path, char **text, char *err, size_t errlen)
     int rc;
 
     if (f == NULL) {
-        rc = -errno;
+        rc = errno != 0 ? -errno : -EIO; /* never 0: that would mean text was read */
         snprintf(err, errlen, "%s: cannot open: %s", path, strerror_r(-rc, why, sizeof(why)));
         return rc;
     }
@@ -2017,11 +2150,24 @@ int config_load_file(const char *path, struct config **out, char *err, size_t er
     }
     errno = 0;
     rc = config_slurp(path, &text, err, errlen);
-    if (rc != 0)
+    if (text == NULL) /* set exactly when rc is 0 */
         return rc;
-    rc = config_load_text(text, path, out, err, errlen);
+    rc = config_load_text(text, path, NULL, 0, out, err, errlen);
     free(text);
     return rc;
+}
+
+int config_load_rebuild(const struct config *c, const struct config_name *names, size_t n,
+                        struct config **out, char *err, size_t errlen)
+{
+    char scratch[CONFIG_ERR_MAX];
+
+    *out = NULL;
+    if (err == NULL || errlen == 0) {
+        err = scratch;
+        errlen = sizeof(scratch);
+    }
+    return config_load_text(c->source, c->path, names, n, out, err, errlen);
 }
 
 void config_inherit_shared(struct config *next, const struct config *prev)

@@ -7,6 +7,8 @@
 #ifndef MXPROXY_CONFIG_H
 #define MXPROXY_CONFIG_H
 
+#include "resolve.h"
+
 #include <netinet/in.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -15,6 +17,7 @@
 #include <sys/socket.h>
 
 #define CONFIG_NAME_MAX 64                /* listener names, bytes including NUL */
+#define CONFIG_HOST_MAX 253               /* longest DNS name, without the trailing dot */
 #define CONFIG_ADDR_TEXT_MAX 64           /* "[v6addr]:port" as text, bytes including NUL */
 #define CONFIG_LINE_LENGTH_MIN 512        /* max_line_length bounds, bytes */
 #define CONFIG_LINE_LENGTH_MAX 12288      /* RFC 4954: an AUTH line may be this long */
@@ -33,6 +36,8 @@
 /* Longest duration a key accepts, in ms (2^31 - 1, about 24.8 days), so any
  * timeout fits a signed 32-bit millisecond count. */
 #define CONFIG_DURATION_MAX_MS 2147483647u
+#define CONFIG_RESOLVE_TIMEOUT_MS                                                                  \
+    2000 /* one try of a lookup at a configured resolver (two tries) */
 
 enum config_log_format {
     CONFIG_LOG_LOGFMT = 0, /* key=value pairs (default) */
@@ -255,6 +260,14 @@ struct config_listener {
     struct config_listener_shared *shared; /* never NULL in a loaded config */
 };
 
+/* A backend host name and the addresses it stood for when the config was made:
+ * each "backend = NAME:PORT" became one backend per address, in place. */
+struct config_name {
+    char host[CONFIG_HOST_MAX + 1]; /* as written in the file */
+    int line;                       /* first "backend" line naming it */
+    struct resolve_set addrs;       /* its answer: sorted, unique, at least one */
+};
+
 struct config {
     atomic_uint refs;                  /* starts at 1 for the loader */
     char *path;                        /* file it was read from ("<string>" for tests) */
@@ -272,6 +285,12 @@ struct config {
     char *tls_keylog;                  /* "tls_keylog": file for TLS secrets, or NULL */
     int tls_keylog_line;               /* its line, for errors */
     struct tls_keylog *keylog;         /* tls_keylog opened, shared by every TLS context */
+    bool has_resolver;                 /* "resolver" was given */
+    struct config_addr resolver;       /* "resolver": the DNS server names are asked of */
+    unsigned resolve_interval_ms;      /* "resolve_interval": re-resolve names, default 10 s */
+    struct config_name *names;         /* backend host names, in order of first use */
+    size_t n_names;                    /* 0: every backend is an address */
+    char *source;                      /* the text read, to rebuild with new DNS answers */
     struct config_listener *listeners; /* in file order */
     size_t n_listeners;                /* >= 1 in a loaded config */
 };
@@ -280,14 +299,21 @@ struct config {
  * one reference in *out. On failure returns a negative errno-style code,
  * leaves *out NULL and writes "FILE:LINE: message" (or "FILE: message" when no
  * line applies, e.g. the file cannot be opened) into err, which may be NULL.
- * Only the first error is reported. Backend host names are resolved here, so
- * this may block on DNS. */
+ * Only the first error is reported. Backend host names are resolved here, each to
+ * all its addresses (resolve.h), so this may block on DNS. */
 int config_load_file(const char *path, struct config **out, char *err, size_t errlen);
 
 /* The same for INI text held in memory; name stands in for FILE in messages
  * and is stored in config->path ("<string>" when name is NULL). */
 int config_load_string(const char *text, const char *name, struct config **out, char *err,
                        size_t errlen);
+
+/* Builds c again from the text it was read from, with the addresses given in
+ * names (n of them) for those host names instead of asking DNS: how a changed
+ * DNS answer reaches the backends. Names c has that are not in names are
+ * resolved again. Returns and reports errors as config_load_file. */
+int config_load_rebuild(const struct config *c, const struct config_name *names, size_t n,
+                        struct config **out, char *err, size_t errlen);
 
 /* Returns 0 when this version carries out everything c asks for, else
  * -ENOTSUP with "FILE:LINE: message" in err: keys that are parsed and

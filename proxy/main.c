@@ -11,6 +11,7 @@
 
 #include "admin.h"
 #include "config.h"
+#include "discover.h"
 #include "health.h"
 #include "listener.h"
 #include "log.h"
@@ -41,6 +42,7 @@ static struct {
     struct config_addr admin_addr; /* address of the current admin endpoint */
     struct metrics **metrics;      /* &workers[i].metrics, for metrics_render */
     struct health *health;         /* the health checker, NULL once stopped */
+    struct discover *discover;     /* DNS discovery of backends, NULL once stopped */
     struct sessview **views;       /* &workers[i].view, for sessview_render */
 } mx;
 
@@ -248,27 +250,15 @@ static void main_warn_keylog(const struct config *c)
     }
 }
 
-static void main_reload(void)
+/* Puts next, whose reference it takes, in place of the running config: after
+ * SIGHUP, or when a backend name's addresses changed. Returns 0, or -1 with a
+ * message in err and next released; the running config then stays. */
+static int main_install(struct config *next, char *err, size_t errlen)
 {
-    char err[CONFIG_ERR_MAX];
-    struct config *next;
-    struct log_line l;
-
-    int rc = config_load_file(mx.path, &next, err, sizeof(err));
-    if (rc == 0 && config_check_supported(next, err, sizeof(err)) != 0) {
+    if (config_check_supported(next, err, errlen) != 0 ||
+        main_probe_listeners(next, mx.cfg, err, errlen) != 0) {
         config_unref(next);
-        rc = -ENOTSUP;
-    }
-    if (rc == 0 && main_probe_listeners(next, mx.cfg, err, sizeof(err)) != 0) {
-        config_unref(next);
-        rc = -EADDRINUSE;
-    }
-    if (rc != 0) {
-        log_begin(&l, LOG_ERROR, "reload_error");
-        log_str(&l, "error", err);
-        log_end(&l);
-        main_notify_reloaded(); /* the running config stays: nothing to wait for */
-        return;
+        return -1;
     }
     config_inherit_shared(next, mx.cfg);
     if (next->workers != mx.n_workers)
@@ -285,6 +275,35 @@ static void main_reload(void)
     mx.reloads++;
     config_unref(mx.cfg);
     mx.cfg = next;
+    discover_reload(mx.discover, next);
+    return 0;
+}
+
+/* A backend name's addresses changed (discover.c): new sessions use the new set. */
+static int main_install_discovered(struct config *next, char *err, size_t errlen)
+{
+    if (mx.draining) {
+        snprintf(err, errlen, "draining");
+        config_unref(next);
+        return -1;
+    }
+    return main_install(next, err, errlen);
+}
+
+static void main_reload(void)
+{
+    char err[CONFIG_ERR_MAX];
+    struct config *next;
+    struct log_line l;
+
+    if (config_load_file(mx.path, &next, err, sizeof(err)) != 0 ||
+        main_install(next, err, sizeof(err)) != 0) {
+        log_begin(&l, LOG_ERROR, "reload_error");
+        log_str(&l, "error", err);
+        log_end(&l);
+        main_notify_reloaded(); /* the running config stays: nothing to wait for */
+        return;
+    }
     main_warn_keylog(next);
     if (log_enabled(LOG_INFO)) {
         log_begin(&l, LOG_INFO, "reload");
@@ -308,6 +327,8 @@ static void main_on_signal(uv_signal_t *h, int signum)
     if (!mx.draining) {
         mx.draining = true;
         main_notify(NOTIFY_STOPPING);
+        discover_stop(mx.discover); /* the backends are what they are until the end */
+        mx.discover = NULL;
         for (unsigned i = 0; i < mx.n_workers; i++)
             worker_post_drain(&mx.workers[i], mx.cfg->drain_timeout_ms);
         return;
@@ -348,6 +369,8 @@ static void main_on_wake(uv_async_t *a)
         /* Last step: /readyz answered 503 through the whole drain. */
         health_stop(mx.health);
         mx.health = NULL;
+        discover_stop(mx.discover);
+        mx.discover = NULL;
         admin_stop(mx.admin);
         mx.admin = NULL;
         uv_close((uv_handle_t *)&mx.sighup, NULL);
@@ -416,7 +439,8 @@ static int main_run(void)
         }
     }
     /* Checks begin once the loop runs, alongside the first sessions. */
-    if (health_start(&mx.health, mx.loop, mx.cfg) != 0) {
+    if (health_start(&mx.health, mx.loop, mx.cfg) != 0 ||
+        discover_start(&mx.discover, mx.loop, mx.cfg, main_install_discovered) != 0) {
         fprintf(stderr, "mxproxy: out of memory\n");
         return 1;
     }

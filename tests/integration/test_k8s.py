@@ -792,11 +792,11 @@ class K8sTest(unittest.TestCase):
         build, init, runtime = stages
 
         self.assertTrue({"cmake", "gcc", "pkg-config", "libuv1-dev", "libssl-dev",
-                         "libinih-dev"} <= set(apt_installs(build)))
+                         "libinih-dev", "libc-ares-dev"} <= set(apt_installs(build)))
         self.assertTrue(any("CMAKE_BUILD_TYPE=Release" in a for i, a in build["lines"]
                             if i == "RUN"))
         self.assertEqual(set(apt_installs(runtime)),
-                         {"libuv1", "libssl3", "libinih1", "ca-certificates"})
+                         {"libuv1", "libssl3", "libinih1", "libc-ares2", "ca-certificates"})
         self.assertTrue({"iptables", "iproute2"} <= set(apt_installs(init)))
         self.assertIn("k8s/iptables-init.sh",
                       " ".join(a for i, a in init["lines"] if i == "COPY"))
