@@ -181,21 +181,22 @@ def free_port():
         s.close()
 
 
-def wait_port(port, timeout=10.0, proc=None):
-    """Polls until something accepts on 127.0.0.1:port."""
+def wait_port(port, timeout=10.0, proc=None, host=HOST):
+    """Polls until something accepts on host:port (127.0.0.1 unless told)."""
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
             raise AssertionError("process exited with %s before port %d opened"
                                  % (proc.returncode, port))
         try:
-            socket.create_connection((HOST, port), timeout=1).close()
+            socket.create_connection((host, port), timeout=1).close()
             return
         except OSError:
             if time.monotonic() > deadline:
                 raise AssertionError("nothing listens on %s:%d after %.1fs"
-                                     % (HOST, port, timeout))
+                                     % (host, port, timeout))
             time.sleep(0.01)
+
 
 
 def raise_nofile(n=None):
@@ -897,26 +898,38 @@ class Blackhole:
 
 
 class SmtpSink:
-    """/usr/sbin/smtp-sink on 127.0.0.1:PORT in its own process group."""
+    """/usr/sbin/smtp-sink on host:port in its own process group: 127.0.0.1 and a free port
+    unless told (host an IPv4 address or an IPv6 one without brackets). stop() and start()
+    take it away and bring it back on the same address."""
 
-    def __init__(self, max_conns=256, backlog=256, extra=()):
-        self.port = free_port()
-        self.addr = "%s:%d" % (HOST, self.port)
-        args = [SMTP_SINK]
+    def __init__(self, max_conns=256, backlog=256, extra=(), port=None, host=HOST):
+        self.host = host
+        self.port = port or free_port()
+        self.addr = ("[%s]:%d" if ":" in host else "%s:%d") % (host, self.port)
+        self.args = [SMTP_SINK]
         if os.geteuid() == 0:
-            args += ["-u", "nobody"]
-        args += ["-m", str(max_conns)] + list(extra) + [self.addr, str(backlog)]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_preexec_nofile)
+            self.args += ["-u", "nobody"]
+        self.args += ["-m", str(max_conns)] + list(extra) + [self.addr, str(backlog)]
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=_preexec_nofile)
         try:
-            wait_port(self.port, 10, self.proc)
+            wait_port(self.port, 10, self.proc, self.host)
         except BaseException:
-            self.close()
+            self.stop()
             raise
 
+    def stop(self):
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, 5)
+            self.proc = None
+
     def close(self):
-        stop_process(self.proc, signal.SIGTERM, 5)
+        self.stop()
 
 
 # --------------------------------------------------------------------------

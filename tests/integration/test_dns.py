@@ -11,7 +11,6 @@ resolver set /etc/hosts is not read, and the order of the expanded list (IPv4 fi
 no duplicates, in the entry's place) on /metrics."""
 import os
 import select
-import signal
 import smtplib
 import socket
 import struct
@@ -194,37 +193,6 @@ class DnsServer:
         self.sock.close()
 
 
-class Sink:
-    """smtp-sink on host:port (host an IPv4 address or an IPv6 one without brackets)."""
-
-    def __init__(self, host, port):
-        self.host = host
-        self.port = port
-        self.addr = ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
-        args = [mxtest.SMTP_SINK]
-        if os.geteuid() == 0:
-            args += ["-u", "nobody"]
-        args += [self.addr, "64"]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError("smtp-sink on %s exited with %s"
-                                     % (self.addr, self.proc.returncode))
-            try:
-                socket.create_connection((host, port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise AssertionError("smtp-sink does not listen on %s" % self.addr)
-                time.sleep(0.01)
-
-    def close(self):
-        mxtest.stop_process(self.proc, signal.SIGTERM, 5)
-
-
 def port_free_on(hosts):
     """A TCP port that is free on each of hosts right now."""
     for _ in range(50):
@@ -271,7 +239,7 @@ class DnsTest(mxtest.ProxyTestCase):
         """smtp-sink on each of hosts, all on one port; returns that port."""
         self.port = port_free_on(hosts)
         for h in hosts:
-            self.track(Sink(h, self.port))
+            self.track(mxtest.SmtpSink(port=self.port, host=h))
         return self.port
 
     def start(self, backends, interval="10s", admin=False, **opts):

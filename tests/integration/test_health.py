@@ -20,31 +20,7 @@ FAST = {"health_interval": "200ms", "health_timeout": "150ms", "health_rise": 2,
         "health_fall": 2}
 
 
-class Sink:
-    """smtp-sink on a fixed port, so it can be stopped and started again on the same address."""
-
-    def __init__(self, port=None):
-        self.port = port or free_port()
-        self.addr = "%s:%d" % (HOST, self.port)
-        self.proc = None
-        self.start()
-
-    def start(self):
-        args = [mxtest.SMTP_SINK]
-        if os.geteuid() == 0:
-            args += ["-u", "nobody"]
-        args += [self.addr, "64"]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        mxtest.wait_port(self.port, 10, self.proc)
-
-    def stop(self):
-        if self.proc is not None:
-            mxtest.stop_process(self.proc, signal.SIGKILL, 5)
-            self.proc = None
-
-    def close(self):
-        self.stop()
+Sink = mxtest.SmtpSink
 
 
 class Postfix(mxtest.PrivatePostfix):
