@@ -225,8 +225,6 @@ static int config_parse_path(struct config_parser *p, const struct config_key *k
                              const char *value);
 static int config_parse_cert(struct config_parser *p, const struct config_key *k,
                              const char *value);
-static int config_parse_admin(struct config_parser *p, const struct config_key *k,
-                              const char *value);
 static int config_parse_ciphers(struct config_parser *p, const struct config_key *k,
                                 const char *value);
 static int config_parse_transcript(struct config_parser *p, const struct config_key *k,
@@ -239,8 +237,8 @@ static int config_parse_tls_keylog(struct config_parser *p, const struct config_
                                    const char *value);
 static int config_parse_health(struct config_parser *p, const struct config_key *k,
                                const char *value);
-static int config_parse_resolver(struct config_parser *p, const struct config_key *k,
-                                 const char *value);
+static int config_parse_global_addr(struct config_parser *p, const struct config_key *k,
+                                    const char *value);
 
 #define CONFIG_G(field) offsetof(struct config, field)
 #define CONFIG_L(field) offsetof(struct config_listener, field)
@@ -266,7 +264,10 @@ static const struct config_key config_keys[] = {
      .offset = CONFIG_G(drain_grace_ms),
      .min = 0,
      .max = CONFIG_DURATION_MAX_MS},
-    {.name = "resolver", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_resolver},
+    {.name = "resolver",
+     .section = CONFIG_SECTION_GLOBAL,
+     .parse = config_parse_global_addr,
+     .offset = CONFIG_G(resolver)},
     {.name = "resolve_interval",
      .section = CONFIG_SECTION_GLOBAL,
      .parse = config_parse_duration,
@@ -384,7 +385,10 @@ static const struct config_key config_keys[] = {
      .section = CONFIG_SECTION_LISTENER,
      .parse = config_parse_transcript,
      .modes = CONFIG_SMTP | CONFIG_IMAP | CONFIG_POP3},
-    {.name = "admin", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_admin},
+    {.name = "admin",
+     .section = CONFIG_SECTION_GLOBAL,
+     .parse = config_parse_global_addr,
+     .offset = CONFIG_G(admin)},
     {.name = "tls_keylog", .section = CONFIG_SECTION_GLOBAL, .parse = config_parse_tls_keylog},
     {.name = "admin_max_connections",
      .section = CONFIG_SECTION_GLOBAL,
@@ -1345,23 +1349,12 @@ static int config_parse_tls_keylog(struct config_parser *p, const struct config_
     return 0;
 }
 
-/* "resolver": the DNS server backend names are asked of, numeric ("127.0.0.1:53"). */
-static int config_parse_resolver(struct config_parser *p, const struct config_key *k,
-                                 const char *value)
+/* "admin", "resolver": a numeric address in [global], stored at k->offset. */
+static int config_parse_global_addr(struct config_parser *p, const struct config_key *k,
+                                    const char *value)
 {
-    if (config_parse_numeric_addr(p, k, value, &p->cfg->resolver) != 0)
-        return -1;
-    p->cfg->has_resolver = true;
-    return 0;
-}
-
-static int config_parse_admin(struct config_parser *p, const struct config_key *k,
-                              const char *value)
-{
-    if (config_parse_numeric_addr(p, k, value, &p->cfg->admin) != 0)
-        return -1;
-    p->cfg->has_admin = true;
-    return 0;
+    return config_parse_numeric_addr(p, k, value,
+                                     (struct config_addr *)((char *)p->cfg + k->offset));
 }
 
 /* The index of host in cfg->names, added when new; -1 when out of memory. */
@@ -1438,8 +1431,8 @@ static int config_resolve_name(struct config_parser *p, struct config_name *n)
             return 0;
         }
     }
-    if (resolve_host(c->has_resolver ? c->resolver.text : NULL, n->host, CONFIG_RESOLVE_TIMEOUT_MS,
-                     &n->addrs, why, sizeof(why)) != 0) {
+    if (resolve_host(config_addr_given(&c->resolver) ? c->resolver.text : NULL, n->host,
+                     CONFIG_RESOLVE_TIMEOUT_MS, &n->addrs, why, sizeof(why)) != 0) {
         config_fail(p, -EINVAL, n->line, "cannot resolve '%s': %s", n->host, why);
         return -1;
     }

@@ -276,8 +276,7 @@ struct config {
     enum config_log_level log_level;   /* "log_level", default info */
     unsigned drain_timeout_ms;         /* "drain_timeout", default 30 s */
     unsigned drain_grace_ms;           /* "drain_grace": owed replies after it, default 10 s */
-    bool has_admin;                    /* "admin" was given */
-    struct config_addr admin;          /* "admin": the HTTP admin endpoint's address */
+    struct config_addr admin;          /* "admin": the HTTP admin endpoint's address, or unset */
     unsigned admin_max_connections;    /* "admin_max_connections", default 64 */
     unsigned admin_max_per_peer;       /* "admin_max_connections_per_peer", default 8 */
     unsigned admin_header_timeout_ms;  /* "admin_header_timeout", default 3 s */
@@ -285,8 +284,7 @@ struct config {
     char *tls_keylog;                  /* "tls_keylog": file for TLS secrets, or NULL */
     int tls_keylog_line;               /* its line, for errors */
     struct tls_keylog *keylog;         /* tls_keylog opened, shared by every TLS context */
-    bool has_resolver;                 /* "resolver" was given */
-    struct config_addr resolver;       /* "resolver": the DNS server names are asked of */
+    struct config_addr resolver;       /* "resolver": the DNS server names are asked of, or unset */
     unsigned resolve_interval_ms;      /* "resolve_interval": re-resolve names, default 10 s */
     struct config_name *names;         /* backend host names, in order of first use */
     size_t n_names;                    /* 0: every backend is an address */
@@ -294,6 +292,12 @@ struct config {
     struct config_listener *listeners; /* in file order */
     size_t n_listeners;                /* >= 1 in a loaded config */
 };
+
+/* Was an optional address key ("admin", "resolver") given? */
+static inline bool config_addr_given(const struct config_addr *a)
+{
+    return a->salen > 0;
+}
 
 /* Parses the INI file at path. On success returns 0 and stores a config with
  * one reference in *out. On failure returns a negative errno-style code,

@@ -205,8 +205,8 @@ static void discover_on_timer(uv_timer_t *t)
     d->n_asks = c->n_names;
     for (size_t i = 0; i < c->n_names; i++)
         memcpy(d->asks[i].host, c->names[i].host, sizeof(d->asks[i].host));
-    memcpy(d->server, c->has_resolver ? c->resolver.text : "",
-           c->has_resolver ? sizeof(d->server) : 1);
+    memcpy(d->server, config_addr_given(&c->resolver) ? c->resolver.text : "",
+           config_addr_given(&c->resolver) ? sizeof(d->server) : 1);
     d->work.data = d;
     d->busy = true;
     if (uv_queue_work(d->loop, &d->work, discover_run, discover_done) != 0) {

@@ -166,14 +166,15 @@ static int main_admin_bind(const struct config_addr *addr)
 static void main_reload_admin(const struct config *next)
 {
     struct admin *old = mx.admin;
+    bool want = config_addr_given(&next->admin);
     int rc = 0;
 
-    if (next->has_admin == mx.has_admin && (!next->has_admin || mx.admin != NULL) &&
-        (!next->has_admin || sockaddr_equal((const struct sockaddr *)&next->admin.sa,
-                                            (const struct sockaddr *)&mx.admin_addr.sa)))
+    if (want == mx.has_admin && (!want || mx.admin != NULL) &&
+        (!want || sockaddr_equal((const struct sockaddr *)&next->admin.sa,
+                                 (const struct sockaddr *)&mx.admin_addr.sa)))
         return;
     mx.admin = NULL;
-    if (next->has_admin) {
+    if (want) {
         rc = admin_start(&mx.admin, mx.loop, &next->admin, &main_admin_ops);
         if (rc != 0 && old != NULL) {
             admin_stop(old); /* it may hold the port */
@@ -192,9 +193,9 @@ static void main_reload_admin(const struct config *next)
         admin_stop(old);
         main_log_admin(LOG_INFO, "admin_unlisten", mx.admin_addr.text, 0);
     }
-    if (next->has_admin)
+    if (want)
         main_log_admin(LOG_INFO, "admin_listen", next->admin.text, 0);
-    mx.has_admin = next->has_admin;
+    mx.has_admin = want;
     mx.admin_addr = next->admin;
 }
 
@@ -430,7 +431,7 @@ static int main_run(void)
     }
     /* Bound before the workers, so a bad admin address stops the start
      * cleanly; it answers once the loop runs, after every listener is up. */
-    if (mx.cfg->has_admin) {
+    if (config_addr_given(&mx.cfg->admin)) {
         mx.has_admin = true;
         mx.admin_addr = mx.cfg->admin;
         if (main_admin_bind(&mx.admin_addr) != 0) {

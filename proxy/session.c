@@ -1503,7 +1503,7 @@ static void session_view_state(const struct session *s, struct sessview_state *s
 /* A record only while the admin endpoint is configured: without it nothing reads them. */
 static void session_view_open(struct session *s)
 {
-    if (!s->cfg->has_admin)
+    if (!config_addr_given(&s->cfg->admin))
         return;
     s->view = sessview_open(&s->w->view, s->id, s->cl->name, config_mode_name(s->cl->mode));
     session_client_addr(s); /* the socket is open: client= and client_sa now */

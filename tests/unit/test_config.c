@@ -833,7 +833,7 @@ static void test_tls_and_interception_keys(void)
     struct config *c = load_ok(text);
     const struct config_listener *l = &c->listeners[0];
 
-    ASSERT(c->has_admin);
+    ASSERT(config_addr_given(&c->admin));
     ASSERT_STREQ(c->admin.text, "127.0.0.1:9180");
     ASSERT_EQ(l->client_tls, CONFIG_CLIENT_TLS_IMPLICIT);
     ASSERT_EQ(l->n_certs, 2);
