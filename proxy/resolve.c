@@ -171,12 +171,14 @@ static void resolve_ares_wait(ares_channel ch, struct resolve_query *q)
         ares_socket_t socks[ARES_GETSOCK_MAXNUM];
         struct pollfd pfd[ARES_GETSOCK_MAXNUM];
         struct timeval tv;
-        int bits = ares_getsock(ch, socks, ARES_GETSOCK_MAXNUM);
+        /* Bit i: socks[i] wants reading; bit i + ARES_GETSOCK_MAXNUM: writing. Tested as
+         * unsigned: c-ares' own ARES_GETSOCK_WRITABLE shifts a signed 1 into the sign bit. */
+        unsigned bits = (unsigned)ares_getsock(ch, socks, ARES_GETSOCK_MAXNUM);
         nfds_t n = 0;
 
-        for (int i = 0; i < ARES_GETSOCK_MAXNUM; i++) {
-            short ev = (short)((ARES_GETSOCK_READABLE(bits, i) ? POLLIN : 0) |
-                               (ARES_GETSOCK_WRITABLE(bits, i) ? POLLOUT : 0));
+        for (unsigned i = 0; i < ARES_GETSOCK_MAXNUM; i++) {
+            short ev = (short)(((bits >> i) & 1u ? POLLIN : 0) |
+                               ((bits >> (i + ARES_GETSOCK_MAXNUM)) & 1u ? POLLOUT : 0));
             if (ev != 0)
                 pfd[n++] = (struct pollfd){.fd = socks[i], .events = ev};
         }
