@@ -1463,6 +1463,7 @@ static void config_expand_names(struct config_parser *p)
             config_fail_nomem(p);
             return;
         }
+        const struct config_pending *last = NULL; /* the last name entry: it is to blame */
         for (size_t b = 0; b < l->n_backends; b++) {
             const struct config_pending *e = NULL;
 
@@ -1482,14 +1483,17 @@ static void config_expand_names(struct config_parser *p)
                 out[n].salen = resolve_ip_sockaddr(&name->addrs.ip[a], e->port, &out[n].sa);
                 config_addr_format(&out[n]);
             }
-            if (n > CONFIG_BACKENDS_MAX) {
-                free(out);
-                config_fail(p, -EINVAL, e->line,
-                            "'%s' resolves to %zu addresses: more than %d backends in "
-                            "[listener %s]",
-                            name->host, name->addrs.n, CONFIG_BACKENDS_MAX, l->name);
-                return;
-            }
+            last = e;
+        }
+        /* Counted whole, whichever entries come after the names. */
+        if (n > CONFIG_BACKENDS_MAX) {
+            const struct config_name *name = &c->names[last->name];
+            free(out);
+            config_fail(p, -EINVAL, last->line,
+                        "'%s' resolves to %zu addresses: %zu backends in [listener %s], more "
+                        "than %d",
+                        name->host, name->addrs.n, n, l->name, CONFIG_BACKENDS_MAX);
+            return;
         }
         free(l->backends);
         l->backends = out;

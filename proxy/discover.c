@@ -32,6 +32,10 @@ struct discover {
     char server[CONFIG_ADDR_TEXT_MAX];
     struct discover_ask *asks;
     size_t n_asks;
+    /* The answers a rebuild last failed with (a certificate gone since, more than 64
+     * backends): not tried, nor logged, again until an answer differs. */
+    struct config_name *rejected;
+    size_t n_rejected;
     /* Names whose lookups fail, logged once until they answer again. */
     char (*failing)[CONFIG_HOST_MAX + 1];
     size_t n_failing;
@@ -40,6 +44,7 @@ struct discover {
 static void discover_free(struct discover *d)
 {
     config_unref(d->cfg);
+    free(d->rejected);
     free(d->failing);
     free(d);
 }
@@ -115,6 +120,15 @@ static void discover_log_change(const struct config_name *was, const struct conf
     log_end(&l);
 }
 
+static bool discover_same_answers(const struct config_name *a, const struct config_name *b,
+                                  size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcasecmp(a[i].host, b[i].host) != 0 || !resolve_set_equal(&a[i].addrs, &b[i].addrs))
+            return false;
+    return true;
+}
+
 /* The round's answers against the running config: a changed name rebuilds it. */
 static void discover_compare(struct discover *d)
 {
@@ -145,20 +159,25 @@ static void discover_compare(struct discover *d)
             first = first != NULL ? first : n->host;
         }
     }
-    if (first == NULL) {
+    if (first == NULL || (d->rejected != NULL && d->n_rejected == old->n_names &&
+                          discover_same_answers(d->rejected, names, old->n_names))) {
         free(names);
         return;
     }
     config_ref(old);
     if (config_load_rebuild(old, names, old->n_names, &next, err, sizeof(err)) != 0 ||
         d->apply(next, err, sizeof(err)) != 0) {
-        /* Kept as it was; the next round that sees the change tries again. */
+        /* Kept as it was, until an answer differs from these or a reload. */
         if (log_enabled(LOG_WARN)) {
             log_begin(&l, LOG_WARN, "resolve_error");
             log_str(&l, "name", first);
             log_str(&l, "error", err);
             log_end(&l);
         }
+        free(d->rejected);
+        d->rejected = names;
+        d->n_rejected = old->n_names;
+        names = NULL;
     } else {
         for (size_t i = 0; i < old->n_names; i++)
             if (!resolve_set_equal(&old->names[i].addrs, &names[i].addrs))
@@ -249,6 +268,9 @@ void discover_reload(struct discover *d, struct config *cfg)
 {
     if (d == NULL || d->stopped)
         return;
+    free(d->rejected); /* a new config may take what the old one could not */
+    d->rejected = NULL;
+    d->n_rejected = 0;
     config_ref(cfg);
     config_unref(d->cfg);
     d->cfg = cfg;

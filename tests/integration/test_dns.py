@@ -407,6 +407,36 @@ class DnsTest(mxtest.ProxyTestCase):
         self.assertEqual(len(p.find(ev="resolve_error")), 3)
         self.assertEqual(len(p.find(ev="backends")), 1)
 
+    def test_rebuild_refused_is_logged_once_and_kept(self):
+        """A changed answer the config cannot take (more than 64 backends once expanded) keeps
+        the running backends, logs one ev=resolve_error with the config error, and is not
+        tried again until an answer differs."""
+        port = self.sinks("127.0.0.2", "127.0.0.3")
+        self.dns.set(NAME, ["127.0.0.2"])
+        others = ["192.0.2.%d:25" % i for i in range(1, 64)]  # with the name's one: 64
+        p = self.start("%s:%d" % (NAME, port), interval="200ms", balance="first",
+                       backend=others)
+        self.rounds(2)
+        self.dns.set(NAME, ["127.0.0.2", "127.0.0.3"])
+        err = p.wait_event(ev="resolve_error", name=NAME)
+        with open(p.path) as f:
+            line = f.read().splitlines().index("backend = %s:%d" % (NAME, port)) + 1
+        self.assertEvent(err, "resolve_error", {
+            "name": NAME,
+            "error": "%s:%d: '%s' resolves to 2 addresses: 65 backends in [listener smtp], "
+                     "more than 64" % (p.path, line, NAME)}, lvl="warn")
+        # The same answer in later rounds: neither rebuilt nor logged again.
+        self.rounds(4)
+        self.assertEqual(len(p.find(ev="resolve_error")), 1)
+        self.assertEqual(p.find(ev="backends"), [])
+        self.assertEqual(self.session(p), "127.0.0.2:%d" % port)
+        # An answer the config can take is taken.
+        m = p.mark()
+        self.dns.set(NAME, ["127.0.0.3"])
+        self.backends_line(p, m, added="127.0.0.3", removed="127.0.0.2", addresses=1)
+        self.assertEqual(self.session(p), "127.0.0.3:%d" % port)
+        self.assertEqual(len(p.find(ev="resolve_error")), 1)
+
     def test_interval_zero_asks_once(self):
         port = self.sinks("127.0.0.2", "127.0.0.3")
         self.dns.set(NAME, ["127.0.0.2"])

@@ -190,8 +190,24 @@ static void test_expand_too_many(void)
     pin(&pin2, "two.test", "127.0.0.2", "127.0.0.3");
     ASSERT(rebuild(text, &pin2, 1, &c, err) != 0);
     ASSERT(c == NULL);
-    ASSERT_STREQ(err, "t.ini:66: 'two.test' resolves to 2 addresses: more than 64 backends in "
-                      "[listener a]");
+    ASSERT_STREQ(err, "t.ini:66: 'two.test' resolves to 2 addresses: 65 backends in [listener a], "
+                      "more than 64");
+    /* The same with the name first: the entries after it count too. */
+    len = (size_t)snprintf(text, sizeof(text),
+                           "[listener a]\nlisten = 127.0.0.1:1\nbackend = two.test:25\n");
+    for (int i = 0; i < CONFIG_BACKENDS_MAX - 1; i++)
+        len += (size_t)snprintf(text + len, sizeof(text) - len, "backend = 10.0.%d.1:25\n", i);
+    ASSERT(rebuild(text, &pin2, 1, &c, err) != 0);
+    ASSERT(c == NULL);
+    ASSERT_STREQ(err, "t.ini:3: 'two.test' resolves to 2 addresses: 65 backends in [listener a], "
+                      "more than 64");
+    /* 64 exactly is fine. */
+    pin(&pin2, "two.test", "127.0.0.2", NULL);
+    ASSERT_OK(rebuild(text, &pin2, 1, &c, err));
+    ASSERT_EQ(c->listeners[0].n_backends, CONFIG_BACKENDS_MAX);
+    ASSERT_STREQ(c->listeners[0].backends[0].text, "127.0.0.2:25");
+    ASSERT_STREQ(c->listeners[0].backends[63].text, "10.0.62.1:25");
+    config_unref(c);
 }
 
 int main(void)
