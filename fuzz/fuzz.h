@@ -7,10 +7,14 @@
 #ifndef MXPROXY_FUZZ_H
 #define MXPROXY_FUZZ_H
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 /* libFuzzer's entry point: called once per input; data is libFuzzer's, valid for the call. */
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -22,5 +26,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
             abort();                                                                               \
         }                                                                                          \
     } while (0)
+
+/* n distinct free TCP ports on 127.0.0.1: every probe socket is held until all are picked,
+ * so the kernel cannot hand out one port twice. */
+static inline void fuzz_free_ports(int *ports, size_t n)
+{
+    int fds[64];
+
+    FUZZ_CHECK(n <= sizeof(fds) / sizeof(fds[0]));
+    for (size_t i = 0; i < n; i++) {
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        socklen_t len = sizeof(a);
+
+        fds[i] = socket(AF_INET, SOCK_STREAM, 0);
+        FUZZ_CHECK(fds[i] >= 0);
+        FUZZ_CHECK(bind(fds[i], (struct sockaddr *)&a, sizeof(a)) == 0);
+        FUZZ_CHECK(getsockname(fds[i], (struct sockaddr *)&a, &len) == 0);
+        ports[i] = ntohs(a.sin_port);
+    }
+    for (size_t i = 0; i < n; i++)
+        close(fds[i]);
+}
 
 #endif

@@ -134,19 +134,6 @@ static uint64_t fuzz_backend_finals; /* "+OK"/"-ERR" lines the backend sent */
 static uint64_t fuzz_client_lines;   /* line ends the client sent */
 static size_t fuzz_mem_base;
 
-static int fuzz_free_port(void)
-{
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-
-    FUZZ_CHECK(fd >= 0);
-    FUZZ_CHECK(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
-    FUZZ_CHECK(getsockname(fd, (struct sockaddr *)&a, &len) == 0);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 static int fuzz_listen_backend(void)
 {
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
@@ -172,8 +159,8 @@ static void fuzz_make_config(const char *dir, int backend_port)
     FUZZ_CHECK(text != NULL);
     len +=
         (size_t)snprintf(text + len, cap - len, "[global]\nlog_level = debug\ndrain_timeout = 0\n");
+    fuzz_free_ports(fuzz_ports, FUZZ_VARIANTS);
     for (int v = 0; v < FUZZ_VARIANTS; v++) {
-        fuzz_ports[v] = fuzz_free_port();
         len += (size_t)snprintf(
             text + len, cap - len,
             "[listener v%d]\nlisten = 127.0.0.1:%d\nbackend = 127.0.0.1:%d\nmode = pop3\n"
