@@ -478,6 +478,8 @@ static size_t imap_stream(struct imap_client *p, const char *buf, struct imap_ev
     ev->cmd = p->cmd;
     ev->tag = p->tag;
     ev->tag_len = p->tag_len;
+    ev->text = p->text;
+    ev->text_len = p->text_len;
     ev->fwd = buf;
     ev->fwd_len = n;
     return n;
@@ -493,11 +495,14 @@ static size_t imap_line(struct imap_client *p, const char *buf, size_t len, stru
     uint64_t lit = 0;
     bool sync = true;
 
+    bool after_auth = p->after_auth;
+
     switch (imap_find_line(p, buf, len, lim, &end)) {
     case IMAP_LINE_MORE:
         imap_ev_reset(ev, IMAP_EV_AGAIN);
         return 0;
     case IMAP_LINE_LONG:
+        p->after_auth = false;
         if (st == IMAP_CS_LINE && lim < room) {
             /* Long but allowed: it goes out in parts, so the caller never holds more than
              * IMAP_STREAM_AT bytes; a fault in the part is one the backend must not see. */
@@ -515,6 +520,7 @@ static size_t imap_line(struct imap_client *p, const char *buf, size_t len, stru
         p->state = IMAP_CS_SKIP;
         return end;
     case IMAP_LINE_BAD:
+        p->after_auth = false;
         imap_ev_reset(ev, IMAP_EV_INVALID);
         ev->reason = p->bad;
         imap_mark_reset(p);
@@ -526,6 +532,13 @@ static size_t imap_line(struct imap_client *p, const char *buf, size_t len, stru
         break;
     }
     n = end - 2;
+    p->after_auth = false;
+    if (after_auth && st == IMAP_CS_LINE && !p->in_cmd && memchr(buf, ' ', n) == NULL) {
+        /* A SASL response the client sent without waiting for "+" (see IMAP_EV_DISCARD). */
+        imap_ev_reset(ev, IMAP_EV_DISCARD);
+        ev->size = end;
+        return end;
+    }
     if (st == IMAP_CS_AUTH_LINE) {
         imap_ev_reset(ev, IMAP_EV_AUTH_RESPONSE);
         ev->cmd = IMAP_CMD_AUTHENTICATE;
@@ -552,6 +565,8 @@ static size_t imap_line(struct imap_client *p, const char *buf, size_t len, stru
     p->line_used += end;
     if (imap_literal_at_end(buf, n, &lit, &sync)) {
         imap_ev_reset(ev, cont ? IMAP_EV_PART : IMAP_EV_BEGIN);
+        ev->text = p->text; /* so far: a command refused here is logged for what it was */
+        ev->text_len = p->text_len;
         p->in_cmd = true;
         p->lit_total += lit;
         if (sync) {
@@ -702,6 +717,8 @@ void imap_client_on_tagged(struct imap_client *p, const char *tag, size_t len)
         break;
     case IMAP_CS_WAIT_AUTH:
     case IMAP_CS_AUTH_LINE:
+        p->after_auth = true; /* a response the client sent anyway comes next */
+        break;
     case IMAP_CS_WAIT_IDLE:
     case IMAP_CS_IDLE:
     case IMAP_CS_WAIT_REPLY:

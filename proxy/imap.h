@@ -129,11 +129,12 @@ enum imap_ev {
     IMAP_EV_WAIT,
     /* The first part of a command cut by a literal: ev.fwd is that part with its CRLF, the
      * literal's announcement "{n}" at its end; or of a line longer than IMAP_STREAM_AT, cut
-     * there. ev.tag and ev.cmd are set. With IMAP_EV_F_SYNC the literal is synchronizing: a
-     * WAIT for the server's "+" comes next. */
+     * there. ev.tag and ev.cmd are set, ev.text is the loggable text so far (as for COMMAND).
+     * With IMAP_EV_F_SYNC the literal is synchronizing: a WAIT for the server's "+" comes
+     * next. */
     IMAP_EV_BEGIN,
-    /* A later part of a command, between two literals: forward ev.fwd; IMAP_EV_F_SYNC as for
-     * BEGIN. */
+    /* A later part of a command, between two literals: forward ev.fwd; ev.text and
+     * IMAP_EV_F_SYNC as for BEGIN. */
     IMAP_EV_PART,
     /* Literal data: forward ev.fwd, never log or inspect it. ev.size is its length. */
     IMAP_EV_LITERAL,
@@ -160,7 +161,11 @@ enum imap_ev {
      * including its LF. ev.reason names the fault. Answered and flagged as TOO_LONG (with
      * IMAP_EV_F_MIDCMD, ev.text and ev.size as there). */
     IMAP_EV_INVALID,
-    /* Consumed and dropped bytes (the rest of a refused line). ev.size is their number. */
+    /* Consumed and dropped bytes (the rest of a refused line). ev.size is their number. Also a
+     * whole line that is one word without a blank right after an AUTHENTICATE ended: the
+     * client's SASL response sent without waiting for a "+" that never came (the server
+     * refused first). No command is one word, and that word may be a credential: it is never
+     * forwarded, answered or logged. */
     IMAP_EV_DISCARD,
     /* Bytes after a STARTTLS line, before its tagged reply: consumed and dropped so that they
      * are never executed inside TLS (command injection). ev.size is their number. */
@@ -211,6 +216,7 @@ struct imap_client {
     enum imap_cmd cmd;            /* the command in progress or waited for */
     unsigned flags;               /* IMAP_EV_F_* of the command in progress */
     unsigned skip_next;           /* state after a skipped line (CMD, or WAIT_AUTH) */
+    bool after_auth;              /* the last command was an AUTHENTICATE that ended */
     unsigned mark;                /* SKIP: literal announcement scanner state */
     uint64_t mark_val;            /* SKIP: the announced size so far */
     bool mark_sync;               /* SKIP: the announcement has no '+' or '-' */

@@ -371,6 +371,41 @@ static void test_authenticate(void)
                   "CMD b|NOOP|NOOP|0|0\n");
     ASSERT_OUT_IN(&r, "a AUTHENTICATE PLAIN\r\n*\r\nb NOOP\r\n");
     run_free(&r);
+
+    /* Refused before any "+", with the SASL response sent anyway: that one-word line is
+     * dropped (it may be a credential, and no command is one word); the next is a command,
+     * and so is a command that comes first. */
+    static const char piped[] = "a AUTHENTICATE PLAIN\r\nAGpvZQBTZWNyZXQx\r\nb NOOP\r\n"
+                                "c AUTHENTICATE PLAIN\r\nd NOOP\r\nxyzzy\r\n";
+    RUN(0, piped, "TT", &r);
+    ASSERT_TR(&r, "CMD a|AUTHENTICATE|AUTHENTICATE PLAIN|0|0\n"
+                  "WAIT a|AUTHENTICATE=T\n"
+                  "DISCARD\n"
+                  "CMD b|NOOP|NOOP|0|0\n"
+                  "CMD c|AUTHENTICATE|AUTHENTICATE PLAIN|0|0\n"
+                  "WAIT c|AUTHENTICATE=T\n"
+                  "CMD d|NOOP|NOOP|0|0\n"
+                  "CMD xyzzy|UNKNOWN||0|0\n");
+    ASSERT_OUT_IN(&r, "a AUTHENTICATE PLAIN\r\nb NOOP\r\nc AUTHENTICATE PLAIN\r\nd NOOP\r\n"
+                      "xyzzy\r\n");
+    run_free(&r);
+    /* Refused after its "+" and before the response came: the response is dropped too. */
+    static const char late[] = "a AUTHENTICATE PLAIN\r\n";
+    static const char late_resp[] = "AGpvZQBTZWNyZXQx\r\nb NOOP\r\n";
+    struct imap_client lp = {0};
+    struct imap_event ev;
+    size_t n = imap_client_parse(&lp, late, strlen(late), &ev);
+    ASSERT_EQ(n, strlen(late));
+    imap_client_on_continue(&lp);
+    imap_client_on_tagged(&lp, "a", 1);
+    n = imap_client_parse(&lp, late_resp, strlen(late_resp), &ev);
+    ASSERT_EQ(ev.type, IMAP_EV_DISCARD);
+    ASSERT_EQ(ev.fwd_len, 0);
+    ASSERT_EQ(n, 18);
+    ASSERT_EQ(imap_client_parse(&lp, late_resp + n, strlen(late_resp) - n, &ev),
+              strlen(late_resp) - n);
+    ASSERT_EQ(ev.type, IMAP_EV_COMMAND);
+    ASSERT_EQ(ev.cmd, IMAP_CMD_NOOP);
     g_secrets[0] = g_secrets[1] = NULL;
 }
 
