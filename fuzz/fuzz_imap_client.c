@@ -182,8 +182,9 @@ static void fuzz_drive(struct fuzz_run *r, char *hold, size_t *held)
         }
         if (ev.tag != NULL)
             FUZZ_CHECK(ev.tag_len <= IMAP_TAG_MAX && ev.tag[ev.tag_len] == '\0');
-        /* A command refused mid-way still names itself (redacted) for its aborted pair. */
-        if (ev.type == IMAP_EV_COMMAND ||
+        /* A command names itself (redacted) when it ends, in its parts so far (BEGIN, PART),
+         * and when it is refused mid-way, for its aborted pair. */
+        if (ev.type == IMAP_EV_COMMAND || ev.type == IMAP_EV_BEGIN || ev.type == IMAP_EV_PART ||
             ((ev.type == IMAP_EV_TOO_LONG || ev.type == IMAP_EV_INVALID) &&
              (ev.flags & IMAP_EV_F_MIDCMD) && ev.text != NULL))
             fuzz_check_text(&ev);

@@ -153,6 +153,8 @@ static struct worker fuzz_w;
 static struct config *fuzz_cfg;
 static int fuzz_backend_lfd = -1;
 static int fuzz_ports[FUZZ_VARIANTS];
+static bool fuzz_requires_tls[FUZZ_VARIANTS]; /* the variant's listener has require_tls = on */
+static bool fuzz_plaintext_refused; /* this input's listener refuses APPEND before STARTTLS */
 static int fuzz_log_fd = -1;
 
 static struct fuzz_peer fuzz_client, fuzz_backend;
@@ -161,19 +163,6 @@ static size_t fuzz_seen_len;
 static uint64_t fuzz_backend_finals; /* status lines the backend sent */
 static uint64_t fuzz_client_lines;   /* line ends the client sent */
 static size_t fuzz_mem_base;
-
-static int fuzz_free_port(void)
-{
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-
-    FUZZ_CHECK(fd >= 0);
-    FUZZ_CHECK(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
-    FUZZ_CHECK(getsockname(fd, (struct sockaddr *)&a, &len) == 0);
-    close(fd);
-    return ntohs(a.sin_port);
-}
 
 static int fuzz_listen_backend(void)
 {
@@ -190,7 +179,7 @@ static int fuzz_listen_backend(void)
 }
 
 /* One [listener] per variant: client_tls (off, starttls, passthrough, and off with
- * transcript = pairs), imap_id, backend_tls. */
+ * transcript = pairs), imap_id (with starttls: and require_tls), backend_tls. */
 static void fuzz_make_config(const char *dir, int backend_port)
 {
     static const char *const client_tls[] = {"off", "starttls", "passthrough", "off"};
@@ -201,8 +190,8 @@ static void fuzz_make_config(const char *dir, int backend_port)
     FUZZ_CHECK(text != NULL);
     len +=
         (size_t)snprintf(text + len, cap - len, "[global]\nlog_level = debug\ndrain_timeout = 0\n");
+    fuzz_free_ports(fuzz_ports, FUZZ_VARIANTS);
     for (int v = 0; v < FUZZ_VARIANTS; v++) {
-        fuzz_ports[v] = fuzz_free_port();
         len += (size_t)snprintf(
             text + len, cap - len,
             "[listener v%d]\nlisten = 127.0.0.1:%d\nbackend = 127.0.0.1:%d\nmode = imap\n"
@@ -211,8 +200,9 @@ static void fuzz_make_config(const char *dir, int backend_port)
             (v / 4) % 2 ? "on" : "off", client_tls[v % 4],
             (v / 8) % 2 ? "backend_tls = starttls\nbackend_verify = off\n" : "");
         if (v % 4 == 1)
-            len += (size_t)snprintf(text + len, cap - len, "cert = %s/mx.crt\nkey = %s/mx.key\n",
-                                    dir, dir);
+            len += (size_t)snprintf(text + len, cap - len, "cert = %s/mx.crt\nkey = %s/mx.key\n%s",
+                                    dir, dir, (v / 4) % 2 ? "require_tls = on\n" : "");
+        fuzz_requires_tls[v] = v % 4 == 1 && (v / 4) % 2;
         FUZZ_CHECK(len < cap);
     }
     if (config_load_string(text, "fuzz.ini", &fuzz_cfg, err, sizeof(err)) != 0) {
@@ -451,7 +441,10 @@ static void fuzz_send_auth(const struct fuzz_auth *a)
 }
 
 /* An APPEND whose literal holds raw bytes and the mark: {n+} is data whatever the backend
- * answers; {n} under a "z" tag too, since the backend never refuses that tag. */
+ * answers (and dropped whole where require_tls refuses the APPEND); {n} under a "z" tag too,
+ * since the backend never refuses that tag, but not where mxproxy refuses it: the client
+ * here sends the data without waiting for the "+" it never gets, so the server takes it
+ * for commands, as RFC 9051 says. */
 static void fuzz_send_append(bool sync, const uint8_t *data, size_t len)
 {
     char buf[512];
@@ -464,7 +457,7 @@ static void fuzz_send_append(bool sync, const uint8_t *data, size_t len)
     fuzz_filter(buf + h, data, len);
     memcpy(buf + h + len, "\r\n", 2);
     buf[h + len + 2] = '\0';
-    if (fuzz_client.lit || fuzz_client.cut) {
+    if (fuzz_client.lit || fuzz_client.cut || (sync && fuzz_plaintext_refused)) {
         memcpy(strstr(buf, mark), "passlit ", sizeof(mark) - 1);
     }
     fuzz_line_start(&fuzz_client);
@@ -643,6 +636,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fuzz_reset_counters();
     fuzz_client =
         (struct fuzz_peer){.fd = fuzz_connect(fuzz_ports[data[0] % FUZZ_VARIANTS]), .reads = true};
+    fuzz_plaintext_refused = fuzz_requires_tls[data[0] % FUZZ_VARIANTS];
     fuzz_backend = (struct fuzz_peer){.fd = -1, .reads = true};
     FUZZ_CHECK(fuzz_client.fd >= 0);
     for (int i = 0; i < 50 && fuzz_backend.fd < 0; i++) {

@@ -117,13 +117,19 @@ static struct imap_pairs_entry *imap_pairs_push(struct imap_pairs *pp, const str
     return e;
 }
 
-static void imap_pairs_complete(struct imap_pairs *pp, struct imap_pairs_entry *e,
-                                const struct imap_event *ev, uint64_t now_ns)
+/* The command's text as far as ev gives it (BEGIN and PART: so far; COMMAND: whole). */
+static void imap_pairs_note_text(struct imap_pairs_entry *e, const struct imap_event *ev)
 {
     if (ev->text != NULL) {
         e->text_len = (unsigned char)(ev->text_len < IMAP_TEXT_MAX ? ev->text_len : IMAP_TEXT_MAX);
         memcpy(e->text, ev->text, e->text_len);
     }
+}
+
+static void imap_pairs_complete(struct imap_pairs *pp, struct imap_pairs_entry *e,
+                                const struct imap_event *ev, uint64_t now_ns)
+{
+    imap_pairs_note_text(e, ev);
     e->size = ev->size;
     e->t_cmd = now_ns;
     e->complete = true;
@@ -142,7 +148,12 @@ int imap_pairs_on_client_event(struct imap_pairs *pp, const struct imap_event *e
             return 0;
         if (imap_pairs_room(pp) == 0)
             return -ENOBUFS;
-        imap_pairs_push(pp, ev, now_ns);
+        imap_pairs_note_text(imap_pairs_push(pp, ev, now_ns), ev);
+        return 0;
+    case IMAP_EV_PART:
+        e = imap_pairs_newest(pp);
+        if (e != NULL && !e->complete)
+            imap_pairs_note_text(e, ev);
         return 0;
     case IMAP_EV_COMMAND:
         if (ev->flags & IMAP_EV_F_NO_TAG)
@@ -178,9 +189,7 @@ int imap_pairs_on_client_event(struct imap_pairs *pp, const struct imap_event *e
             /* Cut short: the command as far as it went, for its aborted pair. */
             e = imap_pairs_newest(pp);
             if (e != NULL && !e->complete && ev->text != NULL) {
-                e->text_len =
-                    (unsigned char)(ev->text_len < IMAP_TEXT_MAX ? ev->text_len : IMAP_TEXT_MAX);
-                memcpy(e->text, ev->text, e->text_len);
+                imap_pairs_note_text(e, ev);
                 e->size = ev->size;
             }
             return 0;
@@ -204,6 +213,7 @@ int imap_pairs_answer_locally(struct imap_pairs *pp, enum imap_local local)
     if (e == NULL)
         return -ENOENT;
     e->local = local;
+    e->complete = true; /* a command refused at a synchronizing literal ends there */
     return 0;
 }
 

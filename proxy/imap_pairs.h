@@ -149,7 +149,9 @@ size_t imap_pairs_outstanding(const struct imap_pairs *pp);
 int imap_pairs_on_client_event(struct imap_pairs *pp, const struct imap_event *ev, uint64_t now_ns);
 
 /* Makes the newest command one that mxproxy answers itself with local's answer, in order
- * with the server's responses; the caller did not forward it. Returns 0, or -ENOENT. */
+ * with the server's responses; the caller did not forward it. A command still under way
+ * (BEGIN seen, refused at its synchronizing literal) ends there: the client, answered
+ * instead of getting "+", abandons it. Returns 0, or -ENOENT. */
 int imap_pairs_answer_locally(struct imap_pairs *pp, enum imap_local local);
 
 /* Matches one complete response (borrowed for the call) and fills *out. */

@@ -42,6 +42,8 @@ struct session_imap {
     const char *primary;     /* a primary error mxproxy made up (static text), or NULL */
     char *dcarry;            /* backend bytes of a response line not yet whole */
     enum session_imap_hs hs; /* mxproxy's own exchange with the backend */
+    bool refusing;           /* require_tls: the command under way is refused, nothing of it
+                                goes out; answered at its end or at its first "+" wait */
 };
 
 /* m->d.flags: the dialog's DIALOG_F_* and these:
@@ -109,6 +111,7 @@ static void session_imap_client_init(struct session *s)
     struct imap_client_opts o = {.max_line_length = s->cl->max_line_length};
 
     imap_client_init(&IMAP_M(s)->cp, &o);
+    IMAP_M(s)->refusing = false;
 }
 
 /* ---- FIFO storage --------------------------------------------------------------------- */
@@ -350,13 +353,62 @@ static void session_imap_client_event(struct session *s, const struct imap_event
     }
 }
 
+/* May cmd be said before TLS when require_tls is on? Unknown verbs may not. */
+static bool session_imap_before_tls(enum imap_cmd cmd)
+{
+    for (const struct dialect_verb *v = session_imap_verbs; v->name != NULL; v++)
+        if (v->id == (unsigned)cmd)
+            return (v->flags & DIALECT_V_BEFORE_TLS) != 0;
+    return false;
+}
+
+/* require_tls before STARTTLS: a command that is not allowed yet never reaches the backend,
+ * not even in part; it is answered "NO [PRIVACYREQUIRED]" once the client waits for an answer
+ * (its end, or a synchronizing literal's "+", which it then never gets). A non-synchronizing
+ * literal's data is dropped with the rest. Returns true when the event is refused. */
+static bool session_imap_refuse_plaintext(struct session *s, const struct imap_event *ev)
+{
+    struct session_imap *m = IMAP_M(s);
+    const struct config_listener *cl = s->cl;
+
+    if (!m->refusing) {
+        if (!cl->require_tls || cl->client_tls != CONFIG_CLIENT_TLS_STARTTLS ||
+            session_imap_tls_active(s) || (ev->flags & IMAP_EV_F_NO_TAG) ||
+            (ev->type != IMAP_EV_BEGIN && ev->type != IMAP_EV_COMMAND) ||
+            session_imap_before_tls(ev->cmd))
+            return false;
+        m->refusing = true;
+    }
+    switch (ev->type) {
+    case IMAP_EV_COMMAND:
+        break;
+    case IMAP_EV_BEGIN:
+    case IMAP_EV_PART:
+        if (ev->flags & IMAP_EV_F_SYNC)
+            break;
+        return true;
+    case IMAP_EV_LITERAL:
+        return true;
+    default:
+        /* Cut short (TOO_LONG, INVALID): handled as any such line; nothing of it went out. */
+        m->refusing = false;
+        return false;
+    }
+    m->refusing = false;
+    (void)imap_pairs_answer_locally(&m->pp, IMAP_LOCAL_NEED_TLS);
+    return true;
+}
+
 /* Decides whether a client event goes to the backend: mxproxy answers STARTTLS itself
- * when it terminates TLS (or TLS is on already). The event is recorded in the pairs. */
+ * when it terminates TLS (or TLS is on already), and refuses what require_tls forbids before
+ * it. The event is recorded in the pairs. */
 static bool session_imap_intercept(struct session *s, const struct imap_event *ev)
 {
     struct session_imap *m = IMAP_M(s);
     const struct config_listener *cl = s->cl;
 
+    if (session_imap_refuse_plaintext(s, ev))
+        return false;
     if (ev->type != IMAP_EV_COMMAND || ev->cmd != IMAP_CMD_STARTTLS ||
         (ev->flags & IMAP_EV_F_NO_TAG))
         return true;
@@ -509,7 +561,8 @@ static void session_imap_answer_locals(struct session *s)
 /* ---- backend side --------------------------------------------------------------------- */
 
 /* The backend's capability list, as the client must see it: STARTTLS offered before TLS
- * when mxproxy terminates it, STARTTLS and LOGINDISABLED gone inside TLS; with backend
+ * when mxproxy terminates it (with LOGINDISABLED when it requires TLS: RFC 9051 6.2.3),
+ * STARTTLS and LOGINDISABLED gone inside TLS; with backend
  * STARTTLS, what the backend said before TLS offers neither. 0: nothing to change. */
 static unsigned session_imap_capa_edit(const struct session *s)
 {
@@ -519,7 +572,7 @@ static unsigned session_imap_capa_edit(const struct session *s)
     if (session_imap_tls_active(s))
         edit |= IMAP_CAPA_DEL_STARTTLS | IMAP_CAPA_DEL_LOGINDISABLED;
     else if (cl->client_tls == CONFIG_CLIENT_TLS_STARTTLS)
-        edit |= IMAP_CAPA_ADD_STARTTLS;
+        edit |= IMAP_CAPA_ADD_STARTTLS | (cl->require_tls ? IMAP_CAPA_ADD_LOGINDISABLED : 0);
     if (cl->backend_tls == CONFIG_BACKEND_TLS_STARTTLS) {
         if (cl->client_tls != CONFIG_CLIENT_TLS_STARTTLS || session_imap_tls_active(s))
             edit |= IMAP_CAPA_DEL_STARTTLS;

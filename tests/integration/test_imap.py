@@ -433,6 +433,94 @@ class ImapTest(mxtest.ProxyTestCase):
         tls.close()
         self.assertEqual(p.close_of(sid)["end"], "logout")
 
+    def test_require_tls_refuses_before_starttls(self):
+        """require_tls = on: before STARTTLS the capability lists add LOGINDISABLED, and every
+        command but CAPABILITY, NOOP, LOGOUT, STARTTLS and ID gets "NO [PRIVACYREQUIRED]" from
+        mxproxy without a byte of it reaching the backend: LOGIN (credentials never leave),
+        a synchronizing literal (answered instead of "+"), non-synchronizing literals with
+        their data, AUTHENTICATE (no "+"); inside TLS the same commands go through."""
+        caps = b"IMAP4rev1 LITERAL+ AUTH=PLAIN ID"
+        seen = []
+
+        class Recorder(mxtest.TcpBackend):
+            def handle(self, rec):
+                self.send(rec, b"* OK [CAPABILITY %s] rec ready\r\n" % caps)
+                buf = b""
+                while True:
+                    data = self.recv(rec)
+                    if not data:
+                        return
+                    buf += data
+                    while b"\r\n" in buf:
+                        line, buf = buf.split(b"\r\n", 1)
+                        seen.append(line)
+                        tag, verb = (line.split(b" ") + [b""])[:2]
+                        if verb.upper() == b"CAPABILITY":
+                            self.send(rec, b"* CAPABILITY %s\r\n%s OK done\r\n" % (caps, tag))
+                        elif verb.upper() == b"LOGOUT":
+                            self.send(rec, b"* BYE bye\r\n%s OK done\r\n" % tag)
+                            return
+                        else:
+                            self.send(rec, b"%s OK %s done\r\n" % (tag, verb))
+        b = self.track(Recorder("recorder"))
+        p = self.start_imap(b.addr, client_tls="starttls", require_tls="on")
+        c = self.raw(p.port)
+        self.assertEqual(c.recv_until(b"\r\n"), b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN "
+                                                 b"ID STARTTLS LOGINDISABLED] rec ready\r\n")
+        sid = p.sid_of(c)
+        c.send(b"a CAPABILITY\r\n")
+        self.assertEqual(c.tagged("a"), b"* CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN ID STARTTLS "
+                                        b"LOGINDISABLED\r\na OK done\r\n")
+        no = b" NO [PRIVACYREQUIRED] TLS required\r\n"
+        # Pipelined, in one write: each answered in order, the allowed NOOP by the backend.
+        c.send(b"b LOGIN user secret-pw\r\nc SELECT INBOX\r\nd NOOP\r\n")
+        self.assertEqual(c.tagged("d"), b"b" + no + b"c" + no + b"d OK NOOP done\r\n")
+        # A synchronizing literal: NO instead of "+", and the client sends no data.
+        c.send(b"e LOGIN {4}\r\n")
+        self.assertEqual(c.recv_until(b"\r\n"), b"e" + no)
+        # Non-synchronizing literals: the data goes with the command, and nowhere.
+        c.send(b"f LOGIN {4+}\r\nuser {9+}\r\nsecret-pw\r\ng AUTHENTICATE PLAIN\r\n"
+               b"h NOOP\r\n")
+        self.assertEqual(c.tagged("h"), b"f" + no + b"g" + no + b"h OK NOOP done\r\n")
+        c.send(b"i STARTTLS\r\n")
+        self.assertEqual(c.recv_until(b"\r\n"), b"i OK Begin TLS negotiation now\r\n")
+        tls = mxtest.client_context().wrap_socket(c.sock, server_hostname="mx.example.test")
+        tls.sendall(b"j CAPABILITY\r\nk LOGIN user secret-pw\r\nl LOGOUT\r\n")
+        got = b""
+        while not got.endswith(b"l OK done\r\n"):
+            data = tls.recv(4096)
+            self.assertTrue(data, got)
+            got += data
+        self.assertEqual(got, b"* CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN ID\r\nj OK done\r\n"
+                              b"k OK LOGIN done\r\n* BYE bye\r\nl OK done\r\n")
+        tls.close()
+        self.assertEqual(seen, [b"a CAPABILITY", b"d NOOP", b"h NOOP", b"j CAPABILITY",
+                                b"k LOGIN user secret-pw", b"l LOGOUT"])
+
+        def refused(tag, cmd, pipelined, **extra):
+            f = {"proto": "imap", "tag": tag, "cmd": cmd, "status": "NO",
+                 "reply": "[PRIVACYREQUIRED] TLS required", "ms": MS, "pipelined": pipelined}
+            f.update(extra)
+            f["local"] = 1
+            return f
+        close = self.assertPairs(p, sid, [
+            greeting_pair("[CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN ID] rec ready"),
+            imap_pair("a", "CAPABILITY", "OK", "done", untagged=1),
+            refused("b", "LOGIN [redacted]", 0),
+            refused("c", "SELECT INBOX", 0),
+            imap_pair("d", "NOOP", "OK", "NOOP done"),
+            refused("e", "LOGIN [redacted]", 0),
+            refused("f", "LOGIN [redacted]", 0),
+            refused("g", "AUTHENTICATE PLAIN", 0, rounds=0),
+            imap_pair("h", "NOOP", "OK", "NOOP done"),
+            {"proto": "imap", "tag": "i", "cmd": "STARTTLS", "status": "OK",
+             "reply": "Begin TLS negotiation now", "ms": MS, "pipelined": 0, "local": 1},
+            imap_pair("j", "CAPABILITY", "OK", "done", untagged=1),
+            imap_pair("k", "LOGIN [redacted]", "OK", "LOGIN done", untagged=1, pipelined=1),
+            imap_pair("l", "LOGOUT", "OK", "done", untagged=2, pipelined=1)])
+        self.assertEqual(close["end"], "logout")
+        self.assertNoSecret(p, "secret-pw")
+
     def test_starttls_injection_guard(self):
         """Commands pipelined behind STARTTLS in plaintext are dropped, never run inside TLS."""
         p = self.start_imap("%s:%d" % (HOST, self.plain.ports["imap"]), client_tls="starttls")
