@@ -237,10 +237,19 @@ static void smtp_command(struct smtp_client *p, const char *s, size_t n, struct 
     size_t vb = smtp_skip_sp(s, 0, n), vl = smtp_token_end(s, vb, n);
     const struct smtp_verb *v;
 
+    bool after_auth = p->after_auth;
+
+    p->after_auth = false;
     v = smtp_verb_find(s + vb, vl - vb);
     ev->cmd = v != NULL ? v->cmd : SMTP_CMD_UNKNOWN;
     ev->line = s;
     ev->line_len = n;
+    if (after_auth && v == NULL && smtp_skip_sp(s, vl, n) == n) {
+        /* A SASL response sent behind an AUTH that was refused (see SMTP_EV_COMMAND). */
+        ev->line = "[redacted]";
+        ev->line_len = sizeof("[redacted]") - 1;
+        return;
+    }
     switch (ev->cmd) {
     case SMTP_CMD_HELO:
     case SMTP_CMD_EHLO: {
@@ -624,6 +633,8 @@ void smtp_client_on_reply(struct smtp_client *p, enum smtp_cmd cmd, int code)
     } else if (cmd == SMTP_CMD_AUTH && code == 334) {
         p->state = SMTP_CS_AUTH_LINE;
     } else {
+        /* An AUTH refused at once: a response the client sent anyway comes next. */
+        p->after_auth = cmd == SMTP_CMD_AUTH;
         p->state = SMTP_CS_CMD;
     }
 }

@@ -112,7 +112,10 @@ enum smtp_ev {
     SMTP_EV_WAIT,
     /* One command line. ev.fwd is the whole line including CRLF: forward it. ev.cmd, ev.line,
      * ev.arg, ev.size and ev.flags describe it. For STARTTLS, later bytes are dropped as
-     * SMTP_EV_INJECTED until smtp_client_on_reply(p, SMTP_CMD_STARTTLS, code). */
+     * SMTP_EV_INJECTED until smtp_client_on_reply(p, SMTP_CMD_STARTTLS, code). Right after
+     * an AUTH refused before any 334, a line of one word that is no verb is the client's SASL
+     * response sent without waiting (a credential): forwarded (the server answers it), but
+     * ev.line is "[redacted]". */
     SMTP_EV_COMMAND,
     /* One AUTH credential line (the server answered 334). ev.fwd is the line with CRLF:
      * forward it, never log it; ev.line and ev.arg are NULL. SMTP_EV_F_CANCEL if it is "*". */
@@ -203,6 +206,7 @@ struct smtp_client {
     uint64_t chunk;                /* BDAT chunk size */
     bool chunk_last;               /* BDAT chunk carries LAST */
     uint64_t injected;             /* total SMTP_EV_INJECTED bytes, for the session log */
+    bool after_auth;               /* the last command was an AUTH refused before any 334 */
 };
 
 /* Sets options on a fresh or reset parser; opts may be NULL for defaults. */

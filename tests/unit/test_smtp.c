@@ -587,6 +587,20 @@ static void test_auth(void)
                   "TOO_LONG AUTH|line too long|0|4\nDISCARD\nWAIT AUTH=501\nCMD QUIT|QUIT||0|0\n");
     ASSERT_OUT(&r, "AUTH LOGIN\r\n*\r\nQUIT\r\n", 21);
     run_free(&r);
+
+    /* Refused before any 334 with the response sent anyway: that one-word line still goes to
+     * the server, which answers it, but its text is never loggable. A verb after a refused
+     * AUTH, and a word later on, are commands as ever. */
+    static const char piped[] = "AUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nAUTH PLAIN\r\nNOOP\r\n"
+                                "xyzzy\r\n";
+    g_secrets[0] = "AGFsaWNlAHNlY3JldA==";
+    g_secrets[1] = NULL;
+    RUN(&opt_reject, piped, &r, 504, 504);
+    ASSERT_TR(&r, "CMD AUTH|AUTH PLAIN|PLAIN|0|0\nWAIT AUTH=504\nCMD UNKNOWN|[redacted]||0|0\n"
+                  "CMD AUTH|AUTH PLAIN|PLAIN|0|0\nWAIT AUTH=504\nCMD NOOP|NOOP||0|0\n"
+                  "CMD UNKNOWN|xyzzy||0|0\n");
+    ASSERT_OUT(&r, piped, sizeof(piped) - 1);
+    run_free(&r);
     memset(g_secrets, 0, sizeof(g_secrets));
 }
 
