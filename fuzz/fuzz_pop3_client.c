@@ -87,6 +87,10 @@ static void fuzz_check_redaction(const struct pop3_event *ev, const char *s, siz
 {
     size_t vb = 0, ve, sp;
 
+    /* A SASL answer right behind a refused AUTH (one word, no verb): a static "[redacted]". */
+    if (ev->cmd == POP3_CMD_UNKNOWN && ev->line_len == 10 &&
+        memcmp(ev->line, "[redacted]", 10) == 0 && ev->line != s)
+        return;
     while (vb < n && fuzz_blank(s[vb]))
         vb++;
     ve = vb;

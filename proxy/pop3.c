@@ -185,13 +185,21 @@ static void pop3_command(struct pop3_client *p, const char *s, size_t n, struct 
     size_t vb = pop3_skip_sp(s, 0, n), vl = pop3_token_end(s, vb, n);
     size_t ab = pop3_skip_sp(s, vl, n), ae = n;
     const struct pop3_verb *v = pop3_verb_find(s + vb, vl - vb);
+    bool after_auth = p->after_auth;
 
+    p->after_auth = false;
     while (ae > ab && pop3_blank(s[ae - 1]))
         ae--;
     ev->cmd = v != NULL ? v->cmd : POP3_CMD_UNKNOWN;
     ev->frame = POP3_FRAME_SINGLE;
     ev->line = s;
     ev->line_len = n;
+    if (after_auth && v == NULL && ab == n) {
+        /* A SASL answer sent behind an AUTH that was refused (see POP3_EV_COMMAND). */
+        ev->line = "[redacted]";
+        ev->line_len = sizeof("[redacted]") - 1;
+        return;
+    }
     if (ab < n)
         ev->flags |= POP3_EV_F_ARG;
     if (ev->cmd == POP3_CMD_AUTH) {
@@ -381,6 +389,8 @@ void pop3_client_on_reply(struct pop3_client *p, enum pop3_cmd cmd, enum pop3_st
     p->scan = 0;
     p->bad = NULL;
     p->state = next;
+    /* Refused at once: an answer the client sent anyway comes next. */
+    p->after_auth = status != POP3_STATUS_CONT;
 }
 
 /* --- server responses -------------------------------------------------------------------- */

@@ -116,7 +116,10 @@ enum pop3_ev {
     POP3_EV_WAIT,
     /* One command line. ev.fwd is the whole line including CRLF: forward it. ev.cmd, ev.frame,
      * ev.line, ev.arg and ev.flags describe it. For STLS, later bytes are dropped as
-     * POP3_EV_INJECTED until pop3_client_on_reply(p, POP3_CMD_STLS, status). */
+     * POP3_EV_INJECTED until pop3_client_on_reply(p, POP3_CMD_STLS, status). Right after an
+     * AUTH refused before any "+ ", a line of one word that is no verb is the client's SASL
+     * answer sent without waiting (a credential): forwarded (the server answers it), but
+     * ev.line is "[redacted]" and ev.arg empty. */
     POP3_EV_COMMAND,
     /* One SASL answer line (the server sent a "+ " continuation). ev.fwd is the line with CRLF:
      * forward it, never log it; ev.line and ev.arg are NULL. POP3_EV_F_CANCEL if it is "*". */
@@ -177,6 +180,7 @@ struct pop3_client {
     size_t scan;            /* bytes of the held line already examined */
     const char *bad;        /* first fault found in the examined bytes */
     uint64_t injected;      /* total POP3_EV_INJECTED bytes, for the session log */
+    bool after_auth;        /* the last command was an AUTH refused before any "+ " */
 };
 
 /* Sets options on a fresh or reset parser; opts may be NULL for defaults. */

@@ -320,6 +320,32 @@ class Pop3Dovecot(Pop3TestCase):
                 self.assertEqual(p.find(ev="xclient", sid=sid), [])
             self.assertNoSecrets(p)
 
+    def test_sasl_answer_behind_a_refused_auth(self):
+        """A client that sends its SASL answer behind AUTH without waiting for "+ ", refused by
+        Dovecot (a mechanism it does not offer): the line reaches Dovecot, which answers it, and
+        is logged [redacted]."""
+        token = base64.b64encode(b"\0alice\0" + ALICE_PW.encode())
+        for transcript in ("pairs", "full"):
+            with self.subTest(transcript=transcript):
+                p = self.start_pop3(transcript=transcript)
+                c = socket.create_connection((HOST, p.port), 5)
+                f = c.makefile("rb")
+                self.assertTrue(f.readline().startswith(b"+OK"))
+                sid = p.sid_of(c.getsockname()[1])
+                c.sendall(b"AUTH X-NONE\r\n" + token + b"\r\nQUIT\r\n")
+                got = [f.readline()[:4] for _ in range(3)]
+                self.assertEqual(got, [b"-ERR", b"-ERR", b"+OK "])
+                c.close()
+                p.close_of(sid)
+                pairs = [(e["cmd"], e["status"]) for e in p.find(ev="pair", sid=sid)]
+                self.assertEqual(pairs[1:], [("AUTH X-NONE", "-ERR"), ("[redacted]", "-ERR"),
+                                             ("QUIT", "+OK")])
+                if transcript == "full":
+                    client = [e["text"] for e in p.find(ev="line", sid=sid)
+                              if e["dir"] == "client"]
+                    self.assertEqual(client, ["AUTH X-NONE", "[redacted]", "QUIT"])
+                self.assertNoSecrets(p)
+
     def test_client_xclient_refused(self):
         """A client's own XCLIENT never reaches Dovecot, which trusts mxproxy's address."""
         p = self.start_pop3()

@@ -340,6 +340,17 @@ static void test_auth(void)
     ASSERT_TR(&r, "CMD AUTH|AUTH CRAM-MD5|CRAM-MD5|A|4\nWAIT AUTH=-ERR\nCMD USER|USER||S|5\n");
     run_free(&r);
 
+    /* Refused before any "+ " with the answer sent anyway: that one-word line still goes to
+     * the server, but its text is never loggable; a word later on is a command as ever. */
+    static const char piped[] = "AUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nxyzzy\r\n";
+    g_secrets[0] = "AGFsaWNlAHNlY3JldA==";
+    RUN(NULL, piped, &r, ERR_);
+    ASSERT_TR(&r, "CMD AUTH|AUTH PLAIN|PLAIN|A|4\nWAIT AUTH=-ERR\nCMD UNKNOWN|[redacted]||S|0\n"
+                  "CMD UNKNOWN|xyzzy||S|0\n");
+    ASSERT_OUT(&r, piped, sizeof(piped) - 1);
+    run_free(&r);
+    g_secrets[0] = NULL;
+
     /* Cancelled with "*". */
     static const char cancel[] = "AUTH LOGIN\r\n*\r\nQUIT\r\n";
     RUN(NULL, cancel, &r, CONT_, ERR_);
