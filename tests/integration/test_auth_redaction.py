@@ -250,6 +250,41 @@ class AuthRedactionTest(mxtest.ProxyTestCase):
                          2 * len(LOG_SETUPS) * len(VARIANTS), log[-3000:])
         self.assertNotIn("authentication failed", log)
 
+    @unittest.skipIf(_postfix_unavailable(), _postfix_unavailable())
+    def test_response_sent_behind_a_refused_auth(self):
+        """A client that sends its SASL response behind AUTH without waiting for 334, refused
+        by Postfix's smtpd (a mechanism it does not offer) or by mxproxy (require_tls): the
+        response line reaches the server, which answers it, and is logged [redacted]."""
+        pf = self.track(PostfixSasl())
+        pki = mxtest.pki()
+        for opts, auth_code in (({}, b"535"),
+                                ({"client_tls": "starttls", "require_tls": "on",
+                                  "cert": pki.mx.cert, "key": pki.mx.key}, b"530")):
+            for transcript in ("pairs", "full"):
+                with self.subTest(opts=sorted(opts), transcript=transcript):
+                    p = self.start_smtp_proxy("%s:%d" % (HOST, pf.port), transcript=transcript,
+                                              **opts)
+                    c = self.client(p.port)
+                    c.read_reply()
+                    c.cmd(b"EHLO client.example")
+                    c.send(b"AUTH CRAM-MD5\r\n" + PLAIN + b"\r\nQUIT\r\n")
+                    replies = [read_reply(c)[0] for _ in range(3)]
+                    self.assertEqual([str(r)[:3] for r in replies],
+                                     [auth_code.decode(), "500", "221"])
+                    sid = p.sid_of(c)
+                    p.close_of(sid)
+                    pairs = [(e["cmd"], str(e["code"])) for e in p.find(ev="pair", sid=sid)]
+                    self.assertEqual(pairs[2:], [("AUTH CRAM-MD5", auth_code.decode()),
+                                                 ("[redacted]", "500"), ("QUIT", "221")])
+                    if transcript == "full":
+                        client = [e["text"] for e in p.find(ev="line", sid=sid)
+                                  if e["dir"] == "client"]
+                        self.assertEqual(client, ["EHLO client.example", "AUTH CRAM-MD5",
+                                                  "[redacted]", "QUIT"])
+                    p.stop()
+                    for sec in SECRETS:
+                        self.assertNotIn(sec.decode("latin-1"), "\n".join(p.raw))
+
     def test_postfix_like_tokenizer_every_variant_every_log_format(self):
         b = self.scripted("postfixlike")
         for fmt, transcript, level in LOG_SETUPS:

@@ -479,8 +479,11 @@ class ImapTest(mxtest.ProxyTestCase):
         c.send(b"e LOGIN {4}\r\n")
         self.assertEqual(c.recv_until(b"\r\n"), b"e" + no)
         # Non-synchronizing literals: the data goes with the command, and nowhere.
-        c.send(b"f LOGIN {4+}\r\nuser {9+}\r\nsecret-pw\r\ng AUTHENTICATE PLAIN\r\n"
-               b"h NOOP\r\n")
+        # AUTHENTICATE with its SASL response sent anyway, not waiting for a "+": the response
+        # (one word, a credential) is dropped, never taken for a command or logged.
+        token = base64.b64encode(b"\0user\0secret-pw")
+        c.send(b"f LOGIN {4+}\r\nuser {9+}\r\nsecret-pw\r\ng AUTHENTICATE PLAIN\r\n" + token
+               + b"\r\nh NOOP\r\n")
         self.assertEqual(c.tagged("h"), b"f" + no + b"g" + no + b"h OK NOOP done\r\n")
         c.send(b"i STARTTLS\r\n")
         self.assertEqual(c.recv_until(b"\r\n"), b"i OK Begin TLS negotiation now\r\n")
@@ -519,7 +522,7 @@ class ImapTest(mxtest.ProxyTestCase):
             imap_pair("k", "LOGIN [redacted]", "OK", "LOGIN done", untagged=1, pipelined=1),
             imap_pair("l", "LOGOUT", "OK", "done", untagged=2, pipelined=1)])
         self.assertEqual(close["end"], "logout")
-        self.assertNoSecret(p, "secret-pw")
+        self.assertNoSecret(p, "secret-pw", token.decode())
 
     def test_starttls_injection_guard(self):
         """Commands pipelined behind STARTTLS in plaintext are dropped, never run inside TLS."""
