@@ -398,6 +398,19 @@ void dialog_log_injection(struct session *s)
     d->injected = 0;
 }
 
+bool dialog_drain_due(struct session *s, size_t owed)
+{
+    const struct dialog *d = dialog_of(s);
+
+    if (!(d->flags & DIALOG_F_DRAIN) || (d->flags & DIALOG_F_ENDING) || session_ending(s))
+        return false;
+    if (d->flags & DIALOG_F_OPAQUE) {
+        session_close_after_flush(s, SESSION_END_DRAIN, NULL);
+        return false;
+    }
+    return owed == 0;
+}
+
 bool dialog_start_client_tls(struct session *s)
 {
     struct dialog *d = dialog_of(s);

@@ -276,6 +276,15 @@ void dialog_drop_tail(struct session *s);
  * session_close_after_flush(). */
 void dialog_stop(struct session *s);
 
+/* After a reply in a session past its drain deadline (DIALOG_F_DRAIN), with
+ * owed replies still outstanding: true when the protocol should now say its
+ * goodbye and close. A session that went opaque on that reply (STARTTLS or
+ * COMPRESS passed through) shows no reply again and has no goodbye to say:
+ * it closes here, end=drain, as a mode tcp session does, and false is
+ * returned (it would otherwise wait, client unread, for answers it can no
+ * longer see). */
+bool dialog_drain_due(struct session *s, size_t owed);
+
 /* ---- TLS ------------------------------------------------------------------------- */
 
 /* ev=starttls_injection for the bytes counted in d->injected, then zero. */

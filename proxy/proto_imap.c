@@ -1053,8 +1053,7 @@ static void session_imap_drain_answered(struct session *s)
 {
     struct session_imap *m = IMAP_M(s);
 
-    if (!(m->d.flags & DIALOG_F_DRAIN) || (m->d.flags & DIALOG_F_ENDING) || session_ending(s) ||
-        session_imap_owed(m) > 0)
+    if (!dialog_drain_due(s, session_imap_owed(m)))
         return;
     if (imap_pairs_summary(&m->pp)->logout_answered) {
         session_close_after_flush(s, SESSION_END_LOGOUT, NULL);

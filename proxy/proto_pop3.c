@@ -1135,8 +1135,7 @@ static void session_pop3_drain_answered(struct session *s)
 {
     struct session_pop3 *m = POP3_M(s);
 
-    if (!(m->d.flags & DIALOG_F_DRAIN) || (m->d.flags & DIALOG_F_ENDING) || session_ending(s) ||
-        pop3_pairs_outstanding(&m->pp) > 0)
+    if (!dialog_drain_due(s, pop3_pairs_outstanding(&m->pp)))
         return;
     if (pop3_pairs_summary(&m->pp)->quit_answered) {
         session_close_after_flush(s, SESSION_END_QUIT, NULL); /* +OK said goodbye already */

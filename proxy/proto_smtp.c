@@ -1529,8 +1529,7 @@ static void session_smtp_drain_answered(struct session *s)
 {
     struct session_smtp *m = SMTP_M(s);
 
-    if (!(m->d.flags & DIALOG_F_DRAIN) || (m->d.flags & DIALOG_F_ENDING) || session_ending(s) ||
-        session_smtp_owed(m) > 0)
+    if (!dialog_drain_due(s, session_smtp_owed(m)))
         return;
     session_smtp_drop_chunk(s);
     if (smtp_pairs_summary(&m->pp)->quit_answered) {

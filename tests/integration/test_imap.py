@@ -567,6 +567,40 @@ class ImapTest(mxtest.ProxyTestCase):
         close = p.close_of(sid)
         self.assertEqual(close["opaque"], "1")
 
+    def test_drain_when_starttls_passes_through(self):
+        """A session past its drain deadline that waits for owed tags and then has its
+        STARTTLS passed through can see no reply again: it ends at once (the client gets the
+        OK, then the close), never held unread until drain_grace."""
+        go = threading.Event()
+
+        class Late(mxtest.TcpBackend):
+            def handle(self, rec):
+                self.send(rec, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] late ready\r\n")
+                while b"a5 STARTTLS\r\n" not in rec.received:
+                    data = self.recv(rec)
+                    if not data:
+                        return
+                    rec.received += data
+                if go.wait(10):
+                    self.send(rec, b"a5 OK Begin TLS negotiation now\r\n")
+                    while self.recv(rec):
+                        pass
+        b = self.track(Late("late"))
+        p = self.start_imap(b.addr, client_tls="passthrough",
+                            glob={"drain_timeout": "200ms", "drain_grace": "30s"})
+        c = self.raw(p.port)
+        c.recv_until(b"\r\n")
+        sid = p.sid_of(c)
+        c.send(b"a1 NOOP\r\na5 STARTTLS\r\n")
+        p.signal(signal.SIGTERM)
+        time.sleep(0.6)  # past the deadline: a1 and a5 are owed
+        go.set()
+        self.assertEqual(c.wait_closed(3), ("eof", b"a5 OK Begin TLS negotiation now\r\n"))
+        close = p.close_of(sid)
+        self.assertEqual(close["end"], "drain")
+        self.assertEqual(close["opaque"], "1")
+        self.assertEqual(p.wait_exit(5), 0)
+
     def test_implicit_tls_both_ways(self):
         """client_tls = implicit (curl imaps://) in front of backend_tls = implicit (imaps)."""
         p = self.start_imap("%s:%d" % (HOST, self.dovecot.ports["imaps"]),
