@@ -24,7 +24,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pop3 import build_mxproxy, mxtest, recv_until, run_target  # noqa: E402
+from pop3 import build_mxproxy, dovecot_extra, mxtest, recv_until, run_target  # noqa: E402
 
 USER, PASSWORD = "alice", "alice-bench-pw"
 
@@ -61,7 +61,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="mxbench-imap-")
     procs = []
     dovecot = mxtest.PrivateDovecot(protocols=("imap",), users={USER: PASSWORD},
-                                    extra="mail_max_userip_connections = 10000\n")
+                                    extra=dovecot_extra("imap"))
     body = mxtest.message_body(args.msg)
     dovecot.add_message(USER, b"From: a@example.test\r\nSubject: bench\r\n\r\n" + body)
     try:

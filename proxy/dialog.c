@@ -297,6 +297,13 @@ void dialog_flush_down(struct session *s)
     (void)relay_send(&s->down, d->down, &buf, 1); /* a failure closes through on_event */
 }
 
+void dialog_close_after_flush(struct session *s, enum session_end end, const char *error)
+{
+    if (!session_ending(s))
+        dialog_flush_down(s);
+    session_close_after_flush(s, end, error);
+}
+
 void dialog_drop_tail(struct session *s)
 {
     struct dialog *d = dialog_of(s);
@@ -405,7 +412,7 @@ bool dialog_drain_due(struct session *s, size_t owed)
     if (!(d->flags & DIALOG_F_DRAIN) || (d->flags & DIALOG_F_ENDING) || session_ending(s))
         return false;
     if (d->flags & DIALOG_F_OPAQUE) {
-        session_close_after_flush(s, SESSION_END_DRAIN, NULL);
+        dialog_close_after_flush(s, SESSION_END_DRAIN, NULL);
         return false;
     }
     return owed == 0;

@@ -70,9 +70,12 @@
  *       not whole -> dialog_keep_tail() its start, stop;
  *       whole     -> down_end = its end, dialog_send_tail() if a start was
  *                    held, match it (FIFO or tag; untagged/"+" continuations
- *                    go straight through), dialog_flush_down() before
- *                    logging ev=pair, then resume held client bytes
- *                    (dialog_take_held, parse, unref, dialog_release);
+ *                    go straight through), log ev=pair, then resume held
+ *                    client bytes (dialog_take_held, parse, unref,
+ *                    dialog_release); the span grows over every response
+ *                    of the read and goes out once (dialog_say and
+ *                    dialog_close_after_flush flush it first, so mxproxy's
+ *                    own lines and the FIN keep their place);
  *     a STARTTLS OK passed through -> dialog_go_opaque("starttls_passthrough")
  *     (IMAP COMPRESS: "compress_passthrough"); finally dialog_flush_down(),
  *     d->down = NULL, relay_block_unref(b).
@@ -257,6 +260,12 @@ void dialog_send_backend(struct session *s, const char *line, size_t len);
 
 /* Forwards the parsed span of the backend read (d->down_start..down_end). */
 void dialog_flush_down(struct session *s);
+
+/* session_close_after_flush() after the parsed backend span went to the
+ * client: a protocol forwards a read's responses at once at its end (one
+ * read, one write), so whatever ends the session in the middle of it sends
+ * what was parsed before the FIN. */
+void dialog_close_after_flush(struct session *s, enum session_end end, const char *error);
 
 /* Says one of mxproxy's own lines (no CRLF) to the client, after what the
  * backend said before it; logged dir=proxy for transcript=full. */

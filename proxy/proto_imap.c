@@ -298,7 +298,7 @@ static void session_imap_cut_short(struct session *s, const char *why)
         session_imap_log_pair(s, &p);
     if (said && !imap_pairs_summary(&m->pp)->has_primary && m->primary == NULL)
         m->primary = "BYE mxproxy: command line refused";
-    session_close_after_flush(s, SESSION_END_CLIENT_RESET, why);
+    dialog_close_after_flush(s, SESSION_END_CLIENT_RESET, why);
 }
 
 /* What a client event means beyond forwarding: transcript, warnings. */
@@ -600,7 +600,7 @@ static void session_imap_abort(struct session *s, const char *reply, bool always
     }
     while (imap_pairs_abort(&m->pp, &p))
         session_imap_log_pair(s, &p);
-    session_close_after_flush(s, end, error);
+    dialog_close_after_flush(s, end, error);
 }
 
 static void session_imap_backend_tls_failed(struct session *s, const char *reason)
@@ -780,7 +780,6 @@ static void session_imap_on_response(struct session *s, const struct imap_resp *
     struct imap_pair p;
     enum imap_pairs_res res;
 
-    dialog_flush_down(s); /* the client gets the response before anything is logged */
     res = imap_pairs_on_response(&m->pp, r, &p);
     switch (res) {
     case IMAP_PAIRS_GARBAGE:
@@ -827,7 +826,8 @@ static void session_imap_on_response(struct session *s, const struct imap_resp *
         }
         break;
     }
-    dialog_flush_down(s);
+    /* The response goes out with the rest of the read (dialog_say and
+     * dialog_close_after_flush send it before anything of mxproxy's own). */
     session_imap_resume_client(s);
     session_imap_answer_locals(s);
     session_imap_fifo_detach(s);
@@ -1056,11 +1056,11 @@ static void session_imap_drain_answered(struct session *s)
     if (!dialog_drain_due(s, session_imap_owed(m)))
         return;
     if (imap_pairs_summary(&m->pp)->logout_answered) {
-        session_close_after_flush(s, SESSION_END_LOGOUT, NULL);
+        dialog_close_after_flush(s, SESSION_END_LOGOUT, NULL);
         return;
     }
     session_imap_goodbye(s, SESSION_END_DRAIN);
-    session_close_after_flush(s, SESSION_END_DRAIN, NULL);
+    dialog_close_after_flush(s, SESSION_END_DRAIN, NULL);
 }
 
 static void session_imap_drain_cut(struct session *s)

@@ -599,7 +599,7 @@ static void session_pop3_abort(struct session *s, const char *reply, enum sessio
         dialog_say(s, reply); /* nothing outstanding: the client still learns why */
         m->primary = reply;
     }
-    session_close_after_flush(s, end, error);
+    dialog_close_after_flush(s, end, error);
 }
 
 /* xclient = on went wrong: the backend is never left acting for a client it was not told
@@ -859,8 +859,6 @@ static void session_pop3_on_response(struct session *s, const struct pop3_respon
     struct pop3_pair p;
     enum pop3_pairs_res res;
 
-    /* The client gets the response before anything is logged about it. */
-    dialog_flush_down(s);
     res = pop3_pairs_on_response(&m->pp, r, &p);
     if (res == POP3_PAIRS_GREETING && p.text_len >= 9 && memcmp(p.text, "[XCLIENT]", 9) == 0)
         m->d.flags |= SESSION_POP3_F_XCLIENT; /* Dovecot: the backend trusts mxproxy */
@@ -872,7 +870,8 @@ static void session_pop3_on_response(struct session *s, const struct pop3_respon
         if (p.status == POP3_STATUS_OK)
             dialog_go_opaque(s, "starttls_passthrough");
     }
-    dialog_flush_down(s);
+    /* The response goes out with the rest of the read (dialog_say and
+     * dialog_close_after_flush send it before anything of mxproxy's own). */
     session_pop3_resume_client(s);
     session_pop3_answer_locals(s);
     session_pop3_fifo_detach(s);
@@ -1138,11 +1137,11 @@ static void session_pop3_drain_answered(struct session *s)
     if (!dialog_drain_due(s, pop3_pairs_outstanding(&m->pp)))
         return;
     if (pop3_pairs_summary(&m->pp)->quit_answered) {
-        session_close_after_flush(s, SESSION_END_QUIT, NULL); /* +OK said goodbye already */
+        dialog_close_after_flush(s, SESSION_END_QUIT, NULL); /* +OK said goodbye already */
         return;
     }
     session_pop3_goodbye(s, SESSION_END_DRAIN);
-    session_close_after_flush(s, SESSION_END_DRAIN, NULL);
+    dialog_close_after_flush(s, SESSION_END_DRAIN, NULL);
 }
 
 static void session_pop3_drain_cut(struct session *s)

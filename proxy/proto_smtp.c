@@ -736,7 +736,7 @@ static void session_smtp_answer_locals(struct session *s)
         if (p.local == SMTP_LOCAL_SMUGGLING) {
             dialog_say(s, "421 4.7.0 mxproxy: closing connection after a smuggling attempt");
             m->d.flags |= DIALOG_F_ENDING;
-            session_close_after_flush(s, SESSION_END_SMUGGLING, "smuggling");
+            dialog_close_after_flush(s, SESSION_END_SMUGGLING, "smuggling");
             return;
         }
     }
@@ -761,8 +761,6 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
     struct session_smtp *m = SMTP_M(s);
     struct smtp_pair p;
 
-    /* The client gets the reply before anything is logged about it. */
-    dialog_flush_down(s);
     if (smtp_pairs_oldest(&m->pp) == SMTP_CMD_STARTTLS && r->code / 100 == 2)
         session_smtp_keep_helo(s); /* the reply forgets it; a passthrough close line names it */
     enum smtp_pairs_res res = smtp_pairs_on_reply(&m->pp, r, &p);
@@ -775,8 +773,8 @@ static void session_smtp_on_reply(struct session *s, const struct smtp_reply *r)
         if (p.code >= 200 && p.code < 300)
             dialog_go_opaque(s, "starttls_passthrough");
     }
-    /* Forward this reply before anything the client's held bytes cause. */
-    dialog_flush_down(s);
+    /* The reply goes out with the rest of the read (dialog_say and
+     * dialog_close_after_flush send it before anything of mxproxy's own). */
     session_smtp_resume_client(s);
     session_smtp_answer_locals(s);
     session_smtp_fifo_detach(s);
@@ -814,7 +812,7 @@ static void session_smtp_abort(struct session *s, const char *reply, enum sessio
         dialog_say(s, reply); /* nothing outstanding: the client still learns why */
         m->primary = reply;
     }
-    session_close_after_flush(s, end, error);
+    dialog_close_after_flush(s, end, error);
 }
 
 /* relay on_data for the backend direction: bytes go to the client as they
@@ -1533,11 +1531,11 @@ static void session_smtp_drain_answered(struct session *s)
         return;
     session_smtp_drop_chunk(s);
     if (smtp_pairs_summary(&m->pp)->quit_answered) {
-        session_close_after_flush(s, SESSION_END_QUIT, NULL); /* 221 said goodbye already */
+        dialog_close_after_flush(s, SESSION_END_QUIT, NULL); /* 221 said goodbye already */
         return;
     }
     session_smtp_goodbye(s, SESSION_END_DRAIN);
-    session_close_after_flush(s, SESSION_END_DRAIN, NULL);
+    dialog_close_after_flush(s, SESSION_END_DRAIN, NULL);
 }
 
 static void session_smtp_drain_cut(struct session *s)
