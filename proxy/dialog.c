@@ -3,7 +3,6 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "config.h"
 #include "log.h"
@@ -23,12 +22,12 @@ struct dialog_spare {
     max_align_t data[];
 };
 
-const struct dialect_verb *dialect_verb_find(const struct dialect *dl, const char *word, size_t len)
+bool dialog_needs_tls(const struct session *s, unsigned id)
 {
-    for (const struct dialect_verb *v = dl->verbs; v != NULL && v->name != NULL; v++)
-        if (strlen(v->name) == len && strncasecmp(v->name, word, len) == 0)
-            return v;
-    return NULL;
+    const struct dialect *dl = dialog_of(s)->dialect;
+
+    return s->cl->require_tls && s->client_tls == NULL &&
+           !(verb_flags(dl->verbs, dl->nverbs, id) & VERB_BEFORE_TLS);
 }
 
 /* ---- FIFO storage --------------------------------------------------------------------- */

@@ -9,6 +9,11 @@
  * (d->dialect, set in open()): its verb table, how replies find their
  * commands, its canned replies and its transcript redaction.
  *
+ * A protocol has one verb table (verb.h), kept by its pure parser module
+ * (smtp_verbs, pop3_verbs, imap_verbs): the parser reads a verb's WAIT and
+ * BARRIER flags to know what follows it, the session its BEFORE_TLS flag
+ * (dialog_needs_tls), and the pair modules its ENDS flag.
+ *
  * The pieces, and the rules they keep:
  *  - Output spans (struct dialog_out): client bytes a parser says to forward
  *    are gathered as spans of the read block, so one read is one write.
@@ -96,6 +101,7 @@
 #include "relay.h"
 #include "session.h"
 #include "session_impl.h"
+#include "verb.h"
 
 struct session;
 struct worker;
@@ -104,23 +110,6 @@ struct worker;
 enum dialect_match {
     DIALECT_MATCH_FIFO = 0, /* the oldest outstanding command (SMTP, POP3 PIPELINING) */
     DIALECT_MATCH_TAG,      /* by the command's tag, any order (IMAP) */
-};
-
-/* What a verb does to the dialog (dialect_verb.flags). */
-#define DIALECT_V_WAIT                                                                             \
-    0x01u                           /* nothing after it is parsed before its reply (DATA, AUTH,    \
-                                       IMAP APPEND with a synchronizing literal, IDLE) */
-#define DIALECT_V_BARRIER 0x02u     /* ends a pipeline group (RFC 2920: EHLO, DATA, QUIT...) */
-#define DIALECT_V_STARTTLS 0x04u    /* asks for TLS (STARTTLS, STLS) */
-#define DIALECT_V_BEFORE_TLS 0x08u  /* allowed before TLS when TLS is required */
-#define DIALECT_V_ENDS 0x10u        /* its reply ends the session (QUIT, LOGOUT) */
-#define DIALECT_V_CREDENTIALS 0x20u /* its arguments are logged [redacted] (AUTH, LOGIN, PASS) */
-
-/* One row of a verb table; the table ends with a row whose name is NULL. */
-struct dialect_verb {
-    const char *name; /* upper case, as on the wire ("STARTTLS") */
-    unsigned id;      /* the protocol's own enum value */
-    unsigned flags;   /* DIALECT_V_* */
 };
 
 /* mxproxy's own replies, one line each without CRLF; NULL: none. */
@@ -138,18 +127,19 @@ struct dialect_replies {
 
 /* What a protocol supplies to the shared machinery. const, one per protocol. */
 struct dialect {
-    const char *name;                 /* proto= in logs ("smtp") */
-    enum dialect_match match;         /* how replies find their commands */
-    const struct dialect_verb *verbs; /* the verb table */
-    struct dialect_replies replies;   /* canned replies */
+    const char *name;               /* proto= in logs ("smtp") */
+    enum dialect_match match;       /* how replies find their commands */
+    const struct verb *verbs;       /* the verb table, from the parser module (verb.h) */
+    unsigned nverbs;                /* its rows: the protocol's command count */
+    struct dialect_replies replies; /* canned replies */
     /* transcript=full: a server line (CRLF excluded) that must not be logged
      * as it is (an AUTH challenge) gets this text instead; NULL: log it. */
     const char *(*redact_server_line)(const char *line, size_t len);
 };
 
-/* Looks up a verb (case-insensitive, len bytes); NULL when unknown. */
-const struct dialect_verb *dialect_verb_find(const struct dialect *dl, const char *word,
-                                             size_t len);
+/* require_tls: must the client's command `id` (a row of the verb table) be refused because
+ * the client has not started TLS yet? */
+bool dialog_needs_tls(const struct session *s, unsigned id);
 
 #define DIALOG_LINE_LOG_MAX 512 /* transcript=full: bytes of a server line kept */
 

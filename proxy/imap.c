@@ -31,74 +31,66 @@ enum {
     IMAP_MK_CR,       /* "{1}\r" */
 };
 
-/* Indexed by enum imap_cmd. */
-static const struct imap_verb {
-    const char *name;
-    unsigned flags;
-} imap_verbs[] = {
-    [IMAP_CMD_NONE] = {"", 0},
-    [IMAP_CMD_UNKNOWN] = {"UNKNOWN", 0},
-    [IMAP_CMD_CAPABILITY] = {"CAPABILITY", IMAP_CMD_F_PRE_AUTH},
-    [IMAP_CMD_NOOP] = {"NOOP", IMAP_CMD_F_PRE_AUTH},
-    [IMAP_CMD_LOGOUT] = {"LOGOUT", IMAP_CMD_F_PRE_AUTH | IMAP_CMD_F_ENDS},
-    [IMAP_CMD_STARTTLS] = {"STARTTLS", IMAP_CMD_F_PRE_AUTH | IMAP_CMD_F_BARRIER},
-    [IMAP_CMD_AUTHENTICATE] = {"AUTHENTICATE", IMAP_CMD_F_WAIT | IMAP_CMD_F_REDACT},
-    [IMAP_CMD_LOGIN] = {"LOGIN", IMAP_CMD_F_REDACT},
-    [IMAP_CMD_ENABLE] = {"ENABLE", 0},
-    [IMAP_CMD_ID] = {"ID", IMAP_CMD_F_PRE_AUTH},
-    [IMAP_CMD_SELECT] = {"SELECT", 0},
-    [IMAP_CMD_EXAMINE] = {"EXAMINE", 0},
-    [IMAP_CMD_CREATE] = {"CREATE", 0},
-    [IMAP_CMD_DELETE] = {"DELETE", 0},
-    [IMAP_CMD_RENAME] = {"RENAME", 0},
-    [IMAP_CMD_SUBSCRIBE] = {"SUBSCRIBE", 0},
-    [IMAP_CMD_UNSUBSCRIBE] = {"UNSUBSCRIBE", 0},
-    [IMAP_CMD_LIST] = {"LIST", 0},
-    [IMAP_CMD_LSUB] = {"LSUB", 0},
-    [IMAP_CMD_NAMESPACE] = {"NAMESPACE", 0},
-    [IMAP_CMD_STATUS] = {"STATUS", 0},
-    [IMAP_CMD_APPEND] = {"APPEND", 0},
-    [IMAP_CMD_IDLE] = {"IDLE", IMAP_CMD_F_WAIT},
-    [IMAP_CMD_CHECK] = {"CHECK", 0},
-    [IMAP_CMD_CLOSE] = {"CLOSE", 0},
-    [IMAP_CMD_UNSELECT] = {"UNSELECT", 0},
-    [IMAP_CMD_EXPUNGE] = {"EXPUNGE", 0},
-    [IMAP_CMD_SEARCH] = {"SEARCH", 0},
-    [IMAP_CMD_FETCH] = {"FETCH", 0},
-    [IMAP_CMD_STORE] = {"STORE", 0},
-    [IMAP_CMD_COPY] = {"COPY", 0},
-    [IMAP_CMD_MOVE] = {"MOVE", 0},
-    [IMAP_CMD_UID] = {"UID", 0},
-    [IMAP_CMD_COMPRESS] = {"COMPRESS", IMAP_CMD_F_WAIT},
-    [IMAP_CMD_GETQUOTAROOT] = {"GETQUOTAROOT", 0},
-    [IMAP_CMD_GETQUOTA] = {"GETQUOTA", 0},
-    [IMAP_CMD_SETQUOTA] = {"SETQUOTA", 0},
-    [IMAP_CMD_GETACL] = {"GETACL", 0},
-    [IMAP_CMD_SETACL] = {"SETACL", 0},
-    [IMAP_CMD_MYRIGHTS] = {"MYRIGHTS", 0},
-    [IMAP_CMD_GETMETADATA] = {"GETMETADATA", 0},
-    [IMAP_CMD_SETMETADATA] = {"SETMETADATA", 0},
-    [IMAP_CMD_NOTIFY] = {"NOTIFY", 0},
+/* IMAP's verbs, indexed by enum imap_cmd (see verb.h). Before TLS (require_tls) a client may say
+ * only what RFC 9051 6.1 allows in any state, STARTTLS and ID; an unknown verb may not. */
+#define IMAP_PRE VERB_BEFORE_TLS
+const struct verb imap_verbs[IMAP_CMD_COUNT_] = {
+    [IMAP_CMD_NONE] = VERB_PSEUDO("", 0),
+    [IMAP_CMD_UNKNOWN] = VERB_PSEUDO("UNKNOWN", 0),
+    [IMAP_CMD_CAPABILITY] = VERB("CAPABILITY", IMAP_PRE),
+    [IMAP_CMD_NOOP] = VERB("NOOP", IMAP_PRE),
+    [IMAP_CMD_LOGOUT] = VERB("LOGOUT", IMAP_PRE | VERB_ENDS),
+    [IMAP_CMD_STARTTLS] = VERB("STARTTLS", IMAP_PRE | VERB_BARRIER),
+    [IMAP_CMD_AUTHENTICATE] = VERB("AUTHENTICATE", VERB_WAIT | VERB_CREDENTIALS),
+    [IMAP_CMD_LOGIN] = VERB("LOGIN", VERB_CREDENTIALS),
+    [IMAP_CMD_ENABLE] = VERB("ENABLE", 0),
+    [IMAP_CMD_ID] = VERB("ID", IMAP_PRE),
+    [IMAP_CMD_SELECT] = VERB("SELECT", 0),
+    [IMAP_CMD_EXAMINE] = VERB("EXAMINE", 0),
+    [IMAP_CMD_CREATE] = VERB("CREATE", 0),
+    [IMAP_CMD_DELETE] = VERB("DELETE", 0),
+    [IMAP_CMD_RENAME] = VERB("RENAME", 0),
+    [IMAP_CMD_SUBSCRIBE] = VERB("SUBSCRIBE", 0),
+    [IMAP_CMD_UNSUBSCRIBE] = VERB("UNSUBSCRIBE", 0),
+    [IMAP_CMD_LIST] = VERB("LIST", 0),
+    [IMAP_CMD_LSUB] = VERB("LSUB", 0),
+    [IMAP_CMD_NAMESPACE] = VERB("NAMESPACE", 0),
+    [IMAP_CMD_STATUS] = VERB("STATUS", 0),
+    [IMAP_CMD_APPEND] = VERB("APPEND", 0),
+    [IMAP_CMD_IDLE] = VERB("IDLE", VERB_WAIT),
+    [IMAP_CMD_CHECK] = VERB("CHECK", 0),
+    [IMAP_CMD_CLOSE] = VERB("CLOSE", 0),
+    [IMAP_CMD_UNSELECT] = VERB("UNSELECT", 0),
+    [IMAP_CMD_EXPUNGE] = VERB("EXPUNGE", 0),
+    [IMAP_CMD_SEARCH] = VERB("SEARCH", 0),
+    [IMAP_CMD_FETCH] = VERB("FETCH", 0),
+    [IMAP_CMD_STORE] = VERB("STORE", 0),
+    [IMAP_CMD_COPY] = VERB("COPY", 0),
+    [IMAP_CMD_MOVE] = VERB("MOVE", 0),
+    [IMAP_CMD_UID] = VERB("UID", 0),
+    [IMAP_CMD_COMPRESS] = VERB("COMPRESS", VERB_WAIT),
+    [IMAP_CMD_GETQUOTAROOT] = VERB("GETQUOTAROOT", 0),
+    [IMAP_CMD_GETQUOTA] = VERB("GETQUOTA", 0),
+    [IMAP_CMD_SETQUOTA] = VERB("SETQUOTA", 0),
+    [IMAP_CMD_GETACL] = VERB("GETACL", 0),
+    [IMAP_CMD_SETACL] = VERB("SETACL", 0),
+    [IMAP_CMD_MYRIGHTS] = VERB("MYRIGHTS", 0),
+    [IMAP_CMD_GETMETADATA] = VERB("GETMETADATA", 0),
+    [IMAP_CMD_SETMETADATA] = VERB("SETMETADATA", 0),
+    [IMAP_CMD_NOTIFY] = VERB("NOTIFY", 0),
 };
-
-static_assert(sizeof(imap_verbs) / sizeof(imap_verbs[0]) == IMAP_CMD_COUNT_,
-              "a row for every command");
 
 static const char imap_cancel[] = "*\r\n";
 static const char imap_redacted[] = " [redacted]";
 
 const char *imap_cmd_name(enum imap_cmd cmd)
 {
-    if ((unsigned)cmd >= IMAP_CMD_COUNT_)
-        return "";
-    return imap_verbs[cmd].name;
+    return verb_name(imap_verbs, IMAP_CMD_COUNT_, (unsigned)cmd);
 }
 
 unsigned imap_cmd_flags(enum imap_cmd cmd)
 {
-    if ((unsigned)cmd >= IMAP_CMD_COUNT_)
-        return 0;
-    return imap_verbs[cmd].flags;
+    return verb_flags(imap_verbs, IMAP_CMD_COUNT_, (unsigned)cmd);
 }
 
 void imap_client_init(struct imap_client *p, const struct imap_client_opts *opts)
@@ -150,15 +142,14 @@ static size_t imap_token_end(const char *s, size_t i, size_t n)
     return i;
 }
 
-/* Does the token s[0, n) start with LOGIN or AUTHENTICATE (any case) glued to what follows by
- * a byte that ends an atom but is no SP ("LOGIN\tjoe", "LOGIN{5}")? *len: the verb's length. */
+/* Does the token s[0, n) start with a credential verb (LOGIN, AUTHENTICATE; any case) glued to
+ * what follows by a byte that ends an atom but is no SP ("LOGIN\tjoe", "LOGIN{5}")? *len: the
+ * verb's length. */
 static bool imap_credential_prefix(const char *s, size_t n, size_t *len)
 {
-    static const char *const verbs[] = {"LOGIN", "AUTHENTICATE"};
-
-    for (size_t k = 0; k < sizeof(verbs) / sizeof(verbs[0]); k++) {
-        size_t vl = strlen(verbs[k]);
-        if (n <= vl || !imap_word_is(s, vl, verbs[k]))
+    for (unsigned k = 0; k < IMAP_CMD_COUNT_; k++) {
+        size_t vl = imap_verbs[k].len;
+        if (!(imap_verbs[k].flags & VERB_CREDENTIALS) || n <= vl || !verb_is(&imap_verbs[k], s, vl))
             continue;
         unsigned char c = (unsigned char)s[vl];
         if (c < 0x20 || c == 0x7f || c == '(' || c == ')' || c == '{' || c == '"') {
@@ -171,10 +162,7 @@ static bool imap_credential_prefix(const char *s, size_t n, size_t *len)
 
 static enum imap_cmd imap_verb_find(const char *s, size_t n)
 {
-    for (unsigned i = IMAP_CMD_CAPABILITY; i < IMAP_CMD_COUNT_; i++)
-        if (imap_word_is(s, n, imap_verbs[i].name))
-            return (enum imap_cmd)i;
-    return IMAP_CMD_UNKNOWN;
+    return (enum imap_cmd)verb_find(imap_verbs, IMAP_CMD_COUNT_, s, n, IMAP_CMD_UNKNOWN);
 }
 
 /* A literal's announcement at the end of s[0, n) (the line without its line end):
@@ -590,13 +578,13 @@ static size_t imap_line(struct imap_client *p, const char *buf, size_t len, stru
          * for its tagged reply would wait for ever. */
         if (p->flags & IMAP_EV_F_NO_TAG)
             f = 0;
-        if (f & IMAP_CMD_F_BARRIER)
+        if (f & VERB_BARRIER)
             p->state = IMAP_CS_BARRIER;
         else if (p->cmd == IMAP_CMD_AUTHENTICATE)
             p->state = IMAP_CS_WAIT_AUTH;
         else if (p->cmd == IMAP_CMD_IDLE)
             p->state = IMAP_CS_WAIT_IDLE;
-        else if (f & IMAP_CMD_F_WAIT)
+        else if (f & VERB_WAIT)
             p->state = IMAP_CS_WAIT_REPLY;
     }
     ev->flags |= p->flags & (IMAP_EV_F_NO_TAG | IMAP_EV_F_AUTH_INITIAL);

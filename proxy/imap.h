@@ -53,6 +53,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "verb.h"
+
 #define IMAP_DEFAULT_MAX_LINE 65536 /* bytes per command line, literals excluded */
 #define IMAP_MIN_MAX_LINE 64        /* smaller limits are raised to this */
 #define IMAP_TAG_MAX 64             /* bytes of a tag kept (and compared) */
@@ -63,7 +65,8 @@
 #define IMAP_STREAM_AT 12288        /* a command line longer than this goes out in parts */
 #define IMAP_STREAM_TAIL 32         /* bytes of such a line held back: an announcement fits */
 
-/* Verbs; use imap_cmd_name() for text (the `command` label of the IMAP metrics). */
+/* Verbs, each with its row in imap_verbs; use imap_cmd_name() for text (the `command` label of the
+ * IMAP metrics). */
 enum imap_cmd {
     IMAP_CMD_NONE = 0, /* no command: greeting, untagged line, no tag */
     IMAP_CMD_UNKNOWN,  /* a verb not in the table */
@@ -111,12 +114,8 @@ enum imap_cmd {
     IMAP_CMD_COUNT_ /* number of commands, not one */
 };
 
-/* What a verb means for the proxy, from imap_cmd_flags(). */
-#define IMAP_CMD_F_WAIT 0x01u     /* the parser holds later bytes until the server answers */
-#define IMAP_CMD_F_BARRIER 0x02u  /* later bytes are dropped until the reply (STARTTLS) */
-#define IMAP_CMD_F_REDACT 0x04u   /* the arguments are credentials: never logged */
-#define IMAP_CMD_F_ENDS 0x08u     /* answered, it ends the session (LOGOUT) */
-#define IMAP_CMD_F_PRE_AUTH 0x10u /* allowed before TLS where TLS is required (RFC 3501 6.1) */
+/* IMAP's verb table, indexed by enum imap_cmd: the parser's and the session's (verb.h). */
+extern const struct verb imap_verbs[IMAP_CMD_COUNT_];
 
 enum imap_ev {
     /* Nothing more can be done with the bytes given: read more from the client. Consumes
@@ -254,7 +253,7 @@ bool imap_client_idling(const struct imap_client *p);
 /* Name of a verb: "SELECT"; "UNKNOWN"; "" for IMAP_CMD_NONE. */
 const char *imap_cmd_name(enum imap_cmd cmd);
 
-/* IMAP_CMD_F_* of a verb. */
+/* VERB_* flags of a command (0 out of range). */
 unsigned imap_cmd_flags(enum imap_cmd cmd);
 
 /* --- server responses -------------------------------------------------------------------- */

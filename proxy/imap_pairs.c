@@ -133,7 +133,7 @@ static void imap_pairs_complete(struct imap_pairs *pp, struct imap_pairs_entry *
     e->size = ev->size;
     e->t_cmd = now_ns;
     e->complete = true;
-    if (ev->cmd == IMAP_CMD_LOGOUT)
+    if (imap_cmd_flags(ev->cmd) & VERB_ENDS)
         pp->sum.logout_sent = true;
 }
 
@@ -322,7 +322,7 @@ enum imap_pairs_res imap_pairs_on_response(struct imap_pairs *pp, const struct i
     out->kind = IMAP_PAIR_COMMAND;
     imap_pairs_pop(pp, e, out);
     imap_pairs_set_reply(out, r);
-    if (out->cmd == IMAP_CMD_LOGOUT)
+    if (imap_cmd_flags(out->cmd) & VERB_ENDS)
         pp->sum.logout_answered = true;
     if ((out->cmd == IMAP_CMD_LOGIN || out->cmd == IMAP_CMD_AUTHENTICATE) &&
         r->status == IMAP_ST_OK)

@@ -17,58 +17,47 @@ enum {
 
 #define POP3_SASL_MECH_MAX 20 /* longest SASL mechanism name (RFC 4422 3.1) */
 
-/* What a keyword means for the parser and for the server's answer. */
-#define POP3_VERB_F_SECRET 0x01u  /* the arguments are credentials: never loggable */
-#define POP3_VERB_F_MULTI 0x02u   /* a +OK carries a multi-line body */
-#define POP3_VERB_F_NOARG 0x04u   /* ... only when the command has no argument */
-#define POP3_VERB_F_BARRIER 0x08u /* drop later bytes until the response */
+/* POP3's own verb flags (verb.h). */
+#define POP3_VERB_MULTI VERB_PROTO(0) /* a +OK carries a multi-line body */
+#define POP3_VERB_NOARG VERB_PROTO(1) /* ... only when the command has no argument */
 
-static const struct pop3_verb {
-    char name[8];
-    unsigned char len;
-    enum pop3_cmd cmd;
-    unsigned flags;
-} pop3_verbs[] = {
-    {"USER", 4, POP3_CMD_USER, POP3_VERB_F_SECRET},
-    {"PASS", 4, POP3_CMD_PASS, POP3_VERB_F_SECRET},
-    {"APOP", 4, POP3_CMD_APOP, POP3_VERB_F_SECRET},
-    {"AUTH", 4, POP3_CMD_AUTH, 0}, /* framing depends on the mechanism: pop3_command() */
-    {"STLS", 4, POP3_CMD_STLS, POP3_VERB_F_BARRIER},
-    {"CAPA", 4, POP3_CMD_CAPA, POP3_VERB_F_MULTI},
-    {"QUIT", 4, POP3_CMD_QUIT, 0},
-    {"STAT", 4, POP3_CMD_STAT, 0},
-    {"LIST", 4, POP3_CMD_LIST, POP3_VERB_F_MULTI | POP3_VERB_F_NOARG},
-    {"RETR", 4, POP3_CMD_RETR, POP3_VERB_F_MULTI},
-    {"DELE", 4, POP3_CMD_DELE, 0},
-    {"NOOP", 4, POP3_CMD_NOOP, 0},
-    {"RSET", 4, POP3_CMD_RSET, 0},
-    {"TOP", 3, POP3_CMD_TOP, POP3_VERB_F_MULTI},
-    {"UIDL", 4, POP3_CMD_UIDL, POP3_VERB_F_MULTI | POP3_VERB_F_NOARG},
-    {"UTF8", 4, POP3_CMD_UTF8, 0},
-    {"LANG", 4, POP3_CMD_LANG, POP3_VERB_F_MULTI | POP3_VERB_F_NOARG},
-    {"XCLIENT", 7, POP3_CMD_XCLIENT, 0},
+/* POP3's verbs, indexed by enum pop3_cmd (see verb.h). Before TLS (require_tls) a client may say
+ * anything but what logs in or reads mail; an unknown verb may too (the server answers -ERR). */
+#define POP3_PRE VERB_BEFORE_TLS
+const struct verb pop3_verbs[POP3_CMD_COUNT] = {
+    [POP3_CMD_NONE] = VERB_PSEUDO("", 0),
+    [POP3_CMD_UNKNOWN] = VERB_PSEUDO("UNKNOWN", POP3_PRE),
+    [POP3_CMD_USER] = VERB("USER", VERB_CREDENTIALS),
+    [POP3_CMD_PASS] = VERB("PASS", VERB_CREDENTIALS),
+    [POP3_CMD_APOP] = VERB("APOP", VERB_CREDENTIALS),
+    /* framing depends on the mechanism: pop3_auth() */
+    [POP3_CMD_AUTH] = VERB("AUTH", VERB_CREDENTIALS),
+    [POP3_CMD_STLS] = VERB("STLS", POP3_PRE | VERB_BARRIER),
+    [POP3_CMD_CAPA] = VERB("CAPA", POP3_PRE | POP3_VERB_MULTI),
+    [POP3_CMD_QUIT] = VERB("QUIT", POP3_PRE | VERB_ENDS),
+    [POP3_CMD_STAT] = VERB("STAT", 0),
+    [POP3_CMD_LIST] = VERB("LIST", POP3_VERB_MULTI | POP3_VERB_NOARG),
+    [POP3_CMD_RETR] = VERB("RETR", POP3_VERB_MULTI),
+    [POP3_CMD_DELE] = VERB("DELE", 0),
+    [POP3_CMD_NOOP] = VERB("NOOP", POP3_PRE),
+    [POP3_CMD_RSET] = VERB("RSET", POP3_PRE),
+    [POP3_CMD_TOP] = VERB("TOP", POP3_VERB_MULTI),
+    [POP3_CMD_UIDL] = VERB("UIDL", POP3_VERB_MULTI | POP3_VERB_NOARG),
+    [POP3_CMD_UTF8] = VERB("UTF8", POP3_PRE),
+    [POP3_CMD_LANG] = VERB("LANG", POP3_PRE | POP3_VERB_MULTI | POP3_VERB_NOARG),
+    [POP3_CMD_XCLIENT] = VERB("XCLIENT", POP3_PRE),
 };
-
-static const char *const pop3_cmd_names[] = {
-    [POP3_CMD_NONE] = "",     [POP3_CMD_UNKNOWN] = "UNKNOWN", [POP3_CMD_USER] = "USER",
-    [POP3_CMD_PASS] = "PASS", [POP3_CMD_APOP] = "APOP",       [POP3_CMD_AUTH] = "AUTH",
-    [POP3_CMD_STLS] = "STLS", [POP3_CMD_CAPA] = "CAPA",       [POP3_CMD_QUIT] = "QUIT",
-    [POP3_CMD_STAT] = "STAT", [POP3_CMD_LIST] = "LIST",       [POP3_CMD_RETR] = "RETR",
-    [POP3_CMD_DELE] = "DELE", [POP3_CMD_NOOP] = "NOOP",       [POP3_CMD_RSET] = "RSET",
-    [POP3_CMD_TOP] = "TOP",   [POP3_CMD_UIDL] = "UIDL",       [POP3_CMD_UTF8] = "UTF8",
-    [POP3_CMD_LANG] = "LANG", [POP3_CMD_XCLIENT] = "XCLIENT",
-};
-
-static_assert(sizeof(pop3_cmd_names) / sizeof(pop3_cmd_names[0]) == POP3_CMD_COUNT,
-              "a name for every command");
 
 static const char pop3_cancel[] = "*\r\n";
 
 const char *pop3_cmd_name(enum pop3_cmd cmd)
 {
-    if ((unsigned)cmd >= POP3_CMD_COUNT)
-        return "";
-    return pop3_cmd_names[cmd];
+    return verb_name(pop3_verbs, POP3_CMD_COUNT, (unsigned)cmd);
+}
+
+unsigned pop3_cmd_flags(enum pop3_cmd cmd)
+{
+    return verb_flags(pop3_verbs, POP3_CMD_COUNT, (unsigned)cmd);
 }
 
 const char *pop3_status_name(enum pop3_status status)
@@ -131,21 +120,6 @@ static bool pop3_sasl_char(char c)
     return (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
 }
 
-static const struct pop3_verb *pop3_verb_find(const char *s, size_t n)
-{
-    for (size_t i = 0; i < sizeof(pop3_verbs) / sizeof(pop3_verbs[0]); i++) {
-        const struct pop3_verb *v = &pop3_verbs[i];
-        size_t k = 0;
-        if (n != v->len)
-            continue;
-        while (k < n && pop3_upper(s[k]) == v->name[k])
-            k++;
-        if (k == n)
-            return v;
-    }
-    return NULL;
-}
-
 /* AUTH: "AUTH" alone asks for the mechanisms (multi-line); "AUTH mech [initial]" starts an
  * exchange whose every line after the mechanism name is a credential. */
 static void pop3_auth(struct pop3_client *p, const char *s, size_t vl, size_t n,
@@ -184,17 +158,19 @@ static void pop3_command(struct pop3_client *p, const char *s, size_t n, struct 
 {
     size_t vb = pop3_skip_sp(s, 0, n), vl = pop3_token_end(s, vb, n);
     size_t ab = pop3_skip_sp(s, vl, n), ae = n;
-    const struct pop3_verb *v = pop3_verb_find(s + vb, vl - vb);
+    enum pop3_cmd cmd =
+        (enum pop3_cmd)verb_find(pop3_verbs, POP3_CMD_COUNT, s + vb, vl - vb, POP3_CMD_UNKNOWN);
+    unsigned flags = pop3_verbs[cmd].flags;
     bool after_auth = p->after_auth;
 
     p->after_auth = false;
     while (ae > ab && pop3_blank(s[ae - 1]))
         ae--;
-    ev->cmd = v != NULL ? v->cmd : POP3_CMD_UNKNOWN;
+    ev->cmd = cmd;
     ev->frame = POP3_FRAME_SINGLE;
     ev->line = s;
     ev->line_len = n;
-    if (after_auth && v == NULL && ab == n) {
+    if (after_auth && cmd == POP3_CMD_UNKNOWN && ab == n) {
         /* A SASL answer sent behind an AUTH that was refused (see POP3_EV_COMMAND). */
         ev->line = "[redacted]";
         ev->line_len = sizeof("[redacted]") - 1;
@@ -206,7 +182,7 @@ static void pop3_command(struct pop3_client *p, const char *s, size_t n, struct 
         pop3_auth(p, s, vl, n, ev);
         return;
     }
-    if (v != NULL && (v->flags & POP3_VERB_F_SECRET)) {
+    if (flags & VERB_CREDENTIALS) {
         /* Whatever follows the keyword, blanks included (Dovecot's PASS takes the rest of the
          * line after one SP as the password), is a credential. */
         ev->line_len = vl;
@@ -216,13 +192,11 @@ static void pop3_command(struct pop3_client *p, const char *s, size_t n, struct 
     }
     ev->arg = s + ab;
     ev->arg_len = ae - ab;
-    if (v == NULL)
-        return;
-    if ((v->flags & POP3_VERB_F_MULTI) && !((v->flags & POP3_VERB_F_NOARG) && ab < n))
+    if ((flags & POP3_VERB_MULTI) && !((flags & POP3_VERB_NOARG) && ab < n))
         ev->frame = POP3_FRAME_MULTI;
-    if (v->flags & POP3_VERB_F_BARRIER) {
+    if (flags & VERB_BARRIER) {
         p->state = POP3_CS_BARRIER;
-        p->wait_cmd = v->cmd;
+        p->wait_cmd = cmd;
     }
 }
 

@@ -54,11 +54,13 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "verb.h"
+
 #define POP3_DEFAULT_MAX_LINE 4096 /* bytes per command line, CRLF included */
 #define POP3_MIN_MAX_LINE 16       /* smaller limits are raised to this */
 #define POP3_TEXT_MAX 200          /* bytes of a status line's text kept for logs */
 
-/* Keywords, in the order of pop3_cmd_name(); POP3_CMD_XCLIENT is the last. */
+/* Keywords; POP3_CMD_XCLIENT is the last. Each has its row in pop3_verbs. */
 enum pop3_cmd {
     POP3_CMD_NONE = 0, /* no command: greeting, unsolicited response */
     POP3_CMD_UNKNOWN,  /* a well-formed line whose keyword is not in the table */
@@ -82,6 +84,9 @@ enum pop3_cmd {
     POP3_CMD_XCLIENT, /* Dovecot's: the proxy tells the server who the client is */
 };
 #define POP3_CMD_COUNT (POP3_CMD_XCLIENT + 1)
+
+/* POP3's verb table, indexed by enum pop3_cmd: the parser's and the session's (verb.h). */
+extern const struct verb pop3_verbs[POP3_CMD_COUNT];
 
 /* How the server answers a command. */
 enum pop3_frame {
@@ -201,6 +206,9 @@ void pop3_client_on_reply(struct pop3_client *p, enum pop3_cmd cmd, enum pop3_st
 
 /* Name of a command for logs and metric labels: "RETR", "" for POP3_CMD_NONE. */
 const char *pop3_cmd_name(enum pop3_cmd cmd);
+
+/* VERB_* flags of a command (0 out of range). */
+unsigned pop3_cmd_flags(enum pop3_cmd cmd);
 
 /* "+OK", "-ERR", "+" (continuation) or "" (none). */
 const char *pop3_status_name(enum pop3_status status);

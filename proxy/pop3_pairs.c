@@ -156,7 +156,7 @@ static void pop3_pairs_command(struct pop3_pairs *pp, const struct pop3_event *e
     } else {
         pop3_pairs_set_text(e, ev->line, ev->line_len);
     }
-    if (ev->cmd == POP3_CMD_QUIT)
+    if (pop3_cmd_flags(ev->cmd) & VERB_ENDS)
         pp->sum.quit_sent = true;
 }
 
@@ -277,6 +277,8 @@ static void pop3_pairs_account(struct pop3_pairs *pp, const struct pop3_pair *ou
     struct pop3_pairs_summary *s = &pp->sum;
     bool ok = out->status == POP3_STATUS_OK;
 
+    if (pop3_cmd_flags(out->cmd) & VERB_ENDS)
+        s->quit_answered = true;
     switch (out->cmd) {
     case POP3_CMD_PASS:
     case POP3_CMD_APOP:
@@ -297,9 +299,6 @@ static void pop3_pairs_account(struct pop3_pairs *pp, const struct pop3_pair *ou
     case POP3_CMD_DELE:
         if (ok)
             s->deleted++;
-        break;
-    case POP3_CMD_QUIT:
-        s->quit_answered = true;
         break;
     default:
         break;

@@ -64,25 +64,11 @@ static const char *session_imap_redact(const char *line, size_t len)
     return len > 2 && line[0] == '+' && line[1] == ' ' ? "+ [redacted]" : NULL;
 }
 
-/* IMAP's verbs as the dialog sees them. */
-static const struct dialect_verb session_imap_verbs[] = {
-    {"CAPABILITY", IMAP_CMD_CAPABILITY, DIALECT_V_BEFORE_TLS},
-    {"NOOP", IMAP_CMD_NOOP, DIALECT_V_BEFORE_TLS},
-    {"LOGOUT", IMAP_CMD_LOGOUT, DIALECT_V_BEFORE_TLS | DIALECT_V_ENDS},
-    {"STARTTLS", IMAP_CMD_STARTTLS, DIALECT_V_BEFORE_TLS | DIALECT_V_STARTTLS | DIALECT_V_BARRIER},
-    {"ID", IMAP_CMD_ID, DIALECT_V_BEFORE_TLS},
-    {"AUTHENTICATE", IMAP_CMD_AUTHENTICATE, DIALECT_V_WAIT | DIALECT_V_CREDENTIALS},
-    {"LOGIN", IMAP_CMD_LOGIN, DIALECT_V_CREDENTIALS},
-    {"IDLE", IMAP_CMD_IDLE, DIALECT_V_WAIT},
-    {"COMPRESS", IMAP_CMD_COMPRESS, DIALECT_V_WAIT},
-    {"APPEND", IMAP_CMD_APPEND, 0},
-    {NULL, 0, 0},
-};
-
 static const struct dialect session_imap_dialect = {
     .name = "imap",
     .match = DIALECT_MATCH_TAG,
-    .verbs = session_imap_verbs,
+    .verbs = imap_verbs,
+    .nverbs = IMAP_CMD_COUNT_,
     .replies =
         {
             .unavailable = SESSION_IMAP_BYE,
@@ -353,15 +339,6 @@ static void session_imap_client_event(struct session *s, const struct imap_event
     }
 }
 
-/* May cmd be said before TLS when require_tls is on? Unknown verbs may not. */
-static bool session_imap_before_tls(enum imap_cmd cmd)
-{
-    for (const struct dialect_verb *v = session_imap_verbs; v->name != NULL; v++)
-        if (v->id == (unsigned)cmd)
-            return (v->flags & DIALECT_V_BEFORE_TLS) != 0;
-    return false;
-}
-
 /* require_tls before STARTTLS: a command that is not allowed yet never reaches the backend,
  * not even in part; it is answered "NO [PRIVACYREQUIRED]" once the client waits for an answer
  * (its end, or a synchronizing literal's "+", which it then never gets). A non-synchronizing
@@ -372,10 +349,9 @@ static bool session_imap_refuse_plaintext(struct session *s, const struct imap_e
     const struct config_listener *cl = s->cl;
 
     if (!m->refusing) {
-        if (!cl->require_tls || cl->client_tls != CONFIG_CLIENT_TLS_STARTTLS ||
-            session_imap_tls_active(s) || (ev->flags & IMAP_EV_F_NO_TAG) ||
+        if (cl->client_tls != CONFIG_CLIENT_TLS_STARTTLS || (ev->flags & IMAP_EV_F_NO_TAG) ||
             (ev->type != IMAP_EV_BEGIN && ev->type != IMAP_EV_COMMAND) ||
-            session_imap_before_tls(ev->cmd))
+            !dialog_needs_tls(s, ev->cmd))
             return false;
         m->refusing = true;
     }

@@ -73,36 +73,11 @@ static const char *session_pop3_redact(const char *line, size_t len)
     return len >= 1 && line[0] == '+' && (len == 1 || line[1] == ' ') ? "+ [redacted]" : NULL;
 }
 
-/* POP3's verbs as the dialog sees them. Before TLS (require_tls) a client may say anything but
- * what logs in or reads mail. */
-#define POP3_V_PRE DIALECT_V_BEFORE_TLS
-static const struct dialect_verb session_pop3_verbs[] = {
-    {"USER", POP3_CMD_USER, DIALECT_V_CREDENTIALS},
-    {"PASS", POP3_CMD_PASS, DIALECT_V_CREDENTIALS},
-    {"APOP", POP3_CMD_APOP, DIALECT_V_CREDENTIALS},
-    {"AUTH", POP3_CMD_AUTH, DIALECT_V_WAIT | DIALECT_V_CREDENTIALS},
-    {"STLS", POP3_CMD_STLS, POP3_V_PRE | DIALECT_V_BARRIER | DIALECT_V_STARTTLS},
-    {"CAPA", POP3_CMD_CAPA, POP3_V_PRE},
-    {"QUIT", POP3_CMD_QUIT, POP3_V_PRE | DIALECT_V_ENDS},
-    {"STAT", POP3_CMD_STAT, 0},
-    {"LIST", POP3_CMD_LIST, 0},
-    {"RETR", POP3_CMD_RETR, 0},
-    {"DELE", POP3_CMD_DELE, 0},
-    {"NOOP", POP3_CMD_NOOP, POP3_V_PRE},
-    {"RSET", POP3_CMD_RSET, POP3_V_PRE},
-    {"TOP", POP3_CMD_TOP, 0},
-    {"UIDL", POP3_CMD_UIDL, 0},
-    {"UTF8", POP3_CMD_UTF8, POP3_V_PRE},
-    {"LANG", POP3_CMD_LANG, POP3_V_PRE},
-    {"XCLIENT", POP3_CMD_XCLIENT, POP3_V_PRE},
-    {NULL, 0, 0},
-};
-
-/* RFC 3206: [SYS/TEMP], a temporary problem of the system, not of the client's mailbox. */
 static const struct dialect session_pop3_dialect = {
     .name = "pop3",
     .match = DIALECT_MATCH_FIFO,
-    .verbs = session_pop3_verbs,
+    .verbs = pop3_verbs,
+    .nverbs = POP3_CMD_COUNT,
     .replies =
         {
             .unavailable = "-ERR [SYS/TEMP] mxproxy: no mail server available, try again later",
@@ -125,15 +100,6 @@ static const struct dialect session_pop3_dialect = {
 #define POP3_SAY_XCLIENT                                                                           \
     "-ERR [SYS/TEMP] mxproxy: XCLIENT with the mail server failed, try again later"
 #define POP3_SAY_BROKE "-ERR [SYS/TEMP] mxproxy: backend protocol error"
-
-/* May cmd be said before TLS when require_tls is on? Unknown verbs may. */
-static bool session_pop3_before_tls(enum pop3_cmd cmd)
-{
-    for (const struct dialect_verb *v = session_pop3_verbs; v->name != NULL; v++)
-        if (v->id == (unsigned)cmd)
-            return (v->flags & DIALECT_V_BEFORE_TLS) != 0;
-    return true;
-}
 
 static void session_pop3_backend_tls_failed(struct session *s, const char *reason);
 static void session_pop3_goodbye(struct session *s, enum session_end end);
@@ -352,7 +318,7 @@ static bool session_pop3_intercept(struct session *s, const struct pop3_event *e
             (void)pop3_pairs_answer_locally(&m->pp, POP3_LOCAL_STLS);
             return false;
         }
-        if (cl->require_tls && !session_pop3_tls_active(s) && !session_pop3_before_tls(ev->cmd)) {
+        if (dialog_needs_tls(s, ev->cmd)) {
             (void)pop3_pairs_answer_locally(&m->pp, POP3_LOCAL_NEED_TLS);
             /* The answer is decided now: an AUTH's parser need not wait for it. */
             pop3_client_on_reply(&m->cp, ev->cmd, POP3_STATUS_ERR);
@@ -362,7 +328,7 @@ static bool session_pop3_intercept(struct session *s, const struct pop3_event *e
     if (m->hs == SESSION_POP3_HS_IDLE && session_pop3_hs_wanted(s)) {
         if (m->d.flags & SESSION_POP3_F_QUIT)
             return false; /* after that QUIT: never relayed, -ERR when the backend closes */
-        if (ev->cmd == POP3_CMD_QUIT) {
+        if (pop3_cmd_flags(ev->cmd) & VERB_ENDS) {
             m->d.flags |= SESSION_POP3_F_QUIT;
             return true; /* the backend acts on nothing: relayed as it is */
         }

@@ -109,33 +109,11 @@ static const char *session_smtp_redact(const char *line, size_t len)
     return len >= 3 && memcmp(line, "334", 3) == 0 ? "334 [redacted]" : NULL;
 }
 
-/* SMTP's verbs as the dialog sees them. Before TLS (require_tls) a client
- * may say anything but MAIL, RCPT, DATA, BDAT and AUTH. */
-#define SMTP_V_PRE DIALECT_V_BEFORE_TLS
-static const struct dialect_verb session_smtp_verbs[] = {
-    {"HELO", SMTP_CMD_HELO, SMTP_V_PRE | DIALECT_V_BARRIER},
-    {"EHLO", SMTP_CMD_EHLO, SMTP_V_PRE | DIALECT_V_BARRIER},
-    {"MAIL", SMTP_CMD_MAIL, 0},
-    {"RCPT", SMTP_CMD_RCPT, 0},
-    {"DATA", SMTP_CMD_DATA, DIALECT_V_WAIT | DIALECT_V_BARRIER},
-    {"BDAT", SMTP_CMD_BDAT, 0},
-    {"RSET", SMTP_CMD_RSET, SMTP_V_PRE},
-    {"NOOP", SMTP_CMD_NOOP, SMTP_V_PRE},
-    {"QUIT", SMTP_CMD_QUIT, SMTP_V_PRE | DIALECT_V_BARRIER | DIALECT_V_ENDS},
-    {"VRFY", SMTP_CMD_VRFY, SMTP_V_PRE},
-    {"EXPN", SMTP_CMD_EXPN, SMTP_V_PRE},
-    {"HELP", SMTP_CMD_HELP, SMTP_V_PRE},
-    {"AUTH", SMTP_CMD_AUTH, DIALECT_V_WAIT | DIALECT_V_BARRIER | DIALECT_V_CREDENTIALS},
-    {"STARTTLS", SMTP_CMD_STARTTLS, SMTP_V_PRE | DIALECT_V_BARRIER | DIALECT_V_STARTTLS},
-    {"XCLIENT", SMTP_CMD_XCLIENT, SMTP_V_PRE | DIALECT_V_WAIT},
-    {"XFORWARD", SMTP_CMD_XFORWARD, SMTP_V_PRE},
-    {NULL, 0, 0},
-};
-
 static const struct dialect session_smtp_dialect = {
     .name = "smtp",
     .match = DIALECT_MATCH_FIFO,
-    .verbs = session_smtp_verbs,
+    .verbs = smtp_verbs,
+    .nverbs = SMTP_CMD_COUNT,
     .replies =
         {
             .unavailable = "421 4.4.1 mxproxy: no mail server available, try again later",
@@ -153,15 +131,6 @@ static const struct dialect session_smtp_dialect = {
 };
 
 #define SMTP_SAY(what) (session_smtp_dialect.replies.what)
-
-/* May cmd be said before TLS when require_tls is on? Unknown verbs may. */
-static bool session_smtp_before_tls(enum smtp_cmd cmd)
-{
-    for (const struct dialect_verb *v = session_smtp_verbs; v->name != NULL; v++)
-        if (v->id == (unsigned)cmd)
-            return (v->flags & DIALECT_V_BEFORE_TLS) != 0;
-    return true;
-}
 
 static void session_smtp_backend_tls_failed(struct session *s, const char *reason);
 static void session_smtp_goodbye(struct session *s, enum session_end end);
@@ -564,7 +533,7 @@ static bool session_smtp_intercept(struct session *s, const struct smtp_event *e
                 &m->pp, session_smtp_tls_active(s) ? SMTP_LOCAL_TLS_ACTIVE : SMTP_LOCAL_STARTTLS);
             return false;
         }
-        if (cl->require_tls && !session_smtp_tls_active(s) && !session_smtp_before_tls(ev->cmd)) {
+        if (dialog_needs_tls(s, ev->cmd)) {
             (void)smtp_pairs_answer_locally(&m->pp, SMTP_LOCAL_NEED_TLS);
             if (ev->cmd == SMTP_CMD_BDAT)
                 m->d.flags |= SESSION_SMTP_F_DROP_BDAT;
@@ -578,7 +547,7 @@ static bool session_smtp_intercept(struct session *s, const struct smtp_event *e
                 m->d.flags |= SESSION_SMTP_F_DROP_BDAT;
             return false;
         }
-        if (ev->cmd == SMTP_CMD_QUIT) {
+        if (smtp_cmd_flags(ev->cmd) & VERB_ENDS) {
             m->d.flags |= SESSION_SMTP_F_QUIT;
             return true; /* the backend acts on nothing: relayed as it is */
         }

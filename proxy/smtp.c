@@ -29,45 +29,30 @@ enum {
 
 #define SMTP_SASL_MECH_MAX 20 /* longest SASL mechanism name (RFC 4422 3.1) */
 
-/* Verbs that change how the parser reads what follows. */
-#define SMTP_VERB_F_WAIT 0x01u    /* hold later bytes until the reply */
-#define SMTP_VERB_F_BARRIER 0x02u /* drop later bytes until the reply */
-
-static const struct smtp_verb {
-    char name[9];
-    unsigned char len;
-    enum smtp_cmd cmd;
-    unsigned flags;
-} smtp_verbs[] = {
-    {"HELO", 4, SMTP_CMD_HELO, 0},
-    {"EHLO", 4, SMTP_CMD_EHLO, 0},
-    {"MAIL", 4, SMTP_CMD_MAIL, 0},
-    {"RCPT", 4, SMTP_CMD_RCPT, 0},
-    {"DATA", 4, SMTP_CMD_DATA, SMTP_VERB_F_WAIT},
-    {"BDAT", 4, SMTP_CMD_BDAT, 0},
-    {"RSET", 4, SMTP_CMD_RSET, 0},
-    {"NOOP", 4, SMTP_CMD_NOOP, 0},
-    {"QUIT", 4, SMTP_CMD_QUIT, 0},
-    {"VRFY", 4, SMTP_CMD_VRFY, 0},
-    {"EXPN", 4, SMTP_CMD_EXPN, 0},
-    {"HELP", 4, SMTP_CMD_HELP, 0},
-    {"AUTH", 4, SMTP_CMD_AUTH, SMTP_VERB_F_WAIT},
-    {"STARTTLS", 8, SMTP_CMD_STARTTLS, SMTP_VERB_F_BARRIER},
-    {"XCLIENT", 7, SMTP_CMD_XCLIENT, SMTP_VERB_F_WAIT},
-    {"XFORWARD", 8, SMTP_CMD_XFORWARD, 0},
-};
-
-static const char *const smtp_cmd_names[] = {
-    [SMTP_CMD_NONE] = "",           [SMTP_CMD_UNKNOWN] = "UNKNOWN",
-    [SMTP_CMD_HELO] = "HELO",       [SMTP_CMD_EHLO] = "EHLO",
-    [SMTP_CMD_MAIL] = "MAIL",       [SMTP_CMD_RCPT] = "RCPT",
-    [SMTP_CMD_DATA] = "DATA",       [SMTP_CMD_BDAT] = "BDAT",
-    [SMTP_CMD_RSET] = "RSET",       [SMTP_CMD_NOOP] = "NOOP",
-    [SMTP_CMD_QUIT] = "QUIT",       [SMTP_CMD_VRFY] = "VRFY",
-    [SMTP_CMD_EXPN] = "EXPN",       [SMTP_CMD_HELP] = "HELP",
-    [SMTP_CMD_AUTH] = "AUTH",       [SMTP_CMD_STARTTLS] = "STARTTLS",
-    [SMTP_CMD_XCLIENT] = "XCLIENT", [SMTP_CMD_XFORWARD] = "XFORWARD",
-    [SMTP_CMD_DOT] = ".",
+/* SMTP's verbs, indexed by enum smtp_cmd (see verb.h). Before TLS (require_tls) a client may
+ * say anything but MAIL, RCPT, DATA, BDAT and AUTH; an unknown verb may too (the server
+ * answers it 502). */
+#define SMTP_PRE VERB_BEFORE_TLS
+const struct verb smtp_verbs[SMTP_CMD_COUNT] = {
+    [SMTP_CMD_NONE] = VERB_PSEUDO("", 0),
+    [SMTP_CMD_UNKNOWN] = VERB_PSEUDO("UNKNOWN", SMTP_PRE),
+    [SMTP_CMD_HELO] = VERB("HELO", SMTP_PRE),
+    [SMTP_CMD_EHLO] = VERB("EHLO", SMTP_PRE),
+    [SMTP_CMD_MAIL] = VERB("MAIL", 0),
+    [SMTP_CMD_RCPT] = VERB("RCPT", 0),
+    [SMTP_CMD_DATA] = VERB("DATA", VERB_WAIT),
+    [SMTP_CMD_BDAT] = VERB("BDAT", 0),
+    [SMTP_CMD_RSET] = VERB("RSET", SMTP_PRE),
+    [SMTP_CMD_NOOP] = VERB("NOOP", SMTP_PRE),
+    [SMTP_CMD_QUIT] = VERB("QUIT", SMTP_PRE | VERB_ENDS),
+    [SMTP_CMD_VRFY] = VERB("VRFY", SMTP_PRE),
+    [SMTP_CMD_EXPN] = VERB("EXPN", SMTP_PRE),
+    [SMTP_CMD_HELP] = VERB("HELP", SMTP_PRE),
+    [SMTP_CMD_AUTH] = VERB("AUTH", VERB_WAIT | VERB_CREDENTIALS),
+    [SMTP_CMD_STARTTLS] = VERB("STARTTLS", SMTP_PRE | VERB_BARRIER),
+    [SMTP_CMD_XCLIENT] = VERB("XCLIENT", SMTP_PRE | VERB_WAIT),
+    [SMTP_CMD_XFORWARD] = VERB("XFORWARD", SMTP_PRE),
+    [SMTP_CMD_DOT] = VERB_PSEUDO(".", 0),
 };
 
 /* Smuggling pattern names, [before][after] by SMTP_BOL_* (NONE unused). */
@@ -82,14 +67,14 @@ static const char smtp_crlf[] = "\r\n";
 static const char smtp_dotdot[] = "..";
 static const char smtp_cancel[] = "*\r\n";
 
-static_assert(sizeof(smtp_cmd_names) / sizeof(smtp_cmd_names[0]) == SMTP_CMD_DOT + 1,
-              "a name for every command");
-
 const char *smtp_cmd_name(enum smtp_cmd cmd)
 {
-    if ((unsigned)cmd >= sizeof(smtp_cmd_names) / sizeof(smtp_cmd_names[0]))
-        return "";
-    return smtp_cmd_names[cmd];
+    return verb_name(smtp_verbs, SMTP_CMD_COUNT, (unsigned)cmd);
+}
+
+unsigned smtp_cmd_flags(enum smtp_cmd cmd)
+{
+    return verb_flags(smtp_verbs, SMTP_CMD_COUNT, (unsigned)cmd);
 }
 
 void smtp_client_init(struct smtp_client *p, const struct smtp_client_opts *opts)
@@ -155,16 +140,6 @@ static bool smtp_sasl_char(char c)
 {
     c = smtp_upper(c);
     return (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
-}
-
-static const struct smtp_verb *smtp_verb_find(const char *s, size_t n)
-{
-    for (size_t i = 0; i < sizeof(smtp_verbs) / sizeof(smtp_verbs[0]); i++) {
-        const struct smtp_verb *v = &smtp_verbs[i];
-        if (n == v->len && smtp_prefix(s, n, v->name))
-            return v;
-    }
-    return NULL;
 }
 
 /* "MAIL FROM:<addr> ..." / "RCPT TO:<addr> ...": sets ev->arg to addr, or flags bad args. */
@@ -235,16 +210,16 @@ static void smtp_command(struct smtp_client *p, const char *s, size_t n, struct 
 {
     /* The verb is the first token, after any blanks, as servers read it; vl is its end. */
     size_t vb = smtp_skip_sp(s, 0, n), vl = smtp_token_end(s, vb, n);
-    const struct smtp_verb *v;
-
+    enum smtp_cmd cmd =
+        (enum smtp_cmd)verb_find(smtp_verbs, SMTP_CMD_COUNT, s + vb, vl - vb, SMTP_CMD_UNKNOWN);
+    unsigned flags = smtp_verbs[cmd].flags;
     bool after_auth = p->after_auth;
 
     p->after_auth = false;
-    v = smtp_verb_find(s + vb, vl - vb);
-    ev->cmd = v != NULL ? v->cmd : SMTP_CMD_UNKNOWN;
+    ev->cmd = cmd;
     ev->line = s;
     ev->line_len = n;
-    if (after_auth && v == NULL && smtp_skip_sp(s, vl, n) == n) {
+    if (after_auth && cmd == SMTP_CMD_UNKNOWN && smtp_skip_sp(s, vl, n) == n) {
         /* A SASL response sent behind an AUTH that was refused (see SMTP_EV_COMMAND). */
         ev->line = "[redacted]";
         ev->line_len = sizeof("[redacted]") - 1;
@@ -298,12 +273,12 @@ static void smtp_command(struct smtp_client *p, const char *s, size_t n, struct 
     default:
         break;
     }
-    if (v != NULL && (v->flags & SMTP_VERB_F_WAIT)) {
+    if (flags & VERB_WAIT) {
         p->state = SMTP_CS_WAIT;
-        p->wait_cmd = v->cmd;
-    } else if (v != NULL && (v->flags & SMTP_VERB_F_BARRIER)) {
+        p->wait_cmd = cmd;
+    } else if (flags & VERB_BARRIER) {
         p->state = SMTP_CS_BARRIER;
-        p->wait_cmd = v->cmd;
+        p->wait_cmd = cmd;
     }
 }
 

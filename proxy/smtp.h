@@ -58,12 +58,14 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "verb.h"
+
 #define SMTP_DEFAULT_MAX_LINE 4096 /* bytes per command line, CRLF included */
 #define SMTP_MIN_MAX_LINE 16       /* smaller limits are raised to this */
 #define SMTP_REPLY_TEXT_MAX 200    /* bytes of a reply's first line kept for logs */
 #define SMTP_ESC_MAX 12            /* "5.123.123" plus NUL, rounded up */
 
-/* Verbs, plus two pseudo commands; SMTP_CMD_DOT is the last. Use smtp_cmd_name() for text. */
+/* Verbs, plus pseudo commands; SMTP_CMD_DOT is the last. Each has its row in smtp_verbs. */
 enum smtp_cmd {
     SMTP_CMD_NONE = 0, /* no command: greeting, unsolicited reply */
     SMTP_CMD_UNKNOWN,  /* a syntactically valid line with a verb not in the table */
@@ -85,6 +87,10 @@ enum smtp_cmd {
     SMTP_CMD_XFORWARD,
     SMTP_CMD_DOT, /* pseudo: the end of a DATA body, answered by the server like a command */
 };
+#define SMTP_CMD_COUNT (SMTP_CMD_DOT + 1)
+
+/* SMTP's verb table, indexed by enum smtp_cmd: the parser's and the session's (verb.h). */
+extern const struct verb smtp_verbs[SMTP_CMD_COUNT];
 
 /* What to do with a lone "." in a DATA body that is not a proper CRLF "." CRLF. */
 enum smtp_smuggling {
@@ -227,6 +233,9 @@ void smtp_client_on_reply(struct smtp_client *p, enum smtp_cmd cmd, int code);
 
 /* Name of a command for logs: "MAIL", "." for SMTP_CMD_DOT, "" for SMTP_CMD_NONE. */
 const char *smtp_cmd_name(enum smtp_cmd cmd);
+
+/* VERB_* flags of a command (0 out of range). */
+unsigned smtp_cmd_flags(enum smtp_cmd cmd);
 
 /* --- server replies ------------------------------------------------------------------- */
 

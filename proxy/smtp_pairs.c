@@ -144,6 +144,8 @@ static void smtp_pairs_command(struct smtp_pairs *pp, const struct smtp_event *e
     } else {
         smtp_pairs_set_text(e, ev->line, ev->line_len);
     }
+    if (smtp_cmd_flags(ev->cmd) & VERB_ENDS)
+        s->quit_sent = true;
     switch (ev->cmd) {
     case SMTP_CMD_HELO:
     case SMTP_CMD_EHLO:
@@ -159,9 +161,6 @@ static void smtp_pairs_command(struct smtp_pairs *pp, const struct smtp_event *e
         e->size = ev->size;
         if (ev->flags & SMTP_EV_F_LAST)
             e->flags |= SMTP_PAIR_F_LAST;
-        break;
-    case SMTP_CMD_QUIT:
-        s->quit_sent = true;
         break;
     default:
         break;
@@ -329,6 +328,8 @@ static void smtp_pairs_account(struct smtp_pairs *pp, struct smtp_pair *out)
     struct smtp_pairs_summary *s = &pp->sum;
     bool ok = out->code >= 200 && out->code < 400;
 
+    if (smtp_cmd_flags(out->cmd) & VERB_ENDS)
+        s->quit_answered = true;
     switch (out->cmd) {
     case SMTP_CMD_HELO:
     case SMTP_CMD_EHLO:
@@ -365,9 +366,6 @@ static void smtp_pairs_account(struct smtp_pairs *pp, struct smtp_pair *out)
     case SMTP_CMD_AUTH:
         if (ok)
             s->auth_ok = true;
-        break;
-    case SMTP_CMD_QUIT:
-        s->quit_answered = true;
         break;
     case SMTP_CMD_STARTTLS:
     case SMTP_CMD_XCLIENT:
