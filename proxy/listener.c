@@ -5,6 +5,7 @@
 #include <linux/netfilter_ipv4.h>
 #include <linux/netfilter_ipv6/ip6_tables.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -102,7 +103,10 @@ static void listener_on_readable(uv_poll_t *p, int status, int events)
         return;
     }
     for (int i = 0; i < LISTENER_ACCEPT_BATCH; i++) {
-        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        /* The client's address comes with the accept: no getpeername() for it later. */
+        struct sockaddr_storage peer;
+        socklen_t peerlen = sizeof(peer);
+        int fd = accept4(l->fd, (struct sockaddr *)&peer, &peerlen, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return;
@@ -111,7 +115,7 @@ static void listener_on_readable(uv_poll_t *p, int status, int events)
             listener_accept_failed(l, -errno); /* EMFILE, ENFILE, ENOBUFS, ENOMEM */
             return;
         }
-        session_accept(l, fd);
+        session_accept(l, fd, &peer);
         if (l->paused)
             return;
     }
@@ -147,6 +151,11 @@ static int listener_socket(const struct config_listener *cl, bool reuseport)
      * silently split IPv4 traffic between two listeners. */
     if (rc == 0 && sa->sa_family == AF_INET6 &&
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0)
+        rc = -errno;
+    /* Accepted sockets inherit TCP_NODELAY from the listener (Linux): mxproxy writes each reply
+     * and each read as it comes and must not wait for an ACK; set once here, it costs no system
+     * call per session. */
+    if (rc == 0 && setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0)
         rc = -errno;
     if (rc == 0 && cl->transparent == CONFIG_TRANSPARENT_TPROXY)
         rc = listener_set_transparent(fd, sa->sa_family);

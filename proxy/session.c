@@ -1361,7 +1361,7 @@ static void session_refuse_over_limit(struct session *s)
     session_close(s, SESSION_END_LIMIT, NULL);
 }
 
-void session_accept(struct listener *l, int fd)
+void session_accept(struct listener *l, int fd, const struct sockaddr_storage *peer)
 {
     struct worker *w = l->w;
     struct session *s = calloc(1, sizeof(*s));
@@ -1377,6 +1377,7 @@ void session_accept(struct listener *l, int fd)
     s->transcript = l->cl->transcript;
     s->id = session_next_id();
     s->t_accept = uv_hrtime();
+    session_sa_set(&s->client_sa, peer);
     s->rr_start = s->cl->n_backends > 0 ? (unsigned)(l->rr++ % s->cl->n_backends) : 0;
     uv_tcp_init(&w->loop, &s->client);
     uv_timer_init(&w->loop, &s->timer);
@@ -1420,7 +1421,7 @@ void session_accept(struct listener *l, int fd)
         }
         session_wire_tls(s);
     }
-    uv_tcp_nodelay(&s->client, 1);
+    /* TCP_NODELAY: inherited from the listening socket (listener_socket()). */
     if (s->cl->accept_proxy_protocol)
         session_read_proxy_header(s); /* the backend is chosen once we know the client */
     else if (session_admit_client(s))

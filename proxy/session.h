@@ -9,6 +9,7 @@
 #ifndef MXPROXY_SESSION_H
 #define MXPROXY_SESSION_H
 
+struct sockaddr_storage;
 struct listener;
 struct worker;
 
@@ -40,10 +41,11 @@ enum session_end {
 
 const char *session_end_name(enum session_end end);
 
-/* Starts a session for fd, a connection just accepted on l; takes fd.
- * Errors are logged; a session that cannot start is closed, and when no
- * session can even be made, l pauses (listener_accept_failed). */
-void session_accept(struct listener *l, int fd);
+/* Starts a session for fd, a connection just accepted on l from peer (as
+ * accept() gave it); takes fd. Errors are logged; a session that cannot
+ * start is closed, and when no session can even be made, l pauses
+ * (listener_accept_failed). */
+void session_accept(struct listener *l, int fd, const struct sockaddr_storage *peer);
 
 /* The drain deadline (drain_timeout, or a second signal): closes every
  * session of w with end=drain, except a mode smtp session whose backend

@@ -5,9 +5,14 @@ first bytes (its greeting) complete the connect, with no POLLOUT registration an
 SO_ERROR query in between. A backend that waits for its client is found connected by a
 probe of the socket; a refused connect still fails over. The same holds in every mode:
 mode tcp and mode smtp in front of smtp-sink, modes pop3 and imap in front of small servers.
+Both sockets of a session have TCP_NODELAY; the client's inherits it from the listening
+socket, so it costs no system call per session.
 """
 
+import ctypes
 import os
+import platform
+import socket
 import re
 import shutil
 import signal
@@ -217,6 +222,78 @@ class ConnectTest(mxtest.ProxyTestCase):
         if mode == "tcp":
             # The client too: mode tcp never stops reading it before the end.
             self.assertEqual(len([ln for ln in ctl if "EPOLL_CTL_ADD" in ln]), 2, "".join(ctl))
+    def test_both_sockets_nodelay_without_a_call_for_the_client(self):
+        for mode in ("tcp", "smtp"):
+            with self.subTest(mode=mode):
+                self.both_sockets_nodelay(mode)
+
+    def proxy_socket(self, pid, peer):
+        """A duplicate of the proxy's TCP socket whose peer is `peer` (pidfd_getfd)."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        pidfd = os.pidfd_open(pid)
+        try:
+            for name in os.listdir("/proc/%d/fd" % pid):
+                if not os.readlink("/proc/%d/fd/%s" % (pid, name)).startswith("socket:"):
+                    continue
+                fd = libc.syscall(438, pidfd, int(name), 0)  # pidfd_getfd
+                if fd < 0:
+                    self.skipTest("pidfd_getfd: %s" % os.strerror(ctypes.get_errno()))
+                sock = socket.socket(fileno=fd)
+                try:
+                    if sock.type == socket.SOCK_STREAM and sock.getpeername() == peer:
+                        return sock
+                except OSError:
+                    pass
+                sock.close()
+        finally:
+            os.close(pidfd)
+        self.fail("the proxy has no socket connected to %r" % (peer,))
+
+    def both_sockets_nodelay(self, mode):
+        if platform.machine() not in ("x86_64", "aarch64"):
+            self.skipTest("pidfd_getfd's number is known here for x86_64 and aarch64 only")
+        sink = self.sink()
+        p, port = self.proxy_to(sink.addr, mode=mode)
+        out = os.path.join(self.tmpdir, "strace-%s.out" % mode)
+        st = subprocess.Popen(["strace", "-f", "-e", "trace=setsockopt,connect,getpeername", "-o", out,
+                               "-p", str(p.pid)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+        try:
+            line = st.stderr.readline()
+            if b"attached" not in line:
+                self.skipTest("strace cannot attach here: %r" % line)
+            time.sleep(0.3)  # the other threads
+            c = self.client(port)
+            self.assertEqual(c.recv_until(b"\r\n", timeout=2), SINK_GREETING)
+            client_side = self.proxy_socket(p.pid, c.sock.getsockname())
+            with client_side:
+                self.assertEqual(client_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+                backend_side = self.proxy_socket(p.pid, (sink.host, sink.port))
+                with backend_side:
+                    self.assertEqual(
+                        backend_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+            c.send(b"QUIT\r\n")
+            self.assertEqual(c.recv_until(b"221 Bye\r\n", timeout=2), b"221 Bye\r\n")
+            sid = p.sid_of(c)
+            c.close()
+            p.close_of(sid)
+        finally:
+            st.send_signal(signal.SIGINT)
+            st.wait(timeout=10)
+        with open(out) as f:
+            calls = f.readlines()
+        # One TCP_NODELAY per session, on the backend socket mxproxy made: the accepted one
+        # already has it.
+        nodelay = [ln for ln in calls if "TCP_NODELAY" in ln]
+        connects = [ln for ln in calls if " connect(" in ln]
+        self.assertEqual(len(connects), 1, "".join(calls))
+        backend_fd = re.search(r" connect\((\d+),", connects[0]).group(1)
+        self.assertEqual(len(nodelay), 1, "".join(calls))
+        self.assertIn("setsockopt(%s, " % backend_fd, nodelay[0])
+        # The client's address came with the accept: client= in the logs asks nothing more.
+        self.assertEqual([ln for ln in calls if "getpeername(" in ln], [], "".join(calls))
+        self.assertEqual(p.close_of(sid)["client"], "%s:%d" % (HOST, c.local_port))
+
 
 if __name__ == "__main__":
     mxtest.main()
