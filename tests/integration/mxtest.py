@@ -453,6 +453,16 @@ class TcpBackend:
                 return data
         return None
 
+    def recv_until(self, rec, marker):
+        """Reads until rec.received holds marker: True, or False at EOF or stop."""
+        while marker not in rec.received:
+            data = self.recv(rec)
+            if not data:
+                return False
+            if not self.keep_bytes:
+                rec.received += data
+        return True
+
     def handle(self, rec):
         raise NotImplementedError
 

@@ -9,6 +9,7 @@ Both sockets of a session have TCP_NODELAY; the client's inherits it from the li
 socket, so it costs no system call per session.
 """
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -166,6 +167,27 @@ class ConnectTest(mxtest.ProxyTestCase):
         close = p.close_of(sid)
         self.assertEqual((close["end"], close["backend"]), ("quit", live.addr))
 
+    @contextlib.contextmanager
+    def traced(self, pid, syscalls):
+        """strace -f on pid for the block's duration; the list it yields holds the
+        traced calls' lines once the block has ended."""
+        out = os.path.join(self.tmpdir, "strace-%d.out" % len(os.listdir(self.tmpdir)))
+        st = subprocess.Popen(["strace", "-f", "-e", "trace=" + syscalls, "-o", out,
+                               "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        calls = []
+        try:
+            # strace says "Process N attached" once per thread; wait for the first.
+            line = st.stderr.readline()
+            if b"attached" not in line:
+                self.skipTest("strace cannot attach here: %r" % line)
+            time.sleep(0.3)  # the other threads
+            yield calls
+        finally:
+            st.send_signal(signal.SIGINT)
+            st.wait(timeout=10)
+        with open(out) as f:
+            calls.extend(f.readlines())
+
     @unittest.skipIf(shutil.which("strace") is None, "strace is not installed")
     def test_one_session_registers_each_socket_once(self):
         for mode in ("tcp", "smtp", "pop3", "imap"):
@@ -182,16 +204,7 @@ class ConnectTest(mxtest.ProxyTestCase):
         sid = p.sid_of(c)
         c.close()
         p.close_of(sid)
-        out = os.path.join(self.tmpdir, "strace.out")
-        st = subprocess.Popen(["strace", "-f", "-e", "trace=epoll_ctl,getsockopt,connect",
-                               "-o", out, "-p", str(p.pid)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-        try:
-            # strace says "Process N attached" once per thread; wait for the first.
-            line = st.stderr.readline()
-            if b"attached" not in line:
-                self.skipTest("strace cannot attach here: %r" % line)
-            time.sleep(0.3)  # the other threads
+        with self.traced(p.pid, "epoll_ctl,getsockopt,connect") as calls:
             c = self.client(port)
             self.assertEqual(c.recv_until(b"\r\n", timeout=2), greeting)
             c.send(quit_cmd + b"\r\n")
@@ -200,11 +213,6 @@ class ConnectTest(mxtest.ProxyTestCase):
             c.close()
             p.close_of(sid)
             time.sleep(0.2)  # the close's own calls
-        finally:
-            st.send_signal(signal.SIGINT)
-            st.wait(timeout=10)
-        with open(out) as f:
-            calls = f.readlines()
         backend_fds = [m.group(1) for m in (re.search(r" connect\((\d+),", ln) for ln in calls)
                        if m]
         self.assertEqual(len(backend_fds), 1, "".join(calls))
@@ -222,6 +230,8 @@ class ConnectTest(mxtest.ProxyTestCase):
         if mode == "tcp":
             # The client too: mode tcp never stops reading it before the end.
             self.assertEqual(len([ln for ln in ctl if "EPOLL_CTL_ADD" in ln]), 2, "".join(ctl))
+
+    @unittest.skipIf(shutil.which("strace") is None, "strace is not installed")
     def test_both_sockets_nodelay_without_a_call_for_the_client(self):
         for mode in ("tcp", "smtp"):
             with self.subTest(mode=mode):
@@ -254,15 +264,7 @@ class ConnectTest(mxtest.ProxyTestCase):
             self.skipTest("pidfd_getfd's number is known here for x86_64 and aarch64 only")
         sink = self.sink()
         p, port = self.proxy_to(sink.addr, mode=mode)
-        out = os.path.join(self.tmpdir, "strace-%s.out" % mode)
-        st = subprocess.Popen(["strace", "-f", "-e", "trace=setsockopt,connect,getpeername", "-o", out,
-                               "-p", str(p.pid)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-        try:
-            line = st.stderr.readline()
-            if b"attached" not in line:
-                self.skipTest("strace cannot attach here: %r" % line)
-            time.sleep(0.3)  # the other threads
+        with self.traced(p.pid, "setsockopt,connect,getpeername") as calls:
             c = self.client(port)
             self.assertEqual(c.recv_until(b"\r\n", timeout=2), SINK_GREETING)
             client_side = self.proxy_socket(p.pid, c.sock.getsockname())
@@ -277,11 +279,6 @@ class ConnectTest(mxtest.ProxyTestCase):
             sid = p.sid_of(c)
             c.close()
             p.close_of(sid)
-        finally:
-            st.send_signal(signal.SIGINT)
-            st.wait(timeout=10)
-        with open(out) as f:
-            calls = f.readlines()
         # One TCP_NODELAY per session, on the backend socket mxproxy made: the accepted one
         # already has it.
         nodelay = [ln for ln in calls if "TCP_NODELAY" in ln]

@@ -86,6 +86,36 @@ class Raw(mxtest.Client):
                 return out
 
 
+class CapsBackend(mxtest.TcpBackend):
+    """A scripted IMAP backend: greets with `greeting`, answers CAPABILITY with `caps` and
+    LOGOUT with a BYE, and any other command with other(tag, verb); self.lines holds every
+    line it read, in order."""
+
+    def __init__(self, name, greeting, caps, other):
+        super().__init__(name)
+        self.greeting, self.caps, self.other, self.lines = greeting, caps, other, []
+
+    def handle(self, rec):
+        self.send(rec, self.greeting)
+        buf = b""
+        while True:
+            data = self.recv(rec)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                self.lines.append(line)
+                tag, verb = (line.split(b" ") + [b""])[:2]
+                if verb.upper() == b"CAPABILITY":
+                    self.send(rec, b"* CAPABILITY %s\r\n%s OK done\r\n" % (self.caps, tag))
+                elif verb.upper() == b"LOGOUT":
+                    self.send(rec, b"* BYE bye\r\n%s OK done\r\n" % tag)
+                    return
+                else:
+                    self.send(rec, self.other(tag, verb))
+
+
 class ImapTest(mxtest.ProxyTestCase):
     dovecot = None
 
@@ -390,26 +420,8 @@ class ImapTest(mxtest.ProxyTestCase):
         withdraws it, with STARTTLS, inside the TLS it terminates; the rest byte for byte."""
         caps = b"IMAP4rev1 LITERAL+ LOGINDISABLED AUTH=PLAIN ID"
 
-        class Strict(mxtest.TcpBackend):
-            def handle(self, rec):
-                self.send(rec, b"* OK [CAPABILITY %s] strict ready\r\n" % caps)
-                buf = b""
-                while True:
-                    data = self.recv(rec)
-                    if not data:
-                        return
-                    buf += data
-                    while b"\r\n" in buf:
-                        line, buf = buf.split(b"\r\n", 1)
-                        tag, verb = (line.split(b" ") + [b""])[:2]
-                        if verb.upper() == b"CAPABILITY":
-                            self.send(rec, b"* CAPABILITY %s\r\n%s OK done\r\n" % (caps, tag))
-                        elif verb.upper() == b"LOGOUT":
-                            self.send(rec, b"* BYE bye\r\n%s OK done\r\n" % tag)
-                            return
-                        else:
-                            self.send(rec, b"%s BAD what\r\n" % tag)
-        b = self.track(Strict("strict"))
+        b = self.track(CapsBackend("strict", b"* OK [CAPABILITY %s] strict ready\r\n" % caps,
+                                   caps, lambda tag, verb: b"%s BAD what\r\n" % tag))
         p = self.start_imap(b.addr, client_tls="starttls")
         c = self.raw(p.port)
         self.assertEqual(c.recv_until(b"\r\n"),
@@ -440,29 +452,8 @@ class ImapTest(mxtest.ProxyTestCase):
         a synchronizing literal (answered instead of "+"), non-synchronizing literals with
         their data, AUTHENTICATE (no "+"); inside TLS the same commands go through."""
         caps = b"IMAP4rev1 LITERAL+ AUTH=PLAIN ID"
-        seen = []
-
-        class Recorder(mxtest.TcpBackend):
-            def handle(self, rec):
-                self.send(rec, b"* OK [CAPABILITY %s] rec ready\r\n" % caps)
-                buf = b""
-                while True:
-                    data = self.recv(rec)
-                    if not data:
-                        return
-                    buf += data
-                    while b"\r\n" in buf:
-                        line, buf = buf.split(b"\r\n", 1)
-                        seen.append(line)
-                        tag, verb = (line.split(b" ") + [b""])[:2]
-                        if verb.upper() == b"CAPABILITY":
-                            self.send(rec, b"* CAPABILITY %s\r\n%s OK done\r\n" % (caps, tag))
-                        elif verb.upper() == b"LOGOUT":
-                            self.send(rec, b"* BYE bye\r\n%s OK done\r\n" % tag)
-                            return
-                        else:
-                            self.send(rec, b"%s OK %s done\r\n" % (tag, verb))
-        b = self.track(Recorder("recorder"))
+        b = self.track(CapsBackend("recorder", b"* OK [CAPABILITY %s] rec ready\r\n" % caps,
+                                   caps, lambda tag, verb: b"%s OK %s done\r\n" % (tag, verb)))
         p = self.start_imap(b.addr, client_tls="starttls", require_tls="on")
         c = self.raw(p.port)
         self.assertEqual(c.recv_until(b"\r\n"), b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN "
@@ -497,8 +488,8 @@ class ImapTest(mxtest.ProxyTestCase):
         self.assertEqual(got, b"* CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN ID\r\nj OK done\r\n"
                               b"k OK LOGIN done\r\n* BYE bye\r\nl OK done\r\n")
         tls.close()
-        self.assertEqual(seen, [b"a CAPABILITY", b"d NOOP", b"h NOOP", b"j CAPABILITY",
-                                b"k LOGIN user secret-pw", b"l LOGOUT"])
+        self.assertEqual(b.lines, [b"a CAPABILITY", b"d NOOP", b"h NOOP", b"j CAPABILITY",
+                                   b"k LOGIN user secret-pw", b"l LOGOUT"])
 
         def refused(tag, cmd, pipelined, **extra):
             f = {"proto": "imap", "tag": tag, "cmd": cmd, "status": "NO",
@@ -576,11 +567,8 @@ class ImapTest(mxtest.ProxyTestCase):
         class Late(mxtest.TcpBackend):
             def handle(self, rec):
                 self.send(rec, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] late ready\r\n")
-                while b"a5 STARTTLS\r\n" not in rec.received:
-                    data = self.recv(rec)
-                    if not data:
-                        return
-                    rec.received += data
+                if not self.recv_until(rec, b"a5 STARTTLS\r\n"):
+                    return
                 if go.wait(10):
                     self.send(rec, b"a5 OK Begin TLS negotiation now\r\n")
                     while self.recv(rec):
@@ -735,11 +723,8 @@ class ImapTest(mxtest.ProxyTestCase):
         class Silent(mxtest.TcpBackend):
             def handle(self, rec):
                 self.send(rec, b"* OK fake ready\r\n")
-                while b"a1 NOOP\r\n" not in rec.received:
-                    data = self.recv(rec)
-                    if not data:
-                        return
-                    rec.received += data
+                if not self.recv_until(rec, b"a1 NOOP\r\n"):
+                    return
         b = self.track(Silent("silent"))
         p = self.start_imap(b.addr)
         c = self.raw(p.port)
@@ -771,11 +756,8 @@ class ImapTest(mxtest.ProxyTestCase):
         class Cut(mxtest.TcpBackend):
             def handle(self, rec):
                 self.send(rec, b"* OK fake ready\r\n")
-                while b"a1 FETCH 1 BODY[]\r\n" not in rec.received:
-                    data = self.recv(rec)
-                    if not data:
-                        return
-                    rec.received += data
+                if not self.recv_until(rec, b"a1 FETCH 1 BODY[]\r\n"):
+                    return
                 self.send(rec, b"* 1 FETCH (BODY[] {50}\r\nSubject: cut")
         b = self.track(Cut("cut"))
         p = self.start_imap(b.addr)
@@ -825,11 +807,8 @@ class ImapTest(mxtest.ProxyTestCase):
         class Echo(mxtest.TcpBackend):
             def handle(self, rec):
                 self.send(rec, b"* OK ready\r\n")
-                while b"a1 NOOP\r\n" not in rec.received:
-                    data = self.recv(rec)
-                    if not data:
-                        return
-                    rec.received += data
+                if not self.recv_until(rec, b"a1 NOOP\r\n"):
+                    return
                 self.send(rec, b"a5 BAD not yours\r\n")
                 if go.wait(5):
                     self.send(rec, b"a1 OK done\r\n")
