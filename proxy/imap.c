@@ -165,6 +165,19 @@ static enum imap_cmd imap_verb_find(const char *s, size_t n)
     return (enum imap_cmd)verb_find(imap_verbs, IMAP_CMD_COUNT_, s, n, IMAP_CMD_UNKNOWN);
 }
 
+/* Is s[0, n) (a whole line, without its line end) a tag, SP and a verb mxproxy knows? */
+static bool imap_is_command(const char *s, size_t n)
+{
+    size_t t = 0, v;
+
+    while (t < n && imap_tag_char(s[t]))
+        t++;
+    if (t == 0 || t == n || s[t] != ' ')
+        return false;
+    v = imap_token_end(s, t + 1, n);
+    return imap_verb_find(s + t + 1, v - t - 1) != IMAP_CMD_UNKNOWN;
+}
+
 /* A literal's announcement at the end of s[0, n) (the line without its line end):
  * "{digits}", "{digits+}" or "{digits-}" (RFC 7888), also after "~" (RFC 3516). */
 static bool imap_literal_at_end(const char *s, size_t n, uint64_t *size, bool *sync)
@@ -491,6 +504,7 @@ static size_t imap_line(struct imap_client *p, const char *buf, size_t len, stru
         return 0;
     case IMAP_LINE_LONG:
         p->after_auth = false;
+        p->after_lit = false;
         if (st == IMAP_CS_LINE && lim < room) {
             /* Long but allowed: it goes out in parts, so the caller never holds more than
              * IMAP_STREAM_AT bytes; a fault in the part is one the backend must not see. */
@@ -509,6 +523,11 @@ static size_t imap_line(struct imap_client *p, const char *buf, size_t len, stru
         return end;
     case IMAP_LINE_BAD:
         p->after_auth = false;
+        if (p->after_lit && st == IMAP_CS_LINE && !p->in_cmd) {
+            imap_ev_reset(ev, IMAP_EV_DISCARD); /* binary credentials: see above */
+            ev->size = end;
+            return end;
+        }
         imap_ev_reset(ev, IMAP_EV_INVALID);
         ev->reason = p->bad;
         imap_mark_reset(p);
@@ -526,6 +545,15 @@ static size_t imap_line(struct imap_client *p, const char *buf, size_t len, stru
         imap_ev_reset(ev, IMAP_EV_DISCARD);
         ev->size = end;
         return end;
+    }
+    if (p->after_lit && st == IMAP_CS_LINE && !p->in_cmd) {
+        if (!imap_is_command(buf, n)) {
+            /* Credentials sent without waiting for a "+" that never came (IMAP_EV_DISCARD). */
+            imap_ev_reset(ev, IMAP_EV_DISCARD);
+            ev->size = end;
+            return end;
+        }
+        p->after_lit = false;
     }
     if (st == IMAP_CS_AUTH_LINE) {
         imap_ev_reset(ev, IMAP_EV_AUTH_RESPONSE);
@@ -699,10 +727,15 @@ void imap_client_on_tagged(struct imap_client *p, const char *tag, size_t len)
     if (len != p->tag_len || memcmp(tag, p->tag, len) != 0)
         return;
     switch (p->state) {
-    case IMAP_CS_WAIT_LIT:
-        /* The server refused the literal: the client will not send it, nor the rest. */
+    case IMAP_CS_WAIT_LIT: {
+        /* The server refused the literal: the client will not send it, nor the rest. One
+         * that sends them anyway sends credentials when the command was LOGIN or
+         * AUTHENTICATE: its lines that are no command are dropped (IMAP_EV_DISCARD). */
+        bool credentials = p->redact;
         imap_cmd_done(p);
+        p->after_lit = credentials;
         break;
+    }
     case IMAP_CS_WAIT_AUTH:
     case IMAP_CS_AUTH_LINE:
         p->after_auth = true; /* a response the client sent anyway comes next */

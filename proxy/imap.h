@@ -164,7 +164,9 @@ enum imap_ev {
      * whole line that is one word without a blank right after an AUTHENTICATE ended: the
      * client's SASL response sent without waiting for a "+" that never came (the server
      * refused first). No command is one word, and that word may be a credential: it is never
-     * forwarded, answered or logged. */
+     * forwarded, answered or logged. Likewise every line that is not a tag and a known verb
+     * after the synchronizing literal of a LOGIN or AUTHENTICATE was refused (tagged reply
+     * instead of "+"): the literal and the rest of the command, sent anyway. */
     IMAP_EV_DISCARD,
     /* Bytes after a STARTTLS line, before its tagged reply: consumed and dropped so that they
      * are never executed inside TLS (command injection). ev.size is their number. */
@@ -216,6 +218,7 @@ struct imap_client {
     unsigned flags;               /* IMAP_EV_F_* of the command in progress */
     unsigned skip_next;           /* state after a skipped line (CMD, or WAIT_AUTH) */
     bool after_auth;              /* the last command was an AUTHENTICATE that ended */
+    bool after_lit;               /* a credential command's literal was refused */
     unsigned mark;                /* SKIP: literal announcement scanner state */
     uint64_t mark_val;            /* SKIP: the announced size so far */
     bool mark_sync;               /* SKIP: the announcement has no '+' or '-' */

@@ -469,6 +469,9 @@ class ImapTest(mxtest.ProxyTestCase):
         # A synchronizing literal: NO instead of "+", and the client sends no data.
         c.send(b"e LOGIN {4}\r\n")
         self.assertEqual(c.recv_until(b"\r\n"), b"e" + no)
+        # A client that sends its literals anyway: they are no commands, and go nowhere.
+        c.send(b"e2 LOGIN {4}\r\nuser {9}\r\nsecret-pw\r\n")
+        self.assertEqual(c.recv_until(b"\r\n"), b"e2" + no)
         # Non-synchronizing literals: the data goes with the command, and nowhere.
         # AUTHENTICATE with its SASL response sent anyway, not waiting for a "+": the response
         # (one word, a credential) is dropped, never taken for a command or logged.
@@ -504,6 +507,7 @@ class ImapTest(mxtest.ProxyTestCase):
             refused("c", "SELECT INBOX", 0),
             imap_pair("d", "NOOP", "OK", "NOOP done"),
             refused("e", "LOGIN [redacted]", 0),
+            refused("e2", "LOGIN [redacted]", 0),
             refused("f", "LOGIN [redacted]", 0),
             refused("g", "AUTHENTICATE PLAIN", 0, rounds=0),
             imap_pair("h", "NOOP", "OK", "NOOP done"),
@@ -514,6 +518,32 @@ class ImapTest(mxtest.ProxyTestCase):
             imap_pair("l", "LOGOUT", "OK", "done", untagged=2, pipelined=1)])
         self.assertEqual(close["end"], "logout")
         self.assertNoSecret(p, "secret-pw", token.decode())
+
+    def test_refused_login_literal_sent_anyway(self):
+        """A backend that refuses a LOGIN's synchronizing literal (tagged NO instead of "+"),
+        and a client that sends the literal and the rest of its LOGIN anyway: those lines are
+        no commands; the credentials in them are neither relayed nor logged, nor answered.
+        The first real command after them is relayed as usual."""
+        caps = b"IMAP4rev1 AUTH=PLAIN"
+        b = self.track(CapsBackend("refuser", b"* OK [CAPABILITY %s] ready\r\n" % caps, caps,
+                                   lambda tag, verb: (b"%s NO [AUTHENTICATIONFAILED] no\r\n" % tag
+                                                      if verb.upper() == b"LOGIN"
+                                                      else b"%s OK %s done\r\n" % (tag, verb))))
+        p = self.start_imap(b.addr, transcript="full")
+        c = self.raw(p.port)
+        c.recv_until(b"\r\n")
+        sid = p.sid_of(c)
+        c.send(b"a LOGIN {4}\r\nuser {9}\r\nsecret-pw\r\nb NOOP\r\n")
+        self.assertEqual(c.tagged("b"), b"a NO [AUTHENTICATIONFAILED] no\r\nb OK NOOP done\r\n")
+        c.send(b"c LOGOUT\r\n")
+        self.assertEqual(c.tagged("c"), b"* BYE bye\r\nc OK done\r\n")
+        close = p.close_of(sid)
+        self.assertEqual(b.lines, [b"a LOGIN {4}", b"b NOOP", b"c LOGOUT"])
+        self.assertEqual([(e["tag"], e["cmd"]) for e in p.find(ev="pair", sid=sid)],
+                         [("*", "<greeting>"), ("a", "LOGIN [redacted]"), ("b", "NOOP"),
+                          ("c", "LOGOUT")])
+        self.assertEqual(close["end"], "logout")
+        self.assertNoSecret(p, "secret-pw", "user {9}")
 
     def test_starttls_injection_guard(self):
         """Commands pipelined behind STARTTLS in plaintext are dropped, never run inside TLS."""

@@ -289,6 +289,29 @@ static void test_login_redaction(void)
                   "CMD g|UNKNOWN|LOGIN [redacted]|3|2\n");
     ASSERT_OUT_IN(&r, in);
     run_free(&r);
+
+    /* A literal refused (by require_tls, or the server) that the client sends anyway with
+     * the rest of its LOGIN: those lines are no command and are dropped, a binary one too;
+     * the first command ends it. After a refused APPEND the data stays commands (RFC 9051). */
+    static const char eager[] = "c LOGIN {3}\r\njoe {7}\r\nSecret3\r\nd NOOP\r\n"
+                                "e LOGIN joe {9}\r\nSecret\0\n4\r\nf NOOP\r\nxyzzy\r\n"
+                                "g APPEND INBOX {9}\r\nh SELECT x\r\n";
+    RUN(0, eager, "TTT", &r);
+    ASSERT_TR(&r, "BEGIN c|LOGIN||1\n"
+                  "WAIT c|LOGIN=T\n"
+                  "DISCARD\n"
+                  "CMD d|NOOP|NOOP|0|0\n"
+                  "BEGIN e|LOGIN||1\n"
+                  "WAIT e|LOGIN=T\n"
+                  "DISCARD\n"
+                  "CMD f|NOOP|NOOP|0|0\n"
+                  "CMD xyzzy|UNKNOWN||0|0\n"
+                  "BEGIN g|APPEND||1\n"
+                  "WAIT g|APPEND=T\n"
+                  "CMD h|SELECT|SELECT x|0|0\n");
+    ASSERT_OUT_IN(&r, "c LOGIN {3}\r\nd NOOP\r\ne LOGIN joe {9}\r\nf NOOP\r\nxyzzy\r\n"
+                      "g APPEND INBOX {9}\r\nh SELECT x\r\n");
+    run_free(&r);
     g_secrets[0] = NULL;
 }
 
