@@ -463,6 +463,18 @@ class TcpBackend:
                 rec.received += data
         return True
 
+    def recv_lines(self, rec):
+        """Yields each CRLF-ended line the peer sends (without its CRLF), until EOF."""
+        buf = b""
+        while True:
+            data = self.recv(rec)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                yield line
+
     def handle(self, rec):
         raise NotImplementedError
 

@@ -45,18 +45,11 @@ class Pop3Backend(mxtest.TcpBackend):
 
     def handle(self, rec):
         self.send(rec, POP3_GREETING)
-        buf = b""
-        while True:
-            data = self.recv(rec)
-            if not data:
+        for line in self.recv_lines(rec):
+            if line.upper() == b"QUIT":
+                self.send(rec, POP3_BYE)
                 return
-            buf += data
-            while b"\r\n" in buf:
-                line, buf = buf.split(b"\r\n", 1)
-                if line.upper() == b"QUIT":
-                    self.send(rec, POP3_BYE)
-                    return
-                self.send(rec, b"-ERR unknown\r\n")
+            self.send(rec, b"-ERR unknown\r\n")
 
 
 IMAP_GREETING = b"* OK [CAPABILITY IMAP4rev1] imap ready\r\n"
@@ -68,18 +61,11 @@ class ImapBackend(mxtest.TcpBackend):
 
     def handle(self, rec):
         self.send(rec, IMAP_GREETING)
-        buf = b""
-        while True:
-            data = self.recv(rec)
-            if not data:
+        for line in self.recv_lines(rec):
+            if line.upper() == b"A LOGOUT":
+                self.send(rec, IMAP_BYE)
                 return
-            buf += data
-            while b"\r\n" in buf:
-                line, buf = buf.split(b"\r\n", 1)
-                if line.upper() == b"A LOGOUT":
-                    self.send(rec, IMAP_BYE)
-                    return
-                self.send(rec, line.split(b" ", 1)[0] + b" BAD unknown\r\n")
+            self.send(rec, line.split(b" ", 1)[0] + b" BAD unknown\r\n")
 
 
 class ConnectTest(mxtest.ProxyTestCase):

@@ -64,19 +64,12 @@ class Pop3Backend(mxtest.TcpBackend):
 
     def handle(self, rec):
         self.send(rec, self.greeting)
-        buf = b""
-        while True:
-            data = self.recv(rec)
-            if not data:
+        for line in self.recv_lines(rec):
+            self.lines.append(line)
+            if line.upper() == b"QUIT":
+                self.send(rec, b"+OK bye\r\n")
                 return
-            buf += data
-            while b"\r\n" in buf:
-                line, buf = buf.split(b"\r\n", 1)
-                self.lines.append(line)
-                if line.upper() == b"QUIT":
-                    self.send(rec, b"+OK bye\r\n")
-                    return
-                self.send(rec, b"-ERR unknown\r\n")
+            self.send(rec, b"-ERR unknown\r\n")
 
 
 class ProxiedSmtp(mxtest.TcpBackend):

@@ -97,23 +97,16 @@ class CapsBackend(mxtest.TcpBackend):
 
     def handle(self, rec):
         self.send(rec, self.greeting)
-        buf = b""
-        while True:
-            data = self.recv(rec)
-            if not data:
+        for line in self.recv_lines(rec):
+            self.lines.append(line)
+            tag, verb = (line.split(b" ") + [b""])[:2]
+            if verb.upper() == b"CAPABILITY":
+                self.send(rec, b"* CAPABILITY %s\r\n%s OK done\r\n" % (self.caps, tag))
+            elif verb.upper() == b"LOGOUT":
+                self.send(rec, b"* BYE bye\r\n%s OK done\r\n" % tag)
                 return
-            buf += data
-            while b"\r\n" in buf:
-                line, buf = buf.split(b"\r\n", 1)
-                self.lines.append(line)
-                tag, verb = (line.split(b" ") + [b""])[:2]
-                if verb.upper() == b"CAPABILITY":
-                    self.send(rec, b"* CAPABILITY %s\r\n%s OK done\r\n" % (self.caps, tag))
-                elif verb.upper() == b"LOGOUT":
-                    self.send(rec, b"* BYE bye\r\n%s OK done\r\n" % tag)
-                    return
-                else:
-                    self.send(rec, self.other(tag, verb))
+            else:
+                self.send(rec, self.other(tag, verb))
 
 
 class ImapTest(mxtest.ProxyTestCase):
