@@ -27,15 +27,33 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
         }                                                                                          \
     } while (0)
 
-/* n distinct free TCP ports on 127.0.0.1: every probe socket is held until all are picked,
- * so the kernel cannot hand out one port twice. */
+/* This process's own loopback address, 127.x.y.z made of its pid (the whole of 127.0.0.0/8
+ * is local on Linux): harnesses running side by side, each picking free ports and binding
+ * them a moment later, can never pick the same address and port. Host byte order. */
+static inline uint32_t fuzz_loopback(void)
+{
+    return 0x7f000000u | ((uint32_t)getpid() & 0xffffffu);
+}
+
+/* fuzz_loopback() as text, for a config. */
+static inline const char *fuzz_loopback_text(void)
+{
+    static char text[INET_ADDRSTRLEN];
+    struct in_addr a = {.s_addr = htonl(fuzz_loopback())};
+
+    FUZZ_CHECK(inet_ntop(AF_INET, &a, text, sizeof(text)) != NULL);
+    return text;
+}
+
+/* n distinct free TCP ports on fuzz_loopback(): every probe socket is held until all are
+ * picked, so the kernel cannot hand out one port twice. */
 static inline void fuzz_free_ports(int *ports, size_t n)
 {
     int fds[64];
 
     FUZZ_CHECK(n <= sizeof(fds) / sizeof(fds[0]));
     for (size_t i = 0; i < n; i++) {
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(fuzz_loopback())};
         socklen_t len = sizeof(a);
 
         fds[i] = socket(AF_INET, SOCK_STREAM, 0);

@@ -166,7 +166,7 @@ static size_t fuzz_mem_base;
 
 static int fuzz_listen_backend(void)
 {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(fuzz_loopback())};
     socklen_t len = sizeof(a);
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
 
@@ -194,11 +194,11 @@ static void fuzz_make_config(const char *dir, int backend_port)
     for (int v = 0; v < FUZZ_VARIANTS; v++) {
         len += (size_t)snprintf(
             text + len, cap - len,
-            "[listener v%d]\nlisten = 127.0.0.1:%d\nbackend = 127.0.0.1:%d\nmode = imap\n"
+            "[listener v%d]\nlisten = %s:%d\nbackend = %s:%d\nmode = imap\n"
             "transcript = %s\nmax_line_length = %d\nimap_id = %s\nclient_tls = %s\n%s",
-            v, fuzz_ports[v], backend_port, v % 4 == 3 ? "pairs" : "full", FUZZ_LINE_MAX,
-            (v / 4) % 2 ? "on" : "off", client_tls[v % 4],
-            (v / 8) % 2 ? "backend_tls = starttls\nbackend_verify = off\n" : "");
+            v, fuzz_loopback_text(), fuzz_ports[v], fuzz_loopback_text(), backend_port,
+            v % 4 == 3 ? "pairs" : "full", FUZZ_LINE_MAX, (v / 4) % 2 ? "on" : "off",
+            client_tls[v % 4], (v / 8) % 2 ? "backend_tls = starttls\nbackend_verify = off\n" : "");
         if (v % 4 == 1)
             len += (size_t)snprintf(text + len, cap - len, "cert = %s/mx.crt\nkey = %s/mx.key\n%s",
                                     dir, dir, (v / 4) % 2 ? "require_tls = on\n" : "");
@@ -571,7 +571,7 @@ static void fuzz_check_step(void)
 static int fuzz_connect(int port)
 {
     struct sockaddr_in a = {.sin_family = AF_INET,
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+                            .sin_addr.s_addr = htonl(fuzz_loopback()),
                             .sin_port = htons((uint16_t)port)};
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
 

@@ -136,7 +136,7 @@ static size_t fuzz_mem_base;
 
 static int fuzz_listen_backend(void)
 {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(fuzz_loopback())};
     socklen_t len = sizeof(a);
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
 
@@ -161,13 +161,13 @@ static void fuzz_make_config(const char *dir, int backend_port)
         (size_t)snprintf(text + len, cap - len, "[global]\nlog_level = debug\ndrain_timeout = 0\n");
     fuzz_free_ports(fuzz_ports, FUZZ_VARIANTS);
     for (int v = 0; v < FUZZ_VARIANTS; v++) {
-        len += (size_t)snprintf(
-            text + len, cap - len,
-            "[listener v%d]\nlisten = 127.0.0.1:%d\nbackend = 127.0.0.1:%d\nmode = pop3\n"
-            "transcript = full\nmax_line_length = %d\nxclient = %s\n%s%s",
-            v, fuzz_ports[v], backend_port, FUZZ_LINE_MAX, (v / 2) % 2 ? "on" : "off",
-            (v / 4) % 2 ? "backend_tls = starttls\nbackend_verify = off\n" : "",
-            (v / 8) % 2 ? "client_tls = starttls\n" : "");
+        len += (size_t)snprintf(text + len, cap - len,
+                                "[listener v%d]\nlisten = %s:%d\nbackend = %s:%d\nmode = pop3\n"
+                                "transcript = full\nmax_line_length = %d\nxclient = %s\n%s%s",
+                                v, fuzz_loopback_text(), fuzz_ports[v], fuzz_loopback_text(),
+                                backend_port, FUZZ_LINE_MAX, (v / 2) % 2 ? "on" : "off",
+                                (v / 4) % 2 ? "backend_tls = starttls\nbackend_verify = off\n" : "",
+                                (v / 8) % 2 ? "client_tls = starttls\n" : "");
         if ((v / 8) % 2)
             len += (size_t)snprintf(text + len, cap - len, "cert = %s/mx.crt\nkey = %s/mx.key\n%s",
                                     dir, dir, v % 2 ? "require_tls = on\n" : "");
@@ -415,7 +415,7 @@ static void fuzz_check_step(void)
 static int fuzz_connect(int port)
 {
     struct sockaddr_in a = {.sin_family = AF_INET,
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+                            .sin_addr.s_addr = htonl(fuzz_loopback()),
                             .sin_port = htons((uint16_t)port)};
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
 

@@ -135,7 +135,7 @@ static size_t fuzz_mem_base;
 
 static int fuzz_listen_backend(void)
 {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(fuzz_loopback())};
     socklen_t len = sizeof(a);
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
 
@@ -161,15 +161,15 @@ static void fuzz_make_config(const char *dir, int backend_port)
         (size_t)snprintf(text + len, cap - len, "[global]\nlog_level = debug\ndrain_timeout = 0\n");
     fuzz_free_ports(fuzz_ports, FUZZ_VARIANTS);
     for (int v = 0; v < FUZZ_VARIANTS; v++) {
-        len += (size_t)snprintf(
-            text + len, cap - len,
-            "[listener v%d]\nlisten = 127.0.0.1:%d\nbackend = 127.0.0.1:%d\nmode = smtp\n"
-            "transcript = full\nmax_line_length = %d\nsmuggling = %s\n"
-            "xclient = %s\n%s%s",
-            v, fuzz_ports[v], backend_port, FUZZ_LINE_MAX, smuggling[v % 3],
-            (v / 3) % 2 ? "on" : "off",
-            (v / 6) % 2 ? "backend_tls = starttls\nbackend_verify = off\n" : "",
-            (v / 12) % 2 ? "client_tls = starttls\n" : "");
+        len += (size_t)snprintf(text + len, cap - len,
+                                "[listener v%d]\nlisten = %s:%d\nbackend = %s:%d\nmode = smtp\n"
+                                "transcript = full\nmax_line_length = %d\nsmuggling = %s\n"
+                                "xclient = %s\n%s%s",
+                                v, fuzz_loopback_text(), fuzz_ports[v], fuzz_loopback_text(),
+                                backend_port, FUZZ_LINE_MAX, smuggling[v % 3],
+                                (v / 3) % 2 ? "on" : "off",
+                                (v / 6) % 2 ? "backend_tls = starttls\nbackend_verify = off\n" : "",
+                                (v / 12) % 2 ? "client_tls = starttls\n" : "");
         if ((v / 12) % 2)
             len += (size_t)snprintf(text + len, cap - len, "cert = %s/mx.crt\nkey = %s/mx.key\n%s",
                                     dir, dir, v % 2 ? "require_tls = on\n" : "");
@@ -418,7 +418,7 @@ static void fuzz_check_step(void)
 static int fuzz_connect(int port)
 {
     struct sockaddr_in a = {.sin_family = AF_INET,
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+                            .sin_addr.s_addr = htonl(fuzz_loopback()),
                             .sin_port = htons((uint16_t)port)};
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
 
