@@ -59,6 +59,7 @@ struct admin {
     uint64_t drops[ADMIN_DROP_N]; /* closes not logged yet, per reason */
     char drop_peer[ADMIN_DROP_N][INET6_ADDRSTRLEN]; /* peer of the last of them */
     char addr[CONFIG_ADDR_TEXT_MAX];                /* for log lines */
+    char page_headers[384]; /* GET /'s own headers: no-store, its Content-Security-Policy */
 };
 
 enum admin_conn_state {
@@ -82,7 +83,7 @@ struct admin_conn {
     struct sockaddr_storage peer; /* the client's address; ss_family 0 when unknown */
     size_t len;                   /* bytes of req used */
     char *body;                   /* the /metrics text, owned; NULL otherwise */
-    char head[256];               /* status line and headers of the answer */
+    char head[640];               /* status line and headers of the answer */
     char req[ADMIN_REQ_MAX];      /* request line and headers; later a sink */
 };
 
@@ -307,7 +308,7 @@ static void admin_conn_respond(struct admin_conn *c, int code, const char *reaso
     unsigned nbufs = 1;
     int n = snprintf(c->head, sizeof(c->head),
                      "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s"
-                     "Connection: close\r\n\r\n",
+                     "X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
                      code, reason, content_type, body_len, extra_header);
 
     if (n < 0 || (size_t)n >= sizeof(c->head))
@@ -449,7 +450,7 @@ static void admin_conn_dispatch(struct admin_conn *c, const struct admin_request
     } else if (a->ops.sessions != NULL && admin_path_is(r, "/")) {
         code = 200;
         admin_conn_respond(c, code, "OK", "text/html; charset=utf-8", admin_page_html,
-                           admin_page_html_len, head, "Cache-Control: no-store\r\n");
+                           admin_page_html_len, head, a->page_headers);
     } else {
         code = 404;
         admin_conn_text(c, code, "Not Found", "not found\n", head);
@@ -693,6 +694,14 @@ int admin_start(struct admin **out, uv_loop_t *loop, const struct config_addr *a
         return fd; /* -errno equals UV_E* on Linux */
     }
     a->ops = *ops;
+    static const char no_store[] = "Cache-Control: no-store\r\n";
+    memcpy(a->page_headers, no_store, sizeof(no_store));
+    if (admin_page_csp(a->page_headers + sizeof(no_store) - 1,
+                       sizeof(a->page_headers) - sizeof(no_store) + 1) == 0) {
+        close(fd);
+        free(a);
+        return UV_EINVAL; /* the policy does not fit, or OpenSSL cannot hash: a bug */
+    }
     a->lim = (struct admin_limits){
         .max_conns = ADMIN_CONNS_DEFAULT,
         .max_per_peer = ADMIN_PER_PEER_DEFAULT,

@@ -2,6 +2,11 @@
  * session is put in the page with textContent, never parsed as HTML. */
 #include "admin_page.h"
 
+#include <stdio.h>
+#include <string.h>
+
+#include <openssl/evp.h>
+
 const char admin_page_html[] =
     "<!DOCTYPE html>\n"
     "<html lang=\"en\"><head><meta charset=\"utf-8\"><title>mxproxy sessions</title>\n"
@@ -124,3 +129,34 @@ const char admin_page_html[] =
     "</script></body></html>\n";
 
 const size_t admin_page_html_len = sizeof(admin_page_html) - 1;
+
+/* 'sha256-<base64>' of the text between open and close in the page into out (64 bytes). */
+static int admin_page_hash(const char *open, const char *close, char *out)
+{
+    const char *a = strstr(admin_page_html, open), *b;
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned md_len = 0;
+
+    if (a == NULL || (b = strstr(a += strlen(open), close)) == NULL ||
+        EVP_Digest(a, (size_t)(b - a), md, &md_len, EVP_sha256(), NULL) != 1 || md_len != 32)
+        return -1;
+    memcpy(out, "'sha256-", 8);
+    int n = EVP_EncodeBlock((unsigned char *)out + 8, md, (int)md_len); /* 44 bytes */
+    memcpy(out + 8 + n, "'", 2);
+    return 0;
+}
+
+size_t admin_page_csp(char *out, size_t cap)
+{
+    char style[64], script[64];
+
+    if (admin_page_hash("<style>", "</style>", style) != 0 ||
+        admin_page_hash("<script>", "</script>", script) != 0)
+        return 0;
+    int n = snprintf(out, cap,
+                     "Content-Security-Policy: default-src 'none'; style-src %s; script-src %s; "
+                     "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                     "frame-ancestors 'none'\r\n",
+                     style, script);
+    return n > 0 && (size_t)n < cap ? (size_t)n : 0;
+}

@@ -11,4 +11,10 @@
 extern const char admin_page_html[];
 extern const size_t admin_page_html_len;
 
+/* The page's Content-Security-Policy header line, "Content-Security-Policy: ...\r\n": its
+ * own inline style and script (named by their SHA-256) and requests to its own origin, nothing
+ * else; a value that reached the page as markup despite textContent could not run. Returns the
+ * length written to out (NUL-terminated), or 0 when cap is too small or hashing failed. */
+size_t admin_page_csp(char *out, size_t cap);
+
 #endif /* MXPROXY_ADMIN_PAGE_H */

@@ -5,6 +5,7 @@ GET / loaded in a real browser (headless chromium) during a live swaks
 session and after it."""
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -47,8 +48,9 @@ print(n)
 """
 
 
-def http_get(port, path, timeout=5.0):
-    """GET path; returns (code, content type, body bytes)."""
+def http_get(port, path, timeout=5.0, headers_out=None):
+    """GET path; returns (code, content type, body bytes); the headers, names lowercased, go
+    into the dict headers_out when one is given."""
     s = socket.create_connection((HOST, port), timeout=timeout)
     try:
         s.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path, HOST)).encode())
@@ -65,6 +67,8 @@ def http_get(port, path, timeout=5.0):
     headers = dict((k.strip().lower(), v.strip())
                    for k, _, v in (line.partition(":") for line in lines[1:]))
     assert int(headers["content-length"]) == len(body), head
+    if headers_out is not None:
+        headers_out.update(headers)
     return int(lines[0].split()[1]), headers["content-type"], body
 
 
@@ -375,13 +379,31 @@ class SessionsPageTest(mxtest.ProxyTestCase):
         slow_base, slow = sum(t > 0.010 for t in base), sum(t > 0.010 for t in loaded)
         self.assertLessEqual(slow, slow_base + 2, (slow_base, slow, loaded[-8:]))
     def test_page_is_self_contained(self):
+        """No external assets, and a Content-Security-Policy that lets run only the page's
+        own inline style and script, named by their SHA-256 (BrowserTest shows chromium runs
+        the script under it), and fetches from its own origin."""
         p = self.start()
-        code, ctype, body = http_get(p.admin, "/")
+        headers = {}
+        code, ctype, body = http_get(p.admin, "/", headers_out=headers)
         self.assertEqual((code, ctype), (200, "text/html; charset=utf-8"))
         self.assertTrue(body.startswith(b"<!DOCTYPE html>"))
         for ref in (b"http:", b"https:", b"src=", b"href=", b"@import"):
             self.assertNotIn(ref, body)  # no external assets
-        self.assertEqual(http_get(p.admin, "/index.html")[0], 404)
+
+        def sha256_of(open_tag, close_tag):
+            inner = body.split(open_tag, 1)[1].split(close_tag, 1)[0]
+            return "'sha256-%s'" % base64.b64encode(hashlib.sha256(inner).digest()).decode()
+        self.assertEqual(headers["content-security-policy"],
+                         "default-src 'none'; style-src %s; script-src %s; connect-src 'self'; "
+                         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+                         % (sha256_of(b"<style>", b"</style>"),
+                            sha256_of(b"<script>", b"</script>")))
+        self.assertEqual(headers["cache-control"], "no-store")
+        self.assertEqual(headers["x-content-type-options"], "nosniff")
+        missing = {}
+        self.assertEqual(http_get(p.admin, "/index.html", headers_out=missing)[0], 404)
+        self.assertEqual(missing["x-content-type-options"], "nosniff")
+        self.assertNotIn("content-security-policy", missing)
 
 
 class LineBackend(mxtest.TcpBackend):
