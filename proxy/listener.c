@@ -103,7 +103,7 @@ static void listener_on_readable(uv_poll_t *p, int status, int events)
         return;
     }
     for (int i = 0; i < LISTENER_ACCEPT_BATCH; i++) {
-        /* The client's address comes with the accept: no getpeername() for it later. */
+        /* The client's address comes with the accept: the session never asks for it again. */
         struct sockaddr_storage peer;
         socklen_t peerlen = sizeof(peer);
         int fd = accept4(l->fd, (struct sockaddr *)&peer, &peerlen, SOCK_NONBLOCK | SOCK_CLOEXEC);

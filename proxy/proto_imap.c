@@ -617,7 +617,6 @@ static void session_imap_send_id(struct session *s)
     bool v6;
     char line[512];
 
-    (void)session_client_addr(s); /* fills client_sa */
     session_client_dst(s, &dst);
     (void)proxyproto_addr_text(&s->client_sa.sa, cip, &v6, &cport);
     if (dst.ss_family != AF_UNSPEC)

@@ -661,7 +661,6 @@ static int session_pop3_xclient_line(struct session *s, char *out, size_t cap)
     unsigned port;
     bool v6;
 
-    (void)session_client_addr(s); /* fills client_sa */
     if (!proxyproto_addr_text(&s->client_sa.sa, ip, &v6, &port))
         return -1;
     return snprintf(out, cap, "XCLIENT ADDR=%s PORT=%u\r\n", ip, port);

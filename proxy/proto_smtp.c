@@ -1109,7 +1109,6 @@ static void session_smtp_xclient_offer(struct session *s, const struct smtp_repl
         session_smtp_xclient_failed(s, "backend does not offer XCLIENT", NULL);
         return;
     }
-    (void)session_client_addr(s); /* fills client_sa */
     /* NAME and REVERSE_NAME too, as [UNAVAILABLE] (mxproxy looks up no
      * names): else the backend keeps those of mxproxy's own address. */
     m->xtodo =

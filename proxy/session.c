@@ -114,18 +114,12 @@ static uint64_t session_next_id(void)
     return atomic_fetch_add(&session_ids, 1) + 1;
 }
 
-/* client= text, looked up on first use: a proxy that logs nothing never
- * pays a getpeername() per connection. */
+/* client= text of client_sa (the accepted peer, or the PROXY header's source), formatted on
+ * first use: a proxy that logs nothing never formats an address. */
 const char *session_client_addr(struct session *s)
 {
-    struct sockaddr_storage peer;
-    int peerlen = sizeof(peer);
-
     if (s->client_addr[0] != '\0')
         return s->client_addr;
-    if (s->client_sa.sa.sa_family == AF_UNSPEC &&
-        uv_tcp_getpeername(&s->client, (struct sockaddr *)&peer, &peerlen) == 0)
-        session_sa_set(&s->client_sa, &peer);
     if (s->client_sa.sa.sa_family != AF_UNSPEC)
         sockaddr_format((const struct sockaddr *)&s->client_sa, s->client_addr,
                         sizeof(s->client_addr));
@@ -829,8 +823,6 @@ static int session_prepare_backend_socket(struct session *s, const struct config
         if (setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0)
             return -errno;
     }
-    if (cl->source_client)
-        (void)session_client_addr(s); /* fills client_sa */
     if (cl->source_client && s->client_sa.sa.sa_family == b->sa.ss_family) {
         union session_sa src = s->client_sa;
         int rc = listener_set_transparent(fd, src.sa.sa_family);
@@ -1170,14 +1162,12 @@ static bool session_admit_client(struct session *s)
 
     /* Known only now (after a PROXY header): whether this client gets a full transcript. */
     if (cl->n_transcript_clients > 0) {
-        (void)session_client_addr(s); /* fills client_sa */
         if (cidr_list_match(cl->transcript_clients, cl->n_transcript_clients, &s->client_sa.sa))
             s->transcript = CONFIG_TRANSCRIPT_FULL;
     }
 
     if (cl->n_allow == 0 && cl->n_deny == 0 && cl->max_per_client == 0 && cl->rate_per_client == 0)
         return true;
-    (void)session_client_addr(s); /* fills client_sa */
     const struct sockaddr *sa = &s->client_sa.sa;
     if (cidr_list_match(cl->deny, cl->n_deny, sa) ||
         (cl->n_allow > 0 && !cidr_list_match(cl->allow, cl->n_allow, sa))) {
@@ -1314,7 +1304,6 @@ static int session_send_proxy_header(struct session *s)
     int n;
 
     s->flags |= SESSION_F_PP_SENT;
-    (void)session_client_addr(s); /* fills client_sa */
     session_client_dst(s, &dst);
     if (s->cl->proxy_protocol == CONFIG_PROXY_PROTOCOL_V1) {
         n = proxyproto_encode_v1(hdr, sizeof(hdr), (const struct sockaddr *)&s->client_sa,
@@ -1507,7 +1496,7 @@ static void session_view_open(struct session *s)
     if (!config_addr_given(&s->cfg->admin))
         return;
     s->view = sessview_open(&s->w->view, s->id, s->cl->name, config_mode_name(s->cl->mode));
-    session_client_addr(s); /* the socket is open: client= and client_sa now */
+    session_client_addr(s); /* the record shows client= from the start */
     session_view_update(s);
 }
 

@@ -171,7 +171,7 @@ void session_tls_started(struct session *s);
  * address; AF_UNSPEC when neither is. */
 void session_client_dst(struct session *s, struct sockaddr_storage *out);
 
-/* client= text; also fills s->client_sa on first use. */
+/* client= text of s->client_sa, formatted on first use. */
 const char *session_client_addr(struct session *s);
 
 /* The name to send as SNI and verify in the backend's certificate, or NULL;
