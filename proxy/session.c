@@ -858,7 +858,9 @@ static void session_connect_error(struct session *s, int rc)
  * greeting then completes the connect, with no POLLOUT registration, SO_ERROR query and
  * re-registration for reading in between (libuv's uv_tcp_connect costs three epoll_ctl
  * and a getsockopt more). A failed connect shows as a read error (RELAY_EV_READ_ERR); a
- * backend that stays silent is found connected by session_probe_connect. */
+ * backend that stays silent is found connected by session_probe_connect. uv_tcp_open sets
+ * O_NONBLOCK once more (an ioctl); uv_tcp_init_ex's own socket would not need it, but its
+ * handle stays unreadable (UV_ENOTCONN) until a uv_tcp_connect completes. */
 static void session_connect_reading(struct session *s, const struct config_addr *b)
 {
     int fd = socket(b->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);

@@ -3,24 +3,54 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
-#include <stdio.h>
 #include <string.h>
 
+/* The decimal digits of v at p; returns the end. */
+static char *sockaddr_put_dec(char *p, unsigned v)
+{
+    char digits[10];
+    size_t n = 0;
+
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v != 0);
+    while (n > 0)
+        *p++ = digits[--n];
+    return p;
+}
+
+/* IPv4 by hand: glibc's inet_ntop formats it with sprintf, and every logged session
+ * formats its client's address once. IPv6 keeps inet_ntop for its zero compression. */
 char *sockaddr_format(const struct sockaddr *sa, char *out, size_t cap)
 {
-    char host[INET6_ADDRSTRLEN];
+    char text[SOCKADDR_TEXT_MAX];
+    char *p = text;
 
     if (sa->sa_family == AF_INET) {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-        inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
-        snprintf(out, cap, "%s:%u", host, (unsigned)ntohs(in->sin_port));
+        const struct sockaddr_in *in = (const struct sockaddr_in *)(const void *)sa;
+        const unsigned char *a = (const unsigned char *)&in->sin_addr;
+        for (int i = 0; i < 4; i++) {
+            p = sockaddr_put_dec(p, a[i]);
+            *p++ = i < 3 ? '.' : ':';
+        }
+        p = sockaddr_put_dec(p, ntohs(in->sin_port));
     } else if (sa->sa_family == AF_INET6) {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
-        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
-        snprintf(out, cap, "[%s]:%u", host, (unsigned)ntohs(in6->sin6_port));
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)sa;
+        *p++ = '[';
+        inet_ntop(AF_INET6, &in6->sin6_addr, p, INET6_ADDRSTRLEN);
+        p += strlen(p);
+        *p++ = ']';
+        *p++ = ':';
+        p = sockaddr_put_dec(p, ntohs(in6->sin6_port));
     } else {
-        snprintf(out, cap, "-");
+        *p++ = '-';
     }
+    if (cap == 0)
+        return out;
+    size_t n = (size_t)(p - text) < cap ? (size_t)(p - text) : cap - 1;
+    memcpy(out, text, n);
+    out[n] = '\0';
     return out;
 }
 

@@ -6,10 +6,10 @@
 #include <stddef.h>
 #include <sys/socket.h>
 
-#define SOCKADDR_TEXT_MAX 64 /* "[ffff:...:ffff%scope]:65535" with NUL */
+#define SOCKADDR_TEXT_MAX 64 /* "[" INET6_ADDRSTRLEN "]:65535" is 53 with the NUL */
 
 /* Writes "1.2.3.4:25" or "[::1]:25" into out (cap bytes, NUL-terminated).
- * Other families give "-". Returns out. */
+ * Other families give "-". Truncates to fit cap. Returns out. */
 char *sockaddr_format(const struct sockaddr *sa, char *out, size_t cap);
 
 /* True when a and b are the same family, address and port. */
