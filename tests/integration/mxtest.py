@@ -17,6 +17,7 @@ import base64
 import hashlib
 import json
 import os
+import random
 import re
 import resource
 import select
@@ -171,14 +172,45 @@ def check_header(ev):
 # Ports, sockets, processes
 
 
-def free_port():
-    """A port the kernel just handed out on 127.0.0.1 and that is closed now."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+_ports_handed_out = set()
+_port_random = random.SystemRandom()
+
+
+def _ephemeral_low():
     try:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port():
+    """A free port on 127.0.0.1, closed now, and never one this process had before.
+
+    It comes from below the kernel's ephemeral range, at random: a bind to port 0 scans
+    from a random point to the next free port, so while a test holds thousands of client
+    connections (a flood), every bind(0) in every test lands on the same port after that
+    block, and a test taking two (a listener and its admin port) fails on bind. Below the
+    range no connection takes a port on its own, and tests running side by side draw
+    from 10,000 or more."""
+    low, high = 10000, _ephemeral_low() - 1
+    for _ in range(1000):
+        if high - low >= 1000:
+            port = _port_random.randint(low, high)
+        else:
+            port = 0  # a machine with a wide ephemeral range: the kernel's choice
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((HOST, port))
+            port = s.getsockname()[1]
+        except OSError:
+            continue  # in use
+        finally:
+            s.close()
+        if port not in _ports_handed_out:
+            _ports_handed_out.add(port)
+            return port
+    raise AssertionError("no free port on %s after 1000 tries" % HOST)
 
 
 def wait_port(port, timeout=10.0, proc=None, host=HOST):
