@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "clock.h"
 #include "config.h"
 #include "log.h"
 #include "relay.h"
@@ -130,7 +131,7 @@ void dialog_note_pair(const struct session *s, const struct dialog_pair_note *n)
     dialog_note_text(p.cmd, sizeof(p.cmd), n->cmd, n->cmd_len);
     dialog_note_text(p.code, sizeof(p.code), n->code, strlen(n->code));
     dialog_note_text(p.reply, sizeof(p.reply), n->reply, n->reply_len);
-    p.at_us = (uv_hrtime() - s->t_accept) / 1000;
+    p.at_us = (clock_mono_ns() - s->t_accept) / 1000;
     p.ms_us = n->ms_ns / 1000;
     p.flags = n->flags;
     session_view_pair(s, &p);
@@ -149,7 +150,7 @@ void dialog_log_line(const struct session *s, const char *dir, const char *text,
     log_begin(&l, LOG_INFO, "line");
     log_sid(&l, s->id);
     log_str(&l, "dir", dir);
-    log_ms(&l, "at_ms", uv_hrtime() - s->t_accept); /* since the session opened */
+    log_ms(&l, "at_ms", clock_mono_ns() - s->t_accept); /* since the session opened */
     log_strn(&l, "text", text, len);
     if (cut)
         log_uint(&l, "cut", 1);

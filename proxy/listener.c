@@ -11,6 +11,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "config.h"
 #include "log.h"
 #include "metrics.h"
@@ -22,11 +23,11 @@
 
 static void listener_on_readable(uv_poll_t *p, int status, int events);
 
-/* Milliseconds of the rate limit: read now, not the loop's cached time, so
- * two lines are a second apart by the clock their ts= shows too. */
+/* Milliseconds of the rate limit: the clock the lines' ts= come from, not the loop's
+ * cached time, so two lines are a second apart by their ts= too. */
 static uint64_t listener_clock_ms(void)
 {
-    return uv_hrtime() / 1000000;
+    return clock_mono_ns() / 1000000;
 }
 
 /* ev=accept_error for the errors counted since the last line. */

@@ -13,6 +13,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
+
 #define LOG_QUEUE_SIZE (1u << 20) /* bytes of pending lines before dropping */
 #define LOG_BATCH_NS 5000000L     /* the writer lets lines gather this long */
 
@@ -491,7 +493,7 @@ void log_begin(struct log_line *l, enum log_level lvl, const char *ev)
     l->truncated = false;
     l->level = lvl;
     l->json = atomic_load_explicit(&log_cur_format, memory_order_relaxed) == LOG_FORMAT_JSON;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    clock_real(&ts);
     /* The head always fits: the buffer is empty. */
     p = l->buf;
     if (l->json) {

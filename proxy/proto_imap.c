@@ -7,6 +7,7 @@
 #include <string.h>
 #include <uv.h>
 
+#include "clock.h"
 #include "config.h"
 #include "dialog.h"
 #include "imap.h"
@@ -89,7 +90,7 @@ static const struct dialect session_imap_dialect = {
 
 static uint64_t session_imap_now(void)
 {
-    return uv_hrtime();
+    return clock_mono_ns();
 }
 
 static void session_imap_client_init(struct session *s)

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <uv.h>
 
+#include "clock.h"
 #include "config.h"
 #include "dialog.h"
 #include "log.h"
@@ -110,7 +111,7 @@ static void session_pop3_hs_start(struct session *s, const struct pop3_event *ev
 
 static uint64_t session_pop3_now(void)
 {
-    return uv_hrtime();
+    return clock_mono_ns();
 }
 
 static void session_pop3_client_init(struct session *s)

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <uv.h>
 
+#include "clock.h"
 #include "config.h"
 #include "dialog.h"
 #include "log.h"
@@ -137,7 +138,7 @@ static void session_smtp_goodbye(struct session *s, enum session_end end);
 
 static uint64_t session_smtp_now(void)
 {
-    return uv_hrtime();
+    return clock_mono_ns();
 }
 
 static enum smtp_smuggling session_smtp_smuggling(const struct config_listener *cl)

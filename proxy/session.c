@@ -1,5 +1,6 @@
 /* session.c: accept, connect to a backend at once, relay, close. */
 #include "session.h"
+#include "clock.h"
 #include "proto.h"
 #include "session_impl.h"
 
@@ -253,7 +254,7 @@ static unsigned session_n_backends(const struct session *s)
 
 static uint64_t session_clock_ms(void)
 {
-    return uv_hrtime() / 1000000;
+    return clock_mono_ns() / 1000000;
 }
 
 /* A backend the health checks took out: never tried, not even last. */
@@ -648,7 +649,7 @@ static void session_greeting_timeout(struct session *s)
  * again, twice as late each time (SESSION_PROBE_MS, then 2x, ... at most 1 s). */
 static bool session_probe_connect(struct session *s)
 {
-    uint64_t waited = (uv_hrtime() - s->t_connect) / 1000000;
+    uint64_t waited = (clock_mono_ns() - s->t_connect) / 1000000;
     unsigned limit = s->cl->connect_timeout_ms;
     struct tcp_info ti;
     socklen_t len = sizeof(ti);
@@ -725,7 +726,7 @@ static void session_backend_connected(struct session *s)
     s->flags |= SESSION_F_RELAYS;
     s->down.flags &= ~RELAY_F_CONNECTING;
     session_enter_phase(s, SESSION_PHASE_RELAYING);
-    metrics_connect_time(&s->w->metrics, uv_hrtime() - s->t_connect);
+    metrics_connect_time(&s->w->metrics, clock_mono_ns() - s->t_connect);
     s->connected_at = uv_now(s->backend.loop);
     s->tls_started_at = s->connected_at; /* implicit TLS: the client is read from now on */
     if (!s->cl->backend_original_dst) {
@@ -737,7 +738,7 @@ static void session_backend_connected(struct session *s)
         log_begin(&l, LOG_INFO, "connect");
         log_sid(&l, s->id);
         log_str(&l, "backend", session_backend(s)->text);
-        log_ms(&l, "ms", uv_hrtime() - s->t_connect);
+        log_ms(&l, "ms", clock_mono_ns() - s->t_connect);
         log_end(&l);
     }
     relay_init(&s->up, (uv_stream_t *)&s->client, (uv_stream_t *)&s->backend, &s->w->pool,
@@ -871,7 +872,7 @@ static void session_connect_reading(struct session *s, const struct config_addr 
     uv_tcp_init(&s->w->loop, &s->backend);
     s->open_handles++;
     s->flags |= SESSION_F_BACKEND | SESSION_F_READ_CONNECT;
-    s->t_connect = uv_hrtime();
+    s->t_connect = clock_mono_ns();
     int rc = uv_tcp_open(&s->backend, fd);
     if (rc != 0) {
         close(fd); /* the handle did not take it */
@@ -929,7 +930,7 @@ static void session_connect_next(struct session *s)
     }
     s->open_handles++;
     s->flags |= SESSION_F_BACKEND;
-    s->t_connect = uv_hrtime();
+    s->t_connect = clock_mono_ns();
     uv_tcp_nodelay(&s->backend, 1);
     rc = session_prepare_backend_socket(s, b);
     if (rc == 0)
@@ -989,7 +990,7 @@ void session_close(struct session *s, enum session_end end, const char *error)
         log_str(&l, "end", session_end_name(end));
         log_uint(&l, "bytes_up", s->up.bytes);
         log_uint(&l, "bytes_down", s->down.bytes);
-        log_ms(&l, "ms", uv_hrtime() - s->t_accept);
+        log_ms(&l, "ms", clock_mono_ns() - s->t_accept);
         log_str(&l, "client", session_client_addr(s));
         if (s->tries > 0 && end != SESSION_END_CONNECT_FAILED && end != SESSION_END_LIMIT &&
             end != SESSION_END_LOCAL_ERROR)
@@ -1367,7 +1368,7 @@ void session_accept(struct listener *l, int fd, const struct sockaddr_storage *p
     s->cl = l->cl;
     s->transcript = l->cl->transcript;
     s->id = session_next_id();
-    s->t_accept = uv_hrtime();
+    s->t_accept = clock_mono_ns();
     session_sa_set(&s->client_sa, peer);
     s->rr_start = s->cl->n_backends > 0 ? (unsigned)(l->rr++ % s->cl->n_backends) : 0;
     uv_tcp_init(&w->loop, &s->client);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "clock.h"
 #include "log.h"
 
 #define SESSVIEW_NAME_MAX 64 /* listener name, bytes with NUL */
@@ -13,8 +14,8 @@
 struct sessview_rec {
     struct sessview_rec *prev, *next; /* sessview.live while open */
     uint64_t sid;
-    uint64_t t_open;  /* uv_hrtime() at accept */
-    uint64_t t_close; /* uv_hrtime() at close; 0 while open */
+    uint64_t t_open;  /* clock_mono_ns() at accept */
+    uint64_t t_close; /* clock_mono_ns() at close; 0 while open */
     char listener[SESSVIEW_NAME_MAX];
     char mode[8];
     struct sessview_state st;      /* as of the last update */
@@ -77,7 +78,7 @@ struct sessview_rec *sessview_open(struct sessview *v, uint64_t sid, const char 
     if (r == NULL)
         return NULL;
     r->sid = sid;
-    r->t_open = uv_hrtime();
+    r->t_open = clock_mono_ns();
     sessview_copy_text(r->listener, sizeof(r->listener), listener);
     sessview_copy_text(r->mode, sizeof(r->mode), mode);
     r->st.phase = "accepted";
@@ -178,7 +179,7 @@ void sessview_close(struct sessview *v, struct sessview_rec *r, const struct ses
 
     uv_mutex_lock(&v->lock);
     sessview_set_state(r, st);
-    r->t_close = uv_hrtime();
+    r->t_close = clock_mono_ns();
     sessview_copy_text(r->end, sizeof(r->end), end);
     sessview_copy_text(r->error, sizeof(r->error), error);
     if (error != NULL)
@@ -448,7 +449,7 @@ long sessview_render(struct sessview *const *views, unsigned n, unsigned recent_
         }
         uv_mutex_unlock(&v->lock);
     }
-    now = uv_hrtime();
+    now = uv_hrtime(); /* a fresh reading: never earlier than a kept one */
     if (open.oom || recent.oom)
         goto oom;
     if (open.n > 1)

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "clock.h"
 #include "config.h"
 #include "listener.h"
 #include "log.h"
@@ -93,6 +94,7 @@ static void worker_finish(struct worker *w)
     uv_close((uv_handle_t *)&w->wake, NULL);
     uv_close((uv_handle_t *)&w->drain_timer, NULL);
     uv_close((uv_handle_t *)&w->log_flush, NULL);
+    uv_close((uv_handle_t *)&w->clock_phase, NULL);
 }
 
 void worker_session_gone(struct worker *w)
@@ -183,11 +185,21 @@ static void worker_on_wake(uv_async_t *a)
 }
 
 /* Once per loop turn, before the loop may sleep: the lines this turn logged go to the
- * writer together (one lock, at most one wake-up). */
+ * writer together (one lock, at most one wake-up), and the clock is read afresh after the
+ * poll. */
 static void worker_on_prepare(uv_prepare_t *p)
 {
     (void)p;
     log_flush();
+    clock_phase_end();
+}
+
+/* After the poll's callbacks: closing handles and the next turn's timers read the clock
+ * afresh. */
+static void worker_on_check(uv_check_t *c)
+{
+    (void)c;
+    clock_phase_end();
 }
 
 static void worker_main(void *arg)
@@ -197,6 +209,9 @@ static void worker_main(void *arg)
     if (log_thread_attach() == 0) {
         uv_prepare_start(&w->log_flush, worker_on_prepare);
         uv_unref((uv_handle_t *)&w->log_flush); /* never keeps the loop alive */
+        uv_check_start(&w->clock_phase, worker_on_check);
+        uv_unref((uv_handle_t *)&w->clock_phase);
+        clock_phases_on(); /* both phase ends run */
     }
     uv_run(&w->loop, UV_RUN_DEFAULT);
     if (w->on_exit != NULL)
@@ -218,6 +233,7 @@ int worker_start(struct worker *w, unsigned id, struct config *cfg)
     uv_timer_init(&w->loop, &w->drain_timer);
     w->drain_timer.data = w;
     uv_prepare_init(&w->loop, &w->log_flush);
+    uv_check_init(&w->loop, &w->clock_phase);
     uv_mutex_init(&w->lock);
     sessview_init(&w->view);
     w->cfg = config_ref(cfg);

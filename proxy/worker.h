@@ -27,6 +27,7 @@ struct worker {
     uv_async_t wake;            /* main -> worker requests */
     uv_timer_t drain_timer;     /* cuts sessions left at drain_timeout */
     uv_prepare_t log_flush;     /* hands the turn's log lines to the writer before polling */
+    uv_check_t clock_phase;     /* ends the kept clock reading after the poll's callbacks */
     uv_mutex_t lock;            /* guards the pending_* fields */
     struct config *pending_cfg; /* next config to apply, owned reference */
     bool pending_drain;         /* stop accepting, then finish sessions */
