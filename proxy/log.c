@@ -328,15 +328,37 @@ static size_t log_utf8_len(const unsigned char *p, size_t n, uint32_t *cpo)
     return need;
 }
 
+/* What each byte needs in a value: 0 goes over as it is, even unquoted; 1 (space, '=')
+ * makes logfmt quote the value; 2 is escaped (quotes, backslash, controls, DEL); 3 starts
+ * or continues UTF-8, checked sequence by sequence. */
+/* clang-format off */
+static const unsigned char log_byte_class[256] = {
+    2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2, /* 0x00 */
+    2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2, /* 0x10 */
+    1,0,2,0,0,0,0,0,0,0,0,0,0,0,0,0, /* 0x20 ' ' '"' */
+    0,0,0,0,0,0,0,0,0,0,0,0,0,1,0,0, /* 0x30 '=' */
+    0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0, /* 0x40 */
+    0,0,0,0,0,0,0,0,0,0,0,0,2,0,0,0, /* 0x50 '\\' */
+    0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0, /* 0x60 */
+    0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,2, /* 0x70 DEL */
+    3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3, /* 0x80 */
+    3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3, /* 0x90 */
+    3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3, /* 0xa0 */
+    3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3, /* 0xb0 */
+    3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3, /* 0xc0 */
+    3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3, /* 0xd0 */
+    3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3, /* 0xe0 */
+    3,3,3,3,3,3,3,3,3,3,3,3,3,3,3,3, /* 0xf0 */
+};
+/* clang-format on */
+
 static bool log_needs_quotes(const char *v, size_t n)
 {
     if (n == 0)
         return true;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)v[i];
-        if (c <= ' ' || c == '"' || c == '=' || c == '\\' || c >= 0x7f)
+    for (size_t i = 0; i < n; i++)
+        if (log_byte_class[(unsigned char)v[i]] != 0)
             return true;
-    }
     return false;
 }
 
@@ -395,8 +417,7 @@ size_t log_escape(char *out, size_t cap, const char *value, size_t len, bool jso
         } else if (c < 0x80) {
             /* A run of printable ASCII goes over in one copy, cut where the loop would stop. */
             size_t k = 1, lim = cap - 7 - o;
-            while (k < lim && i + k < len && v[i + k] >= 0x20 && v[i + k] < 0x7f &&
-                   v[i + k] != '"' && v[i + k] != '\\')
+            while (k < lim && i + k < len && log_byte_class[v[i + k]] <= 1)
                 k++;
             memcpy(out + o, v + i, k);
             o += k;

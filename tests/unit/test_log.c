@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -34,6 +35,31 @@ static void test_escape_logfmt(void)
     expect_escape("\xc0\xaf", 2, 0, "\"\\xc0\\xaf\"");          /* overlong '/' */
     expect_escape("\xed\xa0\x80", 3, 0, "\"\\xed\\xa0\\x80\""); /* surrogate */
     expect_escape("\xe2\x82", 2, 0, "\"\\xe2\\x82\"");          /* truncated sequence */
+}
+
+/* Every byte value between two letters, against the rules spelled out one by one: which
+ * bytes make logfmt quote a value, and what each becomes inside quotes. */
+static void test_escape_every_byte(void)
+{
+    for (unsigned c = 0; c < 256; c++) {
+        for (int json = 0; json <= 1; json++) {
+            char in[3] = {'a', (char)c, 'b'}, want[32], mid[16];
+            bool quote = json || c <= ' ' || c == '"' || c == '=' || c == '\\' || c >= 0x7f;
+
+            if (c == '"' || c == '\\')
+                snprintf(mid, sizeof(mid), "\\%c", (char)c);
+            else if (c == '\n' || c == '\r' || c == '\t')
+                snprintf(mid, sizeof(mid), "\\%c", c == '\n' ? 'n' : c == '\r' ? 'r' : 't');
+            else if (c < 0x20 || c == 0x7f)
+                snprintf(mid, sizeof(mid), json ? "\\u00%02x" : "\\x%02x", c);
+            else if (c >= 0x80) /* alone, never valid UTF-8 */
+                snprintf(mid, sizeof(mid), json ? "\\\\x%02x" : "\\x%02x", c);
+            else
+                snprintf(mid, sizeof(mid), "%c", (char)c);
+            snprintf(want, sizeof(want), quote ? "\"a%sb\"" : "a%sb", mid);
+            expect_escape(in, 3, json, want);
+        }
+    }
 }
 
 static void test_escape_json(void)
@@ -320,6 +346,7 @@ int main(void)
     test_fields_fragment();
     test_escape_logfmt();
     test_escape_json();
+    test_escape_every_byte();
     test_escape_unicode_breaks();
     test_escape_bounded();
     test_lines();
