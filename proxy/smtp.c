@@ -635,6 +635,45 @@ static void smtp_reply_add_text(struct smtp_reply *r, char c)
         r->truncated = true;
 }
 
+static void smtp_reply_add_textn(struct smtp_reply *r, const char *p, size_t n)
+{
+    size_t room = SMTP_REPLY_TEXT_MAX - r->text_len;
+
+    if (n > room) {
+        n = room;
+        r->truncated = true;
+    }
+    memcpy(r->text + r->text_len, p, n);
+    r->text_len += n;
+}
+
+/* A line's text up to its LF, or to the end of buf, in one step: the first line's is kept
+ * (a CR is held back until the next byte shows whether it ends the line), the others' only
+ * counted. Returns the bytes taken. The byte loop would do the same one byte at a time. */
+static size_t smtp_server_text_run(struct smtp_server *p, struct smtp_reply *r, const char *buf,
+                                   size_t len)
+{
+    const char *nl = memchr(buf, '\n', len);
+    size_t n = nl != NULL ? (size_t)(nl - buf) : len;
+
+    if (n == 0)
+        return 0;
+    r->size = r->size > UINT64_MAX - n ? UINT64_MAX : r->size + n;
+    if (r->lines == 0) {
+        size_t keep = n;
+        if (p->pending_cr) {
+            smtp_reply_add_text(r, '\r'); /* held back, and not before the LF */
+            p->pending_cr = false;
+        }
+        if (buf[n - 1] == '\r') {
+            keep--;
+            p->pending_cr = true;
+        }
+        smtp_reply_add_textn(r, buf, keep);
+    }
+    return n;
+}
+
 /* Splits an enhanced status code off the first line's text, when the class (2, 4, 5) matches
  * the code's and the form is class.subject.detail with 1-3 digit subject and detail. */
 static void smtp_reply_esc(struct smtp_reply *r)
@@ -716,6 +755,13 @@ size_t smtp_server_parse(struct smtp_server *p, const char *buf, size_t len, uin
     if (buf == NULL)
         len = 0;
     while (i < len) {
+        if (p->state == SMTP_SS_TEXT || p->state == (SMTP_SS_TEXT | SMTP_SS_F_LAST)) {
+            if (!p->bad) {
+                i += smtp_server_text_run(p, r, buf + i, len - i);
+                if (i == len)
+                    break;
+            }
+        }
         char c = buf[i++];
         unsigned st = p->state & 0xffu;
         bool first = r->lines == 0;

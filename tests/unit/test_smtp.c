@@ -926,6 +926,32 @@ static void test_server_replies(void)
                        "R 250|||1|0|5\n"
                        "R 221||bye|1|0|8\n"
                        "R 421|4.4.2|first|2|0|35\n");
+
+    /* CRs inside the first line's text are text; the one before the LF is not, wherever a
+     * read ends. Continuation lines are only counted. */
+    static const char crs[] = "250-a\rb\r\r\n250-\rskip\r\n250 c\r\n"
+                              "554 \r\n";
+    ASSERT_SERVER(crs, "R 250||a\rb\r|3|0|28\nR 554|||1|0|6\n");
+}
+
+/* A first line longer than the text kept: cut at SMTP_REPLY_TEXT_MAX and marked, whatever
+ * the reads. */
+static void test_server_long_text(void)
+{
+    char in[SMTP_REPLY_TEXT_MAX + 64], want[SMTP_REPLY_TEXT_MAX + 64];
+    size_t n = 0;
+
+    memcpy(in, "250 ", 4);
+    n = 4;
+    for (size_t i = 0; i < SMTP_REPLY_TEXT_MAX + 20; i++)
+        in[n++] = (char)('a' + i % 26);
+    memcpy(in + n, "\r\n", 2);
+    n += 2;
+    struct dstr tr = {0};
+    run_server(in, n, &tr);
+    int k = snprintf(want, sizeof(want), "R 250||%.*s|1|1|%zu\n", SMTP_REPLY_TEXT_MAX, in + 4, n);
+    ASSERT_MEMEQ(tr.p, tr.n, want, (size_t)k);
+    dstr_free(&tr);
 }
 
 static void test_server_garbage(void)
@@ -1120,6 +1146,7 @@ int main(void)
     test_verbs();
     test_client_bounded();
     test_server_replies();
+    test_server_long_text();
     test_server_garbage();
     test_server_timing();
     test_ehlo_rewrite();
