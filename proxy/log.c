@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "clock.h"
+#include "fmt.h"
 
 #define LOG_QUEUE_SIZE (1u << 20) /* bytes of pending lines before dropping */
 #define LOG_BATCH_NS 5000000L     /* the writer lets lines gather this long */
@@ -457,21 +458,6 @@ size_t log_escape(char *out, size_t cap, const char *value, size_t len, bool jso
     return o;
 }
 
-/* Writes value in decimal to out (room for 20 digits); returns the digits written. */
-static size_t log_fmt_u64(char *out, uint64_t value)
-{
-    char tmp[20];
-    size_t n = 0;
-
-    do {
-        tmp[n++] = (char)('0' + value % 10);
-        value /= 10;
-    } while (value != 0);
-    for (size_t i = 0; i < n; i++)
-        out[i] = tmp[n - 1 - i];
-    return n;
-}
-
 /* Writes value as exactly width decimal digits, zero-padded (value < 10^width). */
 static void log_fmt_fixed(char *out, unsigned long value, size_t width)
 {
@@ -589,7 +575,7 @@ void log_str(struct log_line *l, const char *key, const char *value)
 void log_uint(struct log_line *l, const char *key, uint64_t value)
 {
     char v[20];
-    size_t n = log_fmt_u64(v, value);
+    size_t n = fmt_u64(v, value);
     if (log_key(l, key))
         log_raw(l, v, n);
 }
@@ -598,7 +584,7 @@ void log_ms(struct log_line *l, const char *key, uint64_t ns)
 {
     char v[24];
     uint64_t us = ns / 1000;
-    size_t n = log_fmt_u64(v, us / 1000);
+    size_t n = fmt_u64(v, us / 1000);
     v[n++] = '.';
     log_fmt_fixed(v + n, (unsigned long)(us % 1000), 3);
     n += 3;

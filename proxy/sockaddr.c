@@ -5,20 +5,7 @@
 #include <netinet/in.h>
 #include <string.h>
 
-/* The decimal digits of v at p; returns the end. */
-static char *sockaddr_put_dec(char *p, unsigned v)
-{
-    char digits[10];
-    size_t n = 0;
-
-    do {
-        digits[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v != 0);
-    while (n > 0)
-        *p++ = digits[--n];
-    return p;
-}
+#include "fmt.h"
 
 /* IPv4 by hand: glibc's inet_ntop formats it with sprintf, and every logged session
  * formats its client's address once. IPv6 keeps inet_ntop for its zero compression. */
@@ -31,10 +18,10 @@ char *sockaddr_format(const struct sockaddr *sa, char *out, size_t cap)
         const struct sockaddr_in *in = (const struct sockaddr_in *)(const void *)sa;
         const unsigned char *a = (const unsigned char *)&in->sin_addr;
         for (int i = 0; i < 4; i++) {
-            p = sockaddr_put_dec(p, a[i]);
+            p += fmt_u64(p, a[i]);
             *p++ = i < 3 ? '.' : ':';
         }
-        p = sockaddr_put_dec(p, ntohs(in->sin_port));
+        p += fmt_u64(p, ntohs(in->sin_port));
     } else if (sa->sa_family == AF_INET6) {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)sa;
         *p++ = '[';
@@ -42,7 +29,7 @@ char *sockaddr_format(const struct sockaddr *sa, char *out, size_t cap)
         p += strlen(p);
         *p++ = ']';
         *p++ = ':';
-        p = sockaddr_put_dec(p, ntohs(in6->sin6_port));
+        p += fmt_u64(p, ntohs(in6->sin6_port));
     } else {
         *p++ = '-';
     }
