@@ -534,7 +534,9 @@ static void fuzz_check_unglued(void)
         if (!((i - ls == sizeof(own) - 1 ||
                (i - ls == sizeof(own) - 1 + 14 && memcmp(s + ls + 6, "[UNAVAILABLE] ", 14) == 0)) &&
               memcmp(s + ls, own, sizeof(own) - 1) == 0)) {
-            fprintf(stderr, "client got:\n%.*s\n", (int)fuzz_seen_len, fuzz_seen);
+            fprintf(stderr, "client got:\n");
+            fwrite(fuzz_seen, 1, fuzz_seen_len, stderr); /* NULs too */
+            fputc('\n', stderr);
             FUZZ_CHECK(!"a reply of mxproxy's own glued to a backend line");
         }
     }
