@@ -267,9 +267,8 @@ static void log_raw(struct log_line *l, const char *s, size_t n)
 /* Starts "key=" or ,"key": according to the format. Returns false, and marks
  * the line truncated, when the key and a short value would not fit: fields are
  * added whole or not at all, so a cut line still parses. */
-static bool log_key(struct log_line *l, const char *key)
+static bool log_key(struct log_line *l, const char *key, size_t klen)
 {
-    size_t klen = strlen(key);
     if (log_room(l) < klen + 32) {
         l->truncated = true;
         return false;
@@ -550,15 +549,15 @@ void log_sid(struct log_line *l, uint64_t sid)
         v[n++] = hex[(sid >> shift) & 15];
     if (l->json)
         v[n++] = '"';
-    if (log_key(l, "sid"))
+    if (log_key(l, "sid", 3))
         log_raw(l, v, n);
 }
 
-void log_strn(struct log_line *l, const char *key, const char *value, size_t len)
+void log_strn_k(struct log_line *l, const char *key, size_t klen, const char *value, size_t len)
 {
     size_t n;
 
-    if (!log_key(l, key))
+    if (!log_key(l, key, klen))
         return;
     /* log_escape always closes its quotes, so a value cut to fit stays well formed. */
     n = log_escape(l->buf + l->len, log_room(l) + 1, value, len, l->json);
@@ -567,20 +566,15 @@ void log_strn(struct log_line *l, const char *key, const char *value, size_t len
     l->len += n;
 }
 
-void log_str(struct log_line *l, const char *key, const char *value)
+void log_uint_k(struct log_line *l, const char *key, size_t klen, uint64_t value)
 {
-    log_strn(l, key, value, strlen(value));
-}
-
-void log_uint(struct log_line *l, const char *key, uint64_t value)
-{
-    char v[20];
+    char v[FMT_U64_MAX];
     size_t n = fmt_u64(v, value);
-    if (log_key(l, key))
+    if (log_key(l, key, klen))
         log_raw(l, v, n);
 }
 
-void log_ms(struct log_line *l, const char *key, uint64_t ns)
+void log_ms_k(struct log_line *l, const char *key, size_t klen, uint64_t ns)
 {
     char v[24];
     uint64_t us = ns / 1000;
@@ -588,7 +582,7 @@ void log_ms(struct log_line *l, const char *key, uint64_t ns)
     v[n++] = '.';
     log_fmt_fixed(v + n, (unsigned long)(us % 1000), 3);
     n += 3;
-    if (log_key(l, key))
+    if (log_key(l, key, klen))
         log_raw(l, v, n);
 }
 

@@ -18,6 +18,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 enum log_level {
     LOG_DEBUG = 0,
@@ -75,15 +76,34 @@ void log_fields_begin(struct log_line *l);
 /* Adds the session id as a fixed-width 16-digit hex string. */
 void log_sid(struct log_line *l, uint64_t sid);
 
+/* The field adders take the key's length from the inline wrappers below: with a literal
+ * key, as every caller passes, the compiler counts it, not strlen on each field. */
+void log_strn_k(struct log_line *l, const char *key, size_t klen, const char *value, size_t len);
+void log_uint_k(struct log_line *l, const char *key, size_t klen, uint64_t value);
+void log_ms_k(struct log_line *l, const char *key, size_t klen, uint64_t ns);
+
 /* Adds key=value; the value is quoted and escaped as the format needs. */
-void log_str(struct log_line *l, const char *key, const char *value);
-void log_strn(struct log_line *l, const char *key, const char *value, size_t len);
+static inline void log_strn(struct log_line *l, const char *key, const char *value, size_t len)
+{
+    log_strn_k(l, key, strlen(key), value, len);
+}
+
+static inline void log_str(struct log_line *l, const char *key, const char *value)
+{
+    log_strn_k(l, key, strlen(key), value, strlen(value));
+}
 
 /* Adds key=N (a JSON number in json format). */
-void log_uint(struct log_line *l, const char *key, uint64_t value);
+static inline void log_uint(struct log_line *l, const char *key, uint64_t value)
+{
+    log_uint_k(l, key, strlen(key), value);
+}
 
 /* Adds key=F with three decimals, from a duration in nanoseconds (for ms=). */
-void log_ms(struct log_line *l, const char *key, uint64_t ns);
+static inline void log_ms(struct log_line *l, const char *key, uint64_t ns)
+{
+    log_ms_k(l, key, strlen(key), ns);
+}
 
 /* Ends the line and queues it; never blocks on the output. */
 void log_end(struct log_line *l);
