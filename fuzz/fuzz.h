@@ -9,6 +9,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -26,6 +27,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
             abort();                                                                               \
         }                                                                                          \
     } while (0)
+
+/* True when data (sent after the byte before) has a LF without a CR before it: a peer that
+ * ends a line so. The session harnesses let mxproxy's own line follow such a line end. */
+static inline bool fuzz_has_bare_lf(const char *data, size_t len, char before)
+{
+    for (size_t i = 0; i < len; i++)
+        if (data[i] == '\n' && (i > 0 ? data[i - 1] : before) != '\r')
+            return true;
+    return false;
+}
 
 /* This process's own loopback address, 127.x.y.z made of its pid (the whole of 127.0.0.0/8
  * is local on Linux): harnesses running side by side, each picking free ports and binding

@@ -300,9 +300,8 @@ static void fuzz_send(struct fuzz_peer *p, const char *data, size_t len)
         return;
     if (p == &fuzz_backend) {
         fuzz_count_finals(data, len);
-        for (size_t i = 0; i < len; i++)
-            if (data[i] == '\n' && (i > 0 ? data[i - 1] : p->last) != '\r')
-                fuzz_backend_bare_lf = true;
+        if (fuzz_has_bare_lf(data, len, p->last))
+            fuzz_backend_bare_lf = true;
     } else
         for (size_t i = 0; i < len; i++)
             fuzz_client_lines += data[i] == '\n' || data[i] == '\r';
